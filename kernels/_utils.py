@@ -1,0 +1,59 @@
+"""Helpers shared by the op files: input checks, block sizes, autotune configs under the interpreter."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+
+from kernels._dispatch import interpreting
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float(name: str, **tensors: torch.Tensor) -> None:
+    """Raise ValueError unless every tensor has a floating dtype."""
+    for arg, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: `{arg}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name}: `{arg}` must be a floating tensor, got dtype {t.dtype}")
+
+
+def check_same(name: str, attr: str, **tensors: torch.Tensor) -> None:
+    """Raise ValueError unless every tensor agrees on `attr` ("device" or "dtype")."""
+    vals = {arg: getattr(t, attr) for arg, t in tensors.items()}
+    if len(set(vals.values())) > 1:
+        desc = ", ".join(f"{arg}: {v}" for arg, v in vals.items())
+        raise ValueError(f"{name}: all tensors must share one {attr}; got {desc}")
+
+
+def check_kernel_dtype(name: str, t: torch.Tensor) -> None:
+    """The Triton kernels take fp16, bf16 and fp32 (fp64 is a reference-only dtype)."""
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{name}: the Triton backend supports float16, bfloat16 and float32, got {t.dtype}")
+    if interpreting() and t.dtype == torch.bfloat16:
+        raise ValueError(f"{name}: the Triton interpreter has no bfloat16 arithmetic; use float16/float32 on CPU")
+
+
+def row_block(n: int) -> int:
+    """Power-of-two block that covers a row of `n` elements (Triton blocks must be powers of two)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def row_warps(block: int) -> int:
+    """Warps per row program: enough threads that each holds at most ~16 elements of the row."""
+    return min(max(block // 512, 1), 16) if not interpreting() else 1
+
+
+def autotune_configs(configs: Sequence[triton.Config]) -> list[triton.Config]:
+    """All configs on a GPU; only the first under the interpreter (several configs cannot be timed on a CPU)."""
+    return list(configs[:1]) if interpreting() else list(configs)
+
+
+def cuda_device_guard(t: torch.Tensor):
+    """Launch on the tensor's own GPU, not the current one (multi-GPU safety)."""
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
