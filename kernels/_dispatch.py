@@ -73,21 +73,22 @@ def _first_tensor(args, kwargs) -> torch.Tensor | None:
 def op(name: str, ref: Callable, triton_impl: Callable, doc: str | None = None) -> Callable:
     """Build the public dispatching function for one op; it carries `.ref` and `.triton` twins."""
 
+    # The twins are looked up on the function at call time, so a test (or a user) can swap one in place.
     def call(*args, **kwargs):
         backend = get_backend()
         if backend == "torch":
-            return ref(*args, **kwargs)
+            return call.ref(*args, **kwargs)
         x = _first_tensor(args, kwargs)
         if x is None:
             raise ValueError(f"{name}: expected at least one tensor argument")
         if triton_ok(x):
-            return triton_impl(*args, **kwargs)
+            return call.triton(*args, **kwargs)
         if backend == "triton":
             where = "CPU tensors need TRITON_INTERPRET=1 set before `import kernels`" if x.device.type == "cpu" else (
                 "the interpreter (TRITON_INTERPRET=1) only runs CPU tensors"
             )
             raise RuntimeError(f"{name}: backend 'triton' cannot run on {x.device} tensors ({where})")
-        return ref(*args, **kwargs)
+        return call.ref(*args, **kwargs)
 
     functools.update_wrapper(call, triton_impl)
     call.__name__ = call.__qualname__ = name

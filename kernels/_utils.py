@@ -12,6 +12,11 @@ from kernels._dispatch import interpreting
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def widen(t: torch.Tensor) -> torch.Tensor:
+    """The references' compute dtype: fp32 for 16/32-bit inputs, fp64 stays fp64 (a high-precision oracle in tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def check_float(name: str, **tensors: torch.Tensor) -> None:
     """Raise ValueError unless every tensor has a floating dtype."""
     for arg, t in tensors.items():

@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import torch
 
-from kernels._utils import check_float, check_same
+import triton
+import triton.language as tl
+
+from kernels._utils import check_float, check_kernel_dtype, check_same, cuda_device_guard, row_block, row_warps, widen
 
 NORMS = ("layer", "rms")
 
 
-def check_modulation(name: str, x: torch.Tensor, eps, norm: str, **vecs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Validate x (B, T, C) and per-sample vectors (B, C) | (B, 1, C); return the vectors as (B, C) views."""
-    check_float(name, x=x, **vecs)
+def check_modulation(
+    name: str, x: torch.Tensor, eps, norm: str, rows: dict[str, torch.Tensor] | None = None, **vecs: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Validate x (B, T, C), same-shaped `rows` tensors and per-sample vectors (B, C) | (B, 1, C); return the
+    vectors as (B, C) views."""
+    rows = rows or {}
+    check_float(name, x=x, **rows, **vecs)
     if x.dim() != 3:
         raise ValueError(f"{name}: x must be (B, T, C), got shape {tuple(x.shape)}")
+    for arg, t in rows.items():
+        if t.shape != x.shape:
+            raise ValueError(f"{name}: `{arg}` must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
     B, _, C = x.shape
     out = {}
     for arg, t in vecs.items():
@@ -28,8 +38,8 @@ def check_modulation(name: str, x: torch.Tensor, eps, norm: str, **vecs: torch.T
             raise ValueError(f"{name}: `{arg}` must be (B, C) or (B, 1, C) = {(B, C)} for x {tuple(x.shape)}, "
                              f"got {tuple(vecs[arg].shape)}")
         out[arg] = t
-    check_same(name, "device", x=x, **vecs)
-    check_same(name, "dtype", x=x, **vecs)
+    check_same(name, "device", x=x, **rows, **vecs)
+    check_same(name, "dtype", x=x, **rows, **vecs)
     if norm not in NORMS:
         raise ValueError(f"{name}: norm must be one of {NORMS}, got {norm!r}")
     if not isinstance(eps, (int, float)) or not eps > 0:
@@ -38,8 +48,8 @@ def check_modulation(name: str, x: torch.Tensor, eps, norm: str, **vecs: torch.T
 
 
 def normalize_ref(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """fp32 LayerNorm (no affine) or RMSNorm (no weight) over the last dim."""
-    xf = x.float()
+    """LayerNorm (no affine) or RMSNorm (no weight) over the last dim, in fp32 (fp64 for fp64 input)."""
+    xf = widen(x)
     if norm == "layer":
         xf = xf - xf.mean(-1, keepdim=True)
     return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -51,9 +61,219 @@ def adaln_modulate_ref(
 ) -> torch.Tensor:
     """norm(x) * (1 + scale) + shift, math in fp32, returned in x.dtype (fp32 when `upcast`)."""
     v = check_modulation("adaln_modulate", x, eps, norm, shift=shift, scale=scale)
-    y = normalize_ref(x, eps, norm) * (1 + v["scale"].float()[:, None]) + v["shift"].float()[:, None]
+    y = normalize_ref(x, eps, norm) * (1 + widen(v["scale"])[:, None]) + widen(v["shift"])[:, None]
     return y if upcast else y.to(x.dtype)
 
 
-def adaln_modulate_triton(x, shift, scale, eps=1e-6, norm="layer"):
-    raise NotImplementedError("adaln_modulate Triton kernels: work in progress")
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels, shared with `gated_adaln.py` (RESIDUAL=True adds r = x + gate * y in front of the norm)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["eps"])
+def _adaln_fwd_kernel(
+    X,  # (B*T, C) input rows, contiguous
+    Y,  # (B*T, C) residual branch (read when RESIDUAL)
+    GATE,  # (B, C) gate (read when RESIDUAL)
+    SHIFT,  # (B, C)
+    SCALE,  # (B, C)
+    R,  # (B*T, C) output r = x + gate * y (written when RESIDUAL)
+    OUT,  # (B*T, C) output norm(r) * (1 + scale) + shift
+    MEAN,  # (B*T,) fp32 row means, saved for the backward (LayerNorm only)
+    RSTD,  # (B*T,) fp32 row 1/std, saved for the backward
+    T,  # tokens per sample: row // T is the sample whose modulation applies
+    C,  # channels
+    eps,
+    RESIDUAL: tl.constexpr,
+    RMS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    x = tl.load(X + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        y = tl.load(Y + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(GATE + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+        x = x + g * y
+        tl.store(R + row * C + cols, x.to(R.dtype.element_ty), mask=mask)
+    # Two-pass statistics in fp32. Padded lanes must be zero *after* centring, or each one adds mean² to the variance
+    # (C = 1152 leaves 896 of them in a 2048-wide block).
+    if RMS:
+        xc = x
+    else:
+        mean = tl.sum(x, axis=0) / C
+        xc = tl.where(mask, x - mean, 0.0)
+        tl.store(MEAN + row, mean)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / C + eps)
+    tl.store(RSTD + row, rstd)
+    sc = tl.load(SCALE + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+    sh = tl.load(SHIFT + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + row * C + cols, (xc * rstd * (1.0 + sc) + sh).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _adaln_bwd_kernel(
+    X,  # (B*T, C) forward input x
+    Y,  # (B*T, C) forward residual branch y (RESIDUAL)
+    GATE,  # (B, C) (RESIDUAL)
+    SCALE,  # (B, C)
+    MEAN,  # (B*T,) fp32 (LayerNorm only)
+    RSTD,  # (B*T,) fp32
+    DOUT,  # (B*T, C) grad of out
+    DR,  # (B*T, C) grad of r (RESIDUAL)
+    DX,  # (B*T, C) grad of x (for RESIDUAL this is the total grad of r)
+    DY,  # (B*T, C) grad of y (RESIDUAL)
+    PART,  # (3, B, N_CHUNKS, C) fp32 partial sums over this program's rows: dshift, dscale, dgate
+    T,
+    C,
+    N_CHUNKS,
+    ROWS: tl.constexpr,  # rows per program; partials are summed over chunks on the host (deterministic)
+    RESIDUAL: tl.constexpr,
+    RMS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    B = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    sc1 = 1.0 + tl.load(SCALE + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        g = tl.load(GATE + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+    acc_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_gate = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in range(ROWS):
+        t = chunk * ROWS + i
+        m = cols < tl.where(t < T, C, 0)  # a dead tail row masks every lane
+        row = b * T + tl.minimum(t, T - 1)  # keeps the scalar loads below in bounds
+        # Recompute r in fp32 from x and y (as the forward did) rather than reading back the rounded r.
+        r = tl.load(X + row * C + cols, mask=m, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            y = tl.load(Y + row * C + cols, mask=m, other=0.0).to(tl.float32)
+            r = r + g * y
+        rstd = tl.load(RSTD + row)
+        if RMS:
+            xhat = r * rstd
+        else:
+            mean = tl.load(MEAN + row)
+            xhat = tl.where(m, (r - mean) * rstd, 0.0)
+        dout = tl.load(DOUT + row * C + cols, mask=m, other=0.0).to(tl.float32)
+        acc_shift += dout
+        acc_scale += dout * xhat
+        dxhat = dout * sc1
+        c1 = tl.sum(dxhat * xhat, axis=0) / C
+        if RMS:
+            dr = rstd * (dxhat - xhat * c1)
+        else:
+            dr = rstd * (dxhat - tl.sum(dxhat, axis=0) / C - xhat * c1)
+        if RESIDUAL:
+            dr += tl.load(DR + row * C + cols, mask=m, other=0.0).to(tl.float32)
+            tl.store(DY + row * C + cols, (dr * g).to(DY.dtype.element_ty), mask=m)
+            acc_gate += dr * y
+        tl.store(DX + row * C + cols, dr.to(DX.dtype.element_ty), mask=m)
+    part = (b * N_CHUNKS + chunk) * C + cols
+    plane = B * N_CHUNKS * C
+    tl.store(PART + part, acc_shift, mask=mask)
+    tl.store(PART + plane + part, acc_scale, mask=mask)
+    if RESIDUAL:
+        tl.store(PART + 2 * plane + part, acc_gate, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launch helpers (shared with gated_adaln.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def bwd_rows_per_program(T: int) -> int:
+    # Enough programs to fill a GPU even at B = 1 (T = 256 → 16 chunks of 16 rows), few enough that the fp32 partials
+    # stay small; a power of two so that few distinct kernels get compiled.
+    return min(16, triton.next_power_of_2(max(T, 1)))
+
+
+def launch_fwd(x, y, gate, shift, scale, r, out, eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel over x (B, T, C) contiguous; returns the saved (mean, rstd)."""
+    B, T, C = x.shape
+    mean = torch.empty(B * T, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(B * T, device=x.device, dtype=torch.float32)
+    block = row_block(C)
+    residual = y is not None
+    with cuda_device_guard(x):
+        torch.library.wrap_triton(_adaln_fwd_kernel)[(B * T,)](
+            x, y if residual else x, gate if residual else shift, shift, scale, r if residual else out, out,
+            mean, rstd, T, C, eps, RESIDUAL=residual, RMS=rms, BLOCK_C=block, num_warps=row_warps(block),
+        )
+    return mean, rstd
+
+
+def launch_bwd(x, y, gate, scale, mean, rstd, dout, dr, dx, dy, rms: bool) -> torch.Tensor:
+    """Run the backward kernel; returns the (3, B, C) fp32 sums (dshift, dscale, dgate)."""
+    B, T, C = x.shape
+    rows = bwd_rows_per_program(T)
+    n_chunks = triton.cdiv(T, rows)
+    part = torch.empty(3, B, n_chunks, C, device=x.device, dtype=torch.float32)
+    block = row_block(C)
+    residual = y is not None
+    with cuda_device_guard(x):
+        torch.library.wrap_triton(_adaln_bwd_kernel)[(B, n_chunks)](
+            x, y if residual else x, gate if residual else scale, scale, mean, rstd, dout, dr if residual else dout,
+            dx, dy if residual else dx, part, T, C, n_chunks, ROWS=rows, RESIDUAL=residual, RMS=rms, BLOCK_C=block,
+            num_warps=row_warps(block),
+        )
+    if not residual:
+        part[2].zero_()
+    return part.sum(dim=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Custom ops (torch.compile traces through them) and autograd
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.triton_op("kernels::adaln_modulate_fwd", mutates_args=())
+def adaln_modulate_fwd(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, rms: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, T, C) contiguous, shift/scale (B, C) contiguous → (out, mean, rstd)."""
+    out = torch.empty_like(x)
+    mean, rstd = launch_fwd(x, None, None, shift, scale, None, out, eps, rms)
+    return out, mean, rstd
+
+
+@torch.library.triton_op("kernels::adaln_modulate_bwd", mutates_args=())
+def adaln_modulate_bwd(
+    dout: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, rms: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """→ (dx, dshift, dscale); the (B, C) grads in scale's dtype."""
+    dx = torch.empty_like(x)
+    sums = launch_bwd(x, None, None, scale, mean, rstd, dout.contiguous(), None, dx, None, rms)
+    return dx, sums[0].to(scale.dtype, copy=True), sums[1].to(scale.dtype, copy=True)
+
+
+class AdaLNModulateFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shift, scale, eps, norm):
+        rms = norm == "rms"
+        out, mean, rstd = adaln_modulate_fwd(x, shift, scale, eps, rms)
+        ctx.save_for_backward(x, scale, mean, rstd)
+        ctx.rms = rms
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, scale, mean, rstd = ctx.saved_tensors
+        dx, dshift, dscale = adaln_modulate_bwd(dout, x, scale, mean, rstd, ctx.rms)
+        return dx, dshift, dscale, None, None
+
+
+def adaln_modulate_triton(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, norm: str = "layer"
+) -> torch.Tensor:
+    """norm(x) * (1 + scale) + shift with the fused Triton kernels. x (B, T, C); shift, scale (B, C) or (B, 1, C)."""
+    v = check_modulation("adaln_modulate", x, eps, norm, shift=shift, scale=scale)
+    check_kernel_dtype("adaln_modulate", x)
+    if x.numel() == 0:  # nothing to launch; the reference returns the right empty, differentiable result
+        return adaln_modulate_ref(x, shift, scale, eps, norm)
+    return AdaLNModulateFunction.apply(x.contiguous(), v["shift"].contiguous(), v["scale"].contiguous(), float(eps), norm)

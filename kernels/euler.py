@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_float, check_kernel_dtype, check_same, cuda_device_guard
+from kernels._utils import check_float, check_kernel_dtype, check_same, cuda_device_guard, widen
 
 Scalar = float | torch.Tensor
 
@@ -59,8 +59,9 @@ def _check(name: str, x, vels: dict, scalars: dict, out) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _f32(s: Scalar, device) -> Scalar:
-    return s.to(device=device, dtype=torch.float32) if isinstance(s, torch.Tensor) else float(s)
+def _f32(s: Scalar, x: torch.Tensor) -> Scalar:
+    return s.to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32)) if isinstance(s, torch.Tensor) \
+        else float(s)
 
 
 def _finish(y: torch.Tensor, x: torch.Tensor, out, upcast: bool) -> torch.Tensor:
@@ -74,7 +75,7 @@ def _finish(y: torch.Tensor, x: torch.Tensor, out, upcast: bool) -> torch.Tensor
 def euler_step_ref(x: torch.Tensor, v: torch.Tensor, dt: Scalar, out=None, upcast: bool = False) -> torch.Tensor:
     """x + dt * v in fp32, returned in x.dtype (fp32 when `upcast`)."""
     _check("euler_step", x, dict(v=v), dict(dt=dt), out)
-    y = x.float() + _f32(dt, x.device) * v.float()
+    y = widen(x) + _f32(dt, x) * widen(v)
     return _finish(y, x, out, upcast)
 
 
@@ -84,9 +85,9 @@ def cfg_euler_step_ref(
 ) -> torch.Tensor:
     """x + dt * (v_uncond + s * (v_cond - v_uncond)) in fp32, returned in x.dtype (fp32 when `upcast`)."""
     _check("cfg_euler_step", x, dict(v_cond=v_cond, v_uncond=v_uncond), dict(dt=dt, guidance_scale=guidance_scale), out)
-    vu = v_uncond.float()
-    s = _f32(guidance_scale, x.device)
-    y = x.float() + _f32(dt, x.device) * (vu + s * (v_cond.float() - vu))
+    vu = widen(v_uncond)
+    s = _f32(guidance_scale, x)
+    y = widen(x) + _f32(dt, x) * (vu + s * (widen(v_cond) - vu))
     return _finish(y, x, out, upcast)
 
 

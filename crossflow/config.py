@@ -1,0 +1,233 @@
+"""CrossFlow model configuration: one frozen dataclass plus named presets.
+
+A config fully describes the trainable model (Text VE, flow transformer, contrastive image encoder), the names of the
+frozen parts around it (text encoder, autoencoder) and the objective's constants. The kernel backend is *not* part of
+it: that is a runtime choice (`kernels.use_backend`).
+
+Presets (`CrossFlowConfig.from_name`):
+  * ``tiny``        -- unit tests; small enough for the Triton CPU interpreter.
+  * ``digits``      -- the embedded default: 16x16 pixel-space digits, MiniLM text, trains on a laptop CPU.
+  * ``dit-{s,b,l,xl}-2`` -- DiT paper sizes on the 256 px SD-VAE latent (4x32x32), CLIP-L/14 text (77x768), the
+    official CLIP@256 Text VE (Linear head).
+  * ``dit-h-2-512`` -- the official CrossFlow DiT (`t2i_512px_t5_dit.py`): DiT-H/2 on 4x64x64, T5-XXL text (77x4096,
+    x10), Text VE with the 4096->1024 Compressor and the Adaptor head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+NORMS = ("layer", "rms")
+KL_KINDS = ("standard", "official")
+
+
+@dataclass(frozen=True)
+class CrossFlowConfig:
+    """Hyper-parameters of a CrossFlow model. Defaults are the ``digits`` preset."""
+
+    # ---- image latent (the flow's state): (latent_channels, latent_size, latent_size)
+    latent_channels: int = 1
+    latent_size: int = 16
+    # ---- flow transformer (DiT with adaLN-Zero)
+    patch_size: int = 2
+    hidden_size: int = 192
+    depth: int = 4
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    norm: str = "layer"  # LayerNorm without affine, eps 1e-6 (DiT); "rms" is ours, not convertible
+    # ---- frozen text encoder: name/path, token-embedding width, tokens, scale applied before the VE
+    text_encoder: str = "minilm"
+    text_dim: int = 384
+    text_len: int = 16
+    text_scale: float = 1.0  # 10.0 for T5 (official multiplies T5 features by 10 before the VE)
+    # ---- Text Variational Encoder (official `trans_autoencoder.TransEncoder`)
+    ve_layers: int = 2
+    ve_heads: int = 6
+    ve_ff: int = 512
+    ve_reductions: int = 3
+    ve_dropout: float = 0.1
+    ve_compress_dim: int | None = None  # 1024 for T5 (4096-d): the official Compressor
+    ve_adaptor: bool = False  # official Adaptor head (used when 2*latent_numel is not 4096/8192)
+    ve_adaptor_grid: int = 64  # Adaptor's square feature map; official: 64 (hidden width 64*64 = 4096)
+    # ---- contrastive image encoder (ours: a small conv net on the target latent; see layers.ImageEncoder)
+    image_encoder_width: int = 32
+    image_feature_dim: int = 256
+    # ---- objective
+    sigma_min: float = 1e-5
+    cfg_dropout: float = 0.10  # indicator (uncond) rate
+    kl_kind: str = "official"  # "official": -0.5*sum(1+lv-(0.3mu)^6-e^lv), w 1e-2; "standard": paper KL, w 1e-4
+    kl_weight: float = 1e-2
+    # ---- frozen image autoencoder
+    autoencoder: str = "identity"  # "identity" (pixel space) or a diffusers AutoencoderKL name/path
+    vae_scale: float = 0.23010
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ---- derived sizes
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.latent_channels, self.latent_size, self.latent_size)
+
+    @property
+    def latent_numel(self) -> int:
+        return self.latent_channels * self.latent_size * self.latent_size
+
+    @property
+    def grid_size(self) -> int:
+        return self.latent_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def ve_width(self) -> int:
+        """Width of the VE encoder layers (after the optional Compressor)."""
+        return self.ve_compress_dim or self.text_dim
+
+    @property
+    def ve_out_width(self) -> int:
+        """Per-token width after the reduction layers."""
+        return self.ve_width >> self.ve_reductions
+
+    @property
+    def ve_flat_dim(self) -> int:
+        """Flattened VE feature: all `text_len` tokens (padding included) x reduced width."""
+        return self.text_len * self.ve_out_width
+
+    # ---- construction helpers
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "CrossFlowConfig":
+        """A named preset, optionally with fields overridden."""
+        if name not in CONFIGS:
+            raise ValueError(f"unknown CrossFlow config {name!r}; choose one of {sorted(CONFIGS)}")
+        return cls(**{**CONFIGS[name], **overrides})
+
+    def replace(self, **changes: Any) -> "CrossFlowConfig":
+        """A copy with `changes` applied (validated again)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown CrossFlowConfig fields {unknown}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CrossFlowConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"CrossFlowConfig.from_dict expects a dict, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown CrossFlowConfig fields {unknown}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CrossFlowConfig":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"invalid CrossFlowConfig JSON: {e}") from None
+        return cls.from_dict(d)
+
+
+def _validate(c: CrossFlowConfig) -> None:
+    errors: list[str] = []
+
+    def pos_int(name: str, minimum: int = 1) -> bool:
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            errors.append(f"{name} must be an int >= {minimum}, got {v!r}")
+            return False
+        return True
+
+    ints_ok = all([pos_int(n) for n in (
+        "latent_channels", "latent_size", "patch_size", "hidden_size", "depth", "num_heads", "text_dim", "text_len",
+        "ve_heads", "ve_ff", "image_encoder_width", "image_feature_dim", "ve_adaptor_grid",
+    )] + [pos_int("ve_layers", 0), pos_int("ve_reductions", 0)])
+    if c.ve_compress_dim is not None:
+        ints_ok = pos_int("ve_compress_dim") and ints_ok
+    if ints_ok:
+        if c.hidden_size % c.num_heads:
+            errors.append(f"hidden_size {c.hidden_size} must be divisible by num_heads {c.num_heads}")
+        if c.hidden_size % 4:  # 2-D sin-cos positions split the width into 4 sin/cos quarters
+            errors.append(f"hidden_size {c.hidden_size} must be divisible by 4 (2-D sin-cos positional embedding)")
+        if c.latent_size % c.patch_size:
+            errors.append(f"latent_size {c.latent_size} must be divisible by patch_size {c.patch_size}")
+        if c.ve_width % (2**c.ve_reductions):
+            errors.append(f"VE width {c.ve_width} must be divisible by 2**ve_reductions = {2 ** c.ve_reductions} "
+                          f"(each reduction halves it)")
+        else:
+            attn_widths = ([c.ve_width] if c.ve_layers else []) + [c.ve_width >> i for i in range(c.ve_reductions)]
+            bad = sorted({w for w in attn_widths if w % c.ve_heads}, reverse=True)
+            if bad:
+                errors.append(f"VE attention widths {bad} (ve_width {c.ve_width}, halved per reduction) must be "
+                              f"divisible by ve_heads {c.ve_heads}")
+        if c.ve_adaptor and (2 * c.latent_numel) % (c.ve_adaptor_grid**2):
+            errors.append(f"ve_adaptor: 2 * latent_numel = {2 * c.latent_numel} must be divisible by "
+                          f"ve_adaptor_grid**2 = {c.ve_adaptor_grid ** 2}")
+    if not isinstance(c.mlp_ratio, (int, float)) or c.mlp_ratio <= 0 or int(c.hidden_size * c.mlp_ratio) < 1:
+        errors.append(f"mlp_ratio must be > 0, got {c.mlp_ratio!r}")
+    if c.norm not in NORMS:
+        errors.append(f"norm must be one of {NORMS}, got {c.norm!r}")
+    if c.kl_kind not in KL_KINDS:
+        errors.append(f"kl_kind must be one of {KL_KINDS}, got {c.kl_kind!r}")
+    for name, lo, hi in (("ve_dropout", 0.0, 1.0), ("cfg_dropout", 0.0, 1.0), ("sigma_min", 0.0, 1.0)):
+        v = getattr(c, name)
+        if not isinstance(v, (int, float)) or not lo <= v < hi:
+            errors.append(f"{name} must be in [{lo}, {hi}), got {v!r}")
+    for name in ("text_scale", "vae_scale"):
+        v = getattr(c, name)
+        if not isinstance(v, (int, float)) or not v > 0:
+            errors.append(f"{name} must be > 0, got {v!r}")
+    if not isinstance(c.kl_weight, (int, float)) or c.kl_weight < 0:
+        errors.append(f"kl_weight must be >= 0, got {c.kl_weight!r}")
+    for name in ("text_encoder", "autoencoder"):
+        if not isinstance(getattr(c, name), str) or not getattr(c, name):
+            errors.append(f"{name} must be a non-empty string, got {getattr(c, name)!r}")
+    if not isinstance(c.ve_adaptor, bool):
+        errors.append(f"ve_adaptor must be a bool, got {c.ve_adaptor!r}")
+    if errors:
+        raise ValueError("invalid CrossFlowConfig: " + "; ".join(errors))
+
+
+# The official CLIP@256 Text VE (`configs/t2i_256px_clip_dimr.py`, `textVAE`): 11 post-LN layers, 8 heads, d_ff 1024,
+# 3 reductions (768 -> 96 per token), Linear head 77*96 = 7392 -> 2*4*32*32 = 8192.
+_CLIP_256 = dict(
+    latent_channels=4, latent_size=32, patch_size=2, text_encoder="openai/clip-vit-large-patch14", text_dim=768,
+    text_len=77, text_scale=1.0, ve_layers=11, ve_heads=8, ve_ff=1024, ve_reductions=3, ve_dropout=0.1,
+    image_encoder_width=64, image_feature_dim=1024, autoencoder="CompVis/stable-diffusion-v1-4/vae",
+)
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        latent_channels=4, latent_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, text_encoder="minilm",
+        text_dim=32, text_len=7, ve_layers=1, ve_heads=2, ve_ff=64, ve_reductions=1, image_encoder_width=8,
+        image_feature_dim=32,
+    ),
+    "digits": dict(),  # the dataclass defaults
+    "dit-s-2": dict(_CLIP_256, hidden_size=384, depth=12, num_heads=6),
+    "dit-b-2": dict(_CLIP_256, hidden_size=768, depth=12, num_heads=12),
+    "dit-l-2": dict(_CLIP_256, hidden_size=1024, depth=24, num_heads=16),
+    "dit-xl-2": dict(_CLIP_256, hidden_size=1152, depth=28, num_heads=16),
+    # Official `configs/t2i_512px_t5_dit.py` + `utils.get_nnet('dit')` = DiT_H_2.
+    "dit-h-2-512": dict(
+        _CLIP_256, latent_size=64, hidden_size=1280, depth=36, num_heads=20, text_encoder="DeepFloyd/t5-v1_1-xxl",
+        text_dim=4096, text_scale=10.0, ve_compress_dim=1024, ve_adaptor=True, ve_adaptor_grid=64,
+    ),
+}

@@ -1,0 +1,176 @@
+"""The CrossFlow model: Text VE (text -> source latent z0), flow transformer (velocity field), contrastive image encoder.
+
+`FlowTransformer` is the official DiT variant (`libs/model/dit_t2i.py`): patch embedding, fixed 2-D sin-cos positions,
+raw-t sinusoidal timestep embedding plus a 2-class cond/uncond indicator embedding, adaLN-Zero blocks, final adaLN
+layer. It sees no text: conditioning enters only through the source z0 and the indicator. Two structural changes make
+it fast without changing the math (an official checkpoint converts exactly, `crossflow.convert`):
+
+  * the adaLN modulation of every block and of the final layer comes from ONE Linear on SiLU(c), computed up front
+    (its weight is the official per-block weights stacked along the output dim);
+  * each residual add is fused with the following LayerNorm + modulate (`kernels.gated_residual_adaln`), so the MLP
+    residual of block i lands in block i+1's first norm, and the last one in the final layer's norm.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+import kernels
+from crossflow.config import CrossFlowConfig
+from crossflow.layers import (
+    DiTBlock,
+    FinalLayer,
+    ImageEncoder,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    sincos_pos_embed_2d,
+)
+from crossflow.text_ve import TextVE
+
+NUM_INDICATOR_CLASSES = 2  # 0 = conditional, 1 = unconditional (official `LabelEmbedder(num_classes=2)`)
+NORM_EPS = 1e-6  # DiT's LayerNorm(elementwise_affine=False, eps=1e-6)
+
+
+class FlowTransformer(nn.Module):
+    """DiT with adaLN-Zero: `forward(x (B, C, H, W), t (B,) in [0, 1], indicator (B,) long) -> v (B, C, H, W)`.
+
+    Set `gradient_checkpointing = True` to recompute each block in the backward pass (training memory).
+    """
+
+    def __init__(self, cfg: CrossFlowConfig):
+        super().__init__()
+        self.config = cfg
+        self.gradient_checkpointing = False
+        D, C, p = cfg.hidden_size, cfg.latent_channels, cfg.patch_size
+        self.x_embedder = PatchEmbed(p, C, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(NUM_INDICATOR_CLASSES, D)
+        # Fixed, recomputed on construction: a buffer that is neither trained nor saved.
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(D, cfg.grid_size)[None], persistent=False)  # (1, T, D)
+        self.blocks = nn.ModuleList(
+            [DiTBlock(D, cfg.num_heads, cfg.mlp_hidden, cfg.norm, NORM_EPS) for _ in range(cfg.depth)]
+        )
+        # Block i's (shift, scale, gate)_msa, (shift, scale, gate)_mlp at rows [6i, 6i+6) * D, final (shift, scale) last.
+        self.adaLN_modulation = nn.Linear(D, (6 * cfg.depth + 2) * D)
+        self.final_layer = FinalLayer(D, p, C)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's init: xavier Linear / zero bias, patch embed as a Linear, N(0, 0.02) embeddings, zeroed adaLN and
+        output layer (every block is the identity and the output is zero at init)."""
+
+        def _basic_init(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+        self.apply(_basic_init)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for t in (self.adaLN_modulation.weight, self.adaLN_modulation.bias, *self.final_layer.parameters()):
+            nn.init.zeros_(t)
+
+    def _check(self, x: torch.Tensor, t: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
+        shape = self.config.latent_shape
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != shape:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"FlowTransformer: expected latent (B, C, H, W) = (B, {', '.join(map(str, shape))}), "
+                             f"got {got}")
+        B = x.shape[0]
+        if not isinstance(t, torch.Tensor) or not (t.dim() == 0 or tuple(t.shape) == (B,)):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"FlowTransformer: expected t of shape ({B},) or a 0-d tensor, got {got}")
+        if (not isinstance(indicator, torch.Tensor) or tuple(indicator.shape) != (B,)
+                or indicator.is_floating_point() or indicator.is_complex()):
+            got = (tuple(indicator.shape), indicator.dtype) if isinstance(indicator, torch.Tensor) else type(indicator)
+            raise ValueError(f"FlowTransformer: expected indicator ({B},) long/bool (0 = cond, 1 = uncond), got {got}")
+        return t.expand(B) if t.dim() == 0 else t
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, p*p*C) -> (B, C, H, W)."""
+        B, G, p, C = x.shape[0], self.config.grid_size, self.config.patch_size, self.config.latent_channels
+        x = x.reshape(B, G, G, p, p, C)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, G * p, G * p)
+
+    def _block(self, i: int, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.blocks[i], *args, use_reentrant=False)
+        return self.blocks[i](*args)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
+        t = self._check(x, t, indicator)
+        B, D, depth, cfg = x.shape[0], self.config.hidden_size, self.config.depth, self.config
+        x = self.x_embedder(x)  # (B, T, D), T = (H / p) * (W / p)
+        x = x + self.pos_embed.to(x.dtype)
+        c = self.t_embedder(t) + self.y_embedder(indicator)  # (B, D)
+        mods = self.adaLN_modulation(F.silu(c)).to(x.dtype)  # (B, (6 * depth + 2) * D), every block at once
+        blk = mods[:, : 6 * depth * D].view(B, depth, 6, D)  # (B, depth, 6, D)
+        fin = mods[:, 6 * depth * D :].view(B, 2, D)  # (B, 2, D) final (shift, scale)
+        h = kernels.adaln_modulate(x, blk[:, 0, 0], blk[:, 0, 1], NORM_EPS, cfg.norm)  # (B, T, D)
+        for i in range(depth):
+            nxt = blk[:, i + 1] if i + 1 < depth else fin  # whose norm this block's MLP residual is fused into
+            x, h = self._block(i, x, h, blk[:, i], nxt[:, 0], nxt[:, 1])  # (B, T, D) each
+        return self.unpatchify(self.final_layer(h))  # (B, C, H, W)
+
+
+class CrossFlow(nn.Module):
+    """The whole trainable model: `text_ve`, `flow`, `image_encoder` and the contrastive `logit_scale`.
+
+    `logit_scale` starts at log(1/0.07) and is used raw (not exponentiated), as the official code uses open_clip's.
+    """
+
+    def __init__(self, cfg: CrossFlowConfig):
+        super().__init__()
+        if not isinstance(cfg, CrossFlowConfig):
+            raise ValueError(f"CrossFlow expects a CrossFlowConfig, got {type(cfg).__name__}")
+        self.config = cfg
+        self.text_ve = TextVE(cfg)
+        self.flow = FlowTransformer(cfg)
+        self.image_encoder = ImageEncoder(
+            cfg.latent_channels, cfg.latent_size, cfg.image_encoder_width, cfg.image_feature_dim, cfg.latent_numel
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_text(
+        self, emb: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Text embeddings (B, L, Dt) + mask (B, L) -> (z0 (B, C, H, W), mu, logvar (B, latent_numel)).
+
+        z0 = mu + exp(logvar / 2) * eps is the reparameterised sample; eps is the only randomness of sampling, drawn
+        in fp32 on `generator`'s device (so a CPU generator reproduces across devices).
+        """
+        mu, logvar = self.text_ve(emb, mask)  # (B, N) each
+        if generator is None:
+            eps = torch.randn(mu.shape, device=mu.device, dtype=torch.float32)
+        else:
+            eps = torch.randn(mu.shape, generator=generator, device=generator.device, dtype=torch.float32)
+        z0 = mu + torch.exp(0.5 * logvar) * eps.to(device=mu.device, dtype=mu.dtype)
+        return z0.view(mu.shape[0], *self.config.latent_shape), mu, logvar
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
+        """v(x, t, indicator) of the flow transformer; see `FlowTransformer.forward`."""
+        return self.flow(x, t, indicator)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write `model.safetensors` + `config.json` atomically (see `crossflow.checkpoint`)."""
+        from crossflow.checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "CrossFlow":
+        """Load a directory written by `save_pretrained`, validating files, config and keys."""
+        from crossflow.checkpoint import load_pretrained
+
+        return load_pretrained(directory, map_location=map_location)

@@ -1,0 +1,180 @@
+"""The reference sampler: Euler integration of dz/dt = v(z, t, indicator) from the text latent z0 (t = 0) to the
+image latent (t = 1), with indicator classifier-free guidance, plus the paper's latent interpolation and arithmetic.
+
+Guidance (reference/crossflow.md §1.8): v = v_u + s * (v_c - v_u), both branches at the same x. Unlike the official
+code (two unbatched passes), cond and uncond go through ONE forward of 2B (indicator 0 for the first half, 1 for the
+second), and the update is the fused `kernels.cfg_euler_step`, in place.
+
+Time grids:
+  * default:  the model sees t_i = i / N, step dt = 1 / N  (i = 0 .. N-1), so the steps sum to exactly 1.
+  * official: `official_grid=True` replays `ODEEulerFlowMatchingSolver` (step_in_dsigma) to the float32 bit: the model
+    sees linspace(0, 1 - 1e-5, N)[i] (spacing 1/(N-1), a quirk) and steps by diff(linspace(1e-5, 1, N + 1))[i]
+    (about (1 - 1e-5) / N each). Use it to match the released checkpoints' evaluation.
+
+Shapes: B batch, C/H/W latent channels/height/width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+import kernels
+
+OFFICIAL_TIMESCALE = 1.0 - 1e-5
+
+
+def timesteps(
+    steps: int, official_grid: bool = False, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Euler grid: (t (N,) float32 times at which the model is evaluated, dt (N,) float32 step sizes).
+
+    Default grid: t_i = i/N, dt_i = 1/N. Official grid: see the module docstring. Computed on the CPU in float32 (as
+    the official code does) and then moved to `device`, so every device gets the same numbers.
+    """
+    _check_steps(steps)
+    if official_grid:
+        # official: t = tensor([0, 1.]) * (1 - 1e-5) in float32, then linspace(t[0], t[1], N)
+        t = torch.linspace(0.0, float(torch.tensor(OFFICIAL_TIMESCALE)), steps)
+        dt = torch.linspace(1e-5, 1.0, steps + 1).diff()
+    else:
+        t = torch.arange(steps, dtype=torch.float32) / steps
+        dt = torch.full((steps,), 1.0 / steps)
+    return t.to(device), dt.to(device)
+
+
+def _check_steps(steps: Any) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+
+
+def _check_scale(guidance_scale: Any) -> float:
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(
+        guidance_scale
+    ):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    return float(guidance_scale)
+
+
+def _check_z0(z0: Any) -> None:
+    if not isinstance(z0, torch.Tensor):
+        raise ValueError(f"z0 must be a tensor (B, C, H, W), got {type(z0).__name__}")
+    if z0.dim() != 4 or not z0.dtype.is_floating_point:
+        raise ValueError(f"z0 must be a 4-D floating tensor (B, C, H, W), got shape {tuple(z0.shape)} {z0.dtype}")
+
+
+def velocity_fn(model: Any) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The callable v(x, t, indicator): `model.velocity` for a full CrossFlow, else the model itself."""
+    fn = getattr(model, "velocity", None)
+    if callable(fn):
+        return fn
+    if not callable(model):
+        raise ValueError(f"model must be callable as model(x, t, indicator), got {type(model).__name__}")
+    return model
+
+
+class EulerSampler:
+    """Reference Euler sampler with batched indicator CFG.
+
+    `sampler(model, z0)` returns z1 (B, C, H, W). `model` is any module/callable `model(x (B,C,H,W), t (B,) float,
+    indicator (B,) long: 0 cond / 1 uncond) -> v`, or a `CrossFlow` (its `.velocity` is used). guidance_scale == 1
+    runs the cond branch only (one pass per step). Runs under `torch.no_grad()`; the caller's z0 is never modified.
+    Subclasses (FastSampler) reuse `_step` and the checks and replace the loop.
+    """
+
+    def __init__(self, steps: int = 50, guidance_scale: float = 7.0, official_grid: bool = False) -> None:
+        _check_steps(steps)
+        self.steps = steps
+        self.guidance_scale = _check_scale(guidance_scale)
+        self.official_grid = bool(official_grid)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(steps={self.steps}, guidance_scale={self.guidance_scale}, "
+                f"official_grid={self.official_grid})")
+
+    def _resolve(self, z0: Any, steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+        _check_z0(z0)
+        steps = self.steps if steps is None else steps
+        _check_steps(steps)
+        scale = _check_scale(self.guidance_scale if guidance_scale is None else guidance_scale)
+        return steps, scale
+
+    @staticmethod
+    def _step(
+        model: Callable, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor | float, s: torch.Tensor | float | None
+    ) -> torch.Tensor:
+        """One Euler step in place on x (B, C, H, W); t a 0-d time; s None (or 1.0) = no guidance."""
+        b = x.shape[0]
+        if s is None or (isinstance(s, float) and s == 1.0):
+            v = model(x, t.expand(b), torch.zeros(b, dtype=torch.long, device=x.device))
+            return kernels.euler_step(x, v.to(x.dtype), dt, out=x)
+        indicator = torch.arange(2 * b, device=x.device).ge(b).long()  # (2B,) 0 = cond, then 1 = uncond
+        v = model(torch.cat([x, x]), t.expand(2 * b), indicator).to(x.dtype)  # (2B, C, H, W)
+        v_cond, v_uncond = v.chunk(2)
+        return kernels.cfg_euler_step(x, v_cond, v_uncond, dt, s, out=x)
+
+    @torch.no_grad()
+    def __call__(
+        self, model: Any, z0: torch.Tensor, *, steps: int | None = None, guidance_scale: float | None = None
+    ) -> torch.Tensor:
+        """Integrate from z0 (B, C, H, W) at t = 0 to t = 1; returns a new tensor of z0's shape and dtype."""
+        steps, scale = self._resolve(z0, steps, guidance_scale)
+        fn = velocity_fn(model)
+        ts, dts = timesteps(steps, self.official_grid, device=z0.device)
+        x = z0.clone()  # never write into the caller's tensor
+        s = None if scale == 1.0 else scale
+        for i in range(steps):
+            x = self._step(fn, x, ts[i], dts[i], s)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Latent interpolation and arithmetic (paper §4.4, official demo_t2i_arith.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def interpolate_latents(z_a: torch.Tensor, z_b: torch.Tensor, n: int) -> torch.Tensor:
+    """Linear interpolation between two text latents, endpoints included: z_a + (z_b - z_a) * i / (n + 1),
+    i = 0 .. n + 1 (n in-betweens plus both ends, as the official demo), no renormalisation.
+
+    z_a, z_b: (C, H, W) or (B, C, H, W), same shape. Returns a sampler-ready batch ((n + 2) * B, C, H, W), ordered
+    frame-major (all of frame 0, then frame 1, ...); B = 1 for 3-D inputs.
+    """
+    if z_a.shape != z_b.shape:
+        raise ValueError(f"interpolate_latents: z_a {tuple(z_a.shape)} and z_b {tuple(z_b.shape)} differ")
+    if z_a.dim() not in (3, 4):
+        raise ValueError(f"interpolate_latents: expected (C, H, W) or (B, C, H, W), got {tuple(z_a.shape)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"interpolate_latents: n must be an int >= 0, got {n!r}")
+    if z_a.dim() == 3:
+        z_a, z_b = z_a[None], z_b[None]
+    frames = [z_a + (z_b - z_a) * (i / (n + 1)) for i in range(n + 2)]
+    frames[-1] = z_b  # exact endpoint, no rounding
+    return torch.cat(frames, dim=0)
+
+
+def latent_arithmetic(
+    z0: torch.Tensor, z_add: torch.Tensor | None = None, z_sub: torch.Tensor | None = None
+) -> torch.Tensor:
+    """z = z0 + z_add - z_sub, then standardised to mean 0 / std 1 (unbiased std, as the official demo).
+
+    Shapes: (C, H, W) -> standardised by the global mean/std; (B, C, H, W) -> per sample over (C, H, W), which is
+    the official global statistic applied to each latent of the batch.
+    """
+    if z_add is None and z_sub is None:
+        raise ValueError("latent_arithmetic: give z_add and/or z_sub")
+    z = z0.clone()
+    for name, other, sign in (("z_add", z_add, 1.0), ("z_sub", z_sub, -1.0)):
+        if other is not None:
+            if other.shape != z0.shape:
+                raise ValueError(f"latent_arithmetic: {name} {tuple(other.shape)} != z0 {tuple(z0.shape)}")
+            z = z + sign * other
+    if z.dim() == 3:
+        return (z - z.mean()) / z.std()
+    if z.dim() != 4:
+        raise ValueError(f"latent_arithmetic: expected (C, H, W) or (B, C, H, W), got {tuple(z.shape)}")
+    flat = z.flatten(1)
+    mean, std = flat.mean(dim=1), flat.std(dim=1)
+    return (z - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)

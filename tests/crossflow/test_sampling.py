@@ -1,0 +1,175 @@
+"""EulerSampler and the latent helpers on analytic velocity fields (reference/crossflow.md §1.8, §2).
+
+These run on the default backend (the Triton interpreter on CPU) and on the torch one: the models are closed-form,
+so only the fused Euler/CFG updates cost anything."""
+
+import pytest
+import torch
+from torch import nn
+
+import kernels
+from crossflow.sampling import EulerSampler, interpolate_latents, latent_arithmetic, timesteps
+
+SIGMA = 1e-5
+BACKENDS = ["auto", "torch"]
+
+
+class LineField(nn.Module):
+    """The exact flow-matching field towards fixed targets z1: from x on the straight path at time t, recover z0 and
+    return z1 - (1 - sigma) z0. Euler follows the straight line exactly, whatever the step count."""
+
+    def __init__(self, z1):
+        super().__init__()
+        self.z1, self.calls = z1, []
+
+    def forward(self, x, t, indicator):
+        self.calls.append(t.clone())
+        tb = t.view(-1, 1, 1, 1)
+        z0 = (x - tb * self.z1) / (1 - (1 - SIGMA) * tb)
+        return self.z1 - (1 - SIGMA) * z0
+
+
+class ConstField(nn.Module):
+    """v = z1 - (1 - sigma) z0 everywhere (the target for one known pair)."""
+
+    def __init__(self, v):
+        super().__init__()
+        self.v = v
+
+    def forward(self, x, t, indicator):
+        return self.v.expand_as(x)
+
+
+class Branches(nn.Module):
+    """Known cond/uncond outputs; records every call's batch, times and indicator."""
+
+    def __init__(self, v_cond, v_uncond):
+        super().__init__()
+        self.vc, self.vu, self.calls = v_cond, v_uncond, []
+
+    def forward(self, x, t, indicator):
+        self.calls.append((x.clone(), t.clone(), indicator.clone()))
+        b = self.vc.shape[0]
+        reps = x.shape[0] // b
+        ind = indicator.view(-1, 1, 1, 1).bool()
+        return torch.where(ind, self.vu.repeat(reps, 1, 1, 1), self.vc.repeat(reps, 1, 1, 1))
+
+
+def _pair(b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 4, 5, 5, generator=g, dtype=torch.float64).float(), torch.randn(b, 4, 5, 5, generator=g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("steps", [1, 7])
+def test_exact_field_lands_on_z1(backend, steps):
+    z0, z1 = _pair()
+    with kernels.use_backend(backend):
+        out = EulerSampler(steps=steps, guidance_scale=1.0)(LineField(z1), z0)
+    torch.testing.assert_close(out, z1 + SIGMA * z0, rtol=1e-5, atol=1e-5)  # z_1 of the path: z1 + sigma * z0
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_constant_field_on_both_grids(official):
+    z0, z1 = _pair()
+    v = z1 - (1 - SIGMA) * z0
+    out = EulerSampler(steps=5, guidance_scale=1.0, official_grid=official)(ConstField(v), z0)
+    _, dt = timesteps(5, official)
+    torch.testing.assert_close(out, z0 + dt.sum() * v, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, z1, rtol=0, atol=1e-4)  # both grids integrate (almost) all the way to t = 1
+
+
+def test_grids():
+    t, dt = timesteps(4)
+    assert torch.equal(t, torch.tensor([0.0, 0.25, 0.5, 0.75])) and torch.equal(dt, torch.full((4,), 0.25))
+    # Official: evaluation at linspace(0, 1 - 1e-5, N) (spacing 1/(N-1)), steps of diff(linspace(1e-5, 1, N + 1)).
+    t, dt = timesteps(50, official_grid=True)
+    ends = torch.tensor([0.0, 1.0]) * (1 - 1e-5)
+    assert torch.equal(t, torch.linspace(ends[0], ends[1], 50))
+    assert torch.equal(dt, torch.linspace(1e-5, 1.0, 51).diff())
+    z0, z1 = _pair(b=1)
+    field = LineField(z1)
+    EulerSampler(steps=50, guidance_scale=1.0, official_grid=True)(field, z0)
+    assert torch.equal(torch.stack([c[0] for c in field.calls]), t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cfg_is_one_batched_pass(backend):
+    z0, vc = _pair(b=2)
+    vu = torch.randn_like(vc)
+    model, s, steps = Branches(vc, vu), 7.0, 3
+    with kernels.use_backend(backend):
+        out = EulerSampler(steps=steps, guidance_scale=s)(model, z0)
+    assert len(model.calls) == steps
+    for x, t, ind in model.calls:
+        assert x.shape[0] == 4 and torch.equal(x[:2], x[2:])  # both branches at the same x
+        assert torch.equal(ind, torch.tensor([0, 0, 1, 1])) and t.shape == (4,)
+    torch.testing.assert_close(out, z0 + (vu + s * (vc - vu)), rtol=1e-5, atol=1e-5)  # 3 steps of 1/3
+
+
+def test_guidance_one_is_a_single_cond_pass_and_z0_is_untouched():
+    z0, vc = _pair(b=2)
+    model, keep = Branches(vc, torch.randn_like(vc)), z0.clone()
+    out = EulerSampler(steps=4, guidance_scale=7.0)(model, z0, guidance_scale=1.0)
+    assert len(model.calls) == 4
+    assert all(x.shape[0] == 2 and torch.equal(ind, torch.zeros(2, dtype=torch.long)) for x, _, ind in model.calls)
+    torch.testing.assert_close(out, z0 + vc)
+    assert torch.equal(z0, keep) and out.data_ptr() != z0.data_ptr()
+    EulerSampler(steps=2)(model, z0)  # the CFG path writes in place too, into its own copy
+    assert torch.equal(z0, keep)
+
+
+def test_call_overrides_and_crossflow_velocity():
+    class Wrapper:  # a CrossFlow-like object: the sampler must use .velocity
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def velocity(self, x, t, indicator):
+            self.n += 1
+            return self.f(x, t, indicator)
+
+    z0, v = _pair(b=1)
+    w = Wrapper(ConstField(v))
+    out = EulerSampler(steps=50, guidance_scale=7.0)(w, z0, steps=2, guidance_scale=1.0)
+    assert w.n == 2
+    torch.testing.assert_close(out, z0 + v)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(steps=0), "steps"), (dict(steps=2.5), "steps"), (dict(guidance_scale=float("nan")), "guidance_scale"),
+])
+def test_bad_arguments_raise(kwargs, match):
+    z0, v = _pair(b=1)
+    with pytest.raises(ValueError, match=match):
+        EulerSampler()(ConstField(v), z0, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        EulerSampler(**kwargs)
+
+
+@pytest.mark.parametrize("z0", [torch.randn(4, 5, 5), torch.ones(1, 4, 5, 5, dtype=torch.long), [1.0]])
+def test_bad_z0_raises(z0):
+    with pytest.raises(ValueError, match="z0"):
+        EulerSampler(steps=2)(ConstField(torch.zeros(1)), z0)
+
+
+def test_interpolate_latents():
+    za, zb = torch.randn(4, 5, 5), torch.randn(4, 5, 5)
+    out = interpolate_latents(za, zb, 3)
+    assert out.shape == (5, 4, 5, 5)
+    assert torch.equal(out[0], za) and torch.equal(out[-1], zb)
+    torch.testing.assert_close(out[2], za + (zb - za) * 0.5)  # official z_a + (z_b - z_a) * i / (n + 1)
+    batched = interpolate_latents(torch.stack([za, zb]), torch.stack([zb, za]), 1)  # frame-major
+    assert batched.shape == (6, 4, 5, 5) and torch.equal(batched[1], zb) and torch.equal(batched[4], zb)
+    with pytest.raises(ValueError):
+        interpolate_latents(za, zb[:2], 3)
+
+
+def test_latent_arithmetic_standardises_like_the_official_demo():
+    a, b, c = torch.randn(4, 5, 5), torch.randn(4, 5, 5), torch.randn(4, 5, 5)
+    z = latent_arithmetic(a, b, c)
+    tmp = a + b - c
+    torch.testing.assert_close(z, (tmp - tmp.mean()) / tmp.std())
+    batched = latent_arithmetic(torch.stack([a, b]), z_sub=torch.stack([c, c]))
+    torch.testing.assert_close(batched[1], ((b - c) - (b - c).mean()) / (b - c).std())
+    with pytest.raises(ValueError):
+        latent_arithmetic(a)

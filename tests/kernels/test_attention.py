@@ -1,0 +1,262 @@
+"""Flash attention: Triton forward and backward against the torch reference (kernels/flash_attention.py).
+
+On CPU the kernels run in the Triton interpreter (tests/conftest.py), so the shape set is a covering set, not a cross
+product: every Tq and Tk in {1, 7, 77, 257} (Tq != Tk included), every head dim the models use, both dtypes, masks.
+"""
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels.flash_attention import attention_ref, attention_triton
+from kernels.testing import assert_close_to_ref
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# fp32: the kernel and the reference round differently (blocked online softmax vs one softmax, fp32 dots summed in
+# another order) over Tk <= 257 keys and D <= 256 lanes; measured worst error is ~5e-6, so 5e-5 leaves a 10x margin
+# while still catching any real bug (a wrong mask or scale is O(1e-1)).
+TOL32 = dict(atol=5e-5, rtol=5e-5)
+
+# (B, H, Tq, Tk, D, dtype, masked). Masked cases with B > 1 also fully mask the last batch row.
+CASES = [
+    (2, 2, 7, 7, 16, F32, False),
+    (2, 2, 77, 77, 24, F16, True),
+    (2, 1, 1, 7, 32, F32, True),
+    (1, 2, 7, 77, 48, F16, False),
+    (2, 2, 77, 1, 64, F32, False),
+    (2, 2, 257, 77, 72, F32, True),
+    (1, 2, 77, 257, 72, F16, True),
+    (1, 1, 7, 257, 80, F32, True),
+    (2, 1, 1, 77, 96, F16, False),
+    (1, 1, 257, 257, 128, F32, False),
+    (1, 1, 257, 7, 128, F16, True),
+    (2, 1, 7, 1, 1, F32, True),  # smallest head dim (padded to 16 lanes)
+    (1, 1, 7, 77, 256, F32, False),  # largest head dim
+]
+GPU_CASES = [
+    (2, 4, 257, 77, 72, BF16, True),
+    (2, 4, 77, 77, 48, BF16, True),
+    (1, 2, 1000, 1000, 72, F16, True),
+    (1, 2, 1000, 1000, 72, BF16, False),
+    (2, 2, 1000, 257, 72, F32, True),
+    (1, 2, 300, 300, 256, BF16, True),
+    (1, 2, 300, 300, 256, F32, False),
+]
+
+
+def _case_id(c):
+    b, h, tq, tk, d, dtype, masked = c
+    return f"{b}x{h}-q{tq}-k{tk}-d{d}-{str(dtype)[6:]}" + ("-mask" if masked else "")
+
+
+def _mask(b, tk, device):
+    mask = torch.rand(b, tk, device=device) > 0.3
+    if b > 1:
+        mask[-1] = False  # one batch row with no key at all
+    return mask
+
+
+def _grads(fn, tensors, dtype, do, scale, mask):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
+    out = fn(*leaves, scale=scale, key_padding_mask=mask)
+    return (out, *torch.autograd.grad(out, leaves, do.to(dtype)))
+
+
+def _check_against_ref(q, k, v, do, scale=None, mask=None):
+    """Forward and dq, dk, dv of the Triton op vs the fp32 reference (and the same-dtype reference for fp16/bf16)."""
+    dtype = q.dtype
+    got = _grads(attention_triton, (q, k, v), dtype, do, scale, mask)
+    ref32 = _grads(lambda *a, **kw: attention_ref(*a, **kw, upcast=True), (q, k, v), F32, do, scale, mask)
+    lowp = _grads(attention_ref, (q, k, v), dtype, do, scale, mask) if dtype != F32 else (None,) * 4
+    tol = TOL32 if dtype == F32 else {}
+    for name, g, r, rl in zip(("out", "dq", "dk", "dv"), got, ref32, lowp):
+        assert g.dtype == dtype and g.shape == r.shape
+        assert_close_to_ref(g, r, rl, name=name, **tol)
+    return got
+
+
+def _run_case(case, device):
+    b, h, tq, tk, d, dtype, masked = case
+    q = torch.randn(b, h, tq, d, device=device, dtype=dtype)
+    k = torch.randn(b, h, tk, d, device=device, dtype=dtype)
+    v = torch.randn(b, h, tk, d, device=device, dtype=dtype)
+    do = torch.randn(b, h, tq, d, device=device, dtype=dtype)
+    mask = _mask(b, tk, device) if masked else None
+    out, dq, dk, dv = _check_against_ref(q, k, v, do, mask=mask)
+    if masked and b > 1:  # the fully masked batch row: exact zeros, no NaN, no gradient
+        for t in (out[-1], dq[-1], dk[-1], dv[-1]):
+            assert torch.equal(t, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_attention_fwd_bwd(case, device):
+    _run_case(case, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+def test_attention_fwd_bwd_gpu(case, device):
+    _run_case(case, device)
+
+
+def test_attention_scale_and_layout(device):
+    q, k, v, do = (torch.randn(2, 3, n, 24, device=device) for n in (7, 77, 77, 7))
+    out = _check_against_ref(q, k, v, do, scale=0.3)[0]
+    # The output is (B, Tq, H, D) memory, so merging heads into (B, Tq, H*D) is a free view.
+    assert out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_attention_noncontiguous(dtype, device):
+    # q, k, v as the model makes them: permuted views of one fused (B, T, 3, H, D) projection; dO strided too.
+    b, t, h, d = 2, 77, 2, 48
+    qkv = torch.randn(b, t, 3, h, d, device=device, dtype=dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    do = torch.randn(b, h, t, 2 * d, device=device, dtype=dtype)[..., ::2]  # last-dim stride 2: copied, still right
+    _check_against_ref(q, k, v, do, mask=_mask(b, t, device))
+    do = torch.randn(b, t, h, d, device=device, dtype=dtype).transpose(1, 2)  # permuted dO: read through strides
+    _check_against_ref(q, k, v, do)
+    leaf = qkv.clone().requires_grad_()
+    out = attention_triton(*leaf.permute(2, 0, 3, 1, 4).unbind(0))
+    out.backward(do)
+    assert leaf.grad.shape == qkv.shape and torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.parametrize(
+    "b, h, tq, tk", [(0, 2, 7, 7), (2, 0, 7, 7), (2, 2, 0, 7), (2, 2, 7, 0), (2, 2, 0, 0)], ids=str
+)
+def test_attention_empty(b, h, tq, tk, device):
+    q = torch.randn(b, h, tq, 32, device=device, requires_grad=True)
+    k = torch.randn(b, h, tk, 32, device=device, requires_grad=True)
+    v = torch.randn(b, h, tk, 32, device=device, requires_grad=True)
+    mask = torch.ones(b, tk, dtype=torch.bool, device=device)
+    out = attention_triton(q, k, v, key_padding_mask=mask)
+    assert out.shape == (b, h, tq, 32)
+    assert torch.equal(out, torch.zeros_like(out))  # no keys -> zeros (and trivially so when empty)
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_attention_gradcheck(device):
+    # fp64 is not a kernel dtype, so gradcheck sees fp64 leaves that are cast to fp32 around the kernel. Finite
+    # differences of an fp32 function resolve only ~1e-7 / eps, hence eps=1e-3 with atol=1e-3, rtol=1e-2.
+    q = torch.randn(2, 1, 3, 5, device=device, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 1, 4, 5, device=device, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 1, 4, 5, device=device, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, False, True, True], [False, False, True, False]], device=device)
+
+    def fn(q, k, v):
+        return attention_triton(q.float(), k.float(), v.float(), key_padding_mask=mask).double()
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-3, atol=1e-3, rtol=1e-2)
+
+
+def _bad(**over):
+    x = dict(q=torch.randn(2, 2, 7, 16), k=torch.randn(2, 2, 9, 16), v=torch.randn(2, 2, 9, 16))
+    x.update(over)
+    return x
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (_bad(q=torch.randn(2, 7, 16)), r"`q` must be \(B, H, T, D\)"),
+        (_bad(k=torch.randn(3, 2, 9, 16), v=torch.randn(3, 2, 9, 16)), "must agree on B, H and D"),
+        (_bad(k=torch.randn(2, 3, 9, 16), v=torch.randn(2, 3, 9, 16)), "must agree on B, H and D"),
+        (_bad(k=torch.randn(2, 2, 9, 32), v=torch.randn(2, 2, 9, 32)), "must agree on B, H and D"),
+        (_bad(v=torch.randn(2, 2, 8, 16)), "must have the same shape"),
+        (_bad(q=torch.ones(2, 2, 7, 16, dtype=torch.int32)), "must be a floating tensor"),
+        (_bad(q=torch.randn(2, 2, 7, 16, dtype=F16)), "share one dtype"),
+        (_bad(k=torch.randn(2, 2, 9, 16, device="meta")), "share one device"),
+        (_bad(key_padding_mask=torch.ones(2, 7, dtype=torch.bool)), r"key_padding_mask must be \(B, Tk\)"),
+        (_bad(key_padding_mask=torch.ones(2, 9)), "key_padding_mask must be a bool tensor"),
+        (_bad(scale=torch.tensor(0.5)), "`scale` must be a Python float"),
+        (_bad(q=torch.randn(2, 2, 7, 0), k=torch.randn(2, 2, 9, 0), v=torch.randn(2, 2, 9, 0)), "head dim D=0"),
+        (_bad(q=torch.randn(2, 2, 7, 300), k=torch.randn(2, 2, 9, 300), v=torch.randn(2, 2, 9, 300)), "head dim D=300"),
+    ],
+    ids=["rank", "batch", "heads", "head-dim", "kv-shape", "int", "dtype", "device", "mask-shape", "mask-dtype",
+         "scale", "d0", "d300"],
+)
+def test_attention_bad_inputs(args, match):
+    for fn in (attention_triton, attention_ref):
+        with pytest.raises(ValueError, match=match):
+            fn(**args)
+
+
+def test_attention_fp64_is_reference_only():
+    q = torch.randn(1, 1, 3, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="supports float16, bfloat16 and float32"):
+        attention_triton(q, q, q)
+
+
+def test_attention_dispatch_runs_triton(monkeypatch, device):
+    q, k, v = (torch.randn(2, 2, n, 72, device=device) for n in (7, 33, 33))
+    mask = _mask(2, 33, device)
+    expect = attention_triton(q, k, v, key_padding_mask=mask)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the torch reference path ran")
+
+    # The reference needs torch.matmul and torch.softmax; the Triton path uses neither.
+    monkeypatch.setattr(torch, "matmul", boom)
+    monkeypatch.setattr(torch, "softmax", boom)
+    with pytest.raises(AssertionError, match="reference path ran"):
+        kernels.attention.ref(q, k, v, key_padding_mask=mask)
+    with kernels.use_backend("triton"):
+        out = kernels.attention(q, k, v, key_padding_mask=mask)
+    assert torch.equal(out, expect)
+
+
+def test_attention_compile_torch_backend_fullgraph():
+    # The torch backend must trace without a graph break (fullgraph=True raises on one). Under the CPU interpreter a
+    # compiled triton_op cannot run (FakeTensor has no data pointer), so the Triton path is compiled only on a GPU.
+    q, k, v = (torch.randn(2, 2, n, 24) for n in (7, 9, 9))
+    mask = _mask(2, 9, "cpu")
+
+    def fn(q, k, v, mask):
+        return kernels.attention(q, k, v, key_padding_mask=mask).transpose(1, 2).reshape(2, 7, 48)
+
+    with kernels.use_backend("torch"):
+        out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, mask)
+    torch.testing.assert_close(out, fn(q, k, v, mask))
+
+
+@pytest.mark.gpu
+def test_attention_compile_triton_fullgraph(device):
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(2, 4, n, 72, device=device, dtype=F16, requires_grad=True) for n in (257, 77, 77))
+    mask = _mask(2, 77, device)
+
+    def fn(q, k, v):
+        return kernels.attention(q, k, v, key_padding_mask=mask).float().square().sum()
+
+    with kernels.use_backend("triton"):
+        eager = fn(q, k, v)
+        g_eager = torch.autograd.grad(eager, (q, k, v))
+        compiled = torch.compile(fn, fullgraph=True)(q, k, v)
+        g_compiled = torch.autograd.grad(compiled, (q, k, v))
+    torch.testing.assert_close(compiled, eager, atol=1e-2, rtol=1e-3)
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_attention_large_gpu(dtype, device):
+    b, h, t, d = 4, 16, 4096, 64
+    q, k, v, do = (torch.randn(b, h, t, d, device=device, dtype=dtype) for _ in range(4))
+    got = _grads(attention_triton, (q, k, v), dtype, do, None, None)
+    # fp32 reference via SDPA's math path would need ~4 GB per score matrix; chunk the heads to keep memory bounded.
+    for i in range(0, h, 4):
+        sl = (slice(None), slice(i, i + 4))
+        ref32 = _grads(lambda *a, **kw: attention_ref(*a, **kw, upcast=True), (q[sl], k[sl], v[sl]), F32, do[sl],
+                       None, None)
+        lowp = _grads(attention_ref, (q[sl], k[sl], v[sl]), dtype, do[sl], None, None)
+        for name, g, r, rl in zip(("out", "dq", "dk", "dv"), got, ref32, lowp):
+            assert_close_to_ref(g[sl], r, rl, name=name)
+    assert math.isfinite(got[0].float().abs().max().item())

@@ -1,0 +1,133 @@
+"""The seam: backend selection rules, errors, the op table, torch.compile with no graph break."""
+
+import pytest
+import torch
+
+import kernels
+from kernels import _dispatch, adaln, euler, flash_attention, gated_adaln
+
+ON_GPU = torch.cuda.is_available()
+DEV = "cuda" if ON_GPU else "cpu"
+
+
+def test_op_table_has_the_five_public_ops_with_twins():
+    assert set(kernels.OPS) == {"adaln_modulate", "gated_residual_adaln", "attention", "euler_step", "cfg_euler_step"}
+    for name, fn in kernels.OPS.items():
+        assert fn is getattr(kernels, name)
+        assert callable(fn.ref) and callable(fn.triton) and fn.ref is not fn.triton
+        assert fn.ref.__name__.endswith("_ref") and fn.triton.__name__.endswith("_triton")
+
+
+def test_env_and_context_manager(monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    assert kernels.get_backend() == "torch"
+    with kernels.use_backend("triton"):
+        assert kernels.get_backend() == "triton"
+        with kernels.use_backend("auto"):
+            assert kernels.get_backend() == "auto"
+        assert kernels.get_backend() == "triton"
+    assert kernels.get_backend() == "torch"
+    monkeypatch.setenv("KERNELS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="unknown kernels backend 'cuda'"):
+        kernels.get_backend()
+    with pytest.raises(ValueError, match="unknown kernels backend"):
+        with kernels.use_backend("fast"):
+            pass
+
+
+def test_context_manager_restores_on_error(monkeypatch):
+    monkeypatch.delenv("KERNELS_BACKEND", raising=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        with kernels.use_backend("torch"):
+            raise RuntimeError("boom")
+    assert kernels.get_backend() == "auto"
+
+
+def _spy(monkeypatch):
+    """Replace the twins of euler_step with recorders; return the list of calls."""
+    calls = []
+    op = kernels.euler_step
+    monkeypatch.setattr(op, "ref", lambda *a, **k: calls.append("torch") or euler.euler_step_ref(*a, **k))
+    monkeypatch.setattr(op, "triton", lambda *a, **k: calls.append("triton") or euler.euler_step_triton(*a, **k))
+    return calls
+
+
+def test_auto_uses_triton_where_it_can_run():
+    # This machine (CPU + interpreter, or a GPU) can run the kernels on DEV tensors, so `auto` must pick Triton.
+    assert kernels.triton_ok(torch.empty(1, device=DEV))
+    x = torch.randn(4, device=DEV)
+    with kernels.use_backend("auto"):
+        out = kernels.euler_step(x, x, 0.5)
+    torch.testing.assert_close(out, 1.5 * x)
+
+
+def test_dispatch_rules(monkeypatch):
+    x = torch.randn(4, device=DEV)
+    calls = _spy(monkeypatch)
+    monkeypatch.setattr(_dispatch, "triton_ok", lambda t: False)
+    with kernels.use_backend("auto"):
+        kernels.euler_step(x, x, 0.1)  # cannot run Triton → the reference, by design of `auto`
+    with kernels.use_backend("torch"):
+        kernels.euler_step(x, x, 0.1)
+    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
+        kernels.euler_step(x, x, 0.1)  # forced Triton that cannot run: an error, never a silent fallback
+    assert calls == ["torch", "torch"]
+    monkeypatch.setattr(_dispatch, "triton_ok", lambda t: True)
+    with kernels.use_backend("auto"):
+        kernels.euler_step(x, x, 0.1)
+    with kernels.use_backend("torch"):
+        kernels.euler_step(x, x, 0.1)  # forced torch wins even where Triton could run
+    assert calls == ["torch", "torch", "triton", "torch"]
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU-only rule")
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_INTERPRET", False)
+    assert not kernels.triton_ok(torch.empty(1))
+    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.euler_step(torch.ones(2), torch.ones(2), 0.1)
+
+
+@pytest.mark.parametrize("module, ref_name, op_name, make", [
+    (euler, "euler_step_ref", "euler_step", lambda: (torch.randn(3, 5), torch.randn(3, 5), 0.1)),
+    (adaln, "adaln_modulate_ref", "adaln_modulate", lambda: (torch.randn(2, 3, 7), torch.randn(2, 7),
+                                                             torch.randn(2, 7))),
+    (gated_adaln, "gated_residual_adaln_ref", "gated_residual_adaln",
+     lambda: (torch.randn(2, 3, 7), torch.randn(2, 3, 7), torch.randn(2, 7), torch.randn(2, 7), torch.randn(2, 7))),
+    (flash_attention, "attention_ref", "attention", lambda: tuple(torch.randn(1, 2, 7, 32) for _ in range(3))),
+])
+def test_the_triton_kernels_themselves_ran(monkeypatch, module, ref_name, op_name, make):
+    """On this machine `auto` and `triton` run the real Triton kernels: with the torch reference sabotaged, the op
+    still returns the right answer, which only the kernel can have produced."""
+    args = tuple(a.to(DEV) if isinstance(a, torch.Tensor) else a for a in make())
+    expect = getattr(module, ref_name)(*args)
+
+    def sabotaged(*a, **k):
+        raise AssertionError("the torch reference was called")
+
+    monkeypatch.setattr(getattr(kernels, op_name), "ref", sabotaged)
+    for backend in ("auto", "triton"):
+        with kernels.use_backend(backend):
+            got = getattr(kernels, op_name)(*args)
+        for g, e in zip(got if isinstance(got, tuple) else (got,), expect if isinstance(expect, tuple) else (expect,)):
+            torch.testing.assert_close(g, e, atol=2e-5, rtol=2e-5)
+    if not ON_GPU:
+        assert kernels.interpreting(), "CPU test runs must use the Triton interpreter (tests/conftest.py sets it)"
+
+
+def test_compile_fullgraph_torch_backend():
+    """With the torch backend, torch.compile(fullgraph=True) traces through the seam with no graph break."""
+    x = torch.randn(2, 9, 64)
+    shift, scale, gate = torch.randn(2, 64), torch.randn(2, 64), torch.randn(2, 64)
+    q = torch.randn(2, 2, 9, 32)
+
+    def f(x):
+        r, h = kernels.gated_residual_adaln(x, x, gate, shift, scale)
+        h = kernels.adaln_modulate(h, shift, scale, norm="rms")
+        a = kernels.attention(q, q, q)
+        return kernels.cfg_euler_step(r, h, x, 0.1, 3.0) + a.sum()
+
+    with kernels.use_backend("torch"):
+        eager = f(x)
+        compiled = torch.compile(f, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(compiled, eager)

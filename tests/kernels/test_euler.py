@@ -1,0 +1,113 @@
+"""euler_step / cfg_euler_step: forward, gradients, in-place `out=`, device-tensor scalars, bad input."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels
+from kernels.euler import cfg_euler_step_ref, cfg_euler_step_triton, euler_step_ref, euler_step_triton
+from kernels.testing import check_against_ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(7,), (2, 4, 9, 9), (3, 77, 300), (1, 1152)]
+DTYPES = [torch.float32, torch.float16]
+
+
+def _scalar(val, as_tensor):
+    return torch.tensor(val, device=DEV) if as_tensor else val
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "tensor"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_euler_step_fwd_bwd(shape, dtype, as_tensor):
+    x, v = (torch.randn(shape, device=DEV, dtype=dtype) for _ in range(2))
+    check_against_ref(euler_step_triton, euler_step_ref, [x, v], names=["x", "v"], dt=_scalar(0.02, as_tensor))
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "tensor"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cfg_euler_step_fwd_bwd(shape, dtype, as_tensor):
+    x, vc, vu = (torch.randn(shape, device=DEV, dtype=dtype) for _ in range(3))
+    check_against_ref(cfg_euler_step_triton, cfg_euler_step_ref, [x, vc, vu], names=["x", "v_cond", "v_uncond"],
+                      dt=_scalar(0.02, as_tensor), guidance_scale=_scalar(7.0, as_tensor))
+
+
+def test_cfg_euler_step_in_place_and_out():
+    x, vc, vu = (torch.randn(3, 77, 33, device=DEV) for _ in range(3))
+    expect = cfg_euler_step_ref(x, vc, vu, 0.1, 4.0)
+    buf = torch.empty_like(x)
+    assert cfg_euler_step_triton(x, vc, vu, 0.1, 4.0, out=buf) is buf
+    torch.testing.assert_close(buf, expect)
+    x_ptr = x.data_ptr()
+    res = cfg_euler_step_triton(x, vc, vu, 0.1, 4.0, out=x)
+    assert res is x and x.data_ptr() == x_ptr
+    torch.testing.assert_close(x, expect)
+
+
+def test_euler_noncontiguous_and_out_noncontiguous():
+    x = torch.randn(33, 9, device=DEV).t()
+    v = torch.randn(33, 9, device=DEV).t()
+    torch.testing.assert_close(euler_step_triton(x, v, 0.5), x + 0.5 * v)
+    expect = x + 0.5 * v
+    euler_step_triton(x, v, 0.5, out=x)  # in place into a non-contiguous tensor
+    torch.testing.assert_close(x, expect)
+
+
+def test_euler_device_scalars_are_read_at_run_time():
+    # A captured graph keeps the same tensor; changing its value must change the result with no re-launch setup.
+    x, v = torch.randn(5, 7, device=DEV), torch.randn(5, 7, device=DEV)
+    dt = torch.tensor(0.1, device=DEV)
+    a = euler_step_triton(x, v, dt)
+    dt.fill_(0.3)
+    b = euler_step_triton(x, v, dt)
+    torch.testing.assert_close(a, x + 0.1 * v)
+    torch.testing.assert_close(b, x + 0.3 * v)
+
+
+def test_euler_empty():
+    x = torch.empty(0, 4, device=DEV)
+    assert euler_step_triton(x, x, 0.1).shape == (0, 4)
+    assert cfg_euler_step_triton(x, x, x, 0.1, 2.0, out=x) is x
+
+
+@settings(max_examples=15, deadline=None)
+@given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=4), dt=st.floats(-1, 1), s=st.floats(0, 10))
+def test_cfg_euler_random_shapes(shape, dt, s):
+    x, vc, vu = (torch.randn(shape, device=DEV) for _ in range(3))
+    torch.testing.assert_close(cfg_euler_step_triton(x, vc, vu, dt, s), cfg_euler_step_ref(x, vc, vu, dt, s))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_euler_bad_input(backend):
+    x = torch.randn(2, 3)
+    with kernels.use_backend(backend):
+        with pytest.raises(ValueError, match="`v` has shape"):
+            kernels.euler_step(x, torch.randn(3, 2), 0.1)
+        with pytest.raises(ValueError, match="floating"):
+            kernels.euler_step(x, torch.ones(2, 3, dtype=torch.int64), 0.1)
+        with pytest.raises(ValueError, match="dtype"):
+            kernels.euler_step(x, x.half(), 0.1)
+        with pytest.raises(ValueError, match="0-d tensor"):
+            kernels.euler_step(x, x, torch.ones(2))
+        with pytest.raises(ValueError, match="`guidance_scale` must be a Python float"):
+            kernels.cfg_euler_step(x, x, x, 0.1, "7")
+        with pytest.raises(ValueError, match="`out` must match x"):
+            kernels.cfg_euler_step(x, x, x, 0.1, 7.0, out=torch.empty(3, 2))
+        with pytest.raises(ValueError, match="device"):
+            kernels.cfg_euler_step(x, x, torch.randn(2, 3, device="meta"), 0.1, 7.0)
+
+
+def test_euler_out_with_autograd_raises():
+    x = torch.randn(2, 3, requires_grad=True)
+    with kernels.use_backend("triton"), pytest.raises(ValueError, match="out=.*autograd"):
+        kernels.euler_step(x, x.detach(), 0.1, out=torch.empty(2, 3))
+
+
+@pytest.mark.gpu
+def test_cfg_euler_bf16_large_gpu():
+    x, vc, vu = (torch.randn(64, 4, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    check_against_ref(cfg_euler_step_triton, cfg_euler_step_ref, [x, vc, vu], names=["x", "v_cond", "v_uncond"],
+                      dt=torch.tensor(0.02, device="cuda"), guidance_scale=7.0)
