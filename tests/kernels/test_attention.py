@@ -16,7 +16,7 @@ from kernels.testing import assert_close_to_ref
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 # fp32: the kernel and the reference round differently (blocked online softmax vs one softmax, fp32 dots summed in
-# another order) over Tk <= 257 keys and D <= 256 lanes; measured worst error is ~5e-6, so 5e-5 leaves a 10x margin
+# another order) over Tk <= 257 keys and D <= 256 lanes; measured worst error is ~1e-5 (dv, Tq = 77 rows summed), so 5e-5 leaves a 5x margin
 # while still catching any real bug (a wrong mask or scale is O(1e-1)).
 TOL32 = dict(atol=5e-5, rtol=5e-5)
 
@@ -33,7 +33,7 @@ CASES = [
     (2, 1, 1, 77, 96, F16, False),
     (1, 1, 257, 257, 128, F32, False),
     (1, 1, 257, 7, 128, F16, True),
-    (2, 1, 7, 1, 1, F32, True),  # smallest head dim (padded to 16 lanes)
+    (2, 1, 7, 77, 1, F32, True),  # smallest head dim (padded to 16 lanes)
     (1, 1, 7, 77, 256, F32, False),  # largest head dim
 ]
 GPU_CASES = [
