@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 import kernels
-from crossflow.checkpoint import atomic_write
+from crossflow.checkpoint import atomic_write, load_state_dict_strict, read_safetensors
 from crossflow.config import CrossFlowConfig
 from crossflow.data import DATASETS, build_dataset, collate, stable_seed
 from crossflow.flow import crossflow_loss
@@ -154,7 +154,7 @@ def weights_hash(module: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -207,8 +207,8 @@ def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
 
 def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
-    for name, val in tensors.items():
-        _, pid, key = name.split("/", 2)
+    for name, val in tensors.items():  # "<pid>/<key>"
+        pid, key = name.split("/", 1)
         state.setdefault(int(pid), {})[key] = val
     for name, val in meta["scalars"].items():
         pid, key = name.split("/", 1)
@@ -223,8 +223,8 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True).contiguous()  # a copy: safetensors refuses shared storage
 
 
-def _config_dict(cfg: Any) -> dict[str, Any]:
-    return _jsonable(dataclasses.asdict(cfg))
+def _config_dict(cfg: CrossFlowConfig) -> dict[str, Any]:
+    return json.loads(cfg.to_json())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -279,28 +279,22 @@ class Trainer:
         return found[-1][1]
 
     def _load(self, path: Path) -> None:
-        from safetensors import safe_open
-
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors, meta = read_safetensors(path)
             if meta.get("format") != CKPT_FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {CKPT_FORMAT!r}")
             step = int(meta["step"])
             model_cfg, opt_meta, sched = (json.loads(meta[k]) for k in ("model_config", "optimizer", "scheduler"))
-        except Exception as e:  # truncated/corrupted file, foreign file, missing metadata
-            raise RuntimeError(f"cannot resume: training checkpoint {path} is unreadable or corrupted ({e}). "
-                               "Nothing was changed; delete that file to resume from an older checkpoint, "
-                               "or start a new --out.") from e
+        except (ValueError, KeyError) as e:  # truncated/corrupted file, a foreign file, missing metadata
+            raise ValueError(f"cannot resume: training checkpoint {path} is unreadable or corrupted ({e}). Nothing was "
+                             "changed; delete that file to resume from an older checkpoint, or use a new --out.") from None
         if model_cfg != _config_dict(self.cfg):
-            raise ValueError(f"cannot resume from {path}: it was trained with a different model config "
+            raise ValueError(f"cannot resume from {path}: it was trained with another model config "
                              f"(checkpoint {model_cfg}, now {_config_dict(self.cfg)})")
         pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
-        self.model.load_state_dict(pick("model/"))
-        self.ema.load_state_dict(pick("ema/"))
-        self.opt.load_state_dict(_optimizer_from_flat({k: v for k, v in tensors.items() if k.startswith("optim/")},
-                                                       opt_meta))
+        load_state_dict_strict(self.model, pick("model/"), f"{path} (model)")
+        load_state_dict_strict(self.ema, pick("ema/"), f"{path} (ema)")
+        self.opt.load_state_dict(_optimizer_from_flat(pick("optim/"), opt_meta))
         self.sched.load_state_dict(sched)
         self.step = step
         if self.dist.main:

@@ -1,0 +1,190 @@
+"""Turn pytest-benchmark JSON files from `benchmarks/` into a markdown report and PNG plots.
+
+  python -m benchmarks.report benchmarks/results/<file>.json [more.json ...] [--out DIR]
+
+Writes DIR/report.md (default: benchmarks/results/report/) and one PNG per (op, mode, dtype) and per sampler preset.
+Every number comes from the `extra_info` the suites recorded; each section's caption names its source JSON file.
+Kernel rows: p50 (p20–p80) ms, GB/s or TFLOP/s, fraction of the limit measured in that run, and speed-up versus the
+best baseline of the same case (fastest non-`triton` provider). Sampler rows: images/s, latency, speed-up versus
+`official_eager`, MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "report"
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:,.0f}"
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+
+
+def _plot_bars(path: Path, title: str, groups: list[str], series: dict[str, list[float | None]], ylabel: str,
+               limit: float | None = None) -> str:
+    """Grouped bars; returns the markdown image line ("" without matplotlib: the tables do not need it)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return ""
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(series)) / 3), 4))
+    width = 0.8 / max(1, len(series))
+    for i, (name, vals) in enumerate(series.items()):
+        xs = [g + i * width for g in range(len(groups))]
+        ax.bar(xs, [v or 0.0 for v in vals], width, label=name)
+    if limit:
+        ax.axhline(limit, color="k", linestyle="--", linewidth=1, label="measured limit")
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, rotation=20)
+    ax.set(title=title, ylabel=ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"![{title}]({path.name})"
+
+
+def _kernel_section(src: str, stem: str, cases: list[dict], out: Path) -> list[str]:
+    lines: list[str] = []
+    by_op: dict[str, list[dict]] = defaultdict(list)
+    for e in cases:
+        by_op[e["op"]].append(e)
+    for op, rows in by_op.items():
+        groups: dict[tuple, list[dict]] = defaultdict(list)
+        for e in rows:
+            groups[(e["shape_id"], e["dtype"], e["mode"])].append(e)
+        table = []
+        for key in sorted(groups):
+            base = [e for e in groups[key] if e["provider"] != "triton"]
+            best = min(base, key=lambda e: e["ms_p50"]) if base else None
+            for e in sorted(groups[key], key=lambda e: e["provider"]):
+                rate = e.get("gbps", e.get("tflops"))
+                table.append([
+                    f"{key[0]} {tuple(e['shape'])}", key[1], key[2], e["provider"], e["ms_p50"],
+                    f"{_fmt(e['ms_p20'])}–{_fmt(e['ms_p80'])}", rate, e.get("frac_of_limit"),
+                    f"{_fmt(best['ms_p50'] / e['ms_p50'])}×" if best else "–",
+                    best["provider"] if best and e["provider"] == "triton" else "",
+                ])
+        unit = "GB/s" if "gbps" in rows[0] else "TFLOP/s"
+        lines += [f"### {op}", "", f"Source: `{src}`; timer: {rows[0].get('timer')}; {unit} per the formulas in "
+                  "`bench_kernels.py`; fraction of the limit measured in the same run.", ""]
+        lines += _table(["shape", "dtype", "mode", "provider", "p50 ms", "p20–p80 ms", unit, "frac of limit",
+                         "vs best baseline", "best baseline"], table)
+        lines.append("")
+        for (mode, dtype) in sorted({(e["mode"], e["dtype"]) for e in rows}):
+            sel = [e for e in rows if e["mode"] == mode and e["dtype"] == dtype]
+            shapes = sorted({e["shape_id"] for e in sel})
+            provs = sorted({e["provider"] for e in sel})
+            val = {(e["shape_id"], e["provider"]): e.get("gbps", e.get("tflops")) for e in sel}
+            png = out / f"{stem}_{op}_{mode}_{dtype}.png"
+            lines += [_plot_bars(png, f"{op} {mode} {dtype} ({src})", shapes,
+                                 {p: [val.get((s, p)) for s in shapes] for p in provs}, unit, sel[0].get("limit")), ""]
+    return lines
+
+
+def _sampler_section(src: str, stem: str, cases: list[dict], out: Path) -> list[str]:
+    ref = {(e["preset"], e["batch"]): e["latency_s"] for e in cases if e["provider"] == "official_eager"}
+    rows = []
+    for e in sorted(cases, key=lambda e: (e["preset"], e["batch"], e["provider"])):
+        base = ref.get((e["preset"], e["batch"]))
+        rows.append([e["preset"], e["batch"], e["steps"], e["provider"], e["backend"], e["images_per_s"],
+                     e["latency_s"], e["s_per_image"], f"{_fmt(base / e['latency_s'])}×" if base else "–",
+                     e.get("mfu"), e.get("warmup_s"), e.get("peak_mem_gb")])
+    lines = ["### Sampler", "", f"Source: `{src}`; guidance {cases[0]['guidance_scale']}, {cases[0]['dtype']}, "
+             "random weights; latency = one sampler call for the whole batch; MFU against the matmul TFLOP/s "
+             "(bf16 on a GPU) measured in the same run.", ""]
+    lines += _table(["preset", "batch", "steps", "provider", "backend", "images/s", "latency s", "s/image",
+                     "vs official_eager", "MFU", "warm-up s", "peak GB"], rows)
+    lines.append("")
+    for preset in sorted({e["preset"] for e in cases}):
+        sel = [e for e in cases if e["preset"] == preset]
+        batches = sorted({e["batch"] for e in sel})
+        val = {(e["batch"], e["provider"]): e["images_per_s"] for e in sel}
+        provs = sorted({e["provider"] for e in sel})
+        png = out / f"{stem}_sampler_{re.sub(r'[^A-Za-z0-9]+', '-', preset)}.png"
+        lines += [_plot_bars(png, f"sampler {preset} ({src})", [f"B={b}" for b in batches],
+                             {p: [val.get((b, p)) for b in batches] for p in provs}, "images/s"), ""]
+    return lines
+
+
+def _file_section(path: Path, out: Path) -> list[str]:
+    data = json.loads(path.read_text())
+    meta = data.get("crossflow_bench", {})
+    src, stem = path.name, path.stem
+    infos = [b["extra_info"] for b in data.get("benchmarks", []) if b.get("extra_info")]
+    dev = next((e for e in infos if e.get("device_name")), meta)
+    commit = data.get("commit_info") or {}
+    lines = [f"## {src}", "", f"Device: {dev.get('device_name', '?')}; torch {dev.get('torch', '?')}; "
+             f"triton {dev.get('triton', '?')}; run {data.get('datetime', '?')}; commit "
+             f"{str(commit.get('id') or '?')[:12]} (dirty: {commit.get('dirty', '?')}).", ""]
+    if meta.get("tiny") or any(e.get("tiny") for e in infos):
+        lines += ["**CPU/tiny smoke run: these numbers check the benchmark code; they are not performance results.**",
+                  ""]
+    limits = [e for e in infos if e.get("kind") == "device_limits"]
+    if limits:
+        e = limits[0]
+        lines += ["### Device limits", "", f"Source: `{src}`.", ""]
+        lines += _table(["copy GB/s", "matmul TFLOP/s", "dtype", "matmul shape", "timer", "note"],
+                        [[e["copy_gbps"], e["matmul_tflops"], e["dtype"], "×".join(map(str, e["matmul_shape"])),
+                          e["timer"], e.get("note") or ""]]) + [""]
+    kernels = [e for e in infos if e.get("kind") == "kernel"]
+    if kernels:
+        lines += _kernel_section(src, stem, kernels, out)
+    samplers = [e for e in infos if e.get("kind") == "sampler"]
+    if samplers:
+        lines += _sampler_section(src, stem, samplers, out)
+    skipped = meta.get("skipped", [])
+    if skipped:
+        reasons: dict[str, list[str]] = defaultdict(list)
+        for s in skipped:
+            reasons[s["reason"]].append(s["case"].split("::")[-1])
+        lines += ["### Skipped cases", "", f"Source: `{src}`.", ""]
+        lines += _table(["reason", "cases", "example"], [[r, len(c), c[0]] for r, c in sorted(reasons.items())])
+        lines.append("")
+    return lines
+
+
+def write_report(paths: list[str | Path], out: str | Path = DEFAULT_OUT) -> Path:
+    """Render every JSON into one markdown file (sections in the given order) plus PNGs; returns the .md path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Benchmark report", "", "Generated by `python -m benchmarks.report` from: "
+             + ", ".join(f"`{Path(p).name}`" for p in paths) + ".", ""]
+    for p in paths:
+        lines += _file_section(Path(p), out)
+    md = out / "report.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Markdown tables + PNG plots from benchmark JSON files.")
+    p.add_argument("json", nargs="+", help="pytest-benchmark JSON files written by `pytest benchmarks ...`")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (report.md + PNGs)")
+    p.add_argument("--print", action="store_true", help="also print the markdown")
+    args = p.parse_args(argv)
+    md = write_report(args.json, args.out)
+    if args.print:
+        print(md.read_text())
+    print(f"wrote {md}")
+
+
+if __name__ == "__main__":
+    main()

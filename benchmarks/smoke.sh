@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Smoke test of the benchmark code (CPU is fine): every suite body once on tiny shapes (automatic without CUDA; forced
+# here with --bench-tiny), the markdown report + plots rendered from the JSON that run wrote, and the profiling script
+# (torch.profiler fallback without nsys). Outputs go to a temporary directory (or $1), never to benchmarks/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-$(mktemp -d "${TMPDIR:-/tmp}/crossflow-bench-smoke.XXXXXX")}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+"$PY" -m pytest benchmarks -q -p no:cacheprovider --bench-tiny --benchmark-columns=median,rounds \
+  --benchmark-json="$OUT/smoke.json" --bench-report="$OUT/report"
+test -s "$OUT/report/report.md"
+bash benchmarks/profile_nsys.sh --out-dir "$OUT/profile" --preset tiny --batch 1 --steps 2
+echo "benchmark smoke OK: $OUT"

