@@ -28,10 +28,11 @@ if command -v nsys >/dev/null 2>&1; then
   REP="$OUT_DIR/sampler"
   "${MODE[@]}" nsys profile -t cuda,nvtx --capture-range=cudaProfilerApi --capture-range-end=stop \
     --force-overwrite=true -o "$REP" "$PY" -m benchmarks.profile_sampler --cuda-profiler-range "${EXTRA[@]}" "$@"
+  # `|| true`: head closing the pipe early must not fail the script under pipefail.
   echo "== top kernels by GPU time =="
-  nsys stats --report cuda_gpu_kern_sum --format table "$REP.nsys-rep" | head -n 40
+  nsys stats --force-export=true --report cuda_gpu_kern_sum --format table "$REP.nsys-rep" | head -n 40 || true
   echo "== NVTX ranges =="
-  nsys stats --report nvtx_sum --format table "$REP.nsys-rep" | head -n 40
+  nsys stats --force-export=true --report nvtx_sum --format table "$REP.nsys-rep" | head -n 40 || true
   echo "report: $REP.nsys-rep"
 else
   echo "nsys not found on PATH: falling back to torch.profiler (Chrome trace, KERNELS_NVTX=torch ranges)"

@@ -13,9 +13,8 @@ old file or the new one, never a torn one, and the temporary file is removed.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -51,8 +50,9 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> No
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 lets the umask decide the final mode, as a plain open() would (mkstemp forces 0o600).
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write_fn(tmp)
         with open(tmp, "rb+") as f:  # flush the data to disk before the rename makes it visible
@@ -105,7 +105,7 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict
     try:
         with safe_open(str(path), framework="pt", device=device) as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for a bad header or short file
         raise ValueError(f"{path}: corrupted or truncated safetensors file ({type(e).__name__}: {e})") from None
     return tensors, meta
@@ -152,7 +152,7 @@ def load_pretrained(directory: str | os.PathLike, map_location: str | torch.devi
             diff = {k: (v, getattr(cfg, k)) for k, v in stored.to_dict().items() if getattr(cfg, k) != v}
             raise ValueError(f"{directory}: {CONFIG_NAME} disagrees with the config stored in {WEIGHTS_NAME} "
                              f"(field: (weights, config.json)) {diff}; an interrupted save or a hand edit?")
-    model = CrossFlow(cfg)
+    model = CrossFlow.empty(cfg)  # no random init: the strict load below overwrites every parameter
     load_state_dict_strict(model, tensors, str(weights))
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) == 1:  # keep a half-precision checkpoint in its dtype (construction made the model fp32)

@@ -23,6 +23,7 @@ Pickles are read only with `torch.load(..., weights_only=True)`: tensors and pla
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,8 +38,6 @@ if TYPE_CHECKING:
 
 STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP / accelerate wrappers, torch.compile
 DROPPED_PREFIXES = ("open_clip.", "open_clip_output.")
-# Ours but not in the official file: a converted model keeps their init (they matter only for training).
-OPTIONAL_KEYS_PREFIXES = ("image_encoder.", "logit_scale")
 NESTED_KEYS = ("state_dict", "model", "nnet_ema", "nnet", "ema")
 
 
@@ -150,7 +149,7 @@ def load_official_checkpoint(
     """Build a `CrossFlow(cfg)` from an official `.pth` (or a training `<step>.ckpt` directory: `nnet_ema.pth`,
     else `nnet.pth`). The file is read with `torch.load(weights_only=True)` only."""
     from crossflow.checkpoint import load_state_dict_strict
-    from crossflow.model import CrossFlow
+    from crossflow.model import CrossFlow, build_image_encoder
 
     path = Path(path)
     if path.is_dir():
@@ -167,10 +166,9 @@ def load_official_checkpoint(
         raise ValueError(f"{path}: cannot be read as a tensors-only checkpoint (weights_only=True; arbitrary "
                          f"pickled objects are refused): {type(e).__name__}: {e}") from None
     state = convert_official_state_dict(_unwrap(obj, path), cfg)
-    model = CrossFlow(cfg)
-    own = model.state_dict()
-    for k, v in own.items():  # training-only parts absent from the official file keep their init
-        if k not in state and k.startswith(OPTIONAL_KEYS_PREFIXES):
-            state[k] = v
+    # Training-only parts absent from the official file get a fresh init; everything else is overwritten.
+    state.update({f"image_encoder.{k}": v for k, v in build_image_encoder(cfg).state_dict().items()})
+    state.setdefault("logit_scale", torch.tensor(math.log(1 / 0.07)))
+    model = CrossFlow.empty(cfg)
     load_state_dict_strict(model, state, f"converted {path}")
     return model.to(map_location)

@@ -82,7 +82,7 @@ def contrastive_loss(z0: torch.Tensor, img_feat: torch.Tensor, logit_scale: torc
     txt = F.normalize(z0.flatten(1).float(), dim=-1)
     img = F.normalize(img_feat.flatten(1).float(), dim=-1)
     if txt.shape != img.shape:
-        raise ValueError(f"contrastive_loss: z0 flattens to {tuple(txt.shape)} but image features are {tuple(img.shape)}")
+        raise ValueError(f"contrastive_loss: z0 flattens to {tuple(txt.shape)}, image features are {tuple(img.shape)}")
     logits = logit_scale * img @ txt.T  # (B, B) image -> text
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))

@@ -1,4 +1,4 @@
-"""The CrossFlow model: Text VE (text -> source latent z0), flow transformer (velocity field), contrastive image encoder.
+"""The CrossFlow model: Text VE (text -> source latent z0), flow transformer (velocity), contrastive image encoder.
 
 `FlowTransformer` is the official DiT variant (`libs/model/dit_t2i.py`): patch embedding, fixed 2-D sin-cos positions,
 raw-t sinusoidal timestep embedding plus a 2-class cond/uncond indicator embedding, adaLN-Zero blocks, final adaLN
@@ -53,14 +53,21 @@ class FlowTransformer(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(NUM_INDICATOR_CLASSES, D)
         # Fixed, recomputed on construction: a buffer that is neither trained nor saved.
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(D, cfg.grid_size)[None], persistent=False)  # (1, T, D)
+        self.register_buffer("pos_embed", torch.empty(1, cfg.num_tokens, D), persistent=False)  # (1, T, D)
+        self.init_buffers()
         self.blocks = nn.ModuleList(
             [DiTBlock(D, cfg.num_heads, cfg.mlp_hidden, cfg.norm, NORM_EPS) for _ in range(cfg.depth)]
         )
-        # Block i's (shift, scale, gate)_msa, (shift, scale, gate)_mlp at rows [6i, 6i+6) * D, final (shift, scale) last.
+        # Block i's (shift, scale, gate)_msa, (shift, scale, gate)_mlp: rows [6i, 6i+6) * D; final (shift, scale) last.
         self.adaLN_modulation = nn.Linear(D, (6 * cfg.depth + 2) * D)
         self.final_layer = FinalLayer(D, p, C)
         self.initialize_weights()
+
+    def init_buffers(self) -> None:
+        """(Re)compute the non-persistent buffers, e.g. after `to_empty()` on a model built on the meta device."""
+        pos = sincos_pos_embed_2d(self.config.hidden_size, self.config.grid_size, device=self.pos_embed.device)
+        with torch.no_grad():
+            self.pos_embed.copy_(pos[None])
 
     def initialize_weights(self) -> None:
         """DiT's init: xavier Linear / zero bias, patch embed as a Linear, N(0, 0.02) embeddings, zeroed adaLN and
@@ -124,6 +131,13 @@ class FlowTransformer(nn.Module):
         return self.unpatchify(self.final_layer(h))  # (B, C, H, W)
 
 
+def build_image_encoder(cfg: CrossFlowConfig) -> ImageEncoder:
+    """The contrastive image encoder of `cfg`: target latent (B, C, H, W) -> (B, latent_numel)."""
+    return ImageEncoder(
+        cfg.latent_channels, cfg.latent_size, cfg.image_encoder_width, cfg.image_feature_dim, cfg.latent_numel
+    )
+
+
 class CrossFlow(nn.Module):
     """The whole trainable model: `text_ve`, `flow`, `image_encoder` and the contrastive `logit_scale`.
 
@@ -137,10 +151,18 @@ class CrossFlow(nn.Module):
         self.config = cfg
         self.text_ve = TextVE(cfg)
         self.flow = FlowTransformer(cfg)
-        self.image_encoder = ImageEncoder(
-            cfg.latent_channels, cfg.latent_size, cfg.image_encoder_width, cfg.image_feature_dim, cfg.latent_numel
-        )
+        self.image_encoder = build_image_encoder(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    @classmethod
+    def empty(cls, cfg: CrossFlowConfig) -> "CrossFlow":
+        """A CPU model with UNINITIALISED parameters (skips the random init, which is slow at 1B parameters) and
+        correct buffers: for loaders that overwrite every parameter next."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device="cpu")
+        model.flow.init_buffers()
+        return model
 
     def encode_text(
         self, emb: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None

@@ -33,8 +33,8 @@ def to_pil(images: torch.Tensor) -> list:
     u8 = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     u8 = u8.permute(0, 2, 3, 1).numpy()  # (B, H, W, C)
     if images.shape[1] == 1:
-        return [Image.fromarray(a[..., 0], mode="L") for a in u8]
-    return [Image.fromarray(a, mode="RGB") for a in u8]
+        u8 = u8[..., 0]  # (B, H, W): uint8 2-D arrays become mode "L", (H, W, 3) ones "RGB"
+    return [Image.fromarray(a) for a in u8]
 
 
 class CrossFlowPipeline:
@@ -56,10 +56,11 @@ class CrossFlowPipeline:
         return _model_device(self.model)
 
     def to(self, device: torch.device | str) -> "CrossFlowPipeline":
-        """Move the model and the autoencoder (when it is a module) to `device`; returns self."""
+        """Move the model, and the text encoder and autoencoder when they are modules, to `device`; returns self."""
         self.model.to(device)
-        if isinstance(self.autoencoder, torch.nn.Module):
-            self.autoencoder.to(device)
+        for part in (self.text_encoder, self.autoencoder):
+            if isinstance(part, torch.nn.Module):
+                part.to(device)
         return self
 
     @classmethod
@@ -73,7 +74,7 @@ class CrossFlowPipeline:
 
         model = CrossFlow.from_pretrained(directory).eval()
         cfg = model.config
-        pipe = cls(TextEncoder(cfg.text_encoder, max_length=cfg.text_len), model, build_autoencoder(cfg), sampler)
+        pipe = cls(TextEncoder.from_config(cfg), model, build_autoencoder(cfg), sampler)
         return pipe.to(device) if device is not None else pipe
 
     # ----- stages -----

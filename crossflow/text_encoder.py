@@ -88,7 +88,8 @@ class TextEncoder(nn.Module):
         """The encoder named by `cfg.text_encoder`, padding to `cfg.text_len`; its width must equal `cfg.text_dim`."""
         enc = cls(cfg.text_encoder, max_length=cfg.text_len, device=device, dtype=dtype)
         if enc.dim != cfg.text_dim:
-            raise ValueError(f"text encoder {cfg.text_encoder!r} has width {enc.dim}, config text_dim is {cfg.text_dim}")
+            raise ValueError(
+                f"text encoder {cfg.text_encoder!r} has width {enc.dim}, config text_dim is {cfg.text_dim}")
         return enc
 
     @property
@@ -111,7 +112,8 @@ class TextEncoder(nn.Module):
             raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
         bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
         if bad:
-            raise ValueError(f"prompts must all be str; entries {bad[:10]} are {[type(prompts[i]).__name__ for i in bad[:10]]}")
+            kinds = [type(prompts[i]).__name__ for i in bad[:10]]
+            raise ValueError(f"prompts must all be str; entries {bad[:10]} are {kinds}")
         prompts = list(prompts)
         lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
         n_long = sum(n > self.max_length for n in lengths)

@@ -250,7 +250,8 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.opt = torch.optim.AdamW(param_groups(self.model, tc.weight_decay), lr=tc.lr, betas=tc.betas)
         warmup = tc.warmup_steps
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)  # linear warm-up, then constant
         self.step = 0
         if resume_from is not None:
             self._load(resume_from)
@@ -284,10 +285,12 @@ class Trainer:
             if meta.get("format") != CKPT_FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {CKPT_FORMAT!r}")
             step = int(meta["step"])
-            model_cfg, opt_meta, sched = (json.loads(meta[k]) for k in ("model_config", "optimizer", "scheduler"))
+            model_cfg, opt_meta, sched, prev_tc = (
+                json.loads(meta[k]) for k in ("model_config", "optimizer", "scheduler", "train_config"))
         except (ValueError, KeyError) as e:  # truncated/corrupted file, a foreign file, missing metadata
-            raise ValueError(f"cannot resume: training checkpoint {path} is unreadable or corrupted ({e}). Nothing was "
-                             "changed; delete that file to resume from an older checkpoint, or use a new --out.") from None
+            raise ValueError(f"cannot resume: training checkpoint {path} is unreadable or corrupted ({e}). Nothing "
+                             "was changed; delete that file to resume from an older checkpoint, or use a new --out."
+                             ) from None
         if model_cfg != _config_dict(self.cfg):
             raise ValueError(f"cannot resume from {path}: it was trained with another model config "
                              f"(checkpoint {model_cfg}, now {_config_dict(self.cfg)})")
@@ -297,6 +300,13 @@ class Trainer:
         self.opt.load_state_dict(_optimizer_from_flat(pick("optim/"), opt_meta))
         self.sched.load_state_dict(sched)
         self.step = step
+        # These change the data stream: the run continues, but no longer replays the uninterrupted one.
+        now = {**_jsonable(dataclasses.asdict(self.tc)), "world_size": self.dist.world}
+        prev_tc["world_size"] = int(meta.get("world_size", 1))
+        changed = {k: (prev_tc.get(k), now[k]) for k in ("seed", "batch_size", "data", "data_size", "world_size")
+                   if prev_tc.get(k) != now[k]}
+        if changed and self.dist.main:
+            print(f"[train] warning: resuming with changed {changed} (checkpoint, now)", file=sys.stderr)
         if self.dist.main:
             self._truncate_log(step)
             print(f"[train] resumed from {path} at step {step}", file=sys.stderr)
@@ -306,8 +316,14 @@ class Trainer:
         log = self.out / "log.jsonl"
         if not log.exists():
             return
-        lines = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        atomic_write(log, lambda p: Path(p).write_text("".join(ln + "\n" for ln in lines)))
+        keep = []
+        for ln in log.read_text().splitlines():
+            try:
+                if json.loads(ln).get("step", 0) <= step:
+                    keep.append(ln)
+            except (ValueError, AttributeError):  # a line torn by the crash
+                continue
+        atomic_write(log, lambda p: Path(p).write_text("".join(ln + "\n" for ln in keep)))
 
     # ----- one step -----
 
@@ -322,7 +338,9 @@ class Trainer:
         g = torch.Generator().manual_seed(stable_seed("train-step", tc.seed, step, d.rank))
         torch.manual_seed(stable_seed("train-global", tc.seed, step, d.rank))  # dropout and any unseeded draw
         idx = torch.randint(len(self.data), (tc.batch_size,), generator=g)
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in collate([self.data[i] for i in idx.tolist()]).items()}
+        get_batch = getattr(self.data, "get_batch", None)  # optional vectorised path of a dataset
+        batch = get_batch(idx) if get_batch is not None else collate([self.data[i] for i in idx.tolist()])
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with self._autocast():
             loss, parts = self.loss_fn(batch["text_emb"], batch["text_mask"], batch["latent"], g)
         self.opt.zero_grad(set_to_none=True)
@@ -412,7 +430,8 @@ class Trainer:
     def _dump_hash(self, target: str) -> None:
         path = target.replace("{rank}", str(self.dist.rank)) if "{rank}" in target else f"{target}.rank{self.dist.rank}"
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        rec = {"rank": self.dist.rank, "step": self.step, "model": weights_hash(self.model), "ema": weights_hash(self.ema)}
+        rec = {"rank": self.dist.rank, "step": self.step, "model": weights_hash(self.model),
+               "ema": weights_hash(self.ema)}
         Path(path).write_text(json.dumps(rec) + "\n")
 
 

@@ -20,6 +20,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from kernels._nvtx import nvtx_range
+
 BACKENDS = ("auto", "torch", "triton")
 
 # Captured at import: the interpreter is chosen per kernel when `@triton.jit` runs, which happens when the op modules
@@ -73,8 +75,14 @@ def _first_tensor(args, kwargs) -> torch.Tensor | None:
 def op(name: str, ref: Callable, triton_impl: Callable, doc: str | None = None) -> Callable:
     """Build the public dispatching function for one op; it carries `.ref` and `.triton` twins."""
 
+    range_name = f"kernels/{name}"
+
     # The twins are looked up on the function at call time, so a test (or a user) can swap one in place.
     def call(*args, **kwargs):
+        with nvtx_range(range_name):
+            return _dispatch(*args, **kwargs)
+
+    def _dispatch(*args, **kwargs):
         backend = get_backend()
         if backend == "torch":
             return call.ref(*args, **kwargs)

@@ -116,14 +116,15 @@ def _keys_ok(MASK_ROW, cols, TK, stride_mt, HAS_MASK: tl.constexpr):
 def _prune(kind: str):
     """Drop configs whose tiles would not fit a Hopper SM (~227 KB smem, 255 regs/thread) at this head dim / dtype.
 
-    Register estimate per thread: fp32 accumulators + live fp32 score tiles + resident operand tiles. A cap of 200
-    separates the configs that compile spill-free or nearly so for sm_90 from those that spill 0.6-1 KB (ptxas -v).
+    The register rules are fitted to `ptxas -v` on sm_90: they keep the configs that compile spill-free (or spill a few
+    bytes) and drop those that spill 0.5-30 KB.
     """
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         bd = args["BLOCK_D"]
-        elt = 4 if args["DOT_PRECISION"] == "ieee" else 2  # "ieee" is used exactly for fp32 inputs
+        fp32 = args["DOT_PRECISION"] == "ieee"  # "ieee" is used exactly for fp32 inputs
+        elt = 4 if fp32 else 2
         kept = []
         for c in configs:
             bm, bn, st, threads = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, 32 * c.num_warps
@@ -133,7 +134,11 @@ def _prune(kind: str):
                 smem, regs = 2 * bn * bd * elt + st * 2 * bm * bd * elt, 2 * bn * bd + 2 * bn * bm + bn * bd * elt // 2
             else:  # dq: resident Q, dO; pipelined K, V; dQ accumulator and the P/dS tiles
                 smem, regs = 2 * bm * bd * elt + st * 2 * bn * bd * elt, bm * bd + 2 * bm * bn + bm * bd * elt // 2
-            if smem <= 192 * 1024 and regs <= 200 * threads:
+            if fp32:  # IEEE fp32 dots run on the FMA units: spills follow the dot work per thread instead
+                fits = bm * bn * bd <= (1024 if kind == "fwd" else 512) * threads
+            else:
+                fits = regs <= 200 * threads
+            if smem <= 192 * 1024 and fits:
                 kept.append(c)
         # Never prune to nothing: fall back to the config with the smallest tiles (the last one, by construction).
         return kept or [configs[-1]]
@@ -148,19 +153,19 @@ def _configs(tiles) -> list[triton.Config]:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry is the one the interpreter runs (one config only), so it
-# is small; the last is the smallest-footprint fallback. BLOCK_M tiles queries, BLOCK_N keys. The 8-warp entries with
-# small tiles exist for D = 129..256, where 4 warps cannot hold the accumulators.
+# is small; the last is the smallest-footprint fallback. BLOCK_M tiles queries, BLOCK_N keys. The small 8-warp entries
+# serve D = 129..256 and the fp32 path, where 4 warps cannot hold the tiles.
 _FWD_CONFIGS = _configs([
     (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 32, 4, 2), (64, 32, 8, 2),
-    (32, 32, 4, 1),
+    (32, 32, 4, 1), (32, 16, 8, 1),
 ])
 _DKDV_CONFIGS = _configs([
     (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 8, 2), (32, 32, 8, 2),
-    (16, 32, 4, 1),
+    (16, 32, 4, 1), (16, 32, 8, 1),
 ])
 _DQ_CONFIGS = _configs([
     (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 16, 4, 2), (64, 16, 8, 2),
-    (32, 16, 4, 1),
+    (32, 16, 4, 1), (32, 16, 8, 1),
 ])
 # Tuned per (length buckets, head dim, mask); the autotuner appends the tensor dtypes to the key itself.
 _FWD_KEY = ["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "HAS_MASK"]

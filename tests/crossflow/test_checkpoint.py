@@ -40,7 +40,7 @@ def _outputs(m):
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(2, TINY.text_len, TINY.text_dim, generator=g)
     mask = torch.ones(2, TINY.text_len, dtype=torch.bool)
-    z0, mu, _ = m.encode_text(emb, mask, generator=torch.Generator().manual_seed(1))
+    z0, _, _ = m.encode_text(emb, mask, generator=torch.Generator().manual_seed(1))
     return z0, m.velocity(z0, torch.tensor([0.2, 0.7]), torch.tensor([0, 1])), m.image_encoder(z0)
 
 
@@ -53,7 +53,7 @@ def test_round_trip_gives_equal_outputs(tmp_path):
     assert m2.config == TINY
     for k, v in m.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k]), k
-    for a, b in zip(_outputs(m), _outputs(m2)):
+    for a, b in zip(_outputs(m), _outputs(m2), strict=True):
         assert torch.equal(a, b)
 
 
@@ -92,7 +92,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
         save_pretrained(_model(1), tmp_path)
     assert _digest(tmp_path) == before  # same files, same bytes, no temp file left
     monkeypatch.undo()
-    for a, b in zip(_outputs(_model(0)), _outputs(load_pretrained(tmp_path).eval())):
+    for a, b in zip(_outputs(_model(0)), _outputs(load_pretrained(tmp_path).eval()), strict=True):
         assert torch.equal(a, b)
 
 

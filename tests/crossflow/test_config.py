@@ -1,4 +1,6 @@
-"""CrossFlowConfig: presets, validation, serialisation, and parameter counts against the papers (crossflow.md §1.2, §7)."""
+"""CrossFlowConfig: presets, validation, serialisation, parameter counts vs the papers (crossflow.md §1.2, §7)."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -67,7 +69,7 @@ def test_replace_validates_and_rejects_unknown_fields():
 
 def test_frozen():
     cfg = CrossFlowConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.depth = 3  # type: ignore[misc]
 
 

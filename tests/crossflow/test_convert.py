@@ -160,7 +160,7 @@ def reference_ve(sd, cfg, emb, mask):
         return sd[f"{P}{name}.g"] * (z - mean) / (std + 1e-5) + sd[f"{P}{name}.b"]
 
     def mha(z, name):
-        B, L, d = z.shape
+        B, d = z.shape[0], z.shape[-1]
         heads, dk = cfg.ve_heads, d // cfg.ve_heads
         q, k, v = (lin(z, f"{name}.{w}").view(B, -1, heads, dk).transpose(1, 2) for w in ("W_Q", "W_K", "W_V"))
         s = (q @ k.transpose(-2, -1) / math.sqrt(dk)).masked_fill(mask[:, None, None, :] == 0, -1e9)

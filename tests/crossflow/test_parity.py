@@ -43,7 +43,7 @@ def _run(module, backend, make_out, device):
 def _compare(module, make_out, device):
     ref_out, ref_grads = _run(module, "torch", make_out, device)
     out, grads = _run(module, "triton", make_out, device)
-    for i, (o, r) in enumerate(zip(out, ref_out)):
+    for i, (o, r) in enumerate(zip(out, ref_out, strict=True)):
         assert_close_to_ref(o, r, name=f"output[{i}]", atol=ATOL, rtol=RTOL)
     assert set(grads) == set(ref_grads)
     for n in ref_grads:

@@ -30,7 +30,7 @@ def test_minilm_offline_embeddings_and_mask(encoder):
     assert mask.shape == (3, L) and mask.dtype == torch.bool
     lengths = mask.sum(1).tolist()
     assert lengths == [6, 3, 2]  # [CLS] a hand ##written seven [SEP] / [CLS] zero [SEP] / [CLS] [SEP]
-    assert all(bool(m[:n].all()) and not bool(m[n:].any()) for m, n in zip(mask, lengths))  # right padding
+    assert all(bool(m[:n].all()) and not bool(m[n:].any()) for m, n in zip(mask, lengths, strict=True))  # right padding
     emb2, _ = encoder(["zero"])
     torch.testing.assert_close(emb2[0], emb[1])  # batch-independent and deterministic (eval mode, no dropout)
 

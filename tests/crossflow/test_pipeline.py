@@ -1,0 +1,74 @@
+"""CrossFlowPipeline: prompts -> PIL images with the real MiniLM text encoder (bundled, offline) and a tiny model.
+
+`tiny` has text_dim 32; here it is re-sized to MiniLM's 384-d tokens and a 1-channel pixel-space latent, so the
+identity autoencoder's output is a grayscale image. Default kernel backend; 2 sampling steps keep the interpreter
+cheap."""
+
+import pytest
+import torch
+
+from crossflow.autoencoder import build_autoencoder
+from crossflow.config import CrossFlowConfig
+from crossflow.model import CrossFlow
+from crossflow.pipeline import CrossFlowPipeline, to_pil
+from crossflow.sampling import EulerSampler
+from crossflow.text_encoder import TextEncoder
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    cfg = CrossFlowConfig.from_name("tiny").replace(text_dim=384, latent_channels=1)
+    model = CrossFlow(cfg).eval()
+    with torch.no_grad():  # adaLN-Zero makes a fresh flow output exactly 0; give it a non-trivial field
+        for p in model.flow.final_layer.parameters():
+            p.normal_(0, 0.02)
+    return CrossFlowPipeline(TextEncoder.from_config(cfg), model, build_autoencoder(cfg), EulerSampler(steps=2))
+
+
+def test_prompts_to_pil_images(pipe):
+    images = pipe(["a handwritten seven", "zero"], num_images_per_prompt=2, seed=0)
+    assert len(images) == 4
+    assert all(im.mode == "L" and im.size == (8, 8) for im in images)
+    again = pipe(["a handwritten seven", "zero"], num_images_per_prompt=2, seed=0)
+    assert [im.tobytes() for im in images] == [im.tobytes() for im in again]  # the seed fixes the VE noise
+
+
+def test_output_types_and_seeding(pipe):
+    z = pipe("one", num_images_per_prompt=3, seed=1, output_type="latent")
+    assert z.shape == (3, 1, 8, 8)
+    assert not torch.equal(z[0], z[1])  # each image of a prompt gets its own VE noise
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(z, pipe("one", num_images_per_prompt=3, generator=g, output_type="latent"))
+    pt = pipe("one", num_images_per_prompt=3, seed=1, output_type="pt")
+    assert pt.shape == (3, 1, 8, 8) and pt.min() >= 0 and pt.max() <= 1
+    torch.testing.assert_close(pt, (z.clamp(-1, 1) + 1) / 2)
+    z0 = pipe.encode_prompts("one", 3, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(z, EulerSampler(steps=2)(pipe.model, z0))
+
+
+def test_from_pretrained_round_trip(pipe, tmp_path):
+    pipe.model.save_pretrained(tmp_path)
+    loaded = CrossFlowPipeline.from_pretrained(tmp_path, sampler=EulerSampler(steps=2))
+    a = pipe("seven", seed=3, output_type="latent")
+    assert torch.equal(a, loaded("seven", seed=3, output_type="latent"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompts=[]), "prompts"),
+    (dict(prompts=["ok", 3]), "prompts"),
+    (dict(prompts="x", output_type="np"), "output_type"),
+    (dict(prompts="x", seed=0, generator=torch.Generator()), "seed or generator"),
+    (dict(prompts="x", num_images_per_prompt=0), "num_images_per_prompt"),
+    (dict(prompts="x", steps=0), "steps"),
+])
+def test_bad_input_raises(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pipe(**kwargs)
+
+
+def test_to_pil_modes():
+    rgb = to_pil(torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2))
+    assert rgb[0].mode == "RGB" and rgb[0].getpixel((0, 0)) == (0, 128, 255)
+    with pytest.raises(ValueError, match="1 \\| 3"):
+        to_pil(torch.zeros(1, 4, 2, 2))
