@@ -8,12 +8,19 @@ from crossflow.autoencoder import IdentityAutoencoder, VAEAutoencoder, build_aut
 from crossflow.checkpoint import atomic_write, load_pretrained, save_pretrained
 from crossflow.config import CONFIGS, CrossFlowConfig
 from crossflow.convert import convert_official_state_dict, load_official_checkpoint
+from crossflow.data import SyntheticPairs
+from crossflow.fast_sampler import FastSampler
+from crossflow.flow import crossflow_loss
 from crossflow.model import CrossFlow, FlowTransformer
+from crossflow.pipeline import CrossFlowPipeline, sample
+from crossflow.sampling import EulerSampler, interpolate_latents, latent_arithmetic
 from crossflow.text_encoder import TextEncoder
 from crossflow.text_ve import TextVE
+from crossflow.train import TrainConfig, Trainer
 
 __all__ = [
-    "CONFIGS", "CrossFlow", "CrossFlowConfig", "FlowTransformer", "IdentityAutoencoder", "TextEncoder", "TextVE",
-    "VAEAutoencoder", "atomic_write", "build_autoencoder", "convert_official_state_dict", "load_official_checkpoint",
-    "load_pretrained", "save_pretrained",
+    "CONFIGS", "CrossFlow", "CrossFlowConfig", "CrossFlowPipeline", "EulerSampler", "FastSampler", "FlowTransformer",
+    "IdentityAutoencoder", "SyntheticPairs", "TextEncoder", "TextVE", "TrainConfig", "Trainer", "VAEAutoencoder",
+    "atomic_write", "build_autoencoder", "convert_official_state_dict", "crossflow_loss", "interpolate_latents",
+    "latent_arithmetic", "load_official_checkpoint", "load_pretrained", "sample", "save_pretrained",
 ]

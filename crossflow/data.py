@@ -74,8 +74,14 @@ def _synthetic(cfg: Any, seed: int, size: int) -> Dataset:
     return SyntheticPairs(cfg, n=size, seed=seed)
 
 
-# name -> builder(cfg, seed, size); "digits" joins here when the embedded data set lands.
-DATASETS: dict[str, Callable[[Any, int, int], Dataset]] = {"synthetic": _synthetic}
+def _digits(cfg: Any, seed: int, size: int) -> Dataset:
+    from crossflow.digits import DigitPairs  # scikit-learn and the text encoder load only when asked for
+
+    return DigitPairs(cfg, seed=seed, size=size)
+
+
+# name -> builder(cfg, seed, size)
+DATASETS: dict[str, Callable[[Any, int, int], Dataset]] = {"synthetic": _synthetic, "digits": _digits}
 
 
 def build_dataset(name: str, cfg: Any, seed: int = 0, size: int = 4096) -> Dataset:

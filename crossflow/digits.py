@@ -147,7 +147,7 @@ def evaluate(pipe: Any, per_prompt: int = 10, guidance_scale: float | None = Non
     pairs = list(itertools.product(range(10), range(len(templates))))
     for k, ti in tqdm(pairs, desc="eval", disable=not progress):
         imgs = pipe([caption(templates[ti], k)], num_images_per_prompt=per_prompt, seed=seed + 1000 * k + ti,
-                    output_type="pt", **kw).float().cpu()  # (n, 1, 16, 16) in [-1, 1]
+                    output_type="pt", **kw).float().cpu() * 2 - 1  # (n, 1, 16, 16), back from [0, 1] to [-1, 1]
         pred = torch.as_tensor(clf.predict(imgs.clamp(-1, 1).flatten(1).numpy()))
         hits = int((pred == k).sum())
         correct, total = correct + hits, total + len(pred)

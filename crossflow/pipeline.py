@@ -4,7 +4,7 @@
     images = pipe(["a handwritten seven", "a zero"], num_images_per_prompt=2, seed=0)   # list of PIL images
 
 prompts -> frozen text encoder (token embeddings + mask) -> Text VE sample z0 (the only randomness: the generator /
-seed) -> sampler (Euler + indicator CFG by default) -> z1 -> autoencoder decode -> images in [-1, 1] -> output.
+seed) -> sampler (FastSampler: Euler + indicator CFG, CUDA-graph captured on a GPU) -> z1 -> autoencoder decode -> images in [-1, 1] -> output.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from crossflow.sampling import EulerSampler
+from crossflow.fast_sampler import FastSampler
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
 
@@ -42,14 +42,15 @@ class CrossFlowPipeline:
 
     text_encoder: callable `prompts -> (emb (B, L, Dt), mask (B, L) bool)` (`crossflow.text_encoder.TextEncoder`);
     model: a `CrossFlow`; autoencoder: `decode(latents (B, C, H, W)) -> images (B, C', H', W') in [-1, 1]`;
-    sampler: `sampler(model, z0, steps=..., guidance_scale=...) -> z1`, default `EulerSampler()` (50 steps, s = 7).
+    sampler: `sampler(model, z0, steps=..., guidance_scale=...) -> z1`, default `FastSampler()` (50 steps, s = 7):
+    CUDA-graph captured on a GPU, the same ops eagerly (exactly `EulerSampler`) elsewhere.
     """
 
     def __init__(self, text_encoder: Any, model: torch.nn.Module, autoencoder: Any, sampler: Any | None = None) -> None:
         self.text_encoder = text_encoder
         self.model = model
         self.autoencoder = autoencoder
-        self.sampler = sampler if sampler is not None else EulerSampler()
+        self.sampler = sampler if sampler is not None else FastSampler()
 
     @property
     def device(self) -> torch.device:
@@ -127,7 +128,7 @@ class CrossFlowPipeline:
     ) -> list | torch.Tensor:
         """Generate images for `prompts`.
 
-        steps / guidance_scale: None = the sampler's own (EulerSampler: 50 steps, scale 7). seed or generator (not
+        steps / guidance_scale: None = the sampler's own (default: 50 steps, scale 7). seed or generator (not
         both): the Text VE noise; seed builds a CPU generator, so results match across devices.
         output_type: "pil" -> list of PIL images ("L" for 1 channel, "RGB" for 3); "pt" -> (B, C', H', W') float in
         [0, 1]; "latent" -> z1 (B, C, H, W).
@@ -149,3 +150,47 @@ class CrossFlowPipeline:
             return z1
         images = self.decode_latents(z1)
         return (images + 1) / 2 if output_type == "pt" else to_pil(images)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One call
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def default_checkpoint() -> str:
+    """The shipped text-to-digit model (`crossflow/weights/digits`)."""
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent / "weights" / "digits")
+
+
+_PIPES: dict[tuple[str, str], CrossFlowPipeline] = {}
+
+
+def sample(
+    prompts: str | Sequence[str], checkpoint: str | os.PathLike | None = None, *, num_images_per_prompt: int = 1,
+    steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
+    device: str | torch.device | None = None, output_type: str = "pil",
+) -> list | torch.Tensor:
+    """Prompts to images in one call: loads `checkpoint` (default: the shipped digits model) once per
+    (checkpoint, device), then runs the pipeline with FastSampler. Defaults come from the checkpoint's
+    `sampling.json` when present (e.g. the digits model's guidance scale), else 50 steps and scale 7."""
+    path = str(checkpoint if checkpoint is not None else default_checkpoint())
+    dev = str(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    key = (os.path.abspath(path), dev)
+    if key not in _PIPES:
+        _PIPES[key] = CrossFlowPipeline.from_pretrained(path, device=dev, sampler=FastSampler(**sampling_defaults(path)))
+    return _PIPES[key](prompts, num_images_per_prompt=num_images_per_prompt, steps=steps,
+                       guidance_scale=guidance_scale, seed=seed, output_type=output_type)
+
+
+def sampling_defaults(directory: str | os.PathLike) -> dict[str, Any]:
+    """The recommended sampler settings saved beside a checkpoint (`sampling.json`: steps, guidance_scale), or {}."""
+    import json
+    from pathlib import Path
+
+    f = Path(directory) / "sampling.json"
+    if not f.is_file():
+        return {}
+    d = json.loads(f.read_text())
+    return {k: d[k] for k in ("steps", "guidance_scale", "official_grid") if k in d}

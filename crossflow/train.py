@@ -465,15 +465,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, final/)")
     p.add_argument("--preset", default=d["preset"].default, help="model preset (CrossFlowConfig.from_name)")
     p.add_argument("--data", default=d["data"].default, help=f"training data: {sorted(DATASETS)}")
-    for name, typ in (("data_size", int), ("steps", int), ("batch_size", int), ("lr", float), ("weight_decay", float),
-                      ("warmup_steps", int), ("grad_clip", float), ("ema_decay", float), ("seed", int),
-                      ("log_every", int), ("ckpt_every", int), ("keep_checkpoints", int)):
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=d[name].default)
-    p.add_argument("--betas", type=float, nargs=2, default=d["betas"].default)
+    for name, typ, text in (
+        ("data_size", int, "samples in a generated data set"), ("steps", int, "total optimizer steps"),
+        ("batch_size", int, "per process"), ("lr", float, "peak learning rate (AdamW)"),
+        ("weight_decay", float, "not on biases, norms, embeddings, logit_scale"),
+        ("warmup_steps", int, "linear warm-up, then constant"), ("grad_clip", float, "max grad norm; 0 disables"),
+        ("ema_decay", float, "EMA of the weights (saved to <out>/final)"), ("seed", int, "model init, data, noise"),
+        ("log_every", int, "steps per log.jsonl line"), ("ckpt_every", int, "steps per training checkpoint"),
+        ("keep_checkpoints", int, "newest checkpoints kept; 0 keeps all"),
+    ):
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=d[name].default, help=text)
+    p.add_argument("--betas", type=float, nargs=2, default=d["betas"].default, help="AdamW betas")
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda if available)")
     p.add_argument("--backend", default="auto", help="kernels backend: auto | torch | triton")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="disable bf16 autocast on CUDA")
-    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute flow blocks in the backward pass")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--dump-weights-hash", default=None, metavar="FILE",

@@ -93,7 +93,8 @@ def attention_ref(
 @triton.jit
 def _load_tile(BASE, rows, cols, stride_t, stride_d, T, HEAD_DIM: tl.constexpr):
     # (rows, cols) tile of a (T, HEAD_DIM) matrix; rows past T and padded head-dim lanes read as 0, so they add
-    # nothing to any dot product. HEAD_DIM is constexpr so the lane mask folds away when D is a power of two.
+    # nothing to any dot product. HEAD_DIM is constexpr so the compiler sees the lane mask is constant over aligned
+    # runs of lanes (all true when D is a power of two) and keeps the loads vectorized.
     ptrs = BASE + rows[:, None] * stride_t + cols[None, :] * stride_d
     return tl.load(ptrs, mask=(rows[:, None] < T) & (cols[None, :] < HEAD_DIM), other=0.0)
 
@@ -135,7 +136,7 @@ def _prune(kind: str):
             else:  # dq: resident Q, dO; pipelined K, V; dQ accumulator and the P/dS tiles
                 smem, regs = 2 * bm * bd * elt + st * 2 * bn * bd * elt, bm * bd + 2 * bm * bn + bm * bd * elt // 2
             if fp32:  # IEEE fp32 dots run on the FMA units: spills follow the dot work per thread instead
-                fits = bm * bn * bd <= (1024 if kind == "fwd" else 512) * threads
+                fits = bm * bn * bd <= {"fwd": 1024, "dkdv": 256, "dq": 512}[kind] * threads
             else:
                 fits = regs <= 200 * threads
             if smem <= 192 * 1024 and fits:
@@ -168,10 +169,10 @@ _DQ_CONFIGS = _configs([
     (32, 16, 4, 1), (32, 16, 8, 1),
 ])
 # Tuned per (length buckets, head dim, mask); the autotuner appends the tensor dtypes to the key itself.
-_FWD_KEY = ["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "HAS_MASK"]
+_TUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "HAS_MASK"]
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit(do_not_specialize=["TQ_BUCKET", "TK_BUCKET"])
 def _attn_fwd_kernel(
     Q, K, V,  # (B, H, Tq|Tk, D) through their strides
@@ -248,7 +249,7 @@ def _attn_bwd_delta_kernel(
     tl.store(DELTA + pid_bh * TQ + rows, delta, mask=rows < TQ)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune("dkdv")})
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("dkdv")})
 @triton.jit(do_not_specialize=["TQ_BUCKET", "TK_BUCKET"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO,  # (B, H, T, D) through their strides
@@ -304,7 +305,7 @@ def _attn_bwd_dkdv_kernel(
     _store_tile(DV, dv, cols, offs_d, stride_dkt, stride_dkd, TK, HEAD_DIM)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit(do_not_specialize=["TQ_BUCKET", "TK_BUCKET"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO,  # (B, H, T, D) through their strides

@@ -33,6 +33,10 @@ CASES = [
     (2, 1, 1, 77, 96, F16, False),
     (1, 1, 257, 257, 128, F32, False),
     (1, 1, 257, 7, 128, F16, True),
+    (2, 2, 257, 257, 64, F16, True),
+    (1, 2, 1, 257, 16, F16, True),
+    (2, 1, 257, 7, 96, F32, True),
+    (1, 1, 1, 1, 48, F32, False),
     (2, 1, 7, 77, 1, F32, True),  # smallest head dim (padded to 16 lanes)
     (1, 1, 7, 77, 256, F32, False),  # largest head dim
 ]
@@ -107,6 +111,8 @@ def test_attention_scale_and_layout(device):
     out = _check_against_ref(q, k, v, do, scale=0.3)[0]
     # The output is (B, Tq, H, D) memory, so merging heads into (B, Tq, H*D) is a free view.
     assert out.transpose(1, 2).is_contiguous()
+    # out.sum().backward() hands the backward an expanded dO (all strides 0).
+    _check_against_ref(q, k, v, torch.ones(1, device=device).expand_as(do))
 
 
 @pytest.mark.parametrize("dtype", [F32, F16])
@@ -117,7 +123,8 @@ def test_attention_noncontiguous(dtype, device):
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     assert not q.is_contiguous() and q.stride(-1) == 1
     do = torch.randn(b, h, t, 2 * d, device=device, dtype=dtype)[..., ::2]  # last-dim stride 2: copied, still right
-    _check_against_ref(q, k, v, do, mask=_mask(b, t, device))
+    mask = _mask(b, 2 * t, device)[:, ::2]  # a strided mask is read through its strides too
+    _check_against_ref(q, k, v, do, mask=mask)
     do = torch.randn(b, t, h, d, device=device, dtype=dtype).transpose(1, 2)  # permuted dO: read through strides
     _check_against_ref(q, k, v, do)
     leaf = qkv.clone().requires_grad_()
