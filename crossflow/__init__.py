@@ -16,7 +16,6 @@ from crossflow.pipeline import CrossFlowPipeline, sample
 from crossflow.sampling import EulerSampler, interpolate_latents, latent_arithmetic
 from crossflow.text_encoder import TextEncoder
 from crossflow.text_ve import TextVE
-from crossflow.train import TrainConfig, Trainer
 
 __all__ = [
     "CONFIGS", "CrossFlow", "CrossFlowConfig", "CrossFlowPipeline", "EulerSampler", "FastSampler", "FlowTransformer",
@@ -24,3 +23,12 @@ __all__ = [
     "atomic_write", "build_autoencoder", "convert_official_state_dict", "crossflow_loss", "interpolate_latents",
     "latent_arithmetic", "load_official_checkpoint", "load_pretrained", "sample", "save_pretrained",
 ]
+
+
+def __getattr__(name: str):
+    # Lazy, so that `python -m crossflow.train` does not find its own module already imported by this package.
+    if name in ("TrainConfig", "Trainer"):
+        from crossflow import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module 'crossflow' has no attribute {name!r}")
