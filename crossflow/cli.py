@@ -18,8 +18,8 @@ from typing import Any
 
 # Training recipes: defaults applied by `crossflow train --preset NAME`; explicit flags win.
 RECIPES: dict[str, dict[str, Any]] = {
-    "digits": dict(data="digits", steps=1500, batch_size=64, lr=5e-4, warmup_steps=100, ema_decay=0.999,
-                   log_every=50, ckpt_every=500),
+    "digits": dict(data="digits", steps=3600, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999,
+                   log_every=50, ckpt_every=600),
 }
 
 

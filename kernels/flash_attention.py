@@ -68,13 +68,15 @@ def attention_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None, upcast: bool = False,
 ) -> torch.Tensor:
-    """Explicit-math reference. Scores and softmax in fp32; P·V in the input dtype (fp32 when `upcast`)."""
+    """Explicit-math reference. Scores and softmax in fp32 (fp64 for fp64 input); P·V in the input dtype (in that
+    compute dtype when `upcast`)."""
     _check(q, k, v, scale, key_padding_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    dtype = torch.float32 if upcast else q.dtype
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32; fp64 stays fp64 (a high-precision oracle in tests)
+    dtype = acc if upcast else q.dtype
     if upcast:
-        q, k, v = q.float(), k.float(), v.float()
-    s = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, H, Tq, Tk)
+        q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale  # (B, H, Tq, Tk)
     if key_padding_mask is not None:
         keep = key_padding_mask[:, None, None, :]
         s = s.masked_fill(~keep, float("-inf"))
