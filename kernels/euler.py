@@ -112,11 +112,18 @@ def _euler_fwd_kernel(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    dt = tl.load(DT).to(tl.float32) if DT_PTR else DT
+    # Compile-time branches: only the taken one is compiled, so DT / S may be a float or a pointer.
+    if DT_PTR:
+        dt = tl.load(DT).to(tl.float32)
+    else:
+        dt = DT
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(VC + offs, mask=mask, other=0.0).to(tl.float32)
     if CFG:
-        s = tl.load(S).to(tl.float32) if S_PTR else S
+        if S_PTR:
+            s = tl.load(S).to(tl.float32)
+        else:
+            s = S
         vu = tl.load(VU + offs, mask=mask, other=0.0).to(tl.float32)
         v = vu + s * (v - vu)
     tl.store(OUT + offs, (x + dt * v).to(OUT.dtype.element_ty), mask=mask)

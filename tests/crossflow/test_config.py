@@ -34,7 +34,7 @@ def test_presets_build_and_roundtrip(name):
     "changes, message",
     [
         (dict(hidden_size=100, num_heads=3), "hidden_size 100 must be divisible by num_heads 3"),
-        (dict(latent_size=15), "latent_size 15 must be divisible by patch_size 2"),
+        (dict(latent_size=15), "latent_size 15 must be divisible by patch_size 4"),
         (dict(hidden_size=66, num_heads=3), "divisible by 4"),
         (dict(depth=0), "depth must be an int >= 1, got 0"),
         (dict(num_heads=2.0), "num_heads must be an int"),
