@@ -127,8 +127,9 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     }
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
-    # Runs after pytest-benchmark's hookwrapper has written the JSON.
+    # Must run after pytest-benchmark has written the JSON (trylast); if the file is still empty, say so.
     out = session.config.getoption("--bench-report", default=None)
     fh = session.config.getoption("--benchmark-json", default=None)
     if out and fh is not None and os.path.exists(fh.name) and os.path.getsize(fh.name):
@@ -136,3 +137,5 @@ def pytest_sessionfinish(session, exitstatus):
 
         md = report.write_report([fh.name], out)
         print(f"\nbenchmarks report: {md}")
+    elif out:
+        print(f"\nbenchmarks report: not written (no benchmark JSON yet); run python -m benchmarks.report JSON --out {out}")

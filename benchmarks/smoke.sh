@@ -8,7 +8,8 @@ OUT="${1:-$(mktemp -d "${TMPDIR:-/tmp}/crossflow-bench-smoke.XXXXXX")}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 "$PY" -m pytest benchmarks -q -p no:cacheprovider --bench-tiny --benchmark-columns=median,rounds \
-  --benchmark-json="$OUT/smoke.json" --bench-report="$OUT/report"
-test -s "$OUT/report/report.md"
+  --benchmark-json="$OUT/smoke.json"
+"$PY" -m benchmarks.report "$OUT/smoke.json" --out "$OUT/report"
+test -s "$OUT/report/report.md" || { echo "benchmark smoke: no report was written" >&2; exit 1; }
 bash benchmarks/profile_nsys.sh --out-dir "$OUT/profile" --preset tiny --batch 1 --steps 2
 echo "benchmark smoke OK: $OUT"
