@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -59,6 +60,4 @@ def autotune_configs(configs: Sequence[triton.Config]) -> list[triton.Config]:
 
 def cuda_device_guard(t: torch.Tensor):
     """Launch on the tensor's own GPU, not the current one (multi-GPU safety)."""
-    import contextlib
-
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
