@@ -52,7 +52,9 @@ class CrossFlowConfig:
     ve_compress_dim: int | None = None  # 1024 for T5 (4096-d): the official Compressor
     ve_adaptor: bool = False  # official Adaptor head (used when 2*latent_numel is not 4096/8192)
     ve_adaptor_grid: int = 64  # Adaptor's square feature map; official: 64 (hidden width 64*64 = 4096)
-    # ---- contrastive image encoder (ours: a small conv net on the target latent; see layers.ImageEncoder)
+    # ---- contrastive image encoder: "conv" (ours: a small trainable conv net on the target latent, layers.ImageEncoder)
+    # or a transformers vision model name/path (frozen tower + trainable projection; needs pixel images in training)
+    image_encoder: str = "conv"
     image_encoder_width: int = 32
     image_feature_dim: int = 256
     # ---- objective
@@ -197,7 +199,7 @@ def _validate(c: CrossFlowConfig) -> None:
             errors.append(f"{name} must be > 0, got {v!r}")
     if not isinstance(c.kl_weight, (int, float)) or c.kl_weight < 0:
         errors.append(f"kl_weight must be >= 0, got {c.kl_weight!r}")
-    for name in ("text_encoder", "autoencoder"):
+    for name in ("text_encoder", "autoencoder", "image_encoder"):
         if not isinstance(getattr(c, name), str) or not getattr(c, name):
             errors.append(f"{name} must be a non-empty string, got {getattr(c, name)!r}")
     if not isinstance(c.ve_adaptor, bool):

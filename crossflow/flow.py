@@ -142,8 +142,12 @@ def crossflow_loss(
     z1: torch.Tensor,
     generator: torch.Generator | None,
     cfg: Any,
+    images: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The CrossFlow training loss for one batch (reference/crossflow.md §8).
+
+    images: the pixel images of the targets, (B, C', H', W') in [-1, 1], for a pretrained (pixel) image encoder; by
+    default the contrastive image encoder sees the target latents z1 (the same thing in pixel space).
 
     model: a `CrossFlow` (text_ve + image_encoder + flow + logit_scale); emb (B, L, D) text embeddings, mask (B, L)
     bool; z1 (B, C, H, W) image latents; cfg: its `CrossFlowConfig` (sigma_min, cfg_dropout, kl_weight, kl_kind).
@@ -152,7 +156,10 @@ def crossflow_loss(
     """
     z0, mu, logvar = model.encode_text(emb, mask, generator=generator)  # (B, C, H, W); not detached: FM trains the VE
     z0 = z0.reshape(z1.shape)
-    img_feat = model.image_encoder(z1)  # (B, C*H*W) from the true targets, before the uncond roll
+    if images is None and cfg.image_encoder != "conv" and cfg.autoencoder != "identity":
+        raise ValueError(f"image encoder {cfg.image_encoder!r} needs pixel images: the training data must yield "
+                         "'image' (B, C, H, W) in [-1, 1] beside 'latent'")
+    img_feat = model.image_encoder(z1 if images is None else images)  # (B, C*H*W), true targets before the roll
     l_clip = contrastive_loss(z0, img_feat, model.logit_scale)
     l_kl = kl_loss(mu, logvar, cfg.kl_kind)
 

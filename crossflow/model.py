@@ -29,6 +29,7 @@ from crossflow.layers import (
     ImageEncoder,
     LabelEmbedder,
     PatchEmbed,
+    PretrainedImageEncoder,
     TimestepEmbedder,
     sincos_pos_embed_2d,
 )
@@ -132,8 +133,11 @@ class FlowTransformer(nn.Module):
         return self.unpatchify(self.final_layer(h))  # (B, C, H, W)
 
 
-def build_image_encoder(cfg: CrossFlowConfig) -> ImageEncoder:
-    """The contrastive image encoder of `cfg`: target latent (B, C, H, W) -> (B, latent_numel)."""
+def build_image_encoder(cfg: CrossFlowConfig) -> nn.Module:
+    """The contrastive image encoder of `cfg` -> (B, latent_numel) features: `ImageEncoder` on the target latent
+    ("conv"), or `PretrainedImageEncoder` (a frozen tower named by `cfg.image_encoder`) on pixel images."""
+    if cfg.image_encoder != "conv":
+        return PretrainedImageEncoder(cfg.image_encoder, cfg.image_feature_dim, cfg.latent_numel)
     return ImageEncoder(
         cfg.latent_channels, cfg.latent_size, cfg.image_encoder_width, cfg.image_feature_dim, cfg.latent_numel
     )

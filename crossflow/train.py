@@ -165,8 +165,8 @@ class _LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, emb, mask, z1, generator):
-        return crossflow_loss(self.model, emb, mask, z1, generator, self.model.config)
+    def forward(self, emb, mask, z1, generator, images=None):
+        return crossflow_loss(self.model, emb, mask, z1, generator, self.model.config, images)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ class Trainer:
         batch = get_batch(idx) if get_batch is not None else collate([self.data[i] for i in idx.tolist()])
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with self._autocast():
-            loss, parts = self.loss_fn(batch["text_emb"], batch["text_mask"], batch["latent"], g)
+            loss, parts = self.loss_fn(batch["text_emb"], batch["text_mask"], batch["latent"], g, batch.get("image"))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
