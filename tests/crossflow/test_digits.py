@@ -1,0 +1,49 @@
+"""The embedded default: the digits data (real, split, captions) and the shipped model's quality on a small eval."""
+
+import torch
+
+import kernels
+from crossflow import digits
+from crossflow.config import CrossFlowConfig
+from crossflow.fast_sampler import FastSampler
+from crossflow.pipeline import CrossFlowPipeline, default_checkpoint, sampling_defaults
+
+
+def test_split_is_stratified_disjoint_and_stable():
+    xtr, ytr = digits.load_images("train")
+    xte, yte = digits.load_images("test")
+    xall, _ = digits.load_images("all")
+    assert xtr.shape[1:] == (1, 16, 16) and len(xtr) + len(xte) == len(xall) == 1797
+    assert xtr.min() >= -1 and xtr.max() <= 1
+    for k in range(10):  # every digit held out at about 20 %
+        frac = (yte == k).sum() / ((ytr == k).sum() + (yte == k).sum())
+        assert 0.18 < frac < 0.22
+    flat_tr = {tuple(r) for r in xtr.flatten(1).tolist()}
+    assert not any(tuple(r) in flat_tr for r in xte.flatten(1)[:50].tolist())  # no held-out image in training
+    torch.testing.assert_close(digits.load_images("test")[0], xte)
+
+
+def test_caption_templates_are_disjoint_and_name_the_digit():
+    assert not set(digits.TRAIN_TEMPLATES) & set(digits.HELDOUT_TEMPLATES)
+    assert digits.caption("a handwritten {w}", 7) == "a handwritten seven"
+    assert digits.caption("the digit {n}", 7) == "the digit 7"
+
+
+def test_digit_pairs_are_deterministic_and_shaped():
+    cfg = CrossFlowConfig.from_name("digits")
+    ds = digits.DigitPairs(cfg, seed=3, size=20)
+    a, b = ds[5], ds[5]
+    assert a["text_emb"].shape == (cfg.text_len, cfg.text_dim) and a["latent"].shape == (1, 16, 16)
+    assert torch.equal(a["text_emb"], b["text_emb"]) and int(a["label"]) == int(ds.labels[5])
+
+
+def test_shipped_model_draws_the_prompted_digits():
+    """A small eval of the committed weights (the README's numbers come from the full `crossflow eval`)."""
+    ckpt = default_checkpoint()
+    assert sampling_defaults(ckpt) == {"steps": 50, "guidance_scale": 7.0}
+    pipe = CrossFlowPipeline.from_pretrained(ckpt, sampler=FastSampler(steps=20))
+    with kernels.use_backend("torch"):  # speed on CPU; the kernels are tested on their own
+        res = digits.evaluate(pipe, per_prompt=3, guidance_scale=7.0, steps=20, templates=digits.HELDOUT_TEMPLATES[:2])
+    assert res["samples"] == 60
+    assert res["accuracy"] >= 0.9, res
+    assert res["diversity"] >= 0.4, res
