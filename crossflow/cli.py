@@ -4,6 +4,7 @@
     crossflow interpolate "a handwritten one" "a handwritten seven" -o strip.png
     crossflow train --preset digits                               # reproduces the shipped weights (runs/digits)
     crossflow eval --preset digits                                # prompt accuracy and diversity of the shipped model
+    crossflow convert t2i_512px_t5_dit.pth --preset dit-h-2-512 -o ckpt/   # an official checkpoint -> ours
 """
 
 from __future__ import annotations
@@ -152,6 +153,21 @@ def cmd_eval(args) -> None:
           f": {'PASS' if ok else 'FAIL'}")
 
 
+def cmd_convert(args) -> None:
+    from crossflow.config import CrossFlowConfig
+    from crossflow.convert import load_official_checkpoint
+
+    if not Path(args.checkpoint_in).exists():
+        raise SystemExit(f"crossflow: error: no such file or directory: {args.checkpoint_in}")
+    try:
+        cfg = CrossFlowConfig.from_name(args.preset)
+        model = load_official_checkpoint(args.checkpoint_in, cfg)
+    except ValueError as e:  # unknown preset, wrong keys or shapes, a pickle with objects in it
+        raise SystemExit(f"crossflow: error: {e}") from e
+    model.save_pretrained(args.output)
+    print(f"wrote {args.output} ({args.preset}, from {args.checkpoint_in})")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="model directory (default: the shipped digits model)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
@@ -184,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
     e.add_argument("--quiet", action="store_true")
     _common(e)
+    c = sub.add_parser("convert", help="an official CrossFlow DiT checkpoint (.pth) -> a save_pretrained directory")
+    c.add_argument("checkpoint_in", metavar="OFFICIAL", help="the official .pth (read with weights_only=True)")
+    c.add_argument("--preset", required=True, help="the model it belongs to, e.g. dit-h-2-512")
+    c.add_argument("-o", "--output", required=True, help="output directory")
     return p
 
 
@@ -196,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         val = getattr(args, name, None)
         if val is not None and val < (0 if name == "frames" else 1):
             raise SystemExit(f"crossflow: error: --{name.replace('_', '-')} must be positive, got {val}")
-    {"sample": cmd_sample, "interpolate": cmd_interpolate, "eval": cmd_eval}[args.command](args)
+    {"sample": cmd_sample, "interpolate": cmd_interpolate, "eval": cmd_eval, "convert": cmd_convert}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -285,3 +285,17 @@ def test_pickles_with_objects_are_refused(tmp_path):
         load_official_checkpoint(path, TINY)
     with pytest.raises(FileNotFoundError):
         load_official_checkpoint(tmp_path / "missing.pth", TINY)
+
+
+def test_cli_convert_writes_a_loadable_checkpoint(tmp_path):
+    from crossflow import cli
+    from crossflow.model import CrossFlow
+
+    sd = official_state_dict(TINY, seed=5)
+    torch.save(sd, tmp_path / "official.pth")
+    cli.main(["convert", str(tmp_path / "official.pth"), "--preset", "tiny", "-o", str(tmp_path / "ours")])
+    _check_against_reference(CrossFlow.from_pretrained(tmp_path / "ours"), sd, TINY)
+    with pytest.raises(SystemExit, match="unknown preset|choose one of"):
+        cli.main(["convert", str(tmp_path / "official.pth"), "--preset", "nope", "-o", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="no such file"):
+        cli.main(["convert", str(tmp_path / "missing.pth"), "--preset", "tiny", "-o", str(tmp_path / "x")])
