@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-import kernels
 from crossflow.sampling import EulerSampler, timesteps, velocity_fn
 
 
@@ -77,24 +76,16 @@ class FastSampler(EulerSampler):
         self._graphs.clear()
         self._pool = None
 
-    # -- eager loop (CPU, or use_cuda_graph=False); also the warm-up before capture ----------------------------------
-    def _loop(self, fn, x: torch.Tensor, ts: torch.Tensor, dts: torch.Tensor, s) -> torch.Tensor:
-        for i in range(ts.shape[0]):
-            with kernels.nvtx_range(f"crossflow/step{i}"):
-                x = self._step(fn, x, ts[i], dts[i], s)
-        return x
-
     @torch.no_grad()
     def __call__(
         self, model: Any, z0: torch.Tensor, *, steps: int | None = None, guidance_scale: float | None = None
     ) -> torch.Tensor:
         """Integrate from z0 (B, C, H, W) at t = 0 to t = 1; returns a new tensor of z0's shape and dtype."""
+        if not (self.use_cuda_graph and isinstance(z0, torch.Tensor) and z0.is_cuda):
+            return super().__call__(model, z0, steps=steps, guidance_scale=guidance_scale)  # eager, as EulerSampler
         steps, scale = self._resolve(z0, steps, guidance_scale)
         fn = velocity_fn(model)
         guided = scale != 1.0
-        if not (self.use_cuda_graph and z0.is_cuda):
-            ts, dts = timesteps(steps, self.official_grid, device=z0.device)
-            return self._loop(fn, z0.clone(), ts, dts, scale if guided else None)
         key = (id(model), tuple(z0.shape), z0.dtype, z0.device, steps, self.official_grid, guided)
         entry = self._graphs.get(key)
         if entry is not None and (entry.model_ref() is not model or entry.storage != _storage_of(model)):
