@@ -7,7 +7,7 @@ driver calls and launches nothing.
 
 from kernels import adaln as _adaln
 from kernels import euler as _euler
-from kernels import flash_attention as _attention
+from kernels import attention as _attention
 from kernels import gated_adaln as _gated
 from kernels._dispatch import BACKENDS, get_backend, interpreting, op, triton_ok, use_backend
 from kernels._nvtx import nvtx_range

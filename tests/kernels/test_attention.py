@@ -1,4 +1,4 @@
-"""Flash attention: Triton forward and backward against the torch reference (kernels/flash_attention.py).
+"""Flash attention: Triton forward and backward against the torch reference (kernels/attention.py).
 
 On CPU the kernels run in the Triton interpreter (tests/conftest.py), so the shape set is a covering set, not a cross
 product: every Tq and Tk in {1, 7, 77, 257} (Tq != Tk included), every head dim the models use, both dtypes, masks.
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.flash_attention import attention_ref, attention_triton
+from kernels.attention import attention_ref, attention_triton
 from kernels.testing import assert_close_to_ref
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16

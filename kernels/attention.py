@@ -1,0 +1,619 @@
+"""Non-causal scaled dot-product attention: out = softmax(q kᵀ · scale) v.
+
+Shapes: q (B, H, Tq, D), k and v (B, H, Tk, D); Tq may differ from Tk; any T (ragged lengths are the norm: 77 text
+tokens, 257 image+indicator tokens); any head dim 1 <= D <= 256 (24/48 in the Text VE, 72 in DiT-XL).
+key_padding_mask: optional bool (B, Tk), True = attend; a masked key takes no part whatever it holds (NaN, Inf). A
+query row whose keys are all masked returns zeros (not NaN) and passes no gradient. scale defaults to 1/sqrt(D).
+
+Kernels (FlashAttention-2 style): the forward streams key blocks through an online softmax in base 2 (scale·log2(e)
+folded into one multiply), fp32 statistics and accumulators, and stores the per-row log-sum-exp for the backward. The
+backward recomputes P and dS from it (one shared helper): one kernel per key block for dK/dV, one per query block for
+dQ, so every gradient is written by exactly one program (deterministic, no atomics).
+
+Head dims that are not a power of two are split into two power-of-two parts (72 = 64+16, 96 = 64+32; every dot is two
+dots), not padded to the next power of two: at D = 72 the tensor cores do 80/72 of the useful work instead of 128/72.
+q/k/v/dO are read through their strides (the (B, T, H, D) and fused (B, T, 3, H, D) qkv views are not copied); the
+launchers pass row/head strides in units of 16 bytes when they allow it, so the compiler can prove row alignment and
+emit 16-byte loads and cp.async at every head dim that is a multiple of 16 bytes (24 and 72 included). The output is
+(B, Tq, H, D) memory returned as a (B, H, Tq, D) view, so `out.transpose(1, 2).reshape(B, Tq, H * D)` is free.
+fp16/bf16/fp32 inputs; fp32 dots use IEEE precision.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._utils import autotune_configs, check_float, check_kernel_dtype, check_same, cuda_device_guard
+
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks shared by the reference and the launchers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check(q, k, v, scale, key_padding_mask) -> None:
+    name = "attention"
+    check_float(name, q=q, k=k, v=v)
+    for arg, t in dict(q=q, k=k, v=v).items():
+        if t.dim() != 4:
+            raise ValueError(f"{name}: `{arg}` must be (B, H, T, D), got shape {tuple(t.shape)}")
+    check_same(name, "device", q=q, k=k, v=v)
+    check_same(name, "dtype", q=q, k=k, v=v)
+    if k.shape != v.shape:
+        raise ValueError(f"{name}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"{name}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, H and D")
+    if not 1 <= q.shape[3] <= MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head dim D={q.shape[3]} is not supported; need 1 <= D <= {MAX_HEAD_DIM}")
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
+        raise ValueError(f"{name}: `scale` must be a Python float or None, got {type(scale).__name__}")
+    if key_padding_mask is not None:
+        m = key_padding_mask
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+            raise ValueError(f"{name}: key_padding_mask must be a bool tensor, got {getattr(m, 'dtype', type(m))}")
+        if m.shape != (k.shape[0], k.shape[2]):
+            raise ValueError(
+                f"{name}: key_padding_mask must be (B, Tk) = {(k.shape[0], k.shape[2])}, got {tuple(m.shape)}"
+            )
+        if m.device != q.device:
+            raise ValueError(f"{name}: key_padding_mask is on {m.device} but q is on {q.device}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Torch reference (also the torch backend)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None, upcast: bool = False,
+) -> torch.Tensor:
+    """Explicit-math reference. Scores and softmax in fp32 (fp64 for fp64 input); P·V in the input dtype (in that
+    compute dtype when `upcast`). Masked keys take no part, whatever values they hold (NaN and Inf included)."""
+    _check(q, k, v, scale, key_padding_mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32; fp64 stays fp64 (a high-precision oracle in tests)
+    dtype = acc if upcast else q.dtype
+    if upcast:
+        q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    if key_padding_mask is not None:
+        # Zero masked keys and values: a 0 probability times a NaN value is still NaN, so masking P is not enough.
+        drop = ~key_padding_mask[:, None, :, None]
+        k, v = k.masked_fill(drop, 0), v.masked_fill(drop, 0)
+    # fp32 scores: a 16-bit q·kᵀ overflows (Inf, then NaN after softmax) past 65504. Upcasting q and k costs less
+    # memory than the (B, H, Tq, Tk) fp32 score matrix itself.
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, None, :]
+        s = s.masked_fill(~keep, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        p = torch.where(keep.any(-1, keepdim=True), p, torch.zeros_like(p))  # all-masked rows: zeros, not NaN
+    else:
+        p = torch.softmax(s, dim=-1)
+    return torch.matmul(p.to(v.dtype), v).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------------------------
+# Every (T, D) operand is read as two column parts, lanes [0, D0) and [D0, D0 + D1) with D0, D1 powers of two
+# (D1 = 0: one part). Row and head strides arrive divided by UNIT (a constexpr): multiplying them back by UNIT in the
+# kernel lets Triton prove every row starts on a UNIT-element boundary, which is what 16-byte loads and cp.async need.
+
+
+@triton.jit
+def _load_rows(BASE, rows, row_ok, stride_t, UNIT: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+               D1: tl.constexpr):
+    # -> (x0, x1): the (rows, D0) and (rows, D1) parts. Rows with row_ok False and lanes past HEAD_DIM read as 0, so
+    # they add nothing to any dot product and a masked key's NaN never enters one. x1 aliases x0 when D1 == 0.
+    row_ptr = BASE + rows[:, None] * (stride_t * UNIT)
+    c0 = tl.arange(0, D0)
+    x0 = tl.load(row_ptr + c0[None, :], mask=row_ok[:, None] & (c0[None, :] < HEAD_DIM), other=0.0)
+    x1 = x0
+    if D1 > 0:
+        c1 = D0 + tl.arange(0, D1)
+        x1 = tl.load(row_ptr + c1[None, :], mask=row_ok[:, None] & (c1[None, :] < HEAD_DIM), other=0.0)
+    return x0, x1
+
+
+@triton.jit
+def _store_rows(BASE, x0, x1, rows, row_ok, stride_t, UNIT: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+                D1: tl.constexpr):
+    row_ptr = BASE + rows[:, None] * (stride_t * UNIT)
+    c0 = tl.arange(0, D0)
+    tl.store(row_ptr + c0[None, :], x0.to(BASE.dtype.element_ty), mask=row_ok[:, None] & (c0[None, :] < HEAD_DIM))
+    if D1 > 0:
+        c1 = D0 + tl.arange(0, D1)
+        tl.store(row_ptr + c1[None, :], x1.to(BASE.dtype.element_ty), mask=row_ok[:, None] & (c1[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _dot_t(a0, a1, b0, b1, D1: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # a bᵀ over the split head dim: one dot per part, accumulated in fp32.
+    s = tl.dot(a0, tl.trans(b0), input_precision=DOT_PRECISION)
+    if D1 > 0:
+        s = tl.dot(a1, tl.trans(b1), s, input_precision=DOT_PRECISION)
+    return s
+
+
+@triton.jit
+def _keys_ok(MASK_ROW, cols, TK, stride_mt, HAS_MASK: tl.constexpr):
+    # A key takes part iff it exists (ragged tail) and, with a padding mask, is marked True.
+    ok = cols < TK
+    if HAS_MASK:
+        ok = ok & (tl.load(MASK_ROW + cols * stride_mt, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _recompute_p_ds(a0, a1, b0, b1, c0, c1, e0, e1, lse, delta, key_ok, qk_scale,
+                    KEYS_ON_ROWS: tl.constexpr, D1: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The backward's shared core: P = exp2(S·qk_scale − lse) and dS = P ∘ (dP − delta), with S = a bᵀ, dP = c eᵀ.
+
+    dQ passes (a, b, c, e) = (q, k, dO, v): tiles are (queries, keys). dK/dV passes (k, q, v, dO): tiles are (keys,
+    queries), so no tile is transposed in registers. Masked or missing keys get P = 0 (their loads are zero, but
+    exp2(0 − lse) is not); query rows past Tq read lse = +inf, hence P = 0.
+    """
+    s = _dot_t(a0, a1, b0, b1, D1, DOT_PRECISION)
+    dp = _dot_t(c0, c1, e0, e1, D1, DOT_PRECISION)
+    if KEYS_ON_ROWS:
+        p = tl.where(key_ok[:, None], tl.exp2(s * qk_scale - lse[None, :]), 0.0)
+        ds = p * (dp - delta[None, :])
+    else:
+        p = tl.where(key_ok[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+    return p, ds
+
+
+def _split_head_dim(d: int, fp32: bool) -> tuple[int, int]:
+    """(D0, D1): power-of-two parts covering head dim `d`, D1 = 0 for one part.
+
+    D0 is the largest power of two <= d, D1 the smallest power of two covering the rest, but at least tl.dot's
+    smallest contraction (16 for 16-bit, 8 for fp32): 72 -> 64+16, 80 -> 64+16, 96 -> 64+32, 48 -> 32+16, 40 -> 32+16
+    (fp32: 32+8). A split that saves nothing over the next power of two is not made (24 in fp16 -> 32).
+    """
+    k_min = 8 if fp32 else 16
+    full = max(16, triton.next_power_of_2(d))
+    d0 = max(16, 1 << (d.bit_length() - 1))
+    rest = d - d0
+    if rest <= 0:
+        return full, 0
+    d1 = max(k_min, triton.next_power_of_2(rest))
+    return (d0, d1) if d0 + d1 < full else (full, 0)
+
+
+def _prune(kind: str):
+    """Keep the configs that compile without spills on sm_90 and sm_80 at this head split and dtype.
+
+    The register rules were fitted to `ptxas -v` for both targets (triton 3.6 and 3.9); fp32 dots run on the FMA units
+    with IEEE precision, so fp32 gets its own, smaller budget.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        dp = args["D0"] + args["D1"]
+        fp32 = args["DOT_PRECISION"] == "ieee"  # "ieee" is used exactly for fp32 inputs
+        elt = 4 if fp32 else 2
+        kept = []
+        for c in configs:
+            bm, bn, st, threads = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, 32 * c.num_warps
+            if kind == "fwd":  # resident Q; pipelined K, V; the O accumulator and the S/P tile
+                smem, acc, tile = bm * dp * elt + st * 2 * bn * dp * elt, bm * dp, bm * bn
+            elif kind == "dkdv":  # resident K, V; pipelined Q, dO; dK, dV accumulators; P and dS tiles
+                smem, acc, tile = 2 * bn * dp * elt + st * 2 * bm * dp * elt, 2 * bn * dp, 2 * bn * bm
+            else:  # dq: resident Q, dO; pipelined K, V; the dQ accumulator; P and dS tiles
+                smem, acc, tile = 2 * bm * dp * elt + st * 2 * bn * dp * elt, bm * dp, 2 * bm * bn
+            fits = _FITS[kind][fp32](bm, bn, dp, acc, tile, threads)
+            if smem <= 160 * 1024 and fits:
+                kept.append(c)
+        # Never prune to nothing: fall back to the config with the smallest tiles (the last one, by construction).
+        return kept or [configs[-1]]
+
+    return prune
+
+
+# Register budget per kind and dtype (fp32?): fp32 values of accumulators and score tiles per thread.
+_FITS = {
+    "fwd": {False: lambda bm, bn, dp, acc, tile, th: acc + tile <= 96 * th,
+            True: lambda bm, bn, dp, acc, tile, th: bm * bn * dp <= 512 * th and acc + tile <= 64 * th},
+    "dkdv": {False: lambda bm, bn, dp, acc, tile, th: acc + tile <= 96 * th,
+             True: lambda bm, bn, dp, acc, tile, th: bm * bn * dp <= 256 * th and acc + tile <= 64 * th},
+    "dq": {False: lambda bm, bn, dp, acc, tile, th: acc + tile <= 96 * th,
+           True: lambda bm, bn, dp, acc, tile, th: bm * bn * dp <= 256 * th and acc + tile <= 64 * th},
+}
+
+
+def _configs(tiles) -> list[triton.Config]:
+    return autotune_configs(
+        [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+    )
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry is the one the interpreter runs (one config only), so it
+# is small; the last is the smallest-footprint fallback. BLOCK_M tiles queries, BLOCK_N keys.
+_FWD_CONFIGS = _configs([
+    (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 32, 4, 2), (64, 32, 8, 2),
+    (32, 32, 4, 1), (32, 16, 8, 1),
+])
+_DKDV_CONFIGS = _configs([
+    (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 8, 2), (32, 32, 8, 2),
+    (16, 32, 4, 1), (16, 32, 8, 1),
+])
+_DQ_CONFIGS = _configs([
+    (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 16, 4, 2), (64, 16, 8, 2),
+    (32, 16, 4, 1), (32, 16, 8, 1),
+])
+# Tuned per (length buckets, grid bucket = B·H, head dim, mask, stride unit); the autotuner adds the dtypes itself.
+_TUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET", "HEAD_DIM", "HAS_MASK", "UNIT"]
+_BUCKETS = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET"]
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})
+@triton.jit(do_not_specialize=_BUCKETS)
+def _attention_fwd_kernel(
+    Q, K, V,  # (B, H, Tq|Tk, D), unit head-dim stride
+    MASK,  # uint8 view of the bool key_padding_mask (B, Tk); unused unless HAS_MASK
+    OUT,  # (B, H, Tq, D) view of (B, Tq, H, D) memory
+    LSE,  # fp32 (B, H, Tq): base-2 log-sum-exp of the scaled scores, +inf for rows with no key
+    stride_qb, stride_qh, stride_qt,  # all row/head/batch strides in units of UNIT elements
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    stride_mb, stride_mt,  # mask strides, in elements
+    H, TQ, TK,
+    qk_scale,  # softmax scale * log2(e): scores come out of one multiply already in base 2
+    TQ_BUCKET, TK_BUCKET, BH_BUCKET,  # power-of-two buckets: autotune key only
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)  # int64 base offsets: B*H*T*D may pass 2**31
+    off_b, off_h = pid_bh // H, pid_bh % H
+    Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
+    K += (off_b * stride_kb + off_h * stride_kh) * UNIT
+    V += (off_b * stride_vb + off_h * stride_vh) * UNIT
+    OUT += (off_b * stride_ob + off_h * stride_oh) * UNIT
+    MASK += off_b * stride_mb
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < TQ
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q0, q1 = _load_rows(Q, rows, row_ok, stride_qt, UNIT, HEAD_DIM, D0, D1)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of the base-2 scores
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(score - m_i)
+    acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
+    for start_n in range(0, TK, BLOCK_N):
+        cols = start_n + offs_n
+        ok = _keys_ok(MASK, cols, TK, stride_mt, HAS_MASK)
+        # Missing and masked keys are loaded as zeros (whatever they hold) and scored -inf *before* the row max, so
+        # they never win it and exp2 sends them to 0.
+        k0, k1 = _load_rows(K, cols, ok, stride_kt, UNIT, HEAD_DIM, D0, D1)
+        s = tl.where(ok[None, :], _dot_t(q0, q1, k0, k1, D1, DOT_PRECISION) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no live key so far has m = -inf; subtracting 0 instead keeps exp2 at 0 rather than NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v0, v1 = _load_rows(V, cols, ok, stride_vt, UNIT, HEAD_DIM, D0, D1)
+        acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
+        if D1 > 0:
+            acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    live = l_i > 0.0  # l >= 1 whenever a row has one live key (its max term is exp2(0))
+    inv_l = 1.0 / tl.where(live, l_i, 1.0)  # dead rows: acc is 0, keep it 0 (no 0/0) and take no log of 0
+    _store_rows(OUT, acc0 * inv_l[:, None], acc1 * inv_l[:, None], rows, row_ok, stride_ot, UNIT, HEAD_DIM, D0, D1)
+    # +inf for dead rows: the backward recomputes p = exp2(s - lse) = 0 there, so they get no gradient.
+    lse = tl.where(live, m_i + tl.log2(tl.where(live, l_i, 1.0)), float("inf"))
+    tl.store(LSE + pid_bh * TQ + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(
+    O, DO,  # (B, H, Tq, D), unit head-dim stride
+    DELTA,  # fp32 (B, H, Tq): rowsum(dO * O), the softmax-backward correction
+    stride_ob, stride_oh, stride_ot,  # in units of UNIT elements
+    stride_dob, stride_doh, stride_dot,
+    H, TQ,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b, off_h = pid_bh // H, pid_bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < TQ
+    O += (off_b * stride_ob + off_h * stride_oh) * UNIT
+    DO += (off_b * stride_dob + off_h * stride_doh) * UNIT
+    o0, o1 = _load_rows(O, rows, row_ok, stride_ot, UNIT, HEAD_DIM, D0, D1)
+    do0, do1 = _load_rows(DO, rows, row_ok, stride_dot, UNIT, HEAD_DIM, D0, D1)
+    delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+    if D1 > 0:
+        delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * TQ + rows, delta, mask=row_ok)
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("dkdv")})
+@triton.jit(do_not_specialize=_BUCKETS)
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO,  # (B, H, T, D), unit head-dim stride
+    MASK,  # uint8 (B, Tk); unused unless HAS_MASK
+    LSE, DELTA,  # fp32 (B, H, Tq) from the forward and the delta kernel
+    DK, DV,  # (B, H, Tk, D) views of (B, Tk, H, D) memory, one layout for both
+    stride_qb, stride_qh, stride_qt,  # in units of UNIT elements
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_mb, stride_mt,
+    H, TQ, TK,
+    sm_scale, qk_scale,
+    TQ_BUCKET, TK_BUCKET, BH_BUCKET,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program owns a block of keys and sweeps every query block: dV = Pᵀ dO, dK = scale · dSᵀ Q.
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b, off_h = pid_bh // H, pid_bh % H
+    Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
+    K += (off_b * stride_kb + off_h * stride_kh) * UNIT
+    V += (off_b * stride_vb + off_h * stride_vh) * UNIT
+    DO += (off_b * stride_dob + off_h * stride_doh) * UNIT
+    DK += (off_b * stride_dkb + off_h * stride_dkh) * UNIT
+    DV += (off_b * stride_dkb + off_h * stride_dkh) * UNIT
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+
+    # Masked keys load as zeros and get P = dS = 0: their dK, dV are exactly 0; rows past Tk are never stored.
+    ok = _keys_ok(MASK + off_b * stride_mb, cols, TK, stride_mt, HAS_MASK)
+    k0, k1 = _load_rows(K, cols, ok, stride_kt, UNIT, HEAD_DIM, D0, D1)
+    v0, v1 = _load_rows(V, cols, ok, stride_vt, UNIT, HEAD_DIM, D0, D1)
+    dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
+    dv1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
+    for start_m in range(0, TQ, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < TQ
+        q0, q1 = _load_rows(Q, rows, row_ok, stride_qt, UNIT, HEAD_DIM, D0, D1)
+        do0, do1 = _load_rows(DO, rows, row_ok, stride_dot, UNIT, HEAD_DIM, D0, D1)
+        lse = tl.load(LSE + pid_bh * TQ + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + pid_bh * TQ + rows, mask=row_ok, other=0.0)
+        p_t, ds_t = _recompute_p_ds(k0, k1, q0, q1, v0, v1, do0, do1, lse, delta, ok, qk_scale,
+                                    True, D1, DOT_PRECISION)  # (BLOCK_N, BLOCK_M): keys on rows
+        dv0 = tl.dot(p_t.to(do0.dtype), do0, dv0, input_precision=DOT_PRECISION)
+        dk0 = tl.dot(ds_t.to(q0.dtype), q0, dk0, input_precision=DOT_PRECISION)
+        if D1 > 0:
+            dv1 = tl.dot(p_t.to(do1.dtype), do1, dv1, input_precision=DOT_PRECISION)
+            dk1 = tl.dot(ds_t.to(q1.dtype), q1, dk1, input_precision=DOT_PRECISION)
+    col_ok = cols < TK
+    _store_rows(DK, dk0 * sm_scale, dk1 * sm_scale, cols, col_ok, stride_dkt, UNIT, HEAD_DIM, D0, D1)
+    _store_rows(DV, dv0, dv1, cols, col_ok, stride_dkt, UNIT, HEAD_DIM, D0, D1)
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
+@triton.jit(do_not_specialize=_BUCKETS)
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO,  # (B, H, T, D), unit head-dim stride
+    MASK,  # uint8 (B, Tk); unused unless HAS_MASK
+    LSE, DELTA,  # fp32 (B, H, Tq)
+    DQ,  # (B, H, Tq, D) view of (B, Tq, H, D) memory
+    stride_qb, stride_qh, stride_qt,  # in units of UNIT elements
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    stride_mb, stride_mt,
+    H, TQ, TK,
+    sm_scale, qk_scale,
+    TQ_BUCKET, TK_BUCKET, BH_BUCKET,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program owns a block of queries and sweeps every key block: dQ = scale · dS K, dS = P ∘ (dO Vᵀ − delta).
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b, off_h = pid_bh // H, pid_bh % H
+    Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
+    K += (off_b * stride_kb + off_h * stride_kh) * UNIT
+    V += (off_b * stride_vb + off_h * stride_vh) * UNIT
+    DO += (off_b * stride_dob + off_h * stride_doh) * UNIT
+    DQ += (off_b * stride_dqb + off_h * stride_dqh) * UNIT
+    MASK += off_b * stride_mb
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < TQ
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q0, q1 = _load_rows(Q, rows, row_ok, stride_qt, UNIT, HEAD_DIM, D0, D1)
+    do0, do1 = _load_rows(DO, rows, row_ok, stride_dot, UNIT, HEAD_DIM, D0, D1)
+    lse = tl.load(LSE + pid_bh * TQ + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * TQ + rows, mask=row_ok, other=0.0)
+    dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
+    dq1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
+    for start_n in range(0, TK, BLOCK_N):
+        cols = start_n + offs_n
+        ok = _keys_ok(MASK, cols, TK, stride_mt, HAS_MASK)
+        k0, k1 = _load_rows(K, cols, ok, stride_kt, UNIT, HEAD_DIM, D0, D1)
+        v0, v1 = _load_rows(V, cols, ok, stride_vt, UNIT, HEAD_DIM, D0, D1)
+        _, ds = _recompute_p_ds(q0, q1, k0, k1, do0, do1, v0, v1, lse, delta, ok, qk_scale,
+                                False, D1, DOT_PRECISION)  # (BLOCK_M, BLOCK_N): queries on rows
+        dq0 = tl.dot(ds.to(k0.dtype), k0, dq0, input_precision=DOT_PRECISION)
+        if D1 > 0:
+            dq1 = tl.dot(ds.to(k1.dtype), k1, dq1, input_precision=DOT_PRECISION)
+    _store_rows(DQ, dq0 * sm_scale, dq1 * sm_scale, rows, row_ok, stride_dqt, UNIT, HEAD_DIM, D0, D1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launchers, registered as custom ops so torch.compile(fullgraph=True) traces through them
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _vec(t: torch.Tensor) -> int:
+    """Elements per 16-byte vector: the unit a row must start on for 16-byte loads, cp.async and TMA."""
+    return max(1, 16 // t.element_size())
+
+
+def _stride_unit(*tensors: torch.Tensor) -> int:
+    """16 bytes in elements if every batch/head/row stride of `tensors` is a multiple of it, else 1.
+
+    Strides are passed to the kernels divided by this unit, so Triton can prove 16-byte row alignment (it specializes
+    only pointers and integer arguments, not their products). Base pointers are Triton's own business: it specializes
+    on 16-byte-aligned data pointers, and `_aligned` copies views whose storage offset would break that.
+    """
+    vec = _vec(tensors[0])
+    ok = all(s % vec == 0 for t in tensors for s in _strides(t))
+    return vec if ok else 1
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    # Batch, head and row strides; 0 for a size-1 dim (its index is always 0, and its stride may be anything).
+    return tuple(s if n > 1 else 0 for s, n in zip(t.stride()[:3], t.shape[:3]))
+
+
+def _units(t: torch.Tensor, unit: int) -> tuple[int, int, int]:
+    return tuple(s // unit for s in _strides(t))
+
+
+def _meta(q: torch.Tensor, mask: torch.Tensor | None, unit: int):
+    """Kernel arguments shared by every launch: mask pointer/strides and the compile-time switches."""
+    d = q.shape[3]
+    fp32 = q.dtype == torch.float32
+    d0, d1 = _split_head_dim(d, fp32)
+    # A bool tensor is one byte per element; the uint8 view is read as 0/1 without a copy.
+    m = mask.view(torch.uint8) if mask is not None else q
+    mask_strides = tuple(mask.stride()) if mask is not None else (0, 0)
+    constexprs = dict(
+        HEAD_DIM=d, D0=d0, D1=d1, UNIT=unit, HAS_MASK=mask is not None,
+        DOT_PRECISION="ieee" if fp32 else "tf32",  # tf32 is ignored for fp16/bf16 operands
+    )
+    return m, mask_strides, constexprs
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(n, 1))
+
+
+@torch.library.triton_op("kernels::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    if b * h * tq == 0 or tk == 0:  # nothing to launch (and no empty-tensor pointers): no keys -> zeros
+        return q.new_zeros(b, tq, h, d), q.new_full((b, h, tq), float("inf"), dtype=torch.float32)
+    out = q.new_empty(b, tq, h, d)  # (B, Tq, H, D): heads side by side, so the caller's merge is a free reshape
+    lse = q.new_empty(b, h, tq, dtype=torch.float32)
+    o = out.transpose(1, 2)
+    unit = _stride_unit(q, k, v, o)
+    m, mask_strides, constexprs = _meta(q, mask, unit)
+    grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * h)  # noqa: E731
+    with cuda_device_guard(q):
+        torch.library.wrap_triton(_attention_fwd_kernel)[grid](
+            q, k, v, m, o, lse, *_units(q, unit), *_units(k, unit), *_units(v, unit), *_units(o, unit),
+            *mask_strides, h, tq, tk, scale * _LOG2E, _bucket(tq), _bucket(tk), _bucket(b * h), **constexprs,
+        )
+    return out, lse
+
+
+@torch.library.triton_op("kernels::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    mask: torch.Tensor | None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    if b * h * tq == 0 or tk == 0:  # no query rows or no keys: every gradient is zero (or empty)
+        return q.new_zeros(b, tq, h, d), k.new_zeros(b, tk, h, d), v.new_zeros(b, tk, h, d)
+    dq, dk, dv = q.new_empty(b, tq, h, d), k.new_empty(b, tk, h, d), v.new_empty(b, tk, h, d)
+    dq_, dk_, dv_ = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    delta = torch.empty_like(lse)
+    unit = _stride_unit(q, k, v, do, out, dq_, dk_)
+    m, mask_strides, constexprs = _meta(q, mask, unit)
+    common = (*_units(q, unit), *_units(k, unit), *_units(v, unit), *_units(do, unit))
+    tail = (h, tq, tk, scale, scale * _LOG2E, _bucket(tq), _bucket(tk), _bucket(b * h))
+    block_m = 64
+    grid_q = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * h)  # noqa: E731
+    grid_k = lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * h)  # noqa: E731
+    split = {key: constexprs[key] for key in ("HEAD_DIM", "D0", "D1", "UNIT")}
+    with cuda_device_guard(q):
+        torch.library.wrap_triton(_attention_bwd_delta_kernel)[(triton.cdiv(tq, block_m), b * h)](
+            out, do, delta, *_units(out, unit), *_units(do, unit), h, tq, **split, BLOCK_M=block_m,
+        )
+        torch.library.wrap_triton(_attention_bwd_dkdv_kernel)[grid_k](
+            q, k, v, do, m, lse, delta, dk_, dv_, *common, *_units(dk_, unit), *mask_strides, *tail, **constexprs,
+        )
+        torch.library.wrap_triton(_attention_bwd_dq_kernel)[grid_q](
+            q, k, v, do, m, lse, delta, dq_, *common, *_units(dq_, unit), *mask_strides, *tail, **constexprs,
+        )
+    return dq, dk, dv
+
+
+def _prepare(t: torch.Tensor) -> torch.Tensor:
+    """The layout the kernels read fast: unit head-dim stride, rows on 16-byte boundaries where the head dim allows.
+
+    (B, H, T, D) contiguous, (B, T, H, D) transposed and fused-qkv (B, T, 3, H, D) views all qualify as they are
+    (their strides are multiples of D) and are never copied. A copy is made only for a view that is truly unaligned:
+    a non-unit head-dim stride, or (when D itself fills whole 16-byte vectors) a row stride or storage offset off the
+    16-byte grid. Head dims that are not a multiple of 16 bytes cannot be aligned by any copy and are read as they are.
+    """
+    d, vec = t.shape[-1], _vec(t)
+    if d > 1 and t.stride(-1) != 1:
+        return t.contiguous()
+    if d % vec == 0 and (t.storage_offset() % vec or any(s % vec for s in _strides(t))):
+        return t.clone(memory_format=torch.contiguous_format)  # fresh, aligned storage even for a contiguous view
+    return t
+
+
+def attention_fwd(q, k, v, scale: float, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> out (B, H, Tq, D) as a view of (B, Tq, H, D) memory, lse fp32 (B, H, Tq) in base 2."""
+    out, lse = _attention_fwd_op(_prepare(q), _prepare(k), _prepare(v), mask, scale)
+    return out.transpose(1, 2), lse
+
+
+def attention_bwd(do, q, k, v, out, lse, scale: float, mask=None):
+    """-> dq, dk, dv, each (B, H, T, D) as a view of (B, T, H, D) memory."""
+    dq, dk, dv = _attention_bwd_op(_prepare(do.to(q.dtype)), _prepare(q), _prepare(k), _prepare(v), out, lse, mask,
+                                   scale)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Autograd and the direct Triton entry point
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, mask):
+        q, k, v = _prepare(q), _prepare(k), _prepare(v)  # once here, so the backward reuses the same tensors
+        out, lse = attention_fwd(q, k, v, scale, mask)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, out, lse, ctx.scale, mask)
+        return dq, dk, dv, None, None
+
+
+def attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v with the Triton kernels. q (B, H, Tq, D), k/v (B, H, Tk, D) -> (B, H, Tq, D)."""
+    _check(q, k, v, scale, key_padding_mask)
+    check_kernel_dtype("attention", q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    # Empty B/H/Tq give empty results and Tk = 0 gives zeros: the launchers return those without a launch.
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return AttentionFunction.apply(q, k, v, scale, key_padding_mask)
+    return attention_fwd(q, k, v, scale, key_padding_mask)[0]
