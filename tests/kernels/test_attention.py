@@ -1,16 +1,21 @@
-"""Flash attention: Triton forward and backward against the torch reference (kernels/attention.py).
+"""Attention: Triton forward and backward against the torch reference (kernels/attention.py).
 
 On CPU the kernels run in the Triton interpreter (tests/conftest.py), so the shape set is a covering set, not a cross
-product: every Tq and Tk in {1, 7, 77, 257} (Tq != Tk included), every head dim the models use, both dtypes, masks.
+product: every Tq and Tk in {1, 7, 77, 257} (Tq != Tk included), every head dim the models use (one part: 16/32/64/
+128/256; two parts: 24 in fp32, 40, 48, 72, 80, 96), both dtypes, masks, the model's strided layouts.
 """
 
 import math
 
 import pytest
 import torch
+import triton
 
 import kernels
-from kernels.attention import attention_ref, attention_triton
+from kernels.attention import (
+    _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_fwd_kernel, _prepare, _split_head_dim, _stride_unit,
+    attention_ref, attention_triton,
+)
 from kernels.testing import assert_close_to_ref
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -37,6 +42,8 @@ CASES = [
     (1, 2, 1, 257, 16, F16, True),
     (2, 1, 257, 7, 96, F32, True),
     (1, 1, 1, 1, 48, F32, False),
+    (2, 2, 77, 7, 40, F16, True),  # 32 + 16 lanes
+    (2, 1, 7, 77, 24, F32, True),  # fp32: 16 + 8 lanes
     (2, 1, 7, 77, 1, F32, True),  # smallest head dim (padded to 16 lanes)
     (1, 1, 7, 77, 256, F32, False),  # largest head dim
 ]
@@ -161,6 +168,95 @@ def test_attention_gradcheck(device):
         return attention_triton(q.float(), k.float(), v.float(), key_padding_mask=mask).double()
 
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-3, atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("layout", ["bthd", "qkv"])
+@pytest.mark.parametrize("d, dtype", [(72, F16), (40, F32), (20, F16)], ids=["d72-f16", "d40-f32", "d20-f16"])
+def test_attention_strided_layouts(layout, d, dtype, device):
+    # The layouts the model passes, read in place: (B, T, H, D) transposed (Text VE) and the fused (B, T, 3, H, D) qkv
+    # projection unbound (DiT). D = 20 in fp16 (40-byte rows) cannot be 16-byte aligned: the unaligned path.
+    b, t, h = 2, 77, 3
+    if layout == "bthd":
+        q, k, v = (torch.randn(b, t, h, d, device=device, dtype=dtype).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = torch.randn(b, t, 3, h, d, device=device, dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    for x in (q, k, v):
+        assert _prepare(x) is x  # no copy
+    do = torch.randn(b, t, h, d, device=device, dtype=dtype).transpose(1, 2)
+    _check_against_ref(q, k, v, do, mask=_mask(b, t, device))
+
+
+def test_attention_stride_unit():
+    # Row/head strides reach the kernels in 16-byte units whenever every stride allows it: that is what lets Triton
+    # prove row alignment (16-byte loads, cp.async) at D = 24 and 72, whose rows are not 16 elements apart.
+    for d, dtype in ((72, F16), (24, BF16), (72, F32), (64, F16)):
+        qkv = torch.empty(2, 5, 3, 4, d, dtype=dtype)
+        q = qkv.permute(2, 0, 3, 1, 4)[0]
+        bthd = torch.empty(2, 5, 4, d, dtype=dtype).transpose(1, 2)
+        assert _stride_unit(q, bthd) == 16 // q.element_size()
+    assert _stride_unit(torch.empty(2, 4, 5, 20, dtype=F16)) == 1  # 40-byte rows
+    # A size-1 dim's stride is never used, so it does not spoil alignment.
+    assert _stride_unit(torch.empty(1, 4, 5, 72, dtype=F16).as_strided((1, 4, 5, 72), (3, 360, 72, 1))) == 8
+    # A truly unaligned view (rows 16 bytes apart, but starting 2 bytes in) is copied to fresh aligned storage.
+    base = torch.randn(2 * 3 * 5 * 72 + 1, dtype=F16)
+    off = base[1:].view(2, 3, 5, 72)
+    fixed = _prepare(off)
+    assert fixed.data_ptr() != off.data_ptr() and fixed.storage_offset() == 0 and torch.equal(fixed, off)
+
+
+def test_attention_head_dim_split():
+    # Non-power-of-two head dims run as two power-of-two parts: at most 1/8 padding for the DiT head dims.
+    assert _split_head_dim(72, fp32=False) == (64, 16)
+    assert _split_head_dim(96, fp32=False) == (64, 32)
+    assert _split_head_dim(24, fp32=True) == (16, 8)
+    for d in (72, 80, 96, 48):
+        assert sum(_split_head_dim(d, fp32=False)) <= d * 9 / 8
+    for d in range(1, 257):
+        for fp32 in (False, True):
+            d0, d1 = _split_head_dim(d, fp32)
+            assert d0 + d1 >= d and d0 + d1 <= max(16, triton.next_power_of_2(d))
+
+
+def test_attention_autotune_key_has_grid_bucket():
+    # A batch-16 launch must not reuse the tiles tuned for batch 1: B*H is part of every tuning key.
+    for kern in (_attention_fwd_kernel, _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel):
+        assert "BH_BUCKET" in kern.keys
+
+
+@pytest.mark.parametrize("dtype", [F32, F16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_attention_masked_keys_hold_nan_inf(bad, dtype, device):
+    # Fuzz find: a NaN/Inf in a key or value that the padding mask excludes used to turn the whole batch row to NaN.
+    # Masked keys must not contribute, whatever they hold: both backends give the result of zeros in those slots.
+    b, h, tq, tk, d = 2, 2, 7, 77, 72
+    q, k, v, do = (torch.randn(b, h, n, d, device=device, dtype=dtype) for n in (tq, tk, tk, tq))
+    mask = _mask(b, tk, device)
+    mask[0, 5] = False  # always at least one masked key in the live batch row
+    drop = ~mask[:, None, :, None]
+    dirty_k, dirty_v = k.masked_fill(drop, bad), v.masked_fill(drop, -bad)
+    clean_k, clean_v = k.masked_fill(drop, 0), v.masked_fill(drop, 0)
+    for fn in (attention_triton, attention_ref):
+        got = _grads(fn, (q, dirty_k, dirty_v), dtype, do, None, mask)
+        want = _grads(fn, (q, clean_k, clean_v), dtype, do, None, mask)
+        for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+            assert torch.isfinite(g).all(), f"{fn.__name__}: {name} is not finite"
+            torch.testing.assert_close(g, w, atol=0, rtol=0, msg=f"{fn.__name__}: {name}")
+    _check_against_ref(q, dirty_k, dirty_v, do, mask=mask)
+
+
+def test_attention_ref_fp16_scores_do_not_overflow(device):
+    # Fuzz find: the torch backend computed q·kᵀ in fp16, so scores past 65504 became Inf and the softmax NaN, though
+    # the scores are documented as fp32.
+    q = torch.full((1, 1, 3, 128), 16.0, device=device, dtype=F16)
+    k = torch.randn(1, 1, 9, 128, device=device, dtype=F16)
+    k[..., 4, :] = 48.0  # q·k = 16 * 48 * 128 = 98304 > 65504 for this key
+    v = torch.randn(1, 1, 9, 128, device=device, dtype=F16)
+    want = attention_ref(q.float(), k.float(), v.float(), scale=1.0)
+    for fn in (attention_ref, attention_triton):
+        out = fn(q, k, v, scale=1.0)
+        assert torch.isfinite(out).all(), fn.__name__
+        torch.testing.assert_close(out.float(), want, atol=1e-3, rtol=1e-3)
 
 
 def _bad(**over):
