@@ -170,20 +170,19 @@ def _recompute_p_ds(a0, a1, b0, b1, c0, c1, e0, e1, lse, delta, key_ok, qk_scale
     return p, ds
 
 
-def _split_head_dim(d: int, fp32: bool) -> tuple[int, int]:
+def _split_head_dim(d: int) -> tuple[int, int]:
     """(D0, D1): power-of-two parts covering head dim `d`, D1 = 0 for one part.
 
-    D0 is the largest power of two <= d, D1 the smallest power of two covering the rest, but at least tl.dot's
-    smallest contraction (16 for 16-bit, 8 for fp32): 72 -> 64+16, 80 -> 64+16, 96 -> 64+32, 48 -> 32+16, 40 -> 32+16
-    (fp32: 32+8). A split that saves nothing over the next power of two is not made (24 in fp16 -> 32).
+    D0 is the largest power of two <= d, D1 the smallest power of two covering the rest, but at least 16 (tl.dot's
+    smallest contraction on triton 3.6): 72 -> 64+16, 80 -> 64+16, 96 -> 64+32, 48 -> 32+16, 40 -> 32+16. A split that
+    saves nothing over the next power of two is not made (24 -> 32: a 16-bit MMA contracts 16 lanes at a time anyway).
     """
-    k_min = 8 if fp32 else 16
     full = max(16, triton.next_power_of_2(d))
     d0 = max(16, 1 << (d.bit_length() - 1))
     rest = d - d0
     if rest <= 0:
         return full, 0
-    d1 = max(k_min, triton.next_power_of_2(rest))
+    d1 = max(16, triton.next_power_of_2(rest))
     return (d0, d1) if d0 + d1 < full else (full, 0)
 
 
@@ -485,7 +484,7 @@ def _meta(q: torch.Tensor, mask: torch.Tensor | None, unit: int):
     """Kernel arguments shared by every launch: mask pointer/strides and the compile-time switches."""
     d = q.shape[3]
     fp32 = q.dtype == torch.float32
-    d0, d1 = _split_head_dim(d, fp32)
+    d0, d1 = _split_head_dim(d)
     # A bool tensor is one byte per element; the uint8 view is read as 0/1 without a copy.
     m = mask.view(torch.uint8) if mask is not None else q
     mask_strides = tuple(mask.stride()) if mask is not None else (0, 0)

@@ -1,8 +1,8 @@
 """Attention: Triton forward and backward against the torch reference (kernels/attention.py).
 
 On CPU the kernels run in the Triton interpreter (tests/conftest.py), so the shape set is a covering set, not a cross
-product: every Tq and Tk in {1, 7, 77, 257} (Tq != Tk included), every head dim the models use (one part: 16/32/64/
-128/256; two parts: 24 in fp32, 40, 48, 72, 80, 96), both dtypes, masks, the model's strided layouts.
+product: every Tq and Tk in {1, 7, 77, 257} (Tq != Tk included), every head dim the models use (one part: 1/16/24/
+32/64/128/256; two parts: 40, 48, 72, 80, 96), both dtypes, masks, the model's strided layouts.
 """
 
 import math
@@ -43,7 +43,7 @@ CASES = [
     (2, 1, 257, 7, 96, F32, True),
     (1, 1, 1, 1, 48, F32, False),
     (2, 2, 77, 7, 40, F16, True),  # 32 + 16 lanes
-    (2, 1, 7, 77, 24, F32, True),  # fp32: 16 + 8 lanes
+    (2, 1, 7, 77, 40, F32, True),
     (2, 1, 7, 77, 1, F32, True),  # smallest head dim (padded to 16 lanes)
     (1, 1, 7, 77, 256, F32, False),  # largest head dim
 ]
@@ -207,15 +207,14 @@ def test_attention_stride_unit():
 
 def test_attention_head_dim_split():
     # Non-power-of-two head dims run as two power-of-two parts: at most 1/8 padding for the DiT head dims.
-    assert _split_head_dim(72, fp32=False) == (64, 16)
-    assert _split_head_dim(96, fp32=False) == (64, 32)
-    assert _split_head_dim(24, fp32=True) == (16, 8)
+    assert _split_head_dim(72) == (64, 16)
+    assert _split_head_dim(96) == (64, 32)
+    assert _split_head_dim(64) == (64, 0)
     for d in (72, 80, 96, 48):
-        assert sum(_split_head_dim(d, fp32=False)) <= d * 9 / 8
+        assert sum(_split_head_dim(d)) <= d * 9 / 8
     for d in range(1, 257):
-        for fp32 in (False, True):
-            d0, d1 = _split_head_dim(d, fp32)
-            assert d0 + d1 >= d and d0 + d1 <= max(16, triton.next_power_of_2(d))
+        d0, d1 = _split_head_dim(d)
+        assert d0 + d1 >= d and d0 + d1 <= max(16, triton.next_power_of_2(d))
 
 
 def test_attention_autotune_key_has_grid_bucket():
