@@ -187,66 +187,84 @@ def _split_head_dim(d: int) -> tuple[int, int]:
 
 
 def _prune(kind: str):
-    """Keep the configs that compile without spills on sm_90 and sm_80 at this head split and dtype.
+    """Keep the configs that compile without spills on sm_90 and sm_80 at this head-dim split and dtype; for 16-bit
+    inputs prefer those whose dots can be wgmma on sm_90 (an M side of at least 64 rows).
 
-    The register rules were fitted to `ptxas -v` for both targets (triton 3.6 and 3.9); fp32 dots run on the FMA units
-    with IEEE precision, so fp32 gets its own, smaller budget.
+    Fitted to `ptxas -v` over every config x head dims 24..256 x both targets (triton 3.9, checked on 3.6). 16-bit:
+    a budget of fp32 values live per thread (accumulators, score tiles, resident operands), the largest that compiled
+    spill-free less a margin. fp32 runs its dots on the FMA units with IEEE precision, where small spills come and go
+    with no simple rule: each fp32 tile carries the widest padded head dim at which it was measured spill-free.
     """
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        dp = args["D0"] + args["D1"]
+        dp, split = args["D0"] + args["D1"], args["D1"] > 0
         fp32 = args["DOT_PRECISION"] == "ieee"  # "ieee" is used exactly for fp32 inputs
         elt = 4 if fp32 else 2
-        kept = []
+        fits, fast = [], []
         for c in configs:
-            bm, bn, st, threads = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, 32 * c.num_warps
+            bm, bn, st, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, c.num_warps
+            tile = (bm, bn, warps, st)
+            if (tile in _FP32_TILES[kind]) != fp32:
+                continue  # each dtype class tunes over its own tiles
             if kind == "fwd":  # resident Q; pipelined K, V; the O accumulator and the S/P tile
-                smem, acc, tile = bm * dp * elt + st * 2 * bn * dp * elt, bm * dp, bm * bn
+                smem, mma_m = (bm + st * 2 * bn) * dp * elt, bm
+                live = bm * dp + bm * bn + bm * dp * elt // 4
             elif kind == "dkdv":  # resident K, V; pipelined Q, dO; dK, dV accumulators; P and dS tiles
-                smem, acc, tile = 2 * bn * dp * elt + st * 2 * bm * dp * elt, 2 * bn * dp, 2 * bn * bm
+                smem, mma_m = (2 * bn + st * 2 * bm) * dp * elt, bn
+                live = 2 * bn * dp + 2 * bn * bm + bn * dp * elt // 2
             else:  # dq: resident Q, dO; pipelined K, V; the dQ accumulator; P and dS tiles
-                smem, acc, tile = 2 * bm * dp * elt + st * 2 * bn * dp * elt, bm * dp, 2 * bm * bn
-            fits = _FITS[kind][fp32](bm, bn, dp, acc, tile, threads)
-            if smem <= 160 * 1024 and fits:
-                kept.append(c)
+                smem, mma_m = (2 * bm + st * 2 * bn) * dp * elt, bm
+                live = bm * dp + 2 * bm * bn + bm * dp * elt // 2
+            threads = 32 * warps
+            if fp32:
+                ok = dp <= _FP32_TILES[kind][tile]
+            else:
+                ok = live <= _REG_BUDGET[kind] * threads
+                # Measured outlier: at a split head dim (64+16) this 8-warp tile spills 12 B on sm_80.
+                ok = ok and not (kind == "dkdv" and split and bm == 64 and warps == 8)
+            if ok and smem <= _SMEM_BUDGET:
+                fits.append(c)
+                if not fp32 and mma_m >= 64:
+                    fast.append(c)
         # Never prune to nothing: fall back to the config with the smallest tiles (the last one, by construction).
-        return kept or [configs[-1]]
+        return fast or fits or [configs[-1]]
 
     return prune
 
 
-# Register budget per kind and dtype (fp32?): fp32 values of accumulators and score tiles per thread.
-_FITS = {
-    "fwd": {False: lambda bm, bn, dp, acc, tile, th: acc + tile <= 96 * th,
-            True: lambda bm, bn, dp, acc, tile, th: bm * bn * dp <= 512 * th and acc + tile <= 64 * th},
-    "dkdv": {False: lambda bm, bn, dp, acc, tile, th: acc + tile <= 96 * th,
-             True: lambda bm, bn, dp, acc, tile, th: bm * bn * dp <= 256 * th and acc + tile <= 64 * th},
-    "dq": {False: lambda bm, bn, dp, acc, tile, th: acc + tile <= 96 * th,
-           True: lambda bm, bn, dp, acc, tile, th: bm * bn * dp <= 256 * th and acc + tile <= 64 * th},
-}
+# fp32 values per thread, per kernel, for 16-bit inputs.
+_REG_BUDGET = {"fwd": 192, "dkdv": 160, "dq": 256}
+# Shared memory of the tiles: sm_80 has 163 KB per block (sm_90 227 KB, but its wgmma staging uses more).
+_SMEM_BUDGET = 160 * 1024
 
 
-def _configs(tiles) -> list[triton.Config]:
+def _configs(*tile_lists) -> list[triton.Config]:
+    tiles = [t for tl_ in tile_lists for t in tl_]
     return autotune_configs(
         [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
     )
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry is the one the interpreter runs (one config only), so it
-# is small; the last is the smallest-footprint fallback. BLOCK_M tiles queries, BLOCK_N keys.
-_FWD_CONFIGS = _configs([
-    (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 32, 4, 2), (64, 32, 8, 2),
-    (32, 32, 4, 1), (32, 16, 8, 1),
-])
-_DKDV_CONFIGS = _configs([
-    (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 8, 2), (32, 32, 8, 2),
-    (16, 32, 4, 1), (16, 32, 8, 1),
-])
-_DQ_CONFIGS = _configs([
-    (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 16, 4, 2), (64, 16, 8, 2),
-    (32, 16, 4, 1), (32, 16, 8, 1),
-])
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M tiles queries, BLOCK_N keys. The first entry is the one the
+# interpreter runs (one config only). 16-bit inputs tune over the tensor-core tiles, fp32 over its own small tiles
+# (IEEE fp32 dots run on the FMA units), each limited to the head dims where it was measured spill-free. The last
+# entry, the smallest tile, is the fallback when nothing else fits.
+_FWD_TILES = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 32, 4, 2), (64, 32, 8, 2),
+              (32, 32, 4, 1), (32, 16, 8, 1)]
+_DKDV_TILES = [(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 8, 2),
+               (16, 32, 4, 1), (16, 32, 8, 1)]
+_DQ_TILES = [(64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 16, 4, 2), (64, 16, 8, 2),
+             (32, 16, 4, 1), (32, 16, 8, 1)]
+# fp32 tile -> the widest padded head dim (D0 + D1) at which it compiles spill-free on sm_90 and sm_80.
+_FP32_TILES = {
+    "fwd": {(32, 32, 8, 2): 256, (32, 16, 4, 2): 256, (16, 16, 4, 1): 256},
+    "dkdv": {(16, 16, 4, 1): 256},
+    "dq": {(32, 32, 8, 2): 256, (32, 16, 4, 2): 256, (16, 32, 4, 2): 256, (16, 16, 4, 1): 128},
+}
+_FWD_CONFIGS = _configs(_FWD_TILES, _FP32_TILES["fwd"])
+_DKDV_CONFIGS = _configs(_DKDV_TILES, _FP32_TILES["dkdv"])
+_DQ_CONFIGS = _configs(_DQ_TILES, _FP32_TILES["dq"])
 # Tuned per (length buckets, grid bucket = B·H, head dim, mask, stride unit); the autotuner adds the dtypes itself.
 _TUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET", "HEAD_DIM", "HAS_MASK", "UNIT"]
 _BUCKETS = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET"]

@@ -6,6 +6,7 @@ product: every Tq and Tk in {1, 7, 77, 257} (Tq != Tk included), every head dim 
 """
 
 import math
+import sys
 
 import pytest
 import torch
@@ -13,10 +14,12 @@ import triton
 
 import kernels
 from kernels.attention import (
-    _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_fwd_kernel, _prepare, _split_head_dim, _stride_unit,
-    attention_ref, attention_triton,
+    _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_fwd_kernel, _prepare, _split_head_dim,
+    _stride_unit, attention_ref, attention_triton,
 )
 from kernels.testing import assert_close_to_ref
+
+attn_mod = sys.modules["kernels.attention"]  # `kernels.attention` itself is the op, not this module
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -215,6 +218,26 @@ def test_attention_head_dim_split():
     for d in range(1, 257):
         d0, d1 = _split_head_dim(d)
         assert d0 + d1 >= d and d0 + d1 <= max(16, triton.next_power_of_2(d))
+
+
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+def test_attention_prune(kind):
+    # 16-bit: only tiles whose dots can be wgmma on sm_90 (M side >= 64) at the DiT head dims; fp32: only its own
+    # small FMA tiles. (That the kept tiles compile spill-free is the compile report's check.)
+    tiles = {"fwd": attn_mod._FWD_TILES, "dkdv": attn_mod._DKDV_TILES, "dq": attn_mod._DQ_TILES}[kind]
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+               for bm, bn, w, s in [*tiles, *attn_mod._FP32_TILES[kind]]]
+    prune = attn_mod._prune(kind)
+    for d in (24, 48, 64, 72, 80, 96, 128):
+        d0, d1 = _split_head_dim(d)
+        args = dict(D0=d0, D1=d1)
+        kept = prune(configs, dict(args, DOT_PRECISION="tf32"))
+        assert kept and all((c.kwargs["BLOCK_N"] if kind == "dkdv" else c.kwargs["BLOCK_M"]) >= 64 for c in kept)
+        assert not any((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                       in attn_mod._FP32_TILES[kind] for c in kept)
+        kept32 = prune(configs, dict(args, DOT_PRECISION="ieee"))
+        assert kept32 and all((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                              in attn_mod._FP32_TILES[kind] for c in kept32)
 
 
 def test_attention_autotune_key_has_grid_bucket():

@@ -97,7 +97,8 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     (gated_adaln, "gated_residual_adaln_ref", "gated_residual_adaln",
      lambda: (torch.randn(2, 3, 7), torch.randn(2, 3, 7), torch.randn(2, 7), torch.randn(2, 7), torch.randn(2, 7))),
     # `kernels.attention` is the op, which shadows its module of the same name: fetch the module itself.
-    (importlib.import_module("kernels.attention"), "attention_ref", "attention", lambda: tuple(torch.randn(1, 2, 7, 32) for _ in range(3))),
+    (importlib.import_module("kernels.attention"), "attention_ref", "attention",
+     lambda: tuple(torch.randn(1, 2, 7, 32) for _ in range(3))),
 ])
 def test_the_triton_kernels_themselves_ran(monkeypatch, module, ref_name, op_name, make):
     """On this machine `auto` and `triton` run the real Triton kernels: with the torch reference sabotaged, the op
