@@ -224,6 +224,8 @@ def _prune(kind: str):
                 # Measured outlier: at a split head dim (64+16) this 8-warp tile spills 12 B on sm_80.
                 ok = ok and not (kind == "dkdv" and split and bm == 64 and warps == 8)
                 ok = ok and (kind, dp, tile) not in _PTXAS_SPILLS
+            # At least two elements per thread in every tile load, or it would be one-element (scalar) loads.
+            ok = ok and min(bm, bn) * (args["D1"] or args["D0"]) >= 2 * threads
             if ok and smem <= _SMEM_BUDGET:
                 fits.append(c)
                 if not fp32 and mma_m >= 64:
