@@ -83,7 +83,8 @@ class TextEncoder(nn.Module):
     def __init__(self, name: str = MINILM, max_length: int = 77, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None):
         super().__init__()
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
 
         if not isinstance(name, str) or not name:
             raise ValueError(f"text encoder name must be a non-empty string, got {name!r}")
@@ -96,7 +97,8 @@ class TextEncoder(nn.Module):
             config = AutoConfig.from_pretrained(path, **kw)
             self.kind = {"clip": "clip", "clip_text_model": "clip", "t5": "t5", "mt5": "t5", "umt5": "t5"}.get(
                 config.model_type, "auto")
-            cls = {"clip": CLIPTextModel, "t5": T5EncoderModel, "auto": AutoModel}[self.kind]
+            # by name: importing every model class costs seconds (transformers builds each module on first access)
+            cls = getattr(transformers, {"clip": "CLIPTextModel", "t5": "T5EncoderModel", "auto": "AutoModel"}[self.kind])
             self.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
             self.model = cls.from_pretrained(path, **kw, **_dtype_kwarg(dtype))
         self.model.requires_grad_(False)
