@@ -51,6 +51,27 @@ def test_fast_sampler_call_overrides_and_no_mutation():
     assert torch.equal(z0, keep)
 
 
+def test_fast_sampler_asks_sampling_guidance_and_reports_steps(monkeypatch):
+    """Guidance on/off is decided by `crossflow.sampling.guidance` alone, in FastSampler too; the progress callback
+    sees every step (eagerly one by one; after a replay all at once)."""
+    from crossflow import sampling
+
+    calls = []
+
+    class Recorder(Affine):
+        def forward(self, x, t, indicator):
+            calls.append(x.shape[0])
+            return super().forward(x, t, indicator)
+
+    z0, done = torch.randn(3, 4, 5, 5), []
+    FastSampler(steps=2, guidance_scale=7.0)(Recorder(), z0, callback=done.append)
+    assert calls == [6, 6] and sum(done) == 2
+    calls.clear()
+    monkeypatch.setattr(sampling, "guidance", lambda s: None)
+    FastSampler(steps=2, guidance_scale=7.0)(Recorder(), z0)
+    assert calls == [3, 3]
+
+
 def test_fast_sampler_bad_arguments():
     with pytest.raises(ValueError, match="max_graphs"):
         FastSampler(max_graphs=0)

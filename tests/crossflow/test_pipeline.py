@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+import kernels
+
 from crossflow.autoencoder import build_autoencoder
 from crossflow.config import CrossFlowConfig
 from crossflow.model import CrossFlow
@@ -77,7 +79,14 @@ def test_to_pil_modes():
         to_pil(torch.zeros(1, 4, 2, 2))
 
 
-def test_latents_in_are_the_prompt_path(pipe):
+@pytest.fixture
+def torch_backend():
+    """For tests of the pipeline's plumbing: the kernels are tested on their own, the interpreter is slow."""
+    with kernels.use_backend("torch"):
+        yield
+
+
+def test_latents_in_are_the_prompt_path(pipe, torch_backend):
     """pipe(z0=...) is the same call from given start latents (what interpolation and arithmetic use)."""
     z0 = pipe.encode_prompts(["one", "seven"], 2, torch.Generator().manual_seed(4))
     from_prompts = pipe(["one", "seven"], num_images_per_prompt=2, seed=4, output_type="pt")
@@ -94,7 +103,7 @@ def test_latents_in_are_the_prompt_path(pipe):
     (dict(prompts=""), "empty or whitespace"),
     (dict(prompts="x", guidance_scale=-1.0), "guidance_scale"),
 ])
-def test_bad_latent_and_prompt_input_raises(pipe, kwargs, match):
+def test_bad_latent_and_prompt_input_raises(pipe, kwargs, match, torch_backend):
     with pytest.raises(ValueError, match=match):
         pipe(**kwargs)
 
@@ -104,7 +113,7 @@ class _TTY(io.StringIO):
         return True
 
 
-def test_progress_bar_counts_the_steps_on_a_terminal(pipe, monkeypatch):
+def test_progress_bar_counts_the_steps_on_a_terminal(pipe, monkeypatch, torch_backend):
     tty = _TTY()
     monkeypatch.setattr(sys, "stderr", tty)
     pipe("one", steps=3, progress=True, output_type="latent")
