@@ -36,9 +36,10 @@ BACKENDS = ("auto", "torch", "triton")
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 MAX_UPSCALE = 16  # nearest-neighbour blow-up of a grid: 16 x 16 px digits -> 256 px cells; more only costs memory
 GRID_GAP = 2  # pixels between grid cells (before upscaling), so neighbouring samples do not merge
-# On the CPU, a flow network this small does too little work per op for intra-op threads to pay: at the digits
-# preset (2.8 M) one thread is as fast as two on an idle 2-core machine and several times faster on a busy one
-# (benchmarks/cli_startup.py; README "Threads"). dit-s-2 (32.5 M) and up keep torch's default.
+# On the CPU, a flow network this small does too little work per op for intra-op threads to pay (the digits preset,
+# 2.8 M: matrix products of a few MFLOP), and threads competing for busy cores cost it dearly: 50 digits steps took
+# 0.4-1.2 s on one thread and 14-20 s on two on a 2-core machine at load 9. dit-s-2 (32.5 M) and up keep torch's
+# default, which pays for them on an idle machine.
 SMALL_FLOW_PARAMS = 16_000_000
 
 
