@@ -2,6 +2,7 @@
 layout (`libs/model/dit_t2i.py` on timm layers; `libs/model/trans_autoencoder.py`), not against our modules."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -287,7 +288,7 @@ def test_pickles_with_objects_are_refused(tmp_path):
         load_official_checkpoint(tmp_path / "missing.pth", TINY)
 
 
-def test_cli_convert_writes_a_loadable_checkpoint(tmp_path):
+def test_cli_convert_writes_a_loadable_checkpoint(tmp_path, capsys):
     from crossflow import cli
     from crossflow.model import CrossFlow
 
@@ -295,7 +296,14 @@ def test_cli_convert_writes_a_loadable_checkpoint(tmp_path):
     torch.save(sd, tmp_path / "official.pth")
     cli.main(["convert", str(tmp_path / "official.pth"), "--preset", "tiny", "-o", str(tmp_path / "ours")])
     _check_against_reference(CrossFlow.from_pretrained(tmp_path / "ours"), sd, TINY)
-    with pytest.raises(SystemExit, match="unknown preset|choose one of"):
-        cli.main(["convert", str(tmp_path / "official.pth"), "--preset", "nope", "-o", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="no such file"):
-        cli.main(["convert", str(tmp_path / "missing.pth"), "--preset", "tiny", "-o", str(tmp_path / "x")])
+    for argv, match in (
+        (["convert", str(tmp_path / "official.pth"), "--preset", "nope", "-o", str(tmp_path / "x")],
+         "unknown preset|choose one of"),
+        (["convert", str(tmp_path / "missing.pth"), "--preset", "tiny", "-o", str(tmp_path / "x")], "no such file"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith("crossflow: error: ") and err.count("\n") == 1
+        assert re.search(match, err), err
