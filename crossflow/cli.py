@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -75,15 +74,13 @@ def _device(name: str | None):
     return device
 
 
-def _backend(name: str | None, device):
-    """The kernels backend context; None = KERNELS_BACKEND, else auto. A forced triton that cannot run on `device`
-    is refused here, before anything is loaded."""
+def _backend(name: str, device):
+    """The kernels backend context, as `crossflow train` sets it (auto = Triton where it can run, else torch; it
+    overrides KERNELS_BACKEND). A forced triton that cannot run on `device` is refused here, before anything loads."""
     import torch
 
     import kernels
 
-    if name is None:
-        return nullcontext()
     if name == "triton" and not kernels.triton_ok(torch.empty(0, device=device)):
         where = ("Triton needs a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)"
                  if device.type == "cpu" else "Triton is built for the CPU interpreter here (TRITON_INTERPRET=1)")
@@ -290,8 +287,8 @@ def _image_path(text: str) -> str:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="model directory (default: the shipped digits model)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--backend", default=None, choices=BACKENDS,
-                   help="kernels backend (default: $KERNELS_BACKEND, else auto: Triton where it can run)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="kernels backend; auto: Triton where it can run, else torch")
     p.add_argument("--steps", type=_int_at_least(1), default=None,
                    help="Euler steps (default: the checkpoint's sampling.json, else 50)")
     p.add_argument("--guidance", type=_guidance, default=None,

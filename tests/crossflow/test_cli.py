@@ -135,7 +135,7 @@ def test_cli_progress_bar_on_a_terminal_only(tiny_digits_run, tmp_path, monkeypa
 def test_cli_entry_point_subprocess(tiny_digits_run, tmp_path):
     png = tmp_path / "one.png"
     r = _run("sample", "a handwritten two", "-o", str(png), "--steps", "2", "--checkpoint", str(tiny_digits_run),
-             env=_env(KERNELS_BACKEND="torch"))
+             "--backend", "torch")
     assert r.returncode == 0, r.stderr
     assert png.is_file() and "wrote" in r.stdout
     assert r.stderr == ""  # not a terminal: no progress bar, and no library loading noise
