@@ -3,8 +3,8 @@
 for a "before" and an "after" source tree (each run with PYTHONPATH set to that tree, so the same interpreter and
 packages run both).
 
-    python -m benchmarks.cli_startup --before /work/main --runs 5             # -> benchmarks/results/<date>_cpu_cli-startup.json
-    python -m benchmarks.cli_startup --runs 1 --cases help --out /tmp/x.json  # a quick check of this script
+    python -m benchmarks.cli_startup --before /work/main --runs 5     # -> results/<date>_cpu_cli-startup.json
+    python -m benchmarks.cli_startup --runs 1 --cases help --out /tmp/x.json   # a quick check of this script
 
 Runs of the two trees alternate (before, after, before, ...) so that a change in the machine's load hits both alike.
 The JSON records every run's wall time and exit status, their median / min / max, and the machine: CPUs available,

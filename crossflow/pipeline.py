@@ -4,7 +4,8 @@
     images = pipe(["a handwritten seven", "a zero"], num_images_per_prompt=2, seed=0)   # list of PIL images
 
 prompts -> frozen text encoder (token embeddings + mask) -> Text VE sample z0 (the only randomness: the generator /
-seed) -> sampler (FastSampler: Euler + indicator CFG, CUDA-graph captured on a GPU) -> z1 -> autoencoder decode -> images in [-1, 1] -> output.
+seed; or z0 given, `pipe(z0=latents)`) -> sampler (FastSampler: Euler + indicator CFG, CUDA-graph captured on a GPU)
+-> z1 -> autoencoder decode -> images in [-1, 1] -> output.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ class CrossFlowPipeline:
 
     text_encoder: callable `prompts -> (emb (B, L, Dt), mask (B, L) bool)` (`crossflow.text_encoder.TextEncoder`);
     model: a `CrossFlow`; autoencoder: `decode(latents (B, C, H, W)) -> images (B, C', H', W') in [-1, 1]`;
-    sampler: `sampler(model, z0, steps=..., guidance_scale=...) -> z1`, default `FastSampler()` (50 steps, s = 7):
-    CUDA-graph captured on a GPU, the same ops eagerly (exactly `EulerSampler`) elsewhere.
+    sampler: `sampler(model, z0, steps=..., guidance_scale=...) -> z1` (and `callback=` for a progress bar), default
+    `FastSampler()` (50 steps, s = 7): CUDA-graph captured on a GPU, the same ops eagerly (exactly `EulerSampler`)
+    elsewhere.
     """
 
     def __init__(self, text_encoder: Any, model: torch.nn.Module, autoencoder: Any, sampler: Any | None = None) -> None:
@@ -89,7 +91,8 @@ class CrossFlowPipeline:
             raise ValueError(f"prompts must be a non-empty string or list of strings, got {prompts!r:.200}")
         blank = [i for i, p in enumerate(prompts) if not p.strip()]
         if blank:  # the model has no "empty prompt" to draw: CrossFlow's unconditional branch is the indicator
-            raise ValueError(f"prompts must not be empty or whitespace only (prompt {blank[0]} is {prompts[blank[0]]!r})")
+            raise ValueError(
+                f"prompts must not be empty or whitespace only (prompt {blank[0]} is {prompts[blank[0]]!r})")
         return prompts
 
     @torch.no_grad()

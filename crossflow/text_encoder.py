@@ -98,7 +98,8 @@ class TextEncoder(nn.Module):
             self.kind = {"clip": "clip", "clip_text_model": "clip", "t5": "t5", "mt5": "t5", "umt5": "t5"}.get(
                 config.model_type, "auto")
             # by name: importing every model class costs seconds (transformers builds each module on first access)
-            cls = getattr(transformers, {"clip": "CLIPTextModel", "t5": "T5EncoderModel", "auto": "AutoModel"}[self.kind])
+            name_of = {"clip": "CLIPTextModel", "t5": "T5EncoderModel", "auto": "AutoModel"}
+            cls = getattr(transformers, name_of[self.kind])
             self.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
             self.model = cls.from_pretrained(path, **kw, **_dtype_kwarg(dtype))
         self.model.requires_grad_(False)
