@@ -101,17 +101,28 @@ def _checkpoint(path: str | None) -> str:
     return path
 
 
+_threads_before: list[int] = []  # the count `_cap_threads` replaced; `main` puts it back (cli.main called in-process)
+
+
 def _cap_threads(model, device, threads: int | None) -> None:
     """Intra-op threads: --threads if given; else one for a small flow network on the CPU (see SMALL_FLOW_PARAMS),
     unless OMP_NUM_THREADS was set by the user; else torch's default."""
     import torch
 
+    small = sum(p.numel() for p in getattr(model, "flow", model).parameters()) < SMALL_FLOW_PARAMS
+    if threads is None and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and small:
+        threads = 1
     if threads is not None:
+        _threads_before.append(torch.get_num_threads())
         torch.set_num_threads(threads)
-    elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        flow = getattr(model, "flow", model)
-        if sum(p.numel() for p in flow.parameters()) < SMALL_FLOW_PARAMS:
-            torch.set_num_threads(1)
+
+
+def _restore_threads() -> None:
+    if _threads_before:
+        import torch
+
+        torch.set_num_threads(_threads_before[0])
+        _threads_before.clear()
 
 
 def _pipeline(args, device):
@@ -373,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("crossflow: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        _restore_threads()
     if code:
         raise SystemExit(code)
     return 0

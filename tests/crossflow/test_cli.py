@@ -299,5 +299,7 @@ def test_small_models_sample_on_one_thread_large_ones_keep_the_default(monkeypat
         monkeypatch.delenv("OMP_NUM_THREADS")
         cli._cap_threads(small, cpu, None)
         assert torch.get_num_threads() == 1
+        cli._restore_threads()  # what main does on the way out: no leak into the calling process
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
