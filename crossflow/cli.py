@@ -23,6 +23,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from crossflow._cli_base import HelpFormatter as _HelpFormatter
+from crossflow._cli_base import Parser as _Parser
+
 # Training recipes: defaults applied by `crossflow train --preset NAME`; explicit flags win.
 RECIPES: dict[str, dict[str, Any]] = {
     "digits": dict(data="digits", steps=3600, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999,
@@ -38,24 +41,8 @@ GRID_GAP = 2  # pixels between grid cells (before upscaling), so neighbouring sa
 # On the CPU, a flow network this small does too little work per op for intra-op threads to pay (the digits preset,
 # 2.8 M: matrix products of a few MFLOP), and threads competing for busy cores cost it dearly: 50 digits steps took
 # 0.4-1.2 s on one thread and 14-20 s on two on a 2-core machine at load 9. dit-s-2 (32.5 M) and up keep torch's
-# default, which pays for them on an idle machine.
+# default: their products (hundreds of MFLOP at 256 tokens) are what intra-op threads are made for.
 SMALL_FLOW_PARAMS = 16_000_000
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (prefix `crossflow: error:`, a pointer to --help) and exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"crossflow: error: {message} (see `{self.prog} --help`)\n")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every default, except None and flags, whose help text says what they mean."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

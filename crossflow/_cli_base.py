@@ -1,0 +1,22 @@
+"""The argparse classes every `crossflow` verb's parser uses (standard library only, so that `crossflow --help` stays
+instant, and importable by `crossflow.train` without importing the CLI)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (prefix `crossflow: error:`, a pointer to --help) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"crossflow: error: {message} (see `{self.prog} --help`)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default, except None and flags, whose help text says what they mean."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
