@@ -303,3 +303,14 @@ def test_small_models_sample_on_one_thread_large_ones_keep_the_default(monkeypat
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_package_exports_resolve_lazily():
+    """`import crossflow` imports nothing heavy (checked above); each public name still resolves on first use."""
+    import crossflow
+
+    for name in crossflow.__all__:
+        assert getattr(crossflow, name) is not None, name
+    assert set(crossflow.__all__) <= set(dir(crossflow))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        crossflow.nope  # noqa: B018
