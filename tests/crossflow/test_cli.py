@@ -314,3 +314,18 @@ def test_package_exports_resolve_lazily():
     assert set(crossflow.__all__) <= set(dir(crossflow))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         crossflow.nope  # noqa: B018
+
+
+def test_startup_benchmark_runs(tmp_path):
+    """benchmarks/cli_startup.py end to end on its cheapest case (the timings themselves are not checked)."""
+    from benchmarks import cli_startup
+
+    out = tmp_path / "startup.json"
+    res = cli_startup.main(["--before", str(REPO), "--runs", "2", "--warmup", "0", "--cases", "help", "--out",
+                            str(out)])
+    assert json.loads(out.read_text()) == res
+    assert res["machine"]["nproc"] >= 1 and len(res["machine"]["loadavg_start"]) == 3
+    for tree in ("before", "after"):
+        stats = res["results"]["help"][tree]
+        assert stats["n"] == 2 and all(r["returncode"] == 0 for r in stats["runs"])
+        assert stats["min_s"] <= stats["median_s"] <= stats["max_s"]
