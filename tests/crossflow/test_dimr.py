@@ -417,24 +417,26 @@ def test_forward_matches_official(layout, norm_type):
     oracle64.load_state_dict(oracle.state_dict())
     B = 4
     x = torch.randn(B, *cfg.latent_shape)
-    cases = [torch.tensor([0.0, 0.3, 0.71, 1.0]), torch.full((B,), 0.45), torch.rand(B)]
+    mixed = torch.tensor([True, False, False, True])
+    cases = [  # equal t across the batch takes the official seed_time shortcut (one row of TD parameters)
+        (torch.tensor([0.0, 0.3, 0.71, 1.0]), mixed), (torch.full((B,), 0.45), torch.zeros(B, dtype=torch.bool)),
+        (torch.full((B,), 0.45), torch.ones(B, dtype=torch.bool)), (torch.rand(B), ~mixed),
+    ]
     with kernels.use_backend("torch"), torch.no_grad():
-        for t in cases:
-            for ind in (torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool),
-                        torch.tensor([True, False, False, True])):
-                log_snr = 4 - t * 8
-                ref64 = oracle64(x.double(), log_snr, ind)
-                ref32 = oracle(x, log_snr, ind)
-                got = ours(x, t, ind.long(), return_all=True)
-                assert len(got) == len(ref64) == len(cfg.stages)
-                for lvl, (g, r64, r32) in enumerate(zip(got, ref64, ref32)):
-                    assert g.shape == r64.shape
-                    own = (r32.double() - r64).abs().max().item()
-                    err = (g.double() - r64).abs().max().item()
-                    floor = 2 * torch.finfo(torch.float32).eps * r64.abs().max().item()
-                    assert err <= 2 * own + floor, (f"level {lvl}, t={t.tolist()}, indicator={ind.tolist()}: "
-                                                    f"error {err:.3e} vs PyTorch fp32 {own:.3e}")
-                torch.testing.assert_close(ours(x, t, ind), got[-1], rtol=0, atol=0)
+        for t, ind in cases:
+            log_snr = 4 - t * 8
+            ref64 = oracle64(x.double(), log_snr, ind)
+            ref32 = oracle(x, log_snr, ind)
+            got = ours(x, t, ind.long(), return_all=True)
+            assert len(got) == len(ref64) == len(cfg.stages)
+            for lvl, (g, r64, r32) in enumerate(zip(got, ref64, ref32)):
+                assert g.shape == r64.shape
+                own = (r32.double() - r64).abs().max().item()
+                err = (g.double() - r64).abs().max().item()
+                floor = 2 * torch.finfo(torch.float32).eps * r64.abs().max().item()
+                assert err <= 2 * own + floor, (f"level {lvl}, t={t.tolist()}, indicator={ind.tolist()}: "
+                                                f"error {err:.3e} vs PyTorch fp32 {own:.3e}")
+            torch.testing.assert_close(ours(x, t, ind), got[-1], rtol=0, atol=0)
 
 
 def test_time_and_indicator_matter():
