@@ -221,7 +221,7 @@ DIMR_CONFIGS: dict[str, DiMRConfig] = {
                 DiMRStage("convnext", 8, 16, 3, 8, 1)),
     ),
     # The 16x16 one-channel digits data: a transformer stage on 4x4 patches (4x4 tokens) + a ConvNeXt stage at 8x8 and
-    # one at full resolution; ~2.3 M parameters, the size of the `digits` DiT.
+    # one at full resolution; 3.0 M parameters (the `digits` DiT flow: 2.8 M).
     "dimr-digits": DiMRConfig(
         latent_channels=1, latent_size=16, loss_coeffs=(1 / 4, 1 / 2, 1.0),
         stages=(DiMRStage("transformer", 192, 384, 5, 4, 4, num_heads=6), DiMRStage("convnext", 96, 192, 5, 8, 2),
@@ -237,7 +237,8 @@ OFFICIAL_CHECKPOINTS: dict[str, dict[str, Any]] = {
     "dimr-512-clip": dict(file="t2i_512px_clip_dimr.pth", text="clip", text_dim=768, cfg_dropout=0.15, lr=1e-5),
     "dimr-512-t5": dict(file="t2i_512px_t5_dimr.pth", text="t5", text_dim=4096, cfg_dropout=0.15, lr=1e-5),
 }
-OFFICIAL_SAMPLING = dict(steps=50, guidance_scale=7.0, official_grid=True)  # `config.sample` + ODEEulerFlowMatchingSolver
+# `config.sample` (50 steps, scale 7) on the `ODEEulerFlowMatchingSolver` grid
+OFFICIAL_SAMPLING = dict(steps=50, guidance_scale=7.0, official_grid=True)
 
 
 #################################################################################
