@@ -46,8 +46,13 @@ Deviations from the official module, none changing the math in fp32:
 Converting an official state dict: `crossflow.convert_dimr`.
 
 Future kernels (torch references here, to move into `kernels/` with their Triton twins when a benchmark says they pay):
-`time_dependent_ref` (all TD parameters of a stage in one launch), `qk_norm_ref`, `geglu_ref` (the MLP epilogue), and
-the 67584-wide TD-LayerNorm of the skip concat (`layer_norm_td_ref`; too wide for the one-row-per-program adaLN kernel).
+  * the time-dependent norm with its parameter blend inside: `td_rms_norm(x, p0, p1, w, b, tau)` computing s(t) per
+    sample in registers (`time_dependent_ref` + the rms modulate): today each TD parameter costs 4 tiny launches
+    (~170 per forward at 256 px). Batching them across blocks instead (one stacked evaluation per stage) would read
+    every block's parameters outside its forward, which per-block FSDP sharding and activation checkpointing forbid;
+  * `qk_norm_ref` (the opt-in QKNorm, fused into the attention prologue), `geglu_ref` (the MLP's GEGLU epilogue);
+  * the 67584-wide TD-LayerNorm of the skip concat (`layer_norm_td_ref`; too wide for the one-row-per-program adaLN
+    kernel), ideally fused with the concat (per-skip statistics, no (B, 256, 67584) copy).
 """
 
 from __future__ import annotations
@@ -231,11 +236,21 @@ DIMR_CONFIGS: dict[str, DiMRConfig] = {
 
 # What the integrator needs besides the flow network, per released checkpoint (README of qihao067/CrossFlow and the
 # configs): file, text encoder, its width, the cfg-indicator training rate, learning rate, and the sampler defaults.
+# `crossflow_fields` are the `CrossFlowConfig` fields of the text side and objective for that checkpoint (the Text VE
+# they build has the official `context_encoder` shapes: 110.2 / 165.2 / 97.5 / 142.4 M parameters).
+_VE = dict(latent_channels=4, text_len=77, ve_layers=11, ve_heads=8, ve_ff=1024, ve_reductions=3, ve_dropout=0.1,
+           autoencoder="CompVis/stable-diffusion-v1-4/vae")
+_CLIP = dict(text_encoder="openai/clip-vit-large-patch14", text_dim=768, text_scale=1.0)
+_T5 = dict(text_encoder="DeepFloyd/t5-v1_1-xxl", text_dim=4096, text_scale=10.0, ve_compress_dim=1024)
+_AT256 = dict(latent_size=32, cfg_dropout=0.10)
+_AT512 = dict(latent_size=64, cfg_dropout=0.15, ve_adaptor=True, ve_adaptor_grid=64)
 OFFICIAL_CHECKPOINTS: dict[str, dict[str, Any]] = {
-    "dimr-256-clip": dict(file="t2i_256px_clip_dimr.pth", text="clip", text_dim=768, cfg_dropout=0.10, lr=1e-5),
-    "dimr-256-t5": dict(file="t2i_256px_t5_dimr.pth", text="t5", text_dim=4096, cfg_dropout=0.10, lr=5e-5),
-    "dimr-512-clip": dict(file="t2i_512px_clip_dimr.pth", text="clip", text_dim=768, cfg_dropout=0.15, lr=1e-5),
-    "dimr-512-t5": dict(file="t2i_512px_t5_dimr.pth", text="t5", text_dim=4096, cfg_dropout=0.15, lr=1e-5),
+    "dimr-256-clip": dict(file="t2i_256px_clip_dimr.pth", text="clip", lr=1e-5,
+                          crossflow_fields={**_VE, **_CLIP, **_AT256}),
+    "dimr-256-t5": dict(file="t2i_256px_t5_dimr.pth", text="t5", lr=5e-5, crossflow_fields={**_VE, **_T5, **_AT256}),
+    "dimr-512-clip": dict(file="t2i_512px_clip_dimr.pth", text="clip", lr=1e-5,
+                          crossflow_fields={**_VE, **_CLIP, **_AT512}),
+    "dimr-512-t5": dict(file="t2i_512px_t5_dimr.pth", text="t5", lr=1e-5, crossflow_fields={**_VE, **_T5, **_AT512}),
 }
 # `config.sample` (50 steps, scale 7) on the `ODEEulerFlowMatchingSolver` grid
 OFFICIAL_SAMPLING = dict(steps=50, guidance_scale=7.0, official_grid=True)

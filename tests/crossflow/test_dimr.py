@@ -658,3 +658,20 @@ def test_fast_sampler_captures_dimr():
     want = EulerSampler(steps=6, guidance_scale=4.0, official_grid=True)(model, z0)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(again, got, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name,millions", [("dimr-256-clip", 110.2), ("dimr-256-t5", 165.2),
+                                           ("dimr-512-clip", 97.5), ("dimr-512-t5", 142.4)])
+def test_official_text_side_fields_build_the_official_ve(name, millions):
+    """`OFFICIAL_CHECKPOINTS[...]["crossflow_fields"]` give a CrossFlowConfig whose Text VE has the official
+    `context_encoder` size (97.5-165.2 M across the four files: issue 13; 110 / 98 / 142 M in crossflow.md §1.2)."""
+    from crossflow.config import CrossFlowConfig
+    from crossflow.dimr import OFFICIAL_CHECKPOINTS
+    from crossflow.text_ve import TextVE
+
+    fields = OFFICIAL_CHECKPOINTS[name]["crossflow_fields"]
+    cfg = CrossFlowConfig(**fields, patch_size=2)
+    assert cfg.latent_size == DiMRConfig.from_name(name).latent_size
+    with torch.device("meta"):
+        ve = TextVE(cfg)
+    assert round(sum(p.numel() for p in ve.parameters()) / 1e6, 1) == millions
