@@ -23,18 +23,21 @@ Flow keys, official -> ours (per stage `stages.S.`; TD = `{param0, param1, nodec
     tensor_false (1,), tensor_true (1,)            -> indicator_values (2,) = [cond, uncond]  (transformer stages)
 
 where <norm> is `scale.TD` (tdrms), `scale` (rms), `{weight,bias}.TD` (layer), `linear.weight` (adarms): the same
-names on both sides. Wiring into `crossflow.convert.load_official_checkpoint`: see `convert_dimr_flow_state_dict`.
+names on both sides. A whole checkpoint (flow + Text VE + logit scale): `convert_official_dimr_state_dict`.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from crossflow.dimr import DIMR_CONFIGS, OFFICIAL_CHECKPOINTS, DiMRConfig, DiMRFlow
+
+if TYPE_CHECKING:
+    from crossflow.config import CrossFlowConfig
 
 STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP / accelerate wrappers, torch.compile
 OTHER_PREFIXES = ("context_encoder.", "open_clip.", "open_clip_output.")  # not the flow network: convert.py's job
@@ -146,6 +149,36 @@ def convert_dimr_flow_state_dict(
     for ours, srcs, _ in _plan(cfg):
         _, combine = _sources(ours)
         out[prefix + ours] = combine([flow[s] for s in srcs])
+    return out
+
+
+def convert_official_dimr_state_dict(
+    sd: dict[str, torch.Tensor], cfg: DiMRConfig, text_cfg: "CrossFlowConfig"
+) -> dict[str, torch.Tensor]:
+    """A whole official DiMR state dict -> a CrossFlow-shaped state dict: `flow.*` (ours), `text_ve.*` (the official
+    `context_encoder.*`, checked against `TextVE(text_cfg)`, e.g. built from `OFFICIAL_CHECKPOINTS[name]
+    ["crossflow_fields"]`) and `logit_scale` (`open_clip.logit_scale`, used raw) when present. The SigLIP tower and its
+    projection (`open_clip.*`, `open_clip_output.*`) are training-only and dropped. Raises ValueError on any
+    mismatch."""
+    from crossflow.text_ve import TextVE
+
+    sd = {strip_wrappers(k): v for k, v in sd.items()}
+    out = convert_dimr_flow_state_dict(sd, cfg, prefix="flow.")
+    with torch.device("meta"):
+        expected = {f"context_encoder.{k}": tuple(v.shape) for k, v in TextVE(text_cfg).state_dict().items()}
+    ve = {k: v for k, v in sd.items() if k.startswith("context_encoder.")}
+    missing, unexpected = sorted(set(expected) - set(ve)), sorted(set(ve) - set(expected))
+    shapes = sorted(f"{k}: got {tuple(v.shape)}, expected {expected[k]}"
+                    for k, v in ve.items() if k in expected and tuple(v.shape) != expected[k])
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing keys {_few(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected keys {_few(unexpected)}" if unexpected else "",
+                 f"{len(shapes)} shape mismatches {_few(shapes)}" if shapes else ""]
+        raise ValueError("official Text VE (context_encoder.*) does not match the text config: "
+                         + "; ".join(p for p in parts if p))
+    out.update({"text_ve." + k[len("context_encoder."):]: v for k, v in ve.items()})
+    if "open_clip.logit_scale" in sd:
+        out["logit_scale"] = sd["open_clip.logit_scale"].reshape(())
     return out
 
 

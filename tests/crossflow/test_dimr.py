@@ -675,3 +675,31 @@ def test_official_text_side_fields_build_the_official_ve(name, millions):
     with torch.device("meta"):
         ve = TextVE(cfg)
     assert round(sum(p.numel() for p in ve.parameters()) / 1e6, 1) == millions
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_whole_official_dimr_checkpoint_converts(name):
+    """Flow + Text VE + logit scale of a released layout (meta tensors), SigLIP tower keys dropped; a VE of the wrong
+    text encoder is refused."""
+    from crossflow.config import CrossFlowConfig
+    from crossflow.convert_dimr import convert_official_dimr_state_dict
+    from crossflow.dimr import OFFICIAL_CHECKPOINTS
+    from crossflow.text_ve import TextVE
+
+    text_cfg = CrossFlowConfig(**OFFICIAL_CHECKPOINTS[name]["crossflow_fields"], patch_size=2)
+    with torch.device("meta"):
+        sd = {k: v for k, v in OMRModel(OFFICIAL[name]()).state_dict().items()}
+        ve = TextVE(text_cfg).state_dict()
+        sd.update({f"context_encoder.{k}": v for k, v in ve.items()})
+        sd.update({"open_clip.logit_scale": torch.empty(()), "open_clip_output.fc1.weight": torch.empty(4096, 1024),
+                   "open_clip.visual.trunk.pos_embed": torch.empty(1, 256, 1024)})
+        flow = DiMRFlow(DiMRConfig.from_name(name)).state_dict()
+    assert detect_official_architecture(sd) == name
+    out = convert_official_dimr_state_dict(sd, DiMRConfig.from_name(name), text_cfg)
+    want = {f"flow.{k}" for k in flow} | {f"text_ve.{k}" for k in ve} | {"logit_scale"}
+    assert set(out) == want
+    other = "dimr-256-t5" if name == "dimr-256-clip" else "dimr-256-clip"
+    wrong = CrossFlowConfig(**{**OFFICIAL_CHECKPOINTS[other]["crossflow_fields"],
+                               "latent_size": text_cfg.latent_size}, patch_size=2)
+    with pytest.raises(ValueError, match="Text VE"):
+        convert_official_dimr_state_dict(sd, DiMRConfig.from_name(name), wrong)
