@@ -518,9 +518,10 @@ def _fwd_bwd(model, backend, x, t, ind):
     return [o.detach() for o in outs], {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("norm_type", ["tdrms", "layer"])
-def test_tiny_torch_vs_triton(device, norm_type):
-    cfg = DiMRConfig.from_name("dimr-tiny", norm_type=norm_type)
+def test_tiny_torch_vs_triton(device):
+    """Every kernel the released layout uses: rms adaLN + fused residual (TDRMSNorm), layer adaLN (TD-LayerNorm),
+    attention with the indicator token (ragged T = 1 + 2 * 2)."""
+    cfg = DiMRConfig.from_name("dimr-tiny")
     model = DiMRFlow(cfg).to(device)
     randomize(model, torch.Generator().manual_seed(3))
     B = 2
@@ -703,3 +704,28 @@ def test_whole_official_dimr_checkpoint_converts(name):
                                "latent_size": text_cfg.latent_size}, patch_size=2)
     with pytest.raises(ValueError, match="Text VE"):
         convert_official_dimr_state_dict(sd, DiMRConfig.from_name(name), wrong)
+
+
+def test_qk_norm_option():
+    """Our opt-in QKNorm (official `QKNorm` math: rms-normalised heads times exp(s / 2) / Dh^(1/4), s clamped in place
+    at log 100, gradient through): runs forward/backward with checkpointing, clamps, and is refused by the converter."""
+    cfg = DiMRConfig.from_name("dimr-tiny", qk_norm=True)
+    model = DiMRFlow(cfg)
+    attn = model.stages[0].blocks[0].attn
+    with torch.no_grad():
+        attn.qk_log_scale[0] = 10.0
+    model.gradient_checkpointing = True
+    x, t, ind = torch.randn(2, *cfg.latent_shape), torch.rand(2), torch.tensor([0, 1])
+    with kernels.use_backend("torch"):
+        model(x, t, ind).square().sum().backward()
+    assert attn.qk_log_scale[0].item() == pytest.approx(math.log(100.0))
+    assert attn.qk_log_scale.grad.abs().min() > 0
+    q = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    s = torch.tensor([0.5, 2.0, 4.0], dtype=torch.float64)
+    gain = torch.exp(0.5 * s - 0.25 * math.log(8))[:, None, None]
+    want = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
+    from crossflow.dimr import qk_norm_ref
+
+    torch.testing.assert_close(qk_norm_ref(q, s), want)
+    with pytest.raises(ValueError, match="qk_norm"):
+        official_dimr_shapes(cfg)
