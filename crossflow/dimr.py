@@ -286,8 +286,9 @@ def ada_rms_norm_ref(x: torch.Tensor, cond_scale: torch.Tensor) -> torch.Tensor:
 
 
 def qk_norm_ref(x: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """QKNorm on q or k (B, H, N, Dh): rms-normalise each head vector, times exp(log_scale / 2) / Dh^(1/4), log_scale
-    (H,) clamped at log 100 (the official clamps the parameter in place; the gradient passes the clamp)."""
+    """QKNorm on q or k (B, H, N, Dh): rms-normalise each head vector, times exp(log_scale / 2) / Dh^(1/4). log_scale
+    (H,) is the learned parameter, which the caller keeps clamped at log 100 in place (as the official `proj_`), so the
+    gradient is never cut by the clamp."""
     s = torch.exp(0.5 * log_scale - 0.25 * math.log(x.shape[-1]))
     return rms_norm_ref(x, s[:, None, None], QK_EPS)
 
@@ -537,8 +538,10 @@ class Stage(nn.Module):
             out = self.out_conv(self.out_norm(y, tau).permute(0, 3, 1, 2))  # (B, C, g, g)
         cat = None
         if want_skips:
-            cat = torch.cat(external, dim=-1)  # (B, [1 +] g*g | g, g, (depth + 1) * D)
-            cat = cat[:, 1:].reshape(B, G, G, -1) if token else cat
+            if token:  # drop the indicator token while concatenating: one copy of the wide tensor
+                cat = torch.cat([e[:, 1:] for e in external], dim=-1).view(B, G, G, -1)
+            else:
+                cat = torch.cat(external, dim=-1)  # (B, g, g, (depth + 1) * D)
         return out, cat
 
 
