@@ -729,3 +729,19 @@ def test_qk_norm_option():
     torch.testing.assert_close(qk_norm_ref(q, s), want)
     with pytest.raises(ValueError, match="qk_norm"):
         official_dimr_shapes(cfg)
+
+
+def test_bf16_autocast_forward_backward():
+    """dtype plumbing under bf16 autocast (the GPU training mode): norm vectors follow the activations' dtype."""
+    cfg = DiMRConfig.from_name("dimr-tiny")
+    model = DiMRFlow(cfg)
+    x, t, ind = torch.randn(2, *cfg.latent_shape), torch.rand(2), torch.tensor([0, 1])
+    with kernels.use_backend("torch"):
+        ref = model(x, t, ind, return_all=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, ind, return_all=True)
+            sum(o.float().square().sum() for o in out).backward()
+    for o, r in zip(out, ref, strict=True):
+        assert o.dtype == torch.bfloat16
+        assert (o.float() - r).abs().max() <= 0.05 * r.abs().max()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
