@@ -6,8 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels.adaln import AdaLNModulateFunction, adaln_modulate_ref, adaln_modulate_triton
-from kernels.gated_adaln import GatedResidualAdaLNFunction, gated_residual_adaln_ref, gated_residual_adaln_triton
+from kernels.adaln import (
+    AdaLNModulateFunction, GatedResidualAdaLNFunction, adaln_modulate_ref, adaln_modulate_triton,
+    gated_residual_adaln_ref, gated_residual_adaln_triton,
+)
 from kernels.testing import check_against_ref
 
 ON_GPU = torch.cuda.is_available()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import _dispatch, adaln, euler, flash_attention, gated_adaln
+from kernels import _dispatch, adaln, euler, flash_attention
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
@@ -92,7 +92,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     (euler, "euler_step_ref", "euler_step", lambda: (torch.randn(3, 5), torch.randn(3, 5), 0.1)),
     (adaln, "adaln_modulate_ref", "adaln_modulate", lambda: (torch.randn(2, 3, 7), torch.randn(2, 7),
                                                              torch.randn(2, 7))),
-    (gated_adaln, "gated_residual_adaln_ref", "gated_residual_adaln",
+    (adaln, "gated_residual_adaln_ref", "gated_residual_adaln",
      lambda: (torch.randn(2, 3, 7), torch.randn(2, 3, 7), torch.randn(2, 7), torch.randn(2, 7), torch.randn(2, 7))),
     (flash_attention, "attention_ref", "attention", lambda: tuple(torch.randn(1, 2, 7, 32) for _ in range(3))),
 ])
