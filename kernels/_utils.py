@@ -48,11 +48,6 @@ def row_block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def row_warps(block: int) -> int:
-    """Warps per row program: enough threads that each holds at most ~16 elements of the row."""
-    return min(max(block // 512, 1), 16) if not interpreting() else 1
-
-
 def autotune_configs(configs: Sequence[triton.Config]) -> list[triton.Config]:
     """All configs on a GPU; only the first under the interpreter (several configs cannot be timed on a CPU)."""
     return list(configs[:1]) if interpreting() else list(configs)
