@@ -61,8 +61,8 @@ def interpreting() -> bool:
 
 
 # The dtypes our kernels compute in, compiled and interpreted.
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INTERPRETER_DTYPES = (torch.float16, torch.float32)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INTERPRETER_DTYPES = (torch.float16, torch.float32)
 
 
 def why_not_triton(t: torch.Tensor) -> str | None:
@@ -71,12 +71,12 @@ def why_not_triton(t: torch.Tensor) -> str | None:
     if _INTERPRET:
         if t.device.type != "cpu":
             return "the interpreter (TRITON_INTERPRET=1) only runs CPU tensors"
-        if t.dtype.is_floating_point and t.dtype not in _INTERPRETER_DTYPES:
+        if t.dtype.is_floating_point and t.dtype not in INTERPRETER_DTYPES:
             return f"the Triton interpreter computes in float16/float32 only, got {t.dtype}"
         return None
     if not t.is_cuda:
         return "CPU tensors need TRITON_INTERPRET=1 set before `import kernels`"
-    if t.dtype.is_floating_point and t.dtype not in _KERNEL_DTYPES:
+    if t.dtype.is_floating_point and t.dtype not in KERNEL_DTYPES:
         return f"the Triton kernels support float16, bfloat16 and float32, got {t.dtype}"
     return None
 
