@@ -15,6 +15,7 @@ from __future__ import annotations
 import faulthandler
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 
 import pytest
@@ -59,15 +60,19 @@ def _deadline(seconds: float, what: str):
     def on_alarm(signum, frame):
         raise PerTestTimeout(f"{what} exceeded the per-test timeout of {seconds:g} s (--test-timeout)")
 
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    faulthandler.dump_traceback_later(seconds + HARD_KILL_AFTER_S, exit=True, file=sys.stderr)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # Signal handlers can only be set from the main thread; elsewhere only the hard (process-ending) limit applies.
+    soft = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGALRM, on_alarm) if soft else None
+    faulthandler.dump_traceback_later(seconds + HARD_KILL_AFTER_S, exit=True, file=sys.__stderr__)
+    if soft:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        if soft:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
         faulthandler.cancel_dump_traceback_later()
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _wrap(item, phase: str):
