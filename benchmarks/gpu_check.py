@@ -525,7 +525,7 @@ def stage_ncu(ctx: StageContext) -> None:
         return
     rep = ctx.out / NCU_NAME
     cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--target-processes", "all",
-           "--kernel-name", "regex:attn", "--launch-count", "1", "--set", "full", "-f", "-o", str(rep),
+           "--kernel-name", "regex:attn|attention", "--launch-count", "1", "--set", "full", "-f", "-o", str(rep),
            sys.executable, "-m", "benchmarks.gpu_check", "--ncu-workload"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     _log("ncu: " + " ".join(cmd))
