@@ -146,7 +146,8 @@ def readme_table(data: dict, src: str) -> list[str]:
     env, stages = data.get("env", {}), data.get("stages", {})
     lines = [f"Source: `{src}` ({env.get('device_name', '?')}; torch {env.get('torch', '?')}, triton "
              f"{env.get('triton', '?')}, CUDA {env.get('cuda', '?')}, cuDNN {env.get('cudnn', '?')}; commit "
-             f"{str(env.get('commit') or '?')[:12]}; run {data.get('started', '?')}). Stages: {_status_line(data)}.", ""]
+             f"{str(env.get('commit') or '?')[:12]}; run {data.get('started', '?')}). "
+             f"Stages: {_status_line(data)}.", ""]
     if data.get("smoke"):
         lines += ["**CPU smoke run: these numbers check the GPU-check code; they are not performance results.**", ""]
     lim = stages.get("limits", {}).get("results", {})
