@@ -50,6 +50,7 @@ RESULTS_NAME, LOG_NAME = "gpu_check.json", "gpu_check.log"
 JUNIT_NAME, NCU_NAME = "pytest_gpu.xml", "ncu_attention"
 KILL_GRACE_S = 3.0  # SIGTERM, then SIGKILL this much later
 MIN_STAGE_S = 10  # a stage with less time than this left is skipped, not started
+MAX_FILES = 8  # what a device run brings back from $OUT
 
 
 def _now() -> str:
@@ -768,6 +769,10 @@ def main(argv: list[str] | None = None) -> int:
              f"results -> {out / RESULTS_NAME}")
         _preload(args.smoke)
         data = run_stages(stages, out, args.smoke, args.total)
+        files = sorted(f for f in out.iterdir() if f.is_file())
+        _log("files: " + ", ".join(f"{f.name} ({f.stat().st_size / 2**20:.2f} MiB)" for f in files))
+        if len(files) > MAX_FILES or any(f.stat().st_size > 16 * 2**20 for f in files):
+            _log(f"warning: over {MAX_FILES} files or one over 16 MiB: not all of them come back from a device run")
         bad = {n: s["status"] for n, s in data["stages"].items() if s["status"] != "ok"}
         _log(f"done in {data['wall_s']} s; " + (f"not ok: {bad}" if bad else "every stage ok")
              + f"; results {out / RESULTS_NAME}")

@@ -86,12 +86,33 @@ def test_per_test_timeout_plugin(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-p", "benchmarks.gpu_pytest", "-q",
-                          "--test-timeout=1", "-p", "no:cacheprovider", "-rs", "--rootdir", str(tmp_path)],
+                          "--test-timeout=1", "-p", "no:cacheprovider", "-rs", "--rootdir", str(tmp_path),
+                          f"--junitxml={tmp_path / 'junit.xml'}"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert time.monotonic() - t0 < 25, out.stdout
     assert "1 failed, 1 passed, 1 skipped" in out.stdout, out.stdout + out.stderr
     assert "exceeded the per-test timeout of 1 s" in out.stdout
     assert "needs a download" in out.stdout
+    # What the tests stage records from the JUnit XML.
+    summary = gpu_check._junit_summary(tmp_path / "junit.xml")
+    assert (summary["passed"], summary["failed"], summary["errors"], summary["skipped"]) == (1, 1, 0, 1)
+    assert summary["failures"][0]["test"].endswith("::test_hangs") and "timeout" in summary["failures"][0]["message"]
+    assert summary["skipped_reasons"][0]["reason"].startswith("needs a download")
+
+
+def test_ncu_headline_metrics():
+    text = textwrap.dedent("""
+          _attn_fwd_kernel (8, 256, 1)x(128, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+            Section: GPU Speed Of Light Throughput
+            Memory Throughput                 %        45.12
+            Duration                    nsecond        62340
+            Compute (SM) Throughput           %        78.90
+            Section: Launch Statistics
+            Registers Per Thread register/thread          168
+    """)
+    m = gpu_check._ncu_metrics(text)
+    assert m["Duration"] == "nsecond 62340" and m["Registers Per Thread"] == "register/thread 168"
+    assert m["Compute (SM) Throughput"] == "% 78.90" and "Grid Size" not in m
 
 
 def test_readme_table_from_results(tmp_path):
