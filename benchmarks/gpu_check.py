@@ -83,8 +83,8 @@ def write_results(path: Path, data: dict[str, Any]) -> None:
 class StageContext:
     """What a stage body gets: where to write, whether this is the smoke, its deadline, and the recorder."""
 
-    def __init__(self, name: str, out: Path, work: Path, smoke: bool, deadline: float):
-        self.name, self.out, self.work, self.smoke, self.deadline = name, Path(out), Path(work), smoke, deadline
+    def __init__(self, name: str, out: Path, smoke: bool, deadline: float):
+        self.name, self.out, self.smoke, self.deadline = name, Path(out), smoke, deadline
         self.path = self.out / RESULTS_NAME
 
     def remaining(self) -> float:
@@ -139,10 +139,13 @@ def _env_info() -> dict[str, Any]:
 
 
 def _need_cuda(ctx: StageContext) -> None:
+    """Fail the stage without CUDA (outside the smoke); record the environment if no earlier stage did."""
     import torch
 
     if not ctx.smoke and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device: the GPU check needs one (use --smoke for the CPU run of the stage bodies)")
+    if not read_results(ctx.path).get("env"):
+        ctx.set_env(_env_info())
 
 
 def stage_limits(ctx: StageContext) -> None:
@@ -150,7 +153,6 @@ def stage_limits(ctx: StageContext) -> None:
     from benchmarks import _common
 
     _need_cuda(ctx)
-    ctx.set_env(_env_info())
     ctx.set_result(**_common.measure_limits(tiny=ctx.smoke))
 
 
@@ -652,11 +654,10 @@ def _run_child(stage: Stage, ctx: StageContext) -> None:
         os._exit(code)
 
 
-def run_stages(stages, out: Path, smoke: bool, total_s: float = TOTAL_BUDGET_S, work: Path | None = None) -> dict:
+def run_stages(stages, out: Path, smoke: bool, total_s: float = TOTAL_BUDGET_S) -> dict:
     """Run each stage in a forked child under its budget (shrunk to what is left of `total_s`); returns the results."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(work or tempfile.mkdtemp(prefix="gpu_check_work."))
     path = out / RESULTS_NAME
     start = time.monotonic()
     deadline = start + total_s
@@ -679,7 +680,7 @@ def run_stages(stages, out: Path, smoke: bool, total_s: float = TOTAL_BUDGET_S, 
                                       "cases": [], "results": {}}
         write_results(path, data)
         _log(f"stage {stage.name}: start, budget {budget:.0f} s")
-        ctx = StageContext(stage.name, out, work, smoke, time.monotonic() + budget)
+        ctx = StageContext(stage.name, out, smoke, time.monotonic() + budget)
         sys.stdout.flush()
         sys.stderr.flush()
         t0 = time.monotonic()
