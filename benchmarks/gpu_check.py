@@ -608,28 +608,32 @@ def plan_text(stages=STAGES, total: int = TOTAL_BUDGET_S) -> str:
 
 
 def _wait(pid: int, budget: float) -> tuple[str, int | None]:
-    """Wait for the child; kill its process group at the budget. -> ("exited", code) or ("timeout", None)."""
-    end = time.monotonic() + budget
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return "exited", os.waitstatus_to_exitcode(status)
-        if time.monotonic() >= end:
-            break
-        time.sleep(0.1)
-    for sig, grace in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            pass
-        stop = time.monotonic() + grace
-        while time.monotonic() < stop:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return "timeout", None
-            time.sleep(0.05)
-    os.waitpid(pid, 0)
-    return "timeout", None
+    """Wait for the child; at the budget, SIGTERM its process group, then SIGKILL. -> ("exited", code) | ("timeout",
+    None). The child is reaped only after its group was killed: an unreaped leader keeps the group id ours."""
+
+    def exited(timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while True:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.1)
+
+    how = "exited" if exited(budget) else "timeout"
+    if how == "timeout":
+        _killpg(pid, signal.SIGTERM)
+        exited(KILL_GRACE_S)
+    _killpg(pid, signal.SIGKILL)  # leftovers of the stage (e.g. compile workers) must not outlive it
+    _, status = os.waitpid(pid, 0)
+    return how, os.waitstatus_to_exitcode(status) if how == "exited" else None
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _run_child(stage: Stage, ctx: StageContext) -> None:
@@ -784,7 +788,10 @@ def main(argv: list[str] | None = None) -> int:
         os.close(1)
         os.close(2)
         tee.stdin.close()
-        tee.wait()
+        try:
+            tee.wait(timeout=10)  # a straggler still holding the pipe must not hold the command open
+        except subprocess.TimeoutExpired:
+            tee.kill()
 
 
 if __name__ == "__main__":

@@ -62,6 +62,23 @@ def test_budget_is_enforced_and_finished_cases_survive(tmp_path):
     assert on_disk["stages"] == data["stages"] and on_disk["finished"] and on_disk["smoke"] is True
 
 
+def _leave_a_process(ctx):
+    ctx.set_result(pid=subprocess.Popen(["sleep", "60"]).pid)  # e.g. a compile worker the stage did not stop
+
+
+def test_a_stage_leaves_no_process_behind(tmp_path):
+    data = gpu_check.run_stages([gpu_check.Stage("leaky", 5, "", _leave_a_process, "")], tmp_path, smoke=True,
+                                total_s=30)
+    pid = data["stages"]["leaky"]["results"]["pid"]
+    assert data["stages"]["leaky"]["status"] == "ok"
+    time.sleep(0.5)
+    try:  # killed with the stage's process group: gone, or a zombie until init reaps it
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z", "X"), state
+
+
 def test_total_cap_skips_what_no_longer_fits(tmp_path):
     stages = [gpu_check.Stage("slow", 3, "", _record_then_sleep, ""), gpu_check.Stage("late", 30, "", _record, "")]
     data = gpu_check.run_stages(stages, tmp_path, smoke=True, total_s=4)
