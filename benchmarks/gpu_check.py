@@ -627,13 +627,13 @@ STAGES: tuple[Stage, ...] = (
           " fwd then fwd+bwd", stage_attention,
           "~70 cold compiles (3 head dims x 24 autotune configs, ~1-2 s each), one process per head dim in parallel "
           "(~50 s); autotune timing (9 keys x 24 configs x ~0.13 s ~30 s); 180 cases x ~0.1-0.3 s of do_bench"),
-    Stage("adaln", 70, "adaLN + gated adaLN vs torch.compile(reference): 3 shapes x fwd/fwd+bwd", stage_adaln,
+    Stage("adaln", 75, "adaLN + gated adaLN vs torch.compile(reference): 3 shapes x fwd/fwd+bwd", stage_adaln,
           "12 Inductor compiles (2 ops x 3 shapes x 2 modes) ~4 s each + Inductor start ~10 s; 36 cases x do_bench"),
     Stage("sampler", 100, "sampler dit-xl-2 256 px, 50 steps, batch 1 and 8: official eager, batched eager, "
           "FastSampler, torch.compile default (regional)", stage_sampler,
           "model build ~5 s; 6 eager/graph cases x (warm-up + 2 runs) ~0.5-2 s per run ~30 s; 2 block compiles "
           "~15-20 s each + runs"),
-    Stage("ncu", 40, "ncu --clock-control none --set full on one attention forward launch", stage_ncu,
+    Stage("ncu", 35, "ncu --clock-control none --set full on one attention forward launch", stage_ncu,
           "python + torch start ~5 s, autotune from the warm disk cache ~5 s, ~40 replay passes of a ~1 ms kernel"),
 )
 

@@ -31,6 +31,12 @@ def test_plan_fits_one_device_command():
         assert f"{s.name}" in out.stdout and f"{s.budget_s} s" in out.stdout
 
 
+def test_readme_lists_the_plan():
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    for i, s in enumerate(gpu_check.STAGES, 1):
+        assert f"| {i} | `{s.name}` | {s.budget_s} s |" in text, f"benchmarks/README.md: stage {s.name} out of date"
+
+
 def _record_then_sleep(ctx):
     ctx.add_case({"n": 1, "status": "ok"})
     time.sleep(60)
