@@ -756,6 +756,22 @@ def run_stages(stages, out: Path, smoke: bool, total_s: float = TOTAL_BUDGET_S) 
     return data
 
 
+def save_result(src: Path, results_dir: Path | None = None) -> Path:
+    """Copy a GPU-check JSON to results/<YYYY-MM-DD>_<device-name-slug>_gpu-check.json (the date it started)."""
+    from benchmarks import _common
+
+    data = read_results(src)
+    if data.get("smoke"):
+        raise ValueError(f"{src} is a CPU smoke run: its numbers are not results")
+    device, started = data.get("env", {}).get("device_name"), str(data.get("started") or "")
+    if not device or len(started) < 10:
+        raise ValueError(f"{src} names no device or start date (env.device_name, started)")
+    dest = Path(results_dir or _common.RESULTS_DIR) / f"{started[:10]}_{_common.slug(device)}_gpu-check.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_results(dest, data)
+    return dest
+
+
 def _tee_to(log: Path):
     """Send this process's (and every child's) stdout and stderr through `tee -a log`: the console and the file."""
     tee = subprocess.Popen(["tee", "-a", str(log)], stdin=subprocess.PIPE)
@@ -791,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated stage names, run in plan order")
     p.add_argument("--total", type=float, default=TOTAL_BUDGET_S, help=f"cap on the whole run, s (default "
                    f"{TOTAL_BUDGET_S})")
+    p.add_argument("--save", metavar="JSON", default=None, help="copy a finished GPU-check JSON (e.g. the one a "
+                   "device run brought back) to benchmarks/results/<date>_<device>_gpu-check.json, then exit")
     p.add_argument("--ncu-workload", action="store_true", help=argparse.SUPPRESS)  # what ncu runs
     p.add_argument("--prewarm-attention", type=int, default=None, help=argparse.SUPPRESS)  # one head dim's compiles
     args = p.parse_args(argv)
@@ -799,6 +817,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.prewarm_attention is not None:
         prewarm_attention(args.prewarm_attention)
+        return 0
+    if args.save:
+        try:
+            print(save_result(Path(args.save)))
+        except (OSError, ValueError) as e:
+            p.exit(1, f"run_gpu.sh: error: {e}\n")
         return 0
     stages = list(STAGES)
     if args.only:

@@ -145,7 +145,8 @@ def test_readme_table_from_results(tmp_path):
                                                                  ("sdpa_cudnn", 6.0))]
     att.append(dict(att[0], provider="sdpa_efficient", status="unavailable", reason="rejects", tflops=None))
     data = {
-        "schema": gpu_check.SCHEMA, "smoke": False, "started": "t", "env": {"device_name": "fake-device"},
+        "schema": gpu_check.SCHEMA, "smoke": False, "started": "2030-01-02T03:04:05+00:00",
+        "env": {"device_name": "fake-device"},
         "stages": {
             "limits": {"status": "ok", "results": {"copy_gbps": 100.0, "matmul_tflops": 10.0, "dtype": "bfloat16",
                                                    "matmul_shape": [8, 8, 8]}},
@@ -163,6 +164,11 @@ def test_readme_table_from_results(tmp_path):
     assert "sampler timeout" in md and "fake-device" in md
     full = report.write_report([path], tmp_path / "rep").read_text()
     assert "sdpa_efficient: unavailable: rejects" in full
+    saved = gpu_check.save_result(path, tmp_path / "results")
+    assert saved.name == "2030-01-02_fake-device_gpu-check.json" and gpu_check.read_results(saved) == data
+    path.write_text(json.dumps(dict(data, smoke=True)))
+    with pytest.raises(ValueError, match="smoke"):
+        gpu_check.save_result(path, tmp_path / "results")
     path.write_text(json.dumps({"schema": "other"}))
     with pytest.raises(ValueError, match="not a GPU-check result"):
         gpu_check.read_results(path)
