@@ -844,6 +844,12 @@ def main(argv: list[str] | None = None) -> int:
              f"results -> {out / RESULTS_NAME}")
         _preload(args.smoke)
         data = run_stages(stages, out, args.smoke, args.total)
+        try:  # the summary table in the log's tail too: a device run's output comes back even if its files do not
+            from benchmarks.report import readme_table
+
+            print("\n".join(readme_table(data, RESULTS_NAME)), flush=True)
+        except Exception as e:  # noqa: BLE001 - the JSON is the result; the table is a convenience
+            _log(f"summary table failed: {type(e).__name__}: {e}")
         files = sorted(f for f in out.iterdir() if f.is_file())
         _log("files: " + ", ".join(f"{f.name} ({f.stat().st_size / 2**20:.2f} MiB)" for f in files))
         if len(files) > MAX_FILES or any(f.stat().st_size > 16 * 2**20 for f in files):
