@@ -3,7 +3,7 @@ reason, of what the lent GPU machine cannot do.
 
   --test-timeout S   fail a test whose setup, call or teardown runs longer than S seconds (0: off). SIGALRM raises in
                      the test's own thread (each pytest-xdist worker runs its tests in its main thread); a test stuck
-                     inside C code that never returns to Python is ended by faulthandler S + 30 s later, which kills
+                     inside C code that never returns to Python is ended by faulthandler S + 15 s later, which kills
                      that process (xdist reports the crash and carries on with a fresh worker). pytest-timeout is not
                      a dependency: CI lacks it, and this is the small part of it the GPU check needs.
 Markers it understands: `network` (needs a download: skipped, the GPU machine has no network) and `multi_gpu` (skipped
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import pytest
 
-HARD_KILL_AFTER_S = 30
+HARD_KILL_AFTER_S = 15
 
 
 def pytest_addoption(parser):
