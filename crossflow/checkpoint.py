@@ -172,7 +172,7 @@ def verify_checksums(directory: str | os.PathLike) -> list[str]:
             raise ValueError(f"{path}: listed in {CHECKSUMS_NAME} but missing")
         if file_sha256(path) != digest:
             raise ValueError(f"{path}: corrupted (its sha256 differs from the one recorded in {CHECKSUMS_NAME} "
-                             "when it was written); restore or re-create the file")
+                             "when it was written: a damaged file or an interrupted save); restore or re-save it")
         checked.append(name)
     return checked
 
@@ -189,9 +189,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
     # safetensors refuses shared or non-contiguous storage; the state dict holds neither, but views of views might.
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "config": config_json}
-    # The old manifest goes first: a save killed half-way then leaves files without checksums (loaded unverified, the
-    # config still cross-checked), never new files under old checksums.
-    (directory / CHECKSUMS_NAME).unlink(missing_ok=True)
+    # The checksums go last: a save that fails leaves the directory as it was; one killed between two writes leaves new
+    # files under old checksums, refused on load (never a silent mix of two saves).
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=meta))
     atomic_write(directory / CONFIG_NAME, _write_text(config_json + "\n"))
     write_checksums(directory, [WEIGHTS_NAME, CONFIG_NAME])

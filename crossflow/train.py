@@ -279,7 +279,10 @@ class Trainer:
         if changed and self.dist.main:
             print(f"[train] warning: resuming with changed {changed} (checkpoint, now)", file=sys.stderr)
         if self.dist.main:
-            ckpt.truncate_log(self.out / "log.jsonl", step)  # the interrupted tail is about to be replayed
+            # Drop what is about to be replayed: the interrupted tail, and a record that the run's last step forced
+            # off the --log-every grid (its window is in the checkpoint and continues into the next record).
+            keep = step if step >= self.tc.steps else step - step % self.tc.log_every
+            ckpt.truncate_log(self.out / "log.jsonl", keep)
             print(f"[train] resumed from {path} at step {step}", file=sys.stderr)
 
     # ----- one step -----
@@ -346,8 +349,8 @@ class Trainer:
                     self.acc[k] = self.acc[k] + v.float() if k in self.acc else v.float()
                 self.n_acc += parts is not None
                 last = self.step == tc.steps
-                if (self.step % tc.log_every == 0 or last) and self.n_acc:
-                    rec = self._log(lr, time.perf_counter() - t0)
+                if (self.step % tc.log_every == 0 or last) and self.n_acc:  # off-grid at the last step: the
+                    rec = self._log(lr, time.perf_counter() - t0, reset=self.step % tc.log_every == 0)  # window stays
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 if self.step % tc.ckpt_every == 0 or last:
                     self.save_checkpoint()
@@ -369,10 +372,11 @@ class Trainer:
             vec /= self.dist.world
         return vec
 
-    def _log(self, lr: float, elapsed: float) -> dict[str, Any]:
+    def _log(self, lr: float, elapsed: float, reset: bool = True) -> dict[str, Any]:
         rec = {"step": self.step, **dict(zip(sorted(self.acc), (self._window() / self.n_acc).tolist())), "lr": lr,
                "time": round(elapsed, 3)}
-        self.acc, self.n_acc = {}, 0
+        if reset:
+            self.acc, self.n_acc = {}, 0
         self.history.append(rec)
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
