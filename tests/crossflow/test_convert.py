@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from crossflow.config import CrossFlowConfig
-from crossflow.convert import convert_official_state_dict, load_official_checkpoint
+from crossflow.convert import (
+    convert_official_state_dict,
+    load_official_checkpoint,
+    official_flow_shapes,
+    official_ve_shapes,
+)
 from crossflow.model import CrossFlow
 
 TINY = CrossFlowConfig.from_name("tiny")
@@ -277,7 +282,7 @@ def test_foreign_state_dict_is_refused_in_a_few_lines():
     with pytest.raises(ValueError) as e:
         convert_official_state_dict(sd, TINY)
     msg = str(e.value)
-    n_expected = len(official_state_dict(TINY)) - 1  # open_clip.logit_scale is optional
+    n_expected = len(official_flow_shapes(TINY)) + len(official_ve_shapes(TINY))
     assert len(msg) < 1200, msg
     assert f"{n_expected} of {n_expected} expected keys missing" in msg and f"{len(sd)} unexpected keys" in msg
     assert "down_blocks.* (2000)" in msg and "mid_block.* (2)" in msg and "a diffusers UNet" in msg
