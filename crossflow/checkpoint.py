@@ -376,22 +376,35 @@ def read_training_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.T
     another format, or its content does not match the sha256 recorded when it was written."""
     tensors, meta = read_safetensors(path)
     if meta.get("format") != TRAIN_FORMAT:
-        raise ValueError(f"{path}: not a training checkpoint (format {meta.get('format')!r}, expected {TRAIN_FORMAT!r})")
+        raise ValueError(f"{path}: not a training checkpoint (format {meta.get('format')!r}, not {TRAIN_FORMAT!r})")
     recorded = meta.pop("sha256", None)
     if recorded != tensors_sha256(tensors, json.dumps(meta, sort_keys=True)):
         raise ValueError(f"{path}: corrupted (its content differs from the sha256 recorded when it was written)")
     return tensors, meta
 
 
-def restore_training_state(
-    tensors: dict[str, torch.Tensor], meta: dict[str, str], model: nn.Module, ema: nn.Module,
-    optimizer: torch.optim.Optimizer, source: str,
-) -> None:
-    """Load what `save_training_checkpoint` wrote into `model`, `ema` and `optimizer` (strict keys and shapes)."""
+def load_training_checkpoint(
+    path: str | os.PathLike, config: CrossFlowConfig, model: nn.Module, ema: nn.Module,
+    optimizer: torch.optim.Optimizer, scheduler: Any,
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Restore model, EMA, optimizer and scheduler from a training checkpoint of a model with `config`; returns its
+    (metadata, tensors). ValueError naming the file if it is unreadable, corrupted or of another model config."""
+    try:
+        tensors, meta = read_training_checkpoint(path)
+        int(meta["step"])
+        model_cfg, sched = json.loads(meta["model_config"]), json.loads(meta["scheduler"])
+    except (ValueError, KeyError) as e:  # truncated/corrupted file, a foreign file, missing metadata
+        raise ValueError(f"cannot resume: training checkpoint {path} is unreadable or corrupted ({e}). Nothing was "
+                         "changed; delete that file to resume from an older checkpoint, or use a new --out.") from None
+    if model_cfg != config.to_dict():
+        raise ValueError(f"cannot resume from {path}: it was trained with another model config "
+                         f"(checkpoint {model_cfg}, now {config.to_dict()})")
     pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
-    load_state_dict_strict(model, pick("model/"), f"{source} (model)")
-    load_state_dict_strict(ema, pick("ema/"), f"{source} (ema)")
+    load_state_dict_strict(model, pick("model/"), f"{path} (model)")
+    load_state_dict_strict(ema, pick("ema/"), f"{path} (ema)")
     optimizer.load_state_dict(_optimizer_from_flat(pick("optim/"), json.loads(meta["optimizer"])))
+    scheduler.load_state_dict(sched)
+    return meta, tensors
 
 
 def truncate_log(log: str | os.PathLike, step: int) -> None:

@@ -218,7 +218,7 @@ class CrossFlow(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "CrossFlow":
-        """Load a directory written by `save_pretrained` in the checkpoint's dtype, verifying checksums, config and keys.
+        """Load a `save_pretrained` directory in the checkpoint's dtype, verifying checksums, config and keys.
 
         Raises FileNotFoundError for a missing directory or file, ValueError for a corrupted/truncated/edited file
         (named), an invalid config, or missing/unexpected/misshapen keys (listed).

@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -62,13 +62,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def build_dataset(name: str, cfg: Any, seed: int = 0, size: int = 4096) -> Dataset:
-    """The training dataset `name` for model config `cfg` (see `DATASETS`)."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    return DATASETS[name](cfg, seed, size)
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs. The model itself is the named preset (`CrossFlowConfig.from_name`)."""
@@ -98,21 +91,14 @@ class TrainConfig:
     quiet: bool = False
     dump_weights_hash: str | None = None  # debugging: each rank writes a hash of its weights to FILE.rank<r>
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # ValueError naming the bad values, before anything is created or written
         CrossFlowConfig.from_name(self.preset)  # raises ValueError for an unknown preset
-        bad = {k: getattr(self, k) for k in ("steps", "batch_size", "log_every", "ckpt_every", "data_size")
-               if getattr(self, k) < 1}
-        bad.update({k: getattr(self, k) for k in ("warmup_steps", "grad_clip", "weight_decay", "keep_checkpoints",
-                                                  "skip_nonfinite") if not getattr(self, k) >= 0})
-        bad.update({k: getattr(self, k) for k in ("lr", "grad_clip", "weight_decay") if not math.isfinite(getattr(
-            self, k))})
-        if not self.lr > 0:
-            bad["lr"] = self.lr
-        if not 0.0 <= self.ema_decay < 1.0:
-            bad["ema_decay"] = self.ema_decay
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            bad["betas"] = self.betas
-        if bad:
+        ok = {k: getattr(self, k) >= 1 for k in ("steps", "batch_size", "log_every", "ckpt_every", "data_size")}
+        ok.update({k: getattr(self, k) >= 0 for k in ("warmup_steps", "keep_checkpoints", "skip_nonfinite")})
+        ok.update({k: 0 <= getattr(self, k) < math.inf for k in ("grad_clip", "weight_decay")})
+        ok.update(lr=0 < self.lr < math.inf, ema_decay=0 <= self.ema_decay < 1,
+                  betas=len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas))
+        if bad := {k: getattr(self, k) for k, good in ok.items() if not good}:
             raise ValueError(f"TrainConfig: invalid values {bad}")
         if self.data not in DATASETS:
             raise ValueError(f"TrainConfig: unknown data {self.data!r}; choose one of {sorted(DATASETS)}")
@@ -129,32 +115,20 @@ class TrainConfig:
                              "TRITON_INTERPRET=1 on the CPU (slow); use --backend auto or torch")
 
 
-# ---- Helpers: distributed context, optimizer groups, EMA, hashing
+# ---- Helpers: distributed context, optimizer groups, EMA
 
 
-@dataclass(frozen=True)
-class _Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_arg: str | None) -> tuple[_Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    d = _Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
-    use_cuda = device_arg.startswith("cuda") if device_arg else torch.cuda.is_available()
-    if use_cuda:
-        device = torch.device("cuda", d.local_rank) if world > 1 else torch.device(device_arg or "cuda")
+def _init_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; joins the process group (gloo on CPU, NCCL on CUDA)."""
+    rank, local, world = (int(os.environ.get(k, v)) for k, v in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if device_arg.startswith("cuda") if device_arg else torch.cuda.is_available():
+        device = torch.device("cuda", local) if world > 1 else torch.device(device_arg or "cuda")
         torch.cuda.set_device(device)
     else:
         device = torch.device(device_arg or "cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return d, device
+    return rank, world, device
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -181,11 +155,6 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         eb.copy_(mb)
 
 
-def weights_hash(module: nn.Module) -> str:
-    """sha256 over the module's state dict: equal iff the weights are bit-identical."""
-    return ckpt.tensors_sha256(module.state_dict())
-
-
 # ---- The trainer
 
 
@@ -196,9 +165,10 @@ class Trainer:
     def __init__(self, tc: TrainConfig) -> None:
         self.tc = tc
         self.out = Path(tc.out)
-        self.dist, self.device = _init_distributed(tc.device)
+        self.rank, self.world, self.device = _init_distributed(tc.device)
+        self.main = self.rank == 0
         self.cfg = CrossFlowConfig.from_name(tc.preset)
-        self._lock = ckpt.lock_directory(self.out) if self.dist.main else None  # refuses a second trainer on --out
+        self._lock = ckpt.lock_directory(self.out) if self.main else None  # refuses a second trainer on --out
         try:
             self._setup()
         except BaseException:
@@ -207,7 +177,7 @@ class Trainer:
 
     def _setup(self) -> None:
         tc = self.tc
-        if self.dist.main:  # what a killed write left behind; nobody else writes here while we hold the lock
+        if self.main:  # what a killed write left behind; nobody else writes here while we hold the lock
             for sub in ("", "checkpoints", "final"):
                 ckpt.clean_stale_tmp(self.out / sub)
         resume_from = self._checkpoint_to_resume()  # checked before anything is created or written
@@ -227,9 +197,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         if resume_from is not None:
             self._load(resume_from)
-        self.data = build_dataset(tc.data, self.cfg, seed=tc.seed, size=tc.data_size)
+        self.data = DATASETS[tc.data](self.cfg, tc.seed, tc.data_size)
         self.net: nn.Module = self.model  # what the step calls: the model, or DDP around it
-        if self.dist.world > 1:
+        if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
@@ -238,77 +208,53 @@ class Trainer:
             self._lock.close()  # releases the flock
             self._lock = None
 
-    # ----- resume -----
-
     def _checkpoint_to_resume(self) -> Path | None:
         found = ckpt.list_checkpoints(self.out)
-        if not self.tc.resume:
-            if found:
-                raise ValueError(f"{self.out} already holds training checkpoints ({found[-1][1].name}); "
-                                 "pass --resume to continue that run, or choose a new --out")
-            return None
-        if not found:
-            if self.dist.main:
-                print(f"[train] --resume: no checkpoint in {self.out}; starting from step 0", file=sys.stderr)
-            return None
-        return found[-1][1]
+        if found and not self.tc.resume:
+            raise ValueError(f"{self.out} already holds training checkpoints ({found[-1][1].name}); pass --resume to "
+                             "continue that run, or choose a new --out")
+        if self.tc.resume and not found and self.main:
+            print(f"[train] --resume: no checkpoint in {self.out}; starting from step 0", file=sys.stderr)
+        return found[-1][1] if found and self.tc.resume else None
 
     def _load(self, path: Path) -> None:
-        try:
-            tensors, meta = ckpt.read_training_checkpoint(path)
-            step = int(meta["step"])
-            model_cfg, sched, prev_tc = (json.loads(meta[k]) for k in ("model_config", "scheduler", "train_config"))
-        except (ValueError, KeyError) as e:  # truncated/corrupted file, a foreign file, missing metadata
-            raise ValueError(f"cannot resume: training checkpoint {path} is unreadable or corrupted ({e}). Nothing "
-                             "was changed; delete that file to resume from an older checkpoint, or use a new --out."
-                             ) from None
-        if model_cfg != self.cfg.to_dict():
-            raise ValueError(f"cannot resume from {path}: it was trained with another model config "
-                             f"(checkpoint {model_cfg}, now {self.cfg.to_dict()})")
-        ckpt.restore_training_state(tensors, meta, self.model, self.ema, self.opt, str(path))
-        self.sched.load_state_dict(sched)
-        self.step, self.skipped = step, int(meta.get("skipped", 0))
+        meta, tensors = ckpt.load_training_checkpoint(path, self.cfg, self.model, self.ema, self.opt, self.sched)
+        self.step, self.skipped = int(meta["step"]), int(meta.get("skipped", 0))
         # The partial log window: the next log line then averages the same steps as an uninterrupted run's.
         self.acc = {k[4:]: v.to(self.device) for k, v in tensors.items() if k.startswith("log/")}
         self.n_acc = int(meta.get("log_n", 0))
         # These change the data stream: the run continues, but no longer replays the uninterrupted one.
-        now = {**ckpt.jsonable(dataclasses.asdict(self.tc)), "world_size": self.dist.world}
-        prev_tc["world_size"] = int(meta.get("world_size", 1))
-        changed = {k: (prev_tc.get(k), now[k]) for k in ("seed", "batch_size", "data", "data_size", "world_size")
-                   if prev_tc.get(k) != now[k]}
-        if changed and self.dist.main:
-            print(f"[train] warning: resuming with changed {changed} (checkpoint, now)", file=sys.stderr)
-        if self.dist.main:
+        prev = {**json.loads(meta["train_config"]), "world_size": int(meta.get("world_size", 1))}
+        now = {**ckpt.jsonable(dataclasses.asdict(self.tc)), "world_size": self.world}
+        changed = {k: (prev.get(k), now[k]) for k in ("seed", "batch_size", "data", "data_size", "world_size")
+                   if prev.get(k) != now[k]}
+        if self.main:
+            if changed:
+                print(f"[train] warning: resuming with changed {changed} (checkpoint, now)", file=sys.stderr)
             # Drop what is about to be replayed: the interrupted tail, and a record that the run's last step forced
             # off the --log-every grid (its window is in the checkpoint and continues into the next record).
-            keep = step if step >= self.tc.steps else step - step % self.tc.log_every
+            keep = self.step if self.step >= self.tc.steps else self.step - self.step % self.tc.log_every
             ckpt.truncate_log(self.out / "log.jsonl", keep)
-            print(f"[train] resumed from {path} at step {step}", file=sys.stderr)
-
-    # ----- one step -----
-
-    def _autocast(self):
-        if self.device.type == "cuda" and self.tc.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+            print(f"[train] resumed from {path} at step {self.step}", file=sys.stderr)
 
     def train_step(self, step: int) -> dict[str, torch.Tensor] | None:
         """Update number `step` (1-based). Returns detached loss terms and the pre-clip gradient norm (device
         tensors), or None for a skipped non-finite step; raises RuntimeError when the run must stop."""
-        tc, d = self.tc, self.dist
-        g = torch.Generator().manual_seed(stable_seed("train-step", tc.seed, step, d.rank))
-        torch.manual_seed(stable_seed("train-global", tc.seed, step, d.rank))  # dropout and any unseeded draw
+        tc = self.tc
+        g = torch.Generator().manual_seed(stable_seed("train-step", tc.seed, step, self.rank))
+        torch.manual_seed(stable_seed("train-global", tc.seed, step, self.rank))  # dropout and any unseeded draw
         idx = torch.randint(len(self.data), (tc.batch_size,), generator=g)
         batch = collate([self.data[i] for i in idx.tolist()])
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with self._autocast():
+        bf16 = self.device.type == "cuda" and tc.bf16
+        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
             loss, parts = self.net(batch["text_emb"], batch["text_mask"], batch["latent"], g, batch.get("image"))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # pre-clip; inf/nan if any grad is
         bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(norm)).float()
-        if d.world > 1:  # every rank must take the same decision
+        if self.world > 1:  # every rank must take the same decision
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():  # one scalar sync per step: the price of never applying a non-finite update
             return self._nonfinite(step, loss, norm)
@@ -324,7 +270,7 @@ class Trainer:
         what = f"non-finite loss or gradient at step {step} (loss {loss.item():.4g}, grad norm {norm.item():.4g})"
         if self.skipped < self.tc.skip_nonfinite:
             self.skipped += 1
-            if self.dist.main:
+            if self.main:
                 print(f"[train] warning: {what}; step skipped ({self.skipped} of --skip-nonfinite "
                       f"{self.tc.skip_nonfinite})", file=sys.stderr)
             return None
@@ -333,11 +279,9 @@ class Trainer:
         raise RuntimeError(f"{what}: training stopped, {kept}. Lower --lr, raise --warmup-steps, or allow a few "
                            "bad steps with --skip-nonfinite N")
 
-    # ----- the loop -----
-
     def fit(self) -> list[dict[str, Any]]:
         tc = self.tc
-        bar = tqdm(total=tc.steps, initial=self.step, disable=tc.quiet or not self.dist.main or not sys.stderr.isatty(),
+        bar = tqdm(total=tc.steps, initial=self.step, disable=tc.quiet or not self.main or not sys.stderr.isatty(),
                    desc="train", dynamic_ncols=True)
         t0 = time.perf_counter()
         with kernels.use_backend(tc.backend):
@@ -356,20 +300,20 @@ class Trainer:
                     self.save_checkpoint()
                 bar.update(1)
         bar.close()
-        if self.dist.main:
+        if self.main:
             self.ema.save_pretrained(str(self.out / "final"))
         if tc.dump_weights_hash:
             self._dump_hash(tc.dump_weights_hash)
-        if self.dist.world > 1:
+        if self.world > 1:
             dist.barrier()
         return self.history
 
     def _window(self) -> torch.Tensor:
         """The log window's sums (sorted keys) averaged over ranks (SUM then divide: gloo has no AVG)."""
         vec = torch.stack([self.acc[k] for k in sorted(self.acc)])
-        if self.dist.world > 1:
+        if self.world > 1:
             dist.all_reduce(vec)
-            vec /= self.dist.world
+            vec /= self.world
         return vec
 
     def _log(self, lr: float, elapsed: float, reset: bool = True) -> dict[str, Any]:
@@ -378,7 +322,7 @@ class Trainer:
         if reset:
             self.acc, self.n_acc = {}, 0
         self.history.append(rec)
-        if self.dist.main:
+        if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -388,43 +332,33 @@ class Trainer:
         """Write checkpoints/step_<step>.safetensors atomically (rank 0); prune old ones beyond keep_checkpoints."""
         if self.n_acc:  # a window cut by the checkpoint: every rank keeps (and the file stores) the rank mean
             self.acc = dict(zip(sorted(self.acc), self._window()))
-        if not self.dist.main:
+        if not self.main:
             return None
-        meta = {
-            "step": str(self.step),
-            "skipped": str(self.skipped),
-            "log_n": str(self.n_acc),
-            "model_config": json.dumps(self.cfg.to_dict()),
-            "train_config": json.dumps(ckpt.jsonable(dataclasses.asdict(self.tc))),
-            "scheduler": json.dumps(ckpt.jsonable(self.sched.state_dict())),
-            "world_size": str(self.dist.world),
-        }
+        meta = {"step": self.step, "skipped": self.skipped, "log_n": self.n_acc, "world_size": self.world,
+                "model_config": json.dumps(self.cfg.to_dict()),
+                "scheduler": json.dumps(ckpt.jsonable(self.sched.state_dict())),
+                "train_config": json.dumps(ckpt.jsonable(dataclasses.asdict(self.tc)))}
         path = ckpt.checkpoint_path(self.out, self.step)
-        ckpt.save_training_checkpoint(path, self.model, self.ema, self.opt, {f"log/{k}": v for k, v in self.acc.items()},
-                                 meta)
+        window = {f"log/{k}": v for k, v in self.acc.items()}  # the log window cut by this checkpoint
+        ckpt.save_training_checkpoint(path, self.model, self.ema, self.opt, window, {k: str(v) for k, v in meta.items()})
         if self.tc.keep_checkpoints:
             for _, old in ckpt.list_checkpoints(self.out)[: -self.tc.keep_checkpoints]:
                 old.unlink(missing_ok=True)
         return path
 
-    def _dump_hash(self, target: str) -> None:
-        path = target.replace("{rank}", str(self.dist.rank)) if "{rank}" in target else f"{target}.rank{self.dist.rank}"
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        rec = {"rank": self.dist.rank, "step": self.step, "model": weights_hash(self.model),
-               "ema": weights_hash(self.ema)}
-        Path(path).write_text(json.dumps(rec) + "\n")
+    def _dump_hash(self, target: str) -> None:  # debugging DDP: equal hashes iff bit-identical weights on every rank
+        rec = {"rank": self.rank, "step": self.step, **{k: ckpt.tensors_sha256(m.state_dict()) for k, m in (
+            ("model", self.model), ("ema", self.ema))}}
+        ckpt.atomic_write(f"{target}.rank{self.rank}", lambda p: Path(p).write_text(json.dumps(rec) + "\n"))
 
 
 def train(tc: TrainConfig) -> list[dict[str, Any]]:
     """Run (or resume) training; returns the logged records. Tears the process group down when it set one up."""
     owns_pg = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    trainer = None
     try:
-        trainer = Trainer(tc)
-        return trainer.fit()
+        with closing(Trainer(tc)) as trainer:  # close(): release --out
+            return trainer.fit()
     finally:
-        if trainer is not None:
-            trainer.close()
         if owns_pg and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -168,10 +168,10 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path):
 def test_synthetic_pairs_format_and_determinism():
     from crossflow.config import CrossFlowConfig
     from crossflow.data import SyntheticPairs
-    from crossflow.train import build_dataset
+    from crossflow.train import DATASETS
 
     cfg = CrossFlowConfig.from_name("tiny")
-    ds = build_dataset("synthetic", cfg, seed=3, size=50)
+    ds = DATASETS["synthetic"](cfg, 3, 50)
     item = ds[7]
     assert item["text_emb"].shape == (cfg.text_len, cfg.text_dim) and item["text_emb"].dtype == torch.float32
     assert item["text_mask"].dtype == torch.bool and item["text_mask"][0] and item["latent"].shape == cfg.latent_shape
@@ -181,8 +181,8 @@ def test_synthetic_pairs_format_and_determinism():
     assert not torch.equal(item["latent"], SyntheticPairs(cfg, n=50, seed=4)[7]["latent"])
     with pytest.raises(IndexError):
         ds[50]
-    with pytest.raises(ValueError, match="unknown dataset"):
-        build_dataset("nope", cfg)
+    with pytest.raises(ValueError, match="unknown data 'nope'"):
+        TrainConfig("x", data="nope")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -281,7 +281,8 @@ def test_skip_nonfinite_skips_a_bounded_number_of_steps(tmp_path, monkeypatch):
     _poison(monkeypatch, {2, 4})
     hist = train(_cfg(tmp_path / "a", steps=5, skip_nonfinite=2))
     assert [r["step"] for r in hist] == [1, 3, 5]  # the skipped steps log nothing
-    assert all(torch.isfinite(v).all() for v in CrossFlow.from_pretrained(tmp_path / "a" / "final").state_dict().values())
+    final = CrossFlow.from_pretrained(tmp_path / "a" / "final")
+    assert all(torch.isfinite(v).all() for v in final.state_dict().values())
     _poison(monkeypatch, {2, 4})  # counting from 1 again
     with pytest.raises(RuntimeError, match="at step 4.*no checkpoint was written"):
         train(_cfg(tmp_path / "b", steps=5, skip_nonfinite=1))
@@ -299,8 +300,8 @@ def test_a_second_trainer_on_the_same_out_is_refused(tmp_path):
 
 def test_a_killed_trainer_does_not_leave_its_out_locked(tmp_path):
     # Another process takes the lock as the trainer does (flock on <out>/.lock), then dies by SIGKILL.
-    code = "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); print(1, flush=True); " \
-           "time.sleep(120)"
+    code = ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print(1, flush=True); time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "1"
