@@ -130,6 +130,7 @@ class FlowTransformer(nn.Module):
 class CrossFlow(nn.Module):
     """The whole trainable model: `text_ve`, `flow`, `image_encoder` and the contrastive `logit_scale`.
 
+    Calling it (`forward`, alias `loss`) computes the training loss; sampling uses `encode_text` and `velocity`.
     `logit_scale` starts at log(1/0.07) and is used raw (not exponentiated), as the official code uses open_clip's.
     """
 

@@ -340,7 +340,8 @@ class Trainer:
                 "train_config": json.dumps(ckpt.jsonable(dataclasses.asdict(self.tc)))}
         path = ckpt.checkpoint_path(self.out, self.step)
         window = {f"log/{k}": v for k, v in self.acc.items()}  # the log window cut by this checkpoint
-        ckpt.save_training_checkpoint(path, self.model, self.ema, self.opt, window, {k: str(v) for k, v in meta.items()})
+        meta = {k: str(v) for k, v in meta.items()}
+        ckpt.save_training_checkpoint(path, self.model, self.ema, self.opt, window, meta)
         if self.tc.keep_checkpoints:
             for _, old in ckpt.list_checkpoints(self.out)[: -self.tc.keep_checkpoints]:
                 old.unlink(missing_ok=True)
@@ -371,11 +372,10 @@ def build_parser(prog: str = "crossflow.train") -> argparse.ArgumentParser:
     d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     recipes = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in r.items()) for name, r in RECIPES.items())
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                epilog=f"recipes (defaults of --preset NAME; explicit flags win): {recipes}",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog=f"recipes (defaults of --preset NAME; explicit flags win): {recipes}")
     p.add_argument("--out", default=None, help="run directory (checkpoints, log.jsonl, final/); default runs/<preset>")
-    p.add_argument("--preset", default=d["preset"], help="model preset (CrossFlowConfig.from_name)")
-    p.add_argument("--data", default=d["data"], help=f"training data: {sorted(DATASETS)}")
+    p.add_argument("--preset", default=d["preset"], help="model preset (default: %(default)s)")
+    p.add_argument("--data", default=d["data"], help=f"training data: {sorted(DATASETS)} (default: %(default)s)")
     for name, typ, text in (
         ("data_size", int, "samples in a generated data set"), ("steps", int, "total optimizer steps"),
         ("batch_size", int, "per process"), ("lr", float, "peak learning rate (AdamW)"),
@@ -386,11 +386,11 @@ def build_parser(prog: str = "crossflow.train") -> argparse.ArgumentParser:
         ("keep_checkpoints", int, "newest checkpoints kept; 0 keeps all"),
         ("skip_nonfinite", int, "steps with a non-finite loss or gradient skipped before the run stops"),
     ):
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=d[name], help=text)
-    p.add_argument("--betas", type=float, nargs=2, default=d["betas"], help="AdamW betas")
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=d[name], help=text + " (default: %(default)s)")
+    p.add_argument("--betas", type=float, nargs=2, default=d["betas"], help="AdamW betas (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda if available)")
     p.add_argument("--backend", default=d["backend"], choices=kernels.BACKENDS,
-                   help="kernels backend: auto = Triton where it can run, else torch")
+                   help="kernels backend: auto = Triton where it can run, else torch (default: %(default)s)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="disable bf16 autocast on CUDA")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute flow blocks in the backward pass")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
