@@ -10,10 +10,9 @@ What a run writes under --out (rank 0 only; default runs/<preset>):
     final/                             the EMA weights via `save_pretrained` (load with `CrossFlow.from_pretrained`)
     .lock                              held while a trainer runs there: a second one on the same --out is refused
 
-Determinism: every random draw of step s (batch indices, VE noise, indicator dropout, t, and, through the global RNG,
-dropout) comes from seeds derived from (seed, s, rank). A run resumed from a checkpoint therefore replays exactly the
-steps an uninterrupted run would have taken, and writes the same log. Data are drawn with replacement, B per rank per
-step. A non-finite loss or gradient never reaches the weights: the run stops with an error (or skips the step, at most
+Every random draw of step s (batch, VE noise, indicator dropout, t, dropout) is seeded by (seed, s, rank): a resumed
+run replays the uninterrupted one exactly, log included. Data are drawn with replacement, B per rank per step. A
+non-finite loss or gradient never reaches the weights: the run stops with an error (or skips the step, at most
 --skip-nonfinite times), keeping the checkpoints written so far.
 """
 
@@ -191,10 +190,8 @@ class Trainer:
         warmup = tc.warmup_steps
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)  # linear warm-up, then constant
-        self.step, self.skipped = 0, 0
-        self.acc: dict[str, torch.Tensor] = {}  # sums of the loss terms since the last log line
-        self.n_acc = 0
-        self.history: list[dict[str, Any]] = []
+        self.step, self.skipped, self.n_acc, self.history = 0, 0, 0, []
+        self.acc: dict[str, torch.Tensor] = {}  # sums of the loss terms over the n_acc steps since the last log line
         if resume_from is not None:
             self._load(resume_from)
         self.data = DATASETS[tc.data](self.cfg, tc.seed, tc.data_size)
@@ -271,8 +268,7 @@ class Trainer:
         if self.skipped < self.tc.skip_nonfinite:
             self.skipped += 1
             if self.main:
-                print(f"[train] warning: {what}; step skipped ({self.skipped} of --skip-nonfinite "
-                      f"{self.tc.skip_nonfinite})", file=sys.stderr)
+                print(f"[train] warning: {what}; skipped ({self.skipped}/{self.tc.skip_nonfinite})", file=sys.stderr)
             return None
         found = ckpt.list_checkpoints(self.out)
         kept = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was written"
