@@ -5,13 +5,12 @@ only when a text encoder or a VAE is built.
 """
 
 from crossflow.autoencoder import IdentityAutoencoder, VAEAutoencoder, build_autoencoder
-from crossflow.checkpoint import atomic_write, load_pretrained, save_pretrained
+from crossflow.checkpoint import atomic_write, save_pretrained
 from crossflow.config import CONFIGS, CrossFlowConfig
 from crossflow.convert import convert_official_state_dict, load_official_checkpoint
 from crossflow.data import SyntheticPairs
 from crossflow.fast_sampler import FastSampler
-from crossflow.flow import crossflow_loss
-from crossflow.model import CrossFlow, FlowTransformer
+from crossflow.model import CrossFlow, FlowTransformer, load_pretrained
 from crossflow.pipeline import CrossFlowPipeline, sample
 from crossflow.sampling import EulerSampler, interpolate_latents, latent_arithmetic
 from crossflow.text_encoder import TextEncoder
@@ -20,7 +19,7 @@ from crossflow.text_ve import TextVE
 __all__ = [
     "CONFIGS", "CrossFlow", "CrossFlowConfig", "CrossFlowPipeline", "EulerSampler", "FastSampler", "FlowTransformer",
     "IdentityAutoencoder", "SyntheticPairs", "TextEncoder", "TextVE", "TrainConfig", "Trainer", "VAEAutoencoder",
-    "atomic_write", "build_autoencoder", "convert_official_state_dict", "crossflow_loss", "interpolate_latents",
+    "atomic_write", "build_autoencoder", "convert_official_state_dict", "interpolate_latents",
     "latent_arithmetic", "load_official_checkpoint", "load_pretrained", "sample", "save_pretrained",
 ]
 
