@@ -13,13 +13,12 @@ from typing import Any
 # public name -> the module that defines it
 _EXPORTS = {
     "IdentityAutoencoder": "autoencoder", "VAEAutoencoder": "autoencoder", "build_autoencoder": "autoencoder",
-    "atomic_write": "checkpoint", "load_pretrained": "checkpoint", "save_pretrained": "checkpoint",
+    "atomic_write": "checkpoint", "save_pretrained": "checkpoint",
     "CONFIGS": "config", "CrossFlowConfig": "config",
     "convert_official_state_dict": "convert", "load_official_checkpoint": "convert",
     "SyntheticPairs": "data",
     "FastSampler": "fast_sampler",
-    "crossflow_loss": "flow",
-    "CrossFlow": "model", "FlowTransformer": "model",
+    "CrossFlow": "model", "FlowTransformer": "model", "load_pretrained": "model",
     "CrossFlowPipeline": "pipeline", "sample": "pipeline",
     "EulerSampler": "sampling", "interpolate_latents": "sampling", "latent_arithmetic": "sampling",
     "TextEncoder": "text_encoder",

@@ -21,16 +21,9 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from crossflow._cli_base import HelpFormatter as _HelpFormatter
 from crossflow._cli_base import Parser as _Parser
-
-# Training recipes: defaults applied by `crossflow train --preset NAME`; explicit flags win.
-RECIPES: dict[str, dict[str, Any]] = {
-    "digits": dict(data="digits", steps=3600, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999,
-                   log_every=50, ckpt_every=600),
-}
 
 # kernels.BACKENDS, spelled out so that parsing does not import torch (tests/crossflow/test_cli.py checks they agree)
 BACKENDS = ("auto", "torch", "triton")
@@ -174,32 +167,9 @@ def cmd_interpolate(args) -> int:
 
 
 def cmd_train(argv: list[str]) -> None:
-    from crossflow.train import build_parser, main
+    from crossflow.train import main  # the one training parser (recipes, validation, error lines) lives there
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="tiny")
-    known, _ = pre.parse_known_args(argv)
-    parser = build_parser()
-    parser.prog = "crossflow train"
-    for action in parser._actions:  # --out defaults to runs/<preset> here
-        if action.dest == "out":
-            action.required, action.default = False, os.path.join("runs", known.preset)
-    parser.set_defaults(**RECIPES.get(known.preset, {}))
-    args = parser.parse_args(argv)
-    main([a for kv in vars(args).items() for a in _as_flags(*kv)])
-
-
-def _as_flags(key: str, val: Any) -> list[str]:
-    flag = "--" + key.replace("_", "-")
-    if key == "bf16":
-        return [] if val else ["--no-bf16"]
-    if isinstance(val, bool):
-        return [flag] if val else []
-    if val is None:
-        return []
-    if isinstance(val, (list, tuple)):
-        return [flag, *map(str, val)]
-    return [flag, str(val)]
+    main(argv, prog="crossflow train")
 
 
 def cmd_eval(args) -> int:

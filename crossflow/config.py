@@ -52,7 +52,7 @@ class CrossFlowConfig:
     ve_compress_dim: int | None = None  # 1024 for T5 (4096-d): the official Compressor
     ve_adaptor: bool = False  # official Adaptor head (used when 2*latent_numel is not 4096/8192)
     ve_adaptor_grid: int = 64  # Adaptor's square feature map; official: 64 (hidden width 64*64 = 4096)
-    # ---- contrastive image encoder: "conv" (ours: a small trainable conv net on the target latent, layers.ImageEncoder)
+    # ---- contrastive image encoder: "conv" (ours: a small conv net on the target latent, image_encoder.ImageEncoder)
     # or a transformers vision model name/path (frozen tower + trainable projection; needs pixel images in training)
     image_encoder: str = "conv"
     image_encoder_width: int = 32

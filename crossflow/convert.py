@@ -26,15 +26,13 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
+from crossflow.checkpoint import describe_state_dict, load_state_dict_strict, short_list
 from crossflow.config import CrossFlowConfig
+from crossflow.image_encoder import build_image_encoder
 from crossflow.layers import sincos_pos_embed_2d
-
-if TYPE_CHECKING:
-    from crossflow.model import CrossFlow
+from crossflow.model import CrossFlow
 
 STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP / accelerate wrappers, torch.compile
 DROPPED_PREFIXES = ("open_clip.", "open_clip_output.")
@@ -100,14 +98,24 @@ def convert_official_state_dict(sd: dict[str, torch.Tensor], cfg: CrossFlowConfi
     shapes = sorted(f"{k}: got {tuple(v.shape)}, expected {expected[k]}"
                     for k, v in kept.items() if k in expected and tuple(v.shape) != expected[k])
     if missing or unexpected or shapes:
-        parts = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "",
-                 f"shape mismatches {shapes}" if shapes else ""]
-        raise ValueError("official checkpoint does not match the config: " + "; ".join(p for p in parts if p))
+        # Short on purpose: a foreign checkpoint mismatches thousands of keys; say how many, a few, and what it is.
+        parts = [f"{len(missing)} of {len(expected) - 1} expected keys missing, e.g. {short_list(missing, 4)}"
+                 if missing else "", f"{len(unexpected)} unexpected keys, e.g. {short_list(unexpected, 4)}"
+                 if unexpected else "", f"{len(shapes)} shape mismatches, e.g. {short_list(shapes, 3)}"
+                 if shapes else ""]
+        raise ValueError(f"official checkpoint does not match the {cfg.depth}-block, width-{cfg.hidden_size} DiT "
+                         "config: " + "; ".join(p for p in parts if p) + f". The checkpoint holds "
+                         f"{describe_state_dict(sorted(sd))}")
 
+    # The official table is fp32 (numpy float64 rounded once); a checkpoint stored in half precision rounds it again,
+    # by up to half an ulp of its dtype. A wrong hidden size or grid is off by O(1).
+    stored = kept["pos_embed"]
+    tol = max(1e-4, torch.finfo(stored.dtype).eps) if stored.is_floating_point() else 1e-4
     pos = sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size)[None]
-    err = (kept["pos_embed"].float().cpu() - pos).abs().max().item()
-    if not err <= 1e-4:
-        raise ValueError(f"official pos_embed differs from the 2-D sin-cos table by {err:.3e}: wrong config?")
+    err = (stored.float().cpu() - pos).abs().max().item()
+    if not err <= tol:
+        raise ValueError(f"official pos_embed ({stored.dtype}) differs from the 2-D sin-cos table by {err:.3e} "
+                         f"(tolerance {tol:.1e}): wrong config?")
 
     out: dict[str, torch.Tensor] = {}
     mods_w, mods_b = [], []
@@ -145,12 +153,9 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 def load_official_checkpoint(
     path: str | os.PathLike, cfg: CrossFlowConfig, map_location: str | torch.device = "cpu"
-) -> "CrossFlow":
+) -> CrossFlow:
     """Build a `CrossFlow(cfg)` from an official `.pth` (or a training `<step>.ckpt` directory: `nnet_ema.pth`,
     else `nnet.pth`). The file is read with `torch.load(weights_only=True)` only."""
-    from crossflow.checkpoint import load_state_dict_strict
-    from crossflow.model import CrossFlow, build_image_encoder
-
     path = Path(path)
     if path.is_dir():
         cands = [path / "nnet_ema.pth", path / "nnet.pth"]
