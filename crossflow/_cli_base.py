@@ -6,6 +6,11 @@ from __future__ import annotations
 import argparse
 
 
+class UsageError(ValueError):
+    """An option this command cannot honour, found after parsing (e.g. --device cuda on a machine without CUDA):
+    reported like a parser error, one line and exit status 2."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (prefix `crossflow: error:`, a pointer to --help) and exit status 2."""
 

@@ -6,9 +6,10 @@
     crossflow eval --preset digits                                # prompt accuracy and diversity of the shipped model
     crossflow convert t2i_512px_t5_dit.pth --preset dit-h-2-512 -o ckpt/   # an official checkpoint -> ours
 
-Errors: a mistake on the command line exits 2 (argparse's usage line and one `error:` line); anything found wrong
-while running (a missing or corrupt checkpoint, no CUDA, ...) prints one line `crossflow: error: ...` and exits 1;
-`crossflow eval` exits 1 when the model misses its targets. CROSSFLOW_DEBUG=1 shows the traceback instead.
+Errors print one line, `crossflow: error: ...` (`crossflow train: error: ...` for train): a mistake on the command
+line, or an option this machine cannot honour (--device cuda without CUDA, --backend triton where Triton cannot run),
+exits 2; anything found wrong while running (a missing or corrupt checkpoint, a disk error) exits 1; `crossflow eval`
+exits 1 when the model misses its targets. CROSSFLOW_DEBUG=1 shows the traceback instead.
 
 This module imports only the standard library at import time: torch, transformers and the model are imported by the
 verb that needs them, so `--help` and argument errors answer at once.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from crossflow._cli_base import HelpFormatter as _HelpFormatter
 from crossflow._cli_base import Parser as _Parser
+from crossflow._cli_base import UsageError
 
 # kernels.BACKENDS, spelled out so that parsing does not import torch (tests/crossflow/test_cli.py checks they agree)
 BACKENDS = ("auto", "torch", "triton")
@@ -48,9 +50,12 @@ def _device(name: str | None):
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)  # RuntimeError names a malformed string
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:  # a malformed string
+        raise UsageError(f"--device: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} requested but CUDA is not available on this machine")
+        raise UsageError(f"--device {name} requested but CUDA is not available on this machine")
     return device
 
 
@@ -64,7 +69,7 @@ def _backend(name: str, device):
     if name == "triton" and not kernels.triton_ok(torch.empty(0, device=device)):
         where = ("Triton needs a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)"
                  if device.type == "cpu" else "Triton is built for the CPU interpreter here (TRITON_INTERPRET=1)")
-        raise RuntimeError(f"--backend triton cannot run on {device}: {where}; use --backend auto or torch")
+        raise UsageError(f"--backend triton cannot run on {device}: {where}; use --backend auto or torch")
     return kernels.use_backend(name)
 
 
@@ -314,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------------
 
-# What a user can cause (bad files, a missing device, values a library refuses): one line, exit 1. Anything else is a
-# bug and keeps its traceback.
+# What a user can cause: an option this machine cannot honour (UsageError: exit 2, as `crossflow train` does), bad
+# files, values a library refuses (exit 1); one line each. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, RuntimeError, OSError)
 
 
@@ -337,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("CROSSFLOW_DEBUG", "") not in ("", "0"):
             raise
         print(f"crossflow: error: {_one_line(e)}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(2 if isinstance(e, UsageError) else 1) from None
     except KeyboardInterrupt:
         print("crossflow: interrupted", file=sys.stderr)
         raise SystemExit(130) from None

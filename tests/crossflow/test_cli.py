@@ -198,7 +198,7 @@ def test_triton_backend_on_a_cpu_machine_is_one_line():
     env = _env()
     env.pop("TRITON_INTERPRET", None)  # a user's machine: no interpreter
     r = _run("sample", "x", "--backend", "triton", "--device", "cpu", env=env)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("crossflow: error: --backend triton cannot run on cpu")
 
 
@@ -248,14 +248,15 @@ def test_flipped_byte_in_the_weights_names_the_file(ckpt_copy, tmp_path, capsys)
 def test_device_cuda_without_cuda(capsys):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
-    assert "CUDA is not available" in _fails(["sample", "x", "--device", "cuda"], 1, capsys)
+    assert "CUDA is not available" in _fails(["sample", "x", "--device", "cuda"], 2, capsys)
+    assert "--device: " in _fails(["sample", "x", "--device", "gpu0"], 2, capsys)
 
 
 def test_train_device_cuda_without_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
     r = _run("train", "--preset", "tiny", "--steps", "1", "--device", "cuda", "--out", str(tmp_path / "r"), "--quiet")
-    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr  # as `crossflow sample --device cuda`
     assert r.stderr.startswith("crossflow train: error: ") and "cuda" in r.stderr.lower()
 
 
