@@ -14,8 +14,10 @@ class UsageError(ValueError):
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (prefix `crossflow: error:`, a pointer to --help) and exit status 2."""
 
+    error_prefix = "crossflow"  # `crossflow train` names its own prog, as its runtime errors do
+
     def error(self, message: str):
-        self.exit(2, f"crossflow: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.error_prefix}: error: {message} (see `{self.prog} --help`)\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

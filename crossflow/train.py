@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import kernels
 from crossflow import checkpoint as ckpt
+from crossflow._cli_base import Parser
 from crossflow.config import CrossFlowConfig
 from crossflow.data import SyntheticPairs, collate, stable_seed
 from crossflow.model import CrossFlow
@@ -367,8 +368,9 @@ def build_parser(prog: str = "crossflow.train") -> argparse.ArgumentParser:
     """The training parser; its defaults are TrainConfig's (`parse_config` overlays a preset's recipe)."""
     d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     recipes = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in r.items()) for name, r in RECIPES.items())
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                epilog=f"recipes (defaults of --preset NAME; explicit flags win): {recipes}")
+    p = Parser(prog=prog, description=__doc__.split("\n\n")[0],
+               epilog=f"recipes (defaults of --preset NAME; explicit flags win): {recipes}")
+    p.error_prefix = prog
     p.add_argument("--out", default=None, help="run directory (checkpoints, log.jsonl, final/); default runs/<preset>")
     p.add_argument("--preset", default=d["preset"], help="model preset (default: %(default)s)")
     p.add_argument("--data", default=d["data"], help=f"training data: {sorted(DATASETS)} (default: %(default)s)")

@@ -29,6 +29,6 @@ def perturb_(module: torch.nn.Module, std: float = 0.1, everywhere: bool = False
     return module
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # a pure function: usable from module-scoped fixtures too
 def perturb():
     return perturb_

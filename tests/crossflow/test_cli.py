@@ -267,6 +267,13 @@ def test_train_validation_error_is_a_usage_error(tmp_path):
     assert r.stderr.startswith("crossflow train: error: ") and "steps" in r.stderr
 
 
+def test_train_unknown_flag_is_one_line(tmp_path):
+    """argparse's own errors in the training parser: one line naming the flag, exit 2 (no usage block)."""
+    r = _run("train", "--preset", "tiny", "--no-such-flag", "--out", str(tmp_path / "r"), timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("crossflow train: error: ") and "--no-such-flag" in r.stderr
+
+
 def test_debug_env_shows_the_traceback(monkeypatch):
     monkeypatch.setenv("CROSSFLOW_DEBUG", "1")
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
