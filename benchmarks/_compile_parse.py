@@ -237,13 +237,13 @@ def _access_sites(rhs: str):
     """Yield (kind, bytes, pointer operand) for every global access in one instruction's right-hand side."""
     if " asm " in rhs or rhs.startswith("asm ") or "asm sideeffect" in rhs:
         text = re.search(r'asm (?:sideeffect )?(?:inteldialect )?"((?:[^"\\]|\\.)*)"', rhs)
-        text = text.group(1) if text else ""
+        text = (text.group(1) if text else "").replace("\\0A", "\n").replace("\\09", " ")
         ptrs = _PTR_OPERAND.findall(rhs)
         ptr = ptrs[0] if ptrs else None
         if "cp.async.bulk.tensor" in text:
             yield ("tma_load" if ".global.shared" not in text else "tma_store"), 0, ptr
             return
-        cp = _CP_ASYNC.search(text.replace("\\0A", "\n").replace("\\09", " "))
+        cp = _CP_ASYNC.search(text)
         if cp:
             yield "cp_async", int(cp.group(1), 0), ptr
             return

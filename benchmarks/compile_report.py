@@ -60,6 +60,8 @@ ARCHS = (90, 80)
 # head dim -> (heads, tokens): H * D is a real model width (192 Text VE / 1152 DiT-XL / 1280 DiT-H), T the sequence.
 ATTN_SHAPES = {24: (8, 77), 32: (6, 256), 48: (8, 77), 64: (20, 256), 72: (16, 256), 80: (16, 256), 96: (12, 256),
                128: (10, 256), 256: (5, 256)}
+ATTN_DIMS = (24, 32, 48, 64, 72, 80, 96, 128)  # the presets' head dims; 256 (the limit) on request: --filter d256
+QUICK_DIMS = (24, 72)  # the CI subset: the two head dims whose strides are not 16-byte multiples
 ATTN_LAYOUTS = ("bhtd", "bthd", "qkv")  # contiguous (B,H,T,D); transposed (B,T,H,D) view; fused (B,T,3,H,D) unbound
 ADALN_WIDTHS = (192, 1152, 1280, 4096)
 DTYPES = ("fp16", "bf16", "fp32")
@@ -73,16 +75,16 @@ class Case:
     params: dict = field(default_factory=dict, hash=False, compare=False)
 
 
-def matrix(quick: bool) -> list[Case]:
+def matrix(quick: bool, include_256: bool = False) -> list[Case]:
     cases = []
-    dims = (24, 64, 72) if quick else tuple(ATTN_SHAPES)
+    dims = QUICK_DIMS if quick else ATTN_DIMS + ((256,) if include_256 else ())
     dtypes = ("fp16",) if quick else DTYPES
     layouts = ("qkv",) if quick else ATTN_LAYOUTS
-    masks = (False,) if quick else (False, True)
     for d in dims:
         for dt in dtypes:
             for lay in layouts:
-                for mask in masks:
+                # The mask changes the code, not the tile addressing: with a mask, the model's fused-qkv layout only.
+                for mask in (False, True) if lay == "qkv" and not quick else (False,):
                     name = f"attention/d{d}-{dt}-{lay}" + ("-mask" if mask else "")
                     cases.append(Case("attention", name, dict(d=d, dtype=dt, layout=lay, mask=mask)))
     widths = (1152,) if quick else ADALN_WIDTHS
@@ -613,9 +615,10 @@ def _parse_archs(s: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compile_report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="the CI subset (attention d 24/64/72 fp16 qkv, bf16 adaLN "
-                    "1152, Euler) instead of the full matrix")
-    ap.add_argument("--arch", type=_parse_archs, default=ARCHS, help="comma-separated SM archs (default 90,80)")
+    ap.add_argument("--quick", action="store_true", help="the CI subset (attention d 24/72 fp16 fused-qkv, bf16 "
+                    "adaLN 1152, Euler; sm_90) instead of the full matrix")
+    ap.add_argument("--arch", type=_parse_archs, default=None,
+                    help="comma-separated SM archs (default 90,80; 90 with --quick)")
     ap.add_argument("--filter", default="", help="regex on case names (e.g. attention, 'd72-.*qkv', adaln)")
     ap.add_argument("--json", type=Path, default=None,
                     help="output JSON (default benchmarks/results/<date>_compile-report_triton-<ver>[_quick].json)")
@@ -647,7 +650,8 @@ def main(argv=None) -> int:
     if why:
         print(f"compile_report: error: {why}", file=sys.stderr)
         return 1
-    cases = [c for c in matrix(a.quick) if flt.search(c.name)]
+    archs = a.arch or ((90,) if a.quick else ARCHS)
+    cases = [c for c in matrix(a.quick, include_256="d256" in a.filter) if flt.search(c.name)]
     if not cases:
         ap.error(f"--filter {a.filter!r} matches no case")
     if a.list:
@@ -667,7 +671,7 @@ def main(argv=None) -> int:
                   flush=True)
 
     t0 = time.time()
-    rows = run(cases, a.arch, a.jobs, progress)
+    rows = run(cases, archs, a.jobs, progress)
     summary = summarize(rows)
     vers = _versions()
     now = _dt.datetime.now(_dt.timezone.utc)
@@ -676,7 +680,7 @@ def main(argv=None) -> int:
         date=now.isoformat(timespec="seconds"),
         **vers,
         git=_git_rev(),
-        archs=list(a.arch),
+        archs=list(archs),
         quick=a.quick,
         filter=a.filter,
         seconds=round(time.time() - t0, 1),
