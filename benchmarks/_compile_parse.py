@@ -145,6 +145,36 @@ def ttgir_dots(ttgir: str) -> dict:
     return dict(counts)
 
 
+def ttgir_dot_shapes(ttgir: str) -> list[list[int]]:
+    """(M, N, K) of every dot in the TTGIR: A is M x K, the result M x N."""
+    shapes = []
+    for line in ttgir.splitlines():
+        if not re.search(r"=\s*(?:ttng\.warp_group_dot|tt\.dot)\b", line):
+            continue
+        typed = line.split(" : ", 1)[-1]
+        dims = re.findall(r"<(\d+)x(\d+)x", typed)
+        if len(dims) >= 2:
+            (m, k), (_, n) = dims[0], dims[-1]
+            shapes.append([int(m), int(n), int(k)])
+    return shapes
+
+
+def head_dim_padding(shapes: list[list[int]], block_m: int, block_n: int, head_dim: int) -> float | None:
+    """Tensor-core work done per useful head-dim lane: each dot's head-dim extent is what is left of (M, N, K) after
+    removing one BLOCK_M and one BLOCK_N; the ratio is sum(extents) / (head_dim x number of dots at the largest extent),
+    i.e. 128/72 for a head dim 72 padded to 128, 80/72 for a 64 + 16 split. None without dots."""
+    ext = []
+    for dims in shapes:
+        rest = list(dims)
+        for b in (block_m, block_n):
+            if b in rest:
+                rest.remove(b)
+        ext.append(rest[0] if len(rest) == 1 else min(rest))
+    if not ext:
+        return None
+    return round(sum(ext) / (head_dim * ext.count(max(ext))), 4)
+
+
 def ttgir_features(ttgir: str) -> dict:
     """Pipelining and Hopper features visible in the TTGIR."""
     return dict(

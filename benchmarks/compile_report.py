@@ -294,6 +294,28 @@ def _ptxas_rerun(ptx: str, arch: int) -> str:
     return r.stdout + r.stderr
 
 
+def _log_cache() -> Path:
+    return Path(os.environ.get("COMPILE_REPORT_CACHE", Path.home() / ".cache" / "crossflow-compile-report"))
+
+
+def _ptxas_log(md, ptx: str, arch: int) -> str:
+    """The `ptxas -v` log of this compile: captured from Triton's own ptxas run, else (Triton's cache hit) from our
+    cache of logs keyed by the kernel's hash, else ptxas re-run on the PTX."""
+    path = _log_cache() / f"{getattr(md, 'hash', None) or hash(ptx)}-sm{arch}.ptxas.log"
+    if _PTXAS_LOG:
+        log = _PTXAS_LOG[-1]
+    elif path.exists():
+        return path.read_text()
+    else:
+        log = _ptxas_rerun(ptx, arch)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(log)
+        os.replace(tmp, path)
+    return log
+
+
 def _config_of(launch: Launch) -> list[tuple[dict, object]]:
     """(label, kwargs for the launch) for every config the autotuner would consider after its own prune."""
     if not launch.autotuned:
@@ -354,7 +376,7 @@ def compile_one(launch: Launch, config, arch: int) -> dict:
                     compile_s=round(time.perf_counter() - t0, 2))
     secs = time.perf_counter() - t0
     asm, md = kernel.asm, kernel.metadata
-    log = _PTXAS_LOG[-1] if _PTXAS_LOG else _ptxas_rerun(asm["ptx"], arch)
+    log = _ptxas_log(md, asm["ptx"], arch)
     res = P.parse_ptxas_log(log)
     shared = int(getattr(md, "shared", 0) or 0)
     num_warps, num_stages = int(md.num_warps), int(getattr(md, "num_stages", 0) or 0)
@@ -367,6 +389,7 @@ def compile_one(launch: Launch, config, arch: int) -> dict:
         num_stages=num_stages,
         **P.occupancy(arch, res["registers"], num_warps, shared + res["static_smem_bytes"]),
         dots=P.ttgir_dots(asm["ttgir"]),
+        dot_shapes=P.ttgir_dot_shapes(asm["ttgir"]),
         **P.ttgir_features(asm["ttgir"]),
         ptx=P.ptx_memory(asm["ptx"]),
         accesses=accesses,
@@ -447,7 +470,7 @@ def plan(cases: list[Case], archs) -> tuple[list[dict], list[tuple], list]:
                         config={k: v for k, v in label.items() if not k.startswith("_")}, config_rank=ci,
                         configs_kept=len(configs), configs_total=total, autotuned=launch.autotuned,
                         constexprs={k: v for k, v in launch.kwargs.items() if k not in ("grid", "warmup")},
-                        big_args=sorted(big_args(launch)), _job=index[key],
+                        big_args=sorted(big_args(launch)), _job=index[key], _head_dim=case.params.get("d"),
                     ))
     return stubs, jobs, index
 
@@ -473,8 +496,12 @@ def run(cases: list[Case], archs, jobs_n: int = 1, progress=None) -> list[dict]:
                 progress(i + 1, len(jobs), time.time() - t0)
     rows = []
     for s in stubs:
-        j = s.pop("_job", None)
-        rows.append({**s, **(results[j] if j is not None else {})})
+        j, d = s.pop("_job", None), s.pop("_head_dim", None)
+        row = {**s, **(results[j] if j is not None else {})}
+        cfg = row.get("config") or {}
+        if d and row.get("dot_shapes") and "BLOCK_M" in cfg and "BLOCK_N" in cfg:
+            row["head_dim_padding"] = P.head_dim_padding(row["dot_shapes"], cfg["BLOCK_M"], cfg["BLOCK_N"], d)
+        rows.append(row)
     return rows
 
 
@@ -500,6 +527,14 @@ def _is_half(row) -> bool:
     return any(f"-{d}" in row["case"] for d in ("fp16", "bf16"))
 
 
+def _pads(rows) -> dict[int, list[float]]:
+    out: dict[int, list[float]] = {}
+    for r in rows:
+        if r.get("head_dim_padding"):
+            out.setdefault(int(re.search(r"/d(\d+)-", r["case"]).group(1)), []).append(r["head_dim_padding"])
+    return dict(sorted(out.items()))
+
+
 def summarize(rows: list[dict]) -> dict:
     ok = [r for r in rows if not r.get("error")]
     by_arch = {}
@@ -519,6 +554,7 @@ def summarize(rows: list[dict]) -> dict:
             tma_configs=sum(bool(r["tma_loads"] or r["ptx"]["tma_load"]) for r in rs),
             warp_specialized_configs=sum(bool(r["warp_specialized"]) for r in rs),
             max_registers=max((r["registers"] for r in rs), default=0),
+            max_head_dim_padding={f"d{d}": max(pads) for d, pads in _pads(rs).items()},
         )
     failing = sorted({(r["kernel"] or "?", r["case"]) for r in rows if problems(r)})
     return dict(
@@ -539,7 +575,7 @@ def table(rows: list[dict], per_config: bool = False) -> str:
     for r in rows:
         groups.setdefault((r["case"], r["kernel"] or "?", r["arch"]), []).append(r)
     head = (f"{'case':34} {'kernel':26} {'sm':>3} {'cfg':>5} {'regs':>4} {'spill':>5} {'smem KB':>7} "
-            f"{'warps/SM':>8} {'dots':14} {'hot ld B':>8} {'cp.async':>8} {'TMA':>3} {'WS':>2} {'stg':>3}  verdict")
+            f"{'warps/SM':>8} {'dots':14} {'pad':>4} {'hot ld B':>8} {'cp.async':>8} {'TMA':>3} {'WS':>2} {'stg':>3}  verdict")
     lines = [head, "-" * len(head)]
     for (case, kern, arch), rs in groups.items():
         items = [[r] for r in rs] if per_config else [rs]
@@ -551,13 +587,15 @@ def table(rows: list[dict], per_config: bool = False) -> str:
                 continue
             worst = lambda k: max(r[k] for r in good)  # noqa: E731
             hot = [w for r in good for w in r["hot_load_min_bytes"].values()]
+            pads = [r["head_dim_padding"] for r in good if r.get("head_dim_padding")]
+            pad = f"{max(pads):.2f}" if pads else "-"
             cfg = (f"{len(good)}/{grp[0].get('configs_total', 1)}" if not per_config else
                    "x".join(str(grp[0]["config"].get(k, "")) for k in ("BLOCK_M", "BLOCK_N") if k in grp[0]["config"])
                    or "fix")
             lines.append(
                 f"{case:34} {kern:26} {arch:>3} {cfg:>5} {worst('registers'):>4} {worst('spill_store_bytes'):>5} "
                 f"{worst('shared_bytes') / 1024:>7.1f} {min(r['warps_per_sm'] for r in good):>8} "
-                f"{_dots_str(good[0]['dots']):14} {min(hot) if hot else '-':>8} "
+                f"{_dots_str(good[0]['dots']):14} {pad:>4} {min(hot) if hot else '-':>8} "
                 f"{sum(sum(r['ptx']['cp_async'].values()) > 0 for r in good):>8} "
                 f"{'y' if any(r['ptx']['tma_load'] or r['tma_loads'] for r in good) else '-':>3} "
                 f"{'y' if any(r['warp_specialized'] for r in good) else '-':>2} "

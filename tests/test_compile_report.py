@@ -129,6 +129,16 @@ def test_ttgir_dot_lowering_and_features():
     assert P.ttgir_features(TTGIR) == dict(async_copies=1, tma_loads=0, warp_specialized=True)
 
 
+def test_dot_shapes_and_head_dim_padding():
+    assert P.ttgir_dot_shapes(TTGIR) == [[64, 64, 64], [32, 32, 64], [32, 32, 64]]
+    # Head dim 72 padded to 128: Q K^T is (BM, BN, 128), P V is (BM, 128, BN).
+    assert P.head_dim_padding([[64, 32, 128], [64, 128, 32]], 64, 32, 72) == round(128 / 72, 4)
+    # Split 64 + 16: two dots per logical matmul; overhead 80/72.
+    assert P.head_dim_padding([[64, 32, 64], [64, 32, 16], [64, 64, 32], [64, 16, 32]], 64, 32, 72) == round(80 / 72, 4)
+    assert P.head_dim_padding([[64, 64, 64], [64, 64, 64]], 64, 64, 64) == 1.0
+    assert P.head_dim_padding([], 64, 64, 64) is None
+
+
 TTIR = 'tt.func public @k(%Q: !tt.ptr<f16> {tt.divisibility = 16 : i32} loc("Q"(#loc)), %arg1: !tt.ptr<f32> ' \
        'loc("LSE"(#loc)), %n: i32 loc("N"(#loc))) attributes {noinline = false} {'
 
