@@ -347,6 +347,9 @@ def specialization_key(launch: Launch, kw: dict) -> tuple:
         dns = i in jit.do_not_specialize or name in jit.do_not_specialize
         if hasattr(a, "data_ptr"):
             parts.append(("t", str(a.dtype), a.data_ptr() % 16 == 0))
+        elif hasattr(getattr(a, "base", None), "data_ptr"):  # a host TensorDescriptor (TMA)
+            parts.append(("desc", str(a.base.dtype), a.base.data_ptr() % 16 == 0, tuple(a.shape), tuple(a.strides),
+                          tuple(getattr(a, "block_shape", ()))))
         elif isinstance(a, bool):
             parts.append(("b", a))
         elif isinstance(a, int):
@@ -402,8 +405,11 @@ def compile_one(launch: Launch, config, arch: int) -> dict:
 def big_args(launch: Launch) -> dict[str, int]:
     """Names of the launch's big floating tensor arguments (see the module doc) -> element size in bytes."""
     jit = launch.jit
-    tens = {jit.arg_names[i]: a for i, a in enumerate(launch.args)
-            if hasattr(a, "data_ptr") and a.dtype.is_floating_point}
+    tens = {}
+    for i, a in enumerate(launch.args):
+        t = a if hasattr(a, "data_ptr") else getattr(a, "base", None)  # a TensorDescriptor reads its base tensor
+        if hasattr(t, "data_ptr") and t.dtype.is_floating_point:
+            tens[jit.arg_names[i]] = t
     if not tens:
         return {}
     top = max(t.numel() for t in tens.values())
