@@ -650,10 +650,10 @@ def _parse_archs(s: str) -> tuple[int, ...]:
     try:
         archs = tuple(int(a) for a in s.split(",") if a.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--arch takes comma-separated integers like 90,80, got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"takes comma-separated integers like 90,80, got {s!r}") from None
     bad = [a for a in archs if a not in P.SM_LIMITS]
     if bad or not archs:
-        raise argparse.ArgumentTypeError(f"--arch: supported archs are {sorted(P.SM_LIMITS)}, got {s!r}")
+        raise argparse.ArgumentTypeError(f"supported archs are {sorted(P.SM_LIMITS)}, got {s!r}")
     return archs
 
 

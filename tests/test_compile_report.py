@@ -185,3 +185,20 @@ def test_hot_load_verdict():
     assert problems(dict(row, hot_scalar=[], spill_store_bytes=8, spill_load_bytes=8)) == ["spill 8B"]
     assert problems(dict(row, hot_scalar=[])) == []
     assert problems(dict(error="CompilationError: x")) == ["error"]
+
+
+@pytest.mark.parametrize("argv", [["--arch", "70"], ["--arch", "x"], ["--jobs", "0"], ["--filter", "("]])
+def test_cli_usage_errors_exit_2(argv, capsys):
+    from benchmarks.compile_report import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_refuses_the_interpreter(monkeypatch):
+    from benchmarks.compile_report import check_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "TRITON_INTERPRET" in check_backend()
