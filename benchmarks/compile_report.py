@@ -11,7 +11,7 @@ as the autotuner would on a GPU, and every surviving config is compiled with Tri
 warmup=True)`, so argument specialization -- 16-byte divisibility of pointers and ints -- is Triton's) against a stub
 driver that reports `GPUTarget("cuda", arch, 32)`. From the artefacts:
 
-* registers, stack, spill stores/loads: the `ptxas -v` log of the compile (re-run on the PTX on a cache hit);
+* registers, stack, spill stores/loads: the `ptxas -v` log of Triton's own ptxas run (kept, as Triton deletes it);
 * shared memory (`metadata.shared`) and occupancy (blocks and warps per SM from registers, smem and num_warps);
 * each `tl.dot`: `wgmma` / `mma_sync` / `fma`, from the TTGIR (and the wgmma / mma.sync counts in the PTX);
 * every global access with its width in bytes (16 = `ld.global.v4.b32`), cp.async size, TMA, attributed to the kernel
@@ -276,44 +276,35 @@ def _hook_ptxas() -> None:
     nv.subprocess = _Sub()
 
 
-def _ptxas_rerun(ptx: str, arch: int) -> str:
-    import triton.backends.nvidia.compiler as nv
-    try:
-        ptxas = nv.get_ptxas(arch).path
-    except TypeError:
-        ptxas = nv.get_ptxas().path
-    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        r = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.cubin")],
-                           capture_output=True, text=True)
-    if r.returncode:
-        raise RuntimeError(f"ptxas failed: {r.stderr[-2000:]}")
-    return r.stdout + r.stderr
-
-
 def _log_cache() -> Path:
-    return Path(os.environ.get("COMPILE_REPORT_CACHE", Path.home() / ".cache" / "crossflow-compile-report"))
+    # v2: logs captured from Triton's own ptxas runs only
+    return Path(os.environ.get("COMPILE_REPORT_CACHE", Path.home() / ".cache" / "crossflow-compile-report-v2"))
 
 
-def _ptxas_log(md, ptx: str, arch: int) -> str:
-    """The `ptxas -v` log of this compile: captured from Triton's own ptxas run, else (Triton's cache hit) from our
-    cache of logs keyed by the kernel's hash, else ptxas re-run on the PTX."""
-    path = _log_cache() / f"{getattr(md, 'hash', None) or hash(ptx)}-sm{arch}.ptxas.log"
-    if _PTXAS_LOG:
-        log = _PTXAS_LOG[-1]
-    elif path.exists():
-        return path.read_text()
-    else:
-        log = _ptxas_rerun(ptx, arch)
+def _cached_log(md, arch: int) -> Path | None:
+    h = getattr(md, "hash", None)
+    return _log_cache() / f"{h}-sm{arch}.ptxas.log" if h else None
+
+
+def _store_log(path: Path | None, log: str) -> None:
+    if path is None:
+        return
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(log)
         os.replace(tmp, path)
-    return log
+
+
+@contextlib.contextmanager
+def _always_compile():
+    import triton
+    old = triton.knobs.compilation.always_compile
+    triton.knobs.compilation.always_compile = True
+    try:
+        yield
+    finally:
+        triton.knobs.compilation.always_compile = old
 
 
 def _config_of(launch: Launch) -> list[tuple[dict, object]]:
@@ -361,6 +352,11 @@ def specialization_key(launch: Launch, kw: dict) -> tuple:
     return (id(jit), tuple(parts), tuple(sorted((k, repr(v)) for k, v in kw.items())))
 
 
+def _compile(launch: Launch, grid, kw: dict):
+    kernel = launch.jit.run(*launch.args, grid=grid, warmup=True, **kw)
+    return kernel.result() if hasattr(kernel, "result") else kernel  # an async-compile future
+
+
 def compile_one(launch: Launch, config, arch: int) -> dict:
     """Compile one (launch, config) for sm_<arch> and read the artefacts."""
     from triton.runtime import driver
@@ -371,15 +367,31 @@ def compile_one(launch: Launch, config, arch: int) -> dict:
     grid = launch.kwargs.get("grid", (1,))
     _PTXAS_LOG.clear()
     t0 = time.perf_counter()
+    # The `ptxas -v` log is the one of Triton's own ptxas run (its flags, e.g. --regAllocOptLevel, change register
+    # allocation, so ptxas is never re-run with guessed flags): captured during the compile, or, when Triton's cache
+    # answered, from our cache of captured logs keyed by the kernel hash, or else by compiling again past the cache.
     try:
-        kernel = launch.jit.run(*launch.args, grid=grid, warmup=True, **kw)
-        kernel = getattr(kernel, "result", lambda: kernel)() if hasattr(kernel, "result") else kernel
+        kernel = _compile(launch, grid, kw)
+        md = kernel.metadata
+        path = _cached_log(md, arch)
+        if _PTXAS_LOG:
+            log = _PTXAS_LOG[-1]
+        elif path is not None and path.exists():
+            log = path.read_text()
+        else:
+            launch.jit.device_caches.pop(arch, None)  # drop Triton's in-memory cache too
+            with _always_compile():
+                kernel = _compile(launch, grid, kw)
+            md = kernel.metadata
+            if not _PTXAS_LOG:
+                raise RuntimeError("no ptxas log: Triton did not run ptxas")
+            log = _PTXAS_LOG[-1]
+        _store_log(_cached_log(md, arch), log)
     except Exception as e:  # a compile error is a result of the report, not a crash of it
         return dict(error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:500],
                     compile_s=round(time.perf_counter() - t0, 2))
     secs = time.perf_counter() - t0
-    asm, md = kernel.asm, kernel.metadata
-    log = _ptxas_log(md, asm["ptx"], arch)
+    asm = kernel.asm
     res = P.parse_ptxas_log(log)
     shared = int(getattr(md, "shared", 0) or 0)
     num_warps, num_stages = int(md.num_warps), int(getattr(md, "num_stages", 0) or 0)
@@ -580,7 +592,7 @@ def table(rows: list[dict], per_config: bool = False) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["case"], r["kernel"] or "?", r["arch"]), []).append(r)
-    head = (f"{'case':34} {'kernel':26} {'sm':>3} {'cfg':>5} {'regs':>4} {'spill':>5} {'smem KB':>7} "
+    head = (f"{'case':38} {'kernel':26} {'sm':>3} {'cfg':>5} {'regs':>4} {'spill':>5} {'smem KB':>7} "
             f"{'warps/SM':>8} {'dots':14} {'pad':>4} {'hot ld B':>8} {'cp.async':>8} {'TMA':>3} {'WS':>2} {'stg':>3}  verdict")
     lines = [head, "-" * len(head)]
     for (case, kern, arch), rs in groups.items():
@@ -589,7 +601,7 @@ def table(rows: list[dict], per_config: bool = False) -> str:
             good = [r for r in grp if not r.get("error")]
             verdict = sorted({p for r in grp for p in problems(r)})
             if not good:
-                lines.append(f"{case:34} {kern:26} {arch or '-':>3} {'-':>5}  {grp[0].get('error', '')[:80]}")
+                lines.append(f"{case:38} {kern:26} {arch or '-':>3} {'-':>5}  {grp[0].get('error', '')[:80]}")
                 continue
             worst = lambda k: max(r[k] for r in good)  # noqa: E731
             hot = [w for r in good for w in r["hot_load_min_bytes"].values()]
@@ -599,7 +611,7 @@ def table(rows: list[dict], per_config: bool = False) -> str:
                    "x".join(str(grp[0]["config"].get(k, "")) for k in ("BLOCK_M", "BLOCK_N") if k in grp[0]["config"])
                    or "fix")
             lines.append(
-                f"{case:34} {kern:26} {arch:>3} {cfg:>5} {worst('registers'):>4} {worst('spill_store_bytes'):>5} "
+                f"{case:38} {kern:26} {arch:>3} {cfg:>5} {worst('registers'):>4} {worst('spill_store_bytes'):>5} "
                 f"{worst('shared_bytes') / 1024:>7.1f} {min(r['warps_per_sm'] for r in good):>8} "
                 f"{_dots_str(good[0]['dots']):14} {pad:>4} {min(hot) if hot else '-':>8} "
                 f"{sum(sum(r['ptx']['cp_async'].values()) > 0 for r in good):>8} "
