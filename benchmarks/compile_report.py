@@ -633,10 +633,16 @@ def _versions() -> dict:
     return dict(triton=triton.__version__, torch=torch.__version__, python=platform.python_version())
 
 
+def _kernels_dir() -> Path:
+    import kernels
+    return Path(kernels.__file__).resolve().parent
+
+
 def _git_rev() -> str | None:
+    """The commit of the tree whose `kernels` package was reported on."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip() or None
+                              cwd=_kernels_dir(), check=True).stdout.strip() or None
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -736,6 +742,7 @@ def main(argv=None) -> int:
         date=now.isoformat(timespec="seconds"),
         **vers,
         git=_git_rev(),
+        kernels=str(_kernels_dir()),
         archs=list(archs),
         quick=a.quick,
         filter=a.filter,
