@@ -567,7 +567,8 @@ def summarize(rows: list[dict]) -> dict:
             max_spill_bytes=max((r["spill_store_bytes"] for r in rs), default=0),
             scalar_hot_load_configs=sum(bool(r["hot_scalar"]) for r in rs),
             narrow_hot_load_configs=sum(bool(r["hot_narrow"]) for r in rs),
-            non_wgmma_dot_configs_half=sum(any(k != "wgmma" for k in r["dots"]) for r in dots_half),
+            non_wgmma_dot_configs_half=(sum(any(k != "wgmma" for k in r["dots"]) for r in dots_half)
+                                        if arch >= 90 else None),  # wgmma exists on sm_90 only
             fma_dot_configs=sum("fma" in r["dots"] for r in rs),
             tma_configs=sum(bool(r["tma_loads"] or r["ptx"]["tma_load"]) for r in rs),
             warp_specialized_configs=sum(bool(r["warp_specialized"]) for r in rs),
