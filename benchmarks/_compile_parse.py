@@ -206,7 +206,8 @@ def access_width(opcode: str) -> int:
     return vec * bits // 8
 
 
-_CP_ASYNC = re.compile(r"cp\.async\.(?:ca|cg)\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
+_CP_ASYNC = re.compile(
+    r"cp\.async\.(?:ca|cg)\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
 
 
 def ptx_memory(ptx: str) -> dict:

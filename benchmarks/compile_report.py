@@ -35,14 +35,12 @@ import concurrent.futures as cf
 import contextlib
 import datetime as _dt
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -594,7 +592,8 @@ def table(rows: list[dict], per_config: bool = False) -> str:
     for r in rows:
         groups.setdefault((r["case"], r["kernel"] or "?", r["arch"]), []).append(r)
     head = (f"{'case':38} {'kernel':26} {'sm':>3} {'cfg':>5} {'regs':>4} {'spill':>5} {'smem KB':>7} "
-            f"{'warps/SM':>8} {'dots':14} {'pad':>4} {'hot ld B':>8} {'cp.async':>8} {'TMA':>3} {'WS':>2} {'stg':>3}  verdict")
+            f"{'warps/SM':>8} {'dots':14} {'pad':>4} {'hot ld B':>8} {'cp.async':>8} {'TMA':>3} {'WS':>2} "
+            f"{'stg':>3}  verdict")
     lines = [head, "-" * len(head)]
     for (case, kern, arch), rs in groups.items():
         items = [[r] for r in rs] if per_config else [rs]
