@@ -735,7 +735,7 @@ def main(argv=None) -> int:
             print(f"\r  compiled {n}/{total} ({secs:.0f} s)", end="\n" if n == total else "", file=sys.stderr,
                   flush=True)
 
-    t0 = time.time()
+    t0, rev = time.time(), _git_rev()  # the commit of the kernels as imported now, before any compile
     rows = run(cases, archs, a.jobs, progress)
     summary = summarize(rows)
     vers = _versions()
@@ -744,7 +744,7 @@ def main(argv=None) -> int:
         kind="compile_report",
         date=now.isoformat(timespec="seconds"),
         **vers,
-        git=_git_rev(),
+        git=rev,
         kernels=str(_kernels_dir()),
         archs=list(archs),
         quick=a.quick,
