@@ -195,7 +195,8 @@ def load_dimr_flow(sd: dict[str, torch.Tensor], cfg: DiMRConfig) -> DiMRFlow:
     return model
 
 
-def _describe_dimr(keys: dict[str, torch.Tensor]) -> str:
+def describe_dimr_keys(keys: dict[str, torch.Tensor]) -> str:
+    """What the `stages.*` tensors of an official DiMR state dict (wrappers stripped) describe, in a few words."""
     stages = sorted({int(m.group(1)) for k in keys if (m := _STAGE.match(k))})
     parts = []
     for s in stages:
@@ -218,7 +219,7 @@ def detect_official_architecture(sd: dict[str, torch.Tensor]) -> str:
         for name, info in OFFICIAL_CHECKPOINTS.items():
             if (info["text"] == "t5") == t5 and official_dimr_shapes(DIMR_CONFIGS[name]) == flow:
                 return name
-        raise ValueError(f"a DiMR checkpoint ({_describe_dimr(keys)}; {'T5' if t5 else 'CLIP'} text) that matches "
+        raise ValueError(f"a DiMR checkpoint ({describe_dimr_keys(keys)}; {'T5' if t5 else 'CLIP'} text) that matches "
                          f"none of the released layouts {sorted(OFFICIAL_CHECKPOINTS)}")
     if all(k in keys for k in DIT_MARKERS):
         return "dit"
