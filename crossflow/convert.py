@@ -221,8 +221,9 @@ def resolve_config(sd: dict[str, torch.Tensor], cfg: CrossFlowConfig | str | Non
     if found is None and not dimr_sd and cfg.backbone == "dit":
         return cfg  # a DiT-like file off by a few keys: the converter lists them
     hint = f"; use --preset {found} (or leave --preset out: the layout is detected)" if found else ""
-    raise ValueError(f"{source} holds {_what_it_holds(sd, found)}, but the requested config is is {describe_config(cfg)}"
-                     f"{hint}")
+    name = preset_name(cfg)
+    want = f"preset {name!r}" if name else "the requested config"
+    raise ValueError(f"{source} holds {_what_it_holds(sd, found)}; {want} is {describe_config(cfg)}{hint}")
 
 
 def load_official_checkpoint(
