@@ -137,7 +137,11 @@ class CrossFlowConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON types (the nested DiMR config's tuples as lists), so that it equals its own JSON round trip."""
+        d = dataclasses.asdict(self)
+        if self.dimr is not None:
+            d["dimr"] = json.loads(json.dumps(d["dimr"]))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CrossFlowConfig":
