@@ -844,6 +844,16 @@ def test_fast_sampler_on_cpu_equals_euler_on_a_dimr_crossflow():
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+@pytest.fixture
+def one_thread():
+    """Small CPU models on a busy machine: one intra-op thread (two threads on two loaded cores cost ~15x, see
+    `crossflow.cli.SMALL_FLOW_PARAMS`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _train_cfg(out, **kw):
     from crossflow.train import TrainConfig
 
@@ -852,18 +862,18 @@ def _train_cfg(out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_dimr_digits_training_lowers_the_loss(tmp_path):
-    """The digits data with the DiMR flow (`dimr-digits`): 40 AdamW steps lower the multi-scale flow-matching term."""
+def test_dimr_digits_training_lowers_the_loss(tmp_path, one_thread):
+    """The digits data with the DiMR flow (`dimr-digits`): 30 AdamW steps lower the multi-scale flow-matching term."""
     from crossflow.train import train
 
-    hist = train(_train_cfg(tmp_path, preset="dimr-digits", data="digits", data_size=512, steps=40, batch_size=16,
+    hist = train(_train_cfg(tmp_path, preset="dimr-digits", data="digits", data_size=256, steps=30, batch_size=8,
                             lr=1e-3, warmup_steps=5, ckpt_every=1000))
     mean = lambda key, rs: sum(r[key] for r in rs) / len(rs)  # noqa: E731
-    assert mean("fm", hist[-10:]) < 0.7 * mean("fm", hist[:10]), [round(r["fm"], 3) for r in hist]
+    assert mean("fm", hist[-8:]) < 0.7 * mean("fm", hist[:8]), [round(r["fm"], 3) for r in hist]
     assert mean("loss", hist[-10:]) < mean("loss", hist[:10])
 
 
-def test_dimr_resume_replays_the_uninterrupted_run_exactly(tmp_path):
+def test_dimr_resume_replays_the_uninterrupted_run_exactly(tmp_path, one_thread):
     from safetensors.torch import load_file
 
     from crossflow.checkpoint import list_checkpoints
@@ -879,7 +889,7 @@ def test_dimr_resume_replays_the_uninterrupted_run_exactly(tmp_path):
     assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)  # model, EMA and AdamW state
 
 
-def test_convert_verb_detects_converts_and_samples_a_fake_official_dimr_checkpoint(tmp_path, capsys):
+def test_convert_verb_detects_converts_and_samples_a_fake_official_dimr_checkpoint(tmp_path, capsys, one_thread):
     """An official-layout DiMR file (DDP prefixes, SigLIP keys) -> `crossflow convert` without --preset (detected) ->
     the converted flow network equals the official math -> `crossflow sample --checkpoint DIR` with no sampler flags
     is the official sampler (50 steps, official grid, guidance 7); a mismatching --preset is refused in one line."""
