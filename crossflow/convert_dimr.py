@@ -127,10 +127,7 @@ def convert_dimr_flow_state_dict(
     "flow." for a CrossFlow). Keys under `context_encoder.` / `open_clip*` are left to the caller; anything else that
     is not an expected `stages.*` key, a missing key or a shape mismatch raises ValueError listing them.
 
-    Wiring into `crossflow.convert.load_official_checkpoint` (after the application-layer merge): detect with
-    `detect_official_architecture`, then `state = convert_dimr_flow_state_dict(sd, dimr_cfg, "flow.")` plus the
-    existing `context_encoder.* -> text_ve.*` and `open_clip.logit_scale -> logit_scale` mapping of the DiT path.
-    """
+    `crossflow.convert.load_official_checkpoint` uses it through `convert_official_dimr_state_dict`."""
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"expected a flat dict of tensors, got {type(sd).__name__}")
     sd = {strip_wrappers(k): v for k, v in sd.items()}

@@ -9,6 +9,9 @@ it fast without changing the math (an official checkpoint converts exactly, `cro
     (its weight is the official per-block weights stacked along the output dim);
   * each residual add is fused with the following LayerNorm + modulate (`kernels.gated_residual_adaln`), so the MLP
     residual of block i lands in block i+1's first norm, and the last one in the final layer's norm.
+
+With `backbone="dimr"` the flow network is `crossflow.dimr.DiMRFlow` (the official multi-resolution network, same
+call) and the flow-matching term is its multi-scale loss (`dimr.multiscale_flow_loss`, weights `loss_coeffs`).
 """
 
 from __future__ import annotations
