@@ -4,7 +4,7 @@
     crossflow interpolate "a handwritten one" "a handwritten seven" -o strip.png
     crossflow train --preset digits                               # reproduces the shipped weights (runs/digits)
     crossflow eval --preset digits                                # prompt accuracy and diversity of the shipped model
-    crossflow convert t2i_512px_t5_dit.pth --preset dit-h-2-512 -o ckpt/   # an official checkpoint -> ours
+    crossflow convert t2i_512px_clip_dimr.pth -o ckpt/          # an official checkpoint (any of the five) -> ours
 
 Errors print one line, `crossflow: error: ...` (`crossflow train: error: ...` for train): a mistake on the command
 line, or an option this machine cannot honour (--device cuda without CUDA, --backend triton where Triton cannot run),
@@ -202,13 +202,15 @@ def cmd_eval(args) -> int:
 
 def cmd_convert(args) -> int:
     from crossflow.config import CrossFlowConfig
-    from crossflow.convert import load_official_checkpoint
+    from crossflow.convert import load_official_checkpoint, preset_name, save_converted
 
     if not Path(args.checkpoint_in).exists():
         raise FileNotFoundError(f"no such file or directory: {args.checkpoint_in}")
-    cfg = CrossFlowConfig.from_name(args.preset)  # ValueError names an unknown preset
-    load_official_checkpoint(args.checkpoint_in, cfg).save_pretrained(args.output)
-    print(f"wrote {args.output} ({args.preset}, from {args.checkpoint_in})")
+    cfg = CrossFlowConfig.from_name(args.preset) if args.preset else None  # ValueError names an unknown preset
+    model = load_official_checkpoint(args.checkpoint_in, cfg)  # detects the layout; refuses a mismatching preset
+    save_converted(model, args.output)
+    print(f"wrote {args.output} ({args.preset or preset_name(model.config)}, from {args.checkpoint_in}; sampling.json: "
+          "the official sampler)")
     return 0
 
 
@@ -306,10 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
     _common(e)
     e.set_defaults(func=cmd_eval)
-    c = sub.add_parser("convert", help="an official CrossFlow DiT checkpoint (.pth) -> a save_pretrained directory",
-                       formatter_class=_HelpFormatter)
+    c = sub.add_parser("convert", help="an official CrossFlow checkpoint (.pth: DiT or DiMR) -> a save_pretrained "
+                       "directory with the official sampler settings", formatter_class=_HelpFormatter)
     c.add_argument("checkpoint_in", metavar="OFFICIAL", help="the official .pth (read with weights_only=True)")
-    c.add_argument("--preset", required=True, help="the model it belongs to, e.g. dit-h-2-512")
+    c.add_argument("--preset", default=None,
+                   help="the model it must be, e.g. dimr-512-clip (default: detected from the file's layout)")
     c.add_argument("-o", "--output", required=True, help="output directory")
     c.set_defaults(func=cmd_convert)
     return p

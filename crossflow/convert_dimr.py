@@ -127,10 +127,7 @@ def convert_dimr_flow_state_dict(
     "flow." for a CrossFlow). Keys under `context_encoder.` / `open_clip*` are left to the caller; anything else that
     is not an expected `stages.*` key, a missing key or a shape mismatch raises ValueError listing them.
 
-    Wiring into `crossflow.convert.load_official_checkpoint` (after the application-layer merge): detect with
-    `detect_official_architecture`, then `state = convert_dimr_flow_state_dict(sd, dimr_cfg, "flow.")` plus the
-    existing `context_encoder.* -> text_ve.*` and `open_clip.logit_scale -> logit_scale` mapping of the DiT path.
-    """
+    `crossflow.convert.load_official_checkpoint` uses it through `convert_official_dimr_state_dict`."""
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"expected a flat dict of tensors, got {type(sd).__name__}")
     sd = {strip_wrappers(k): v for k, v in sd.items()}
@@ -195,7 +192,8 @@ def load_dimr_flow(sd: dict[str, torch.Tensor], cfg: DiMRConfig) -> DiMRFlow:
     return model
 
 
-def _describe_dimr(keys: dict[str, torch.Tensor]) -> str:
+def describe_dimr_keys(keys: dict[str, torch.Tensor]) -> str:
+    """What the `stages.*` tensors of an official DiMR state dict (wrappers stripped) describe, in a few words."""
     stages = sorted({int(m.group(1)) for k in keys if (m := _STAGE.match(k))})
     parts = []
     for s in stages:
@@ -218,7 +216,7 @@ def detect_official_architecture(sd: dict[str, torch.Tensor]) -> str:
         for name, info in OFFICIAL_CHECKPOINTS.items():
             if (info["text"] == "t5") == t5 and official_dimr_shapes(DIMR_CONFIGS[name]) == flow:
                 return name
-        raise ValueError(f"a DiMR checkpoint ({_describe_dimr(keys)}; {'T5' if t5 else 'CLIP'} text) that matches "
+        raise ValueError(f"a DiMR checkpoint ({describe_dimr_keys(keys)}; {'T5' if t5 else 'CLIP'} text) that matches "
                          f"none of the released layouts {sorted(OFFICIAL_CHECKPOINTS)}")
     if all(k in keys for k in DIT_MARKERS):
         return "dit"

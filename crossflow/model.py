@@ -1,4 +1,4 @@
-"""The CrossFlow model: Text VE (text -> source latent z0), flow transformer (velocity), contrastive image encoder.
+"""The CrossFlow model: Text VE (text -> source latent z0), flow network (velocity), contrastive image encoder.
 
 `FlowTransformer` is the official DiT variant (`libs/model/dit_t2i.py`): patch embedding, fixed 2-D sin-cos positions,
 raw-t sinusoidal timestep embedding plus a 2-class cond/uncond indicator embedding, adaLN-Zero blocks, final adaLN
@@ -9,6 +9,9 @@ it fast without changing the math (an official checkpoint converts exactly, `cro
     (its weight is the official per-block weights stacked along the output dim);
   * each residual add is fused with the following LayerNorm + modulate (`kernels.gated_residual_adaln`), so the MLP
     residual of block i lands in block i+1's first norm, and the last one in the final layer's norm.
+
+With `backbone="dimr"` the flow network is `crossflow.dimr.DiMRFlow` (the official multi-resolution network, same
+call) and the flow-matching term is its multi-scale loss (`dimr.multiscale_flow_loss`, weights `loss_coeffs`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import kernels
 from crossflow import flow as fm
 from crossflow.checkpoint import load_state_dict_strict, read_pretrained, save_pretrained
 from crossflow.config import CrossFlowConfig
+from crossflow.dimr import DiMRFlow, multiscale_flow_loss
 from crossflow.image_encoder import build_image_encoder
 from crossflow.layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from crossflow.text_ve import TextVE
@@ -127,6 +131,13 @@ class FlowTransformer(nn.Module):
         return self.unpatchify(self.final_layer(h))  # (B, C, H, W)
 
 
+def build_flow(cfg: CrossFlowConfig) -> nn.Module:
+    """The velocity network `cfg.backbone` names: our DiT (`FlowTransformer`) or DiMR (`crossflow.dimr.DiMRFlow`)."""
+    if cfg.backbone == "dimr":
+        return DiMRFlow(cfg.dimr)
+    return FlowTransformer(cfg)
+
+
 class CrossFlow(nn.Module):
     """The whole trainable model: `text_ve`, `flow`, `image_encoder` and the contrastive `logit_scale`.
 
@@ -140,7 +151,7 @@ class CrossFlow(nn.Module):
             raise ValueError(f"CrossFlow expects a CrossFlowConfig, got {type(cfg).__name__}")
         self.config = cfg
         self.text_ve = TextVE(cfg)
-        self.flow = FlowTransformer(cfg)
+        self.flow = build_flow(cfg)
         self.image_encoder = build_image_encoder(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
@@ -171,7 +182,7 @@ class CrossFlow(nn.Module):
         return z0.view(mu.shape[0], *self.config.latent_shape), mu, logvar
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
-        """v(x, t, indicator) of the flow transformer; see `FlowTransformer.forward`."""
+        """v(x, t, indicator) of the flow network (the finest level for DiMR); see `FlowTransformer.forward`."""
         return self.flow(x, t, indicator)
 
     def forward(
@@ -201,8 +212,12 @@ class CrossFlow(nn.Module):
         indicator, target_z1 = fm.indicator_dropout(z1, cfg.cfg_dropout, generator)
         t = fm.sample_t(z1.shape[0], generator, device=z1.device)
         zt = fm.interpolate(z0, target_z1, t, cfg.sigma_min)
-        pred = self.flow(zt, t, indicator)  # (B, C, H, W)
-        l_fm = fm.flow_matching_loss(pred, fm.velocity_target(z0, target_z1, cfg.sigma_min))
+        target = fm.velocity_target(z0, target_z1, cfg.sigma_min)
+        if cfg.backbone == "dimr" and cfg.dimr.loss_coeffs:  # one prediction per resolution, weighted multi-scale MSE
+            preds = self.flow(zt, t, indicator, return_all=True)  # coarse to fine
+            l_fm = multiscale_flow_loss(preds, target, cfg.dimr.loss_coeffs).mean()
+        else:
+            l_fm = fm.flow_matching_loss(self.flow(zt, t, indicator), target)  # pred (B, C, H, W)
 
         loss = l_fm + l_clip + cfg.kl_weight * l_kl
         parts = {"fm": l_fm.detach(), "clip": l_clip.detach(), "kl": l_kl.detach(),

@@ -60,6 +60,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "digits": dict(data="digits", steps=3600, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999,
                    log_every=50, ckpt_every=600),
 }
+RECIPES["dimr-digits"] = dict(RECIPES["digits"])  # the same data and schedule with the DiMR flow network
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,14 @@ def _init_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weight matrices/kernels; none on biases, norm scales, embeddings, logit_scale."""
+    """AdamW groups: decay on weight matrices/kernels; none on biases, norm scales, embeddings, logit_scale, and what a
+    module lists in `no_weight_decay_names()` (DiMR's `nodecay_*` time-dependent parameters)."""
     no_decay: set[int] = set()
-    for mod in model.modules():
+    for prefix, mod in model.named_modules():
         if isinstance(mod, nn.Embedding):
             no_decay.update(id(p) for p in mod.parameters(recurse=False))
+        if callable(getattr(mod, "no_weight_decay_names", None)):
+            no_decay.update(id(mod.get_parameter(n)) for n in mod.no_weight_decay_names())
     decay, other = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

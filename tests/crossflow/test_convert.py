@@ -336,3 +336,24 @@ def test_cli_convert_writes_a_loadable_checkpoint(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 1 and err.startswith("crossflow: error: ") and err.count("\n") == 1
         assert re.search(match, err), err
+
+
+def test_cli_convert_detects_the_preset_and_refuses_a_mismatch(tmp_path, capsys):
+    """Without --preset the layout is detected (every name and shape matches `tiny`) and the official sampler is
+    recorded; a DiMR --preset for a DiT file is refused in one line naming what the file holds."""
+    from crossflow import cli
+    from crossflow.model import CrossFlow
+    from crossflow.pipeline import sampling_defaults
+
+    sd = official_state_dict(TINY, seed=6)
+    torch.save(sd, tmp_path / "official.pth")
+    cli.main(["convert", str(tmp_path / "official.pth"), "-o", str(tmp_path / "ours")])
+    assert "(tiny, from" in capsys.readouterr().out
+    _check_against_reference(CrossFlow.from_pretrained(tmp_path / "ours"), sd, TINY)
+    assert sampling_defaults(tmp_path / "ours") == {"steps": 50, "guidance_scale": 7.0, "official_grid": True}
+    with pytest.raises(SystemExit) as e:
+        cli.main(["convert", str(tmp_path / "official.pth"), "--preset", "dimr-tiny", "-o", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("crossflow: error: ") and err.count("\n") == 1 and len(err) < 700
+    assert "the 'tiny' layout: a DiT flow network" in err and "preset 'dimr-tiny' is a DiMR" in err, err
+    assert "use --preset tiny" in err and not (tmp_path / "x").exists()

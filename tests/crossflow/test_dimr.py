@@ -745,3 +745,204 @@ def test_bf16_autocast_forward_backward():
         assert o.dtype == torch.bfloat16
         assert (o.float() - r).abs().max() <= 0.05 * r.abs().max()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (f) DiMR inside CrossFlow: config, training, save/load, samplers, the convert verb end to end
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def official_from_ours(cfg: DiMRConfig, norm_type: str = "TDRMSN"):
+    """The official `stage_configs` vocabulary for one of our DiMRConfigs (the inverse of `ours_from_official`)."""
+    stages = []
+    for s in cfg.stages:
+        kw = dict(dim=s.dim, hidden_dim=s.hidden, num_blocks=s.depth, max_height=s.grid, max_width=s.grid,
+                  image_input_ratio=s.input_ratio, input_feature_ratio=s.patch, final_kernel_size=s.final_kernel)
+        stages.append(t_stage(num_attention_heads=s.num_heads, **kw) if s.block == "transformer"
+                      else c_stage(kernel_size=s.kernel_size, **kw))
+    return NS(channels=cfg.latent_channels, norm_type=norm_type, stage_configs=stages)
+
+
+def fake_official_checkpoint(preset: str, seed: int = 0):
+    """A whole official-layout DiMR CrossFlow state dict for `preset`: the oracle's flow network (`stages.*`), a Text
+    VE (`context_encoder.*`), the SigLIP logit scale and a projection weight (dropped by the converter)."""
+    from crossflow.config import CrossFlowConfig
+    from crossflow.text_ve import TextVE
+
+    cfg = CrossFlowConfig.from_name(preset)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    oracle = OMRModel(official_from_ours(cfg.dimr))
+    randomize(oracle, gen)
+    ve = TextVE(cfg)
+    sd = dict(oracle.state_dict())
+    sd.update({f"context_encoder.{k}": v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+               for k, v in ve.state_dict().items()})
+    sd["open_clip.logit_scale"] = torch.tensor(2.5)
+    sd["open_clip_output.fc1.weight"] = torch.randn(8, 4, generator=gen)
+    return cfg, oracle, sd
+
+
+def test_crossflow_presets_and_config_round_trip():
+    from crossflow.config import CrossFlowConfig
+    from crossflow.dimr import OFFICIAL_CHECKPOINTS
+    from crossflow.model import CrossFlow
+
+    for name, info in OFFICIAL_CHECKPOINTS.items():
+        cfg = CrossFlowConfig.from_name(name)
+        assert cfg.backbone == "dimr" and cfg.dimr == DIMR_CONFIGS[name]
+        assert all(getattr(cfg, k) == v for k, v in info["crossflow_fields"].items())
+        assert CrossFlowConfig.from_json(cfg.to_json()) == cfg
+    tiny = CrossFlowConfig.from_name("dimr-tiny")
+    assert CrossFlowConfig.from_json(tiny.to_json()) == tiny and isinstance(CrossFlowConfig.from_json(
+        tiny.to_json()).dimr, DiMRConfig)
+    assert isinstance(CrossFlow(tiny).flow, DiMRFlow)
+    with pytest.raises(ValueError, match="latent shape"):
+        tiny.replace(latent_size=16)
+    with pytest.raises(ValueError, match="needs dimr="):
+        tiny.replace(dimr=None)
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        tiny.replace(backbone="unet")
+
+
+def test_crossflow_dimr_save_load_round_trip_and_weight_decay_groups(tmp_path):
+    from crossflow.config import CrossFlowConfig
+    from crossflow.model import CrossFlow
+    from crossflow.train import param_groups
+
+    cfg = CrossFlowConfig.from_name("dimr-tiny")
+    model = CrossFlow(cfg)
+    randomize(model.flow, torch.Generator().manual_seed(2))
+    model.save_pretrained(tmp_path / "m")
+    back = CrossFlow.from_pretrained(tmp_path / "m")
+    assert back.config == cfg
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x, t, ind = torch.randn(2, *cfg.latent_shape), torch.rand(2), torch.tensor([0, 1])
+    with kernels.use_backend("torch"):
+        torch.testing.assert_close(back.velocity(x, t, ind), model.velocity(x, t, ind), atol=0, rtol=0)
+    decay, plain = param_groups(model, 0.03)
+    nodecay = {id(model.flow.get_parameter(n)) for n in model.flow.no_weight_decay_names()}
+    assert nodecay and nodecay <= {id(p) for p in plain["params"]}
+    assert not nodecay & {id(p) for p in decay["params"]}
+
+
+def test_fast_sampler_on_cpu_equals_euler_on_a_dimr_crossflow():
+    """On the CPU FastSampler runs the same ops eagerly: bit-equal to EulerSampler on a DiMR model (the GPU capture
+    test is `test_fast_sampler_captures_dimr`)."""
+    from crossflow.config import CrossFlowConfig
+    from crossflow.fast_sampler import FastSampler
+    from crossflow.model import CrossFlow
+
+    model = CrossFlow(CrossFlowConfig.from_name("dimr-tiny")).eval()
+    randomize(model.flow, torch.Generator().manual_seed(4))
+    z0 = torch.randn(3, *model.config.latent_shape)
+    with kernels.use_backend("torch"), torch.no_grad():
+        got = FastSampler(steps=5, guidance_scale=4.0, official_grid=True)(model, z0)
+        want = EulerSampler(steps=5, guidance_scale=4.0, official_grid=True)(model, z0)
+    assert not torch.equal(got, z0)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.fixture
+def one_thread():
+    """Small CPU models on a busy machine: one intra-op thread (two threads on two loaded cores cost ~15x, see
+    `crossflow.cli.SMALL_FLOW_PARAMS`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _train_cfg(out, **kw):
+    from crossflow.train import TrainConfig
+
+    base = dict(out=str(out), preset="dimr-tiny", batch_size=8, lr=3e-3, warmup_steps=3, ema_decay=0.9, log_every=1,
+                backend="torch", quiet=True, seed=11)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_dimr_digits_training_lowers_the_loss(tmp_path, one_thread):
+    """The digits data with the DiMR flow (`dimr-digits`): 30 AdamW steps lower the multi-scale flow-matching term."""
+    from crossflow.train import train
+
+    hist = train(_train_cfg(tmp_path, preset="dimr-digits", data="digits", data_size=256, steps=30, batch_size=8,
+                            lr=1e-3, warmup_steps=5, ckpt_every=1000))
+    mean = lambda key, rs: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+    assert mean("fm", hist[-8:]) < 0.7 * mean("fm", hist[:8]), [round(r["fm"], 3) for r in hist]
+    assert mean("loss", hist[-10:]) < mean("loss", hist[:10])
+
+
+def test_dimr_resume_replays_the_uninterrupted_run_exactly(tmp_path, one_thread):
+    from safetensors.torch import load_file
+
+    from crossflow.checkpoint import list_checkpoints
+    from crossflow.train import train
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    a = train(_train_cfg(full, steps=6, ckpt_every=3))
+    train(_train_cfg(split, steps=3, ckpt_every=3))
+    b = train(_train_cfg(split, steps=6, ckpt_every=3, resume=True))
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time"} for r in rs]  # noqa: E731
+    assert strip(a[3:]) == strip(b)
+    ca, cb = load_file(str(list_checkpoints(full)[-1][1])), load_file(str(list_checkpoints(split)[-1][1]))
+    assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)  # model, EMA and AdamW state
+
+
+def test_convert_verb_detects_converts_and_samples_a_fake_official_dimr_checkpoint(tmp_path, capsys, one_thread):
+    """An official-layout DiMR file (DDP prefixes, SigLIP keys) -> `crossflow convert` without --preset (detected) ->
+    the converted flow network equals the official math -> `crossflow sample --checkpoint DIR` with no sampler flags
+    is the official sampler (50 steps, official grid, guidance 7); a mismatching --preset is refused in one line."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from crossflow import cli
+    from crossflow.dimr import OFFICIAL_SAMPLING
+    from crossflow.model import CrossFlow
+    from crossflow.pipeline import CrossFlowPipeline
+
+    cfg, oracle, sd = fake_official_checkpoint("dimr-digits")
+    pth, out = tmp_path / "t2i_digits_dimr.pth", tmp_path / "ours"
+    torch.save({f"module.{k}": v for k, v in sd.items()}, pth)
+    cli.main(["convert", str(pth), "-o", str(out)])
+    assert "dimr-digits" in capsys.readouterr().out
+    model = CrossFlow.from_pretrained(out)
+    assert model.config == cfg and model.logit_scale.item() == 2.5
+    for k, v in model.text_ve.state_dict().items():
+        assert torch.equal(v, sd[f"context_encoder.{k}"]), k
+    x, t, ind = torch.randn(3, *cfg.latent_shape), torch.tensor([0.1, 0.5, 0.9]), torch.tensor([False, True, False])
+    with kernels.use_backend("torch"), torch.no_grad():
+        for o, r in zip(model.flow(x, t, ind.long(), return_all=True), oracle(x, 4 - 8 * t, ind), strict=True):
+            torch.testing.assert_close(o, r, atol=1e-4, rtol=1e-4)
+    assert json.loads((out / "sampling.json").read_text()) == OFFICIAL_SAMPLING
+
+    png = tmp_path / "three.png"
+    cli.main(["sample", "a handwritten three", "--checkpoint", str(out), "-o", str(png), "--backend", "torch",
+              "--device", "cpu", "--upscale", "1", "-q"])
+    pipe = CrossFlowPipeline.from_pretrained(out, sampler=EulerSampler(**OFFICIAL_SAMPLING))
+    with kernels.use_backend("torch"):
+        want = np.asarray(pipe("a handwritten three", seed=0)[0])
+    assert np.array_equal(np.asarray(Image.open(png)), want)
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["convert", str(pth), "--preset", "digits", "-o", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("crossflow: error: ") and err.count("\n") == 1 and len(err) < 700
+    assert "DiMR" in err and "'dimr-digits'" in err and "--preset dimr-digits" in err and "'digits'" in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_load_official_checkpoint_refuses_a_dimr_layout_no_preset_has(tmp_path):
+    from crossflow.convert import load_official_checkpoint
+
+    _, _, sd = fake_official_checkpoint("dimr-tiny")
+    sd = {k: v for k, v in sd.items() if not k.startswith("stages.2.")}  # a two-stage network
+    torch.save(sd, tmp_path / "odd.pth")
+    for cfg in (None, "dimr-tiny", "dit-h-2-512"):
+        with pytest.raises(ValueError) as e:
+            load_official_checkpoint(tmp_path / "odd.pth", cfg)
+        msg = str(e.value)
+        assert "a DiMR checkpoint (2 stages: transformer (width 32, patch 4, 3 blocks)" in msg and len(msg) < 700, msg
