@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["kernels", "kernels.*", "crossflow", "crossflow.*"]),
-    package_data={"crossflow": ["weights/*/*.safetensors", "weights/*/*.json"]},
+    package_data={"crossflow": ["weights/*/*.safetensors", "weights/*/*.json", "weights/*/*.sha256"]},
     install_requires=[
         "torch>=2.5",
         "triton>=3.1; platform_system == 'Linux'",

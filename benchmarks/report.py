@@ -1,6 +1,10 @@
 """Turn pytest-benchmark JSON files from `benchmarks/` into a markdown report and PNG plots.
 
   python -m benchmarks.report benchmarks/results/<file>.json [more.json ...] [--out DIR]
+  python -m benchmarks.report <gpu_check.json> --readme     # print the README's results table from a GPU check
+
+A GPU-check result (`benchmarks/gpu_check.py`, schema `crossflow-gpu-check/1`) may be given among the files: it gets
+its own section (`gpu_check_section`); `readme_table` renders the README's results table from it alone.
 
 Writes DIR/report.md (default: benchmarks/results/report/) and one PNG per (op, mode, dtype) and per sampler preset.
 Every number comes from the `extra_info` the suites recorded; each section's caption names its source JSON file.
@@ -124,8 +128,106 @@ def _sampler_section(src: str, stem: str, cases: list[dict], out: Path) -> list[
     return lines
 
 
+def _status_line(data: dict) -> str:
+    st = data.get("stages", {})
+    return "; ".join(f"{n} {s.get('status')} ({_fmt(s.get('wall_s'))} of {_fmt(s.get('budget_s'))} s)"
+                     for n, s in st.items())
+
+
+def _ok(cases: list[dict]) -> list[dict]:
+    return [c for c in cases if c.get("status") == "ok"]
+
+
+def readme_table(data: dict, src: str) -> list[str]:
+    """The README's results table, from one GPU-check JSON: attention vs the best SDPA backend per shape, adaLN vs
+    torch.compile, sampler images/s. Every number is read from `data`; nothing is filled in where a case is missing."""
+    from benchmarks.gpu_check import attention_summary
+
+    env, stages = data.get("env", {}), data.get("stages", {})
+    lines = [f"Source: `{src}` ({env.get('device_name', '?')}; torch {env.get('torch', '?')}, triton "
+             f"{env.get('triton', '?')}, CUDA {env.get('cuda', '?')}, cuDNN {env.get('cudnn', '?')}; commit "
+             f"{str(env.get('commit') or '?')[:12]}; run {data.get('started', '?')}). "
+             f"Stages: {_status_line(data)}.", ""]
+    if data.get("smoke"):
+        lines += ["**CPU smoke run: these numbers check the GPU-check code; they are not performance results.**", ""]
+    lim = stages.get("limits", {}).get("results", {})
+    if lim:
+        lines += [f"Measured limits: copy {_fmt(lim.get('copy_gbps'))} GB/s (read + write), "
+                  f"{lim.get('dtype')} matmul {_fmt(lim.get('matmul_tflops'))} TFLOP/s "
+                  f"({'x'.join(map(str, lim.get('matmul_shape', [])))}).", ""]
+    tests = stages.get("tests", {}).get("results", {})
+    if tests:
+        lines += [f"GPU tests (`pytest -m gpu`): {tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
+                  f"{tests.get('errors', 0)} errors, {tests.get('skipped', 0)} skipped.", ""]
+    attn = stages.get("attention", {}).get("cases", [])
+    if attn:
+        rows = [[r["model"], r["batch"], "x".join(map(str, r["shape"])), r["mode"], r["ours_tflops"],
+                 (r["best_sdpa"] or "–").removeprefix("sdpa_"), r["best_sdpa_tflops"], r["frac_of_best_sdpa"]]
+                for r in sorted(attention_summary(attn), key=lambda r: (r["mode"] != "fwd", r["shape"][3],
+                                                                        r["shape"][2], r["batch"]))]
+        lines += [f"Attention, {attn[0]['dtype']}, TFLOP/s (fwd 4·B·H·T²·D, fwd+bwd 3.5×); best SDPA = the fastest "
+                  "backend that ran on that shape in this run:", ""]
+        lines += _table(["model", "batch", "2B×H×T×D", "mode", "ours", "best SDPA", "its TFLOP/s",
+                         "ours / best"], rows) + [""]
+    norm = _ok(stages.get("adaln", {}).get("cases", []))
+    if norm:
+        by = defaultdict(dict)
+        for c in norm:
+            by[(c["op"], c["shape_id"], "x".join(map(str, c["shape"])), c["mode"])][c["provider"]] = c["gbps"]
+        rows = []
+        for key in sorted(by):
+            v = by[key]
+            ratio = v["triton"] / v["torch_compile"] if "triton" in v and "torch_compile" in v else None
+            rows.append([*key, v.get("triton"), v.get("torch_compile"), v.get("torch"), ratio])
+        lines += [f"adaLN, {norm[0]['dtype']}, GB/s of the bytes a fused kernel must move "
+                  f"(copy limit {_fmt(lim.get('copy_gbps'))} GB/s):", ""]
+        lines += _table(["op", "shape id", "shape", "mode", "ours", "torch.compile", "eager", "ours / compile"],
+                        rows) + [""]
+    samp = stages.get("sampler", {})
+    sc = _ok(samp.get("cases", []))
+    if sc:
+        provs = ["official_eager", "batched_eager", "fast", "compile_default"]
+        by = defaultdict(dict)
+        for c in sc:
+            by[c["batch"]][c["provider"]] = c["images_per_s"]
+        rows = [[b, *[by[b].get(p) for p in provs],
+                 by[b]["fast"] / by[b]["official_eager"] if "fast" in by[b] and "official_eager" in by[b] else None]
+                for b in sorted(by)]
+        r = samp.get("results", {})
+        lines += [f"Sampler {r.get('preset')}, {r.get('steps')} steps, guidance {r.get('guidance_scale')}, "
+                  f"{r.get('dtype')}, random weights, images/s (median of {r.get('rounds')} timed runs):", ""]
+        lines += _table(["batch", "official eager", "batched eager", "FastSampler", "torch.compile", "Fast / official"],
+                        rows) + [""]
+    return lines
+
+
+def gpu_check_section(path: Path, data: dict) -> list[str]:
+    """A GPU-check JSON's section of the report: the README table, then every case and what did not run."""
+    lines = [f"## {path.name}", ""] + readme_table(data, path.name)
+    for name, st in data.get("stages", {}).items():
+        if st.get("status") != "ok":
+            lines += [f"- stage `{name}`: {st.get('status')}: {st.get('error') or st.get('note') or ''}".rstrip(": ")]
+        for c in st.get("cases", []):
+            if c.get("status") != "ok":
+                what = " ".join(str(c.get(k)) for k in ("op", "model", "preset", "shape", "mode", "batch", "provider")
+                                if c.get(k) is not None)
+                lines += [f"- {name} {what}: {c.get('status')}: {c.get('reason', '')}"]
+    tests = data.get("stages", {}).get("tests", {}).get("results", {})
+    for f in tests.get("failures", []):
+        lines += [f"- test {f['test']}: {f['kind']}: {f['message'].splitlines()[0] if f['message'] else ''}"]
+    for s in tests.get("skipped_reasons", []):
+        lines += [f"- skipped tests ({s['count']}, e.g. {s['example']}): {s['reason']}"]
+    ncu = data.get("stages", {}).get("ncu", {}).get("results", {})
+    if ncu.get("metrics"):
+        lines += ["", f"ncu on one attention forward {ncu.get('shape')} {ncu.get('dtype')} (`{ncu.get('report')}`):",
+                  ""] + _table(["metric", "value"], [[k, v] for k, v in ncu["metrics"].items()])
+    return lines + [""]
+
+
 def _file_section(path: Path, out: Path) -> list[str]:
     data = json.loads(path.read_text())
+    if str(data.get("schema", "")).startswith("crossflow-gpu-check/"):
+        return gpu_check_section(path, data)
     meta = data.get("crossflow_bench", {})
     src, stem = path.name, path.stem
     infos = [b["extra_info"] for b in data.get("benchmarks", []) if b.get("extra_info")]
@@ -179,7 +281,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("json", nargs="+", help="pytest-benchmark JSON files written by `pytest benchmarks ...`")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (report.md + PNGs)")
     p.add_argument("--print", action="store_true", help="also print the markdown")
+    p.add_argument("--readme", action="store_true", help="print only the README results table of one GPU-check JSON")
     args = p.parse_args(argv)
+    if args.readme:
+        if len(args.json) != 1:
+            p.error("--readme takes exactly one GPU-check JSON")
+        from benchmarks.gpu_check import read_results
+
+        try:
+            data = read_results(Path(args.json[0]))
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+        print("\n".join(readme_table(data, Path(args.json[0]).name)))
+        return
     md = write_report(args.json, args.out)
     if args.print:
         print(md.read_text())

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Smoke test of the benchmark code (CPU is fine): every suite body once on tiny shapes (automatic without CUDA; forced
-# here with --bench-tiny), the markdown report + plots rendered from the JSON that run wrote, and the profiling script
-# (torch.profiler fallback without nsys). Outputs go to a temporary directory (or $1), never to benchmarks/results/.
+# here with --bench-tiny), the markdown report + plots rendered from the JSON that run wrote, the profiling script
+# (torch.profiler fallback without nsys), and the GPU check (`run_gpu.sh --smoke`: every stage body on tiny shapes,
+# budgets enforced) with the README table rendered from its JSON. Outputs go to a temporary directory (or $1), never
+# to benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-$(mktemp -d "${TMPDIR:-/tmp}/crossflow-bench-smoke.XXXXXX")}"
@@ -12,4 +14,8 @@ mkdir -p "$OUT"
 "$PY" -m benchmarks.report "$OUT/smoke.json" --out "$OUT/report"
 test -s "$OUT/report/report.md" || { echo "benchmark smoke: no report was written" >&2; exit 1; }
 bash benchmarks/profile_nsys.sh --out-dir "$OUT/profile" --preset tiny --batch 1 --steps 2
+bash benchmarks/run_gpu.sh --plan
+bash benchmarks/run_gpu.sh --smoke --out "$OUT/gpu_check"  # exits 1 unless every stage ends ok
+"$PY" -m benchmarks.report "$OUT/gpu_check/gpu_check.json" --readme > "$OUT/gpu_check/readme_table.md"
+grep -q "CPU smoke run" "$OUT/gpu_check/readme_table.md" || { echo "GPU-check smoke: no README table" >&2; exit 1; }
 echo "benchmark smoke OK: $OUT"

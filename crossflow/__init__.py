@@ -1,34 +1,45 @@
 """A lean, fast CrossFlow (Liu et al., CVPR 2025): text -> Text VE latent -> flow transformer -> image latent.
 
-Importing this package has no side effects: the heavy optional dependencies (transformers, diffusers) are imported
-only when a text encoder or a VAE is built.
+Importing this package imports nothing heavy: each public name below is loaded from its module on first access
+(PEP 562), so `crossflow --help` does not pay for torch, and transformers / diffusers are imported only when a text
+encoder or a VAE is built.
 """
 
-from crossflow.autoencoder import IdentityAutoencoder, VAEAutoencoder, build_autoencoder
-from crossflow.checkpoint import atomic_write, load_pretrained, save_pretrained
-from crossflow.config import CONFIGS, CrossFlowConfig
-from crossflow.convert import convert_official_state_dict, load_official_checkpoint
-from crossflow.data import SyntheticPairs
-from crossflow.fast_sampler import FastSampler
-from crossflow.flow import crossflow_loss
-from crossflow.model import CrossFlow, FlowTransformer
-from crossflow.pipeline import CrossFlowPipeline, sample
-from crossflow.sampling import EulerSampler, interpolate_latents, latent_arithmetic
-from crossflow.text_encoder import TextEncoder
-from crossflow.text_ve import TextVE
+from __future__ import annotations
 
-__all__ = [
-    "CONFIGS", "CrossFlow", "CrossFlowConfig", "CrossFlowPipeline", "EulerSampler", "FastSampler", "FlowTransformer",
-    "IdentityAutoencoder", "SyntheticPairs", "TextEncoder", "TextVE", "TrainConfig", "Trainer", "VAEAutoencoder",
-    "atomic_write", "build_autoencoder", "convert_official_state_dict", "crossflow_loss", "interpolate_latents",
-    "latent_arithmetic", "load_official_checkpoint", "load_pretrained", "sample", "save_pretrained",
-]
+import importlib
+from typing import Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "IdentityAutoencoder": "autoencoder", "VAEAutoencoder": "autoencoder", "build_autoencoder": "autoencoder",
+    "atomic_write": "checkpoint", "save_pretrained": "checkpoint",
+    "CONFIGS": "config", "CrossFlowConfig": "config",
+    "convert_official_state_dict": "convert", "detect_preset": "convert", "load_official_checkpoint": "convert",
+    "save_converted": "convert",
+    "DiMRFlow": "dimr",
+    "DiMRConfig": "dimr_config", "DiMRStage": "dimr_config",
+    "SyntheticPairs": "data",
+    "FastSampler": "fast_sampler",
+    "CrossFlow": "model", "FlowTransformer": "model", "load_pretrained": "model",
+    "CrossFlowPipeline": "pipeline", "sample": "pipeline",
+    "EulerSampler": "sampling", "interpolate_latents": "sampling", "latent_arithmetic": "sampling",
+    "TextEncoder": "text_encoder",
+    "TextVE": "text_ve",
+    "TrainConfig": "train", "Trainer": "train",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    # Lazy, so that `python -m crossflow.train` does not find its own module already imported by this package.
-    if name in ("TrainConfig", "Trainer"):
-        from crossflow import train
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'crossflow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"crossflow.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return getattr(train, name)
-    raise AttributeError(f"module 'crossflow' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -1,35 +1,45 @@
-"""Checkpoints: `save_pretrained` / `load_pretrained` (safetensors weights + JSON config) and `atomic_write`.
+"""Files: atomic writes, checksums, run-directory locks, `save_pretrained` directories and training checkpoints.
 
-A checkpoint directory holds
+A `save_pretrained` directory holds
 
     model.safetensors   every persistent tensor of `CrossFlow.state_dict()`; the config JSON is also stored in the
                         file's metadata, so weights and config can never be silently mixed up
     config.json         the `CrossFlowConfig`, human-readable
+    checksums.sha256    the sha256 of the two files above (`sha256sum -c` format), verified on every load
+
+A training checkpoint (`<run>/checkpoints/step_XXXXXXXX.safetensors`) is one file: model + EMA + AdamW state as
+tensors, everything else as JSON metadata, and a sha256 over all of it (metadata key "sha256") verified on load.
 
 Every file is written atomically: to a temporary file in the same directory, flushed and fsync'ed, then `os.replace`d
 over the target (atomic on POSIX and Windows), and the directory is fsync'ed. A crash or an exception leaves either the
-old file or the new one, never a torn one, and the temporary file is removed.
+old file or the new one, never a torn one; the temporary file is removed on an exception, and by `clean_stale_tmp`
+after a kill. This module knows the model only through `state_dict()` and `.config` (no import of `crossflow.model`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import IO, Any, Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from crossflow.config import CrossFlowConfig
 
-if TYPE_CHECKING:
-    from crossflow.model import CrossFlow
-
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+CHECKSUMS_NAME = "checksums.sha256"
 FORMAT = "crossflow-v1"
+TRAIN_FORMAT = "crossflow-train-checkpoint/1"
+_STEP_RE = re.compile(r"^step_(\d{8})\.safetensors$")
+_TMP_RE = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")  # what `atomic_write` names its temporary files
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -75,25 +85,122 @@ def _write_text(text: str) -> Callable[[str], None]:
     return write
 
 
-def save_pretrained(model: "CrossFlow", directory: str | os.PathLike) -> None:
-    """Write `model`'s weights (`model.safetensors`) and config (`config.json`) into `directory`, atomically."""
+def clean_stale_tmp(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that a killed `atomic_write` left in `directory`; returns them. Call it only where
+    no other process is writing (e.g. under `lock_directory`)."""
+    directory = Path(directory)
+    found = [f for f in directory.iterdir() if _TMP_RE.match(f.name) and f.is_file()] if directory.is_dir() else []
+    for f in found:
+        f.unlink(missing_ok=True)
+    return found
+
+
+def lock_directory(directory: str | os.PathLike, what: str = "a training run") -> IO[str] | None:
+    """Hold an exclusive lock on `directory` (created if needed) for as long as the returned file stays open.
+
+    `fcntl.flock` on `<directory>/.lock`: the OS releases it when the holder exits or is killed, so a crash never
+    leaves the directory stuck. A second holder gets a RuntimeError naming the first one's pid. No-op on Windows.
+    """
+    if os.name == "nt":
+        return None
+    import fcntl
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    f = open(directory / ".lock", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RuntimeError(f"{directory} is in use by {what} (pid {holder}); wait for it to end or choose another "
+                           "directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checksums
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor], extra: str = "") -> str:
+    """sha256 over names, dtypes, shapes and raw bytes (sorted by name) and `extra`: equal iff bit-identical."""
+    h = hashlib.sha256(extra.encode())
+    for name, t in sorted(tensors.items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_checksums(directory: str | os.PathLike, names: list[str]) -> None:
+    """Record the sha256 of `names` (files in `directory`) in `checksums.sha256`, in `sha256sum -c` format."""
+    directory = Path(directory)
+    lines = "".join(f"{file_sha256(directory / n)}  {n}\n" for n in sorted(names))
+    atomic_write(directory / CHECKSUMS_NAME, _write_text(lines))
+
+
+def verify_checksums(directory: str | os.PathLike) -> list[str]:
+    """Check every file listed in `directory/checksums.sha256`; returns the names checked ([] without a manifest).
+
+    Raises ValueError naming the first file that is missing or whose bytes changed since they were recorded.
+    """
+    directory = Path(directory)
+    manifest = directory / CHECKSUMS_NAME
+    if not manifest.is_file():
+        return []
+    checked = []
+    for i, line in enumerate(manifest.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest) or "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"{manifest}: line {i} is not '<sha256>  <file name>': {line[:80]!r}")
+        path = directory / name
+        if not path.is_file():
+            raise ValueError(f"{path}: listed in {CHECKSUMS_NAME} but missing")
+        if file_sha256(path) != digest:
+            raise ValueError(f"{path}: corrupted (its sha256 differs from the one recorded in {CHECKSUMS_NAME} "
+                             "when it was written: a damaged file or an interrupted save); restore or re-save it")
+        checked.append(name)
+    return checked
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# save_pretrained directories
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write `model`'s weights (`model.safetensors`), config (`config.json`) and their checksums into `directory`."""
     directory = Path(directory)
     config_json = model.config.to_json()
     # safetensors refuses shared or non-contiguous storage; the state dict holds neither, but views of views might.
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "config": config_json}
+    # The checksums go last: a save that fails leaves the directory as it was; one killed between two writes leaves new
+    # files under old checksums, refused on load (never a silent mix of two saves).
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=meta))
     atomic_write(directory / CONFIG_NAME, _write_text(config_json + "\n"))
+    write_checksums(directory, [WEIGHTS_NAME, CONFIG_NAME])
 
 
-def _read_config(directory: Path) -> tuple[CrossFlowConfig, str | None]:
+def _read_config(directory: Path) -> CrossFlowConfig:
     path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint directory {directory} (expected {path})")
     try:
-        text = path.read_text(encoding="utf-8")
-        return CrossFlowConfig.from_json(text), text
-    except (ValueError, UnicodeDecodeError) as e:
+        return CrossFlowConfig.from_json(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, TypeError) as e:
         raise ValueError(f"{path}: invalid CrossFlow config: {e}") from None
 
 
@@ -111,7 +218,70 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict
     return tensors, meta
 
 
-def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def read_pretrained(directory: str | os.PathLike) -> tuple[CrossFlowConfig, dict[str, torch.Tensor], Path]:
+    """(config, tensors, weights path) of a `save_pretrained` directory, after verifying its checksums and that
+    `config.json` agrees with the config stored beside the weights. Build the model with `CrossFlow.from_pretrained`.
+
+    Raises FileNotFoundError for a missing directory or file, ValueError naming the file for a corrupted, truncated
+    or edited one, or an invalid config.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    weights = directory / WEIGHTS_NAME
+    for path, what in ((directory / CONFIG_NAME, f"no {CONFIG_NAME} in checkpoint directory {directory}"),
+                       (weights, "weights file not found")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} (expected {path})")
+    verify_checksums(directory)
+    cfg = _read_config(directory)
+    tensors, meta = read_safetensors(weights)
+    if "config" in meta:
+        try:
+            stored = CrossFlowConfig.from_json(meta["config"])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{weights}: invalid config in metadata: {e}") from None
+        if stored != cfg:
+            diff = {k: (v, getattr(cfg, k)) for k, v in stored.to_dict().items() if getattr(cfg, k) != v}
+            raise ValueError(f"{directory}: {CONFIG_NAME} disagrees with the config stored in {WEIGHTS_NAME} "
+                             f"(field: (weights, config.json)) {diff}; an interrupted save or a hand edit?")
+    return cfg, tensors, weights
+
+
+def short_list(keys: list[str], limit: int = 8) -> str:
+    return str(keys[:limit])[:-1] + (f", ... ({len(keys)} in all)]" if len(keys) > limit else "]")
+
+
+# (substring that must occur in some key, what a state dict holding it most likely is), first match wins
+_ARCH_HINTS = (
+    ("tensor_true", "a CrossFlow DiMR (`dimr_t2i`)"),
+    ("blocks.0.adaLN_modulation", "a DiT (adaLN-Zero)"),
+    ("model.diffusion_model.", "a Stable Diffusion / LDM UNet (CompVis layout)"),
+    ("down_blocks.0.", "a diffusers UNet or VAE"),
+    ("transformer_blocks.0.", "a diffusers transformer (DiT / PixArt / SD3)"),
+    ("encoder.block.0.layer.0.SelfAttention", "a T5 encoder"),
+    ("text_model.encoder.layers.0", "a CLIP text model"),
+    ("vision_model.encoder.layers.0", "a CLIP / SigLIP vision model"),
+    ("layers.0.self_attn.q_proj", "a LLaMA-style language model"),
+    ("text_ve.", "our own CrossFlow (a `save_pretrained` directory: load it with `CrossFlow.from_pretrained`)"),
+)
+
+
+def describe_state_dict(keys: list[str], limit: int = 6) -> str:
+    """A short description of a foreign state dict: its size, top-level prefixes (with counts) and a guess of the
+    architecture, for error messages that must not list thousands of keys."""
+    tops: dict[str, int] = {}
+    for k in keys:
+        top = k.split(".", 1)[0]
+        tops[top] = tops.get(top, 0) + 1
+    common = sorted(tops.items(), key=lambda kv: -kv[1])[:limit]
+    desc = f"{len(keys)} tensors under " + ", ".join(f"{t}.* ({n})" for t, n in common)
+    desc += f" and {len(tops) - limit} more prefixes" if len(tops) > limit else ""
+    guess = next((arch for hint, arch in _ARCH_HINTS if any(hint in k for k in keys)), None)
+    return desc + (f"; it looks like {guess}" if guess else "")
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """`model.load_state_dict(state)` that reports missing/unexpected keys and shape mismatches as one ValueError."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -122,39 +292,131 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
         if state[k].shape != own[k].shape
     )
     if missing or unexpected or shapes:
-        parts = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "",
-                 f"shape mismatches {shapes}" if shapes else ""]
+        parts = [f"missing keys {short_list(missing)}" if missing else "",
+                 f"unexpected keys {short_list(unexpected)}" if unexpected else "",
+                 f"shape mismatches {short_list(shapes)}" if shapes else ""]
         raise ValueError(f"{source} does not match the model: " + "; ".join(p for p in parts if p))
     model.load_state_dict(state, strict=True)
 
 
-def load_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "CrossFlow":
-    """Load a `save_pretrained` directory into a new `CrossFlow` on `map_location`, in the checkpoint's dtype.
+# ---------------------------------------------------------------------------------------------------------------------
+# Training checkpoints: one safetensors file; JSON metadata for everything that is not a tensor
+# ---------------------------------------------------------------------------------------------------------------------
 
-    Raises FileNotFoundError for a missing directory or file, ValueError for a corrupted/truncated weights file, an
-    invalid config, a config that disagrees with the one stored beside the weights, or missing/unexpected/misshapen
-    keys (listed).
+
+def list_checkpoints(out: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the training checkpoints of run directory `out` (in `out/checkpoints`), oldest first."""
+    d = Path(out) / "checkpoints"
+    if not d.is_dir():
+        return []
+    return sorted((int(m.group(1)), d / f.name) for f in d.iterdir() if (m := _STEP_RE.match(f.name)))
+
+
+def checkpoint_path(out: str | os.PathLike, step: int) -> Path:
+    return Path(out) / "checkpoints" / f"step_{step:08d}.safetensors"
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types from nested dicts/lists/tuples holding 0-d tensors (optimizer and scheduler state)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item()
+    return obj
+
+
+def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, val in state.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"{pid}/{key}"] = val
+            else:
+                scalars[f"{pid}/{key}"] = val
+    return tensors, {"param_groups": jsonable(sd["param_groups"]), "scalars": scalars}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, val in [*tensors.items(), *meta["scalars"].items()]:  # "<pid>/<key>"
+        pid, key = name.split("/", 1)
+        state.setdefault(int(pid), {})[key] = val
+    groups = meta["param_groups"]
+    for g in groups:
+        g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()  # a copy: safetensors refuses shared storage
+
+
+def save_training_checkpoint(
+    path: str | os.PathLike, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
+    extra_tensors: dict[str, torch.Tensor], meta: dict[str, str],
+) -> None:
+    """Write model (`model/`), EMA (`ema/`), optimizer state (`optim/`) and `extra_tensors` with string metadata
+    `meta` into one safetensors file, atomically, with a sha256 over all of it (verified by `read_training_checkpoint`).
     """
-    from crossflow.model import CrossFlow
+    tensors = {f"model/{k}": _cpu(v) for k, v in model.state_dict().items()}
+    tensors.update({f"ema/{k}": _cpu(v) for k, v in ema.state_dict().items()})
+    opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+    tensors.update({f"optim/{k}": _cpu(v) for k, v in opt_tensors.items()})
+    tensors.update({k: _cpu(v) for k, v in extra_tensors.items()})
+    meta = {**meta, "format": TRAIN_FORMAT, "optimizer": json.dumps(opt_meta)}
+    meta["sha256"] = tensors_sha256(tensors, json.dumps(meta, sort_keys=True))
+    atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
 
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
-    cfg, _ = _read_config(directory)
-    weights = directory / WEIGHTS_NAME
-    tensors, meta = read_safetensors(weights)
-    if "config" in meta:
+
+def read_training_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a training checkpoint, verified; ValueError naming the file if it is unreadable, of
+    another format, or its content does not match the sha256 recorded when it was written."""
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != TRAIN_FORMAT:
+        raise ValueError(f"{path}: not a training checkpoint (format {meta.get('format')!r}, not {TRAIN_FORMAT!r})")
+    recorded = meta.pop("sha256", None)
+    if recorded != tensors_sha256(tensors, json.dumps(meta, sort_keys=True)):
+        raise ValueError(f"{path}: corrupted (its content differs from the sha256 recorded when it was written)")
+    return tensors, meta
+
+
+def load_training_checkpoint(
+    path: str | os.PathLike, config: CrossFlowConfig, model: nn.Module, ema: nn.Module,
+    optimizer: torch.optim.Optimizer, scheduler: Any,
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Restore model, EMA, optimizer and scheduler from a training checkpoint of a model with `config`; returns its
+    (metadata, tensors). ValueError naming the file if it is unreadable, corrupted or of another model config."""
+    try:
+        tensors, meta = read_training_checkpoint(path)
+        int(meta["step"])
+        model_cfg, sched = json.loads(meta["model_config"]), json.loads(meta["scheduler"])
+    except (ValueError, KeyError) as e:  # truncated/corrupted file, a foreign file, missing metadata
+        raise ValueError(f"cannot resume: training checkpoint {path} is unreadable or corrupted ({e}). Nothing was "
+                         "changed; delete that file to resume from an older checkpoint, or use a new --out.") from None
+    if model_cfg != config.to_dict():
+        raise ValueError(f"cannot resume from {path}: it was trained with another model config "
+                         f"(checkpoint {model_cfg}, now {config.to_dict()})")
+    pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    load_state_dict_strict(model, pick("model/"), f"{path} (model)")
+    load_state_dict_strict(ema, pick("ema/"), f"{path} (ema)")
+    optimizer.load_state_dict(_optimizer_from_flat(pick("optim/"), json.loads(meta["optimizer"])))
+    scheduler.load_state_dict(sched)
+    return meta, tensors
+
+
+def truncate_log(log: str | os.PathLike, step: int) -> None:
+    """Keep the records of JSON-lines file `log` up to `step` (and drop a line torn by a crash), atomically."""
+    log = Path(log)
+    if not log.exists():
+        return
+    keep = []
+    for ln in log.read_text().splitlines():
         try:
-            stored = CrossFlowConfig.from_json(meta["config"])
-        except ValueError as e:
-            raise ValueError(f"{weights}: invalid config in metadata: {e}") from None
-        if stored != cfg:
-            diff = {k: (v, getattr(cfg, k)) for k, v in stored.to_dict().items() if getattr(cfg, k) != v}
-            raise ValueError(f"{directory}: {CONFIG_NAME} disagrees with the config stored in {WEIGHTS_NAME} "
-                             f"(field: (weights, config.json)) {diff}; an interrupted save or a hand edit?")
-    model = CrossFlow.empty(cfg)  # no random init: the strict load below overwrites every parameter
-    load_state_dict_strict(model, tensors, str(weights))
-    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    if len(dtypes) == 1:  # keep a half-precision checkpoint in its dtype (construction made the model fp32)
-        model = model.to(dtype=dtypes.pop())
-    return model.to(map_location)
+            if json.loads(ln).get("step", 0) <= step:
+                keep.append(ln)
+        except (ValueError, AttributeError):
+            continue
+    atomic_write(log, _write_text("".join(ln + "\n" for ln in keep)))

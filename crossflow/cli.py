@@ -1,10 +1,18 @@
-"""The `crossflow` command: sample, interpolate, train, eval.
+"""The `crossflow` command: sample, interpolate, train, eval, convert.
 
     crossflow sample "a handwritten seven" -o seven.png          # the shipped text-to-digit model, on the CPU too
     crossflow interpolate "a handwritten one" "a handwritten seven" -o strip.png
     crossflow train --preset digits                               # reproduces the shipped weights (runs/digits)
     crossflow eval --preset digits                                # prompt accuracy and diversity of the shipped model
-    crossflow convert t2i_512px_t5_dit.pth --preset dit-h-2-512 -o ckpt/   # an official checkpoint -> ours
+    crossflow convert t2i_512px_clip_dimr.pth -o ckpt/          # an official checkpoint (any of the five) -> ours
+
+Errors print one line, `crossflow: error: ...` (`crossflow train: error: ...` for train): a mistake on the command
+line, or an option this machine cannot honour (--device cuda without CUDA, --backend triton where Triton cannot run),
+exits 2; anything found wrong while running (a missing or corrupt checkpoint, a disk error) exits 1; `crossflow eval`
+exits 1 when the model misses its targets. CROSSFLOW_DEBUG=1 shows the traceback instead.
+
+This module imports only the standard library at import time: torch, transformers and the model are imported by the
+verb that needs them, so `--help` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -13,132 +21,170 @@ import argparse
 import json
 import os
 import sys
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
-# Training recipes: defaults applied by `crossflow train --preset NAME`; explicit flags win.
-RECIPES: dict[str, dict[str, Any]] = {
-    "digits": dict(data="digits", steps=3600, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999,
-                   log_every=50, ckpt_every=600),
-}
+from crossflow._cli_base import HelpFormatter as _HelpFormatter
+from crossflow._cli_base import Parser as _Parser
+from crossflow._cli_base import UsageError
+
+# kernels.BACKENDS, spelled out so that parsing does not import torch (tests/crossflow/test_cli.py checks they agree)
+BACKENDS = ("auto", "torch", "triton")
+# output extension -> PIL format; anything else is refused before sampling
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+MAX_UPSCALE = 16  # nearest-neighbour blow-up of a grid: 16 x 16 px digits -> 256 px cells; more only costs memory
+GRID_GAP = 2  # pixels between grid cells (before upscaling), so neighbouring samples do not merge
+# On the CPU, a flow network this small does too little work per op for intra-op threads to pay (the digits preset,
+# 2.8 M: matrix products of a few MFLOP), and threads competing for busy cores cost it dearly: 50 digits steps took
+# 0.4-1.2 s on one thread and 14-20 s on two on a 2-core machine at load 9. dit-s-2 (32.5 M) and up keep torch's
+# default: their products (hundreds of MFLOP at 256 tokens) are what intra-op threads are made for.
+SMALL_FLOW_PARAMS = 16_000_000
 
 
-def _device(name: str | None) -> str:
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers shared by the verbs (heavy imports inside)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _device(name: str | None):
     import torch
 
     if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"crossflow: error: --device {name} requested but CUDA is not available")
-    return name
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:  # a malformed string
+        raise UsageError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} requested but CUDA is not available on this machine")
+    return device
 
 
-def _backend(name: str):
+def _backend(name: str, device):
+    """The kernels backend context, as `crossflow train` sets it (auto = Triton where it can run, else torch; it
+    overrides KERNELS_BACKEND). A forced triton that cannot run on `device` is refused here, before anything loads."""
+    import torch
+
     import kernels
 
-    if name not in kernels.BACKENDS:
-        raise SystemExit(f"crossflow: error: --backend must be one of {kernels.BACKENDS}, got {name!r}")
-    return kernels.use_backend(name) if name != "auto" else nullcontext()
+    if name == "triton" and not kernels.triton_ok(torch.empty(0, device=device)):
+        where = ("Triton needs a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)"
+                 if device.type == "cpu" else "Triton is built for the CPU interpreter here (TRITON_INTERPRET=1)")
+        raise UsageError(f"--backend triton cannot run on {device}: {where}; use --backend auto or torch")
+    return kernels.use_backend(name)
 
 
 def _checkpoint(path: str | None) -> str:
     from crossflow.pipeline import default_checkpoint
 
     path = path or default_checkpoint()
-    if not (Path(path) / "model.safetensors").is_file():
-        raise SystemExit(f"crossflow: error: no checkpoint at {path} (expected model.safetensors and config.json)")
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    for name in ("config.json", "model.safetensors"):
+        if not (p / name).is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint: it has no {name}")
     return path
 
 
-def _pipeline(args):
+_threads_before: list[int] = []  # the count `_cap_threads` replaced; `main` puts it back (cli.main called in-process)
+
+
+def _cap_threads(model, device, threads: int | None) -> None:
+    """Intra-op threads: --threads if given; else one for a small flow network on the CPU (see SMALL_FLOW_PARAMS),
+    unless OMP_NUM_THREADS was set by the user; else torch's default."""
+    import torch
+
+    small = sum(p.numel() for p in getattr(model, "flow", model).parameters()) < SMALL_FLOW_PARAMS
+    if threads is None and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and small:
+        threads = 1
+    if threads is not None:
+        _threads_before.append(torch.get_num_threads())
+        torch.set_num_threads(threads)
+
+
+def _restore_threads() -> None:
+    if _threads_before:
+        import torch
+
+        torch.set_num_threads(_threads_before[0])
+        _threads_before.clear()
+
+
+def _pipeline(args, device):
     from crossflow.fast_sampler import FastSampler
     from crossflow.pipeline import CrossFlowPipeline, sampling_defaults
 
     ckpt = _checkpoint(args.checkpoint)
-    return CrossFlowPipeline.from_pretrained(ckpt, device=_device(args.device),
-                                             sampler=FastSampler(**sampling_defaults(ckpt)))
+    pipe = CrossFlowPipeline.from_pretrained(ckpt, device=device, sampler=FastSampler(**sampling_defaults(ckpt)))
+    _cap_threads(pipe.model, device, args.threads)
+    return pipe
 
 
-def _save_grid(images: list, rows: int, out: str, upscale: int) -> None:
-    """Tile PIL images into a rows x cols grid (row-major), nearest-neighbour upscaled, written atomically."""
+def save_grid(images: list, rows: int, out: str, upscale: int = 1, gap: int = 0) -> None:
+    """Tile PIL images into a rows x cols grid (row-major) with `gap` background pixels between cells,
+    nearest-neighbour upscaled, written atomically in the format `out`'s extension names (IMAGE_FORMATS)."""
     from PIL import Image
 
     from crossflow.checkpoint import atomic_write
 
+    fmt = IMAGE_FORMATS[Path(out).suffix.lower()]
     cols = -(-len(images) // rows)
     w, h = images[0].size
-    grid = Image.new(images[0].mode, (cols * w, rows * h))
+    grid = Image.new(images[0].mode, (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), "white")
     for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+        grid.paste(im, ((i % cols) * (w + gap), (i // cols) * (h + gap)))
     if upscale > 1:
         grid = grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda p: grid.save(p, format="PNG"))
+    atomic_write(out, lambda p: grid.save(p, format=fmt))
 
 
-def cmd_sample(args) -> None:
-    with _backend(args.backend):
-        pipe = _pipeline(args)
+# ---------------------------------------------------------------------------------------------------------------------
+# Verbs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def cmd_sample(args) -> int:
+    device = _device(args.device)
+    with _backend(args.backend, device):
+        pipe = _pipeline(args, device)
         images = pipe(args.prompts, num_images_per_prompt=args.n, steps=args.steps, guidance_scale=args.guidance,
-                      seed=args.seed)
-    _save_grid(images, rows=len(args.prompts), out=args.output, upscale=args.upscale)
-    print(f"wrote {args.output} ({len(args.prompts)} prompt(s) x {args.n})")
+                      seed=args.seed, progress=not args.quiet)
+    save_grid(images, rows=len(args.prompts), out=args.output, upscale=args.upscale, gap=args.gap)
+    w, h = images[0].size
+    print(f"wrote {args.output} ({len(args.prompts)} prompt(s) x {args.n}, {w}x{h} px each, upscaled x{args.upscale})")
+    return 0
 
 
-def cmd_interpolate(args) -> None:
+def cmd_interpolate(args) -> int:
     import torch
 
-    from crossflow.pipeline import to_pil
     from crossflow.sampling import interpolate_latents
 
-    with _backend(args.backend):
-        pipe = _pipeline(args)
-        z = [pipe.encode_prompts([p], generator=torch.Generator().manual_seed(args.seed)) for p in (args.a, args.b)]
-        z0 = interpolate_latents(z[0], z[1], args.frames)  # (frames + 2, C, H, W)
-        z1 = pipe.sampler(pipe.model, z0, steps=args.steps, guidance_scale=args.guidance)
-        images = to_pil(pipe.decode_latents(z1))
-    _save_grid(images, rows=1, out=args.output, upscale=args.upscale)
+    device = _device(args.device)
+    with _backend(args.backend, device):
+        pipe = _pipeline(args, device)
+        z = [pipe.encode_prompts(p, generator=torch.Generator().manual_seed(args.seed)) for p in (args.a, args.b)]
+        images = pipe(z0=interpolate_latents(z[0], z[1], args.frames), steps=args.steps, guidance_scale=args.guidance,
+                      progress=not args.quiet)
+    save_grid(images, rows=1, out=args.output, upscale=args.upscale, gap=args.gap)
     print(f"wrote {args.output} ({len(images)} frames)")
+    return 0
 
 
 def cmd_train(argv: list[str]) -> None:
-    from crossflow.train import build_parser, main
+    from crossflow.train import main  # the one training parser (recipes, validation, error lines) lives there
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="tiny")
-    known, _ = pre.parse_known_args(argv)
-    parser = build_parser()
-    parser.prog = "crossflow train"
-    for action in parser._actions:  # --out defaults to runs/<preset> here
-        if action.dest == "out":
-            action.required, action.default = False, os.path.join("runs", known.preset)
-    parser.set_defaults(**RECIPES.get(known.preset, {}))
-    args = parser.parse_args(argv)
-    main([a for kv in vars(args).items() for a in _as_flags(*kv)])
+    main(argv, prog="crossflow train")
 
 
-def _as_flags(key: str, val: Any) -> list[str]:
-    flag = "--" + key.replace("_", "-")
-    if key == "bf16":
-        return [] if val else ["--no-bf16"]
-    if isinstance(val, bool):
-        return [flag] if val else []
-    if val is None:
-        return []
-    if isinstance(val, (list, tuple)):
-        return [flag, *map(str, val)]
-    return [flag, str(val)]
-
-
-def cmd_eval(args) -> None:
+def cmd_eval(args) -> int:
+    """Prints the result and a PASS/FAIL line; exits 1 on FAIL."""
     from crossflow.checkpoint import atomic_write
     from crossflow.digits import evaluate
 
-    if args.preset != "digits":
-        raise SystemExit(f"crossflow: error: eval is defined for the digits preset only, got {args.preset!r}")
-    with _backend(args.backend):
-        pipe = _pipeline(args)
+    device = _device(args.device)
+    with _backend(args.backend, device):
+        pipe = _pipeline(args, device)
         res = evaluate(pipe, per_prompt=args.per_prompt, guidance_scale=args.guidance, steps=args.steps,
                        seed=args.seed, progress=not args.quiet)
     res["checkpoint"] = str(_checkpoint(args.checkpoint))
@@ -147,76 +193,167 @@ def cmd_eval(args) -> None:
     text = json.dumps(res, indent=2)
     print(text)
     if args.json:
-        atomic_write(args.json, lambda p: Path(p).write_text(text))
+        atomic_write(args.json, lambda p: Path(p).write_text(text + "\n"))
     ok = res["accuracy"] >= 0.95 and res["diversity"] >= 0.5
     print(f"accuracy {res['accuracy']:.1%} (target >= 95%), diversity {res['diversity']:.1%} of real (target >= 50%)"
           f": {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
 
 
-def cmd_convert(args) -> None:
+def cmd_convert(args) -> int:
     from crossflow.config import CrossFlowConfig
-    from crossflow.convert import load_official_checkpoint
+    from crossflow.convert import load_official_checkpoint, preset_name, save_converted
 
     if not Path(args.checkpoint_in).exists():
-        raise SystemExit(f"crossflow: error: no such file or directory: {args.checkpoint_in}")
+        raise FileNotFoundError(f"no such file or directory: {args.checkpoint_in}")
+    cfg = CrossFlowConfig.from_name(args.preset) if args.preset else None  # ValueError names an unknown preset
+    model = load_official_checkpoint(args.checkpoint_in, cfg)  # detects the layout; refuses a mismatching preset
+    save_converted(model, args.output)
+    print(f"wrote {args.output} ({args.preset or preset_name(model.config)}, from {args.checkpoint_in}; sampling.json: "
+          "the official sampler)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parsers: one per verb
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _int_at_least(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            val = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if val < low or (high is not None and val > high):
+            raise argparse.ArgumentTypeError(f"must be {'>= ' + str(low) if high is None else f'in {low}..{high}'}"
+                                             f", got {val}")
+        return val
+
+    parse.__name__ = "int"  # argparse names the type in its messages
+    return parse
+
+
+def _guidance(text: str) -> float:
     try:
-        cfg = CrossFlowConfig.from_name(args.preset)
-        model = load_official_checkpoint(args.checkpoint_in, cfg)
-    except ValueError as e:  # unknown preset, wrong keys or shapes, a pickle with objects in it
-        raise SystemExit(f"crossflow: error: {e}") from e
-    model.save_pretrained(args.output)
-    print(f"wrote {args.output} ({args.preset}, from {args.checkpoint_in})")
+        val = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not val >= 0 or val == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return val
+
+
+def _prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a prompt must not be empty or whitespace only")
+    return text
+
+
+def _image_path(text: str) -> str:
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; name the image file to write")
+    if Path(text).suffix.lower() not in IMAGE_FORMATS:
+        raise argparse.ArgumentTypeError(f"{text!r}: the extension names the image format; use one of "
+                                         f"{', '.join(sorted(IMAGE_FORMATS))}")
+    return text
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="model directory (default: the shipped digits model)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--backend", default="auto", help="kernels backend: auto | torch | triton")
-    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the checkpoint's, else 50)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the checkpoint's, else 7)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="kernels backend; auto: Triton where it can run, else torch")
+    p.add_argument("--steps", type=_int_at_least(1), default=None,
+                   help="Euler steps (default: the checkpoint's sampling.json, else 50)")
+    p.add_argument("--guidance", type=_guidance, default=None,
+                   help="guidance scale >= 0, 1 = off (default: the checkpoint's sampling.json, else 7)")
+    p.add_argument("--seed", type=int, default=0, help="fixed by default: the same command draws the same images")
+    p.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="CPU threads (default: 1 for small models, else torch's default)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _image_out(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("-o", "--output", type=_image_path, default=default,
+                   help=f"image file; the extension picks the format ({', '.join(sorted(IMAGE_FORMATS))})")
+    p.add_argument("--upscale", type=_int_at_least(1, MAX_UPSCALE), default=4,
+                   help=f"nearest-neighbour upscaling of the grid, 1..{MAX_UPSCALE}")
+    p.add_argument("--gap", type=_int_at_least(0, 64), default=GRID_GAP, help="pixels between cells, before upscaling")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crossflow", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("sample", help="prompts -> a PNG grid (one row per prompt)")
-    s.add_argument("prompts", nargs="+", metavar="PROMPT")
-    s.add_argument("-o", "--output", default="samples.png")
-    s.add_argument("--n", type=int, default=1, help="images per prompt")
-    s.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the grid")
+    p = _Parser(prog="crossflow", description=__doc__.split("\n\n")[0],
+                epilog="CROSSFLOW_DEBUG=1 shows a traceback for errors.", formatter_class=_HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sample,interpolate,train,eval,convert}")
+    s = sub.add_parser("sample", help="prompts -> an image grid (one row per prompt)", formatter_class=_HelpFormatter)
+    s.add_argument("prompts", nargs="+", metavar="PROMPT", type=_prompt)
+    _image_out(s, "samples.png")
+    s.add_argument("--n", type=_int_at_least(1), default=1, help="images per prompt")
     _common(s)
-    i = sub.add_parser("interpolate", help="latent interpolation between two prompts -> a PNG strip")
-    i.add_argument("a", metavar="PROMPT_A")
-    i.add_argument("b", metavar="PROMPT_B")
-    i.add_argument("-o", "--output", default="strip.png")
-    i.add_argument("--frames", type=int, default=6, help="in-between frames (both ends are added)")
-    i.add_argument("--upscale", type=int, default=4)
+    s.set_defaults(func=cmd_sample)
+    i = sub.add_parser("interpolate", help="latent interpolation between two prompts -> an image strip",
+                       formatter_class=_HelpFormatter)
+    i.add_argument("a", metavar="PROMPT_A", type=_prompt)
+    i.add_argument("b", metavar="PROMPT_B", type=_prompt)
+    _image_out(i, "strip.png")
+    i.add_argument("--frames", type=_int_at_least(0), default=6, help="in-between frames (both ends are added)")
     _common(i)
+    i.set_defaults(func=cmd_interpolate)
     sub.add_parser("train", help="train a preset (see `crossflow train --help`)", add_help=False)
-    e = sub.add_parser("eval", help="prompt accuracy and diversity (digits preset)")
-    e.add_argument("--preset", default="digits")
-    e.add_argument("--per-prompt", type=int, default=10, help="samples per (digit, held-out template)")
+    e = sub.add_parser("eval", help="prompt accuracy and diversity (digits preset); exits 1 when a target is missed",
+                       formatter_class=_HelpFormatter)
+    e.add_argument("--preset", default="digits", choices=("digits",), help="the evaluation to run")
+    e.add_argument("--per-prompt", type=_int_at_least(2), default=10, help="samples per (digit, held-out template)")
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
-    e.add_argument("--quiet", action="store_true")
     _common(e)
-    c = sub.add_parser("convert", help="an official CrossFlow DiT checkpoint (.pth) -> a save_pretrained directory")
+    e.set_defaults(func=cmd_eval)
+    c = sub.add_parser("convert", help="an official CrossFlow checkpoint (.pth: DiT or DiMR) -> a save_pretrained "
+                       "directory with the official sampler settings", formatter_class=_HelpFormatter)
     c.add_argument("checkpoint_in", metavar="OFFICIAL", help="the official .pth (read with weights_only=True)")
-    c.add_argument("--preset", required=True, help="the model it belongs to, e.g. dit-h-2-512")
+    c.add_argument("--preset", default=None,
+                   help="the model it must be, e.g. dimr-512-clip (default: detected from the file's layout)")
     c.add_argument("-o", "--output", required=True, help="output directory")
+    c.set_defaults(func=cmd_convert)
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------------
+
+# What a user can cause: an option this machine cannot honour (UsageError: exit 2, as `crossflow train` does), bad
+# files, values a library refuses (exit 1); one line each. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, RuntimeError, OSError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one verb; returns 0, or raises SystemExit with 2 (usage) or 1 (a runtime error, an eval FAIL)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:
-        return cmd_train(argv[1:])
-    args = build_parser().parse_args(argv)
-    for name in ("n", "steps", "frames", "per_prompt", "upscale"):
-        val = getattr(args, name, None)
-        if val is not None and val < (0 if name == "frames" else 1):
-            raise SystemExit(f"crossflow: error: --{name.replace('_', '-')} must be positive, got {val}")
-    {"sample": cmd_sample, "interpolate": cmd_interpolate, "eval": cmd_eval, "convert": cmd_convert}[args.command](args)
+    try:
+        if argv[:1] == ["train"]:
+            cmd_train(argv[1:])
+            return 0
+        args = build_parser().parse_args(argv)
+        code = args.func(args)
+    except USER_ERRORS as e:
+        if os.environ.get("CROSSFLOW_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"crossflow: error: {_one_line(e)}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, UsageError) else 1) from None
+    except KeyboardInterrupt:
+        print("crossflow: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        _restore_threads()
+    if code:
+        raise SystemExit(code)
+    return 0
 
 
 if __name__ == "__main__":

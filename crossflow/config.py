@@ -11,6 +11,9 @@ Presets (`CrossFlowConfig.from_name`):
     official CLIP@256 Text VE (Linear head).
   * ``dit-h-2-512`` -- the official CrossFlow DiT (`t2i_512px_t5_dit.py`): DiT-H/2 on 4x64x64, T5-XXL text (77x4096,
     x10), Text VE with the 4096->1024 Compressor and the Adaptor head.
+  * ``dimr-{256,512}-{clip,t5}`` -- the four official DiMR checkpoints (`t2i_{256,512}px_{clip,t5}_dimr.pth`):
+    `backbone="dimr"`, the flow network in `dimr` (a `DiMRConfig`), the text side of `dimr_config.OFFICIAL_CHECKPOINTS`.
+  * ``dimr-tiny`` (unit tests, the ``tiny`` text side), ``dimr-digits`` (the ``digits`` data with a DiMR flow).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from crossflow.dimr_config import DIMR_CONFIGS, OFFICIAL_CHECKPOINTS, DiMRConfig
+
+BACKBONES = ("dit", "dimr")
 NORMS = ("layer", "rms")
 KL_KINDS = ("standard", "official")
 
@@ -38,6 +44,10 @@ class CrossFlowConfig:
     num_heads: int = 6
     mlp_ratio: float = 4.0
     norm: str = "layer"  # LayerNorm without affine, eps 1e-6 (DiT); "rms" is ours, not convertible
+    # ---- or the DiMR flow network (`crossflow.dimr`): backbone "dimr" with its `DiMRConfig` (the DiT fields above are
+    # then unused); its latent shape must be the one above
+    backbone: str = "dit"
+    dimr: DiMRConfig | None = None
     # ---- frozen text encoder: name/path, token-embedding width, tokens, scale applied before the VE
     text_encoder: str = "minilm"
     text_dim: int = 384
@@ -52,7 +62,7 @@ class CrossFlowConfig:
     ve_compress_dim: int | None = None  # 1024 for T5 (4096-d): the official Compressor
     ve_adaptor: bool = False  # official Adaptor head (used when 2*latent_numel is not 4096/8192)
     ve_adaptor_grid: int = 64  # Adaptor's square feature map; official: 64 (hidden width 64*64 = 4096)
-    # ---- contrastive image encoder: "conv" (ours: a small trainable conv net on the target latent, layers.ImageEncoder)
+    # ---- contrastive image encoder: "conv" (ours: a small conv net on the target latent, image_encoder.ImageEncoder)
     # or a transformers vision model name/path (frozen tower + trainable projection; needs pixel images in training)
     image_encoder: str = "conv"
     image_encoder_width: int = 32
@@ -67,6 +77,8 @@ class CrossFlowConfig:
     vae_scale: float = 0.23010
 
     def __post_init__(self) -> None:
+        if isinstance(self.dimr, dict):  # from JSON
+            object.__setattr__(self, "dimr", DiMRConfig.from_dict(self.dimr))
         _validate(self)
 
     # ---- derived sizes
@@ -125,7 +137,11 @@ class CrossFlowConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON types (the nested DiMR config's tuples as lists), so that it equals its own JSON round trip."""
+        d = dataclasses.asdict(self)
+        if self.dimr is not None:
+            d["dimr"] = json.loads(json.dumps(d["dimr"]))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CrossFlowConfig":
@@ -185,6 +201,14 @@ def _validate(c: CrossFlowConfig) -> None:
                           f"ve_adaptor_grid**2 = {c.ve_adaptor_grid ** 2}")
     if not isinstance(c.mlp_ratio, (int, float)) or c.mlp_ratio <= 0 or int(c.hidden_size * c.mlp_ratio) < 1:
         errors.append(f"mlp_ratio must be > 0, got {c.mlp_ratio!r}")
+    if c.backbone not in BACKBONES:
+        errors.append(f"backbone must be one of {BACKBONES}, got {c.backbone!r}")
+    elif c.backbone == "dimr" and not isinstance(c.dimr, DiMRConfig):
+        errors.append(f"backbone 'dimr' needs dimr=DiMRConfig(...), got {c.dimr!r}")
+    elif c.backbone == "dimr" and ints_ok and c.dimr.latent_shape != c.latent_shape:
+        errors.append(f"dimr latent shape {c.dimr.latent_shape} must equal the latent shape {c.latent_shape}")
+    elif c.backbone == "dit" and c.dimr is not None:
+        errors.append("dimr is set but backbone is 'dit'")
     if c.norm not in NORMS:
         errors.append(f"norm must be one of {NORMS}, got {c.norm!r}")
     if c.kl_kind not in KL_KINDS:
@@ -216,12 +240,14 @@ _CLIP_256 = dict(
     image_encoder_width=64, image_feature_dim=1024, autoencoder="CompVis/stable-diffusion-v1-4/vae",
 )
 
+_TINY = dict(
+    latent_channels=4, latent_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, text_encoder="minilm",
+    text_dim=32, text_len=7, ve_layers=1, ve_heads=2, ve_ff=64, ve_reductions=1, image_encoder_width=8,
+    image_feature_dim=32,
+)
+
 CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        latent_channels=4, latent_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, text_encoder="minilm",
-        text_dim=32, text_len=7, ve_layers=1, ve_heads=2, ve_ff=64, ve_reductions=1, image_encoder_width=8,
-        image_feature_dim=32,
-    ),
+    "tiny": _TINY,
     "digits": dict(),  # the dataclass defaults
     "dit-s-2": dict(_CLIP_256, hidden_size=384, depth=12, num_heads=6),
     "dit-b-2": dict(_CLIP_256, hidden_size=768, depth=12, num_heads=12),
@@ -233,3 +259,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
         text_dim=4096, text_scale=10.0, ve_compress_dim=1024, ve_adaptor=True, ve_adaptor_grid=64,
     ),
 }
+# The DiMR releases: the flow network of `DIMR_CONFIGS`, the text side and objective of `OFFICIAL_CHECKPOINTS`, the
+# image encoder of the 256 px DiT presets (training only: the official SigLIP tower is not converted).
+for _name, _info in OFFICIAL_CHECKPOINTS.items():
+    CONFIGS[_name] = dict(_info["crossflow_fields"], backbone="dimr", dimr=DIMR_CONFIGS[_name], image_encoder_width=64,
+                          image_feature_dim=1024)
+CONFIGS["dimr-tiny"] = dict(_TINY, backbone="dimr", dimr=DIMR_CONFIGS["dimr-tiny"])
+CONFIGS["dimr-digits"] = dict(backbone="dimr", dimr=DIMR_CONFIGS["dimr-digits"])

@@ -18,23 +18,31 @@ flat `state_dict()` of `libs/model/dit_t2i.DiT` (`utils.TrainState.save`, loaded
     open_clip.* / open_clip_output.*          -> dropped: the SigLIP image tower + its projection, used only by the
                                                  training loss; our `image_encoder` differs and keeps its init.
 
+The four DiMR releases (`t2i_{256,512}px_{clip,t5}_dimr.pth`) map through `crossflow.convert_dimr` (flow network) and
+the same `context_encoder.*` / `open_clip.logit_scale` rules. `load_official_checkpoint` finds which preset a file
+holds (`detect_preset`: every tensor shape must match), refuses a `cfg` that does not match it in a few lines naming
+the architecture found, and `save_converted` writes the official sampler settings (`sampling.json`) beside the model.
+
 Pickles are read only with `torch.load(..., weights_only=True)`: tensors and plain containers, never arbitrary objects.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from crossflow.config import CrossFlowConfig
+from crossflow.checkpoint import atomic_write, describe_state_dict, load_state_dict_strict, short_list
+from crossflow.config import CONFIGS, CrossFlowConfig
+from crossflow.convert_dimr import convert_official_dimr_state_dict, describe_dimr_keys, official_dimr_shapes
+from crossflow.dimr_config import OFFICIAL_SAMPLING
+from crossflow.image_encoder import build_image_encoder
 from crossflow.layers import sincos_pos_embed_2d
-
-if TYPE_CHECKING:
-    from crossflow.model import CrossFlow
+from crossflow.model import CrossFlow
 
 STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP / accelerate wrappers, torch.compile
 DROPPED_PREFIXES = ("open_clip.", "open_clip_output.")
@@ -100,14 +108,24 @@ def convert_official_state_dict(sd: dict[str, torch.Tensor], cfg: CrossFlowConfi
     shapes = sorted(f"{k}: got {tuple(v.shape)}, expected {expected[k]}"
                     for k, v in kept.items() if k in expected and tuple(v.shape) != expected[k])
     if missing or unexpected or shapes:
-        parts = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "",
-                 f"shape mismatches {shapes}" if shapes else ""]
-        raise ValueError("official checkpoint does not match the config: " + "; ".join(p for p in parts if p))
+        # Short on purpose: a foreign checkpoint mismatches thousands of keys; say how many, a few, and what it is.
+        parts = [f"{len(missing)} of {len(expected) - 1} expected keys missing, e.g. {short_list(missing, 4)}"
+                 if missing else "", f"{len(unexpected)} unexpected keys, e.g. {short_list(unexpected, 4)}"
+                 if unexpected else "", f"{len(shapes)} shape mismatches, e.g. {short_list(shapes, 3)}"
+                 if shapes else ""]
+        raise ValueError(f"official checkpoint does not match the {cfg.depth}-block, width-{cfg.hidden_size} DiT "
+                         "config: " + "; ".join(p for p in parts if p) + f". The checkpoint holds "
+                         f"{describe_state_dict(sorted(sd))}")
 
+    # The official table is fp32 (numpy float64 rounded once); a checkpoint stored in half precision rounds it again,
+    # by up to half an ulp of its dtype. A wrong hidden size or grid is off by O(1).
+    stored = kept["pos_embed"]
+    tol = max(1e-4, torch.finfo(stored.dtype).eps) if stored.is_floating_point() else 1e-4
     pos = sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size)[None]
-    err = (kept["pos_embed"].float().cpu() - pos).abs().max().item()
-    if not err <= 1e-4:
-        raise ValueError(f"official pos_embed differs from the 2-D sin-cos table by {err:.3e}: wrong config?")
+    err = (stored.float().cpu() - pos).abs().max().item()
+    if not err <= tol:
+        raise ValueError(f"official pos_embed ({stored.dtype}) differs from the 2-D sin-cos table by {err:.3e} "
+                         f"(tolerance {tol:.1e}): wrong config?")
 
     out: dict[str, torch.Tensor] = {}
     mods_w, mods_b = [], []
@@ -143,14 +161,77 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
                                                 else ""))
 
 
-def load_official_checkpoint(
-    path: str | os.PathLike, cfg: CrossFlowConfig, map_location: str | torch.device = "cpu"
-) -> "CrossFlow":
-    """Build a `CrossFlow(cfg)` from an official `.pth` (or a training `<step>.ckpt` directory: `nnet_ema.pth`,
-    else `nnet.pth`). The file is read with `torch.load(weights_only=True)` only."""
-    from crossflow.checkpoint import load_state_dict_strict
-    from crossflow.model import CrossFlow, build_image_encoder
+@functools.lru_cache(maxsize=32)
+def official_shapes(cfg: CrossFlowConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor an official checkpoint of `cfg` holds (flow network + Text VE), without `open_clip*`."""
+    if cfg.backbone == "dimr":
+        flow = official_dimr_shapes(cfg.dimr)
+    else:
+        flow = official_flow_shapes(cfg)
+    return {**flow, **official_ve_shapes(cfg)}
 
+
+def _kept_shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {_strip(k): tuple(v.shape) for k, v in sd.items() if not _strip(k).startswith(DROPPED_PREFIXES)}
+
+
+def detect_preset(sd: dict[str, torch.Tensor]) -> str | None:
+    """The preset (`CONFIGS`) whose official layout `sd` holds, every name and shape equal, or None."""
+    shapes = _kept_shapes(sd)
+    dimr = any(k.startswith("stages.") for k in shapes)
+    for name, fields in CONFIGS.items():
+        if (fields.get("backbone", "dit") == "dimr") != dimr or fields.get("norm", "layer") != "layer":
+            continue
+        if official_shapes(CrossFlowConfig.from_name(name)) == shapes:
+            return name
+    return None
+
+
+def describe_config(cfg: CrossFlowConfig) -> str:
+    """A few words on a config's flow network and text side, for messages."""
+    text = f"{cfg.text_encoder} text ({cfg.text_dim}-d)"
+    if cfg.backbone == "dimr":
+        stages = ", ".join(f"{s.block} width {s.dim} x {s.depth} blocks at {s.grid}x{s.grid}" for s in cfg.dimr.stages)
+        return f"a DiMR flow network ({stages}), {text}"
+    return f"a DiT flow network ({cfg.depth} blocks, width {cfg.hidden_size}, patch {cfg.patch_size}), {text}"
+
+
+def _what_it_holds(sd: dict[str, torch.Tensor], found: str | None) -> str:
+    if found is not None:
+        return f"the {found!r} layout: {describe_config(CrossFlowConfig.from_name(found))}"
+    keys = {_strip(k): v for k, v in sd.items()}
+    if any(k.startswith("stages.") for k in keys):
+        return f"a DiMR checkpoint ({describe_dimr_keys(keys)}) that matches no preset"
+    return describe_state_dict(sorted(keys))
+
+
+def resolve_config(sd: dict[str, torch.Tensor], cfg: CrossFlowConfig | str | None, source: str) -> CrossFlowConfig:
+    """The config to convert `sd` into: `cfg` (a config or a preset name) when the checkpoint's layout matches it, the
+    detected preset when `cfg` is None. A mismatch raises ValueError naming the architecture found (a few lines)."""
+    if isinstance(cfg, str):
+        cfg = CrossFlowConfig.from_name(cfg)
+    if cfg is not None and official_shapes(cfg) == _kept_shapes(sd):
+        return cfg
+    found = detect_preset(sd)
+    if cfg is None:
+        if found is None:
+            raise ValueError(f"{source}: not a checkpoint of any preset: it holds {_what_it_holds(sd, None)}")
+        return CrossFlowConfig.from_name(found)
+    dimr_sd = any(_strip(k).startswith("stages.") for k in sd)
+    if found is None and not dimr_sd and cfg.backbone == "dit":
+        return cfg  # a DiT-like file off by a few keys: the converter lists them
+    hint = f"; use --preset {found} (or leave --preset out: the layout is detected)" if found else ""
+    name = preset_name(cfg)
+    want = f"preset {name!r}" if name else "the requested config"
+    raise ValueError(f"{source} holds {_what_it_holds(sd, found)}; {want} is {describe_config(cfg)}{hint}")
+
+
+def load_official_checkpoint(
+    path: str | os.PathLike, cfg: CrossFlowConfig | str | None = None, map_location: str | torch.device = "cpu"
+) -> CrossFlow:
+    """Build a `CrossFlow` from an official `.pth` (or a training `<step>.ckpt` directory: `nnet_ema.pth`, else
+    `nnet.pth`): DiT or DiMR. `cfg`: a config or preset name that must match the file's layout (`resolve_config`), or
+    None to use the detected preset. The file is read with `torch.load(weights_only=True)` only."""
     path = Path(path)
     if path.is_dir():
         cands = [path / "nnet_ema.pth", path / "nnet.pth"]
@@ -165,10 +246,29 @@ def load_official_checkpoint(
     except Exception as e:  # UnpicklingError for disallowed globals, RuntimeError/EOFError for a bad file
         raise ValueError(f"{path}: cannot be read as a tensors-only checkpoint (weights_only=True; arbitrary "
                          f"pickled objects are refused): {type(e).__name__}: {e}") from None
-    state = convert_official_state_dict(_unwrap(obj, path), cfg)
+    sd = _unwrap(obj, path)
+    cfg = resolve_config(sd, cfg, str(path))
+    if cfg.backbone == "dimr":
+        state = convert_official_dimr_state_dict(sd, cfg.dimr, cfg)
+    else:
+        state = convert_official_state_dict(sd, cfg)
     # Training-only parts absent from the official file get a fresh init; everything else is overwritten.
     state.update({f"image_encoder.{k}": v for k, v in build_image_encoder(cfg).state_dict().items()})
     state.setdefault("logit_scale", torch.tensor(math.log(1 / 0.07)))
     model = CrossFlow.empty(cfg)
     load_state_dict_strict(model, state, f"converted {path}")
     return model.to(map_location)
+
+
+def save_converted(model: CrossFlow, directory: str | os.PathLike, sampling: dict | None = None) -> None:
+    """`model.save_pretrained(directory)` plus `sampling.json`: the official sampler (`OFFICIAL_SAMPLING`: 50 Euler
+    steps on the official time grid, guidance 7, the same for the DiT and DiMR releases), so that `crossflow sample
+    --checkpoint DIR` reproduces it without flags."""
+    model.save_pretrained(directory)
+    text = json.dumps(dict(OFFICIAL_SAMPLING if sampling is None else sampling), indent=2) + "\n"
+    atomic_write(Path(directory) / "sampling.json", lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def preset_name(cfg: CrossFlowConfig) -> str | None:
+    """The preset `cfg` is, or None."""
+    return next((n for n in CONFIGS if CrossFlowConfig.from_name(n) == cfg), None)

@@ -3,14 +3,14 @@
     {"text_emb": (L, D) float32 token embeddings, "text_mask": (L,) bool (True = real token),
      "latent": (C, H, W) float32 image latent (already scaled, i.e. what the flow ends at)}
 
-`DATASETS` maps a name (the trainer's `--data`) to a builder `(cfg, seed, size) -> Dataset`; a real data set (the
-digits of the embedded default) registers itself there in the same format.
+The trainer's `--data` names a dataset of `crossflow.train.DATASETS`: `SyntheticPairs` from here, or the digits of the
+embedded default (`crossflow.digits.DigitPairs`, same format). This module imports no other part of `crossflow`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -68,24 +68,3 @@ class SyntheticPairs(Dataset):
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack a list of samples into a batch dict (B, ...)."""
     return {key: torch.stack([it[key] for it in items]) for key in items[0]}
-
-
-def _synthetic(cfg: Any, seed: int, size: int) -> Dataset:
-    return SyntheticPairs(cfg, n=size, seed=seed)
-
-
-def _digits(cfg: Any, seed: int, size: int) -> Dataset:
-    from crossflow.digits import DigitPairs  # scikit-learn and the text encoder load only when asked for
-
-    return DigitPairs(cfg, seed=seed, size=size)
-
-
-# name -> builder(cfg, seed, size)
-DATASETS: dict[str, Callable[[Any, int, int], Dataset]] = {"synthetic": _synthetic, "digits": _digits}
-
-
-def build_dataset(name: str, cfg: Any, seed: int = 0, size: int = 4096) -> Dataset:
-    """The training dataset `name` for model config `cfg` (see `DATASETS`)."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    return DATASETS[name](cfg, seed, size)

@@ -145,7 +145,9 @@ def evaluate(pipe: Any, per_prompt: int = 10, guidance_scale: float | None = Non
     real, real_y = load_images("test")
     kw = {k: v for k, v in dict(guidance_scale=guidance_scale, steps=steps).items() if v is not None}
     correct, total, ratios, per_digit = 0, 0, [], {}
-    for ti, template in enumerate(tqdm(templates, desc="eval", disable=not progress)):
+    # progress: one bar counting images, moved after each batch; tqdm's disable=None hides it when stderr is no terminal
+    bar = tqdm(total=10 * per_prompt * len(templates), desc="eval", unit="img", disable=None if progress else True)
+    for ti, template in enumerate(templates):
         # One batched call per template: the ten digit prompts, `per_prompt` images each (a prompt's images adjacent).
         imgs = pipe([caption(template, k) for k in range(10)], num_images_per_prompt=per_prompt, seed=seed + ti,
                     output_type="pt", **kw).float().cpu() * 2 - 1  # (10 * n, 1, 16, 16), back to [-1, 1]
@@ -156,6 +158,8 @@ def evaluate(pipe: Any, per_prompt: int = 10, guidance_scale: float | None = Non
             per_digit[k] = per_digit.get(k, 0) + hits
             mine = imgs[k * per_prompt : (k + 1) * per_prompt]
             ratios.append(mean_pairwise_distance(mine) / mean_pairwise_distance(real[real_y == k]))
+        bar.update(10 * per_prompt)
+    bar.close()
     n_per_digit = per_prompt * len(templates)
     return {
         "accuracy": correct / total,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -78,32 +78,39 @@ class FastSampler(EulerSampler):
 
     @torch.no_grad()
     def __call__(
-        self, model: Any, z0: torch.Tensor, *, steps: int | None = None, guidance_scale: float | None = None
+        self, model: Any, z0: torch.Tensor, *, steps: int | None = None, guidance_scale: float | None = None,
+        callback: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """Integrate from z0 (B, C, H, W) at t = 0 to t = 1; returns a new tensor of z0's shape and dtype."""
+        """Integrate from z0 (B, C, H, W) at t = 0 to t = 1; returns a new tensor of z0's shape and dtype.
+
+        callback(n): the number of steps just completed; one call per step eagerly, one call with all the steps after
+        a graph replay (a replay has no steps to report between)."""
         if not (self.use_cuda_graph and isinstance(z0, torch.Tensor) and z0.is_cuda):
-            return super().__call__(model, z0, steps=steps, guidance_scale=guidance_scale)  # eager, as EulerSampler
-        steps, scale = self._resolve(z0, steps, guidance_scale)
+            return super().__call__(model, z0, steps=steps, guidance_scale=guidance_scale, callback=callback)
+        steps, s = self._resolve(z0, steps, guidance_scale)  # s None = guidance off (sampling.guidance decides)
         fn = velocity_fn(model)
-        guided = scale != 1.0
-        key = (id(model), tuple(z0.shape), z0.dtype, z0.device, steps, self.official_grid, guided)
+        key = (id(model), tuple(z0.shape), z0.dtype, z0.device, steps, self.official_grid, s is not None)
         entry = self._graphs.get(key)
         if entry is not None and (entry.model_ref() is not model or entry.storage != _storage_of(model)):
             del self._graphs[key]  # the model was replaced or its tensors re-allocated: the graph reads stale memory
             entry = None
         if entry is None:
-            return self._capture(key, model, fn, z0, steps, scale)
-        self._graphs.move_to_end(key)
-        entry.static_in.copy_(z0)
-        if entry.scale is not None:
-            entry.scale.fill_(scale)
-        entry.graph.replay()
-        return entry.static_out.clone()
+            out = self._capture(key, model, fn, z0, steps, s)
+        else:
+            self._graphs.move_to_end(key)
+            entry.static_in.copy_(z0)
+            if entry.scale is not None:
+                entry.scale.fill_(s)
+            entry.graph.replay()
+            out = entry.static_out.clone()
+        if callback is not None:
+            callback(steps)
+        return out
 
-    def _capture(self, key, model, fn, z0: torch.Tensor, steps: int, scale: float) -> torch.Tensor:
+    def _capture(self, key, model, fn, z0: torch.Tensor, steps: int, scale: float | None) -> torch.Tensor:
         device = z0.device
         ts, dts = timesteps(steps, self.official_grid, device=device)
-        s = torch.tensor(scale, device=device, dtype=torch.float32) if scale != 1.0 else None
+        s = torch.tensor(scale, device=device, dtype=torch.float32) if scale is not None else None
         static_in = z0.clone()
         # Warm-up on a side stream, as CUDA graphs require: Triton autotuning and lazy initialisation happen here.
         side = torch.cuda.Stream(device)

@@ -1,11 +1,12 @@
-"""CrossFlow's training objective: flow matching from a text latent to an image latent.
+"""The pure math of CrossFlow's objective: flow matching from a text latent to an image latent.
 
 Convention (reference/crossflow.md §1.7): t = 0 is the text latent z0 (the Text VE's sample), t = 1 the image latent z1.
 
     z_t = t * z1 + (1 - (1 - sigma_min) * t) * z0        v = dz_t/dt = z1 - (1 - sigma_min) * z0
 
 Total loss of one step (§8): FM-MSE + CLIP(z0, image features) + kl_weight * KL, all trained jointly; the FM
-gradient reaches the Text VE through z0 (never detached).
+gradient reaches the Text VE through z0 (never detached). The model assembles it (`CrossFlow.forward`); this module
+holds the functions of tensors it is made of.
 
 Randomness: every draw takes an explicit `torch.Generator` and is made on that generator's device, then moved to
 the data's device. The trainer passes a CPU generator seeded per step, so a run is reproducible and resumable on any
@@ -15,8 +16,6 @@ Shapes: B batch, C/H/W latent channels/height/width, L text tokens, D text width
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,54 +127,3 @@ def indicator_dropout(
     perm[idx] = idx.roll(-1)  # new[idx[k]] = old[idx[k+1]]
     targets = z1[perm.to(z1.device)] if idx.numel() else z1
     return null.long().to(z1.device), targets
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# One training step's loss
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def crossflow_loss(
-    model: Any,
-    emb: torch.Tensor,
-    mask: torch.Tensor,
-    z1: torch.Tensor,
-    generator: torch.Generator | None,
-    cfg: Any,
-    images: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The CrossFlow training loss for one batch (reference/crossflow.md §8).
-
-    images: the pixel images of the targets, (B, C', H', W') in [-1, 1], for a pretrained (pixel) image encoder; by
-    default the contrastive image encoder sees the target latents z1 (the same thing in pixel space).
-
-    model: a `CrossFlow` (text_ve + image_encoder + flow + logit_scale); emb (B, L, D) text embeddings, mask (B, L)
-    bool; z1 (B, C, H, W) image latents; cfg: its `CrossFlowConfig` (sigma_min, cfg_dropout, kl_weight, kl_kind).
-    Returns (total loss, detached components {"fm", "clip", "kl", "logit_scale", "null_frac"}).
-    Draw order from `generator` (fixed, so a resumed run replays it): VE noise, indicator dropout, t.
-    """
-    z0, mu, logvar = model.encode_text(emb, mask, generator=generator)  # (B, C, H, W); not detached: FM trains the VE
-    z0 = z0.reshape(z1.shape)
-    if images is None and cfg.image_encoder != "conv" and cfg.autoencoder != "identity":
-        raise ValueError(f"image encoder {cfg.image_encoder!r} needs pixel images: the training data must yield "
-                         "'image' (B, C, H, W) in [-1, 1] beside 'latent'")
-    img_feat = model.image_encoder(z1 if images is None else images)  # (B, C*H*W), true targets before the roll
-    l_clip = contrastive_loss(z0, img_feat, model.logit_scale)
-    l_kl = kl_loss(mu, logvar, cfg.kl_kind)
-
-    indicator, target_z1 = indicator_dropout(z1, cfg.cfg_dropout, generator)
-    t = sample_t(z1.shape[0], generator, device=z1.device)
-    zt = interpolate(z0, target_z1, t, cfg.sigma_min)
-    v = velocity_target(z0, target_z1, cfg.sigma_min)
-    pred = model.flow(zt, t, indicator)  # (B, C, H, W)
-    l_fm = flow_matching_loss(pred, v)
-
-    loss = l_fm + l_clip + cfg.kl_weight * l_kl
-    parts = {
-        "fm": l_fm.detach(),
-        "clip": l_clip.detach(),
-        "kl": l_kl.detach(),
-        "logit_scale": torch.as_tensor(model.logit_scale).detach().float().reshape(()),
-        "null_frac": indicator.float().mean(),
-    }
-    return loss, parts

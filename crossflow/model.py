@@ -1,4 +1,4 @@
-"""The CrossFlow model: Text VE (text -> source latent z0), flow transformer (velocity), contrastive image encoder.
+"""The CrossFlow model: Text VE (text -> source latent z0), flow network (velocity), contrastive image encoder.
 
 `FlowTransformer` is the official DiT variant (`libs/model/dit_t2i.py`): patch embedding, fixed 2-D sin-cos positions,
 raw-t sinusoidal timestep embedding plus a 2-class cond/uncond indicator embedding, adaLN-Zero blocks, final adaLN
@@ -9,6 +9,9 @@ it fast without changing the math (an official checkpoint converts exactly, `cro
     (its weight is the official per-block weights stacked along the output dim);
   * each residual add is fused with the following LayerNorm + modulate (`kernels.gated_residual_adaln`), so the MLP
     residual of block i lands in block i+1's first norm, and the last one in the final layer's norm.
+
+With `backbone="dimr"` the flow network is `crossflow.dimr.DiMRFlow` (the official multi-resolution network, same
+call) and the flow-matching term is its multi-scale loss (`dimr.multiscale_flow_loss`, weights `loss_coeffs`).
 """
 
 from __future__ import annotations
@@ -22,17 +25,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import kernels
+from crossflow import flow as fm
+from crossflow.checkpoint import load_state_dict_strict, read_pretrained, save_pretrained
 from crossflow.config import CrossFlowConfig
-from crossflow.layers import (
-    DiTBlock,
-    FinalLayer,
-    ImageEncoder,
-    LabelEmbedder,
-    PatchEmbed,
-    PretrainedImageEncoder,
-    TimestepEmbedder,
-    sincos_pos_embed_2d,
-)
+from crossflow.dimr import DiMRFlow, multiscale_flow_loss
+from crossflow.image_encoder import build_image_encoder
+from crossflow.layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from crossflow.text_ve import TextVE
 
 NUM_INDICATOR_CLASSES = 2  # 0 = conditional, 1 = unconditional (official `LabelEmbedder(num_classes=2)`)
@@ -133,19 +131,17 @@ class FlowTransformer(nn.Module):
         return self.unpatchify(self.final_layer(h))  # (B, C, H, W)
 
 
-def build_image_encoder(cfg: CrossFlowConfig) -> nn.Module:
-    """The contrastive image encoder of `cfg` -> (B, latent_numel) features: `ImageEncoder` on the target latent
-    ("conv"), or `PretrainedImageEncoder` (a frozen tower named by `cfg.image_encoder`) on pixel images."""
-    if cfg.image_encoder != "conv":
-        return PretrainedImageEncoder(cfg.image_encoder, cfg.image_feature_dim, cfg.latent_numel)
-    return ImageEncoder(
-        cfg.latent_channels, cfg.latent_size, cfg.image_encoder_width, cfg.image_feature_dim, cfg.latent_numel
-    )
+def build_flow(cfg: CrossFlowConfig) -> nn.Module:
+    """The velocity network `cfg.backbone` names: our DiT (`FlowTransformer`) or DiMR (`crossflow.dimr.DiMRFlow`)."""
+    if cfg.backbone == "dimr":
+        return DiMRFlow(cfg.dimr)
+    return FlowTransformer(cfg)
 
 
 class CrossFlow(nn.Module):
     """The whole trainable model: `text_ve`, `flow`, `image_encoder` and the contrastive `logit_scale`.
 
+    Calling it (`forward`, alias `loss`) computes the training loss; sampling uses `encode_text` and `velocity`.
     `logit_scale` starts at log(1/0.07) and is used raw (not exponentiated), as the official code uses open_clip's.
     """
 
@@ -155,7 +151,7 @@ class CrossFlow(nn.Module):
             raise ValueError(f"CrossFlow expects a CrossFlowConfig, got {type(cfg).__name__}")
         self.config = cfg
         self.text_ve = TextVE(cfg)
-        self.flow = FlowTransformer(cfg)
+        self.flow = build_flow(cfg)
         self.image_encoder = build_image_encoder(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
@@ -186,18 +182,72 @@ class CrossFlow(nn.Module):
         return z0.view(mu.shape[0], *self.config.latent_shape), mu, logvar
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
-        """v(x, t, indicator) of the flow transformer; see `FlowTransformer.forward`."""
+        """v(x, t, indicator) of the flow network (the finest level for DiMR); see `FlowTransformer.forward`."""
         return self.flow(x, t, indicator)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write `model.safetensors` + `config.json` atomically (see `crossflow.checkpoint`)."""
-        from crossflow.checkpoint import save_pretrained
+    def forward(
+        self, emb: torch.Tensor, mask: torch.Tensor, z1: torch.Tensor, generator: torch.Generator | None = None,
+        images: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of one batch (reference/crossflow.md §8): FM-MSE + CLIP(z0, image features) + kl_weight *
+        KL, all trained jointly (the FM gradient reaches the Text VE through z0). `forward` so that DDP, which wraps
+        the model itself, sees one call that touches every parameter; sampling uses `encode_text` and `velocity`.
 
+        emb (B, L, D) text embeddings, mask (B, L) bool; z1 (B, C, H, W) image latents; images: the pixel images of
+        the targets, (B, C', H', W') in [-1, 1], needed by a pretrained (pixel) image encoder; by default the image
+        encoder sees z1 (the same thing in pixel space). Draw order from `generator` (fixed, so a resumed run replays
+        it): VE noise, indicator dropout, t.
+        Returns (total loss, detached components {"fm", "clip", "kl", "logit_scale", "null_frac"}).
+        """
+        cfg = self.config
+        if images is None and cfg.image_encoder != "conv" and cfg.autoencoder != "identity":
+            raise ValueError(f"image encoder {cfg.image_encoder!r} needs pixel images: the training data must yield "
+                             "'image' (B, C, H, W) in [-1, 1] beside 'latent'")
+        z0, mu, logvar = self.encode_text(emb, mask, generator=generator)  # (B, C, H, W); not detached
+        z0 = z0.reshape(z1.shape)
+        img_feat = self.image_encoder(z1 if images is None else images)  # (B, C*H*W), true targets before the roll
+        l_clip = fm.contrastive_loss(z0, img_feat, self.logit_scale)
+        l_kl = fm.kl_loss(mu, logvar, cfg.kl_kind)
+
+        indicator, target_z1 = fm.indicator_dropout(z1, cfg.cfg_dropout, generator)
+        t = fm.sample_t(z1.shape[0], generator, device=z1.device)
+        zt = fm.interpolate(z0, target_z1, t, cfg.sigma_min)
+        target = fm.velocity_target(z0, target_z1, cfg.sigma_min)
+        if cfg.backbone == "dimr" and cfg.dimr.loss_coeffs:  # one prediction per resolution, weighted multi-scale MSE
+            preds = self.flow(zt, t, indicator, return_all=True)  # coarse to fine
+            l_fm = multiscale_flow_loss(preds, target, cfg.dimr.loss_coeffs).mean()
+        else:
+            l_fm = fm.flow_matching_loss(self.flow(zt, t, indicator), target)  # pred (B, C, H, W)
+
+        loss = l_fm + l_clip + cfg.kl_weight * l_kl
+        parts = {"fm": l_fm.detach(), "clip": l_clip.detach(), "kl": l_kl.detach(),
+                 "logit_scale": self.logit_scale.detach().float().reshape(()), "null_frac": indicator.float().mean()}
+        return loss, parts
+
+    def loss(self, *args, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss: `self(...)`, named for readers (a DDP-wrapped model must be called, not `.loss`-ed)."""
+        return self(*args, **kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write `model.safetensors`, `config.json` and their `checksums.sha256` atomically (`crossflow.checkpoint`)."""
         save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "CrossFlow":
-        """Load a directory written by `save_pretrained`, validating files, config and keys."""
-        from crossflow.checkpoint import load_pretrained
+        """Load a `save_pretrained` directory in the checkpoint's dtype, verifying checksums, config and keys.
 
-        return load_pretrained(directory, map_location=map_location)
+        Raises FileNotFoundError for a missing directory or file, ValueError for a corrupted/truncated/edited file
+        (named), an invalid config, or missing/unexpected/misshapen keys (listed).
+        """
+        cfg, tensors, weights = read_pretrained(directory)
+        model = cls.empty(cfg)  # no random init: the strict load below overwrites every parameter
+        load_state_dict_strict(model, tensors, str(weights))
+        dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+        if len(dtypes) == 1:  # keep a half-precision checkpoint in its dtype (construction made the model fp32)
+            model = model.to(dtype=dtypes.pop())
+        return model.to(map_location)
+
+
+def load_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> CrossFlow:
+    """`CrossFlow.from_pretrained(directory, map_location)`."""
+    return CrossFlow.from_pretrained(directory, map_location)

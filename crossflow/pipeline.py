@@ -4,7 +4,8 @@
     images = pipe(["a handwritten seven", "a zero"], num_images_per_prompt=2, seed=0)   # list of PIL images
 
 prompts -> frozen text encoder (token embeddings + mask) -> Text VE sample z0 (the only randomness: the generator /
-seed) -> sampler (FastSampler: Euler + indicator CFG, CUDA-graph captured on a GPU) -> z1 -> autoencoder decode -> images in [-1, 1] -> output.
+seed; or z0 given, `pipe(z0=latents)`) -> sampler (FastSampler: Euler + indicator CFG, CUDA-graph captured on a GPU)
+-> z1 -> autoencoder decode -> images in [-1, 1] -> output.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ class CrossFlowPipeline:
 
     text_encoder: callable `prompts -> (emb (B, L, Dt), mask (B, L) bool)` (`crossflow.text_encoder.TextEncoder`);
     model: a `CrossFlow`; autoencoder: `decode(latents (B, C, H, W)) -> images (B, C', H', W') in [-1, 1]`;
-    sampler: `sampler(model, z0, steps=..., guidance_scale=...) -> z1`, default `FastSampler()` (50 steps, s = 7):
-    CUDA-graph captured on a GPU, the same ops eagerly (exactly `EulerSampler`) elsewhere.
+    sampler: `sampler(model, z0, steps=..., guidance_scale=...) -> z1` (and `callback=` for a progress bar), default
+    `FastSampler()` (50 steps, s = 7): CUDA-graph captured on a GPU, the same ops eagerly (exactly `EulerSampler`)
+    elsewhere.
     """
 
     def __init__(self, text_encoder: Any, model: torch.nn.Module, autoencoder: Any, sampler: Any | None = None) -> None:
@@ -86,7 +88,11 @@ class CrossFlowPipeline:
             prompts = [prompts]
         prompts = list(prompts) if isinstance(prompts, (list, tuple)) else prompts
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompts must be a non-empty string or list of strings, got {prompts!r}")
+            raise ValueError(f"prompts must be a non-empty string or list of strings, got {prompts!r:.200}")
+        blank = [i for i, p in enumerate(prompts) if not p.strip()]
+        if blank:  # the model has no "empty prompt" to draw: CrossFlow's unconditional branch is the indicator
+            raise ValueError(
+                f"prompts must not be empty or whitespace only (prompt {blank[0]} is {prompts[blank[0]]!r})")
         return prompts
 
     @torch.no_grad()
@@ -118,38 +124,61 @@ class CrossFlowPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompts: str | Sequence[str],
+        prompts: str | Sequence[str] | None = None,
         num_images_per_prompt: int = 1,
         steps: int | None = None,
         guidance_scale: float | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
+        *,
+        z0: torch.Tensor | None = None,
+        progress: bool = False,
     ) -> list | torch.Tensor:
-        """Generate images for `prompts`.
+        """Generate images for `prompts`, or from given text latents `z0`.
 
-        steps / guidance_scale: None = the sampler's own (default: 50 steps, scale 7). seed or generator (not
-        both): the Text VE noise; seed builds a CPU generator, so results match across devices.
-        output_type: "pil" -> list of PIL images ("L" for 1 channel, "RGB" for 3); "pt" -> (B, C', H', W') float in
-        [0, 1]; "latent" -> z1 (B, C, H, W).
+        z0 (B, C, H, W): start latents instead of prompts (e.g. `encode_prompts` outputs, interpolated or combined);
+        give prompts or z0, not both. steps / guidance_scale: None = the sampler's own (default: 50 steps, scale 7).
+        seed or generator (not both, prompts only): the Text VE noise; seed builds a CPU generator, so results match
+        across devices. output_type: "pil" -> list of PIL images ("L" for 1 channel, "RGB" for 3); "pt" ->
+        (B, C', H', W') float in [0, 1]; "latent" -> z1 (B, C, H, W). progress: one tqdm bar over the sampling steps
+        on stderr (shown only when stderr is a terminal).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if (prompts is None) == (z0 is None):
+            raise ValueError("pass either prompts or z0 (start latents), not both or neither")
         if seed is not None and generator is not None:
             raise ValueError("pass either seed or generator, not both")
+        if z0 is not None and (seed is not None or generator is not None or num_images_per_prompt != 1):
+            raise ValueError("seed, generator and num_images_per_prompt act on the Text VE noise; with z0 there is "
+                             "none (draw it with encode_prompts)")
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
         was_training = self.model.training
         self.model.eval()
         try:
-            z0 = self.encode_prompts(prompts, num_images_per_prompt, generator)
-            z1 = self.sampler(self.model, z0, steps=steps, guidance_scale=guidance_scale)
+            if z0 is None:
+                z0 = self.encode_prompts(prompts, num_images_per_prompt, generator)
+            else:
+                z0 = z0.to(device=self.device, dtype=next(self.model.parameters()).dtype)
+            z1 = self._sample(z0, steps, guidance_scale, progress)
         finally:
             self.model.train(was_training)
         if output_type == "latent":
             return z1
         images = self.decode_latents(z1)
         return (images + 1) / 2 if output_type == "pt" else to_pil(images)
+
+    def _sample(self, z0: torch.Tensor, steps: int | None, guidance_scale: float | None, progress: bool):
+        if not progress:
+            return self.sampler(self.model, z0, steps=steps, guidance_scale=guidance_scale)
+        from tqdm.auto import tqdm
+
+        total = steps if steps is not None else getattr(self.sampler, "steps", None)
+        # disable=None: tqdm's own rule, no bar when stderr is not a terminal (logs, pipes, CI)
+        with tqdm(total=total, desc="sampling", unit="step", disable=None, leave=False) as bar:
+            return self.sampler(self.model, z0, steps=steps, guidance_scale=guidance_scale, callback=bar.update)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -185,12 +214,22 @@ def sample(
 
 
 def sampling_defaults(directory: str | os.PathLike) -> dict[str, Any]:
-    """The recommended sampler settings saved beside a checkpoint (`sampling.json`: steps, guidance_scale), or {}."""
+    """The recommended sampler settings saved beside a checkpoint (`sampling.json`: steps, guidance_scale,
+    official_grid), or {}. A file that is not a JSON object of those keys raises ValueError naming it."""
     import json
     from pathlib import Path
+
+    from crossflow.sampling import EulerSampler
 
     f = Path(directory) / "sampling.json"
     if not f.is_file():
         return {}
-    d = json.loads(f.read_text())
-    return {k: d[k] for k in ("steps", "guidance_scale", "official_grid") if k in d}
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+        kw = {k: d[k] for k in ("steps", "guidance_scale", "official_grid") if k in d}
+        EulerSampler(**kw)  # the same checks a sampler built from them makes
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{f}: invalid sampling settings ({e})") from None
+    return kw

@@ -53,9 +53,20 @@ def _check_steps(steps: Any) -> None:
 def _check_scale(guidance_scale: Any) -> float:
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(
         guidance_scale
-    ):
-        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    ) or guidance_scale < 0:
+        # s < 0 would push samples away from their own prompt: never what a caller means
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
     return float(guidance_scale)
+
+
+def guidance(guidance_scale: Any) -> float | None:
+    """The one place that decides whether guidance is on: the validated scale s, or None when guidance is off.
+
+    Off exactly at s == 1, where v_u + s (v_c - v_u) = v_c: one cond-only pass per step instead of a forward of 2B.
+    Every sampler (the eager loop, a captured CUDA graph's key) asks this function.
+    """
+    s = _check_scale(guidance_scale)
+    return None if s == 1.0 else s
 
 
 def _check_z0(z0: Any) -> None:
@@ -94,20 +105,20 @@ class EulerSampler:
         return (f"{type(self).__name__}(steps={self.steps}, guidance_scale={self.guidance_scale}, "
                 f"official_grid={self.official_grid})")
 
-    def _resolve(self, z0: Any, steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+    def _resolve(self, z0: Any, steps: int | None, guidance_scale: float | None) -> tuple[int, float | None]:
+        """(steps, s): the call's values, else the sampler's; s None = no guidance (see `guidance`)."""
         _check_z0(z0)
         steps = self.steps if steps is None else steps
         _check_steps(steps)
-        scale = _check_scale(self.guidance_scale if guidance_scale is None else guidance_scale)
-        return steps, scale
+        return steps, guidance(self.guidance_scale if guidance_scale is None else guidance_scale)
 
     @staticmethod
     def _step(
         model: Callable, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor | float, s: torch.Tensor | float | None
     ) -> torch.Tensor:
-        """One Euler step in place on x (B, C, H, W); t a 0-d time; s None (or 1.0) = no guidance."""
+        """One Euler step in place on x (B, C, H, W); t a 0-d time; s None = no guidance (decided by `guidance`)."""
         b = x.shape[0]
-        if s is None or (isinstance(s, float) and s == 1.0):
+        if s is None:
             v = model(x, t.expand(b), torch.zeros(b, dtype=torch.long, device=x.device))
             return kernels.euler_step(x, v.to(x.dtype), dt, out=x)
         indicator = torch.arange(2 * b, device=x.device).ge(b).long()  # (2B,) 0 = cond, then 1 = uncond
@@ -117,19 +128,28 @@ class EulerSampler:
 
     @torch.no_grad()
     def __call__(
-        self, model: Any, z0: torch.Tensor, *, steps: int | None = None, guidance_scale: float | None = None
+        self, model: Any, z0: torch.Tensor, *, steps: int | None = None, guidance_scale: float | None = None,
+        callback: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """Integrate from z0 (B, C, H, W) at t = 0 to t = 1; returns a new tensor of z0's shape and dtype."""
-        steps, scale = self._resolve(z0, steps, guidance_scale)
+        """Integrate from z0 (B, C, H, W) at t = 0 to t = 1; returns a new tensor of z0's shape and dtype.
+
+        callback(n): called with the number of steps just completed (1 after each step here), e.g. a progress bar's
+        `update`."""
+        steps, s = self._resolve(z0, steps, guidance_scale)
         fn = velocity_fn(model)
         ts, dts = timesteps(steps, self.official_grid, device=z0.device)
-        return self._loop(fn, z0.clone(), ts, dts, None if scale == 1.0 else scale)  # never write into z0
+        return self._loop(fn, z0.clone(), ts, dts, s, callback)  # never write into z0
 
-    def _loop(self, fn: Callable, x: torch.Tensor, ts: torch.Tensor, dts: torch.Tensor, s) -> torch.Tensor:
+    def _loop(
+        self, fn: Callable, x: torch.Tensor, ts: torch.Tensor, dts: torch.Tensor, s,
+        callback: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
         """All steps in place on x; one profiler range per step (a shared no-op unless KERNELS_NVTX is set)."""
         for i in range(ts.shape[0]):
             with kernels.nvtx_range(f"crossflow/step{i}"):
                 x = self._step(fn, x, ts[i], dts[i], s)
+            if callback is not None:
+                callback(1)
         return x
 
 

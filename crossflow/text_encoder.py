@@ -17,10 +17,12 @@ warning. The wrapped model is frozen (no gradients, always in eval mode) and run
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -52,6 +54,25 @@ def _dtype_kwarg(dtype: torch.dtype | None) -> dict:
     return {key: dtype}
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence transformers while a model loads (its "Loading weights" bar and info/warning logs), then restore the
+    caller's settings: loading a frozen, known encoder has nothing to tell a user. Errors still raise."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            with warnings.catch_warnings():  # HF_HUB_DISABLE_PROGRESS_BARS=1 makes re-enabling warn; it is a no-op
+                warnings.simplefilter("ignore")
+                hf_logging.enable_progress_bar()
+
+
 class TextEncoder(nn.Module):
     """`TextEncoder(name)(prompts) -> (emb (B, L, D) float32, mask (B, L) bool)` with L = `max_length`.
 
@@ -62,7 +83,8 @@ class TextEncoder(nn.Module):
     def __init__(self, name: str = MINILM, max_length: int = 77, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None):
         super().__init__()
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
 
         if not isinstance(name, str) or not name:
             raise ValueError(f"text encoder name must be a non-empty string, got {name!r}")
@@ -71,12 +93,15 @@ class TextEncoder(nn.Module):
         self.name, self.max_length = name, max_length
         path = minilm_path() if name == MINILM else name
         kw = {"local_files_only": True} if os.path.isdir(path) else {}
-        config = AutoConfig.from_pretrained(path, **kw)
-        self.kind = {"clip": "clip", "clip_text_model": "clip", "t5": "t5", "mt5": "t5", "umt5": "t5"}.get(
-            config.model_type, "auto")
-        cls = {"clip": CLIPTextModel, "t5": T5EncoderModel, "auto": AutoModel}[self.kind]
-        self.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-        self.model = cls.from_pretrained(path, **kw, **_dtype_kwarg(dtype))
+        with quiet_loading():
+            config = AutoConfig.from_pretrained(path, **kw)
+            self.kind = {"clip": "clip", "clip_text_model": "clip", "t5": "t5", "mt5": "t5", "umt5": "t5"}.get(
+                config.model_type, "auto")
+            # by name: importing every model class costs seconds (transformers builds each module on first access)
+            name_of = {"clip": "CLIPTextModel", "t5": "T5EncoderModel", "auto": "AutoModel"}
+            cls = getattr(transformers, name_of[self.kind])
+            self.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+            self.model = cls.from_pretrained(path, **kw, **_dtype_kwarg(dtype))
         self.model.requires_grad_(False)
         self.eval()
         if device is not None:

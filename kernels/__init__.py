@@ -8,12 +8,11 @@ driver calls and launches nothing.
 from kernels import adaln as _adaln
 from kernels import euler as _euler
 from kernels import attention as _attention
-from kernels import gated_adaln as _gated
-from kernels._dispatch import BACKENDS, get_backend, interpreting, op, triton_ok, use_backend
+from kernels._dispatch import BACKENDS, get_backend, interpreting, op, triton_ok, use_backend, why_not_triton
 from kernels._nvtx import nvtx_range
 
 adaln_modulate = op("adaln_modulate", _adaln.adaln_modulate_ref, _adaln.adaln_modulate_triton)
-gated_residual_adaln = op("gated_residual_adaln", _gated.gated_residual_adaln_ref, _gated.gated_residual_adaln_triton)
+gated_residual_adaln = op("gated_residual_adaln", _adaln.gated_residual_adaln_ref, _adaln.gated_residual_adaln_triton)
 attention = op("attention", _attention.attention_ref, _attention.attention_triton)
 euler_step = op("euler_step", _euler.euler_step_ref, _euler.euler_step_triton)
 cfg_euler_step = op("cfg_euler_step", _euler.cfg_euler_step_ref, _euler.cfg_euler_step_triton)
@@ -23,5 +22,5 @@ OPS = {f.__name__: f for f in (adaln_modulate, gated_residual_adaln, attention, 
 
 __all__ = [
     "BACKENDS", "OPS", "adaln_modulate", "attention", "cfg_euler_step", "euler_step", "gated_residual_adaln",
-    "get_backend", "interpreting", "nvtx_range", "triton_ok", "use_backend",
+    "get_backend", "interpreting", "nvtx_range", "triton_ok", "use_backend", "why_not_triton",
 ]

@@ -4,7 +4,9 @@ Backends:
   * ``torch``  -- the pure-PyTorch reference (`<op>_ref`), runs anywhere.
   * ``triton`` -- the Triton kernels; needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before
     ``kernels`` was imported (the interpreter switch is read when ``@triton.jit`` runs).
-  * ``auto``   -- Triton when it can run on the given tensors, else torch. The default.
+  * ``auto``   -- Triton when it can run on the given tensors, else torch. The default. "Can run" looks at the
+    first tensor argument: a CUDA tensor of float16/bfloat16/float32, or (interpreter) a CPU tensor of
+    float16/float32 -- the interpreter computes with numpy, which has no bfloat16. float64 is reference-only.
 
 Selection: ``kernels.use_backend(name)`` (a context manager, innermost wins) overrides the ``KERNELS_BACKEND``
 environment variable, read at call time. A forced ``triton`` that cannot run raises ``RuntimeError``; nothing falls
@@ -58,11 +60,31 @@ def interpreting() -> bool:
     return _INTERPRET
 
 
-def triton_ok(t: torch.Tensor) -> bool:
-    """Can our Triton kernels run on tensor `t`? CUDA tensors compiled, or CPU tensors interpreted."""
+# The dtypes our kernels compute in, compiled and interpreted.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INTERPRETER_DTYPES = (torch.float16, torch.float32)
+
+
+def why_not_triton(t: torch.Tensor) -> str | None:
+    """None when our Triton kernels can run on tensor `t`, else the reason they cannot. Non-floating dtypes are not
+    judged here: the op's own input checks reject them with a ValueError on every backend."""
     if _INTERPRET:
-        return t.device.type == "cpu"
-    return t.is_cuda
+        if t.device.type != "cpu":
+            return "the interpreter (TRITON_INTERPRET=1) only runs CPU tensors"
+        if t.dtype.is_floating_point and t.dtype not in INTERPRETER_DTYPES:
+            return f"the Triton interpreter computes in float16/float32 only, got {t.dtype}"
+        return None
+    if not t.is_cuda:
+        return "CPU tensors need TRITON_INTERPRET=1 set before `import kernels`"
+    if t.dtype.is_floating_point and t.dtype not in KERNEL_DTYPES:
+        return f"the Triton kernels support float16, bfloat16 and float32, got {t.dtype}"
+    return None
+
+
+def triton_ok(t: torch.Tensor) -> bool:
+    """Can our Triton kernels run on tensor `t`? CUDA tensors compiled, or CPU tensors interpreted, of a dtype the
+    kernels compute in (see `why_not_triton`)."""
+    return why_not_triton(t) is None
 
 
 def _first_tensor(args, kwargs) -> torch.Tensor | None:
@@ -92,10 +114,8 @@ def op(name: str, ref: Callable, triton_impl: Callable, doc: str | None = None) 
         if triton_ok(x):
             return call.triton(*args, **kwargs)
         if backend == "triton":
-            where = "CPU tensors need TRITON_INTERPRET=1 set before `import kernels`" if x.device.type == "cpu" else (
-                "the interpreter (TRITON_INTERPRET=1) only runs CPU tensors"
-            )
-            raise RuntimeError(f"{name}: backend 'triton' cannot run on {x.device} tensors ({where})")
+            why = why_not_triton(x) or "triton_ok() says no"
+            raise RuntimeError(f"{name}: backend 'triton' cannot run on {x.device} {x.dtype} tensors ({why})")
         return call.ref(*args, **kwargs)
 
     functools.update_wrapper(call, triton_impl)

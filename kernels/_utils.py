@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 import triton
 
-from kernels._dispatch import interpreting
+from kernels._dispatch import INTERPRETER_DTYPES, KERNEL_DTYPES, interpreting
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -36,21 +36,17 @@ def check_same(name: str, attr: str, **tensors: torch.Tensor) -> None:
 
 
 def check_kernel_dtype(name: str, t: torch.Tensor) -> None:
-    """The Triton kernels take fp16, bf16 and fp32 (fp64 is a reference-only dtype)."""
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    """The Triton kernels take fp16, bf16 and fp32 (fp64 is a reference-only dtype). Direct calls of `<op>_triton`
+    get this ValueError; the dispatcher routes `auto` to torch first (`kernels._dispatch.why_not_triton`)."""
+    if t.dtype not in KERNEL_DTYPES:
         raise ValueError(f"{name}: the Triton backend supports float16, bfloat16 and float32, got {t.dtype}")
-    if interpreting() and t.dtype == torch.bfloat16:
+    if interpreting() and t.dtype not in INTERPRETER_DTYPES:
         raise ValueError(f"{name}: the Triton interpreter has no bfloat16 arithmetic; use float16/float32 on CPU")
 
 
 def row_block(n: int) -> int:
     """Power-of-two block that covers a row of `n` elements (Triton blocks must be powers of two)."""
     return max(16, triton.next_power_of_2(n))
-
-
-def row_warps(block: int) -> int:
-    """Warps per row program: enough threads that each holds at most ~16 elements of the row."""
-    return min(max(block // 512, 1), 16) if not interpreting() else 1
 
 
 def autotune_configs(configs: Sequence[triton.Config]) -> list[triton.Config]:

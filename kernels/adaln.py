@@ -1,27 +1,46 @@
-"""adaLN modulation (DiT): y = norm(x) * (1 + scale) + shift.
+"""adaLN modulation (DiT), two ops over one pair of kernels:
 
-Shapes: x (B, T, C); shift and scale (B, C) or (B, 1, C), broadcast over T. `norm` is "layer" (LayerNorm without
-affine, as in DiT) or "rms" (RMSNorm without weight). Statistics in fp32 (two-pass mean/variance, never E[x²] − μ²),
-output in x.dtype. Differentiable in x, shift and scale.
+    adaln_modulate(x, shift, scale)                 = norm(x) * (1 + scale) + shift
+    gated_residual_adaln(x, y, gate, shift, scale)  = (r, norm(r) * (1 + scale) + shift)  with  r = x + gate * y
+
+Shapes: x, y (B, T, C); gate, shift, scale (B, C) or (B, 1, C), broadcast over T, and taken with their strides (a DiT
+block chunks one (B, 6C) modulation output into six strided views; no copies are made). `norm` is "layer"
+(LayerNorm without affine, as in DiT) or "rms" (RMSNorm without weight). Statistics in fp32 (two-pass mean/variance,
+never E[x²] − μ²); r is computed in fp32 and normalised before rounding; outputs in x.dtype. The gated op is the
+block-to-block fusion of a DiT: one pass over memory, reading x and y once and writing r and out once.
+Differentiable in every tensor input.
 """
 
 from __future__ import annotations
 
-import torch
+import math
 
+import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_float, check_kernel_dtype, check_same, cuda_device_guard, row_block, row_warps, widen
+from kernels._utils import check_float, check_kernel_dtype, check_same, cuda_device_guard, row_block, widen
 
 NORMS = ("layer", "rms")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks shared by the references and the launchers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_eps(name: str, eps) -> None:
+    """eps must be a positive, finite real number; bools (``eps=True`` would silently be 1.0) and tensors are not."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ValueError(f"{name}: eps must be a positive float, got {type(eps).__name__} {eps!r}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"{name}: eps must be a positive float, got {eps!r}")
 
 
 def check_modulation(
     name: str, x: torch.Tensor, eps, norm: str, rows: dict[str, torch.Tensor] | None = None, **vecs: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """Validate x (B, T, C), same-shaped `rows` tensors and per-sample vectors (B, C) | (B, 1, C); return the
-    vectors as (B, C) views."""
+    vectors as (B, C) views (never copies)."""
     rows = rows or {}
     check_float(name, x=x, **rows, **vecs)
     if x.dim() != 3:
@@ -42,9 +61,13 @@ def check_modulation(
     check_same(name, "dtype", x=x, **rows, **vecs)
     if norm not in NORMS:
         raise ValueError(f"{name}: norm must be one of {NORMS}, got {norm!r}")
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"{name}: eps must be a positive float, got {eps!r}")
+    check_eps(name, eps)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Torch references (also the torch backend)
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def normalize_ref(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -65,14 +88,28 @@ def adaln_modulate_ref(
     return y if upcast else y.to(x.dtype)
 
 
+def gated_residual_adaln_ref(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    eps: float = 1e-6, norm: str = "layer", upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + gate * y, norm(x + gate * y) * (1 + scale) + shift); fp32 math, results in x.dtype (fp32 if `upcast`)."""
+    v = check_modulation("gated_residual_adaln", x, eps, norm, rows=dict(y=y), gate=gate, shift=shift, scale=scale)
+    r = widen(x) + widen(v["gate"])[:, None] * widen(y)
+    out = normalize_ref(r, eps, norm) * (1 + widen(v["scale"])[:, None]) + widen(v["shift"])[:, None]
+    if upcast:
+        return r, out
+    return r.to(x.dtype), out.to(x.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Triton kernels, shared with `gated_adaln.py` (RESIDUAL=True adds r = x + gate * y in front of the norm)
+# Triton kernels, shared by both ops (RESIDUAL=True adds r = x + gate * y in front of the norm). Rows of x, y, r, out
+# and their grads are contiguous (B*T, C); the (B, C) vectors are addressed through their strides (sb, sc).
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit(do_not_specialize=["eps"])
 def _adaln_fwd_kernel(
-    X,  # (B*T, C) input rows, contiguous
+    X,  # (B*T, C) input rows
     Y,  # (B*T, C) residual branch (read when RESIDUAL)
     GATE,  # (B, C) gate (read when RESIDUAL)
     SHIFT,  # (B, C)
@@ -84,6 +121,7 @@ def _adaln_fwd_kernel(
     T,  # tokens per sample: row // T is the sample whose modulation applies
     C,  # channels
     eps,
+    gate_sb, gate_sc, shift_sb, shift_sc, scale_sb, scale_sc,  # strides of the (B, C) vectors
     RESIDUAL: tl.constexpr,
     RMS: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -95,7 +133,7 @@ def _adaln_fwd_kernel(
     x = tl.load(X + row * C + cols, mask=mask, other=0.0).to(tl.float32)
     if RESIDUAL:
         y = tl.load(Y + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(GATE + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(GATE + b * gate_sb + cols * gate_sc, mask=mask, other=0.0).to(tl.float32)
         x = x + g * y
         tl.store(R + row * C + cols, x.to(R.dtype.element_ty), mask=mask)
     # Two-pass statistics in fp32. Padded lanes must be zero *after* centring, or each one adds mean² to the variance
@@ -108,8 +146,8 @@ def _adaln_fwd_kernel(
         tl.store(MEAN + row, mean)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / C + eps)
     tl.store(RSTD + row, rstd)
-    sc = tl.load(SCALE + b * C + cols, mask=mask, other=0.0).to(tl.float32)
-    sh = tl.load(SHIFT + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(SCALE + b * scale_sb + cols * scale_sc, mask=mask, other=0.0).to(tl.float32)
+    sh = tl.load(SHIFT + b * shift_sb + cols * shift_sc, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + row * C + cols, (xc * rstd * (1.0 + sc) + sh).to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -129,6 +167,7 @@ def _adaln_bwd_kernel(
     T,
     C,
     N_CHUNKS,
+    gate_sb, gate_sc, scale_sb, scale_sc,  # strides of the (B, C) vectors
     ROWS: tl.constexpr,  # rows per program; partials are summed over chunks on the host (deterministic)
     RESIDUAL: tl.constexpr,
     RMS: tl.constexpr,
@@ -139,9 +178,9 @@ def _adaln_bwd_kernel(
     B = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
-    sc1 = 1.0 + tl.load(SCALE + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+    sc1 = 1.0 + tl.load(SCALE + b * scale_sb + cols * scale_sc, mask=mask, other=0.0).to(tl.float32)
     if RESIDUAL:
-        g = tl.load(GATE + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(GATE + b * gate_sb + cols * gate_sc, mask=mask, other=0.0).to(tl.float32)
     acc_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_gate = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -183,8 +222,20 @@ def _adaln_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Launch helpers (shared with gated_adaln.py)
+# Launch helpers shared by both ops' launchers
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def fwd_warps(block: int) -> int:
+    """Forward: one row per program, ~16 row elements per thread."""
+    return min(max(block // 512, 1), 16)
+
+
+def bwd_warps(block: int) -> int:
+    """Backward: ~8 row elements per thread. It keeps five fp32 row-vectors live across its row loop (1 + scale,
+    gate and the three partial sums) next to four or five per row; at 16 elements a thread that is 165-197
+    registers (sm_90), at 8 it fits in 128 with no spills (the compile report checks it)."""
+    return min(max(block // 256, 1), 16)
 
 
 def bwd_rows_per_program(T: int) -> int:
@@ -193,7 +244,11 @@ def bwd_rows_per_program(T: int) -> int:
     return min(16, triton.next_power_of_2(max(T, 1)))
 
 
-def launch_fwd(x, y, gate, shift, scale, r, out, eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _strides(v: torch.Tensor | None, like: torch.Tensor) -> tuple[int, int]:
+    return tuple((v if v is not None else like).stride())
+
+
+def _launch_adaln_fwd(x, y, gate, shift, scale, r, out, eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel over x (B, T, C) contiguous; returns the saved (mean, rstd)."""
     B, T, C = x.shape
     mean = torch.empty(B * T, device=x.device, dtype=torch.float32)
@@ -203,12 +258,13 @@ def launch_fwd(x, y, gate, shift, scale, r, out, eps: float, rms: bool) -> tuple
     with cuda_device_guard(x):
         torch.library.wrap_triton(_adaln_fwd_kernel)[(B * T,)](
             x, y if residual else x, gate if residual else shift, shift, scale, r if residual else out, out,
-            mean, rstd, T, C, eps, RESIDUAL=residual, RMS=rms, BLOCK_C=block, num_warps=row_warps(block),
+            mean, rstd, T, C, eps, *_strides(gate, shift), *shift.stride(), *scale.stride(),
+            RESIDUAL=residual, RMS=rms, BLOCK_C=block, num_warps=fwd_warps(block),
         )
     return mean, rstd
 
 
-def launch_bwd(x, y, gate, scale, mean, rstd, dout, dr, dx, dy, rms: bool) -> torch.Tensor:
+def _launch_adaln_bwd(x, y, gate, scale, mean, rstd, dout, dr, dx, dy, rms: bool) -> torch.Tensor:
     """Run the backward kernel; returns the (3, B, C) fp32 sums (dshift, dscale, dgate)."""
     B, T, C = x.shape
     rows = bwd_rows_per_program(T)
@@ -219,8 +275,8 @@ def launch_bwd(x, y, gate, scale, mean, rstd, dout, dr, dx, dy, rms: bool) -> to
     with cuda_device_guard(x):
         torch.library.wrap_triton(_adaln_bwd_kernel)[(B, n_chunks)](
             x, y if residual else x, gate if residual else scale, scale, mean, rstd, dout, dr if residual else dout,
-            dx, dy if residual else dx, part, T, C, n_chunks, ROWS=rows, RESIDUAL=residual, RMS=rms, BLOCK_C=block,
-            num_warps=row_warps(block),
+            dx, dy if residual else dx, part, T, C, n_chunks, *_strides(gate, scale), *scale.stride(),
+            ROWS=rows, RESIDUAL=residual, RMS=rms, BLOCK_C=block, num_warps=bwd_warps(block),
         )
     if not residual:
         part[2].zero_()
@@ -228,7 +284,7 @@ def launch_bwd(x, y, gate, scale, mean, rstd, dout, dr, dx, dy, rms: bool) -> to
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Custom ops (torch.compile traces through them) and autograd
+# Launchers, registered as custom ops (torch.compile traces through them)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -236,9 +292,9 @@ def launch_bwd(x, y, gate, scale, mean, rstd, dout, dr, dx, dy, rms: bool) -> to
 def adaln_modulate_fwd(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, rms: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (B, T, C) contiguous, shift/scale (B, C) contiguous → (out, mean, rstd)."""
+    """x (B, T, C) contiguous, shift/scale (B, C) of any strides → (out, mean, rstd)."""
     out = torch.empty_like(x)
-    mean, rstd = launch_fwd(x, None, None, shift, scale, None, out, eps, rms)
+    mean, rstd = _launch_adaln_fwd(x, None, None, shift, scale, None, out, eps, rms)
     return out, mean, rstd
 
 
@@ -246,10 +302,38 @@ def adaln_modulate_fwd(
 def adaln_modulate_bwd(
     dout: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, rms: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """→ (dx, dshift, dscale); the (B, C) grads in scale's dtype."""
+    """→ (dx, dshift, dscale); the (B, C) grads contiguous, in scale's dtype."""
     dx = torch.empty_like(x)
-    sums = launch_bwd(x, None, None, scale, mean, rstd, dout.contiguous(), None, dx, None, rms)
+    sums = _launch_adaln_bwd(x, None, None, scale, mean, rstd, dout.contiguous(), None, dx, None, rms)
     return dx, sums[0].to(scale.dtype, copy=True), sums[1].to(scale.dtype, copy=True)
+
+
+@torch.library.triton_op("kernels::gated_residual_adaln_fwd", mutates_args=())
+def gated_residual_adaln_fwd(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+    rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, y (B, T, C) contiguous; gate/shift/scale (B, C) of any strides → (r, out, mean, rstd)."""
+    r, out = torch.empty_like(x), torch.empty_like(x)
+    mean, rstd = _launch_adaln_fwd(x, y, gate, shift, scale, r, out, eps, rms)
+    return r, out, mean, rstd
+
+
+@torch.library.triton_op("kernels::gated_residual_adaln_bwd", mutates_args=())
+def gated_residual_adaln_bwd(
+    dr: torch.Tensor, dout: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor,
+    mean: torch.Tensor, rstd: torch.Tensor, rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """→ (dx, dy, dgate, dshift, dscale); the (B, C) grads contiguous, in the vectors' dtype."""
+    dx, dy = torch.empty_like(x), torch.empty_like(y)
+    sums = _launch_adaln_bwd(x, y, gate, scale, mean, rstd, dout.contiguous(), dr.contiguous(), dx, dy, rms)
+    dgate, dshift, dscale = (sums[i].to(gate.dtype, copy=True) for i in (2, 0, 1))
+    return dx, dy, dgate, dshift, dscale
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Autograd and the public Triton entry points
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 class AdaLNModulateFunction(torch.autograd.Function):
@@ -268,6 +352,23 @@ class AdaLNModulateFunction(torch.autograd.Function):
         return dx, dshift, dscale, None, None
 
 
+class GatedResidualAdaLNFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, gate, shift, scale, eps, norm):
+        rms = norm == "rms"
+        r, out, mean, rstd = gated_residual_adaln_fwd(x, y, gate, shift, scale, eps, rms)
+        # r is not saved: the backward recomputes it in fp32 from x and y, which it must read anyway.
+        ctx.save_for_backward(x, y, gate, scale, mean, rstd)
+        ctx.rms = rms
+        return r, out
+
+    @staticmethod
+    def backward(ctx, dr, dout):
+        x, y, gate, scale, mean, rstd = ctx.saved_tensors
+        dx, dy, dgate, dshift, dscale = gated_residual_adaln_bwd(dr, dout, x, y, gate, scale, mean, rstd, ctx.rms)
+        return dx, dy, dgate, dshift, dscale, None, None
+
+
 def adaln_modulate_triton(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, norm: str = "layer"
 ) -> torch.Tensor:
@@ -276,4 +377,17 @@ def adaln_modulate_triton(
     check_kernel_dtype("adaln_modulate", x)
     if x.numel() == 0:  # nothing to launch; the reference returns the right empty, differentiable result
         return adaln_modulate_ref(x, shift, scale, eps, norm)
-    return AdaLNModulateFunction.apply(x.contiguous(), v["shift"].contiguous(), v["scale"].contiguous(), float(eps), norm)
+    return AdaLNModulateFunction.apply(x.contiguous(), v["shift"], v["scale"], float(eps), norm)
+
+
+def gated_residual_adaln_triton(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    eps: float = 1e-6, norm: str = "layer",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, out) = (x + gate * y, norm(r) * (1 + scale) + shift) in one fused Triton pass. x, y (B, T, C)."""
+    v = check_modulation("gated_residual_adaln", x, eps, norm, rows=dict(y=y), gate=gate, shift=shift, scale=scale)
+    check_kernel_dtype("gated_residual_adaln", x)
+    if x.numel() == 0:  # nothing to launch; the reference returns the right empty, differentiable results
+        return gated_residual_adaln_ref(x, y, gate, shift, scale, eps, norm)
+    return GatedResidualAdaLNFunction.apply(x.contiguous(), y.contiguous(), v["gate"], v["shift"], v["scale"],
+                                            float(eps), norm)

@@ -6,7 +6,8 @@
 x and the velocities share one shape (any rank) and dtype. `dt` and the guidance scale `s` are Python floats or 0-d
 tensors; a 0-d tensor on the same device is read by the kernel, so a captured CUDA graph picks up new values on
 replay with no re-capture. One pass over memory: each element is read once per input and written once. Math in fp32,
-output in x.dtype. `out=` may be any tensor of x's shape and dtype, including `x` itself (in place).
+output in x.dtype. `out=` may be any tensor of x's shape and dtype, including `x` itself (in place); an `out` that
+partly overlaps an input (a shifted view of the same buffer) gets the reference's result, through a scratch buffer.
 
 Autograd: gradients flow to x and the velocities (dx = g, dv = dt * g, dv_c = dt * s * g, dv_u = dt * (1 - s) * g);
 `dt` and `s` are treated as constants. `out=` cannot be combined with autograd.
@@ -92,7 +93,7 @@ def cfg_euler_step_ref(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Triton kernel: flat, one element per lane; the CFG combine is a compile-time branch
+# Triton kernel shared by both ops: flat, one element per lane; the CFG combine is a compile-time branch
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -132,11 +133,7 @@ def _euler_fwd_kernel(
 _BLOCK = 1024
 
 
-@torch.library.triton_op("kernels::euler_fwd", mutates_args={"out"})
-def _euler_fwd_op(
-    x: torch.Tensor, vc: torch.Tensor, vu: torch.Tensor | None, dt_t: torch.Tensor | None, dt_f: float,
-    s_t: torch.Tensor | None, s_f: float, out: torch.Tensor,
-) -> None:
+def _launch_euler_fwd(x, vc, vu, dt_t, dt_f, s_t, s_f, out) -> None:
     n = x.numel()
     if n == 0:
         return
@@ -149,8 +146,25 @@ def _euler_fwd_op(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Launcher
+# Launchers, registered as custom ops: contiguous inputs, `out` contiguous and either disjoint from every input or the
+# very same view as one of them (one lane reads element i and writes element i, so exact aliasing is safe; a shifted
+# overlap is not: a program would read what another already wrote). `_euler_update` guarantees both.
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.triton_op("kernels::euler_step_fwd", mutates_args={"out"})
+def euler_step_fwd(x: torch.Tensor, v: torch.Tensor, dt_t: torch.Tensor | None, dt_f: float, out: torch.Tensor) -> None:
+    """out = x + dt * v; dt is `dt_t` (a 0-d tensor on x's device, read by the kernel) when given, else `dt_f`."""
+    _launch_euler_fwd(x, v, None, dt_t, dt_f, None, 0.0, out)
+
+
+@torch.library.triton_op("kernels::cfg_euler_step_fwd", mutates_args={"out"})
+def cfg_euler_step_fwd(
+    x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor, dt_t: torch.Tensor | None, dt_f: float,
+    s_t: torch.Tensor | None, s_f: float, out: torch.Tensor,
+) -> None:
+    """out = x + dt * (v_uncond + s * (v_cond - v_uncond)); dt and s as in `euler_step_fwd`."""
+    _launch_euler_fwd(x, v_cond, v_uncond, dt_t, dt_f, s_t, s_f, out)
 
 
 def _split_scalar(s: Scalar, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
@@ -162,40 +176,74 @@ def _split_scalar(s: Scalar, x: torch.Tensor) -> tuple[torch.Tensor | None, floa
     return None, float(s)
 
 
-def euler_fwd(
-    x: torch.Tensor, vc: torch.Tensor, vu: torch.Tensor | None, dt: Scalar, s: Scalar, out: torch.Tensor | None,
-) -> torch.Tensor:
-    """Launch the fused update; writes into `out` (allocated when None) and returns it."""
-    check_kernel_dtype("euler_step", x)
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def _overlaps_partly(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Do `a` and `b` share memory without being the same view? (Conservative: byte ranges that intersect count.)"""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.shape == b.shape and a.dtype == b.dtype:
+        return False
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def _euler_update(x, vc, vu, dt: Scalar, s: Scalar, out: torch.Tensor | None) -> torch.Tensor:
+    """Run the fused update; writes into `out` (allocated when None) and returns it. A non-contiguous `out`, or one
+    that partly overlaps an input (e.g. shifted by some elements), is computed into a scratch buffer then copied:
+    the result is always the reference's (compute everything, then write)."""
+    check_kernel_dtype("cfg_euler_step" if vu is not None else "euler_step", x)
     dt_t, dt_f = _split_scalar(dt, x)
     s_t, s_f = _split_scalar(s, x)
-    xc, vcc = x.contiguous(), vc.contiguous()
-    vuc = vu.contiguous() if vu is not None else None
-    dst = out if out is not None and out.is_contiguous() else torch.empty_like(xc)
-    _euler_fwd_op(xc, vcc, vuc, dt_t, dt_f, s_t, s_f, dst)
+    ins = [t.contiguous() for t in (x, vc, vu) if t is not None]
+    dst = out
+    if out is not None and out.is_contiguous():
+        # Under torch.compile the tensors are fake (no addresses): only `out is x`, the in-place update, is known safe.
+        unsafe = (out is not x) if torch.compiler.is_compiling() else any(_overlaps_partly(out, t) for t in ins)
+        if unsafe:
+            dst = None
+    elif out is not None:
+        dst = None
+    if dst is None:
+        dst = torch.empty_like(ins[0])
+    if vu is None:
+        euler_step_fwd(ins[0], ins[1], dt_t, dt_f, dst)
+    else:
+        cfg_euler_step_fwd(ins[0], ins[1], ins[2], dt_t, dt_f, s_t, s_f, dst)
     if out is not None and dst is not out:
-        out.copy_(dst)
-        return out
+        return out.copy_(dst)
     return dst
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Autograd and the direct Triton entry points
+# Autograd and the public Triton entry points
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class EulerFunction(torch.autograd.Function):
+class EulerStepFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, vc, vu, dt, s):
-        ctx.dt, ctx.s, ctx.cfg = dt, s, vu is not None
-        return euler_fwd(x, vc, vu, dt, s, None)
+    def forward(ctx, x, v, dt):
+        ctx.dt = dt
+        return _euler_update(x, v, None, dt, 1.0, None)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, g * ctx.dt, None
+
+
+class CfgEulerStepFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, v_cond, v_uncond, dt, s):
+        ctx.dt, ctx.s = dt, s
+        return _euler_update(x, v_cond, v_uncond, dt, s, None)
 
     @staticmethod
     def backward(ctx, g):
         gv = g * ctx.dt
-        if ctx.cfg:
-            return g, gv * ctx.s, gv * (1 - ctx.s), None, None
-        return g, gv, None, None, None
+        return g, gv * ctx.s, gv * (1 - ctx.s), None, None
 
 
 def _needs_grad(*ts) -> bool:
@@ -208,8 +256,8 @@ def euler_step_triton(x: torch.Tensor, v: torch.Tensor, dt: Scalar, out=None) ->
     if _needs_grad(x, v):
         if out is not None:
             raise ValueError("euler_step: `out=` does not support autograd; call it under torch.no_grad()")
-        return EulerFunction.apply(x, v, None, dt, 1.0)
-    return euler_fwd(x, v, None, dt, 1.0, out)
+        return EulerStepFunction.apply(x, v, dt)
+    return _euler_update(x, v, None, dt, 1.0, out)
 
 
 def cfg_euler_step_triton(
@@ -220,5 +268,5 @@ def cfg_euler_step_triton(
     if _needs_grad(x, v_cond, v_uncond):
         if out is not None:
             raise ValueError("cfg_euler_step: `out=` does not support autograd; call it under torch.no_grad()")
-        return EulerFunction.apply(x, v_cond, v_uncond, dt, guidance_scale)
-    return euler_fwd(x, v_cond, v_uncond, dt, guidance_scale, out)
+        return CfgEulerStepFunction.apply(x, v_cond, v_uncond, dt, guidance_scale)
+    return _euler_update(x, v_cond, v_uncond, dt, guidance_scale, out)

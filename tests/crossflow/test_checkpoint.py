@@ -1,4 +1,4 @@
-"""save_pretrained / load_pretrained / atomic_write: round trips, corrupted files, failed writes."""
+"""save_pretrained / load_pretrained / atomic_write / checksums: round trips, corrupted files, failed writes."""
 
 import hashlib
 import json
@@ -9,27 +9,29 @@ import torch
 from safetensors.torch import save_file
 
 import crossflow.checkpoint as ckpt
-import kernels
-from crossflow.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, load_pretrained, save_pretrained
+from crossflow.checkpoint import (
+    CHECKSUMS_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write,
+    clean_stale_tmp,
+    save_pretrained,
+    verify_checksums,
+)
 from crossflow.config import CrossFlowConfig
-from crossflow.model import CrossFlow
+from crossflow.model import CrossFlow, load_pretrained
 
 TINY = CrossFlowConfig.from_name("tiny")
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    with kernels.use_backend("torch"):
-        yield
+@pytest.fixture
+def make_model(perturb):
+    def make(seed=0):
+        torch.manual_seed(seed)
+        return perturb(CrossFlow(TINY), std=0.05, everywhere=True).eval()  # a load that skips a tensor shows
 
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    m = CrossFlow(TINY)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # non-zero everywhere: a load that skips a tensor shows
-    return m.eval()
+    return make
 
 
 def _digest(directory):
@@ -44,10 +46,11 @@ def _outputs(m):
     return z0, m.velocity(z0, torch.tensor([0.2, 0.7]), torch.tensor([0, 1])), m.image_encoder(z0)
 
 
-def test_round_trip_gives_equal_outputs(tmp_path):
-    m = _model()
+def test_round_trip_gives_equal_outputs(make_model, tmp_path):
+    m = make_model()
     m.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp files left behind
+    assert sorted(os.listdir(tmp_path)) == [CHECKSUMS_NAME, CONFIG_NAME, WEIGHTS_NAME]  # no temp files left behind
+    assert verify_checksums(tmp_path) == [CONFIG_NAME, WEIGHTS_NAME]
     assert json.loads((tmp_path / CONFIG_NAME).read_text()) == TINY.to_dict()
     m2 = CrossFlow.from_pretrained(tmp_path, map_location="cpu").eval()
     assert m2.config == TINY
@@ -57,18 +60,21 @@ def test_round_trip_gives_equal_outputs(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_half_precision_checkpoint_keeps_its_dtype(tmp_path):
-    save_pretrained(_model().to(torch.bfloat16), tmp_path)
+def test_half_precision_checkpoint_keeps_its_dtype(make_model, tmp_path):
+    save_pretrained(make_model().to(torch.bfloat16), tmp_path)
     assert load_pretrained(tmp_path).flow.x_embedder.proj.weight.dtype == torch.bfloat16
 
 
-def test_truncated_file_raises_and_other_checkpoints_are_untouched(tmp_path):
+def test_truncated_file_raises_and_other_checkpoints_are_untouched(make_model, tmp_path):
     good, bad = tmp_path / "good", tmp_path / "bad"
-    save_pretrained(_model(0), good)
-    save_pretrained(_model(1), bad)
+    save_pretrained(make_model(0), good)
+    save_pretrained(make_model(1), bad)
     before = _digest(good)
     w = bad / WEIGHTS_NAME
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{w}: corrupted"):
+        load_pretrained(bad)
+    (bad / CHECKSUMS_NAME).unlink()  # without checksums, safetensors' own checks still name the file
     with pytest.raises(ValueError, match=f"{w}: corrupted or truncated"):
         load_pretrained(bad)
     w.write_bytes(b"\x00" * 5)
@@ -78,8 +84,8 @@ def test_truncated_file_raises_and_other_checkpoints_are_untouched(tmp_path):
     load_pretrained(good)
 
 
-def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    save_pretrained(_model(0), tmp_path)
+def test_failed_save_leaves_the_previous_checkpoint_intact(make_model, tmp_path, monkeypatch):
+    save_pretrained(make_model(0), tmp_path)
     before = _digest(tmp_path)
 
     def broken_save_file(tensors, path, metadata=None):
@@ -89,17 +95,17 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
 
     monkeypatch.setattr(ckpt, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
-        save_pretrained(_model(1), tmp_path)
+        save_pretrained(make_model(1), tmp_path)
     assert _digest(tmp_path) == before  # same files, same bytes, no temp file left
     monkeypatch.undo()
-    for a, b in zip(_outputs(_model(0)), _outputs(load_pretrained(tmp_path).eval()), strict=True):
+    for a, b in zip(_outputs(make_model(0)), _outputs(load_pretrained(tmp_path).eval()), strict=True):
         assert torch.equal(a, b)
 
 
-def test_missing_files_raise(tmp_path):
+def test_missing_files_raise(make_model, tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
         load_pretrained(tmp_path / "nope")
-    save_pretrained(_model(), tmp_path)
+    save_pretrained(make_model(), tmp_path)
     (tmp_path / WEIGHTS_NAME).rename(tmp_path / "w")
     with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
         load_pretrained(tmp_path)
@@ -108,9 +114,10 @@ def test_missing_files_raise(tmp_path):
         load_pretrained(tmp_path)
 
 
-def test_config_mismatch_and_bad_keys_raise(tmp_path):
-    m = _model()
+def test_config_mismatch_and_bad_keys_raise(make_model, tmp_path):
+    m = make_model()
     save_pretrained(m, tmp_path)
+    (tmp_path / CHECKSUMS_NAME).unlink()  # hand edits below; with checksums each would be refused as corruption
     cfg_path = tmp_path / CONFIG_NAME
     cfg_path.write_text(TINY.replace(depth=3).to_json())
     with pytest.raises(ValueError, match="disagrees with the config stored in model.safetensors.*'depth': \\(2, 3\\)"):
@@ -147,3 +154,61 @@ def test_atomic_write(tmp_path):
         atomic_write(target, fail)
     assert torch.load(target, weights_only=True) == {"step": 1}
     assert os.listdir(target.parent) == ["state.pt"]
+
+
+def test_one_flipped_byte_in_tensor_data_is_caught(make_model, tmp_path):
+    make_model().save_pretrained(tmp_path)
+    w = tmp_path / WEIGHTS_NAME
+    data = bytearray(w.read_bytes())
+    data[-10] ^= 0x01  # the last bytes are tensor data: safetensors itself loads this file without complaint
+    w.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{w}: corrupted .*sha256"):
+        load_pretrained(tmp_path)
+    (tmp_path / CHECKSUMS_NAME).unlink()
+    load_pretrained(tmp_path)  # what happened on main: a silent load of wrong weights
+
+
+@pytest.mark.parametrize("content", [b'{"depth": 2,', b"\xff\xfe not text", b""])
+def test_corrupt_config_json_names_the_file(make_model, tmp_path, content):
+    make_model().save_pretrained(tmp_path)
+    (tmp_path / CONFIG_NAME).write_bytes(content)
+    with pytest.raises(ValueError, match=f"{tmp_path / CONFIG_NAME}: corrupted"):
+        load_pretrained(tmp_path)
+    (tmp_path / CHECKSUMS_NAME).unlink()
+    with pytest.raises(ValueError, match=f"{tmp_path / CONFIG_NAME}: invalid CrossFlow config"):
+        load_pretrained(tmp_path)
+
+
+def test_checksum_manifest_errors_name_the_file(make_model, tmp_path):
+    make_model().save_pretrained(tmp_path)
+    manifest = tmp_path / CHECKSUMS_NAME
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([*lines, "0" * 64 + "  sampling.json"]) + "\n")
+    with pytest.raises(ValueError, match="sampling.json: listed in checksums.sha256 but missing"):
+        load_pretrained(tmp_path)
+    manifest.write_text("not a checksum line\n")
+    with pytest.raises(ValueError, match=f"{manifest}: line 1"):
+        load_pretrained(tmp_path)
+
+
+def test_resave_rewrites_the_checksums(make_model, tmp_path):
+    make_model(0).save_pretrained(tmp_path)
+    make_model(1).save_pretrained(tmp_path)
+    verify_checksums(tmp_path)
+    torch.testing.assert_close(load_pretrained(tmp_path).logit_scale, make_model(1).logit_scale)
+
+
+def test_shipped_digits_weights_carry_checksums():
+    from crossflow.pipeline import default_checkpoint
+
+    assert verify_checksums(default_checkpoint()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_clean_stale_tmp_removes_only_atomic_write_leftovers(tmp_path):
+    stale = [tmp_path / ".step_00000004.safetensors.4242.0123abcd.tmp", tmp_path / ".log.jsonl.7.deadbeef.tmp"]
+    keep = [tmp_path / "step_00000004.safetensors", tmp_path / ".lock", tmp_path / "notes.tmp"]
+    for f in stale + keep:
+        f.write_bytes(b"x")
+    assert sorted(clean_stale_tmp(tmp_path)) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted(keep)
+    assert clean_stale_tmp(tmp_path / "missing") == []

@@ -1,17 +1,50 @@
-"""The `crossflow` command end to end on tiny settings: train (digits data, 2 steps), sample, interpolate, eval."""
+"""The `crossflow` command end to end on tiny settings: train (digits data, 2 steps), sample, interpolate, eval; its
+errors (one line, exit 2 for usage and 1 at run time), its output formats and its start-up cost (no heavy import
+before a verb needs it)."""
 
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+import kernels
 from crossflow import cli
 
 REPO = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "transformers", "diffusers", "triton", "kernels", "crossflow.pipeline")
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **extra)
+    env.pop("CROSSFLOW_DEBUG", None)
+    return env
+
+
+def _run(*argv, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crossflow.cli", *argv], cwd=REPO, env=env or _env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+class _TTY(io.StringIO):
+    def isatty(self) -> bool:  # tqdm draws its bar only on a terminal
+        return True
+
+
+def _fails(argv, code, capsys) -> str:
+    """Run cli.main in-process; it must exit with `code` after printing exactly one `crossflow: error:` line."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("crossflow: error: ") and "Traceback" not in err, err
+    return err
 
 
 @pytest.fixture(scope="module")
@@ -26,53 +59,280 @@ def tiny_digits_run(tmp_path_factory):
     return out / "final"
 
 
-def test_cli_sample_writes_a_png_grid(tiny_digits_run, tmp_path):
+@pytest.fixture
+def ckpt_copy(tiny_digits_run, tmp_path):
+    """A copy of the tiny checkpoint that a test may damage."""
+    return Path(shutil.copytree(tiny_digits_run, tmp_path / "ckpt"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The verbs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_sample_writes_a_png_grid_with_gaps(tiny_digits_run, tmp_path):
     png = tmp_path / "grid.png"
     cli.main(["sample", "a handwritten seven", "the digit 3", "-o", str(png), "--n", "3", "--steps", "2",
-              "--checkpoint", str(tiny_digits_run), "--backend", "torch", "--upscale", "2"])
+              "--checkpoint", str(tiny_digits_run), "--backend", "torch", "--upscale", "2", "--gap", "1", "-q"])
     im = Image.open(png)
-    assert im.size == (3 * 16 * 2, 2 * 16 * 2) and im.mode == "L"
+    assert im.format == "PNG" and im.mode == "L"
+    assert im.size == ((3 * 16 + 2) * 2, (2 * 16 + 1) * 2)
+    assert im.getpixel((16 * 2, 0)) == 255 and im.getpixel((0, 16 * 2)) == 255  # the gap column and row are white
 
 
-def test_cli_interpolate_writes_a_strip(tiny_digits_run, tmp_path):
-    png = tmp_path / "strip.png"
-    cli.main(["interpolate", "a handwritten one", "a handwritten seven", "-o", str(png), "--frames", "3",
-              "--steps", "2", "--checkpoint", str(tiny_digits_run), "--backend", "torch", "--upscale", "1"])
-    assert Image.open(png).size == (5 * 16, 16)
+@pytest.mark.parametrize("ext, fmt", [(".jpg", "JPEG"), (".JPEG", "JPEG"), (".webp", "WEBP"), (".png", "PNG")])
+def test_cli_output_format_follows_the_extension(tiny_digits_run, tmp_path, ext, fmt):
+    out = tmp_path / f"seven{ext}"
+    cli.main(["sample", "a handwritten seven", "-o", str(out), "--steps", "1", "--checkpoint", str(tiny_digits_run),
+              "--backend", "torch", "-q"])
+    assert Image.open(out).format == fmt
 
 
-def test_cli_eval_reports_accuracy_and_diversity(tiny_digits_run, tmp_path, capsys):
+def test_cli_interpolate_uses_the_pipeline(tiny_digits_run, tmp_path):
+    """The strip's first frame is exactly `sample PROMPT_A` at the same seed: one code path from latents to pixels."""
+    strip, one = tmp_path / "strip.png", tmp_path / "one.png"
+    common = ["--steps", "2", "--checkpoint", str(tiny_digits_run), "--backend", "torch", "--upscale", "1", "--gap",
+              "0", "--seed", "5", "-q"]
+    cli.main(["interpolate", "a handwritten one", "a handwritten seven", "-o", str(strip), "--frames", "3", *common])
+    cli.main(["sample", "a handwritten one", "-o", str(one), *common])
+    s = Image.open(strip)
+    assert s.size == (5 * 16, 16)
+    assert s.crop((0, 0, 16, 16)).tobytes() == Image.open(one).tobytes()
+
+
+def test_cli_eval_reports_and_exits_1_on_fail(tiny_digits_run, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    cli.main(["eval", "--checkpoint", str(tiny_digits_run), "--per-prompt", "2", "--steps", "2", "--backend",
-              "torch", "--json", str(out), "--quiet"])
+    with pytest.raises(SystemExit) as e:  # an untrained model misses the targets
+        cli.main(["eval", "--checkpoint", str(tiny_digits_run), "--per-prompt", "2", "--steps", "2", "--backend",
+                  "torch", "--json", str(out), "--quiet"])
+    assert e.value.code == 1
     res = json.loads(out.read_text())
     assert 0.0 <= res["accuracy"] <= 1.0 and res["diversity"] > 0
     assert res["samples"] == 10 * 4 * 2 and res["classifier_accuracy_on_real"] > 0.95
-    assert "accuracy" in capsys.readouterr().out  # the summary line (an untrained model FAILs the targets)
+    assert capsys.readouterr().out.rstrip().endswith(": FAIL")
+
+
+def test_cli_eval_exits_0_on_pass(tiny_digits_run, monkeypatch, capsys):
+    from crossflow import digits
+
+    monkeypatch.setattr(digits, "evaluate", lambda *a, **k: {"accuracy": 0.96, "diversity": 0.6})
+    assert cli.main(["eval", "--checkpoint", str(tiny_digits_run), "--backend", "torch", "-q"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(": PASS")
+
+
+def test_cli_progress_bar_on_a_terminal_only(tiny_digits_run, tmp_path, monkeypatch):
+    argv = ["sample", "a handwritten seven", "-o", str(tmp_path / "a.png"), "--steps", "3", "--checkpoint",
+            str(tiny_digits_run), "--backend", "torch"]
+    for extra, shown in (([], True), (["--quiet"], False)):
+        tty = _TTY()
+        monkeypatch.setattr(sys, "stderr", tty)
+        cli.main(argv + extra)
+        err = tty.getvalue()
+        assert ("sampling" in err and "/3 " in err) == shown, err
+        assert "Loading weights" not in err  # transformers' loading bar is silenced
 
 
 def test_cli_entry_point_subprocess(tiny_digits_run, tmp_path):
     png = tmp_path / "one.png"
-    env = dict(os.environ, KERNELS_BACKEND="torch")
-    r = subprocess.run([sys.executable, "-m", "crossflow.cli", "sample", "a handwritten two", "-o", str(png),
-                        "--steps", "2", "--checkpoint", str(tiny_digits_run)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = _run("sample", "a handwritten two", "-o", str(png), "--steps", "2", "--checkpoint", str(tiny_digits_run),
+             "--backend", "torch")
     assert r.returncode == 0, r.stderr
     assert png.is_file() and "wrote" in r.stdout
+    assert r.stderr == ""  # not a terminal: no progress bar, and no library loading noise
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors: usage (exit 2) and run time (exit 1), one line each, never a traceback
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["sample", "x", "--checkpoint", "/nonexistent/ckpt"], "no checkpoint at /nonexistent/ckpt"),
-    (["sample", "x", "--steps", "0"], "--steps must be positive"),
-    (["sample", "x", "--backend", "fast"], "--backend must be one of"),
-    (["eval", "--preset", "tiny"], "digits preset only"),
+    (["sample", "x", "--steps", "0"], "--steps: must be >= 1"),
+    (["sample", "x", "--backend", "fast"], "--backend: invalid choice"),
+    (["sample", "   "], "PROMPT: a prompt must not be empty"),
+    (["sample", ""], "PROMPT: a prompt must not be empty"),
+    (["interpolate", "one", " "], "PROMPT_B: a prompt must not be empty"),
+    (["sample", "x", "--guidance", "-1"], "--guidance: must be a finite number >= 0"),
+    (["sample", "x", "--guidance", "nan"], "--guidance: must be a finite number >= 0"),
+    (["sample", "x", "--upscale", "20000"], "--upscale: must be in 1..16"),
+    (["sample", "x", "-o", "x.gif"], "the extension names the image format"),
+    (["sample", "x", "-o", "noext"], "the extension names the image format"),
+    (["sample", "x", "-o", "."], "is a directory"),
+    (["eval", "--preset", "tiny"], "invalid choice"),
+    (["eval", "--per-prompt", "1"], "--per-prompt: must be >= 2"),
+    (["bogus"], "invalid choice"),
+    ([], "required"),
 ])
-def test_cli_bad_arguments(argv, match):
-    with pytest.raises(SystemExit, match=match):
-        cli.main(argv)
+def test_cli_usage_errors_exit_2_in_one_line(argv, match, capsys):
+    assert match in _fails(argv, 2, capsys)
 
 
-def test_cli_sample_needs_a_prompt(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["sample"])
-    assert "PROMPT" in capsys.readouterr().err
+def test_usage_errors_are_caught_before_anything_heavy_is_imported():
+    """Argument errors (and so everything checked before sampling: format, prompt, guidance, upscale) are answered
+    by the parser alone; --help and the parser import no torch, transformers, diffusers or triton."""
+    code = ("import sys\nfrom crossflow import cli\ncli.build_parser().format_help()\n"
+            "for argv in (['sample', 'x', '--upscale', '20000'], ['sample', 'x', '-o', 'x.gif'], ['--help']):\n"
+            "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+
+
+def test_help_lists_every_verb_and_shows_defaults():
+    r = _run("--help", timeout=60)
+    assert r.returncode == 0
+    for verb in ("sample", "interpolate", "train", "eval", "convert"):
+        assert verb in r.stdout
+    sample_help = _run("sample", "--help", timeout=60).stdout
+    assert "(default: 4)" in sample_help and "(default: samples.png)" in sample_help and "(default: 0)" in sample_help
+
+
+def test_backend_names_match_kernels():
+    assert cli.BACKENDS == kernels.BACKENDS
+
+
+def test_triton_backend_on_a_cpu_machine_is_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    env = _env()
+    env.pop("TRITON_INTERPRET", None)  # a user's machine: no interpreter
+    r = _run("sample", "x", "--backend", "triton", "--device", "cpu", env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("crossflow: error: --backend triton cannot run on cpu")
+
+
+def test_existing_directory_as_output(tmp_path, capsys):
+    (tmp_path / "out.png").mkdir()
+    assert "is a directory" in _fails(["sample", "x", "-o", str(tmp_path / "out.png")], 2, capsys)
+
+
+def test_missing_checkpoint(capsys):
+    assert "no checkpoint directory at /nonexistent/ckpt" in _fails(
+        ["sample", "x", "--checkpoint", "/nonexistent/ckpt"], 1, capsys)
+
+
+def test_checkpoint_without_config(ckpt_copy, capsys):
+    (ckpt_copy / "config.json").unlink()
+    assert "has no config.json" in _fails(["sample", "x", "--checkpoint", str(ckpt_copy), "-q"], 1, capsys)
+
+
+@pytest.mark.parametrize("name, text", [("config.json", "{not json"), ("config.json", '{"depth": "four"}'),
+                                        ("sampling.json", "{not json"), ("sampling.json", '{"steps": -3}'),
+                                        ("sampling.json", "[50, 7]")])
+def test_corrupt_json_names_the_file(ckpt_copy, capsys, name, text):
+    (ckpt_copy / name).write_text(text)
+    err = _fails(["sample", "x", "--checkpoint", str(ckpt_copy), "--backend", "torch", "-q"], 1, capsys)
+    assert str(ckpt_copy / name) in err
+
+
+def test_truncated_safetensors_names_the_file(ckpt_copy, capsys):
+    f = ckpt_copy / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    err = _fails(["sample", "x", "--checkpoint", str(ckpt_copy), "--backend", "torch", "-q"], 1, capsys)
+    assert str(f) in err
+
+
+def test_flipped_byte_in_the_weights_names_the_file(ckpt_copy, tmp_path, capsys):
+    """A byte flipped in the tensor data still parses; the checkpoint's checksums catch it."""
+    f = ckpt_copy / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0x01  # tensor data, not the header: the file still parses
+    f.write_bytes(bytes(data))
+    err = _fails(["sample", "x", "--checkpoint", str(ckpt_copy), "--backend", "torch", "-q", "-o",
+                  str(tmp_path / "x.png")], 1, capsys)
+    assert not (tmp_path / "x.png").exists()
+    assert str(f) in err or "model.safetensors" in err
+
+
+def test_device_cuda_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    assert "CUDA is not available" in _fails(["sample", "x", "--device", "cuda"], 2, capsys)
+    assert "--device: " in _fails(["sample", "x", "--device", "gpu0"], 2, capsys)
+
+
+def test_train_device_cuda_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    r = _run("train", "--preset", "tiny", "--steps", "1", "--device", "cuda", "--out", str(tmp_path / "r"), "--quiet")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr  # as `crossflow sample --device cuda`
+    assert r.stderr.startswith("crossflow train: error: ") and "cuda" in r.stderr.lower()
+
+
+def test_train_validation_error_is_a_usage_error(tmp_path):
+    """A value the training config refuses: one line, exit 2."""
+    r = _run("train", "--preset", "tiny", "--steps", "0", "--out", str(tmp_path / "r"), timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("crossflow train: error: ") and "steps" in r.stderr
+
+
+def test_train_unknown_flag_is_one_line(tmp_path):
+    """argparse's own errors in the training parser: one line naming the flag, exit 2 (no usage block)."""
+    r = _run("train", "--preset", "tiny", "--no-such-flag", "--out", str(tmp_path / "r"), timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("crossflow train: error: ") and "--no-such-flag" in r.stderr
+
+
+def test_debug_env_shows_the_traceback(monkeypatch):
+    monkeypatch.setenv("CROSSFLOW_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        cli.main(["sample", "x", "--checkpoint", "/nonexistent/ckpt"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Threads
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_small_models_sample_on_one_thread_large_ones_keep_the_default(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    small = torch.nn.Module()
+    small.flow = torch.nn.Linear(100, 100)
+    large = torch.nn.Module()
+    large.flow = torch.nn.Linear(1, cli.SMALL_FLOW_PARAMS, device="meta")  # counted, never allocated
+    cpu, before = torch.device("cpu"), torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cli._cap_threads(large, cpu, None)
+        assert torch.get_num_threads() == 2
+        cli._cap_threads(small, torch.device("cuda"), None)  # GPU work: CPU threads left alone
+        assert torch.get_num_threads() == 2
+        cli._cap_threads(small, cpu, 2)  # --threads wins
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # so does the user's environment
+        cli._cap_threads(small, cpu, None)
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        cli._cap_threads(small, cpu, None)
+        assert torch.get_num_threads() == 1
+        cli._restore_threads()  # what main does on the way out: no leak into the calling process
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_package_exports_resolve_lazily():
+    """`import crossflow` imports nothing heavy (checked above); each public name still resolves on first use."""
+    import crossflow
+
+    for name in crossflow.__all__:
+        assert getattr(crossflow, name) is not None, name
+    assert set(crossflow.__all__) <= set(dir(crossflow))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        crossflow.nope  # noqa: B018
+
+
+def test_startup_benchmark_runs(tmp_path):
+    """benchmarks/cli_startup.py end to end on its cheapest case (the timings themselves are not checked)."""
+    from benchmarks import cli_startup
+
+    out = tmp_path / "startup.json"
+    res = cli_startup.main(["--before", str(REPO), "--runs", "2", "--warmup", "0", "--cases", "help", "--out",
+                            str(out)])
+    assert json.loads(out.read_text()) == res
+    assert res["machine"]["nproc"] >= 1 and len(res["machine"]["loadavg_start"]) == 3
+    for tree in ("before", "after"):
+        stats = res["results"]["help"][tree]
+        assert stats["n"] == 2 and all(r["returncode"] == 0 for r in stats["runs"])
+        assert stats["min_s"] <= stats["median_s"] <= stats["max_s"]

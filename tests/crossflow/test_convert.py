@@ -2,15 +2,20 @@
 layout (`libs/model/dit_t2i.py` on timm layers; `libs/model/trans_autoencoder.py`), not against our modules."""
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
 from crossflow.config import CrossFlowConfig
-from crossflow.convert import convert_official_state_dict, load_official_checkpoint
+from crossflow.convert import (
+    convert_official_state_dict,
+    load_official_checkpoint,
+    official_flow_shapes,
+    official_ve_shapes,
+)
 from crossflow.model import CrossFlow
 
 TINY = CrossFlowConfig.from_name("tiny")
@@ -18,10 +23,7 @@ T5_LIKE = TINY.replace(text_dim=48, ve_compress_dim=32, ve_adaptor=True, ve_adap
 TOL = dict(atol=2e-5, rtol=2e-5)  # fp32, same math in a different operation order
 
 
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    with kernels.use_backend("torch"):
-        yield
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -262,12 +264,40 @@ def test_bad_official_state_dicts_raise_listing_keys():
     with pytest.raises(ValueError) as e:
         convert_official_state_dict(bad, TINY)
     msg = str(e.value)
-    assert "missing keys ['blocks.1.mlp.fc2.bias']" in msg
-    assert "unexpected keys ['blocks.1.mlp.fc3.weight']" in msg
+    assert "1 of " in msg and "expected keys missing, e.g. ['blocks.1.mlp.fc2.bias']" in msg
+    assert "1 unexpected keys, e.g. ['blocks.1.mlp.fc3.weight']" in msg
     assert "x_embedder.proj.bias: got (5,), expected (64,)" in msg
-    with pytest.raises(ValueError, match="missing keys.*blocks.2"):
+    assert "it looks like a DiT" in msg
+    with pytest.raises(ValueError, match="expected keys missing.*blocks.2"):
         convert_official_state_dict(sd, TINY.replace(depth=3))
-    with pytest.raises(ValueError, match="pos_embed differs"):
+    with pytest.raises(ValueError, match="pos_embed .* differs"):
+        convert_official_state_dict({**sd, "pos_embed": sd["pos_embed"].flip(1)}, TINY)
+
+
+def test_foreign_state_dict_is_refused_in_a_few_lines():
+    # A diffusers-UNet-like state dict of ~2,000 tensors: the message says how many keys mismatch, shows a few, and
+    # what the checkpoint is instead (on main it listed every key: tens of thousands of characters).
+    sd = {f"down_blocks.{i}.resnets.{j}.conv{c}.{w}": torch.zeros(1)
+          for i in range(20) for j in range(25) for c in (1, 2) for w in ("weight", "bias")}
+    sd.update({f"mid_block.attentions.0.proj_{n}.weight": torch.zeros(1) for n in ("in", "out")})
+    with pytest.raises(ValueError) as e:
+        convert_official_state_dict(sd, TINY)
+    msg = str(e.value)
+    n_expected = len(official_flow_shapes(TINY)) + len(official_ve_shapes(TINY))
+    assert len(msg) < 1200, msg
+    assert f"{n_expected} of {n_expected} expected keys missing" in msg and f"{len(sd)} unexpected keys" in msg
+    assert "down_blocks.* (2000)" in msg and "mid_block.* (2)" in msg and "a diffusers UNet" in msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_official_checkpoint_converts(dtype):
+    # The stored pos_embed is the fp32 table rounded to the checkpoint's dtype: up to half an ulp off (4.9e-4 in
+    # fp16 near 1). It must still pass the table check, and a wrong table must still fail it.
+    sd = {k: v.to(dtype) for k, v in official_state_dict(TINY).items()}
+    conv = convert_official_state_dict(sd, TINY)
+    assert conv["flow.x_embedder.proj.weight"].dtype == dtype
+    assert torch.equal(conv["flow.x_embedder.proj.weight"], sd["x_embedder.proj.weight"])
+    with pytest.raises(ValueError, match="pos_embed .* differs"):
         convert_official_state_dict({**sd, "pos_embed": sd["pos_embed"].flip(1)}, TINY)
 
 
@@ -287,7 +317,7 @@ def test_pickles_with_objects_are_refused(tmp_path):
         load_official_checkpoint(tmp_path / "missing.pth", TINY)
 
 
-def test_cli_convert_writes_a_loadable_checkpoint(tmp_path):
+def test_cli_convert_writes_a_loadable_checkpoint(tmp_path, capsys):
     from crossflow import cli
     from crossflow.model import CrossFlow
 
@@ -295,7 +325,35 @@ def test_cli_convert_writes_a_loadable_checkpoint(tmp_path):
     torch.save(sd, tmp_path / "official.pth")
     cli.main(["convert", str(tmp_path / "official.pth"), "--preset", "tiny", "-o", str(tmp_path / "ours")])
     _check_against_reference(CrossFlow.from_pretrained(tmp_path / "ours"), sd, TINY)
-    with pytest.raises(SystemExit, match="unknown preset|choose one of"):
-        cli.main(["convert", str(tmp_path / "official.pth"), "--preset", "nope", "-o", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="no such file"):
-        cli.main(["convert", str(tmp_path / "missing.pth"), "--preset", "tiny", "-o", str(tmp_path / "x")])
+    for argv, match in (
+        (["convert", str(tmp_path / "official.pth"), "--preset", "nope", "-o", str(tmp_path / "x")],
+         "unknown preset|choose one of"),
+        (["convert", str(tmp_path / "missing.pth"), "--preset", "tiny", "-o", str(tmp_path / "x")], "no such file"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith("crossflow: error: ") and err.count("\n") == 1
+        assert re.search(match, err), err
+
+
+def test_cli_convert_detects_the_preset_and_refuses_a_mismatch(tmp_path, capsys):
+    """Without --preset the layout is detected (every name and shape matches `tiny`) and the official sampler is
+    recorded; a DiMR --preset for a DiT file is refused in one line naming what the file holds."""
+    from crossflow import cli
+    from crossflow.model import CrossFlow
+    from crossflow.pipeline import sampling_defaults
+
+    sd = official_state_dict(TINY, seed=6)
+    torch.save(sd, tmp_path / "official.pth")
+    cli.main(["convert", str(tmp_path / "official.pth"), "-o", str(tmp_path / "ours")])
+    assert "(tiny, from" in capsys.readouterr().out
+    _check_against_reference(CrossFlow.from_pretrained(tmp_path / "ours"), sd, TINY)
+    assert sampling_defaults(tmp_path / "ours") == {"steps": 50, "guidance_scale": 7.0, "official_grid": True}
+    with pytest.raises(SystemExit) as e:
+        cli.main(["convert", str(tmp_path / "official.pth"), "--preset", "dimr-tiny", "-o", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("crossflow: error: ") and err.count("\n") == 1 and len(err) < 700
+    assert "the 'tiny' layout: a DiT flow network" in err and "preset 'dimr-tiny' is a DiMR" in err, err
+    assert "use --preset tiny" in err and not (tmp_path / "x").exists()

@@ -1,5 +1,9 @@
 """The embedded default: the digits data (real, split, captions) and the shipped model's quality on a small eval."""
 
+import io
+import sys
+import time
+
 import torch
 
 import kernels
@@ -47,3 +51,30 @@ def test_shipped_model_draws_the_prompted_digits():
     assert res["samples"] == 60
     assert res["accuracy"] >= 0.9, res
     assert res["diversity"] >= 0.4, res
+
+
+class _TTY(io.StringIO):
+    def isatty(self) -> bool:  # tqdm draws only on a terminal
+        return True
+
+
+def test_evaluate_progress_moves_per_batch(monkeypatch):
+    """The eval bar counts images and moves after every batch (one batch per template); off unless asked."""
+    batches = []
+
+    def fake_pipe(prompts, num_images_per_prompt, seed, output_type, **kw):
+        batches.append(tty.getvalue().count("img"))  # bar redraws before this batch
+        time.sleep(0.15)  # longer than tqdm's minimum redraw interval (0.1 s)
+        return torch.rand(len(prompts) * num_images_per_prompt, 1, 16, 16)
+
+    tty = _TTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    res = digits.evaluate(fake_pipe, per_prompt=2, templates=digits.HELDOUT_TEMPLATES[:3], progress=True)
+    assert res["samples"] == 60
+    out = tty.getvalue()
+    assert "eval" in out and "60/60" in out
+    assert batches[0] < batches[1] < batches[2]  # it moved between batches, not only at the end
+    tty = _TTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    digits.evaluate(fake_pipe, per_prompt=2, templates=digits.HELDOUT_TEMPLATES[:1])
+    assert tty.getvalue() == ""

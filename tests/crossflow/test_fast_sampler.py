@@ -23,20 +23,22 @@ class Affine(torch.nn.Module):
         return self.conv(x) * (1 + t.view(-1, 1, 1, 1)) + indicator.view(-1, 1, 1, 1).to(x.dtype)
 
 
-def _tiny_flow(device="cpu"):
-    torch.manual_seed(0)
-    cfg = CrossFlowConfig.from_name("tiny")
-    model = FlowTransformer(cfg).to(device).eval()
-    with torch.no_grad():  # leave adaLN-Zero so that the flow is not the zero field
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return cfg, model
+@pytest.fixture
+def tiny_flow(perturb):
+    """`tiny_flow(device)` -> (cfg, a tiny FlowTransformer moved off adaLN-Zero, so the flow is not the zero field)."""
+
+    def make(device="cpu"):
+        torch.manual_seed(0)
+        cfg = CrossFlowConfig.from_name("tiny")
+        return cfg, perturb(FlowTransformer(cfg), std=0.02, everywhere=True).to(device).eval()
+
+    return make
 
 
 @pytest.mark.parametrize("guidance", [1.0, 7.0])
 @pytest.mark.parametrize("official_grid", [False, True])
-def test_fast_matches_euler_on_cpu_tiny(guidance, official_grid):
-    cfg, model = _tiny_flow()
+def test_fast_matches_euler_on_cpu_tiny(tiny_flow, guidance, official_grid):
+    cfg, model = tiny_flow()
     z0 = torch.randn(2, *cfg.latent_shape)
     ref = EulerSampler(steps=4, guidance_scale=guidance, official_grid=official_grid)(model, z0)
     got = FastSampler(steps=4, guidance_scale=guidance, official_grid=official_grid)(model, z0)
@@ -49,6 +51,27 @@ def test_fast_sampler_call_overrides_and_no_mutation():
     fs, es = FastSampler(steps=3), EulerSampler(steps=3)
     torch.testing.assert_close(fs(model, z0, steps=5, guidance_scale=2.0), es(model, z0, steps=5, guidance_scale=2.0))
     assert torch.equal(z0, keep)
+
+
+def test_fast_sampler_asks_sampling_guidance_and_reports_steps(monkeypatch):
+    """Guidance on/off is decided by `crossflow.sampling.guidance` alone, in FastSampler too; the progress callback
+    sees every step (eagerly one by one; after a replay all at once)."""
+    from crossflow import sampling
+
+    calls = []
+
+    class Recorder(Affine):
+        def forward(self, x, t, indicator):
+            calls.append(x.shape[0])
+            return super().forward(x, t, indicator)
+
+    z0, done = torch.randn(3, 4, 5, 5), []
+    FastSampler(steps=2, guidance_scale=7.0)(Recorder(), z0, callback=done.append)
+    assert calls == [6, 6] and sum(done) == 2
+    calls.clear()
+    monkeypatch.setattr(sampling, "guidance", lambda s: None)
+    FastSampler(steps=2, guidance_scale=7.0)(Recorder(), z0)
+    assert calls == [3, 3]
 
 
 def test_fast_sampler_bad_arguments():
@@ -67,8 +90,8 @@ def test_fast_sampler_bad_arguments():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_graph_replay_equals_eager_and_caches(dtype):
-    cfg, model = _tiny_flow("cuda")
+def test_graph_replay_equals_eager_and_caches(tiny_flow, dtype):
+    cfg, model = tiny_flow("cuda")
     model = model.to(dtype)
     fs = FastSampler(steps=6, guidance_scale=5.0)
     es = EulerSampler(steps=6, guidance_scale=5.0)
@@ -130,8 +153,8 @@ def test_model_with_host_state_is_caught_by_the_replay_check():
 
 
 @pytest.mark.gpu
-def test_eager_mode_on_gpu_matches():
-    cfg, model = _tiny_flow("cuda")
+def test_eager_mode_on_gpu_matches(tiny_flow):
+    cfg, model = tiny_flow("cuda")
     z0 = torch.randn(2, *cfg.latent_shape, device="cuda")
     with kernels.use_backend("triton"):
         got = FastSampler(steps=4, use_cuda_graph=False)(model, z0)

@@ -7,7 +7,6 @@ import torch
 
 from crossflow.flow import (
     contrastive_loss,
-    crossflow_loss,
     flow_matching_loss,
     indicator_dropout,
     interpolate,
@@ -130,7 +129,7 @@ def test_indicator_dropout_all_null_rolls_the_whole_batch():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The full training loss on the real tiny model
+# The full training loss (CrossFlow.forward) on the real tiny model, default kernels backend
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -154,23 +153,25 @@ def _batch(cfg, b=4, seed=0):
 def test_crossflow_loss_components_and_determinism(tiny):
     cfg, model = tiny
     emb, mask, z1 = _batch(cfg)
-    loss, parts = crossflow_loss(model, emb, mask, z1, torch.Generator().manual_seed(3), cfg)
+    loss, parts = model(emb, mask, z1, torch.Generator().manual_seed(3))
     assert loss.dim() == 0 and torch.isfinite(loss)
     torch.testing.assert_close(loss.detach(), parts["fm"] + parts["clip"] + cfg.kl_weight * parts["kl"])
     model.eval()  # no dropout: the same generator seed must give the same loss
-    a, _ = crossflow_loss(model, emb, mask, z1, torch.Generator().manual_seed(3), cfg)
-    b, _ = crossflow_loss(model, emb, mask, z1, torch.Generator().manual_seed(3), cfg)
+    a, _ = model(emb, mask, z1, torch.Generator().manual_seed(3))
+    b, _ = model.loss(emb, mask, z1, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
 
 
 def test_flow_loss_trains_the_text_ve_through_z0(tiny):
     # Switch the CLIP and KL terms off (scale 0 -> constant CE; weight 0): any VE gradient then comes through z0.
-    cfg, model = tiny
-    cfg = cfg.replace(kl_weight=0.0)
+    from crossflow.model import CrossFlow
+
+    cfg = tiny[0].replace(kl_weight=0.0)
+    model = CrossFlow(cfg)
     with torch.no_grad():
         model.logit_scale.zero_()
     emb, mask, z1 = _batch(cfg)
-    loss, _ = crossflow_loss(model, emb, mask, z1, torch.Generator().manual_seed(0), cfg)
+    loss, _ = model(emb, mask, z1, torch.Generator().manual_seed(0))
     loss.backward()
     ve_grads = [p.grad for p in model.text_ve.parameters() if p.grad is not None]
     assert ve_grads and sum(g.abs().sum().item() for g in ve_grads) > 0

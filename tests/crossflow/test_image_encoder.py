@@ -5,8 +5,7 @@ import torch
 
 import kernels
 from crossflow.config import CrossFlowConfig
-from crossflow.flow import crossflow_loss
-from crossflow.layers import PretrainedImageEncoder
+from crossflow.image_encoder import PretrainedImageEncoder
 from crossflow.model import CrossFlow
 
 
@@ -30,7 +29,7 @@ def test_pretrained_encoder_is_frozen_and_unsaved(tower_dir):
     emb, mask = torch.randn(4, cfg.text_len, cfg.text_dim), torch.ones(4, cfg.text_len, dtype=torch.bool)
     z1 = torch.rand(4, *cfg.latent_shape) * 2 - 1
     with kernels.use_backend("torch"):
-        loss, parts = crossflow_loss(model, emb, mask, z1, torch.Generator().manual_seed(0), cfg)
+        loss, parts = model(emb, mask, z1, torch.Generator().manual_seed(0))
     loss.backward()
     assert model.image_encoder.fc2.weight.grad is not None  # the projection trains
     assert all(p.grad is None and not p.requires_grad for p in model.image_encoder._tower.parameters())
@@ -51,6 +50,6 @@ def test_pretrained_encoder_needs_pixels_in_latent_space(tower_dir):
     model = CrossFlow(cfg)
     emb, mask = torch.randn(2, cfg.text_len, cfg.text_dim), torch.ones(2, cfg.text_len, dtype=torch.bool)
     with kernels.use_backend("torch"), pytest.raises(ValueError, match="needs pixel images"):
-        crossflow_loss(model, emb, mask, torch.randn(2, *cfg.latent_shape), torch.Generator().manual_seed(0), cfg)
+        model(emb, mask, torch.randn(2, *cfg.latent_shape), torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="pixel images"):
         model.image_encoder(torch.randn(2, 4, 8, 8))

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-import kernels
 from crossflow.autoencoder import IdentityAutoencoder, VAEAutoencoder, build_autoencoder
 from crossflow.config import CrossFlowConfig
 from crossflow.model import CrossFlow, FlowTransformer
@@ -15,19 +14,7 @@ from crossflow.text_ve import TextVE
 TINY = CrossFlowConfig.from_name("tiny")
 
 
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    with kernels.use_backend("torch"):
-        yield
-
-
-def perturb_(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
-    """Give the zero-initialised adaLN / output weights non-zero values so every path carries signal."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.normal_(0, std)
-    return module
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 def inputs(cfg=TINY, B=3):
@@ -58,7 +45,7 @@ def test_every_block_is_identity_at_init():
     assert seen == [True] * TINY.depth
 
 
-def test_wrong_shapes_raise():
+def test_wrong_shapes_raise(perturb):
     flow = FlowTransformer(TINY)
     x, t, ind = inputs()
     with pytest.raises(ValueError, match=r"expected latent \(B, C, H, W\) = \(B, 4, 8, 8\), got \(3, 4, 8, 6\)"):
@@ -68,12 +55,12 @@ def test_wrong_shapes_raise():
     with pytest.raises(ValueError, match="indicator"):
         flow(x, t, ind.float())
     # a 0-d t broadcasts over the batch
-    perturb_(flow)
+    perturb(flow)
     torch.testing.assert_close(flow(x, t[0], ind), flow(x, t[0].expand(3), ind))
 
 
-def test_indicator_and_time_condition_the_output():
-    flow = perturb_(FlowTransformer(TINY)).eval()
+def test_indicator_and_time_condition_the_output(perturb):
+    flow = perturb(FlowTransformer(TINY)).eval()
     x, t, _ = inputs()
     v_c = flow(x, t, torch.zeros(3, dtype=torch.long))
     v_u = flow(x, t, torch.ones(3, dtype=torch.long))
@@ -89,8 +76,8 @@ def test_pos_embed_is_a_fixed_unsaved_buffer():
     assert flow.pos_embed.shape == (1, TINY.num_tokens, TINY.hidden_size)
 
 
-def test_gradient_checkpointing_matches():
-    flow = perturb_(FlowTransformer(TINY))
+def test_gradient_checkpointing_matches(perturb):
+    flow = perturb(FlowTransformer(TINY))
     x, t, ind = inputs()
     flow(x, t, ind).square().sum().backward()
     ref = {n: p.grad.clone() for n, p in flow.named_parameters()}
@@ -101,8 +88,8 @@ def test_gradient_checkpointing_matches():
         torch.testing.assert_close(p.grad, ref[n], msg=n)
 
 
-def test_half_precision_forward():
-    flow = perturb_(FlowTransformer(TINY)).to(torch.bfloat16)
+def test_half_precision_forward(perturb):
+    flow = perturb(FlowTransformer(TINY)).to(torch.bfloat16)
     x, t, ind = inputs()
     v = flow(x.bfloat16(), t, ind)
     assert v.dtype == torch.bfloat16 and torch.isfinite(v).all()
@@ -144,7 +131,7 @@ def test_text_ve_compressor_and_adaptor_variant():
     assert mu.shape == logvar.shape == (2, cfg.latent_numel)
 
 
-def test_crossflow_parts():
+def test_crossflow_parts(perturb):
     model = CrossFlow(TINY).eval()  # eval: VE dropout off, so z0's only randomness is the generator's noise
     assert math.isclose(model.logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
     B = 3
@@ -161,7 +148,7 @@ def test_crossflow_parts():
     # the flow loss reaches the VE through z0 (nothing detached)
     model.train()
     z0, _, _ = model.encode_text(emb, mask)
-    perturb_(model.flow)(z0, torch.rand(B), torch.zeros(B, dtype=torch.long)).square().mean().backward()
+    perturb(model.flow)(z0, torch.rand(B), torch.zeros(B, dtype=torch.long)).square().mean().backward()
     assert model.text_ve.layers[0].attn.W_Q.weight.grad.abs().sum() > 0
 
 

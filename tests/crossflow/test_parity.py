@@ -23,13 +23,6 @@ TINY = CrossFlowConfig.from_name("tiny")
 ATOL = RTOL = 1e-4
 
 
-def _perturb(module: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():  # the adaLN-Zero / output layers: make them non-trivial so every gradient is
-                p.normal_(0, 0.2)
-
-
 def _run(module, backend, make_out, device):
     module.zero_grad(set_to_none=True)
     with kernels.use_backend(backend):
@@ -51,9 +44,8 @@ def _compare(module, make_out, device):
         assert_close_to_ref(grads[n], ref_grads[n], name=f"grad {n}", atol=ATOL, rtol=RTOL)
 
 
-def test_flow_transformer_torch_vs_triton(device):
-    flow = FlowTransformer(TINY).to(device)
-    _perturb(flow)
+def test_flow_transformer_torch_vs_triton(device, perturb):
+    flow = perturb(FlowTransformer(TINY).to(device), std=0.2)  # adaLN-Zero / output layers non-zero: every grad is
     B = 2
     x = torch.randn(B, *TINY.latent_shape, device=device)
     t = torch.tensor([0.3, 0.8], device=device)

@@ -4,25 +4,28 @@
 identity autoencoder's output is a grayscale image. Default kernel backend; 2 sampling steps keep the interpreter
 cheap."""
 
+import io
+import sys
+
 import pytest
 import torch
+
+import kernels
 
 from crossflow.autoencoder import build_autoencoder
 from crossflow.config import CrossFlowConfig
 from crossflow.model import CrossFlow
-from crossflow.pipeline import CrossFlowPipeline, to_pil
+from crossflow.pipeline import CrossFlowPipeline, sampling_defaults, to_pil
 from crossflow.sampling import EulerSampler
 from crossflow.text_encoder import TextEncoder
 
 
 @pytest.fixture(scope="module")
-def pipe():
+def pipe(perturb):
     torch.manual_seed(0)
     cfg = CrossFlowConfig.from_name("tiny").replace(text_dim=384, latent_channels=1)
     model = CrossFlow(cfg).eval()
-    with torch.no_grad():  # adaLN-Zero makes a fresh flow output exactly 0; give it a non-trivial field
-        for p in model.flow.final_layer.parameters():
-            p.normal_(0, 0.02)
+    perturb(model.flow.final_layer, std=0.02)  # adaLN-Zero makes a fresh flow output exactly 0
     return CrossFlowPipeline(TextEncoder.from_config(cfg), model, build_autoencoder(cfg), EulerSampler(steps=2))
 
 
@@ -72,3 +75,58 @@ def test_to_pil_modes():
     assert rgb[0].mode == "RGB" and rgb[0].getpixel((0, 0)) == (0, 128, 255)
     with pytest.raises(ValueError, match="1 \\| 3"):
         to_pil(torch.zeros(1, 4, 2, 2))
+
+
+@pytest.fixture
+def torch_backend():
+    """For tests of the pipeline's plumbing: the kernels are tested on their own, the interpreter is slow."""
+    with kernels.use_backend("torch"):
+        yield
+
+
+def test_latents_in_are_the_prompt_path(pipe, torch_backend):
+    """pipe(z0=...) is the same call from given start latents (what interpolation and arithmetic use)."""
+    z0 = pipe.encode_prompts(["one", "seven"], 2, torch.Generator().manual_seed(4))
+    from_prompts = pipe(["one", "seven"], num_images_per_prompt=2, seed=4, output_type="pt")
+    torch.testing.assert_close(pipe(z0=z0, output_type="pt"), from_prompts, rtol=0, atol=0)
+    assert len(pipe(z0=z0[:3])) == 3  # PIL by default, one image per latent
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(), "either prompts or z0"),
+    (dict(prompts="x", z0=torch.zeros(1, 1, 8, 8)), "either prompts or z0"),
+    (dict(z0=torch.zeros(1, 1, 8, 8), seed=0), "with z0 there is none"),
+    (dict(z0=torch.zeros(1, 1, 8, 8), num_images_per_prompt=2), "with z0 there is none"),
+    (dict(prompts=["ok", "  "]), "empty or whitespace"),
+    (dict(prompts=""), "empty or whitespace"),
+    (dict(prompts="x", guidance_scale=-1.0), "guidance_scale"),
+])
+def test_bad_latent_and_prompt_input_raises(pipe, kwargs, match, torch_backend):
+    with pytest.raises(ValueError, match=match):
+        pipe(**kwargs)
+
+
+class _TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_counts_the_steps_on_a_terminal(pipe, monkeypatch, torch_backend):
+    tty = _TTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    pipe("one", steps=3, progress=True, output_type="latent")
+    assert "sampling" in tty.getvalue() and "/3 " in tty.getvalue()
+    quiet = _TTY()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    pipe("one", steps=3, output_type="latent")  # progress is off by default
+    assert quiet.getvalue() == ""
+
+
+def test_sampling_defaults_names_a_bad_file(tmp_path):
+    assert sampling_defaults(tmp_path) == {}
+    (tmp_path / "sampling.json").write_text('{"steps": 20, "guidance_scale": 3.0, "other": 1}')
+    assert sampling_defaults(tmp_path) == {"steps": 20, "guidance_scale": 3.0}
+    for text in ("{oops", "[1, 2]", '{"guidance_scale": "high"}', '{"steps": 0}'):
+        (tmp_path / "sampling.json").write_text(text)
+        with pytest.raises(ValueError, match=f"{tmp_path / 'sampling.json'}: invalid sampling settings"):
+            sampling_defaults(tmp_path)

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import kernels
-from crossflow.sampling import EulerSampler, interpolate_latents, latent_arithmetic, timesteps
+from crossflow import sampling
+from crossflow.sampling import EulerSampler, guidance, interpolate_latents, latent_arithmetic, timesteps
 
 SIGMA = 1e-5
 BACKENDS = ["auto", "torch"]
@@ -137,6 +138,7 @@ def test_call_overrides_and_crossflow_velocity():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(steps=0), "steps"), (dict(steps=2.5), "steps"), (dict(guidance_scale=float("nan")), "guidance_scale"),
+    (dict(guidance_scale=-0.5), "guidance_scale"), (dict(guidance_scale=float("inf")), "guidance_scale"),
 ])
 def test_bad_arguments_raise(kwargs, match):
     z0, v = _pair(b=1)
@@ -144,6 +146,27 @@ def test_bad_arguments_raise(kwargs, match):
         EulerSampler()(ConstField(v), z0, **kwargs)
     with pytest.raises(ValueError, match=match):
         EulerSampler(**kwargs)
+
+
+def test_guidance_is_decided_in_one_place(monkeypatch):
+    assert guidance(1.0) is None and guidance(1) is None  # v_u + 1 (v_c - v_u) = v_c: one cond pass
+    assert guidance(7) == 7.0 and guidance(0.0) == 0.0  # 0 = the unconditional branch, still two passes
+    for bad in (-1.0, float("nan"), True, "7"):
+        with pytest.raises(ValueError, match="guidance_scale"):
+            guidance(bad)
+    # The sampler asks `guidance` and nothing else: overriding it flips a 7.0 sample to single cond passes.
+    z0, vc = _pair(b=2)
+    model = Branches(vc, torch.randn_like(vc))
+    monkeypatch.setattr(sampling, "guidance", lambda s: None)
+    EulerSampler(steps=2, guidance_scale=7.0)(model, z0)
+    assert [x.shape[0] for x, _, _ in model.calls] == [2, 2]
+
+
+def test_callback_reports_each_step():
+    z0, v = _pair(b=1)
+    done = []
+    EulerSampler(steps=5)(ConstField(v), z0, callback=done.append)
+    assert done == [1] * 5
 
 
 @pytest.mark.parametrize("z0", [torch.randn(4, 5, 5), torch.ones(1, 4, 5, 5, dtype=torch.long), [1.0]])

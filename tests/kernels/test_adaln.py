@@ -6,8 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels.adaln import AdaLNModulateFunction, adaln_modulate_ref, adaln_modulate_triton
-from kernels.gated_adaln import GatedResidualAdaLNFunction, gated_residual_adaln_ref, gated_residual_adaln_triton
+from kernels import adaln
+from kernels.adaln import (
+    AdaLNModulateFunction, GatedResidualAdaLNFunction, adaln_modulate_ref, adaln_modulate_triton,
+    gated_residual_adaln_ref, gated_residual_adaln_triton,
+)
 from kernels.testing import check_against_ref
 
 ON_GPU = torch.cuda.is_available()
@@ -70,6 +73,61 @@ def test_adaln_noncontiguous():
     gate = mod.chunk(6, dim=1)[0]
     check_against_ref(gated_residual_adaln_triton, gated_residual_adaln_ref, [x, y, gate, shift, scale],
                       names=GATED_NAMES, norm="rms")
+
+
+# Modulation vectors as the views a DiT block really passes, built inside the op call from one contiguous tensor `mod`
+# so that they reach the kernels strided (check_against_ref clones its inputs, which would make a view contiguous)
+# and the gradients flow back through the views into `mod`.
+MOD_VIEWS = {
+    "chunk": (lambda B, C: (B, 6 * C), lambda m, C: m.chunk(6, dim=1)[:3]),  # strides (6C, 1)
+    "chunk3d": (lambda B, C: (B, 1, 6 * C), lambda m, C: m.chunk(6, dim=2)[3:]),  # (B, 1, C), strides (6C, 6C, 1)
+    "interleaved": (lambda B, C: (B, C, 3), lambda m, C: m.unbind(2)),  # strides (3C, 3)
+    "batch-broadcast": (lambda B, C: (1, 3 * C), lambda m, C: tuple(t.expand(2, C) for t in m.chunk(3, dim=1))),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", sorted(MOD_VIEWS))
+def test_adaln_strided_modulation_views(layout, dtype):
+    B, T, C = 2, 5, 77
+    mod_shape, views = MOD_VIEWS[layout]
+    x = (torch.randn(B, T, C, device=DEV) * 2 + 0.5).to(dtype)
+    y = torch.randn(B, T, C, device=DEV, dtype=dtype)
+    mod = (torch.randn(mod_shape(B, C), device=DEV) * 0.5).to(dtype)
+    assert not any(v.is_contiguous() for v in views(mod, C))
+
+    def gated(fn):
+        return lambda x, y, mod, **k: fn(x, y, *views(mod, C), **k)
+
+    def plain(fn):
+        return lambda x, mod, **k: fn(x, *views(mod, C)[1:], **k)
+
+    for norm in NORMS:
+        check_against_ref(gated(gated_residual_adaln_triton), gated(gated_residual_adaln_ref), [x, y, mod],
+                          names=["x", "y", "mod"], norm=norm)
+        check_against_ref(plain(adaln_modulate_triton), plain(adaln_modulate_ref), [x, mod], names=["x", "mod"],
+                          norm=norm)
+
+
+def test_adaln_modulation_views_reach_the_kernels_uncopied(monkeypatch):
+    # The (B, 6C) chunks are passed by pointer and strides, not copied by `.contiguous()`.
+    B, T, C = 2, 3, 16
+    mod = torch.randn(B, 6 * C, device=DEV, requires_grad=True)
+    gate, shift, scale = mod.chunk(6, dim=1)[:3]
+    seen = []
+    for name in ("_launch_adaln_fwd", "_launch_adaln_bwd"):
+        real = getattr(adaln, name)
+
+        def spy(*a, _real=real, **k):
+            seen.extend((t.data_ptr(), t.stride()) for t in a[2:5] if isinstance(t, torch.Tensor) and t.dim() == 2)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(adaln, name, spy)
+    x, y = torch.randn(B, T, C, device=DEV), torch.randn(B, T, C, device=DEV)
+    r, out = gated_residual_adaln_triton(x, y, gate, shift, scale)
+    (r.sum() + out.sum()).backward()
+    ptrs = {gate.data_ptr(), shift.data_ptr(), scale.data_ptr()}
+    assert seen and all(p in ptrs and st == (6 * C, 1) for p, st in seen), seen
 
 
 def test_adaln_identity_properties():
@@ -151,6 +209,24 @@ def test_adaln_bad_options(backend):
             kernels.adaln_modulate(x, s, s, eps=0.0)
         with pytest.raises(ValueError, match="`y` must have x's shape"):
             kernels.gated_residual_adaln(x, torch.randn(1, 3, 8), s, s, s)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("eps", [True, False, "1e-6", torch.tensor(1e-6), None, float("nan"), float("inf"), -1e-6],
+                         ids=repr)
+def test_adaln_eps_must_be_a_positive_float(eps, backend):
+    # eps=True used to pass as 1.0; a bool is never an epsilon.
+    x, s = torch.randn(1, 2, 8), torch.randn(1, 8)
+    with kernels.use_backend(backend):
+        with pytest.raises(ValueError, match="eps must be a positive float"):
+            kernels.adaln_modulate(x, s, s, eps=eps)
+        with pytest.raises(ValueError, match="eps must be a positive float"):
+            kernels.gated_residual_adaln(x, x, s, s, s, eps=eps)
+
+
+def test_adaln_integer_eps_is_accepted():
+    x, s = torch.randn(1, 2, 8), torch.randn(1, 8)
+    torch.testing.assert_close(adaln_modulate_triton(x, s, s, eps=1), adaln_modulate_ref(x, s, s, eps=1.0))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import _dispatch, adaln, euler, gated_adaln
+from kernels import _dispatch, adaln, euler
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
@@ -90,11 +90,53 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         kernels.euler_step(torch.ones(2), torch.ones(2), 0.1)
 
 
+def _op_args(op_name, dtype):
+    """Small valid arguments for each public op, on DEV in `dtype`."""
+    r = lambda *shape: torch.randn(*shape, device=DEV, dtype=dtype)  # noqa: E731
+    return {
+        "adaln_modulate": lambda: (r(2, 3, 7), r(2, 7), r(2, 7)),
+        "gated_residual_adaln": lambda: (r(2, 3, 7), r(2, 3, 7), r(2, 7), r(2, 7), r(2, 7)),
+        "attention": lambda: (r(1, 2, 7, 32), r(1, 2, 7, 32), r(1, 2, 7, 32)),
+        "euler_step": lambda: (r(3, 5), r(3, 5), 0.1),
+        "cfg_euler_step": lambda: (r(3, 5), r(3, 5), r(3, 5), 0.1, 3.0),
+    }[op_name]()
+
+
+# Float dtypes the kernels cannot run here: float64 everywhere (reference-only), bfloat16 under the interpreter.
+NO_TRITON_DTYPES = [torch.float64] + ([torch.bfloat16] if not ON_GPU else [])
+
+
+@pytest.mark.parametrize("dtype", NO_TRITON_DTYPES, ids=str)
+@pytest.mark.parametrize("op_name", sorted(kernels.OPS))
+def test_auto_falls_back_to_torch_for_dtypes_triton_cannot_run(op_name, dtype):
+    """`auto` = Triton where it can run, else torch: a float64 (or, interpreted, bfloat16) call gets the reference's
+    result, while a forced `triton` raises a RuntimeError naming the dtype."""
+    op = kernels.OPS[op_name]
+    args = _op_args(op_name, dtype)
+    expect = op.ref(*args)
+    with kernels.use_backend("auto"):
+        got = op(*args)
+    for g, e in zip(got if isinstance(got, tuple) else (got,), expect if isinstance(expect, tuple) else (expect,)):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
+    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match=f"backend 'triton' cannot run.*{dtype}"):
+        op(*args)
+    assert not kernels.triton_ok(args[0])
+
+
+def test_non_float_input_is_a_value_error_on_every_backend():
+    x = torch.ones(2, 3, 7, dtype=torch.int32, device=DEV)
+    s = torch.ones(2, 7, dtype=torch.int32, device=DEV)
+    for backend in kernels.BACKENDS:
+        with kernels.use_backend(backend), pytest.raises(ValueError, match="floating"):
+            kernels.adaln_modulate(x, s, s)
+
+
 @pytest.mark.parametrize("module, ref_name, op_name, make", [
     (euler, "euler_step_ref", "euler_step", lambda: (torch.randn(3, 5), torch.randn(3, 5), 0.1)),
     (adaln, "adaln_modulate_ref", "adaln_modulate", lambda: (torch.randn(2, 3, 7), torch.randn(2, 7),
                                                              torch.randn(2, 7))),
-    (gated_adaln, "gated_residual_adaln_ref", "gated_residual_adaln",
+    (adaln, "gated_residual_adaln_ref", "gated_residual_adaln",
      lambda: (torch.randn(2, 3, 7), torch.randn(2, 3, 7), torch.randn(2, 7), torch.randn(2, 7), torch.randn(2, 7))),
     # `kernels.attention` is the op, which shadows its module of the same name: fetch the module itself.
     (importlib.import_module("kernels.attention"), "attention_ref", "attention",

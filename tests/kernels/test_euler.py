@@ -56,6 +56,39 @@ def test_euler_noncontiguous_and_out_noncontiguous():
     torch.testing.assert_close(x, expect)
 
 
+# `out` a shifted view of the buffer that holds x or a velocity: N spans several 1024-element programs, so a kernel
+# that wrote in place would read values another program had already overwritten.
+# (A negative shift happens to come out right under the sequential interpreter, not on a GPU.)
+OVERLAPS = [(w, s, cfg) for w, s in [("x", 1), ("x", -1), ("x", 1029), ("v", 3), ("v", -2)] for cfg in (False, True)]
+OVERLAPS += [("vu", 5, True)]
+
+
+@pytest.mark.parametrize("which, shift, cfg", OVERLAPS, ids=str)
+def test_euler_out_partly_overlapping_an_input(which, shift, cfg):
+    n = 3001
+    buf = torch.randn(n + abs(shift), device=DEV)
+    lo, hi = (0, shift) if shift > 0 else (-shift, 0)
+    shared, out = buf[lo:lo + n], buf[hi:hi + n]  # out starts `shift` elements after the shared input
+    x, v, vu = (shared if which == name else torch.randn(n, device=DEV) for name in ("x", "v", "vu"))
+    args = (x, v, vu, 0.25, 3.0) if cfg else (x, v, 0.25)
+    ref_fn, fn = (cfg_euler_step_ref, cfg_euler_step_triton) if cfg else (euler_step_ref, euler_step_triton)
+    expect_buf = buf.clone()
+    expect = ref_fn(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+    expect_buf[hi:hi + n] = expect
+    assert fn(*args, out=out) is out
+    torch.testing.assert_close(out, expect)
+    torch.testing.assert_close(buf, expect_buf)  # nothing outside `out` was touched
+
+
+def test_euler_out_exactly_aliasing_a_velocity():
+    # The same view as v (not a shifted one) is safe to write in place, and must still be right.
+    x, v = torch.randn(2, 1500, device=DEV), torch.randn(2, 1500, device=DEV)
+    expect = x + 0.5 * v
+    alias = v.view(2, 1500)
+    assert euler_step_triton(x, v, 0.5, out=alias) is alias
+    torch.testing.assert_close(v, expect)
+
+
 def test_euler_device_scalars_are_read_at_run_time():
     # A captured graph keeps the same tensor; changing its value must change the result with no re-launch setup.
     x, v = torch.randn(5, 7, device=DEV), torch.randn(5, 7, device=DEV)

@@ -1,0 +1,34 @@
+"""Set-up shared by the crossflow tests.
+
+    torch_backend   fixture: run the test on the torch kernels backend (`pytestmark = pytest.mark.usefixtures(...)`
+                    for a whole file); the Triton path is compared against it in test_parity.py
+    perturb         fixture: `perturb(module, std=0.1, everywhere=False)` gives the zero-initialised adaLN-Zero /
+                    output weights N(0, std) values so every path carries signal (`everywhere=True`: adds N(0, std)
+                    noise to every parameter, so a load that skips a tensor shows); returns the module
+"""
+
+import pytest
+import torch
+
+import kernels
+
+
+@pytest.fixture
+def torch_backend():
+    with kernels.use_backend("torch"):
+        yield
+
+
+def perturb_(module: torch.nn.Module, std: float = 0.1, everywhere: bool = False) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in module.parameters():
+            if everywhere:
+                p.add_(std * torch.randn_like(p))
+            elif not p.any():
+                p.normal_(0, std)
+    return module
+
+
+@pytest.fixture(scope="session")  # a pure function: usable from module-scoped fixtures too
+def perturb():
+    return perturb_
