@@ -1,7 +1,8 @@
-"""The `crossflow` command: sample, interpolate, train, eval, convert.
+"""The `crossflow` command: sample, interpolate, arithmetic, train, eval, convert.
 
     crossflow sample "a handwritten seven" -o seven.png          # the shipped text-to-digit model, on the CPU too
     crossflow interpolate "a handwritten one" "a handwritten seven" -o strip.png
+    crossflow arithmetic "number seven, written by hand" - "seven" + "three" -o three.png   # Text VE latent arithmetic
     crossflow train --preset digits                               # reproduces the shipped weights (runs/digits)
     crossflow eval --preset digits                                # prompt accuracy and diversity of the shipped model
     crossflow convert t2i_512px_clip_dimr.pth -o ckpt/          # an official checkpoint (any of the five) -> ours
@@ -38,6 +39,9 @@ GRID_GAP = 2  # pixels between grid cells (before upscaling), so neighbouring sa
 # 0.4-1.2 s on one thread and 14-20 s on two on a 2-core machine at load 9. dit-s-2 (32.5 M) and up keep torch's
 # default: their products (hundreds of MFLOP at 256 tokens) are what intra-op threads are made for.
 SMALL_FLOW_PARAMS = 16_000_000
+# `crossflow eval --preset digits` passes when all hold (issue 14): prompt accuracy, diversity as a fraction of real
+# held-out digits', background speckle as a multiple of real digits' (crossflow.digits.evaluate defines them).
+EVAL_BARS = {"accuracy": 0.99, "diversity": 0.85, "speckle": 1.5}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -171,6 +175,32 @@ def cmd_interpolate(args) -> int:
     return 0
 
 
+def cmd_arithmetic(args) -> int:
+    """z0 = standardise(VE(A) + sum VE(+ terms) - sum VE(- terms)) (`sampling.latent_arithmetic`, the official demo's
+    rule), then the usual sampler. Every term draws its Text VE noise from the same seed, so the noise of A is not
+    washed out by independent draws (as `interpolate` does)."""
+    import torch
+
+    from crossflow.sampling import latent_arithmetic
+
+    first, ops = args.terms
+    device = _device(args.device)
+    with _backend(args.backend, device):
+        pipe = _pipeline(args, device)
+
+        def latent(prompt: str):  # (n, C, H, W)
+            return pipe.encode_prompts(prompt, args.n, generator=torch.Generator().manual_seed(args.seed))
+
+        plus = [latent(p) for sign, p in ops if sign == "+"]
+        minus = [latent(p) for sign, p in ops if sign == "-"]
+        z0 = latent_arithmetic(latent(first), sum(plus) if plus else None, sum(minus) if minus else None)
+        images = pipe(z0=z0, steps=args.steps, guidance_scale=args.guidance, progress=not args.quiet)
+    save_grid(images, rows=1, out=args.output, upscale=args.upscale, gap=args.gap)
+    expr = " ".join([repr(first)] + [f"{sign} {p!r}" for sign, p in ops])
+    print(f"wrote {args.output} ({expr}: {len(images)} image(s))")
+    return 0
+
+
 def cmd_train(argv: list[str]) -> None:
     from crossflow.train import main  # the one training parser (recipes, validation, error lines) lives there
 
@@ -194,9 +224,14 @@ def cmd_eval(args) -> int:
     print(text)
     if args.json:
         atomic_write(args.json, lambda p: Path(p).write_text(text + "\n"))
-    ok = res["accuracy"] >= 0.95 and res["diversity"] >= 0.5
-    print(f"accuracy {res['accuracy']:.1%} (target >= 95%), diversity {res['diversity']:.1%} of real (target >= 50%)"
-          f": {'PASS' if ok else 'FAIL'}")
+    checks = [(f"accuracy {res['accuracy']:.1%} (target >= {EVAL_BARS['accuracy']:.0%})",
+               res["accuracy"] >= EVAL_BARS["accuracy"]),
+              (f"diversity {res['diversity']:.1%} of real (target >= {EVAL_BARS['diversity']:.0%})",
+               res["diversity"] >= EVAL_BARS["diversity"]),
+              (f"background speckle {res['speckle']:.2f}x real (target <= {EVAL_BARS['speckle']}x)",
+               res["speckle"] <= EVAL_BARS["speckle"])]
+    ok = all(good for _, good in checks)
+    print(", ".join(text + ("" if good else " MISSED") for text, good in checks) + f": {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 
 
@@ -259,6 +294,25 @@ def _image_path(text: str) -> str:
     return text
 
 
+class _ArithmeticTerms(argparse.Action):
+    """PROMPT {+,-} PROMPT [{+,-} PROMPT ...] -> (first prompt, [(sign, prompt), ...]); anything else is a usage
+    error naming the offending word."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        words = list(values)
+        if len(words) == 1:
+            parser.error(f"arithmetic: expected PROMPT followed by at least one '+ PROMPT' or '- PROMPT', got only "
+                         f"{words[0]!r}")
+        if len(words) % 2 == 0:
+            parser.error(f"arithmetic: the operator {words[-1]!r} at the end has no prompt after it")
+        for i, w in enumerate(words):
+            if i % 2 and w not in ("+", "-"):
+                parser.error(f"arithmetic: expected '+' or '-' between prompts, got {w!r} (quote multi-word prompts)")
+            if not i % 2 and (not w.strip() or w in ("+", "-")):
+                parser.error(f"arithmetic: prompt {i // 2 + 1} is {w!r}; prompts must be non-empty text")
+        setattr(namespace, self.dest, (words[0], list(zip(words[1::2], words[2::2]))))
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="model directory (default: the shipped digits model)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
@@ -285,7 +339,8 @@ def _image_out(p: argparse.ArgumentParser, default: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="crossflow", description=__doc__.split("\n\n")[0],
                 epilog="CROSSFLOW_DEBUG=1 shows a traceback for errors.", formatter_class=_HelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{sample,interpolate,train,eval,convert}")
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{sample,interpolate,arithmetic,train,eval,convert}")
     s = sub.add_parser("sample", help="prompts -> an image grid (one row per prompt)", formatter_class=_HelpFormatter)
     s.add_argument("prompts", nargs="+", metavar="PROMPT", type=_prompt)
     _image_out(s, "samples.png")
@@ -300,8 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--frames", type=_int_at_least(0), default=6, help="in-between frames (both ends are added)")
     _common(i)
     i.set_defaults(func=cmd_interpolate)
+    a = sub.add_parser("arithmetic", help='Text VE latent arithmetic: "A" - "B" + "C" -> one row of images',
+                       formatter_class=_HelpFormatter,
+                       description="Combine the Text VE latents of prompts, standardise the sum (as the official "
+                                   "demo), and sample from it.")
+    a.add_argument("terms", nargs="+", action=_ArithmeticTerms, metavar="TERM",
+                   help='PROMPT {+,-} PROMPT [{+,-} PROMPT ...], e.g. "number seven, written by hand" - "seven" + '
+                        '"three" (quote each prompt)')
+    _image_out(a, "arithmetic.png")
+    a.add_argument("--n", type=_int_at_least(1), default=4, help="images (each with its own Text VE noise)")
+    _common(a)
+    a.set_defaults(func=cmd_arithmetic)
     sub.add_parser("train", help="train a preset (see `crossflow train --help`)", add_help=False)
-    e = sub.add_parser("eval", help="prompt accuracy and diversity (digits preset); exits 1 when a target is missed",
+    e = sub.add_parser("eval", help="prompt accuracy, diversity and background speckle (digits preset); exits 1 when a "
+                       "target is missed",
                        formatter_class=_HelpFormatter)
     e.add_argument("--preset", default="digits", choices=("digits",), help="the evaluation to run")
     e.add_argument("--per-prompt", type=_int_at_least(2), default=10, help="samples per (digit, held-out template)")

@@ -10,7 +10,10 @@ are only 10 x 16 of them) and cached in memory.
 Evaluation (`evaluate`): prompt accuracy = the share of samples that an independent classifier (an RBF SVC trained on
 the real training split) labels as the prompted digit, over all ten digits and the held-out templates; diversity = the
 mean pairwise L2 distance between samples of one prompt, divided by the same for real held-out images of that digit,
-averaged over digits.
+averaged over digits; background speckle = the standard deviation of the background pixels (`background_mask`: where
+the mean real training image of the digit has almost no ink), pooled over all images, in the [-1, 1] pixel range,
+computed the same way for the samples and for the real held-out images (`background_std`), and reported as their
+ratio (1 = as clean as real digits).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ HELDOUT_TEMPLATES = (
 )
 SIZE = 16
 HELDOUT_FRACTION = 0.2
+# A pixel is background for digit k when the mean real training image of k is below this, in [-1, 1]: at most 2 % of
+# full ink on average (about a fifth of the 16x16 pixels, the corners and edges that no writer of k reaches).
+BACKGROUND_LEVEL = -0.96
 
 
 def caption(template: str, digit: int) -> str:
@@ -133,10 +139,30 @@ def mean_pairwise_distance(x: torch.Tensor) -> float:
     return float(d.sum() / (n * (n - 1)))
 
 
+def background_mask() -> torch.Tensor:
+    """(10, 16, 16) bool: pixel (i, j) is background for digit k when the mean real *training* image of k is below
+    BACKGROUND_LEVEL there. Fixed by the data, the same mask for real and generated images."""
+    x, y = load_images("train")
+    return torch.stack([x[y == k].mean(0)[0] < BACKGROUND_LEVEL for k in range(10)])
+
+
+def background_std(images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """The standard deviation of the background pixels of `images` (N, 1, 16, 16) in [-1, 1], digit labels (N,):
+    every image's pixels under its digit's `background_mask`, pooled. Speckle and a grey background raise it; real
+    held-out digits: about 0.043."""
+    mask = background_mask() if mask is None else mask
+    if images.dim() != 4 or tuple(images.shape[1:]) != (1, SIZE, SIZE) or labels.shape != images.shape[:1]:
+        raise ValueError(f"background_std: expected images (N, 1, {SIZE}, {SIZE}) and labels (N,), got "
+                         f"{tuple(images.shape)} and {tuple(labels.shape)}")
+    vals = torch.cat([images[labels == k][:, 0][:, mask[k]].flatten() for k in range(10)])
+    return float(vals.double().std())
+
+
 @torch.no_grad()
 def evaluate(pipe: Any, per_prompt: int = 10, guidance_scale: float | None = None, steps: int | None = None,
              seed: int = 0, templates=HELDOUT_TEMPLATES, progress: bool = False) -> dict[str, Any]:
-    """Prompt accuracy and diversity of `pipe` (a CrossFlowPipeline) on the held-out caption templates."""
+    """Prompt accuracy, diversity and background speckle of `pipe` (a CrossFlowPipeline) on the held-out caption
+    templates (see the module docstring)."""
     from tqdm.auto import tqdm
 
     if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 2:
@@ -144,13 +170,14 @@ def evaluate(pipe: Any, per_prompt: int = 10, guidance_scale: float | None = Non
     clf, clf_acc = train_classifier()
     real, real_y = load_images("test")
     kw = {k: v for k, v in dict(guidance_scale=guidance_scale, steps=steps).items() if v is not None}
-    correct, total, ratios, per_digit = 0, 0, [], {}
+    correct, total, ratios, per_digit, all_imgs = 0, 0, [], {}, []
     # progress: one bar counting images, moved after each batch; tqdm's disable=None hides it when stderr is no terminal
     bar = tqdm(total=10 * per_prompt * len(templates), desc="eval", unit="img", disable=None if progress else True)
     for ti, template in enumerate(templates):
         # One batched call per template: the ten digit prompts, `per_prompt` images each (a prompt's images adjacent).
         imgs = pipe([caption(template, k) for k in range(10)], num_images_per_prompt=per_prompt, seed=seed + ti,
                     output_type="pt", **kw).float().cpu() * 2 - 1  # (10 * n, 1, 16, 16), back to [-1, 1]
+        all_imgs.append(imgs)
         pred = torch.as_tensor(clf.predict(imgs.clamp(-1, 1).flatten(1).numpy())).view(10, per_prompt)
         for k in range(10):
             hits = int((pred[k] == k).sum())
@@ -161,9 +188,15 @@ def evaluate(pipe: Any, per_prompt: int = 10, guidance_scale: float | None = Non
         bar.update(10 * per_prompt)
     bar.close()
     n_per_digit = per_prompt * len(templates)
+    mask = background_mask()
+    bg = background_std(torch.cat(all_imgs), torch.arange(10).repeat_interleave(per_prompt).repeat(len(templates)), mask)
+    bg_real = background_std(real, real_y, mask)
     return {
         "accuracy": correct / total,
         "diversity": sum(ratios) / len(ratios),
+        "speckle": bg / bg_real,
+        "background_std": bg,
+        "background_std_real": bg_real,
         "per_digit_accuracy": {str(k): v / n_per_digit for k, v in sorted(per_digit.items())},
         "samples": total,
         "classifier_accuracy_on_real": clf_acc,

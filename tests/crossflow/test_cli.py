@@ -100,6 +100,30 @@ def test_cli_interpolate_uses_the_pipeline(tiny_digits_run, tmp_path):
     assert s.crop((0, 0, 16, 16)).tobytes() == Image.open(one).tobytes()
 
 
+def test_cli_arithmetic_samples_the_combined_text_latents(tiny_digits_run, tmp_path):
+    """`arithmetic A - B + C` draws exactly the pipeline's images from latent_arithmetic(VE(A), VE(C), VE(B)), every
+    term with the seed's noise, and they differ from plain `sample A`."""
+    from crossflow.pipeline import CrossFlowPipeline
+    from crossflow.sampling import latent_arithmetic
+
+    out, one = tmp_path / "arith.png", tmp_path / "one.png"
+    common = ["--steps", "2", "--checkpoint", str(tiny_digits_run), "--backend", "torch", "--upscale", "1", "--gap",
+              "0", "--seed", "3", "-q"]
+    cli.main(["arithmetic", "number seven, written by hand", "-", "seven", "+", "three", "-o", str(out), "--n", "2",
+              *common])
+    got = Image.open(out)
+    assert got.size == (2 * 16, 16)
+    pipe = CrossFlowPipeline.from_pretrained(tiny_digits_run)
+    z = {p: pipe.encode_prompts(p, 2, generator=torch.Generator().manual_seed(3))
+         for p in ("number seven, written by hand", "seven", "three")}
+    with kernels.use_backend("torch"):
+        want = pipe(z0=latent_arithmetic(z["number seven, written by hand"], z["three"], z["seven"]), steps=2)
+    for i, im in enumerate(want):
+        assert got.crop((16 * i, 0, 16 * (i + 1), 16)).tobytes() == im.tobytes()
+    cli.main(["sample", "number seven, written by hand", "-o", str(one), "--n", "2", *common])
+    assert Image.open(one).tobytes() != got.tobytes()
+
+
 def test_cli_eval_reports_and_exits_1_on_fail(tiny_digits_run, tmp_path, capsys):
     out = tmp_path / "eval.json"
     with pytest.raises(SystemExit) as e:  # an untrained model misses the targets
@@ -108,6 +132,8 @@ def test_cli_eval_reports_and_exits_1_on_fail(tiny_digits_run, tmp_path, capsys)
     assert e.value.code == 1
     res = json.loads(out.read_text())
     assert 0.0 <= res["accuracy"] <= 1.0 and res["diversity"] > 0
+    assert res["speckle"] == pytest.approx(res["background_std"] / res["background_std_real"])
+    assert 0.04 < res["background_std_real"] < 0.05  # real held-out digits, whatever the model
     assert res["samples"] == 10 * 4 * 2 and res["classifier_accuracy_on_real"] > 0.95
     assert capsys.readouterr().out.rstrip().endswith(": FAIL")
 
@@ -115,9 +141,17 @@ def test_cli_eval_reports_and_exits_1_on_fail(tiny_digits_run, tmp_path, capsys)
 def test_cli_eval_exits_0_on_pass(tiny_digits_run, monkeypatch, capsys):
     from crossflow import digits
 
-    monkeypatch.setattr(digits, "evaluate", lambda *a, **k: {"accuracy": 0.96, "diversity": 0.6})
+    res = {"accuracy": 0.99, "diversity": 0.85, "speckle": 1.5}  # exactly at the bars
+    monkeypatch.setattr(digits, "evaluate", lambda *a, **k: dict(res))
     assert cli.main(["eval", "--checkpoint", str(tiny_digits_run), "--backend", "torch", "-q"]) == 0
     assert capsys.readouterr().out.rstrip().endswith(": PASS")
+    for key, worse in (("accuracy", 0.985), ("diversity", 0.84), ("speckle", 1.51)):  # each bar alone fails the eval
+        monkeypatch.setattr(digits, "evaluate", lambda *a, worse=worse, key=key, **k: {**res, key: worse})
+        with pytest.raises(SystemExit) as e:
+            cli.main(["eval", "--checkpoint", str(tiny_digits_run), "--backend", "torch", "-q"])
+        assert e.value.code == 1
+        out = capsys.readouterr().out.rstrip()
+        assert out.endswith(": FAIL") and out.count("MISSED") == 1, out
 
 
 def test_cli_progress_bar_on_a_terminal_only(tiny_digits_run, tmp_path, monkeypatch):
@@ -152,6 +186,11 @@ def test_cli_entry_point_subprocess(tiny_digits_run, tmp_path):
     (["sample", "   "], "PROMPT: a prompt must not be empty"),
     (["sample", ""], "PROMPT: a prompt must not be empty"),
     (["interpolate", "one", " "], "PROMPT_B: a prompt must not be empty"),
+    (["arithmetic", "seven"], "at least one '+ PROMPT' or '- PROMPT'"),
+    (["arithmetic", "seven", "-"], "the operator '-' at the end has no prompt"),
+    (["arithmetic", "seven", "*", "one"], "expected '+' or '-' between prompts, got '*'"),
+    (["arithmetic", "seven", "+", "  "], "prompt 2 is '  '"),
+    (["arithmetic", "a", "-", "b", "-o", "x.gif"], "the extension names the image format"),
     (["sample", "x", "--guidance", "-1"], "--guidance: must be a finite number >= 0"),
     (["sample", "x", "--guidance", "nan"], "--guidance: must be a finite number >= 0"),
     (["sample", "x", "--upscale", "20000"], "--upscale: must be in 1..16"),
@@ -182,7 +221,7 @@ def test_usage_errors_are_caught_before_anything_heavy_is_imported():
 def test_help_lists_every_verb_and_shows_defaults():
     r = _run("--help", timeout=60)
     assert r.returncode == 0
-    for verb in ("sample", "interpolate", "train", "eval", "convert"):
+    for verb in ("sample", "interpolate", "arithmetic", "train", "eval", "convert"):
         assert verb in r.stdout
     sample_help = _run("sample", "--help", timeout=60).stdout
     assert "(default: 4)" in sample_help and "(default: samples.png)" in sample_help and "(default: 0)" in sample_help

@@ -4,6 +4,7 @@ import io
 import sys
 import time
 
+import pytest
 import torch
 
 import kernels
@@ -44,7 +45,7 @@ def test_digit_pairs_are_deterministic_and_shaped():
 def test_shipped_model_draws_the_prompted_digits():
     """A small eval of the committed weights (the README's numbers come from the full `crossflow eval`)."""
     ckpt = default_checkpoint()
-    assert sampling_defaults(ckpt) == {"steps": 50, "guidance_scale": 7.0}
+    assert sampling_defaults(ckpt) == {"steps": 50, "guidance_scale": 1.25}
     pipe = CrossFlowPipeline.from_pretrained(ckpt, sampler=FastSampler(steps=20))
     with kernels.use_backend("torch"):  # speed on CPU; the kernels are tested on their own
         res = digits.evaluate(pipe, per_prompt=3, guidance_scale=7.0, steps=20, templates=digits.HELDOUT_TEMPLATES[:2])
@@ -78,3 +79,22 @@ def test_evaluate_progress_moves_per_batch(monkeypatch):
     monkeypatch.setattr(sys, "stderr", tty)
     digits.evaluate(fake_pipe, per_prompt=2, templates=digits.HELDOUT_TEMPLATES[:1])
     assert tty.getvalue() == ""
+
+
+def test_background_speckle_metric():
+    """background_std: the class-background pixels of real digits are nearly constant; speckle raises it, ink outside
+    the background does not count, and real and generated images go through the same mask."""
+    mask = digits.background_mask()
+    assert mask.shape == (10, 16, 16) and mask.dtype == torch.bool
+    assert mask[:, 0, 0].all() and 0.15 < mask.float().mean() < 0.3  # a corner is background for every digit
+    assert not mask[:, 6:10, 6:10].all()  # the centre carries ink for most digits
+    x, y = digits.load_images("test")
+    real = digits.background_std(x, y, mask)
+    assert 0.04 < real < 0.05
+    g = torch.Generator().manual_seed(0)
+    noisy = x + 0.1 * torch.randn(x.shape, generator=g)
+    assert digits.background_std(noisy, y, mask) == pytest.approx((real**2 + 0.1**2) ** 0.5, rel=0.05)
+    inked = torch.where(mask[y][:, None], x, torch.ones_like(x))  # saturate every non-background pixel
+    assert digits.background_std(inked, y, mask) == pytest.approx(real)
+    with pytest.raises(ValueError, match="background_std"):
+        digits.background_std(x[:, :, :8], y, mask)
