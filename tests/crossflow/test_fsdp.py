@@ -1,0 +1,110 @@
+"""`crossflow.train --fsdp` (FSDP2, `crossflow.distributed`): two gloo processes under torchrun train as one process
+does on the same two per-rank batches, and checkpoints load in either mode. DiMR's blocks are FSDP units.
+
+The one-process reference runs both ranks' batches of every step in one process (`Trainer.batch_loss(step, rank)`;
+each rank's batch, noise and t are seeded by (seed, step, rank)) and averages the losses: the global batch of the
+2-process run. Two processes must match it to fp32 reduction error (the shards reduce in another order)."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from crossflow import checkpoint as ckpt
+from crossflow import distributed as fsdp
+from crossflow.model import CrossFlow
+from crossflow.train import Trainer, TrainConfig, main
+
+REPO = Path(__file__).resolve().parents[2]
+ARGS = dict(preset="tiny", batch_size=4, lr=3e-3, warmup_steps=5, ema_decay=0.9, log_every=1, backend="torch",
+            quiet=True, seed=7, keep_checkpoints=0)
+TOL = dict(rtol=1e-4, atol=1e-6)  # a few fp32 roundings of different reduction orders, through 4 Adam steps
+# The attention key bias cancels in the softmax: its exact gradient is 0, the computed one rounding noise, which Adam
+# normalises into steps of up to lr each. Bound: the sum of the lrs applied (warm-up over 5 steps, 4 steps).
+NOISE_ONLY, LR_SUM = "W_K.bias", sum(ARGS["lr"] * s / ARGS["warmup_steps"] for s in range(1, 5))
+
+
+def _torchrun(out: Path, *extra: str) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in ARGS.items() if k != "quiet"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "crossflow.train", "--out", str(out), "--quiet", "--fsdp", *flags, *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _log(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())}
+
+
+def _checkpoint(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return ckpt.read_training_checkpoint(ckpt.checkpoint_path(out, step))[0]
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        tol = dict(rtol=0.0, atol=LR_SUM) if k.endswith(NOISE_ONLY) else TOL
+        torch.testing.assert_close(a[k], b[k], **tol, msg=k)
+
+
+def test_fsdp_two_processes_match_one_process_and_checkpoints_load_either_way(tmp_path):
+    out_f, out_r, out_m = tmp_path / "fsdp", tmp_path / "ref", tmp_path / "mixed"
+    _torchrun(out_f, "--steps=4", "--ckpt-every=2")
+
+    # The one-process reference: both ranks' batches per step, loss averaged (DDP's and FSDP's gradient).
+    tr = Trainer(TrainConfig(out=str(out_r), steps=4, ckpt_every=2, **ARGS))
+    one = tr.batch_loss
+
+    def both(step: int, rank: int):
+        (l0, p0), (l1, p1) = (one(step, r) for r in (0, 1))
+        return (l0 + l1) / 2, {k: (p0[k] + p1[k]) / 2 for k in p0}
+
+    tr.batch_loss = both
+    ref_loss, ref_ckpt = {}, {}
+    try:
+        for step in range(1, 5):
+            tr.step = step
+            ref_loss[step] = tr.train_step(step)["loss"].item()
+            if step == 2:  # the same state saved in the one-process format, for an FSDP resume below
+                path = tr.save_checkpoint()
+                ref_ckpt = ckpt.read_training_checkpoint(path)[0]
+                out_m.mkdir()
+                (out_m / "checkpoints").mkdir()
+                (out_m / "checkpoints" / path.name).write_bytes(path.read_bytes())
+        ema_ref = {k: v.clone() for k, v in tr.ema.state_dict().items()}
+    finally:
+        tr.close()
+
+    # Same losses, and at step 2 the same model, EMA and AdamW state in the one-process file format.
+    log = _log(out_f)
+    assert sorted(log) == [1, 2, 3, 4]
+    assert log[1]["loss"] == pytest.approx(ref_loss[1], rel=1e-6)  # same weights, same batches: same forward
+    for step in (2, 3, 4):
+        assert log[step]["loss"] == pytest.approx(ref_loss[step], rel=1e-5), step
+    got = _checkpoint(out_f, 2)
+    _close({k: v for k, v in got.items() if not k.startswith("log/")}, ref_ckpt)
+    final = CrossFlow.from_pretrained(out_f / "final")  # the EMA, loadable without FSDP
+    _close(final.state_dict(), ema_ref)
+
+    # An FSDP checkpoint resumes in one process (world size 2 -> 1: the data stream changes, it warns) ...
+    tr = Trainer(TrainConfig(out=str(out_f), steps=5, ckpt_every=5, resume=True, **ARGS))
+    try:
+        saved = _checkpoint(out_f, 4)
+        assert tr.step == 4 and all(torch.equal(v, saved[f"model/{k}"]) for k, v in tr.model.state_dict().items())
+        assert torch.isfinite(tr.train_step(5)["loss"])
+    finally:
+        tr.close()
+    # ... and a one-process checkpoint resumes under FSDP: steps 3, 4 replay the FSDP run's.
+    _torchrun(out_m, "--steps=4", "--ckpt-every=2", "--resume")
+    mixed = _log(out_m)
+    for step in (3, 4):
+        assert mixed[step]["loss"] == pytest.approx(log[step]["loss"], rel=1e-5), step
+    _close(_checkpoint(out_m, 4), _checkpoint(out_f, 4))
