@@ -54,9 +54,6 @@ def shard_training(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
     model, possibly holding state loaded from a checkpoint) onto the sharded parameters, its state split likewise."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    if world < 2:
-        raise ValueError("--fsdp shards over the processes of a torchrun launch, and this run has one: launch it with "
-                         "`torchrun --nproc_per_node N` (N >= 2), or drop --fsdp")
     mesh = init_device_mesh(device.type, (world,))
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
@@ -77,10 +74,12 @@ def _like(value: Any, param: torch.Tensor) -> Any:
 
 
 def average_unsharded_grads(model: nn.Module, world: int) -> None:
-    """Average the gradients of the parameters FSDP2 does not manage over the ranks (SUM then divide: gloo has no
-    AVG); call after the backward, before the gradient norm."""
+    """On a sharded `model`, average the gradients of the parameters FSDP2 leaves whole over the ranks (SUM then
+    divide: gloo has no AVG); call after the backward, before the gradient norm. A no-op on an unsharded model."""
+    from torch.distributed.fsdp import FSDPModule
+
     grads = [p.grad for p in unsharded_params(model) if p.grad is not None]
-    if grads and world > 1:
+    if isinstance(model, FSDPModule) and grads and world > 1:
         flat = torch.stack([g.reshape(()) for g in grads])
         dist.all_reduce(flat)
         torch._foreach_copy_(grads, list((flat / world).unbind()))

@@ -112,6 +112,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: invalid device {self.device!r} ({e})") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"TrainConfig: device {self.device!r} requested but CUDA is not available")
+        if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise ValueError("TrainConfig: fsdp shards over the processes of a torchrun launch: use torchrun")
         if self.backend == "triton" and (dev.type == "cuda") == kernels.interpreting():
             raise ValueError(f"TrainConfig: backend 'triton' cannot run on {dev.type}: it needs CUDA, or "
                              "TRITON_INTERPRET=1 on the CPU (slow); use --backend auto or torch")
@@ -258,8 +260,7 @@ class Trainer:
         loss, parts = self.batch_loss(step, self.rank)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if tc.fsdp:
-            fsdp.average_unsharded_grads(self.model, self.world)
+        fsdp.average_unsharded_grads(self.model, self.world)  # FSDP only: what it leaves whole
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = fsdp.grad_norm([p.grad for p in params])  # pre-clip; inf/nan if any grad is
         bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(norm)).float()
