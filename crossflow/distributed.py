@@ -50,27 +50,34 @@ def shard(model: nn.Module, mesh: Any) -> None:
 
 def shard_training(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, device: torch.device,
                    world: int) -> None:
-    """Shard `model` and `ema` identically over a 1-D mesh of `world` ranks, and move `opt` (built on the whole
-    model, possibly holding state loaded from a checkpoint) onto the sharded parameters, its state split likewise."""
+    """Shard `model` and `ema` identically over a 1-D mesh of `world` ranks on `device`, and move `opt` (built on the
+    whole model, possibly holding state loaded from a checkpoint) onto the sharded parameters, its state split
+    likewise. The whole model, EMA and optimizer state may (should, for a 1 B model) be on the CPU: only the shards
+    reach `device`."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world,))
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
     state = {names[id(p)]: s for p, s in opt.state.items()}
-    shard(model, mesh)
-    shard(ema, mesh)
+    for m in (model, ema):
+        shard(m, mesh)
+        for p in unsharded_params(m):  # FSDP moves what it shards only
+            p.data = p.data.to(device)
     new = dict(model.named_parameters())
     for g, ns in zip(opt.param_groups, groups, strict=True):
         g["params"] = [new[n] for n in ns]
-    opt.state = defaultdict(dict, {new[n]: {k: _like(v, new[n]) for k, v in s.items()} for n, s in state.items()})
+    opt.state = defaultdict(dict, {new[n]: {k: _like(k, v, new[n]) for k, v in s.items()} for n, s in state.items()})
 
 
-def _like(value: Any, param: torch.Tensor) -> Any:
-    """An optimizer state entry shaped like `param`, sharded as `param` is (each rank keeps its own chunk)."""
-    if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.shape == param.shape:
+def _like(key: str, value: Any, param: torch.Tensor) -> Any:
+    """An optimizer state entry shaped like `param`, on its device and sharded as it is (each rank keeps its chunk);
+    anything else (Adam's step count, kept on the CPU as `Optimizer.load_state_dict` keeps it) as it was."""
+    if key == "step" or not isinstance(value, torch.Tensor) or value.shape != param.shape:
+        return value
+    if isinstance(param, DTensor):
         return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-    return value
+    return value.to(param.device)
 
 
 def average_unsharded_grads(model: nn.Module, world: int) -> None:
@@ -128,8 +135,12 @@ class FullState:
         return self._state
 
 
-def whole(obj: nn.Module | torch.optim.Optimizer, keep: bool, config: Any = None) -> FullState:
-    """A sharded model / EMA or optimizer gathered into the one-process format (collective; tensors kept on `keep`)."""
+def whole(obj: nn.Module | torch.optim.Optimizer, keep: bool, config: Any = None) -> Any:
+    """A model / EMA or optimizer as one process holds it (`state_dict()` in the one-process format): a sharded one
+    gathered (collective; tensors kept where `keep`) into a `FullState`, anything else returned as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
     if isinstance(obj, torch.optim.Optimizer):
-        return FullState(full_optimizer_state_dict(obj, keep))
-    return FullState(full_state_dict(obj, keep), config)
+        sharded = any(isinstance(p, DTensor) for g in obj.param_groups for p in g["params"])
+        return FullState(full_optimizer_state_dict(obj, keep)) if sharded else obj
+    return FullState(full_state_dict(obj, keep), config) if isinstance(obj, FSDPModule) else obj

@@ -48,8 +48,8 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 # caption before the T5 tokenizer, in training feature extraction and at sampling alike. The patterns below are its
 # behaviour, stage by stage; the two libraries it calls are replaced by the standard library:
 #   * BeautifulSoup(caption, "html.parser").text -> `_html_text`, on the same `html.parser` tokenizer: the text nodes
-#     (entities decoded as bs4 does, numeric ones < 256 as windows-1252), without tags, comments, declarations and
-#     the contents of <script>/<style>/<template>/<rt>/<rp> (bs4 >= 4.10 leaves those out of `.text`);
+#     (entities decoded as bs4 4.13+ does: HTML5 rules, &#128;-&#159; as windows-1252), without tags, comments,
+#     declarations and the contents of <script>/<style>/<template>/<rt>/<rp> (which bs4 leaves out of `.text`);
 #   * ftfy.fix_text -> `_fix_text`: its default fixes except mojibake repair (`fix_encoding` and its helpers): HTML
 #     entities (only in text without "<"), C1 controls as windows-1252, Latin ligatures, full/half-width forms, curly
 #     quotes, line breaks, surrogates, terminal escapes, control characters, NFC; to a fixed point, per line.
@@ -105,7 +105,8 @@ class _TextNodes(HTMLParser):
         self.hidden += tag in self.HIDDEN
 
     def handle_endtag(self, tag: str) -> None:
-        self.hidden -= tag in self.HIDDEN and self.hidden > 0
+        if tag in self.HIDDEN and self.hidden:
+            self.hidden -= 1
 
     def handle_data(self, data: str) -> None:
         if not self.hidden:

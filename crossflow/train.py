@@ -186,8 +186,8 @@ class Trainer:
                 ckpt.clean_stale_tmp(self.out / sub)
         resume_from = self._checkpoint_to_resume()  # checked before anything is created or written
 
-        torch.manual_seed(tc.seed)  # identical initial weights on every rank
-        self.model = CrossFlow(self.cfg).to(self.device)
+        torch.manual_seed(tc.seed)  # identical initial weights on every rank; FSDP: whole on the CPU until sharded
+        self.model = CrossFlow(self.cfg).to("cpu" if tc.fsdp else self.device)
         self.model.flow.gradient_checkpointing = tc.grad_checkpointing or tc.fsdp
         self.model.train()
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -309,7 +309,7 @@ class Trainer:
                     self.save_checkpoint()
                 bar.update(1)
         bar.close()
-        ema = self._whole(self.ema)
+        ema = fsdp.whole(self.ema, self.main, self.cfg)  # under FSDP gathered (to rank 0)
         if self.main:
             ckpt.save_pretrained(ema, str(self.out / "final"))
         if tc.dump_weights_hash:
@@ -342,7 +342,7 @@ class Trainer:
         """Write checkpoints/step_<step>.safetensors atomically (rank 0); prune old ones beyond keep_checkpoints."""
         if self.n_acc:  # a window cut by the checkpoint: every rank keeps (and the file stores) the rank mean
             self.acc = dict(zip(sorted(self.acc), self._window()))
-        model, ema, opt = (self._whole(m) for m in (self.model, self.ema, self.opt))  # the one-process format
+        model, ema, opt = (fsdp.whole(m, self.main, self.cfg) for m in (self.model, self.ema, self.opt))  # FSDP
         if not self.main:
             return None
         meta = {"step": self.step, "skipped": self.skipped, "log_n": self.n_acc, "world_size": self.world,
@@ -358,11 +358,8 @@ class Trainer:
                 old.unlink(missing_ok=True)
         return path
 
-    def _whole(self, obj: Any, everywhere: bool = False) -> Any:  # under FSDP gathered (to rank 0 only by default)
-        return fsdp.whole(obj, self.main or everywhere, self.cfg) if self.tc.fsdp else obj
-
     def _dump_hash(self, target: str) -> None:  # debugging DDP: equal hashes iff bit-identical weights on every rank
-        whole = {k: self._whole(m, everywhere=True).state_dict() for k, m in (("model", self.model), ("ema", self.ema))}
+        whole = {k: fsdp.whole(m, True).state_dict() for k, m in (("model", self.model), ("ema", self.ema))}
         rec = {"rank": self.rank, "step": self.step, **{k: ckpt.tensors_sha256(sd) for k, sd in whole.items()}}
         ckpt.atomic_write(f"{target}.rank{self.rank}", lambda p: Path(p).write_text(json.dumps(rec) + "\n"))
 

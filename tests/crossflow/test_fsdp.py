@@ -25,9 +25,12 @@ REPO = Path(__file__).resolve().parents[2]
 ARGS = dict(preset="tiny", batch_size=4, lr=3e-3, warmup_steps=5, ema_decay=0.9, log_every=1, backend="torch",
             quiet=True, seed=7, keep_checkpoints=0)
 TOL = dict(rtol=1e-4, atol=1e-6)  # a few fp32 roundings of different reduction orders, through 4 Adam steps
-# The attention key bias cancels in the softmax: its exact gradient is 0, the computed one rounding noise, which Adam
-# normalises into steps of up to lr each. Bound: the sum of the lrs applied (warm-up over 5 steps, 4 steps).
-NOISE_ONLY, LR_SUM = "W_K.bias", sum(ARGS["lr"] * s / ARGS["warmup_steps"] for s in range(1, 5))
+# Adam divides by the gradient's own size: where the exact gradient is ~0 (the attention key bias, which the softmax
+# cancels; a few weights of a batch) the computed one is rounding noise in either run, and the updates that noise
+# makes may differ by up to lr per step. So: every entry within the sum of the lrs applied (warm-up over 5 steps),
+# and all but 0.1 % of each tensor within TOL (all of the key bias is noise). A real difference (a gradient not
+# averaged, a state on the wrong parameter) moves whole tensors.
+LR_SUM, NOISE_ONLY = sum(ARGS["lr"] * s / ARGS["warmup_steps"] for s in range(1, 5)), "W_K.bias"
 
 
 def _torchrun(out: Path, *extra: str) -> None:
@@ -51,8 +54,12 @@ def _checkpoint(out: Path, step: int) -> dict[str, torch.Tensor]:
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        tol = dict(rtol=0.0, atol=LR_SUM) if k.endswith(NOISE_ONLY) else TOL
-        torch.testing.assert_close(a[k], b[k], **tol, msg=k)
+        assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, k
+        diff, ref = (a[k].double() - b[k].double()).abs(), b[k].double().abs()
+        off = diff > TOL["atol"] + TOL["rtol"] * ref
+        assert diff.max().item() <= LR_SUM if diff.numel() else True, (k, diff.max().item())
+        allowed = off.numel() if k.endswith(NOISE_ONLY) else int(1e-3 * off.numel())
+        assert off.sum().item() <= allowed, (k, off.sum().item(), off.numel(), diff.max().item())
 
 
 def test_fsdp_two_processes_match_one_process_and_checkpoints_load_either_way(tmp_path):
