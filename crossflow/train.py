@@ -2,6 +2,7 @@
 
     python -m crossflow.train --preset tiny --steps 50 --out runs/tiny
     torchrun --nproc_per_node 2 -m crossflow.train --preset tiny --steps 50 --out runs/tiny   # DDP (gloo on CPU)
+    torchrun --nproc_per_node 8 -m crossflow.train --preset dimr-256-clip --fsdp ...   # FSDP2, crossflow.distributed
     crossflow train --preset digits                     # the same parser; a preset's recipe supplies the defaults
 
 What a run writes under --out (rank 0 only; default runs/<preset>):
@@ -39,6 +40,7 @@ from tqdm import tqdm
 
 import kernels
 from crossflow import checkpoint as ckpt
+from crossflow import distributed as fsdp
 from crossflow._cli_base import Parser
 from crossflow.config import CrossFlowConfig
 from crossflow.data import SyntheticPairs, collate, stable_seed
@@ -88,6 +90,7 @@ class TrainConfig:
     backend: str = "auto"  # kernels backend: auto (Triton where it can run, else torch) | torch | triton
     bf16: bool = True  # bf16 autocast, CUDA only
     grad_checkpointing: bool = False
+    fsdp: bool = False  # shard model, EMA and AdamW state over the ranks (FSDP2); implies grad_checkpointing
     resume: bool = False
     quiet: bool = False
     dump_weights_hash: str | None = None  # debugging: each rank writes a hash of its weights to FILE.rank<r>
@@ -111,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: invalid device {self.device!r} ({e})") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"TrainConfig: device {self.device!r} requested but CUDA is not available")
+        if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise ValueError("TrainConfig: fsdp shards over the processes of a torchrun launch: use torchrun")
         if self.backend == "triton" and (dev.type == "cuda") == kernels.interpreting():
             raise ValueError(f"TrainConfig: backend 'triton' cannot run on {dev.type}: it needs CUDA, or "
                              "TRITON_INTERPRET=1 on the CPU (slow); use --backend auto or torch")
@@ -186,9 +191,9 @@ class Trainer:
                 ckpt.clean_stale_tmp(self.out / sub)
         resume_from = self._checkpoint_to_resume()  # checked before anything is created or written
 
-        torch.manual_seed(tc.seed)  # identical initial weights on every rank
-        self.model = CrossFlow(self.cfg).to(self.device)
-        self.model.flow.gradient_checkpointing = tc.grad_checkpointing
+        torch.manual_seed(tc.seed)  # identical initial weights on every rank; FSDP: whole on the CPU until sharded
+        self.model = CrossFlow(self.cfg).to("cpu" if tc.fsdp else self.device)
+        self.model.flow.gradient_checkpointing = tc.grad_checkpointing or tc.fsdp
         self.model.train()
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.opt = torch.optim.AdamW(param_groups(self.model, tc.weight_decay), lr=tc.lr, betas=tc.betas)
@@ -201,7 +206,9 @@ class Trainer:
             self._load(resume_from)
         self.data = DATASETS[tc.data](self.cfg, tc.seed, tc.data_size)
         self.net: nn.Module = self.model  # what the step calls: the model, or DDP around it
-        if self.world > 1:
+        if tc.fsdp:  # after the load: a checkpoint loads whole, then model, EMA and AdamW state are sharded
+            fsdp.shard_training(self.model, self.ema, self.opt, self.device, self.world)
+        elif self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
@@ -239,22 +246,28 @@ class Trainer:
             ckpt.truncate_log(self.out / "log.jsonl", keep)
             print(f"[train] resumed from {path} at step {self.step}", file=sys.stderr)
 
-    def train_step(self, step: int) -> dict[str, torch.Tensor] | None:
-        """Update number `step` (1-based). Returns detached loss terms and the pre-clip gradient norm (device
-        tensors), or None for a skipped non-finite step; raises RuntimeError when the run must stop."""
+    def batch_loss(self, step: int, rank: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of rank `rank`'s batch at step `step`: every draw is seeded by (seed, step, rank)."""
         tc = self.tc
-        g = torch.Generator().manual_seed(stable_seed("train-step", tc.seed, step, self.rank))
-        torch.manual_seed(stable_seed("train-global", tc.seed, step, self.rank))  # dropout and any unseeded draw
+        g = torch.Generator().manual_seed(stable_seed("train-step", tc.seed, step, rank))
+        torch.manual_seed(stable_seed("train-global", tc.seed, step, rank))  # dropout and any unseeded draw
         idx = torch.randint(len(self.data), (tc.batch_size,), generator=g)
         batch = collate([self.data[i] for i in idx.tolist()])
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         bf16 = self.device.type == "cuda" and tc.bf16
         with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
-            loss, parts = self.net(batch["text_emb"], batch["text_mask"], batch["latent"], g, batch.get("image"))
+            return self.net(batch["text_emb"], batch["text_mask"], batch["latent"], g, batch.get("image"))
+
+    def train_step(self, step: int) -> dict[str, torch.Tensor] | None:
+        """Update number `step` (1-based). Returns detached loss terms and the pre-clip gradient norm (device
+        tensors), or None for a skipped non-finite step; raises RuntimeError when the run must stop."""
+        tc = self.tc
+        loss, parts = self.batch_loss(step, self.rank)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        fsdp.average_unsharded_grads(self.model, self.world)  # FSDP only: what it leaves whole
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # pre-clip; inf/nan if any grad is
+        norm = fsdp.grad_norm([p.grad for p in params])  # pre-clip; inf/nan if any grad is
         bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(norm)).float()
         if self.world > 1:  # every rank must take the same decision
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -301,8 +314,9 @@ class Trainer:
                     self.save_checkpoint()
                 bar.update(1)
         bar.close()
+        ema = fsdp.whole(self.ema, self.main, self.cfg)  # under FSDP gathered (to rank 0)
         if self.main:
-            self.ema.save_pretrained(str(self.out / "final"))
+            ckpt.save_pretrained(ema, str(self.out / "final"))
         if tc.dump_weights_hash:
             self._dump_hash(tc.dump_weights_hash)
         if self.world > 1:
@@ -333,6 +347,7 @@ class Trainer:
         """Write checkpoints/step_<step>.safetensors atomically (rank 0); prune old ones beyond keep_checkpoints."""
         if self.n_acc:  # a window cut by the checkpoint: every rank keeps (and the file stores) the rank mean
             self.acc = dict(zip(sorted(self.acc), self._window()))
+        model, ema, opt = (fsdp.whole(m, self.main, self.cfg) for m in (self.model, self.ema, self.opt))  # FSDP
         if not self.main:
             return None
         meta = {"step": self.step, "skipped": self.skipped, "log_n": self.n_acc, "world_size": self.world,
@@ -342,15 +357,15 @@ class Trainer:
         path = ckpt.checkpoint_path(self.out, self.step)
         window = {f"log/{k}": v for k, v in self.acc.items()}  # the log window cut by this checkpoint
         meta = {k: str(v) for k, v in meta.items()}
-        ckpt.save_training_checkpoint(path, self.model, self.ema, self.opt, window, meta)
+        ckpt.save_training_checkpoint(path, model, ema, opt, window, meta)
         if self.tc.keep_checkpoints:
             for _, old in ckpt.list_checkpoints(self.out)[: -self.tc.keep_checkpoints]:
                 old.unlink(missing_ok=True)
         return path
 
     def _dump_hash(self, target: str) -> None:  # debugging DDP: equal hashes iff bit-identical weights on every rank
-        rec = {"rank": self.rank, "step": self.step, **{k: ckpt.tensors_sha256(m.state_dict()) for k, m in (
-            ("model", self.model), ("ema", self.ema))}}
+        whole = {k: fsdp.whole(m, True).state_dict() for k, m in (("model", self.model), ("ema", self.ema))}
+        rec = {"rank": self.rank, "step": self.step, **{k: ckpt.tensors_sha256(sd) for k, sd in whole.items()}}
         ckpt.atomic_write(f"{target}.rank{self.rank}", lambda p: Path(p).write_text(json.dumps(rec) + "\n"))
 
 
@@ -395,6 +410,8 @@ def build_parser(prog: str = "crossflow.train") -> argparse.ArgumentParser:
                    help="kernels backend: auto = Triton where it can run, else torch (default: %(default)s)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="disable bf16 autocast on CUDA")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute flow blocks in the backward pass")
+    p.add_argument("--fsdp", action="store_true", help="shard model, EMA and optimizer state over the torchrun ranks "
+                   "(FSDP2, one unit per flow block; implies --grad-checkpointing); checkpoints stay whole")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--dump-weights-hash", default=None, metavar="FILE",
