@@ -40,15 +40,21 @@ def caption(template: str, digit: int) -> str:
     return template.format(w=WORDS[digit], n=str(digit))
 
 
-def load_images(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """Real digits as (N, 1, 16, 16) float32 in [-1, 1] and labels (N,); split "train" | "test" | "all"."""
+def load_images(split: str = "train", size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real digits as (N, 1, size, size) float32 in [-1, 1] and labels (N,); split "train" | "test" | "all".
+
+    size 8 is the originals themselves; any other size is their bilinear resampling (16: the text-to-image data)."""
     from sklearn.datasets import load_digits
 
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be an int >= 1, got {size!r}")
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
-    x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False) * 2 - 1
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x * 2 - 1
     y = torch.tensor(d.target, dtype=torch.long)
     if split == "all":
         return x, y
