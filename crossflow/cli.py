@@ -1,9 +1,11 @@
-"""The `crossflow` command: sample, interpolate, train, eval, convert.
+"""The `crossflow` command: sample, interpolate, upscale, vary, train, eval, convert.
 
     crossflow sample "a handwritten seven" -o seven.png          # the shipped text-to-digit model, on the CPU too
     crossflow interpolate "a handwritten one" "a handwritten seven" -o strip.png
     crossflow train --preset digits                               # reproduces the shipped weights (runs/digits)
     crossflow eval --preset digits                                # prompt accuracy and diversity of the shipped model
+    crossflow upscale low4x4.png -o up.png                        # 4x4 digit -> 8x8 (digits-sr)
+    crossflow vary digit.png -o variations.png --n 8              # the same digit in other hands (digits-vary)
     crossflow convert t2i_512px_t5_dit.pth --preset dit-h-2-512 -o ckpt/   # an official checkpoint -> ours
 
 Errors print one line, `crossflow: error: ...` (`crossflow train: error: ...` for train): a mistake on the command
@@ -177,11 +179,46 @@ def cmd_train(argv: list[str]) -> None:
     main(argv, prog="crossflow train")
 
 
+def _eval_img2img(args) -> int:
+    """`crossflow eval --preset digits-sr | digits-vary`: the held-out judges of `crossflow.img2img`."""
+    from crossflow import img2img
+    from crossflow.checkpoint import atomic_write
+
+    device = _device(args.device)
+    with _backend(args.backend, device):
+        pipe = _image_pipeline(args, device, args.preset)
+        kw = {k: v for k, v in dict(steps=args.steps, guidance_scale=args.guidance).items() if v is not None}
+        if args.preset == "digits-sr":
+            res = img2img.evaluate_upscale(lambda low: pipe.upscale(low, seed=args.seed, **kw))
+        else:
+            res = img2img.evaluate_variation(pipe.vary, n=args.per_image, seed=args.seed, **kw)
+    res["checkpoint"] = str(_checkpoint(args.checkpoint or img2img.shipped_checkpoint(args.preset)))
+    res["guidance_scale"] = args.guidance if args.guidance is not None else pipe.sampler.guidance_scale
+    res["steps"] = args.steps if args.steps is not None else pipe.sampler.steps
+    res["seed"] = args.seed
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.json:
+        atomic_write(args.json, lambda p: Path(p).write_text(text + "\n"))
+    if args.preset == "digits-sr":
+        print(f"PSNR {res['psnr_db']:.2f} dB = bicubic {res['psnr_bicubic_db']:.2f} dB "
+              f"{res['psnr_gain_db']:+.2f} dB (target >= +{img2img.SR_PSNR_GAIN_DB:g}), classifier accuracy "
+              f"{res['accuracy']:.1%} (target >= {img2img.SR_ACCURACY:.0%}): {'PASS' if res['passed'] else 'FAIL'}")
+    else:
+        lo, hi = img2img.VARY_DISTANCE
+        print(f"label kept {res['label_kept']:.1%} (target >= {img2img.VARY_LABEL_KEPT:.0%}), distance to the input "
+              f"{res['distance_to_input']:.2f}x the same-class real distance (target {lo:g}..{hi:g}): "
+              f"{'PASS' if res['passed'] else 'FAIL'}")
+    return 0 if res["passed"] else 1
+
+
 def cmd_eval(args) -> int:
     """Prints the result and a PASS/FAIL line; exits 1 on FAIL."""
     from crossflow.checkpoint import atomic_write
     from crossflow.digits import evaluate
 
+    if args.preset in ("digits-sr", "digits-vary"):
+        return _eval_img2img(args)
     device = _device(args.device)
     with _backend(args.backend, device):
         pipe = _pipeline(args, device)
@@ -198,6 +235,63 @@ def cmd_eval(args) -> int:
     print(f"accuracy {res['accuracy']:.1%} (target >= 95%), diversity {res['diversity']:.1%} of real (target >= 50%)"
           f": {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
+
+
+def _image_pipeline(args, device, preset: str):
+    """An image -> image pipeline (`crossflow.img2img.ImagePipeline`) from --checkpoint, default the preset's shipped
+    weights; --steps/--guidance then act per call, the checkpoint's sampling.json otherwise."""
+    from crossflow.img2img import ImagePipeline, shipped_checkpoint
+
+    ckpt = _checkpoint(args.checkpoint or shipped_checkpoint(preset))
+    pipe = ImagePipeline.from_pretrained(ckpt, device=device)
+    _cap_threads(pipe.model, device, args.threads)
+    return pipe
+
+
+def _read_images(paths: list[str]) -> list:
+    """Image files -> PIL images, each checked to open and decode (a missing or unreadable file: one error line)."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no such image file: {path}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                out.append(im.copy())
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{path}: not a readable image ({e})") from None
+    return out
+
+
+def cmd_upscale(args) -> int:
+    """4x4 digit images -> 8x8 (`digits-sr`): one row per input, its --n outputs."""
+    device = _device(args.device)
+    images = _read_images(args.inputs)
+    with _backend(args.backend, device):
+        pipe = _image_pipeline(args, device, "digits-sr")
+        out = pipe(images, num_images_per_image=args.n, steps=args.steps, guidance_scale=args.guidance,
+                   seed=args.seed, output_type="pil", invert=args.invert, progress=not args.quiet)
+    save_grid(out, rows=len(images), out=args.output, upscale=args.upscale, gap=args.gap)
+    w, h = out[0].size
+    print(f"wrote {args.output} ({len(images)} input(s) x {args.n}, {w}x{h} px each, upscaled x{args.upscale})")
+    return 0
+
+
+def vary_image(args) -> int:
+    """`crossflow vary IMAGE...`: --n variations of each image (`digits-vary`), one row per input."""
+    device = _device(args.device)
+    images = _read_images(args.images)
+    with _backend(args.backend, device):
+        pipe = _image_pipeline(args, device, "digits-vary")
+        out = pipe(images, num_images_per_image=args.n, steps=args.steps, guidance_scale=args.guidance,
+                   seed=args.seed, output_type="pil", invert=args.invert, progress=not args.quiet)
+    save_grid(out, rows=len(images), out=args.output, upscale=args.upscale, gap=args.gap)
+    w, h = out[0].size
+    print(f"wrote {args.output} ({len(images)} image(s) x {args.n} variations, {w}x{h} px each, "
+          f"upscaled x{args.upscale})")
+    return 0
 
 
 def cmd_convert(args) -> int:
@@ -257,8 +351,8 @@ def _image_path(text: str) -> str:
     return text
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default=None, help="model directory (default: the shipped digits model)")
+def _common(p: argparse.ArgumentParser, preset: str = "digits") -> None:
+    p.add_argument("--checkpoint", default=None, help=f"model directory (default: the shipped {preset} model)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="kernels backend; auto: Triton where it can run, else torch")
@@ -283,7 +377,7 @@ def _image_out(p: argparse.ArgumentParser, default: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="crossflow", description=__doc__.split("\n\n")[0],
                 epilog="CROSSFLOW_DEBUG=1 shows a traceback for errors.", formatter_class=_HelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{sample,interpolate,train,eval,convert}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sample,interpolate,upscale,vary,train,eval,convert}")
     s = sub.add_parser("sample", help="prompts -> an image grid (one row per prompt)", formatter_class=_HelpFormatter)
     s.add_argument("prompts", nargs="+", metavar="PROMPT", type=_prompt)
     _image_out(s, "samples.png")
@@ -301,11 +395,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train a preset (see `crossflow train --help`)", add_help=False)
     e = sub.add_parser("eval", help="prompt accuracy and diversity (digits preset); exits 1 when a target is missed",
                        formatter_class=_HelpFormatter)
-    e.add_argument("--preset", default="digits", choices=("digits",), help="the evaluation to run")
+    e.add_argument("--preset", default="digits", choices=("digits", "digits-sr", "digits-vary"),
+                   help="the evaluation to run (and, without --checkpoint, the shipped weights it judges)")
     e.add_argument("--per-prompt", type=_int_at_least(2), default=10, help="samples per (digit, held-out template)")
+    e.add_argument("--per-image", type=_int_at_least(2), default=4, help="digits-vary: variations per held-out image")
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
     _common(e)
     e.set_defaults(func=cmd_eval)
+    u = sub.add_parser("upscale", help="4x4 digit images -> 8x8 (super-resolution, the digits-sr model)",
+                       formatter_class=_HelpFormatter)
+    u.add_argument("inputs", nargs="+", metavar="IN", help="image file(s); larger ones are area-averaged to 4x4")
+    _image_out(u, "upscaled.png")
+    u.add_argument("--n", type=_int_at_least(1), default=1, help="outputs per input (one row per input)")
+    u.add_argument("--invert", action="store_true", help="the input is dark ink on a light background")
+    _common(u, "digits-sr")
+    u.set_defaults(func=cmd_upscale, upscale=8)
+    v = sub.add_parser("vary", help="variations of a digit image (the same digit, another hand; digits-vary)",
+                       formatter_class=_HelpFormatter)
+    v.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s); resized to 8x8")
+    _image_out(v, "variations.png")
+    v.add_argument("--n", type=_int_at_least(1), default=4, help="variations per image (one row per image)")
+    v.add_argument("--invert", action="store_true", help="the input is dark ink on a light background")
+    _common(v, "digits-vary")
+    v.set_defaults(func=vary_image, upscale=8)
     c = sub.add_parser("convert", help="an official CrossFlow DiT checkpoint (.pth) -> a save_pretrained directory",
                        formatter_class=_HelpFormatter)
     c.add_argument("checkpoint_in", metavar="OFFICIAL", help="the official .pth (read with weights_only=True)")

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 NATIVE = 8  # the originals' resolution: the target of both tasks
 LOW = 4  # super-resolution input
@@ -177,3 +178,187 @@ def evaluate_variation(vary: Callable[..., torch.Tensor], n: int = 4, seed: int 
     lo, hi = VARY_DISTANCE
     res["passed"] = bool(res["label_kept"] >= VARY_LABEL_KEPT and lo <= res["distance_to_input"] <= hi)
     return res
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training data (the trainer's "digits-sr" and "digits-vary" data sets: an image "source", the target "latent")
+# ---------------------------------------------------------------------------------------------------------------------
+
+VARY_NEIGHBOURS = 20  # a variation's target: one of the source's 20 nearest same-class training digits
+
+
+def _check_pairing(cfg: Any, what: str, source_size: int) -> None:
+    want = dict(source="image", target="image", source_shape=(1, source_size, source_size),
+                latent_shape=(1, NATIVE, NATIVE), autoencoder="identity")
+    got = {k: getattr(cfg, k, None) for k in want}
+    got = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in got.items()}
+    if got != want:
+        bad = {k: got[k] for k in want if got[k] != want[k]}
+        raise ValueError(f"the {what} data set needs a config with {want}; this one has {bad}")
+
+
+class UpscalePairs(Dataset):
+    """(4x4 source, real 8x8 target) pairs from the training split. Sample i is image i mod N: no randomness."""
+
+    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None) -> None:
+        _check_pairing(cfg, "digits-sr", LOW)
+        self.images, self.labels = load_native("train")
+        self.low = downsample(self.images)
+        self.n = size if size is not None else len(self.labels)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        j = i % len(self.labels)
+        return {"source": self.low[j], "latent": self.images[j], "label": self.labels[j]}
+
+
+def neighbours(x: torch.Tensor, y: torch.Tensor, k: int = VARY_NEIGHBOURS) -> torch.Tensor:
+    """For each image, the indices of its k nearest (L2) other images of the same class: (N, k) long."""
+    flat = x.flatten(1).double()
+    d = torch.cdist(flat, flat)
+    d.masked_fill_((y[:, None] != y[None]) | torch.eye(len(y), dtype=torch.bool), float("inf"))
+    if int((y[:, None] == y[None]).sum(1).min()) <= k:
+        raise ValueError(f"neighbours: every class needs more than {k} + 1 images")
+    return d.topk(k, dim=1, largest=False).indices
+
+
+class VariationPairs(Dataset):
+    """(a digit, the same digit in another hand) pairs from the training split: the source is image i mod N, the
+    target one of its VARY_NEIGHBOURS nearest other training digits of the same class, drawn from (seed, i)."""
+
+    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None) -> None:
+        _check_pairing(cfg, "digits-vary", NATIVE)
+        self.images, self.labels = load_native("train")
+        self.near = neighbours(self.images, self.labels)
+        self.seed = seed
+        self.n = size if size is not None else len(self.labels)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        from crossflow.data import stable_seed
+
+        j = i % len(self.labels)
+        g = torch.Generator().manual_seed(stable_seed("digits-vary", self.seed, i))
+        other = int(self.near[j, int(torch.randint(self.near.shape[1], (1,), generator=g))])
+        return {"source": self.images[j], "latent": self.images[other], "label": self.labels[j]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inference: images in, images out, through the shared model and samplers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def shipped_checkpoint(preset: str) -> str:
+    """The shipped weights of a task preset: `crossflow/weights/<preset>`."""
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent / "weights" / preset)
+
+
+def from_pil(images: Any) -> torch.Tensor:
+    """PIL images (any mode and size; colour becomes grey) -> a list of (1, 1, H, W) tensors in [-1, 1]; sizes may
+    differ, so `ImagePipeline` resizes each."""
+    import numpy as np
+
+    out = []
+    for im in images:
+        a = np.asarray(im.convert("L"), dtype=np.float32) / 127.5 - 1.0
+        out.append(torch.from_numpy(a)[None, None])
+    return out
+
+
+class ImagePipeline:
+    """Images -> images with an image-source, image-target CrossFlow: super-resolution (`digits-sr`) and image
+    variation (`digits-vary`).
+
+    images (B, 1, H, W) in [-1, 1], or PIL images -> resized to the source size (`resize`) -> image VE sample z0 (the
+    only randomness: `seed` / `generator`) -> sampler (Euler + indicator CFG, `FastSampler` by default) -> z1 ->
+    autoencoder decode. A PIL input is read as a grey image with white ink on black (the digits' convention: 0 is
+    the background) unless `invert=True`.
+    """
+
+    def __init__(self, model: torch.nn.Module, autoencoder: Any, sampler: Any | None = None) -> None:
+        from crossflow.fast_sampler import FastSampler
+
+        cfg = model.config
+        if cfg.source != "image" or cfg.target != "image":
+            raise ValueError(f"ImagePipeline needs an image -> image model, got {cfg.source} -> {cfg.target}")
+        self.model, self.autoencoder = model, autoencoder
+        self.sampler = sampler if sampler is not None else FastSampler()
+
+    @classmethod
+    def from_pretrained(cls, directory: str, device: torch.device | str | None = None,
+                        sampler: Any | None = None) -> "ImagePipeline":
+        """Load a `save_pretrained` directory; without `sampler`, a FastSampler with its `sampling.json` settings."""
+        from crossflow.autoencoder import build_autoencoder
+        from crossflow.fast_sampler import FastSampler
+        from crossflow.model import CrossFlow
+        from crossflow.pipeline import sampling_defaults
+
+        model = CrossFlow.from_pretrained(directory).eval()
+        if sampler is None:
+            sampler = FastSampler(**sampling_defaults(directory))
+        pipe = cls(model, build_autoencoder(model.config), sampler)
+        if device is not None:
+            pipe.model.to(device)
+        return pipe
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _sources(self, images: Any, invert: bool) -> torch.Tensor:
+        size = self.model.config.source_size
+        if isinstance(images, torch.Tensor):
+            x = resize(_check_images(images, "ImagePipeline"), size)
+        else:
+            if not isinstance(images, (list, tuple)) or not images:
+                raise ValueError("images must be a (B, 1, H, W) tensor in [-1, 1] or a non-empty list of PIL images")
+            x = torch.cat([resize(t, size) for t in from_pil(images)])
+        return -x if invert else x
+
+    @torch.no_grad()
+    def __call__(self, images: Any, num_images_per_image: int = 1, steps: int | None = None,
+                 guidance_scale: float | None = None, seed: int | None = None,
+                 generator: torch.Generator | None = None, output_type: str = "pt", invert: bool = False,
+                 progress: bool = False) -> Any:
+        """B images -> B * num_images_per_image outputs (an input's outputs adjacent): "pt" (B', 1, H, W) in [-1, 1]
+        (CPU, float32), "pil" a list of PIL images, "latent" z1. steps / guidance_scale: None = the sampler's."""
+        from crossflow.pipeline import to_pil
+
+        if output_type not in ("pt", "pil", "latent"):
+            raise ValueError(f"output_type must be 'pt', 'pil' or 'latent', got {output_type!r}")
+        n = num_images_per_image
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_images_per_image must be an int >= 1, got {n!r}")
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        dtype = next(self.model.parameters()).dtype
+        x = self._sources(images, invert).to(self.device, dtype).repeat_interleave(n, dim=0)
+        z0, _, _ = self.model.encode_image(x, generator=generator)
+        if progress:
+            from tqdm.auto import tqdm
+
+            with tqdm(total=steps or getattr(self.sampler, "steps", None), desc="sampling", unit="step",
+                      disable=None, leave=False) as bar:
+                z1 = self.sampler(self.model, z0, steps=steps, guidance_scale=guidance_scale, callback=bar.update)
+        else:
+            z1 = self.sampler(self.model, z0, steps=steps, guidance_scale=guidance_scale)
+        if output_type == "latent":
+            return z1
+        out = self.autoencoder.decode(z1).float().clamp(-1, 1).cpu()
+        return to_pil(out) if output_type == "pil" else out
+
+    def upscale(self, low: torch.Tensor, **kw) -> torch.Tensor:
+        """`evaluate_upscale`'s callable: (B, 1, 4, 4) -> (B, 1, 8, 8), seed 0 unless given."""
+        return self(low, seed=kw.pop("seed", 0), **kw)
+
+    def vary(self, images: torch.Tensor, n: int, seed: int = 0, **kw) -> torch.Tensor:
+        """`evaluate_variation`'s callable: (B, 1, 8, 8) -> (B * n, 1, 8, 8)."""
+        return self(images, num_images_per_image=n, seed=seed, **kw)

@@ -82,3 +82,77 @@ def test_variation_judge_refuses_copies_and_strangers():
     assert 0.4 < res["distance_to_input"] < 1.0 and res["distance_between_variations"] > 0
     with pytest.raises(ValueError, match="n must be"):
         img2img.evaluate_variation(copies, n=1)
+
+
+# ---- data sets, pipeline, CLI: the shared model with an image source (tiny widths: shapes and API, not quality)
+
+
+def _tiny(preset: str):
+    from crossflow.config import CrossFlowConfig
+
+    return CrossFlowConfig.from_name(preset, hidden_size=32, depth=1, num_heads=2, image_ve_width=8,
+                                     image_encoder_width=8, image_feature_dim=16)
+
+
+def test_upscale_pairs_are_the_training_digits_and_their_4x4():
+    ds = img2img.UpscalePairs(_tiny("digits-sr"))
+    real, y = img2img.load_native("train")
+    assert len(ds) == len(real)
+    item = ds[7]
+    assert item["source"].shape == (1, 4, 4) and item["latent"].shape == (1, 8, 8)
+    torch.testing.assert_close(item["latent"], real[7])
+    torch.testing.assert_close(item["source"], real[7].view(1, 4, 2, 4, 2).mean((2, 4)))
+    with pytest.raises(ValueError, match="digits-sr data set"):
+        img2img.UpscalePairs(_tiny("digits-vary"))  # an 8x8 source
+
+
+def test_variation_pairs_are_another_hand_of_the_same_digit():
+    ds = img2img.VariationPairs(_tiny("digits-vary"), seed=3, size=50)
+    real, y = img2img.load_native("train")
+    flat = real.flatten(1)
+    seen = set()
+    for i in range(50):
+        a, b = ds[i], ds[i]
+        assert torch.equal(a["latent"], b["latent"])  # a pure function of (seed, i)
+        j = i % len(real)
+        torch.testing.assert_close(a["source"], real[j])
+        k = int((flat - a["latent"].flatten()).abs().sum(1).argmin())  # which training digit the target is
+        assert k != j and y[k] == y[j]
+        same = torch.nonzero(y == y[j]).flatten()
+        d = (flat[same] - flat[j]).norm(dim=1)
+        assert (d < (flat[k] - flat[j]).norm()).sum() <= img2img.VARY_NEIGHBOURS  # among the nearest 20 (+ itself)
+        seen.add(k)
+    assert len(seen) > 40
+    other = img2img.VariationPairs(_tiny("digits-vary"), seed=4, size=50)
+    assert any(not torch.equal(ds[i]["latent"], other[i]["latent"]) for i in range(10))
+
+
+def test_image_pipeline_shapes_seed_and_inputs():
+    from PIL import Image
+
+    from crossflow.model import CrossFlow
+    from crossflow.sampling import EulerSampler
+
+    torch.manual_seed(0)
+    model = CrossFlow(_tiny("digits-sr")).eval()
+    pipe = img2img.ImagePipeline(model, __import__("crossflow.autoencoder").autoencoder.IdentityAutoencoder(),
+                                 EulerSampler(steps=2, guidance_scale=1.0))
+    low = torch.rand(3, 1, 4, 4) * 2 - 1
+    out = pipe(low, num_images_per_image=2, seed=1)
+    assert out.shape == (6, 1, 8, 8) and out.abs().max() <= 1
+    torch.testing.assert_close(out, pipe(low, num_images_per_image=2, seed=1))
+    assert not torch.equal(out[0], out[1])  # the image VE's noise differs between an input's outputs
+    # PIL images of any size are read as grey and area-averaged to the source size
+    pil = [Image.fromarray(((low[i, 0].repeat_interleave(4, 0).repeat_interleave(4, 1) + 1) * 127.5).round()
+                           .to(torch.uint8).numpy()) for i in range(3)]
+    torch.testing.assert_close(pipe(pil, seed=1), pipe(low, seed=1), atol=2e-2, rtol=0)
+    imgs = pipe(low[:1], output_type="pil", seed=0)
+    assert len(imgs) == 1 and imgs[0].size == (8, 8) and imgs[0].mode == "L"
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(low, output_type="np")
+    with pytest.raises(ValueError, match="num_images_per_image"):
+        pipe(low, num_images_per_image=0)
+    from crossflow.config import CrossFlowConfig
+
+    with pytest.raises(ValueError, match="image -> image"):
+        img2img.ImagePipeline(CrossFlow(CrossFlowConfig.from_name("tiny")), None)
