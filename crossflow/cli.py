@@ -1,7 +1,10 @@
-"""The `crossflow` command: sample, interpolate, train, eval, convert.
+"""The `crossflow` command: sample, interpolate, caption, vary, train, eval, convert.
 
     crossflow sample "a handwritten seven" -o seven.png          # the shipped text-to-digit model, on the CPU too
     crossflow interpolate "a handwritten one" "a handwritten seven" -o strip.png
+    crossflow caption digit.png --n 3                             # image -> text (the shipped digits-caption model)
+    crossflow vary --text "a handwritten seven" --n 4             # text -> text: the same digit, other wordings
+    crossflow vary digit.png -o variations.png --n 4              # image -> image: the same digit, another hand
     crossflow train --preset digits                               # reproduces the shipped weights (runs/digits)
     crossflow eval --preset digits                                # prompt accuracy and diversity of the shipped model
     crossflow convert t2i_512px_t5_dit.pth --preset dit-h-2-512 -o ckpt/   # an official checkpoint -> ours
@@ -171,6 +174,62 @@ def cmd_interpolate(args) -> int:
     return 0
 
 
+def _caption_checkpoint(args) -> str:
+    from crossflow.tasks import default_checkpoint
+
+    return _checkpoint(args.checkpoint or default_checkpoint("digits-caption"))
+
+
+def _caption_pipeline(args, device):
+    from crossflow.fast_sampler import FastSampler
+    from crossflow.pipeline import sampling_defaults
+    from crossflow.tasks import CaptionPipeline
+
+    ckpt = _caption_checkpoint(args)
+    pipe = CaptionPipeline.from_pretrained(ckpt, device=device, sampler=FastSampler(**sampling_defaults(ckpt)))
+    _cap_threads(pipe.model, device, args.threads)
+    return pipe
+
+
+def cmd_caption(args) -> int:
+    """One caption per line: the --n captions of the first image, then the next image's."""
+    from crossflow.tasks import load_images
+
+    device = _device(args.device)
+    with _backend(args.backend, device):
+        pipe = _caption_pipeline(args, device)
+        cfg = pipe.model.config
+        images = load_images(args.images, cfg.source_channels, cfg.source_size)
+        captions = pipe(images, args.n, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    print("\n".join(captions))
+    return 0
+
+
+def cmd_vary(args) -> int:
+    """`--text TEXT`: n rewordings, one per line; `IMAGE...`: a grid of n variations per image (one row each)."""
+    if (args.text is None) == (not args.images):
+        raise UsageError("give IMAGE file(s) or --text TEXT (not both)")
+    device = _device(args.device)
+    if args.text is not None:
+        if args.output is not None:
+            raise UsageError("-o/--output is for image variation; text variations are printed")
+        with _backend(args.backend, device):
+            pipe = _caption_pipeline(args, device)
+            texts = pipe.vary_text(args.text, args.n, steps=args.steps, seed=args.seed)
+        print("\n".join(texts))
+        return 0
+    from crossflow.pipeline import to_pil
+    from crossflow.tasks import vary_image
+
+    output = args.output or "variations.png"
+    with _backend(args.backend, device):
+        images = vary_image(args.images, args.checkpoint, n=args.n, seed=args.seed, steps=args.steps,
+                            guidance_scale=args.guidance, device=device)
+    save_grid(to_pil(images), rows=len(args.images), out=output, upscale=args.upscale, gap=args.gap)
+    print(f"wrote {output} ({len(args.images)} image(s) x {args.n} variations)")
+    return 0
+
+
 def cmd_train(argv: list[str]) -> None:
     from crossflow.train import main  # the one training parser (recipes, validation, error lines) lives there
 
@@ -182,6 +241,8 @@ def cmd_eval(args) -> int:
     from crossflow.checkpoint import atomic_write
     from crossflow.digits import evaluate
 
+    if args.preset == "digits-caption":
+        return cmd_eval_caption(args)
     device = _device(args.device)
     with _backend(args.backend, device):
         pipe = _pipeline(args, device)
@@ -197,6 +258,29 @@ def cmd_eval(args) -> int:
     ok = res["accuracy"] >= 0.95 and res["diversity"] >= 0.5
     print(f"accuracy {res['accuracy']:.1%} (target >= 95%), diversity {res['diversity']:.1%} of real (target >= 50%)"
           f": {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def cmd_eval_caption(args) -> int:
+    """Captioning and text-variation numbers of an image -> text model (`digits.evaluate_captions`)."""
+    from crossflow.checkpoint import atomic_write
+    from crossflow.digits import CAPTION_TARGETS, caption_verdict, evaluate_captions
+
+    device = _device(args.device)
+    with _backend(args.backend, device):
+        pipe = _caption_pipeline(args, device)
+        res = evaluate_captions(pipe, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                                progress=not args.quiet)
+    res["checkpoint"] = _caption_checkpoint(args)
+    res["guidance_scale"] = args.guidance if args.guidance is not None else pipe.sampler.guidance_scale
+    res["steps"] = args.steps if args.steps is not None else pipe.sampler.steps
+    res["targets"] = CAPTION_TARGETS
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.json:
+        atomic_write(args.json, lambda p: Path(p).write_text(text + "\n"))
+    ok, line = caption_verdict(res)
+    print(f"{line}: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 
 
@@ -257,8 +341,8 @@ def _image_path(text: str) -> str:
     return text
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default=None, help="model directory (default: the shipped digits model)")
+def _common(p: argparse.ArgumentParser, default_model: str = "the shipped digits model") -> None:
+    p.add_argument("--checkpoint", default=None, help=f"model directory (default: {default_model})")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="kernels backend; auto: Triton where it can run, else torch")
@@ -283,7 +367,8 @@ def _image_out(p: argparse.ArgumentParser, default: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="crossflow", description=__doc__.split("\n\n")[0],
                 epilog="CROSSFLOW_DEBUG=1 shows a traceback for errors.", formatter_class=_HelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{sample,interpolate,train,eval,convert}")
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{sample,interpolate,caption,vary,train,eval,convert}")
     s = sub.add_parser("sample", help="prompts -> an image grid (one row per prompt)", formatter_class=_HelpFormatter)
     s.add_argument("prompts", nargs="+", metavar="PROMPT", type=_prompt)
     _image_out(s, "samples.png")
@@ -298,10 +383,29 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--frames", type=_int_at_least(0), default=6, help="in-between frames (both ends are added)")
     _common(i)
     i.set_defaults(func=cmd_interpolate)
-    sub.add_parser("train", help="train a preset (see `crossflow train --help`)", add_help=False)
-    e = sub.add_parser("eval", help="prompt accuracy and diversity (digits preset); exits 1 when a target is missed",
+    cap = sub.add_parser("caption", help="images -> captions, one per line (image -> text model)",
+                         formatter_class=_HelpFormatter)
+    cap.add_argument("images", nargs="+", metavar="IMAGE", help="image files (grey, ink bright on a dark ground)")
+    cap.add_argument("--n", type=_int_at_least(1), default=1, help="captions per image (one seed, different noise)")
+    _common(cap, "the shipped digits-caption model")
+    cap.set_defaults(func=cmd_caption)
+    v = sub.add_parser("vary", help="variations: IMAGE... -> an image grid, or --text TEXT -> rewordings",
                        formatter_class=_HelpFormatter)
-    e.add_argument("--preset", default="digits", choices=("digits",), help="the evaluation to run")
+    v.add_argument("images", nargs="*", metavar="IMAGE", help="image files to vary (image variation)")
+    v.add_argument("--text", type=_prompt, default=None, help="a text to reword (text variation, printed)")
+    v.add_argument("-o", "--output", type=_image_path, default=None,
+                   help="image variation: the grid file (default variations.png)")
+    v.add_argument("--upscale", type=_int_at_least(1, MAX_UPSCALE), default=4,
+                   help=f"image variation: nearest-neighbour upscaling of the grid, 1..{MAX_UPSCALE}")
+    v.add_argument("--gap", type=_int_at_least(0, 64), default=GRID_GAP, help="pixels between cells, before upscaling")
+    v.add_argument("--n", type=_int_at_least(1), default=4, help="variations per input")
+    _common(v, "the shipped digits-caption model for --text")
+    v.set_defaults(func=cmd_vary)
+    sub.add_parser("train", help="train a preset (see `crossflow train --help`)", add_help=False)
+    e = sub.add_parser("eval", help="a preset's numbers (digits: prompt accuracy, diversity; digits-caption: "
+                       "caption accuracy, well-formedness, wordings, text variation); exits 1 below target",
+                       formatter_class=_HelpFormatter)
+    e.add_argument("--preset", default="digits", choices=("digits", "digits-caption"), help="the evaluation to run")
     e.add_argument("--per-prompt", type=_int_at_least(2), default=10, help="samples per (digit, held-out template)")
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
     _common(e)
