@@ -1,11 +1,13 @@
-"""The `crossflow` command: sample, interpolate, upscale, vary, train, eval, convert.
+"""The `crossflow` command: sample, interpolate, caption, upscale, vary, train, eval, convert.
 
     crossflow sample "a handwritten seven" -o seven.png          # the shipped text-to-digit model, on the CPU too
     crossflow interpolate "a handwritten one" "a handwritten seven" -o strip.png
+    crossflow caption digit.png --n 3                             # image -> text (the shipped digits-caption model)
+    crossflow vary --text "a handwritten seven" --n 4             # text -> text: the same digit, other wordings
+    crossflow upscale low4x4.png -o up.png                        # 4x4 digit -> 8x8 (the shipped digits-sr model)
+    crossflow vary digit.png -o variations.png --n 4              # image -> image: the same digit, another hand
     crossflow train --preset digits                               # reproduces the shipped weights (runs/digits)
     crossflow eval --preset digits                                # prompt accuracy and diversity of the shipped model
-    crossflow upscale low4x4.png -o up.png                        # 4x4 digit -> 8x8 (digits-sr)
-    crossflow vary digit.png -o variations.png --n 8              # the same digit in other hands (digits-vary)
     crossflow convert t2i_512px_t5_dit.pth --preset dit-h-2-512 -o ckpt/   # an official checkpoint -> ours
 
 Errors print one line, `crossflow: error: ...` (`crossflow train: error: ...` for train): a mistake on the command
@@ -173,43 +175,68 @@ def cmd_interpolate(args) -> int:
     return 0
 
 
+def _caption_checkpoint(args) -> str:
+    from crossflow.tasks import default_checkpoint
+
+    return _checkpoint(args.checkpoint or default_checkpoint("digits-caption"))
+
+
+def _caption_pipeline(args, device):
+    from crossflow.fast_sampler import FastSampler
+    from crossflow.pipeline import sampling_defaults
+    from crossflow.tasks import CaptionPipeline
+
+    ckpt = _caption_checkpoint(args)
+    pipe = CaptionPipeline.from_pretrained(ckpt, device=device, sampler=FastSampler(**sampling_defaults(ckpt)))
+    _cap_threads(pipe.model, device, args.threads)
+    return pipe
+
+
+def cmd_caption(args) -> int:
+    """One caption per line: the --n captions of the first image, then the next image's."""
+    from crossflow.tasks import load_images
+
+    device = _device(args.device)
+    with _backend(args.backend, device):
+        pipe = _caption_pipeline(args, device)
+        cfg = pipe.model.config
+        images = load_images(args.images, cfg.source_channels, cfg.source_size)
+        captions = pipe(images, args.n, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    print("\n".join(captions))
+    return 0
+
+
+def cmd_vary(args) -> int:
+    """`--text TEXT`: n rewordings, one per line; `IMAGE...`: a grid of n variations per image (one row each)."""
+    if (args.text is None) == (not args.images):
+        raise UsageError("give IMAGE file(s) or --text TEXT (not both)")
+    device = _device(args.device)
+    if args.text is not None:
+        if args.output is not None:
+            raise UsageError("-o/--output is for image variation; text variations are printed")
+        with _backend(args.backend, device):
+            pipe = _caption_pipeline(args, device)
+            texts = pipe.vary_text(args.text, args.n, steps=args.steps, seed=args.seed)
+        print("\n".join(texts))
+        return 0
+    from crossflow.img2img import read_images
+
+    output = args.output or "variations.png"
+    images = read_images(args.images)
+    with _backend(args.backend, device):
+        pipe = _image_pipeline(args, device, "digits-vary")
+        out = pipe(images, num_images_per_image=args.n, steps=args.steps, guidance_scale=args.guidance,
+                   seed=args.seed, output_type="pil", progress=not args.quiet)
+    save_grid(out, rows=len(images), out=output, upscale=args.upscale, gap=args.gap)
+    w, h = out[0].size
+    print(f"wrote {output} ({len(images)} image(s) x {args.n} variations, {w}x{h} px each, upscaled x{args.upscale})")
+    return 0
+
+
 def cmd_train(argv: list[str]) -> None:
     from crossflow.train import main  # the one training parser (recipes, validation, error lines) lives there
 
     main(argv, prog="crossflow train")
-
-
-def _eval_img2img(args) -> int:
-    """`crossflow eval --preset digits-sr | digits-vary`: the held-out judges of `crossflow.img2img`."""
-    from crossflow import img2img
-    from crossflow.checkpoint import atomic_write
-
-    device = _device(args.device)
-    with _backend(args.backend, device):
-        pipe = _image_pipeline(args, device, args.preset)
-        kw = {k: v for k, v in dict(steps=args.steps, guidance_scale=args.guidance).items() if v is not None}
-        if args.preset == "digits-sr":
-            res = img2img.evaluate_upscale(lambda low: pipe.upscale(low, seed=args.seed, **kw))
-        else:
-            res = img2img.evaluate_variation(pipe.vary, n=args.per_image, seed=args.seed, **kw)
-    res["checkpoint"] = str(_checkpoint(args.checkpoint or img2img.shipped_checkpoint(args.preset)))
-    res["guidance_scale"] = args.guidance if args.guidance is not None else pipe.sampler.guidance_scale
-    res["steps"] = args.steps if args.steps is not None else pipe.sampler.steps
-    res["seed"] = args.seed
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.json:
-        atomic_write(args.json, lambda p: Path(p).write_text(text + "\n"))
-    if args.preset == "digits-sr":
-        print(f"PSNR {res['psnr_db']:.2f} dB = bicubic {res['psnr_bicubic_db']:.2f} dB "
-              f"{res['psnr_gain_db']:+.2f} dB (target >= +{img2img.SR_PSNR_GAIN_DB:g}), classifier accuracy "
-              f"{res['accuracy']:.1%} (target >= {img2img.SR_ACCURACY:.0%}): {'PASS' if res['passed'] else 'FAIL'}")
-    else:
-        lo, hi = img2img.VARY_DISTANCE
-        print(f"label kept {res['label_kept']:.1%} (target >= {img2img.VARY_LABEL_KEPT:.0%}), distance to the input "
-              f"{res['distance_to_input']:.2f}x the same-class real distance (target {lo:g}..{hi:g}): "
-              f"{'PASS' if res['passed'] else 'FAIL'}")
-    return 0 if res["passed"] else 1
 
 
 def cmd_eval(args) -> int:
@@ -217,8 +244,10 @@ def cmd_eval(args) -> int:
     from crossflow.checkpoint import atomic_write
     from crossflow.digits import evaluate
 
+    if args.preset == "digits-caption":
+        return cmd_eval_caption(args)
     if args.preset in ("digits-sr", "digits-vary"):
-        return _eval_img2img(args)
+        return cmd_eval_img2img(args)
     device = _device(args.device)
     with _backend(args.backend, device):
         pipe = _pipeline(args, device)
@@ -237,60 +266,81 @@ def cmd_eval(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_eval_img2img(args) -> int:
+    """`--preset digits-sr | digits-vary`: the held-out judges of `crossflow.img2img`."""
+    from crossflow import img2img
+    from crossflow.checkpoint import atomic_write
+    from crossflow.tasks import default_checkpoint
+
+    device = _device(args.device)
+    kw = {k: v for k, v in dict(steps=args.steps, guidance_scale=args.guidance).items() if v is not None}
+    with _backend(args.backend, device):
+        pipe = _image_pipeline(args, device, args.preset)
+        if args.preset == "digits-sr":
+            res = img2img.evaluate_upscale(lambda low: pipe.upscale(low, seed=args.seed, **kw))
+        else:
+            res = img2img.evaluate_variation(lambda x, n, seed: pipe.vary(x, n, seed, **kw), n=args.per_image,
+                                             seed=args.seed)
+    res["checkpoint"] = _checkpoint(args.checkpoint or default_checkpoint(args.preset))
+    res["guidance_scale"] = args.guidance if args.guidance is not None else pipe.sampler.guidance_scale
+    res["steps"] = args.steps if args.steps is not None else pipe.sampler.steps
+    res["seed"] = args.seed
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.json:
+        atomic_write(args.json, lambda p: Path(p).write_text(text + "\n"))
+    print(f"{img2img.verdict(res)}: {'PASS' if res['passed'] else 'FAIL'}")
+    return 0 if res["passed"] else 1
+
+
+def cmd_eval_caption(args) -> int:
+    """Captioning and text-variation numbers of an image -> text model (`digits.evaluate_captions`)."""
+    from crossflow.checkpoint import atomic_write
+    from crossflow.digits import CAPTION_TARGETS, caption_verdict, evaluate_captions
+
+    device = _device(args.device)
+    with _backend(args.backend, device):
+        pipe = _caption_pipeline(args, device)
+        res = evaluate_captions(pipe, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                                progress=not args.quiet)
+    res["checkpoint"] = _caption_checkpoint(args)
+    res["guidance_scale"] = args.guidance if args.guidance is not None else pipe.sampler.guidance_scale
+    res["steps"] = args.steps if args.steps is not None else pipe.sampler.steps
+    res["targets"] = CAPTION_TARGETS
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.json:
+        atomic_write(args.json, lambda p: Path(p).write_text(text + "\n"))
+    ok, line = caption_verdict(res)
+    print(f"{line}: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
 def _image_pipeline(args, device, preset: str):
     """An image -> image pipeline (`crossflow.img2img.ImagePipeline`) from --checkpoint, default the preset's shipped
-    weights; --steps/--guidance then act per call, the checkpoint's sampling.json otherwise."""
-    from crossflow.img2img import ImagePipeline, shipped_checkpoint
+    weights; --steps/--guidance act per call, the checkpoint's sampling.json otherwise."""
+    from crossflow.img2img import ImagePipeline
+    from crossflow.tasks import default_checkpoint
 
-    ckpt = _checkpoint(args.checkpoint or shipped_checkpoint(preset))
+    ckpt = _checkpoint(args.checkpoint or default_checkpoint(preset))
     pipe = ImagePipeline.from_pretrained(ckpt, device=device)
     _cap_threads(pipe.model, device, args.threads)
     return pipe
 
 
-def _read_images(paths: list[str]) -> list:
-    """Image files -> PIL images, each checked to open and decode (a missing or unreadable file: one error line)."""
-    from PIL import Image, UnidentifiedImageError
-
-    out = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no such image file: {path}")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                out.append(im.copy())
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"{path}: not a readable image ({e})") from None
-    return out
-
-
 def cmd_upscale(args) -> int:
     """4x4 digit images -> 8x8 (`digits-sr`): one row per input, its --n outputs."""
+    from crossflow.img2img import read_images
+
     device = _device(args.device)
-    images = _read_images(args.inputs)
+    images = read_images(args.inputs)
     with _backend(args.backend, device):
         pipe = _image_pipeline(args, device, "digits-sr")
         out = pipe(images, num_images_per_image=args.n, steps=args.steps, guidance_scale=args.guidance,
-                   seed=args.seed, output_type="pil", invert=args.invert, progress=not args.quiet)
+                   seed=args.seed, output_type="pil", progress=not args.quiet)
     save_grid(out, rows=len(images), out=args.output, upscale=args.upscale, gap=args.gap)
     w, h = out[0].size
     print(f"wrote {args.output} ({len(images)} input(s) x {args.n}, {w}x{h} px each, upscaled x{args.upscale})")
-    return 0
-
-
-def vary_image(args) -> int:
-    """`crossflow vary IMAGE...`: --n variations of each image (`digits-vary`), one row per input."""
-    device = _device(args.device)
-    images = _read_images(args.images)
-    with _backend(args.backend, device):
-        pipe = _image_pipeline(args, device, "digits-vary")
-        out = pipe(images, num_images_per_image=args.n, steps=args.steps, guidance_scale=args.guidance,
-                   seed=args.seed, output_type="pil", invert=args.invert, progress=not args.quiet)
-    save_grid(out, rows=len(images), out=args.output, upscale=args.upscale, gap=args.gap)
-    w, h = out[0].size
-    print(f"wrote {args.output} ({len(images)} image(s) x {args.n} variations, {w}x{h} px each, "
-          f"upscaled x{args.upscale})")
     return 0
 
 
@@ -351,8 +401,8 @@ def _image_path(text: str) -> str:
     return text
 
 
-def _common(p: argparse.ArgumentParser, preset: str = "digits") -> None:
-    p.add_argument("--checkpoint", default=None, help=f"model directory (default: the shipped {preset} model)")
+def _common(p: argparse.ArgumentParser, default_model: str = "the shipped digits model") -> None:
+    p.add_argument("--checkpoint", default=None, help=f"model directory (default: {default_model})")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="kernels backend; auto: Triton where it can run, else torch")
@@ -377,7 +427,8 @@ def _image_out(p: argparse.ArgumentParser, default: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="crossflow", description=__doc__.split("\n\n")[0],
                 epilog="CROSSFLOW_DEBUG=1 shows a traceback for errors.", formatter_class=_HelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{sample,interpolate,upscale,vary,train,eval,convert}")
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{sample,interpolate,caption,upscale,vary,train,eval,convert}")
     s = sub.add_parser("sample", help="prompts -> an image grid (one row per prompt)", formatter_class=_HelpFormatter)
     s.add_argument("prompts", nargs="+", metavar="PROMPT", type=_prompt)
     _image_out(s, "samples.png")
@@ -392,32 +443,43 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--frames", type=_int_at_least(0), default=6, help="in-between frames (both ends are added)")
     _common(i)
     i.set_defaults(func=cmd_interpolate)
-    sub.add_parser("train", help="train a preset (see `crossflow train --help`)", add_help=False)
-    e = sub.add_parser("eval", help="prompt accuracy and diversity (digits preset); exits 1 when a target is missed",
+    cap = sub.add_parser("caption", help="images -> captions, one per line (image -> text model)",
+                         formatter_class=_HelpFormatter)
+    cap.add_argument("images", nargs="+", metavar="IMAGE", help="image files (grey, ink bright on a dark ground)")
+    cap.add_argument("--n", type=_int_at_least(1), default=1, help="captions per image (one seed, different noise)")
+    _common(cap, "the shipped digits-caption model")
+    cap.set_defaults(func=cmd_caption)
+    u = sub.add_parser("upscale", help="4x4 digit images -> 8x8 (super-resolution, the digits-sr model)",
                        formatter_class=_HelpFormatter)
-    e.add_argument("--preset", default="digits", choices=("digits", "digits-sr", "digits-vary"),
+    u.add_argument("inputs", nargs="+", metavar="IN", help="image files (grey, ink bright on a dark ground); larger "
+                   "ones are area-averaged to 4x4")
+    _image_out(u, "upscaled.png")
+    u.add_argument("--n", type=_int_at_least(1), default=1, help="outputs per input (one row per input)")
+    _common(u, "the shipped digits-sr model")
+    u.set_defaults(func=cmd_upscale, upscale=8)
+    v = sub.add_parser("vary", help="variations: IMAGE... -> an image grid, or --text TEXT -> rewordings",
+                       formatter_class=_HelpFormatter)
+    v.add_argument("images", nargs="*", metavar="IMAGE", help="image files to vary (image variation)")
+    v.add_argument("--text", type=_prompt, default=None, help="a text to reword (text variation, printed)")
+    v.add_argument("-o", "--output", type=_image_path, default=None,
+                   help="image variation: the grid file (default variations.png)")
+    v.add_argument("--upscale", type=_int_at_least(1, MAX_UPSCALE), default=4,
+                   help=f"image variation: nearest-neighbour upscaling of the grid, 1..{MAX_UPSCALE}")
+    v.add_argument("--gap", type=_int_at_least(0, 64), default=GRID_GAP, help="pixels between cells, before upscaling")
+    v.add_argument("--n", type=_int_at_least(1), default=4, help="variations per input")
+    _common(v, "the shipped digits-vary model for images, digits-caption for --text")
+    v.set_defaults(func=cmd_vary, upscale=8)  # 8x8 variations
+    sub.add_parser("train", help="train a preset (see `crossflow train --help`)", add_help=False)
+    e = sub.add_parser("eval", help="a preset's numbers (digits: prompt accuracy, diversity; digits-caption: "
+                       "caption accuracy, well-formedness, wordings, text variation); exits 1 below target",
+                       formatter_class=_HelpFormatter)
+    e.add_argument("--preset", default="digits", choices=("digits", "digits-caption", "digits-sr", "digits-vary"),
                    help="the evaluation to run (and, without --checkpoint, the shipped weights it judges)")
     e.add_argument("--per-prompt", type=_int_at_least(2), default=10, help="samples per (digit, held-out template)")
     e.add_argument("--per-image", type=_int_at_least(2), default=4, help="digits-vary: variations per held-out image")
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
     _common(e)
     e.set_defaults(func=cmd_eval)
-    u = sub.add_parser("upscale", help="4x4 digit images -> 8x8 (super-resolution, the digits-sr model)",
-                       formatter_class=_HelpFormatter)
-    u.add_argument("inputs", nargs="+", metavar="IN", help="image file(s); larger ones are area-averaged to 4x4")
-    _image_out(u, "upscaled.png")
-    u.add_argument("--n", type=_int_at_least(1), default=1, help="outputs per input (one row per input)")
-    u.add_argument("--invert", action="store_true", help="the input is dark ink on a light background")
-    _common(u, "digits-sr")
-    u.set_defaults(func=cmd_upscale, upscale=8)
-    v = sub.add_parser("vary", help="variations of a digit image (the same digit, another hand; digits-vary)",
-                       formatter_class=_HelpFormatter)
-    v.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s); resized to 8x8")
-    _image_out(v, "variations.png")
-    v.add_argument("--n", type=_int_at_least(1), default=4, help="variations per image (one row per image)")
-    v.add_argument("--invert", action="store_true", help="the input is dark ink on a light background")
-    _common(v, "digits-vary")
-    v.set_defaults(func=vary_image, upscale=8)
     c = sub.add_parser("convert", help="an official CrossFlow DiT checkpoint (.pth) -> a save_pretrained directory",
                        formatter_class=_HelpFormatter)
     c.add_argument("checkpoint_in", metavar="OFFICIAL", help="the official .pth (read with weights_only=True)")

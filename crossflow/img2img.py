@@ -252,23 +252,40 @@ class VariationPairs(Dataset):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def shipped_checkpoint(preset: str) -> str:
-    """The shipped weights of a task preset: `crossflow/weights/<preset>`."""
-    from pathlib import Path
+def read_images(paths: Any) -> list:
+    """Image files -> PIL images, each opened and decoded now (a missing or unreadable file: an error naming it)."""
+    from PIL import Image, UnidentifiedImageError
 
-    return str(Path(__file__).resolve().parent / "weights" / preset)
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                out.append(im.copy())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such image file: {path}") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{path}: not an image file PIL can read ({e})") from None
+    return out
 
 
-def from_pil(images: Any) -> torch.Tensor:
+def from_pil(images: Any) -> list[torch.Tensor]:
     """PIL images (any mode and size; colour becomes grey) -> a list of (1, 1, H, W) tensors in [-1, 1]; sizes may
     differ, so `ImagePipeline` resizes each."""
     import numpy as np
 
-    out = []
-    for im in images:
-        a = np.asarray(im.convert("L"), dtype=np.float32) / 127.5 - 1.0
-        out.append(torch.from_numpy(a)[None, None])
-    return out
+    return [torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 127.5 - 1.0)[None, None] for im in images]
+
+
+def verdict(res: dict[str, Any]) -> str:
+    """One line: an `evaluate_upscale` or `evaluate_variation` result against its bars."""
+    if "psnr_db" in res:
+        return (f"PSNR {res['psnr_db']:.2f} dB = bicubic {res['psnr_bicubic_db']:.2f} dB {res['psnr_gain_db']:+.2f} dB "
+                f"(target >= +{SR_PSNR_GAIN_DB:g}), classifier accuracy {res['accuracy']:.1%} (target >= "
+                f"{SR_ACCURACY:.0%}; bicubic {res['accuracy_bicubic']:.1%})")
+    lo, hi = VARY_DISTANCE
+    return (f"label kept {res['label_kept']:.1%} (target >= {VARY_LABEL_KEPT:.0%}), distance to the input "
+            f"{res['distance_to_input']:.2f}x the same-class real distance (target {lo:g}..{hi:g})")
 
 
 class ImagePipeline:
