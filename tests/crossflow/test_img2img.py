@@ -127,7 +127,15 @@ def test_variation_pairs_are_another_hand_of_the_same_digit():
     assert any(not torch.equal(ds[i]["latent"], other[i]["latent"]) for i in range(10))
 
 
-def test_image_pipeline_shapes_seed_and_inputs():
+@pytest.fixture
+def torch_backend():
+    import kernels
+
+    with kernels.use_backend("torch"):  # speed on CPU: the kernels are tested on their own (tests/kernels)
+        yield
+
+
+def test_image_pipeline_shapes_seed_and_inputs(torch_backend):
     from PIL import Image
 
     from crossflow.model import CrossFlow
@@ -156,3 +164,65 @@ def test_image_pipeline_shapes_seed_and_inputs():
 
     with pytest.raises(ValueError, match="image -> image"):
         img2img.ImagePipeline(CrossFlow(CrossFlowConfig.from_name("tiny")), None)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """Untrained tiny digits-sr / digits-vary models, saved as the shipped ones are."""
+    from crossflow.model import CrossFlow
+
+    out = {}
+    for preset in ("digits-sr", "digits-vary"):
+        torch.manual_seed(0)
+        d = tmp_path_factory.mktemp(preset)
+        CrossFlow(_tiny(preset)).save_pretrained(d)
+        out[preset] = d
+    return out
+
+
+def _png(path, size):
+    from PIL import Image
+
+    Image.fromarray((torch.rand(size, size) * 255).to(torch.uint8).numpy()).save(path)
+    return str(path)
+
+
+def test_cli_upscale_and_vary_write_grids(tiny_checkpoints, tmp_path, capsys):
+    from PIL import Image
+
+    from crossflow import cli
+
+    a, b = _png(tmp_path / "a.png", 4), _png(tmp_path / "b.png", 16)  # any size: area-averaged to 4x4
+    out = tmp_path / "up.png"
+    cli.main(["upscale", a, b, "-o", str(out), "--n", "3", "--checkpoint", str(tiny_checkpoints["digits-sr"]),
+              "--steps", "2", "--backend", "torch", "-q"])
+    assert "wrote" in capsys.readouterr().out
+    gap = cli.GRID_GAP
+    assert Image.open(out).size == ((3 * 8 + 2 * gap) * 8, (2 * 8 + gap) * 8)  # 2 rows x 3, 8x8 cells, upscaled x8
+    out = tmp_path / "vary.png"
+    cli.main(["vary", a, "-o", str(out), "--n", "2", "--checkpoint", str(tiny_checkpoints["digits-vary"]),
+              "--steps", "2", "--upscale", "1", "--gap", "0", "--backend", "torch", "-q"])
+    assert Image.open(out).size == (16, 8)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["upscale", str(tmp_path / "missing.png"), "-o", str(tmp_path / "x.png"),
+                  "--checkpoint", str(tiny_checkpoints["digits-sr"])])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("crossflow: error: no such image file") and err.count("\n") == 1
+
+
+def test_cli_eval_fails_an_untrained_model(tiny_checkpoints, tmp_path, capsys):
+    import json
+
+    from crossflow import cli
+
+    for preset in ("digits-sr", "digits-vary"):
+        res_file = tmp_path / f"{preset}.json"
+        with pytest.raises(SystemExit) as e:
+            cli.main(["eval", "--preset", preset, "--checkpoint", str(tiny_checkpoints[preset]), "--steps", "2",
+                      "--per-image", "2", "--json", str(res_file), "--backend", "torch", "-q"])
+        assert e.value.code == 1
+        out = capsys.readouterr().out
+        assert out.rstrip().endswith("FAIL")
+        res = json.loads(res_file.read_text())
+        assert res["passed"] is False and res["images"] == 359 and res["steps"] == 2
