@@ -268,10 +268,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     ),
     "digits": dict(),  # the dataclass defaults
     # Image -> text (captioning) on the digits: the image VE on the 16x16 digit, the flow on a 64-d text latent held
-    # as a 1x8x8 grid (16 tokens of 2x2), a 2-layer parallel decoder over the caption grammar's words.
+    # as a 1x8x8 grid (16 tokens of 2x2), a 2-layer parallel decoder over the caption grammar's words. The caption
+    # Text VE reads 10 MiniLM tokens (the grammar's longest caption is 8) through the 3 reduction layers only.
     "digits-caption": dict(
         source="image", target="text", latent_channels=1, latent_size=8, patch_size=2, hidden_size=128, depth=3,
-        num_heads=4, image_encoder_width=16, image_feature_dim=128, image_ve_width=32,
+        num_heads=4, text_len=10, ve_layers=0, image_encoder_width=16, image_feature_dim=128, image_ve_width=32,
     ),
     "dit-s-2": dict(_CLIP_256, hidden_size=384, depth=12, num_heads=6),
     "dit-b-2": dict(_CLIP_256, hidden_size=768, depth=12, num_heads=12),
