@@ -172,11 +172,11 @@ def vary_text(texts: str | Sequence[str], checkpoint: str | os.PathLike | None =
     return [out[i * n : (i + 1) * n] for i in range(len(texts))]
 
 
-def vary_image(images: torch.Tensor, checkpoint: str | os.PathLike | None = None, *, n: int = 1, seed: int | None = 0,
-               steps: int | None = None, guidance_scale: float | None = None,
+def vary_image(images: torch.Tensor | Sequence[str | os.PathLike], checkpoint: str | os.PathLike | None = None, *,
+               n: int = 1, seed: int | None = 0, steps: int | None = None, guidance_scale: float | None = None,
                device: str | torch.device | None = None) -> torch.Tensor:
-    """Images (B, C, H, W) in [-1, 1] -> (B * n, C, H, W) variations in [-1, 1], an image's n adjacent.
+    """Images (B, C, H, W) in [-1, 1], or B image files (read with `load_images` at the model's source size) ->
+    (B * n, C, H, W) variations in [-1, 1], an image's n adjacent. `crossflow vary IMAGE...` calls it with the paths.
 
-    PLACEHOLDER until the super-resolution / image-variation branch (task-sr) replaces it; `crossflow vary IMAGE`
-    calls exactly this signature."""
+    PLACEHOLDER until the super-resolution / image-variation branch (task-sr) replaces it, keeping this signature."""
     raise NotImplementedError("image variation: see task-sr")

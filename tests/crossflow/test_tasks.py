@@ -245,3 +245,65 @@ def test_trainer_trains_an_image_to_text_preset(tmp_path, monkeypatch):
     pipe = CaptionPipeline.from_pretrained(tmp_path / "run" / "final", sampler=FastSampler(steps=2))
     with kernels.use_backend("torch"):
         assert len(pipe(torch.zeros(1, 1, 8, 8), 2, seed=0)) == 2
+
+
+# ---- the shipped digits-caption model and its verbs
+
+
+def _fails(argv, code, capsys) -> str:
+    from crossflow import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("crossflow: error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_shipped_caption_model_names_held_out_digits():
+    """A small eval of the committed weights (the README's numbers come from `crossflow eval --preset
+    digits-caption`)."""
+    from crossflow.tasks import default_checkpoint
+
+    pipe = CaptionPipeline.from_pretrained(default_checkpoint("digits-caption"))
+    xte, yte = digits.load_images("test")
+    idx = torch.arange(0, len(yte), 6)  # 60 held-out images, every digit
+    with kernels.use_backend("torch"):  # speed on CPU; the kernels are tested on their own
+        caps = pipe(xte[idx], 1, steps=20, seed=0)
+        varied = pipe.vary_text([digits.caption(t, 7) for t in digits.ALL_TEMPLATES[:4]], 2, steps=20, seed=0)
+    parsed = [digits.parse_caption(c) for c in caps]
+    assert sum(p == int(y) for p, y in zip(parsed, yte[idx])) >= 0.9 * len(idx), caps
+    assert sum(p is not None for p in parsed) >= 0.95 * len(idx), caps
+    assert sum(digits.parse_caption(v) == 7 for v in varied) >= 7, varied
+
+
+def test_caption_and_vary_text_verbs(tmp_path, capsys):
+    from crossflow import cli
+    from crossflow.pipeline import to_pil
+
+    xte, yte = digits.load_images("test")
+    png = tmp_path / "digit.png"
+    to_pil(xte[:1])[0].save(png)
+    cli.main(["caption", str(png), str(png), "--n", "2", "--steps", "10", "--backend", "torch", "-q"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all(digits.parse_caption(c) == int(yte[0]) for c in lines), lines
+    cli.main(["vary", "--text", "a handwritten seven", "--n", "3", "--steps", "10", "--backend", "torch", "-q"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(digits.parse_caption(c) == 7 for c in lines), lines
+
+
+def test_caption_and_vary_errors(tmp_path, capsys):
+    from crossflow.pipeline import default_checkpoint
+
+    assert "not both" in _fails(["vary"], 2, capsys)
+    assert "not both" in _fails(["vary", "x.png", "--text", "a seven"], 2, capsys)
+    assert "text variations are printed" in _fails(["vary", "--text", "a seven", "-o", "v.png"], 2, capsys)
+    assert "no such image file" in _fails(["caption", str(tmp_path / "missing.png")], 1, capsys)
+    (tmp_path / "bad.png").write_text("not an image")
+    assert "not an image file" in _fails(["caption", str(tmp_path / "bad.png")], 1, capsys)
+    png = tmp_path / "ok.png"
+    from PIL import Image
+
+    Image.new("L", (16, 16)).save(png)
+    assert "image -> text model" in _fails(["caption", str(png), "--checkpoint", default_checkpoint()], 1, capsys)
