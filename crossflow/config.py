@@ -270,10 +270,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     ),
     "digits": dict(),  # the dataclass defaults
     # Image -> text (captioning) on the digits: the image VE on the 16x16 digit, the flow on a 64-d text latent held
-    # as a 1x8x8 grid (16 tokens of 2x2), a 2-layer parallel decoder over the caption grammar's words.
+    # as a 1x8x8 grid (16 tokens of 2x2), a 2-layer parallel decoder over the caption grammar's words. The caption
+    # Text VE reads 10 MiniLM tokens (the grammar's longest caption is 8) through the 3 reduction layers only.
     "digits-caption": dict(
         source="image", target="text", latent_channels=1, latent_size=8, patch_size=2, hidden_size=128, depth=3,
-        num_heads=4, image_encoder_width=16, image_feature_dim=128, image_ve_width=32,
+        num_heads=4, text_len=10, ve_layers=0, image_encoder_width=16, image_feature_dim=128, image_ve_width=32,
     ),
     # Image -> image on the real 8x8 digits (`crossflow.img2img`): the flow on the 1x8x8 pixels (16 tokens of 2x2).
     # Super-resolution: the image VE reads the 4x4; a tiny KL weight lets it keep its posterior narrow, so z0 is nearly

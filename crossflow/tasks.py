@@ -175,16 +175,19 @@ def vary_text(texts: str | Sequence[str], checkpoint: str | os.PathLike | None =
 _IMAGE_PIPES: dict[tuple[str, str], Any] = {}
 
 
-def vary_image(images: torch.Tensor, checkpoint: str | os.PathLike | None = None, *, n: int = 1, seed: int | None = 0,
-               steps: int | None = None, guidance_scale: float | None = None,
+def vary_image(images: torch.Tensor | Sequence[str | os.PathLike], checkpoint: str | os.PathLike | None = None, *,
+               n: int = 1, seed: int | None = 0, steps: int | None = None, guidance_scale: float | None = None,
                device: str | torch.device | None = None) -> torch.Tensor:
-    """Images (B, 1, H, W) in [-1, 1] (any size: resized to 8x8) -> (B * n, 1, 8, 8) variations in [-1, 1], an
-    image's n adjacent (`img2img.ImagePipeline`; default checkpoint: the shipped digits-vary)."""
-    from crossflow.img2img import ImagePipeline
+    """Images (B, 1, H, W) in [-1, 1] of any size, or B image files -> (B * n, 1, 8, 8) variations in [-1, 1], an
+    image's n adjacent (`img2img.ImagePipeline`, which area-averages or resizes to 8x8; default checkpoint: the shipped
+    digits-vary)."""
+    from crossflow.img2img import ImagePipeline, read_images
 
     path = str(checkpoint if checkpoint is not None else default_checkpoint("digits-vary"))
     dev = str(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     key = (os.path.abspath(path), dev)
     if key not in _IMAGE_PIPES:
         _IMAGE_PIPES[key] = ImagePipeline.from_pretrained(path, device=dev)
+    if not isinstance(images, torch.Tensor):
+        images = read_images(images)
     return _IMAGE_PIPES[key](images, num_images_per_image=n, steps=steps, guidance_scale=guidance_scale, seed=seed)
