@@ -226,3 +226,18 @@ def test_cli_eval_fails_an_untrained_model(tiny_checkpoints, tmp_path, capsys):
         assert out.rstrip().endswith("FAIL")
         res = json.loads(res_file.read_text())
         assert res["passed"] is False and res["images"] == 359 and res["steps"] == 2
+
+
+def test_shipped_models_beat_their_bars_on_a_small_eval(torch_backend):
+    """The committed weights on the first 100 held-out images with their sampling.json settings (the README's
+    numbers come from the full `crossflow eval --preset digits-sr | digits-vary`)."""
+    from crossflow.pipeline import sampling_defaults
+    from crossflow.tasks import default_checkpoint
+
+    assert sampling_defaults(default_checkpoint("digits-sr")) == {"steps": 50, "guidance_scale": 1.5}
+    pipe = img2img.ImagePipeline.from_pretrained(default_checkpoint("digits-sr"))
+    res = img2img.evaluate_upscale(pipe.upscale, limit=100)
+    assert res["psnr_gain_db"] >= 1.5 and res["accuracy"] >= 0.8, res
+    pipe = img2img.ImagePipeline.from_pretrained(default_checkpoint("digits-vary"))
+    res = img2img.evaluate_variation(pipe.vary, n=2, limit=100)
+    assert res["label_kept"] >= 0.9 and 0.4 <= res["distance_to_input"] <= 1.0, res
