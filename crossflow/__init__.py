@@ -18,6 +18,7 @@ _EXPORTS = {
     "convert_official_state_dict": "convert", "load_official_checkpoint": "convert",
     "SyntheticPairs": "data",
     "FastSampler": "fast_sampler",
+    "ImagePipeline": "img2img",
     "CrossFlow": "model", "FlowTransformer": "model", "load_pretrained": "model",
     "CrossFlowPipeline": "pipeline", "sample": "pipeline",
     "EulerSampler": "sampling", "interpolate_latents": "sampling", "latent_arithmetic": "sampling",
