@@ -121,11 +121,6 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList([CausalBlock(D, cfg.decoder_heads) for _ in range(cfg.decoder_depth)])
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, len(self.vocab))
-        # prefix tokens see each other; word i sees the prefix and words <= i (its input is word i - 1)
-        T = P + W
-        allowed = torch.ones(T, T).tril().bool()
-        allowed[:P, :P] = True
-        self.register_buffer("allowed", allowed, persistent=False)
 
     def _latent(self, z: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -140,7 +135,10 @@ class TextDecoder(nn.Module):
         """prefix (B, P, D), input ids (B, n) -> logits (B, n, V) of the next word at each input."""
         P, n = prefix.shape[1], inputs.shape[1]
         x = torch.cat([prefix, self.embed(inputs)], dim=1) + self.pos[: P + n]
-        allowed = self.allowed[: P + n, : P + n]
+        # prefix tokens see each other; word i sees the prefix and words <= i (its input is word i - 1). Built per
+        # call, not a buffer: a model built on the meta device (`CrossFlow.empty`, every load) would hold garbage.
+        allowed = torch.ones(P + n, P + n, device=x.device).tril().bool()
+        allowed[:P, :P] = True
         for layer in self.layers:
             x = layer(x, allowed)
         return self.head(self.norm(x[:, P:]))
