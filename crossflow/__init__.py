@@ -23,6 +23,8 @@ _EXPORTS = {
     "CrossFlowPipeline": "pipeline", "sample": "pipeline",
     "EulerSampler": "sampling", "interpolate_latents": "sampling", "latent_arithmetic": "sampling",
     "TextEncoder": "text_encoder",
+    "ImageVE": "image_ve", "TextDecoder": "text_decoder",
+    "CaptionPipeline": "tasks",
     "TextVE": "text_ve",
     "TrainConfig": "train", "Trainer": "train",
 }

@@ -82,7 +82,7 @@ class CrossFlowConfig:
     image_ve_width: int = 32
     # ---- text target: the text autoencoder's decoder over a word vocabulary (`text_decoder.VOCABS`)
     vocab: str = "digits"
-    max_words: int = 8  # caption positions decoded in parallel, end-padded
+    max_words: int = 8  # the longest caption the decoder writes (END-padded in training)
     decoder_width: int = 128
     decoder_depth: int = 2
     decoder_heads: int = 4
@@ -270,7 +270,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     ),
     "digits": dict(),  # the dataclass defaults
     # Image -> text (captioning) on the digits: the image VE on the 16x16 digit, the flow on a 64-d text latent held
-    # as a 1x8x8 grid (16 tokens of 2x2), a 2-layer parallel decoder over the caption grammar's words. The caption
+    # as a 1x8x8 grid (16 tokens of 2x2), a 2-layer autoregressive decoder over the grammar's words. The caption
     # Text VE reads 10 MiniLM tokens (the grammar's longest caption is 8) through the 3 reduction layers only.
     "digits-caption": dict(
         source="image", target="text", latent_channels=1, latent_size=8, patch_size=2, hidden_size=128, depth=3,

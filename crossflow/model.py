@@ -275,7 +275,7 @@ class CrossFlow(nn.Module):
             if emb is None or tokens is None:
                 raise ValueError("a text-target model needs the caption: forward(emb, mask, None, ..., tokens=ids)")
             t_mu, t_logvar = self.text_ve(emb, mask)  # (B, N) each: the text autoencoder's encoder
-            logits = self.text_decoder(reparameterize(t_mu, t_logvar, generator))  # (B, W, V)
+            logits = self.text_decoder(reparameterize(t_mu, t_logvar, generator), tokens)  # (B, W, V), teacher-forced
             extra["rec"] = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
             extra["kl_text"] = fm.kl_loss(t_mu, t_logvar, cfg.kl_kind)
             z1 = t_mu.detach().view(t_mu.shape[0], *cfg.latent_shape)

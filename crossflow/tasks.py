@@ -12,6 +12,7 @@ bright on a dark ground as the digits model draws them).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,9 +20,12 @@ from typing import Any, Sequence
 import torch
 
 from crossflow.fast_sampler import FastSampler
+from crossflow.model import reparameterize
 
 # Extra keys of a checkpoint's sampling.json read here (sampling_defaults keeps the sampler's own).
 VARIATION_KEY = "text_variation_strength"
+NOISE_KEY = "source_noise_scale"
+REDRAWS = 3
 
 
 def default_checkpoint(preset: str) -> str:
@@ -59,12 +63,15 @@ class CaptionPipeline:
     K captions adjacent."""
 
     def __init__(self, model: torch.nn.Module, sampler: Any | None = None, text_encoder: Any | None = None,
-                 variation_strength: float = 1.0) -> None:
+                 variation_strength: float = 1.0, noise_scale: float = 1.0) -> None:
         cfg = model.config
         if cfg.source != "image" or cfg.target != "text":
             raise ValueError(f"CaptionPipeline needs an image -> text model, got {cfg.source} -> {cfg.target}")
         self.model, self.sampler = model, sampler if sampler is not None else FastSampler()
         self._text_encoder, self.variation_strength = text_encoder, float(variation_strength)
+        if not isinstance(noise_scale, (int, float)) or not 0 <= noise_scale < float("inf"):
+            raise ValueError(f"noise_scale must be a finite number >= 0, got {noise_scale!r}")
+        self.noise_scale = float(noise_scale)  # the image VE's posterior std is scaled by this when sampling
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str | None = None,
@@ -76,7 +83,9 @@ class CaptionPipeline:
         if device is not None:
             model.to(device)
         sampler = sampler if sampler is not None else FastSampler(**sampling_defaults(directory))
-        return cls(model, sampler, variation_strength=_settings(directory).get(VARIATION_KEY, 1.0))
+        settings = _settings(directory)
+        return cls(model, sampler, variation_strength=settings.get(VARIATION_KEY, 1.0),
+                   noise_scale=settings.get(NOISE_KEY, 1.0))
 
     @property
     def text_encoder(self):
@@ -110,7 +119,11 @@ class CaptionPipeline:
         generator = torch.Generator().manual_seed(seed) if seed is not None else generator
         p = self._param()
         x = images.to(device=p.device, dtype=p.dtype).repeat_interleave(n, dim=0)
-        z0, _, _ = self.model.encode_image(x, generator=generator)
+        mu, logvar = self.model.image_ve(x)
+        # z0 = mu + noise_scale * sigma * eps: a temperature on the source posterior (1 = as trained), trading the
+        # wording's variety for the digit's reliability
+        z0 = reparameterize(mu, logvar + 2 * math.log(max(self.noise_scale, 1e-30)), generator)
+        z0 = z0.view(x.shape[0], *self.model.config.latent_shape)
         z1 = self.sampler(self.model, z0, steps=steps, guidance_scale=guidance_scale)
         return self.model.decode_text(z1)
 
@@ -121,8 +134,10 @@ class CaptionPipeline:
         """Texts -> `num_variations` rewordings each (a text's adjacent), through the text autoencoder and the flow:
         caption latent z1 (Text VE mu) -> the flow run backwards (t = 1 -> 0, cond branch) to z0, the source-side
         point that would caption as this text -> z0 + strength * eps (eps the seed's noise; image latents carry the
-        digit, not the wording, so a nudge there redraws the wording) -> the flow forwards -> the decoder."""
+        digit, not the wording, so a nudge there redraws the wording) -> the flow forwards -> the decoder. An output
+        with the input's own wording is drawn again with new noise, up to REDRAWS times."""
         from crossflow.sampling import invert
+        from crossflow.text_decoder import tokenize
 
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
@@ -137,9 +152,18 @@ class CaptionPipeline:
         z1 = self.model.encode_caption(emb.to(device=p.device, dtype=p.dtype), mask.to(p.device))
         z0 = invert(self.model, z1, steps=steps or self.sampler.steps).repeat_interleave(n, dim=0)
         gen_dev = generator.device if generator is not None else torch.device("cpu")
-        eps = torch.randn(z0.shape, generator=generator, device=gen_dev, dtype=torch.float32)
-        z0 = z0 + strength * eps.to(device=z0.device, dtype=z0.dtype)
-        return self.model.decode_text(self.sampler(self.model, z0, steps=steps))
+        same = [" ".join(tokenize(t)) for t in texts for _ in range(n)]
+        out: list[str | None] = [None] * len(same)
+        todo = list(range(len(same)))
+        for attempt in range(1 + REDRAWS):  # a draw that repeats the input's wording is drawn again
+            eps = torch.randn(z0.shape, generator=generator, device=gen_dev, dtype=torch.float32)
+            z = z0[todo] + strength * eps[todo].to(device=z0.device, dtype=z0.dtype)
+            for i, text in zip(todo, self.model.decode_text(self.sampler(self.model, z, steps=steps))):
+                out[i] = text
+            todo = [i for i in todo if " ".join(tokenize(out[i])) == same[i]]
+            if not todo:
+                break
+        return out
 
 
 _PIPES: dict[tuple[str, str], CaptionPipeline] = {}

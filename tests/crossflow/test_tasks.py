@@ -307,3 +307,17 @@ def test_caption_and_vary_errors(tmp_path, capsys):
 
     Image.new("L", (16, 16)).save(png)
     assert "image -> text model" in _fails(["caption", str(png), "--checkpoint", default_checkpoint()], 1, capsys)
+
+
+@pytest.mark.usefixtures("torch_backend")
+def test_a_loaded_caption_model_decodes_as_the_saved_one(tmp_path, perturb):
+    """Loading builds the model on the meta device: nothing the decoder needs may live in an unsaved buffer (its causal
+    mask once did, and loaded models decoded garbage)."""
+    cfg = tiny_caption()
+    model = perturb(CrossFlow(cfg)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = CrossFlow.from_pretrained(tmp_path).eval()
+    z, tokens = torch.randn(4, *cfg.latent_shape), caption_batch(cfg)["tokens"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.text_decoder(z, tokens), model.text_decoder(z, tokens))
+    assert loaded.decode_text(z) == model.decode_text(z)
