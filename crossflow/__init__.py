@@ -21,10 +21,13 @@ _EXPORTS = {
     "DiMRConfig": "dimr_config", "DiMRStage": "dimr_config",
     "SyntheticPairs": "data",
     "FastSampler": "fast_sampler",
+    "ImagePipeline": "img2img",
     "CrossFlow": "model", "FlowTransformer": "model", "load_pretrained": "model",
     "CrossFlowPipeline": "pipeline", "sample": "pipeline",
     "EulerSampler": "sampling", "interpolate_latents": "sampling", "latent_arithmetic": "sampling",
     "TextEncoder": "text_encoder",
+    "ImageVE": "image_ve", "TextDecoder": "text_decoder",
+    "CaptionPipeline": "tasks",
     "TextVE": "text_ve",
     "TrainConfig": "train", "Trainer": "train",
 }

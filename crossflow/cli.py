@@ -1,8 +1,12 @@
-"""The `crossflow` command: sample, interpolate, arithmetic, train, eval, convert.
+"""The `crossflow` command: sample, interpolate, arithmetic, caption, upscale, vary, train, eval, convert.
 
     crossflow sample "a handwritten seven" -o seven.png          # the shipped text-to-digit model, on the CPU too
     crossflow interpolate "a handwritten one" "a handwritten seven" -o strip.png
     crossflow arithmetic "number seven, written by hand" - "seven" + "three" -o three.png   # Text VE latent arithmetic
+    crossflow caption digit.png --n 3                             # image -> text (the shipped digits-caption model)
+    crossflow vary --text "a handwritten seven" --n 4             # text -> text: the same digit, other wordings
+    crossflow upscale low4x4.png -o up.png                        # 4x4 digit -> 8x8 (the shipped digits-sr model)
+    crossflow vary digit.png -o variations.png --n 4              # image -> image: the same digit, another hand
     crossflow train --preset digits                               # reproduces the shipped weights (runs/digits)
     crossflow eval --preset digits                                # prompt accuracy and diversity of the shipped model
     crossflow convert t2i_512px_clip_dimr.pth -o ckpt/          # an official checkpoint (any of the five) -> ours
@@ -201,6 +205,64 @@ def cmd_arithmetic(args) -> int:
     return 0
 
 
+def _caption_checkpoint(args) -> str:
+    from crossflow.tasks import default_checkpoint
+
+    return _checkpoint(args.checkpoint or default_checkpoint("digits-caption"))
+
+
+def _caption_pipeline(args, device):
+    from crossflow.fast_sampler import FastSampler
+    from crossflow.pipeline import sampling_defaults
+    from crossflow.tasks import CaptionPipeline
+
+    ckpt = _caption_checkpoint(args)
+    pipe = CaptionPipeline.from_pretrained(ckpt, device=device, sampler=FastSampler(**sampling_defaults(ckpt)))
+    _cap_threads(pipe.model, device, args.threads)
+    return pipe
+
+
+def cmd_caption(args) -> int:
+    """One caption per line: the --n captions of the first image, then the next image's."""
+    from crossflow.tasks import load_images
+
+    device = _device(args.device)
+    with _backend(args.backend, device):
+        pipe = _caption_pipeline(args, device)
+        cfg = pipe.model.config
+        images = load_images(args.images, cfg.source_channels, cfg.source_size)
+        captions = pipe(images, args.n, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    print("\n".join(captions))
+    return 0
+
+
+def cmd_vary(args) -> int:
+    """`--text TEXT`: n rewordings, one per line; `IMAGE...`: a grid of n variations per image (one row each)."""
+    if (args.text is None) == (not args.images):
+        raise UsageError("give IMAGE file(s) or --text TEXT (not both)")
+    device = _device(args.device)
+    if args.text is not None:
+        if args.output is not None:
+            raise UsageError("-o/--output is for image variation; text variations are printed")
+        with _backend(args.backend, device):
+            pipe = _caption_pipeline(args, device)
+            texts = pipe.vary_text(args.text, args.n, steps=args.steps, seed=args.seed)
+        print("\n".join(texts))
+        return 0
+    from crossflow.img2img import read_images
+
+    output = args.output or "variations.png"
+    images = read_images(args.images)
+    with _backend(args.backend, device):
+        pipe = _image_pipeline(args, device, "digits-vary")
+        out = pipe(images, num_images_per_image=args.n, steps=args.steps, guidance_scale=args.guidance,
+                   seed=args.seed, output_type="pil", progress=not args.quiet)
+    save_grid(out, rows=len(images), out=output, upscale=args.upscale, gap=args.gap)
+    w, h = out[0].size
+    print(f"wrote {output} ({len(images)} image(s) x {args.n} variations, {w}x{h} px each, upscaled x{args.upscale})")
+    return 0
+
+
 def cmd_train(argv: list[str]) -> None:
     from crossflow.train import main  # the one training parser (recipes, validation, error lines) lives there
 
@@ -212,6 +274,10 @@ def cmd_eval(args) -> int:
     from crossflow.checkpoint import atomic_write
     from crossflow.digits import evaluate
 
+    if args.preset == "digits-caption":
+        return cmd_eval_caption(args)
+    if args.preset in ("digits-sr", "digits-vary"):
+        return cmd_eval_img2img(args)
     device = _device(args.device)
     with _backend(args.backend, device):
         pipe = _pipeline(args, device)
@@ -233,6 +299,84 @@ def cmd_eval(args) -> int:
     ok = all(good for _, good in checks)
     print(", ".join(text + ("" if good else " MISSED") for text, good in checks) + f": {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
+
+
+def cmd_eval_img2img(args) -> int:
+    """`--preset digits-sr | digits-vary`: the held-out judges of `crossflow.img2img`."""
+    from crossflow import img2img
+    from crossflow.checkpoint import atomic_write
+    from crossflow.tasks import default_checkpoint
+
+    device = _device(args.device)
+    kw = {k: v for k, v in dict(steps=args.steps, guidance_scale=args.guidance).items() if v is not None}
+    with _backend(args.backend, device):
+        pipe = _image_pipeline(args, device, args.preset)
+        if args.preset == "digits-sr":
+            res = img2img.evaluate_upscale(lambda low: pipe.upscale(low, seed=args.seed, **kw))
+        else:
+            res = img2img.evaluate_variation(lambda x, n, seed: pipe.vary(x, n, seed, **kw), n=args.per_image,
+                                             seed=args.seed)
+    res["checkpoint"] = _checkpoint(args.checkpoint or default_checkpoint(args.preset))
+    res["guidance_scale"] = args.guidance if args.guidance is not None else pipe.sampler.guidance_scale
+    res["steps"] = args.steps if args.steps is not None else pipe.sampler.steps
+    res["seed"] = args.seed
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.json:
+        atomic_write(args.json, lambda p: Path(p).write_text(text + "\n"))
+    print(f"{img2img.verdict(res)}: {'PASS' if res['passed'] else 'FAIL'}")
+    return 0 if res["passed"] else 1
+
+
+def cmd_eval_caption(args) -> int:
+    """Captioning and text-variation numbers of an image -> text model (`digits.evaluate_captions`)."""
+    from crossflow.checkpoint import atomic_write
+    from crossflow.digits import CAPTION_TARGETS, caption_verdict, evaluate_captions
+
+    device = _device(args.device)
+    with _backend(args.backend, device):
+        pipe = _caption_pipeline(args, device)
+        res = evaluate_captions(pipe, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                                progress=not args.quiet)
+    res["checkpoint"] = _caption_checkpoint(args)
+    res["guidance_scale"] = args.guidance if args.guidance is not None else pipe.sampler.guidance_scale
+    res["steps"] = args.steps if args.steps is not None else pipe.sampler.steps
+    res["targets"] = CAPTION_TARGETS
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.json:
+        atomic_write(args.json, lambda p: Path(p).write_text(text + "\n"))
+    ok, line = caption_verdict(res)
+    print(f"{line}: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def _image_pipeline(args, device, preset: str):
+    """An image -> image pipeline (`crossflow.img2img.ImagePipeline`) from --checkpoint, default the preset's shipped
+    weights; --steps/--guidance act per call, the checkpoint's sampling.json otherwise."""
+    from crossflow.img2img import ImagePipeline
+    from crossflow.tasks import default_checkpoint
+
+    ckpt = _checkpoint(args.checkpoint or default_checkpoint(preset))
+    pipe = ImagePipeline.from_pretrained(ckpt, device=device)
+    _cap_threads(pipe.model, device, args.threads)
+    return pipe
+
+
+def cmd_upscale(args) -> int:
+    """4x4 digit images -> 8x8 (`digits-sr`): one row per input, its --n outputs."""
+    from crossflow.img2img import read_images
+
+    device = _device(args.device)
+    images = read_images(args.inputs)
+    with _backend(args.backend, device):
+        pipe = _image_pipeline(args, device, "digits-sr")
+        out = pipe(images, num_images_per_image=args.n, steps=args.steps, guidance_scale=args.guidance,
+                   seed=args.seed, output_type="pil", progress=not args.quiet)
+    save_grid(out, rows=len(images), out=args.output, upscale=args.upscale, gap=args.gap)
+    w, h = out[0].size
+    print(f"wrote {args.output} ({len(images)} input(s) x {args.n}, {w}x{h} px each, upscaled x{args.upscale})")
+    return 0
 
 
 def cmd_convert(args) -> int:
@@ -313,8 +457,8 @@ class _ArithmeticTerms(argparse.Action):
         setattr(namespace, self.dest, (words[0], list(zip(words[1::2], words[2::2]))))
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default=None, help="model directory (default: the shipped digits model)")
+def _common(p: argparse.ArgumentParser, default_model: str = "the shipped digits model") -> None:
+    p.add_argument("--checkpoint", default=None, help=f"model directory (default: {default_model})")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="kernels backend; auto: Triton where it can run, else torch")
@@ -340,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="crossflow", description=__doc__.split("\n\n")[0],
                 epilog="CROSSFLOW_DEBUG=1 shows a traceback for errors.", formatter_class=_HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True,
-                           metavar="{sample,interpolate,arithmetic,train,eval,convert}")
+                           metavar="{sample,interpolate,arithmetic,caption,upscale,vary,train,eval,convert}")
     s = sub.add_parser("sample", help="prompts -> an image grid (one row per prompt)", formatter_class=_HelpFormatter)
     s.add_argument("prompts", nargs="+", metavar="PROMPT", type=_prompt)
     _image_out(s, "samples.png")
@@ -366,12 +510,40 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--n", type=_int_at_least(1), default=4, help="images (each with its own Text VE noise)")
     _common(a)
     a.set_defaults(func=cmd_arithmetic)
-    sub.add_parser("train", help="train a preset (see `crossflow train --help`)", add_help=False)
-    e = sub.add_parser("eval", help="prompt accuracy, diversity and background speckle (digits preset); exits 1 when a "
-                       "target is missed",
+    cap = sub.add_parser("caption", help="images -> captions, one per line (image -> text model)",
+                         formatter_class=_HelpFormatter)
+    cap.add_argument("images", nargs="+", metavar="IMAGE", help="image files (grey, ink bright on a dark ground)")
+    cap.add_argument("--n", type=_int_at_least(1), default=1, help="captions per image (one seed, different noise)")
+    _common(cap, "the shipped digits-caption model")
+    cap.set_defaults(func=cmd_caption)
+    u = sub.add_parser("upscale", help="4x4 digit images -> 8x8 (super-resolution, the digits-sr model)",
                        formatter_class=_HelpFormatter)
-    e.add_argument("--preset", default="digits", choices=("digits",), help="the evaluation to run")
+    u.add_argument("inputs", nargs="+", metavar="IN", help="image files (grey, ink bright on a dark ground); larger "
+                   "ones are area-averaged to 4x4")
+    _image_out(u, "upscaled.png")
+    u.add_argument("--n", type=_int_at_least(1), default=1, help="outputs per input (one row per input)")
+    _common(u, "the shipped digits-sr model")
+    u.set_defaults(func=cmd_upscale, upscale=8)
+    v = sub.add_parser("vary", help="variations: IMAGE... -> an image grid, or --text TEXT -> rewordings",
+                       formatter_class=_HelpFormatter)
+    v.add_argument("images", nargs="*", metavar="IMAGE", help="image files to vary (image variation)")
+    v.add_argument("--text", type=_prompt, default=None, help="a text to reword (text variation, printed)")
+    v.add_argument("-o", "--output", type=_image_path, default=None,
+                   help="image variation: the grid file (default variations.png)")
+    v.add_argument("--upscale", type=_int_at_least(1, MAX_UPSCALE), default=4,
+                   help=f"image variation: nearest-neighbour upscaling of the grid, 1..{MAX_UPSCALE}")
+    v.add_argument("--gap", type=_int_at_least(0, 64), default=GRID_GAP, help="pixels between cells, before upscaling")
+    v.add_argument("--n", type=_int_at_least(1), default=4, help="variations per input")
+    _common(v, "the shipped digits-vary model for images, digits-caption for --text")
+    v.set_defaults(func=cmd_vary, upscale=8)  # 8x8 variations
+    sub.add_parser("train", help="train a preset (see `crossflow train --help`)", add_help=False)
+    e = sub.add_parser("eval", help="a preset's numbers (digits: prompt accuracy, diversity, background speckle; digits-caption: "
+                       "caption accuracy, well-formedness, wordings, text variation); exits 1 below target",
+                       formatter_class=_HelpFormatter)
+    e.add_argument("--preset", default="digits", choices=("digits", "digits-caption", "digits-sr", "digits-vary"),
+                   help="the evaluation to run (and, without --checkpoint, the shipped weights it judges)")
     e.add_argument("--per-prompt", type=_int_at_least(2), default=10, help="samples per (digit, held-out template)")
+    e.add_argument("--per-image", type=_int_at_least(2), default=4, help="digits-vary: variations per held-out image")
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
     _common(e)
     e.set_defaults(func=cmd_eval)

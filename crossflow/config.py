@@ -7,6 +7,8 @@ it: that is a runtime choice (`kernels.use_backend`).
 Presets (`CrossFlowConfig.from_name`):
   * ``tiny``        -- unit tests; small enough for the Triton CPU interpreter.
   * ``digits``      -- the embedded default: 16x16 pixel-space digits, MiniLM text, trains on a laptop CPU.
+  * ``digits-sr``   -- super-resolution: a 4x4 digit (image VE source) -> the real 8x8 digit (`crossflow.img2img`).
+  * ``digits-vary`` -- image variation: an 8x8 digit through a narrow image VE -> the same digit in another hand.
   * ``dit-{s,b,l,xl}-2`` -- DiT paper sizes on the 256 px SD-VAE latent (4x32x32), CLIP-L/14 text (77x768), the
     official CLIP@256 Text VE (Linear head).
   * ``dit-h-2-512`` -- the official CrossFlow DiT (`t2i_512px_t5_dit.py`): DiT-H/2 on 4x64x64, T5-XXL text (77x4096,
@@ -28,12 +30,21 @@ from crossflow.dimr_config import DIMR_CONFIGS, OFFICIAL_CHECKPOINTS, DiMRConfig
 BACKBONES = ("dit", "dimr")
 NORMS = ("layer", "rms")
 KL_KINDS = ("standard", "official")
+SOURCES = ("text", "image")  # what the flow starts from (t = 0): a Text VE sample, or an image VE sample
+TARGETS = ("image", "text")  # where it ends (t = 1): an image latent, or a text latent decoded to words
 
 
 @dataclass(frozen=True)
 class CrossFlowConfig:
     """Hyper-parameters of a CrossFlow model. Defaults are the ``digits`` preset."""
 
+    # ---- the pairing (DESIGN.md section 9): source encoder -> shared flow transformer -> target side.
+    # source "text": the Text VE over text-encoder tokens (text_* / ve_* fields); "image": the image VE over a
+    # (source_channels, source_size, source_size) image in [-1, 1] (source_* / image_ve_width).
+    # target "image": the autoencoder's latent, latent_shape; "text": a text latent of latent_shape (the Text VE's mu of
+    # the caption, the flow's grid holding the flat vector) decoded to words by `text_decoder.TextDecoder`.
+    source: str = "text"
+    target: str = "image"
     # ---- image latent (the flow's state): (latent_channels, latent_size, latent_size)
     latent_channels: int = 1
     latent_size: int = 16
@@ -75,6 +86,18 @@ class CrossFlowConfig:
     # ---- frozen image autoencoder
     autoencoder: str = "identity"  # "identity" (pixel space) or a diffusers AutoencoderKL name/path
     vae_scale: float = 0.23010
+    # ---- image source: the image VE (`image_ve.ImageVE`, a conv net) reads (source_channels, source_size**2) images
+    source_channels: int = 1
+    source_size: int = 16
+    image_ve_width: int = 32
+    # ---- text target: the text autoencoder's decoder over a word vocabulary (`text_decoder.VOCABS`)
+    vocab: str = "digits"
+    max_words: int = 8  # the longest caption the decoder writes (END-padded in training)
+    decoder_width: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    decoder_prefix: int = 4  # the text latent enters the decoder as this many prefix tokens
+    rec_weight: float = 1.0  # weight of the decoder's reconstruction cross-entropy in the loss
 
     def __post_init__(self) -> None:
         if isinstance(self.dimr, dict):  # from JSON
@@ -105,6 +128,16 @@ class CrossFlowConfig:
     @property
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def uses_text_ve(self) -> bool:
+        """A Text VE exists: it encodes the source text, or (text target) the caption into the target latent."""
+        return self.source == "text" or self.target == "text"
+
+    @property
+    def source_shape(self) -> tuple[int, int, int]:
+        """The image VE's input (image source)."""
+        return (self.source_channels, self.source_size, self.source_size)
 
     @property
     def ve_width(self) -> int:
@@ -176,7 +209,9 @@ def _validate(c: CrossFlowConfig) -> None:
 
     ints_ok = all([pos_int(n) for n in (
         "latent_channels", "latent_size", "patch_size", "hidden_size", "depth", "num_heads", "text_dim", "text_len",
-        "ve_heads", "ve_ff", "image_encoder_width", "image_feature_dim", "ve_adaptor_grid",
+        "ve_heads", "ve_ff", "image_encoder_width", "image_feature_dim", "ve_adaptor_grid", "source_channels",
+        "source_size", "image_ve_width", "max_words", "decoder_width", "decoder_depth", "decoder_heads",
+        "decoder_prefix",
     )] + [pos_int("ve_layers", 0), pos_int("ve_reductions", 0)])
     if c.ve_compress_dim is not None:
         ints_ok = pos_int("ve_compress_dim") and ints_ok
@@ -196,6 +231,8 @@ def _validate(c: CrossFlowConfig) -> None:
             if bad:
                 errors.append(f"VE attention widths {bad} (ve_width {c.ve_width}, halved per reduction) must be "
                               f"divisible by ve_heads {c.ve_heads}")
+        if c.decoder_width % c.decoder_heads:
+            errors.append(f"decoder_width {c.decoder_width} must be divisible by decoder_heads {c.decoder_heads}")
         if c.ve_adaptor and (2 * c.latent_numel) % (c.ve_adaptor_grid**2):
             errors.append(f"ve_adaptor: 2 * latent_numel = {2 * c.latent_numel} must be divisible by "
                           f"ve_adaptor_grid**2 = {c.ve_adaptor_grid ** 2}")
@@ -211,6 +248,14 @@ def _validate(c: CrossFlowConfig) -> None:
         errors.append("dimr is set but backbone is 'dit'")
     if c.norm not in NORMS:
         errors.append(f"norm must be one of {NORMS}, got {c.norm!r}")
+    if c.source not in SOURCES:
+        errors.append(f"source must be one of {SOURCES}, got {c.source!r}")
+    if c.target not in TARGETS:
+        errors.append(f"target must be one of {TARGETS}, got {c.target!r}")
+    if c.source == "text" and c.target == "text":
+        errors.append("source 'text' with target 'text' is not built: the Text VE would encode both sides")
+    if c.target == "text" and c.autoencoder != "identity":
+        errors.append(f"target 'text' has no image autoencoder; autoencoder must be 'identity', got {c.autoencoder!r}")
     if c.kl_kind not in KL_KINDS:
         errors.append(f"kl_kind must be one of {KL_KINDS}, got {c.kl_kind!r}")
     for name, lo, hi in (("ve_dropout", 0.0, 1.0), ("cfg_dropout", 0.0, 1.0), ("sigma_min", 0.0, 1.0)):
@@ -221,9 +266,10 @@ def _validate(c: CrossFlowConfig) -> None:
         v = getattr(c, name)
         if not isinstance(v, (int, float)) or not v > 0:
             errors.append(f"{name} must be > 0, got {v!r}")
-    if not isinstance(c.kl_weight, (int, float)) or c.kl_weight < 0:
-        errors.append(f"kl_weight must be >= 0, got {c.kl_weight!r}")
-    for name in ("text_encoder", "autoencoder", "image_encoder"):
+    for name in ("kl_weight", "rec_weight"):
+        if isinstance(getattr(c, name), bool) or not isinstance(getattr(c, name), (int, float)) or getattr(c, name) < 0:
+            errors.append(f"{name} must be >= 0, got {getattr(c, name)!r}")
+    for name in ("text_encoder", "autoencoder", "image_encoder", "vocab"):
         if not isinstance(getattr(c, name), str) or not getattr(c, name):
             errors.append(f"{name} must be a non-empty string, got {getattr(c, name)!r}")
     if not isinstance(c.ve_adaptor, bool):
@@ -249,6 +295,27 @@ _TINY = dict(
 CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": _TINY,
     "digits": dict(),  # the dataclass defaults
+    # Image -> text (captioning) on the digits: the image VE on the 16x16 digit, the flow on a 64-d text latent held
+    # as a 1x8x8 grid (16 tokens of 2x2), a 2-layer autoregressive decoder over the grammar's words. The caption
+    # Text VE reads 10 MiniLM tokens (the grammar's longest caption is 8) through the 3 reduction layers only.
+    "digits-caption": dict(
+        source="image", target="text", latent_channels=1, latent_size=8, patch_size=2, hidden_size=128, depth=3,
+        num_heads=4, text_len=10, ve_layers=0, image_encoder_width=16, image_feature_dim=128, image_ve_width=32,
+    ),
+    # Image -> image on the real 8x8 digits (`crossflow.img2img`): the flow on the 1x8x8 pixels (16 tokens of 2x2).
+    # Super-resolution: the image VE reads the 4x4; a tiny KL weight lets it keep its posterior narrow, so z0 is nearly
+    # a function of the input and the flow lands near the best estimate of the 8x8 (PSNR), not a random redraw.
+    "digits-sr": dict(
+        source="image", target="image", latent_channels=1, latent_size=8, patch_size=2, hidden_size=128, depth=3,
+        num_heads=4, image_encoder_width=16, image_feature_dim=128, source_size=4, image_ve_width=32,
+        kl_weight=1e-4,
+    ),
+    # Image variation: a narrow image VE (a 16-d feature between the convs and mu/logvar) keeps the digit and its
+    # rough shape, the posterior noise (official KL weight) redraws the hand.
+    "digits-vary": dict(
+        source="image", target="image", latent_channels=1, latent_size=8, patch_size=2, hidden_size=128, depth=3,
+        num_heads=4, image_encoder_width=16, image_feature_dim=16, source_size=8, image_ve_width=32,
+    ),
     "dit-s-2": dict(_CLIP_256, hidden_size=384, depth=12, num_heads=6),
     "dit-b-2": dict(_CLIP_256, hidden_size=768, depth=12, num_heads=12),
     "dit-l-2": dict(_CLIP_256, hidden_size=1024, depth=24, num_heads=16),

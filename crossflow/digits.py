@@ -46,15 +46,54 @@ def caption(template: str, digit: int) -> str:
     return template.format(w=WORDS[digit], n=str(digit))
 
 
-def load_images(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """Real digits as (N, 1, 16, 16) float32 in [-1, 1] and labels (N,); split "train" | "test" | "all"."""
+# ---- the caption grammar (image -> text): every template, either split, with a number word or a numeral
+ALL_TEMPLATES = TRAIN_TEMPLATES + HELDOUT_TEMPLATES
+
+
+def caption_words() -> list[str]:
+    """The word-level vocabulary of the grammar (`text_decoder.tokenize` of every caption)."""
+    from crossflow.text_decoder import tokenize
+
+    return sorted({w for t in ALL_TEMPLATES for k in range(10) for w in tokenize(caption(t, k))})
+
+
+def _grammar() -> dict[str, tuple[int, str]]:
+    from crossflow.text_decoder import detokenize, tokenize
+
+    return {detokenize(tokenize(caption(t, k))): (k, t) for t in ALL_TEMPLATES for k in range(10)}
+
+
+def parse_caption(text: str) -> int | None:
+    """The digit a caption of the grammar names (any template, word or numeral), or None for anything else."""
+    from crossflow.text_decoder import detokenize, tokenize
+
+    hit = _grammar().get(detokenize(tokenize(text)))
+    return None if hit is None else hit[0]
+
+
+def caption_template(text: str) -> str | None:
+    """The template of a well-formed caption (its wording), or None."""
+    from crossflow.text_decoder import detokenize, tokenize
+
+    hit = _grammar().get(detokenize(tokenize(text)))
+    return None if hit is None else hit[1]
+
+
+def load_images(split: str = "train", size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real digits as (N, 1, size, size) float32 in [-1, 1] and labels (N,); split "train" | "test" | "all".
+
+    size 8 is the originals themselves; any other size is their bilinear resampling (16: the text-to-image data)."""
     from sklearn.datasets import load_digits
 
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be an int >= 1, got {size!r}")
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
-    x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False) * 2 - 1
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x * 2 - 1
     y = torch.tensor(d.target, dtype=torch.long)
     if split == "all":
         return x, y
@@ -114,6 +153,40 @@ class DigitPairs(Dataset):
         k = int(self.labels[j])
         emb, mask = self.bank.pick(k, int(torch.randint(len(self.bank.templates), (1,), generator=g)))
         return {"text_emb": emb, "text_mask": mask, "latent": self.images[j], "label": self.labels[j]}
+
+
+class DigitCaptions(Dataset):
+    """(image, caption) pairs from the training split for image -> text: the trainer's "digits-caption" data set.
+
+    Yields {"source": the 16x16 image (1, 16, 16) in [-1, 1], "text_emb", "text_mask": the caption's MiniLM tokens
+    (the text autoencoder's input), "tokens": its word ids (max_words,), "label"}. Captions are drawn from the
+    training templates as in `DigitPairs`; sample i is a pure function of (seed, i).
+    """
+
+    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, bank: CaptionBank | None = None) -> None:
+        from crossflow.text_decoder import get_vocab
+
+        if tuple(cfg.source_shape) != (1, SIZE, SIZE) or cfg.target != "text":
+            raise ValueError(f"the digits-caption data set needs an image source (1, {SIZE}, {SIZE}) and a text "
+                             f"target, got source {cfg.source} {cfg.source_shape}, target {cfg.target}")
+        self.images, self.labels = load_images("train")
+        self.bank = bank if bank is not None else CaptionBank(cfg)
+        vocab = get_vocab(cfg.vocab)
+        self.tokens = torch.stack([vocab.encode(c, cfg.max_words) for c in self.bank.captions])  # bank order
+        self.seed = seed
+        self.n = size if size is not None else len(self.labels)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        j = i % len(self.labels)
+        g = torch.Generator().manual_seed(stable_seed("digits-caption", self.seed, i))
+        k = int(self.labels[j])
+        t = int(torch.randint(len(self.bank.templates), (1,), generator=g))
+        emb, mask = self.bank.pick(k, t)
+        return {"source": self.images[j], "text_emb": emb, "text_mask": mask,
+                "tokens": self.tokens[k * len(self.bank.templates) + t], "label": self.labels[j]}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -201,4 +274,75 @@ def evaluate(pipe: Any, per_prompt: int = 10, guidance_scale: float | None = Non
         "samples": total,
         "classifier_accuracy_on_real": clf_acc,
         "templates": list(templates),
+    }
+
+
+# ---- image -> text (digits-caption): the acceptance bars of issue 14, checked by `crossflow eval --preset
+# digits-caption`
+CAPTION_TARGETS = {"accuracy": 0.95, "well_formed": 0.98, "wordings_one_image": 3, "text_variation_digit_kept": 0.95,
+                   "text_variation_differs": 0.90}
+
+
+def caption_verdict(res: dict[str, Any]) -> tuple[bool, str]:
+    """(all targets met, one line naming each number and its target)."""
+    t = CAPTION_TARGETS
+    ok = all(res[k] >= v for k, v in t.items())
+    line = (f"caption accuracy {res['accuracy']:.1%} (>= {t['accuracy']:.0%}), well-formed {res['well_formed']:.1%} "
+            f"(>= {t['well_formed']:.0%}), wordings over 10 seeds {res['wordings_one_image']} (>= "
+            f"{t['wordings_one_image']}); text variation: digit kept {res['text_variation_digit_kept']:.1%} (>= "
+            f"{t['text_variation_digit_kept']:.0%}), new wording {res['text_variation_differs']:.1%} (>= "
+            f"{t['text_variation_differs']:.0%})")
+    return ok, line
+
+
+@torch.no_grad()
+def evaluate_captions(pipe: Any, steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+                      seeds: int = 10, variations: int = 3, progress: bool = False) -> dict[str, Any]:
+    """The numbers of an image -> text `pipe` (`tasks.CaptionPipeline`) on the held-out 20 % of the images.
+
+    accuracy: share of held-out images (one caption each) whose caption names their digit (`parse_caption`);
+    well_formed: share that parse as a caption of the grammar (any template, word or numeral); wordings_one_image:
+    distinct captions of the first held-out image over `seeds` seeds (per_image_wordings: the same for the first
+    image of each digit); text variation: every caption of the grammar (16 templates x 10 digits) reworded
+    `variations` times: the share whose digit is kept, and the share whose wording differs from the input.
+    """
+    from tqdm.auto import tqdm
+
+    from crossflow.text_decoder import detokenize, tokenize
+
+    kw = dict(steps=steps, guidance_scale=guidance_scale)
+    xte, yte = load_images("test")
+    bar = tqdm(total=3, desc="eval", unit="part", disable=None if progress else True)
+    caps = []
+    for i in range(0, len(yte), 128):
+        caps += pipe(xte[i : i + 128], 1, seed=seed + i, **kw)
+    parsed = [parse_caption(c) for c in caps]
+    bar.update(1)
+    firsts = [int(torch.nonzero(yte == k)[0]) for k in range(10)]
+    per_image = []
+    for j in firsts:
+        outs = {pipe(xte[j : j + 1], 1, seed=seed + s, **kw)[0] for s in range(seeds)}
+        per_image.append(len({c for c in outs if parse_caption(c) is not None}))
+    bar.update(1)
+    inputs = [caption(t, k) for k in range(10) for t in ALL_TEMPLATES]
+    outs = pipe.vary_text(inputs, variations, steps=steps, seed=seed)
+    norm = [detokenize(tokenize(c)) for c in inputs]
+    kept = [parse_caption(o) == i // (len(ALL_TEMPLATES) * variations) for i, o in enumerate(outs)]
+    differs = [detokenize(tokenize(o)) != norm[i // variations] for i, o in enumerate(outs)]
+    bar.update(1)
+    bar.close()
+    return {
+        "accuracy": sum(p == int(y) for p, y in zip(parsed, yte)) / len(caps),
+        "well_formed": sum(p is not None for p in parsed) / len(caps),
+        "wordings_one_image": per_image[0],  # the first held-out image (a zero)
+        "per_image_wordings": dict(zip(map(str, range(10)), per_image)),
+        "text_variation_digit_kept": sum(kept) / len(kept),
+        "text_variation_differs": sum(differs) / len(differs),
+        "text_variation_well_formed": sum(parse_caption(o) is not None for o in outs) / len(outs),
+        "heldout_images": len(caps),
+        "seeds": seeds,
+        "variations_per_text": variations,
+        "examples": {"captions": [[str(int(yte[j])), caps[j]] for j in firsts],
+                     "text_variation": [[inputs[i], outs[i * variations : (i + 1) * variations]]
+                                        for i in range(0, len(inputs), 37)]},
     }

@@ -1,4 +1,12 @@
-"""The CrossFlow model: Text VE (text -> source latent z0), flow network (velocity), contrastive image encoder.
+"""The CrossFlow model: a source encoder (z0), the flow transformer (velocity), the target side, a contrastive encoder.
+
+The pairing is configured (`CrossFlowConfig.source` / `.target`, DESIGN.md section 9), not copied:
+  * source "text": the Text VE over text-encoder tokens; "image": the image VE (`image_ve.ImageVE`) over an image.
+  * the flow network: the DiT (`FlowTransformer`) or DiMR (`crossflow.dimr.DiMRFlow`), by `CrossFlowConfig.backbone`.
+  * target "image": the image latent (the autoencoder's; the digits use pixels); "text": the text autoencoder, i.e. the
+    Text VE's mu of the caption is the flow's target and `text_decoder.TextDecoder` reads it back as words. The text
+    latent (latent_numel values, no order of its own) is held in the flow's (C, H, W) grid, so the DiT, its patches,
+    its fixed 2-D positions (here: distinct codes per token), the samplers and the kernels serve every pairing as is.
 
 `FlowTransformer` is the official DiT variant (`libs/model/dit_t2i.py`): patch embedding, fixed 2-D sin-cos positions,
 raw-t sinusoidal timestep embedding plus a 2-class cond/uncond indicator embedding, adaLN-Zero blocks, final adaLN
@@ -30,7 +38,9 @@ from crossflow.checkpoint import load_state_dict_strict, read_pretrained, save_p
 from crossflow.config import CrossFlowConfig
 from crossflow.dimr import DiMRFlow, multiscale_flow_loss
 from crossflow.image_encoder import build_image_encoder
+from crossflow.image_ve import ImageVE
 from crossflow.layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from crossflow.text_decoder import TextDecoder
 from crossflow.text_ve import TextVE
 
 NUM_INDICATOR_CLASSES = 2  # 0 = conditional, 1 = unconditional (official `LabelEmbedder(num_classes=2)`)
@@ -138,11 +148,28 @@ def build_flow(cfg: CrossFlowConfig) -> nn.Module:
     return FlowTransformer(cfg)
 
 
-class CrossFlow(nn.Module):
-    """The whole trainable model: `text_ve`, `flow`, `image_encoder` and the contrastive `logit_scale`.
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """mu + exp(logvar / 2) * eps, eps drawn in fp32 on `generator`'s device (a CPU generator reproduces across
+    devices)."""
+    if generator is None:
+        eps = torch.randn(mu.shape, device=mu.device, dtype=torch.float32)
+    else:
+        eps = torch.randn(mu.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return mu + torch.exp(0.5 * logvar) * eps.to(device=mu.device, dtype=mu.dtype)
 
-    Calling it (`forward`, alias `loss`) computes the training loss; sampling uses `encode_text` and `velocity`.
-    `logit_scale` starts at log(1/0.07) and is used raw (not exponentiated), as the official code uses open_clip's.
+
+class CrossFlow(nn.Module):
+    """The whole trainable model of one pairing (`config.source` -> `config.target`):
+
+      * `text_ve` (text source, or text target: the text autoencoder's encoder), `image_ve` (image source);
+      * `flow`, the shared flow transformer on the target latent (image latent or text latent);
+      * `image_encoder`: the contrastive encoder of the target latent (its name is text-to-image's, kept for the
+        shipped weights), and `logit_scale`;
+      * `text_decoder` (text target).
+
+    Calling it (`forward`, alias `loss`) computes the training loss; sampling uses `encode_source` (`encode_text`,
+    `encode_image`), `velocity`, and for a text target `decode_text`. `logit_scale` starts at log(1/0.07) and is used
+    raw (not exponentiated), as the official code uses open_clip's.
     """
 
     def __init__(self, cfg: CrossFlowConfig):
@@ -150,10 +177,16 @@ class CrossFlow(nn.Module):
         if not isinstance(cfg, CrossFlowConfig):
             raise ValueError(f"CrossFlow expects a CrossFlowConfig, got {type(cfg).__name__}")
         self.config = cfg
-        self.text_ve = TextVE(cfg)
+        # Construction order = draw order of the random init: text-to-image's is text_ve, flow, image_encoder.
+        if cfg.uses_text_ve:
+            self.text_ve = TextVE(cfg)
+        if cfg.source == "image":
+            self.image_ve = ImageVE(cfg)
         self.flow = build_flow(cfg)
         self.image_encoder = build_image_encoder(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        if cfg.target == "text":
+            self.text_decoder = TextDecoder(cfg)
 
     @classmethod
     def empty(cls, cfg: CrossFlowConfig) -> "CrossFlow":
@@ -171,23 +204,55 @@ class CrossFlow(nn.Module):
         """Text embeddings (B, L, Dt) + mask (B, L) -> (z0 (B, C, H, W), mu, logvar (B, latent_numel)).
 
         z0 = mu + exp(logvar / 2) * eps is the reparameterised sample; eps is the only randomness of sampling, drawn
-        in fp32 on `generator`'s device (so a CPU generator reproduces across devices).
+        in fp32 on `generator`'s device (so a CPU generator reproduces across devices). Text source only.
         """
+        if self.config.source != "text":
+            raise ValueError(f"encode_text: this model's source is {self.config.source!r}, not text")
         mu, logvar = self.text_ve(emb, mask)  # (B, N) each
-        if generator is None:
-            eps = torch.randn(mu.shape, device=mu.device, dtype=torch.float32)
-        else:
-            eps = torch.randn(mu.shape, generator=generator, device=generator.device, dtype=torch.float32)
-        z0 = mu + torch.exp(0.5 * logvar) * eps.to(device=mu.device, dtype=mu.dtype)
+        z0 = reparameterize(mu, logvar, generator)
         return z0.view(mu.shape[0], *self.config.latent_shape), mu, logvar
+
+    def encode_image(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Source images (B, Cs, Hs, Ws) in [-1, 1] -> (z0 (B, C, H, W), mu, logvar (B, latent_numel)), as
+        `encode_text`. Image source only."""
+        if self.config.source != "image":
+            raise ValueError(f"encode_image: this model's source is {self.config.source!r}, not image")
+        mu, logvar = self.image_ve(images)
+        z0 = reparameterize(mu, logvar, generator)
+        return z0.view(mu.shape[0], *self.config.latent_shape), mu, logvar
+
+    def encode_source(
+        self, source: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`encode_text(source, mask, generator)` or `encode_image(source, generator)`, by `config.source`."""
+        if self.config.source == "text":
+            return self.encode_text(source, mask, generator)
+        return self.encode_image(source, generator)
+
+    def encode_caption(self, emb: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Text target: caption token embeddings -> the text latent (the Text VE's mu) (B, C, H, W), the flow's
+        target in training and the start of text variation."""
+        if self.config.target != "text":
+            raise ValueError(f"encode_caption: this model's target is {self.config.target!r}, not text")
+        mu, _ = self.text_ve(emb, mask)
+        return mu.view(mu.shape[0], *self.config.latent_shape)
+
+    def decode_text(self, z1: torch.Tensor) -> list[str]:
+        """Text target: text latents (B, C, H, W) -> one text each (`TextDecoder.decode`)."""
+        if self.config.target != "text":
+            raise ValueError(f"decode_text: this model's target is {self.config.target!r}, not text")
+        return self.text_decoder.decode(z1)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
         """v(x, t, indicator) of the flow network (the finest level for DiMR); see `FlowTransformer.forward`."""
         return self.flow(x, t, indicator)
 
     def forward(
-        self, emb: torch.Tensor, mask: torch.Tensor, z1: torch.Tensor, generator: torch.Generator | None = None,
-        images: torch.Tensor | None = None,
+        self, emb: torch.Tensor | None, mask: torch.Tensor | None, z1: torch.Tensor | None,
+        generator: torch.Generator | None = None, images: torch.Tensor | None = None, *,
+        source: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss of one batch (reference/crossflow.md §8): FM-MSE + CLIP(z0, image features) + kl_weight *
         KL, all trained jointly (the FM gradient reaches the Text VE through z0). `forward` so that DDP, which wraps
@@ -197,13 +262,38 @@ class CrossFlow(nn.Module):
         the targets, (B, C', H', W') in [-1, 1], needed by a pretrained (pixel) image encoder; by default the image
         encoder sees z1 (the same thing in pixel space). Draw order from `generator` (fixed, so a resumed run replays
         it): VE noise, indicator dropout, t.
-        Returns (total loss, detached components {"fm", "clip", "kl", "logit_scale", "null_frac"}).
+
+        Other pairings: an image source takes its images as `source` (B, Cs, Hs, Ws) in [-1, 1] (emb/mask then
+        belong to the target, if text). A text target takes the caption's token embeddings as emb/mask and its word
+        ids as `tokens` (B, max_words); z1 is then None: the target is the Text VE's mu of the caption (detached:
+        the flow chases the autoencoder's latent, it does not move it), the decoder learns to read a *sample* of the
+        caption's posterior (cross-entropy `rec`, weight rec_weight), and the caption posterior's KL (`kl_text`) is
+        weighted as the source's. Draw order: source VE noise, caption VE noise, indicator dropout, t.
+        Returns (total loss, detached components {"fm", "clip", "kl", "logit_scale", "null_frac"}, plus "rec" and
+        "kl_text" for a text target).
         """
         cfg = self.config
         if images is None and cfg.image_encoder != "conv" and cfg.autoencoder != "identity":
             raise ValueError(f"image encoder {cfg.image_encoder!r} needs pixel images: the training data must yield "
                              "'image' (B, C, H, W) in [-1, 1] beside 'latent'")
-        z0, mu, logvar = self.encode_text(emb, mask, generator=generator)  # (B, C, H, W); not detached
+        if cfg.source == "image":
+            if source is None:
+                raise ValueError("an image-source model needs the source images: forward(..., source=images)")
+            z0, mu, logvar = self.encode_image(source, generator=generator)  # (B, C, H, W); not detached
+        else:
+            z0, mu, logvar = self.encode_text(emb, mask, generator=generator)  # (B, C, H, W); not detached
+        extra: dict[str, torch.Tensor] = {}
+        if cfg.target == "text":
+            if emb is None or tokens is None:
+                raise ValueError("a text-target model needs the caption: forward(emb, mask, None, ..., tokens=ids)")
+            t_mu, t_logvar = self.text_ve(emb, mask)  # (B, N) each: the text autoencoder's encoder
+            logits = self.text_decoder(reparameterize(t_mu, t_logvar, generator), tokens)  # (B, W, V), teacher-forced
+            extra["rec"] = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+            extra["kl_text"] = fm.kl_loss(t_mu, t_logvar, cfg.kl_kind)
+            z1 = t_mu.detach().view(t_mu.shape[0], *cfg.latent_shape)
+            images = None  # the contrastive encoder reads the text latent
+        elif z1 is None:
+            raise ValueError("an image-target model needs the target latents z1")
         z0 = z0.reshape(z1.shape)
         img_feat = self.image_encoder(z1 if images is None else images)  # (B, C*H*W), true targets before the roll
         l_clip = fm.contrastive_loss(z0, img_feat, self.logit_scale)
@@ -220,8 +310,11 @@ class CrossFlow(nn.Module):
             l_fm = fm.flow_matching_loss(self.flow(zt, t, indicator), target)  # pred (B, C, H, W)
 
         loss = l_fm + l_clip + cfg.kl_weight * l_kl
+        if extra:
+            loss = loss + cfg.kl_weight * extra["kl_text"] + cfg.rec_weight * extra["rec"]
         parts = {"fm": l_fm.detach(), "clip": l_clip.detach(), "kl": l_kl.detach(),
-                 "logit_scale": self.logit_scale.detach().float().reshape(()), "null_frac": indicator.float().mean()}
+                 "logit_scale": self.logit_scale.detach().float().reshape(()), "null_frac": indicator.float().mean(),
+                 **{k: v.detach() for k, v in extra.items()}}
         return loss, parts
 
     def loss(self, *args, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -153,6 +153,24 @@ class EulerSampler:
         return x
 
 
+@torch.no_grad()
+def invert(model: Any, z1: torch.Tensor, steps: int = 50) -> torch.Tensor:
+    """The flow run backwards: Euler from z1 at t = 1 to t = 0 with the conditional branch (no guidance, whose
+    uncond half would not invert), evaluated at t = 1, 1 - 1/N, ..., 1/N. Returns a new tensor; z1 is not modified.
+
+    Text variation uses it to find the source-side point a text latent came from (`tasks.CaptionPipeline.vary_text`).
+    """
+    _check_z0(z1)
+    _check_steps(steps)
+    fn = velocity_fn(model)
+    x, b = z1.clone(), z1.shape[0]
+    cond = torch.zeros(b, dtype=torch.long, device=z1.device)
+    for i in range(steps):
+        t = torch.full((b,), 1.0 - i / steps, device=z1.device)
+        x = kernels.euler_step(x, fn(x, t, cond).to(x.dtype), -1.0 / steps, out=x)
+    return x
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Latent interpolation and arithmetic (paper §4.4, official demo_t2i_arith.py)
 # ---------------------------------------------------------------------------------------------------------------------

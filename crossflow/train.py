@@ -53,16 +53,49 @@ def _digits(cfg: Any, seed: int, size: int) -> Dataset:
     return DigitPairs(cfg, seed=seed, size=size)
 
 
-# --data NAME -> builder(model config, seed, size); every dataset yields the format of `crossflow.data`.
+def _digits_caption(cfg: Any, seed: int, size: int) -> Dataset:
+    from crossflow.digits import DigitCaptions
+
+    return DigitCaptions(cfg, seed=seed, size=size)
+
+
+# --data NAME -> builder(model config, seed, size); every dataset yields the format of `crossflow.data` (plus, for
+# other pairings, "source" images and caption "tokens": see `batch_inputs`).
+def _digits_sr(cfg: Any, seed: int, size: int) -> Dataset:
+    from crossflow.img2img import UpscalePairs
+
+    return UpscalePairs(cfg, seed=seed, size=size)
+
+
+def _digits_vary(cfg: Any, seed: int, size: int) -> Dataset:
+    from crossflow.img2img import VariationPairs
+
+    return VariationPairs(cfg, seed=seed, size=size)
+
+
 DATASETS: dict[str, Callable[[Any, int, int], Dataset]] = {
-    "synthetic": lambda cfg, seed, size: SyntheticPairs(cfg, n=size, seed=seed), "digits": _digits}
+    "synthetic": lambda cfg, seed, size: SyntheticPairs(cfg, n=size, seed=seed), "digits": _digits,
+    "digits-caption": _digits_caption, "digits-sr": _digits_sr, "digits-vary": _digits_vary}
 
 # Training recipes: the defaults `--preset NAME` brings along (explicit flags win).
 RECIPES: dict[str, dict[str, Any]] = {
     "digits": dict(data="digits", steps=3600, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999,
                    log_every=50, ckpt_every=600),
+    "digits-caption": dict(data="digits-caption", steps=1200, batch_size=64, lr=1e-3, warmup_steps=100,
+                           ema_decay=0.995, log_every=50, ckpt_every=400),
+    "digits-sr": dict(data="digits-sr", steps=1500, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.995,
+                      log_every=100, ckpt_every=500),
+    "digits-vary": dict(data="digits-vary", steps=1500, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.995,
+                        log_every=100, ckpt_every=500),
 }
 RECIPES["dimr-digits"] = dict(RECIPES["digits"])  # the same data and schedule with the DiMR flow network
+
+
+def batch_inputs(batch: dict[str, torch.Tensor]) -> tuple[tuple, dict[str, torch.Tensor]]:
+    """A collated batch -> (positional, keyword) arguments of `CrossFlow.forward` without the generator:
+    (text_emb, text_mask, latent, image) and the other pairings' "source" / "tokens" when the data set has them."""
+    args = (batch.get("text_emb"), batch.get("text_mask"), batch.get("latent"), batch.get("image"))
+    return args, {k: batch[k] for k in ("source", "tokens") if k in batch}
 
 
 @dataclass(frozen=True)
@@ -256,7 +289,8 @@ class Trainer:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         bf16 = self.device.type == "cuda" and tc.bf16
         with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
-            return self.net(batch["text_emb"], batch["text_mask"], batch["latent"], g, batch.get("image"))
+            (emb, mask, z1, images), extra = batch_inputs(batch)
+            return self.net(emb, mask, z1, g, images, **extra)
 
     def train_step(self, step: int) -> dict[str, torch.Tensor] | None:
         """Update number `step` (1-based). Returns detached loss terms and the pre-clip gradient norm (device

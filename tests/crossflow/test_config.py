@@ -82,9 +82,10 @@ def test_parameter_counts_match_papers(capsys):
     for name in CONFIGS:
         with torch.device("meta"):  # no allocation: dit-h-2-512 is 1.2B parameters
             m = CrossFlow(CrossFlowConfig.from_name(name))
-        rows.append((name, _count(m.flow), _count(m.text_ve), _count(m.image_encoder)))
+        ve = m.text_ve if hasattr(m, "text_ve") else m.image_ve  # image -> image pairings have only an image VE
+        rows.append((name, _count(m.flow), _count(ve), _count(m.image_encoder)))
     with capsys.disabled():
-        print("\n" + f"{'preset':<12} {'flow':>14} {'text VE':>14} {'image enc':>12}")
+        print("\n" + f"{'preset':<12} {'flow':>14} {'source VE':>14} {'image enc':>12}")
         for name, f, v, i in rows:
             print(f"{name:<12} {f:>14,} {v:>14,} {i:>12,}")
     counts = {name: (f, v) for name, f, v, _ in rows}
