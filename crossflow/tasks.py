@@ -36,6 +36,7 @@ def default_checkpoint(preset: str) -> str:
 def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int) -> torch.Tensor:
     """Image files -> (N, channels, size, size) float32 in [-1, 1] (grey or RGB, bilinear resize). OSError/ValueError
     name the file that cannot be read."""
+    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     out = []
@@ -43,7 +44,7 @@ def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int) ->
         try:
             with Image.open(p) as im:
                 im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-                t = torch.tensor(list(im.getdata()), dtype=torch.float32).view(size, size, channels)
+                t = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).view(size, size, channels)
         except UnidentifiedImageError:
             raise ValueError(f"{p}: not an image file PIL can read") from None
         except FileNotFoundError:
