@@ -43,8 +43,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from benchmarks.report import GPU_CHECK_SCHEMA as SCHEMA  # the schema's reader and summaries live with the report
+from benchmarks.report import attention_summary
+from benchmarks.report import read_gpu_check as read_results
+
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA = "crossflow-gpu-check/1"
 TOTAL_BUDGET_S = 540  # one device command is at most 10 minutes; 60 s stay for the machine's start-up of python
 RESULTS_NAME, LOG_NAME = "gpu_check.json", "gpu_check.log"
 JUNIT_NAME, NCU_NAME = "pytest_gpu.xml", "ncu_attention"
@@ -64,13 +67,6 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # The results file: one JSON, replaced atomically after every change (one writer at a time: the driver or one child)
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def read_results(path: Path) -> dict[str, Any]:
-    data = json.loads(Path(path).read_text())
-    if data.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: not a GPU-check result (schema {data.get('schema')!r}, expected {SCHEMA!r})")
-    return data
 
 
 def write_results(path: Path, data: dict[str, Any]) -> None:
@@ -223,27 +219,6 @@ def attention_shapes(smoke: bool) -> list[dict[str, Any]]:
         return [dict(model="tiny-d72", batch=1, heads=2, tokens=32, head_dim=72)]
     return [dict(model=ATTN_MODELS[d][0], batch=b, heads=ATTN_MODELS[d][1], tokens=t, head_dim=d)
             for d in (72, 64, 128) for t in ATTN_TOKENS for b in ATTN_BATCHES]
-
-
-def attention_summary(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (shape, mode): ours vs the fastest SDPA backend that ran in the same run (None when either is missing)."""
-    groups: dict[tuple, list[dict]] = {}
-    for c in cases:
-        groups.setdefault((tuple(c["shape"]), c["mode"], c["dtype"]), []).append(c)
-    rows = []
-    for (shape, mode, dtype), cs in groups.items():
-        ok = [c for c in cs if c.get("status") == "ok"]
-        ours = next((c for c in ok if c["provider"] == "triton"), None)
-        sdpa = [c for c in ok if c["provider"].startswith("sdpa_")]
-        best = max(sdpa, key=lambda c: c["tflops"]) if sdpa else None
-        rows.append(dict(
-            shape=list(shape), model=cs[0]["model"], batch=cs[0]["batch"], mode=mode, dtype=dtype,
-            ours_tflops=ours["tflops"] if ours else None, best_sdpa=best["provider"] if best else None,
-            best_sdpa_tflops=best["tflops"] if best else None,
-            frac_of_best_sdpa=ours["tflops"] / best["tflops"] if ours and best else None,
-            sdpa_ran=sorted(c["provider"] for c in sdpa),
-        ))
-    return rows
 
 
 def _measure(fn: Callable[[], Any]) -> dict[str, Any]:

@@ -138,10 +138,42 @@ def _ok(cases: list[dict]) -> list[dict]:
     return [c for c in cases if c.get("status") == "ok"]
 
 
+GPU_CHECK_SCHEMA = "crossflow-gpu-check/1"
+
+
+def read_gpu_check(path: Path) -> dict[str, Any]:
+    """A GPU-check result (`benchmarks/gpu_check.py` writes it); ValueError for any other JSON."""
+    data = json.loads(Path(path).read_text())
+    if data.get("schema") != GPU_CHECK_SCHEMA:
+        raise ValueError(f"{path}: not a GPU-check result (schema {data.get('schema')!r}, "
+                         f"expected {GPU_CHECK_SCHEMA!r})")
+    return data
+
+
+def attention_summary(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (shape, mode): ours vs the fastest SDPA backend that ran in the same run (None when either is missing)."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in cases:
+        groups.setdefault((tuple(c["shape"]), c["mode"], c["dtype"]), []).append(c)
+    rows = []
+    for (shape, mode, dtype), cs in groups.items():
+        ok = [c for c in cs if c.get("status") == "ok"]
+        ours = next((c for c in ok if c["provider"] == "triton"), None)
+        sdpa = [c for c in ok if c["provider"].startswith("sdpa_")]
+        best = max(sdpa, key=lambda c: c["tflops"]) if sdpa else None
+        rows.append(dict(
+            shape=list(shape), model=cs[0]["model"], batch=cs[0]["batch"], mode=mode, dtype=dtype,
+            ours_tflops=ours["tflops"] if ours else None, best_sdpa=best["provider"] if best else None,
+            best_sdpa_tflops=best["tflops"] if best else None,
+            frac_of_best_sdpa=ours["tflops"] / best["tflops"] if ours and best else None,
+            sdpa_ran=sorted(c["provider"] for c in sdpa),
+        ))
+    return rows
+
+
 def readme_table(data: dict, src: str) -> list[str]:
     """The README's results table, from one GPU-check JSON: attention vs the best SDPA backend per shape, adaLN vs
     torch.compile, sampler images/s. Every number is read from `data`; nothing is filled in where a case is missing."""
-    from benchmarks.gpu_check import attention_summary
 
     env, stages = data.get("env", {}), data.get("stages", {})
     lines = [f"Source: `{src}` ({env.get('device_name', '?')}; torch {env.get('torch', '?')}, triton "
@@ -286,10 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.readme:
         if len(args.json) != 1:
             p.error("--readme takes exactly one GPU-check JSON")
-        from benchmarks.gpu_check import read_results
-
         try:
-            data = read_results(Path(args.json[0]))
+            data = read_gpu_check(Path(args.json[0]))
         except (OSError, ValueError) as e:
             p.error(str(e))
         print("\n".join(readme_table(data, Path(args.json[0]).name)))

@@ -52,20 +52,20 @@ ALL_TEMPLATES = TRAIN_TEMPLATES + HELDOUT_TEMPLATES
 
 def caption_words() -> list[str]:
     """The word-level vocabulary of the grammar (`text_decoder.tokenize` of every caption)."""
-    from crossflow.text_decoder import tokenize
+    from crossflow.vocab import tokenize
 
     return sorted({w for t in ALL_TEMPLATES for k in range(10) for w in tokenize(caption(t, k))})
 
 
 def _grammar() -> dict[str, tuple[int, str]]:
-    from crossflow.text_decoder import detokenize, tokenize
+    from crossflow.vocab import detokenize, tokenize
 
     return {detokenize(tokenize(caption(t, k))): (k, t) for t in ALL_TEMPLATES for k in range(10)}
 
 
 def parse_caption(text: str) -> int | None:
     """The digit a caption of the grammar names (any template, word or numeral), or None for anything else."""
-    from crossflow.text_decoder import detokenize, tokenize
+    from crossflow.vocab import detokenize, tokenize
 
     hit = _grammar().get(detokenize(tokenize(text)))
     return None if hit is None else hit[0]
@@ -73,7 +73,7 @@ def parse_caption(text: str) -> int | None:
 
 def caption_template(text: str) -> str | None:
     """The template of a well-formed caption (its wording), or None."""
-    from crossflow.text_decoder import detokenize, tokenize
+    from crossflow.vocab import detokenize, tokenize
 
     hit = _grammar().get(detokenize(tokenize(text)))
     return None if hit is None else hit[1]
@@ -164,14 +164,15 @@ class DigitCaptions(Dataset):
     """
 
     def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, bank: CaptionBank | None = None) -> None:
-        from crossflow.text_decoder import get_vocab
+        from crossflow.vocab import WordVocab
 
-        if tuple(cfg.source_shape) != (1, SIZE, SIZE) or cfg.target != "text":
+        if tuple(cfg.source_shape) != (1, SIZE, SIZE) or cfg.target != "text" or cfg.vocab != "digits":
             raise ValueError(f"the digits-caption data set needs an image source (1, {SIZE}, {SIZE}) and a text "
-                             f"target, got source {cfg.source} {cfg.source_shape}, target {cfg.target}")
+                             f"target with the digits vocabulary, got source {cfg.source} {cfg.source_shape}, "
+                             f"target {cfg.target}, vocab {cfg.vocab!r}")
         self.images, self.labels = load_images("train")
         self.bank = bank if bank is not None else CaptionBank(cfg)
-        vocab = get_vocab(cfg.vocab)
+        vocab = WordVocab(caption_words())  # = text_decoder.get_vocab("digits"), without importing the model side
         self.tokens = torch.stack([vocab.encode(c, cfg.max_words) for c in self.bank.captions])  # bank order
         self.seed = seed
         self.n = size if size is not None else len(self.labels)
@@ -308,7 +309,7 @@ def evaluate_captions(pipe: Any, steps: int | None = None, guidance_scale: float
     """
     from tqdm.auto import tqdm
 
-    from crossflow.text_decoder import detokenize, tokenize
+    from crossflow.vocab import detokenize, tokenize
 
     kw = dict(steps=steps, guidance_scale=guidance_scale)
     xte, yte = load_images("test")
