@@ -281,6 +281,21 @@ def describe_state_dict(keys: list[str], limit: int = 6) -> str:
     return desc + (f"; it looks like {guess}" if guess else "")
 
 
+class skip_random_init(torch.overrides.TorchFunctionMode):
+    """Build a module for loading: random parameter init (``nn.init`` draws, ``Tensor.normal_``/``uniform_``) is
+    skipped, so parameters hold `torch.empty` memory until a strict load overwrites them; buffers computed in
+    ``__init__`` are kept. Like the meta device without its cost: init ops on meta tensors import torch._dynamo (~1 s
+    of a CLI cold start), and a 1B-parameter random init takes seconds on a CPU."""
+
+    _DRAWS = frozenset({"normal_", "uniform_", "trunc_normal_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
+                        "kaiming_normal_", "orthogonal_", "sparse_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in self._DRAWS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """`model.load_state_dict(state)` that reports missing/unexpected keys and shape mismatches as one ValueError."""
     own = model.state_dict()

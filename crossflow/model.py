@@ -34,7 +34,7 @@ import torch.utils.checkpoint
 
 import kernels
 from crossflow import flow as fm
-from crossflow.checkpoint import load_state_dict_strict, read_pretrained, save_pretrained
+from crossflow.checkpoint import load_state_dict_strict, read_pretrained, save_pretrained, skip_random_init
 from crossflow.config import CrossFlowConfig
 from crossflow.dimr import DiMRFlow, multiscale_flow_loss
 from crossflow.image_encoder import build_image_encoder
@@ -192,11 +192,8 @@ class CrossFlow(nn.Module):
     def empty(cls, cfg: CrossFlowConfig) -> "CrossFlow":
         """A CPU model with UNINITIALISED parameters (skips the random init, which is slow at 1B parameters) and
         correct buffers: for loaders that overwrite every parameter next."""
-        with torch.device("meta"):
-            model = cls(cfg)
-        model.to_empty(device="cpu")
-        model.flow.init_buffers()
-        return model
+        with skip_random_init():
+            return cls(cfg)
 
     def encode_text(
         self, emb: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None

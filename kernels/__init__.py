@@ -10,6 +10,10 @@ from kernels import euler as _euler
 from kernels import attention as _attention
 from kernels._dispatch import BACKENDS, get_backend, interpreting, op, triton_ok, use_backend, why_not_triton
 from kernels._nvtx import nvtx_range
+from kernels._utils import register_triton_ops, triton_can_run_here
+
+if triton_can_run_here():  # else registered on first direct use: no torch._inductor import on a CPU-only build
+    register_triton_ops()
 
 adaln_modulate = op("adaln_modulate", _adaln.adaln_modulate_ref, _adaln.adaln_modulate_triton)
 gated_residual_adaln = op("gated_residual_adaln", _adaln.gated_residual_adaln_ref, _adaln.gated_residual_adaln_triton)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import triton
@@ -57,3 +57,36 @@ def autotune_configs(configs: Sequence[triton.Config]) -> list[triton.Config]:
 def cuda_device_guard(t: torch.Tensor):
     """Launch on the tensor's own GPU, not the current one (multi-GPU safety)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# The launchers are torch custom ops (so torch.compile(fullgraph=True) traces through them). `torch.library.triton_op`
+# parses each launcher's source with torch._inductor, an import of ~1 s, so the ops are recorded here and registered
+# by `register_triton_ops()`: at `import kernels` where the Triton path can run (a CUDA/ROCm build of torch, or the
+# interpreter), else on the first direct `<op>_triton` call. A CPU-only `crossflow sample` never pays for it.
+_DEFERRED: dict[str, tuple[Callable, object]] = {}
+
+
+def deferred_triton_op(name: str, mutates_args) -> Callable[[Callable], Callable]:
+    """`torch.library.triton_op(name, mutates_args=...)`, applied by `register_triton_ops()`; returns fn unchanged.
+    Call the registered op as `torch.ops.kernels.<name>`."""
+    def record(fn: Callable) -> Callable:
+        if name in _DEFERRED:
+            raise RuntimeError(f"triton op {name!r} is defined twice")
+        _DEFERRED[name] = (fn, mutates_args)
+        return fn
+    return record
+
+
+def register_triton_ops() -> None:
+    """Register every recorded launcher as a custom op. Idempotent; once done it is a check of an empty dict, which
+    torch.compile traces as a constant (every public `<op>_triton` calls it before its first op call)."""
+    while _DEFERRED:
+        name = next(iter(_DEFERRED))
+        fn, mutates_args = _DEFERRED[name]
+        torch.library.triton_op(name, mutates_args=mutates_args)(fn)
+        del _DEFERRED[name]
+
+
+def triton_can_run_here() -> bool:
+    """Can any tensor take the Triton path in this process? Reads the torch build, makes no driver call."""
+    return interpreting() or torch.backends.cuda.is_built()

@@ -19,7 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_float, check_kernel_dtype, check_same, cuda_device_guard, row_block, widen
+from kernels._utils import (
+    check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op, register_triton_ops, row_block,
+    widen,
+)
 
 NORMS = ("layer", "rms")
 
@@ -284,11 +287,11 @@ def _launch_adaln_bwd(x, y, gate, scale, mean, rstd, dout, dr, dx, dy, rms: bool
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Launchers, registered as custom ops (torch.compile traces through them)
+# Launchers, registered as custom ops on first use (torch.compile traces through them; see `deferred_triton_op`)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("kernels::adaln_modulate_fwd", mutates_args=())
+@deferred_triton_op("kernels::adaln_modulate_fwd", mutates_args=())
 def adaln_modulate_fwd(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, rms: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -298,7 +301,7 @@ def adaln_modulate_fwd(
     return out, mean, rstd
 
 
-@torch.library.triton_op("kernels::adaln_modulate_bwd", mutates_args=())
+@deferred_triton_op("kernels::adaln_modulate_bwd", mutates_args=())
 def adaln_modulate_bwd(
     dout: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, rms: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -308,7 +311,7 @@ def adaln_modulate_bwd(
     return dx, sums[0].to(scale.dtype, copy=True), sums[1].to(scale.dtype, copy=True)
 
 
-@torch.library.triton_op("kernels::gated_residual_adaln_fwd", mutates_args=())
+@deferred_triton_op("kernels::gated_residual_adaln_fwd", mutates_args=())
 def gated_residual_adaln_fwd(
     x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
     rms: bool,
@@ -319,7 +322,7 @@ def gated_residual_adaln_fwd(
     return r, out, mean, rstd
 
 
-@torch.library.triton_op("kernels::gated_residual_adaln_bwd", mutates_args=())
+@deferred_triton_op("kernels::gated_residual_adaln_bwd", mutates_args=())
 def gated_residual_adaln_bwd(
     dr: torch.Tensor, dout: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor,
     mean: torch.Tensor, rstd: torch.Tensor, rms: bool,
@@ -340,7 +343,7 @@ class AdaLNModulateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, eps, norm):
         rms = norm == "rms"
-        out, mean, rstd = adaln_modulate_fwd(x, shift, scale, eps, rms)
+        out, mean, rstd = torch.ops.kernels.adaln_modulate_fwd(x, shift, scale, eps, rms)
         ctx.save_for_backward(x, scale, mean, rstd)
         ctx.rms = rms
         return out
@@ -348,7 +351,7 @@ class AdaLNModulateFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, scale, mean, rstd = ctx.saved_tensors
-        dx, dshift, dscale = adaln_modulate_bwd(dout, x, scale, mean, rstd, ctx.rms)
+        dx, dshift, dscale = torch.ops.kernels.adaln_modulate_bwd(dout, x, scale, mean, rstd, ctx.rms)
         return dx, dshift, dscale, None, None
 
 
@@ -356,7 +359,7 @@ class GatedResidualAdaLNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, gate, shift, scale, eps, norm):
         rms = norm == "rms"
-        r, out, mean, rstd = gated_residual_adaln_fwd(x, y, gate, shift, scale, eps, rms)
+        r, out, mean, rstd = torch.ops.kernels.gated_residual_adaln_fwd(x, y, gate, shift, scale, eps, rms)
         # r is not saved: the backward recomputes it in fp32 from x and y, which it must read anyway.
         ctx.save_for_backward(x, y, gate, scale, mean, rstd)
         ctx.rms = rms
@@ -365,7 +368,8 @@ class GatedResidualAdaLNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dr, dout):
         x, y, gate, scale, mean, rstd = ctx.saved_tensors
-        dx, dy, dgate, dshift, dscale = gated_residual_adaln_bwd(dr, dout, x, y, gate, scale, mean, rstd, ctx.rms)
+        dx, dy, dgate, dshift, dscale = torch.ops.kernels.gated_residual_adaln_bwd(
+            dr, dout, x, y, gate, scale, mean, rstd, ctx.rms)
         return dx, dy, dgate, dshift, dscale, None, None
 
 
@@ -377,6 +381,7 @@ def adaln_modulate_triton(
     check_kernel_dtype("adaln_modulate", x)
     if x.numel() == 0:  # nothing to launch; the reference returns the right empty, differentiable result
         return adaln_modulate_ref(x, shift, scale, eps, norm)
+    register_triton_ops()
     return AdaLNModulateFunction.apply(x.contiguous(), v["shift"], v["scale"], float(eps), norm)
 
 
@@ -389,5 +394,6 @@ def gated_residual_adaln_triton(
     check_kernel_dtype("gated_residual_adaln", x)
     if x.numel() == 0:  # nothing to launch; the reference returns the right empty, differentiable results
         return gated_residual_adaln_ref(x, y, gate, shift, scale, eps, norm)
+    register_triton_ops()
     return GatedResidualAdaLNFunction.apply(x.contiguous(), y.contiguous(), v["gate"], v["shift"], v["scale"],
                                             float(eps), norm)

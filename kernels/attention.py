@@ -26,7 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import autotune_configs, check_float, check_kernel_dtype, check_same, cuda_device_guard
+from kernels._utils import (
+    autotune_configs, check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op,
+    register_triton_ops,
+)
 
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
@@ -479,7 +482,7 @@ def _attention_bwd_dq_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Launchers, registered as custom ops so torch.compile(fullgraph=True) traces through them
+# Launchers, registered as custom ops on first use so torch.compile(fullgraph=True) traces through them
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -528,7 +531,7 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
-@torch.library.triton_op("kernels::attention_fwd", mutates_args=())
+@deferred_triton_op("kernels::attention_fwd", mutates_args=())
 def _attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -550,7 +553,7 @@ def _attention_fwd_op(
     return out, lse
 
 
-@torch.library.triton_op("kernels::attention_bwd", mutates_args=())
+@deferred_triton_op("kernels::attention_bwd", mutates_args=())
 def _attention_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     mask: torch.Tensor | None, scale: float,
@@ -601,14 +604,14 @@ def _prepare(t: torch.Tensor) -> torch.Tensor:
 
 def attention_fwd(q, k, v, scale: float, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out (B, H, Tq, D) as a view of (B, Tq, H, D) memory, lse fp32 (B, H, Tq) in base 2."""
-    out, lse = _attention_fwd_op(_prepare(q), _prepare(k), _prepare(v), mask, scale)
+    out, lse = torch.ops.kernels.attention_fwd(_prepare(q), _prepare(k), _prepare(v), mask, scale)
     return out.transpose(1, 2), lse
 
 
 def attention_bwd(do, q, k, v, out, lse, scale: float, mask=None):
     """-> dq, dk, dv, each (B, H, T, D) as a view of (B, T, H, D) memory."""
-    dq, dk, dv = _attention_bwd_op(_prepare(do.to(q.dtype)), _prepare(q), _prepare(k), _prepare(v), out, lse, mask,
-                                   scale)
+    dq, dk, dv = torch.ops.kernels.attention_bwd(_prepare(do.to(q.dtype)), _prepare(q), _prepare(k), _prepare(v), out,
+                                                 lse, mask, scale)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
@@ -641,6 +644,7 @@ def attention_triton(
     _check(q, k, v, scale, key_padding_mask)
     check_kernel_dtype("attention", q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    register_triton_ops()
     # Empty B/H/Tq give empty results and Tk = 0 gives zeros: the launchers return those without a launch.
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return AttentionFunction.apply(q, k, v, scale, key_padding_mask)

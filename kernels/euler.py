@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_float, check_kernel_dtype, check_same, cuda_device_guard, widen
+from kernels._utils import (
+    check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op, register_triton_ops, widen,
+)
 
 Scalar = float | torch.Tensor
 
@@ -146,19 +148,20 @@ def _launch_euler_fwd(x, vc, vu, dt_t, dt_f, s_t, s_f, out) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Launchers, registered as custom ops: contiguous inputs, `out` contiguous and either disjoint from every input or the
-# very same view as one of them (one lane reads element i and writes element i, so exact aliasing is safe; a shifted
-# overlap is not: a program would read what another already wrote). `_euler_update` guarantees both.
+# Launchers, registered as custom ops on first use (`deferred_triton_op`): contiguous inputs, `out` contiguous and
+# either disjoint from every input or the very same view as one of them (one lane reads element i and writes element i,
+# so exact aliasing is safe; a shifted overlap is not: a program would read what another already wrote).
+# `_euler_update` guarantees both.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("kernels::euler_step_fwd", mutates_args={"out"})
+@deferred_triton_op("kernels::euler_step_fwd", mutates_args={"out"})
 def euler_step_fwd(x: torch.Tensor, v: torch.Tensor, dt_t: torch.Tensor | None, dt_f: float, out: torch.Tensor) -> None:
     """out = x + dt * v; dt is `dt_t` (a 0-d tensor on x's device, read by the kernel) when given, else `dt_f`."""
     _launch_euler_fwd(x, v, None, dt_t, dt_f, None, 0.0, out)
 
 
-@torch.library.triton_op("kernels::cfg_euler_step_fwd", mutates_args={"out"})
+@deferred_triton_op("kernels::cfg_euler_step_fwd", mutates_args={"out"})
 def cfg_euler_step_fwd(
     x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor, dt_t: torch.Tensor | None, dt_f: float,
     s_t: torch.Tensor | None, s_f: float, out: torch.Tensor,
@@ -210,9 +213,9 @@ def _euler_update(x, vc, vu, dt: Scalar, s: Scalar, out: torch.Tensor | None) ->
     if dst is None:
         dst = torch.empty_like(ins[0])
     if vu is None:
-        euler_step_fwd(ins[0], ins[1], dt_t, dt_f, dst)
+        torch.ops.kernels.euler_step_fwd(ins[0], ins[1], dt_t, dt_f, dst)
     else:
-        cfg_euler_step_fwd(ins[0], ins[1], ins[2], dt_t, dt_f, s_t, s_f, dst)
+        torch.ops.kernels.cfg_euler_step_fwd(ins[0], ins[1], ins[2], dt_t, dt_f, s_t, s_f, dst)
     if out is not None and dst is not out:
         return out.copy_(dst)
     return dst
@@ -253,6 +256,7 @@ def _needs_grad(*ts) -> bool:
 def euler_step_triton(x: torch.Tensor, v: torch.Tensor, dt: Scalar, out=None) -> torch.Tensor:
     """x + dt * v with the Triton kernel. x, v: same shape/dtype; dt: float or 0-d tensor; `out` may be x."""
     _check("euler_step", x, dict(v=v), dict(dt=dt), out)
+    register_triton_ops()
     if _needs_grad(x, v):
         if out is not None:
             raise ValueError("euler_step: `out=` does not support autograd; call it under torch.no_grad()")
@@ -265,6 +269,7 @@ def cfg_euler_step_triton(
 ) -> torch.Tensor:
     """x + dt * (v_uncond + s * (v_cond - v_uncond)) with one Triton kernel; `out` may be x (in place)."""
     _check("cfg_euler_step", x, dict(v_cond=v_cond, v_uncond=v_uncond), dict(dt=dt, guidance_scale=guidance_scale), out)
+    register_triton_ops()
     if _needs_grad(x, v_cond, v_uncond):
         if out is not None:
             raise ValueError("cfg_euler_step: `out=` does not support autograd; call it under torch.no_grad()")

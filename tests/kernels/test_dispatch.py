@@ -177,3 +177,36 @@ def test_compile_fullgraph_torch_backend():
         eager = f(x)
         compiled = torch.compile(f, fullgraph=True, backend="eager")(x)
     torch.testing.assert_close(compiled, eager)
+
+
+_IMPORT_PROBE = """
+import sys, torch, kernels
+from kernels import _utils
+names = ("adaln_modulate_fwd", "adaln_modulate_bwd", "gated_residual_adaln_fwd", "gated_residual_adaln_bwd",
+         "attention_fwd", "attention_bwd", "euler_step_fwd", "cfg_euler_step_fwd")
+before = [hasattr(torch.ops.kernels, n) for n in names]
+print("inductor", "torch._inductor" in sys.modules, "can_run", _utils.triton_can_run_here())
+print("before", all(before), any(before))
+_utils.register_triton_ops()
+print("after", all(hasattr(torch.ops.kernels, n) for n in names))
+"""
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_custom_ops_registered_where_triton_can_run_and_import_stays_light(interpret):
+    """Where Triton can run (interpreter or a CUDA build) every launcher is a custom op right after `import kernels`;
+    on a CPU-only build none is registered at import, so torch._inductor (~1 s) is not imported, and
+    `register_triton_ops()` registers them all on demand."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": interpret}
+    out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], env=env, capture_output=True, text=True, check=True)
+    lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
+    can_run = lines["inductor"].endswith("can_run True")
+    assert can_run == (interpret == "1" or torch.backends.cuda.is_built())
+    assert lines["before"] == ("True True" if can_run else "False False")
+    assert lines["after"] == "True"
+    if not can_run:
+        assert lines["inductor"].startswith("False"), "import kernels pulled in torch._inductor on a CPU-only build"
