@@ -16,6 +16,7 @@ EMA and optimizer first and shards afterwards (`shard_training`), moving the opt
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -144,3 +145,16 @@ def whole(obj: nn.Module | torch.optim.Optimizer, keep: bool, config: Any = None
         sharded = any(isinstance(p, DTensor) for g in obj.param_groups for p in g["params"])
         return FullState(full_optimizer_state_dict(obj, keep)) if sharded else obj
     return FullState(full_state_dict(obj, keep), config) if isinstance(obj, FSDPModule) else obj
+
+
+def init_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; joins the process group (gloo on CPU, NCCL on CUDA)."""
+    rank, local, world = (int(os.environ.get(k, v)) for k, v in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if device_arg.startswith("cuda") if device_arg else torch.cuda.is_available():
+        device = torch.device("cuda", local) if world > 1 else torch.device(device_arg or "cuda")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_arg or "cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device

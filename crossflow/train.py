@@ -30,12 +30,11 @@ import time
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import kernels
@@ -43,39 +42,11 @@ from crossflow import checkpoint as ckpt
 from crossflow import distributed as fsdp
 from crossflow._cli_base import Parser
 from crossflow.config import CrossFlowConfig
-from crossflow.data import SyntheticPairs, collate, stable_seed
+from crossflow.data import collate, stable_seed
+from crossflow.datasets import DATASETS, batch_inputs
 from crossflow.model import CrossFlow
+from crossflow.optim import ema_update, param_groups, warmup_then_constant
 
-
-def _digits(cfg: Any, seed: int, size: int) -> Dataset:
-    from crossflow.digits import DigitPairs  # scikit-learn and the text encoder load only when asked for
-
-    return DigitPairs(cfg, seed=seed, size=size)
-
-
-def _digits_caption(cfg: Any, seed: int, size: int) -> Dataset:
-    from crossflow.digits import DigitCaptions
-
-    return DigitCaptions(cfg, seed=seed, size=size)
-
-
-# --data NAME -> builder(model config, seed, size); every dataset yields the format of `crossflow.data` (plus, for
-# other pairings, "source" images and caption "tokens": see `batch_inputs`).
-def _digits_sr(cfg: Any, seed: int, size: int) -> Dataset:
-    from crossflow.img2img import UpscalePairs
-
-    return UpscalePairs(cfg, seed=seed, size=size)
-
-
-def _digits_vary(cfg: Any, seed: int, size: int) -> Dataset:
-    from crossflow.img2img import VariationPairs
-
-    return VariationPairs(cfg, seed=seed, size=size)
-
-
-DATASETS: dict[str, Callable[[Any, int, int], Dataset]] = {
-    "synthetic": lambda cfg, seed, size: SyntheticPairs(cfg, n=size, seed=seed), "digits": _digits,
-    "digits-caption": _digits_caption, "digits-sr": _digits_sr, "digits-vary": _digits_vary}
 
 # Training recipes: the defaults `--preset NAME` brings along (explicit flags win).
 RECIPES: dict[str, dict[str, Any]] = {
@@ -91,20 +62,13 @@ RECIPES: dict[str, dict[str, Any]] = {
 RECIPES["dimr-digits"] = dict(RECIPES["digits"])  # the same data and schedule with the DiMR flow network
 
 
-def batch_inputs(batch: dict[str, torch.Tensor]) -> tuple[tuple, dict[str, torch.Tensor]]:
-    """A collated batch -> (positional, keyword) arguments of `CrossFlow.forward` without the generator:
-    (text_emb, text_mask, latent, image) and the other pairings' "source" / "tokens" when the data set has them."""
-    args = (batch.get("text_emb"), batch.get("text_mask"), batch.get("latent"), batch.get("image"))
-    return args, {k: batch[k] for k in ("source", "tokens") if k in batch}
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs. The model itself is the named preset (`CrossFlowConfig.from_name`)."""
 
     out: str
     preset: str = "tiny"
-    data: str = "synthetic"  # a key of DATASETS
+    data: str = "synthetic"  # a key of crossflow.datasets.DATASETS
     data_size: int = 4096  # samples, for generated data sets
     steps: int = 1000
     batch_size: int = 32  # per process
@@ -154,49 +118,6 @@ class TrainConfig:
                              "TRITON_INTERPRET=1 on the CPU (slow); use --backend auto or torch")
 
 
-# ---- Helpers: distributed context, optimizer groups, EMA
-
-
-def _init_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment; joins the process group (gloo on CPU, NCCL on CUDA)."""
-    rank, local, world = (int(os.environ.get(k, v)) for k, v in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    if device_arg.startswith("cuda") if device_arg else torch.cuda.is_available():
-        device = torch.device("cuda", local) if world > 1 else torch.device(device_arg or "cuda")
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device(device_arg or "cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weight matrices/kernels; none on biases, norm scales, embeddings, logit_scale, and what a
-    module lists in `no_weight_decay_names()` (DiMR's `nodecay_*` time-dependent parameters)."""
-    no_decay: set[int] = set()
-    for prefix, mod in model.named_modules():
-        if isinstance(mod, nn.Embedding):
-            no_decay.update(id(p) for p in mod.parameters(recurse=False))
-        if callable(getattr(mod, "no_weight_decay_names", None)):
-            no_decay.update(id(mod.get_parameter(n)) for n in mod.no_weight_decay_names())
-    decay, other = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        plain = p.ndim < 2 or id(p) in no_decay or leaf in ("logit_scale", "pos_embed", "pos_embedding")
-        (other if plain else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for floating parameters; buffers are copied."""
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
-    for eb, mb in zip(ema.buffers(), model.buffers()):
-        eb.copy_(mb)
-
-
 # ---- The trainer
 
 
@@ -207,7 +128,7 @@ class Trainer:
     def __init__(self, tc: TrainConfig) -> None:
         self.tc = tc
         self.out = Path(tc.out)
-        self.rank, self.world, self.device = _init_distributed(tc.device)
+        self.rank, self.world, self.device = fsdp.init_distributed(tc.device)
         self.main = self.rank == 0
         self.cfg = CrossFlowConfig.from_name(tc.preset)
         self._lock = ckpt.lock_directory(self.out) if self.main else None  # refuses a second trainer on --out
@@ -230,9 +151,7 @@ class Trainer:
         self.model.train()
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.opt = torch.optim.AdamW(param_groups(self.model, tc.weight_decay), lr=tc.lr, betas=tc.betas)
-        warmup = tc.warmup_steps
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)  # linear warm-up, then constant
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_then_constant(tc.warmup_steps))
         self.step, self.skipped, self.n_acc, self.history = 0, 0, 0, []
         self.acc: dict[str, torch.Tensor] = {}  # sums of the loss terms over the n_acc steps since the last log line
         if resume_from is not None:
