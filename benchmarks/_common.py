@@ -10,6 +10,7 @@ CPU (the tiny smoke), `time.perf_counter` around each call. Every result records
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import platform
 import re
 import statistics
@@ -194,14 +195,16 @@ def crossflow_api() -> SimpleNamespace:
 
 
 def build_flow(preset: str, dtype: torch.dtype, seed: int = 0) -> tuple[Any, torch.nn.Module]:
-    """(cfg, FlowTransformer) with random weights, built directly on the device, eval mode, no grads.
+    """(cfg, flow network) with random weights, built directly on the device, eval mode, no grads: the DiT
+    `FlowTransformer` or, for a DiMR preset, `DiMRFlow` (`crossflow.model.build_flow`).
 
     Every parameter is redrawn from N(0, 0.02): adaLN-Zero's init zeroes the output, which is a degenerate field."""
-    api = crossflow_api()
-    cfg = api.CrossFlowConfig.from_name(preset)
+    from crossflow.model import build_flow as build
+
+    cfg = crossflow_api().CrossFlowConfig.from_name(preset)
     torch.manual_seed(seed)
     with torch.device(device()):
-        model = api.FlowTransformer(cfg)
+        model = build(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
@@ -217,9 +220,29 @@ def flow_flops_per_forward(cfg: Any, batch: int) -> int:
       final linear 2·T·D·(p²·C).
     Elementwise ops, norms and softmax are not counted. For DiT-XL/2 at 256 px this gives 118.6 G multiply-adds per
     image, the DiT paper's "118.6 Gflops". A CFG sampling step costs flow_flops_per_forward(cfg, 2B).
+    DiMR (Transformer and ConvNeXt stages, PixelShuffle, skips) is counted by `torch.utils.flop_counter` on one forward
+    on the meta device: matmuls, convolutions (the depthwise ones included) and attention, the same classes of op.
     """
+    if getattr(cfg, "backbone", "dit") == "dimr":
+        return batch * counted_flops_per_sample(cfg)
     T, D, L, M = cfg.num_tokens, cfg.hidden_size, cfg.depth, cfg.mlp_hidden
     patch = cfg.patch_size**2 * cfg.latent_channels
     block = 2 * T * D * 3 * D + 2 * T * D * D + 2 * 2 * T * D * M + 4 * T * T * D
     per_sample = 2 * T * patch * D + 2 * (256 * D + D * D) + 2 * D * (6 * L + 2) * D + L * block + 2 * T * D * patch
     return batch * per_sample
+
+
+@functools.lru_cache(maxsize=None)
+def counted_flops_per_sample(cfg: Any) -> int:
+    """FLOPs of one flow forward on one latent as `torch.utils.flop_counter` counts them, on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from crossflow.model import build_flow as build
+
+    with torch.device("meta"):
+        flow = build(cfg)
+        x = torch.empty(1, *cfg.latent_shape)
+        t, ind = torch.full((1,), 0.5), torch.zeros(1, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            flow(x, t, ind)
+    return int(counter.get_total_flops())

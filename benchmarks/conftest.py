@@ -9,7 +9,7 @@ Options (all optional):
   --bench-rounds N         pytest-benchmark timed rounds (default: kernels 5, sampler 1; tiny 1)
   --bench-steps N          sampler steps (default 50; tiny 2)
   --bench-batches LIST     sampler batches (default 1,8,32; tiny 1)
-  --bench-presets LIST     sampler presets (default dit-xl-2,dit-h-2-512; tiny: tiny)
+  --bench-presets LIST     sampler presets (default dit-xl-2,dit-h-2-512; tiny: tiny,dimr-tiny)
   --bench-save WHAT        write JSON to benchmarks/results/<date>_<device>_<WHAT>.json (unless --benchmark-json)
   --bench-report DIR       after the run, render report.py's markdown + plots from the JSON into DIR
 """
@@ -82,7 +82,7 @@ def bench_options(config) -> SimpleNamespace:
         rounds=config.getoption("--bench-rounds"),
         steps=steps or (2 if tiny else 50),
         batches=[int(b) for b in batches] if batches else ([1] if tiny else [1, 8, 32]),
-        presets=_csv(config.getoption("--bench-presets")) or (["tiny"] if tiny else ["dit-xl-2", "dit-h-2-512"]),
+        presets=_csv(config.getoption("--bench-presets")) or (["tiny", "dimr-tiny"] if tiny else ["dit-xl-2", "dit-h-2-512"]),
     )
     config._bench_options = opts
     return opts

@@ -16,6 +16,19 @@ def test_flow_flops_match_the_dit_paper():
     assert _common.flow_flops_per_forward(cfg, 6) == 6 * _common.flow_flops_per_forward(cfg, 1)
 
 
+def test_counted_flops_agree_with_the_formula_and_count_dimr():
+    api = _common.crossflow_api()
+    dit = api.CrossFlowConfig.from_name("dit-xl-2")
+    assert _common.counted_flops_per_sample(dit) == _common.flow_flops_per_forward(dit, 1)  # the counter is sound
+    dimr = api.CrossFlowConfig.from_name("dimr-256-clip")
+    assert _common.flow_flops_per_forward(dimr, 4) == 4 * _common.counted_flops_per_sample(dimr)
+    # By hand, the two stages' matmuls: 65 Transformer blocks (width 1024, 16x16 tokens, MLP x4) and 33 ConvNeXt
+    # blocks (width 512, 32x32 positions, MLP x4); embeddings, adaLN, skips and upsampling add a few per cent.
+    t, d, p, c = 256, 1024, 1024, 512
+    by_hand = 65 * (24 * t * d * d + 4 * t * t * d) + 33 * 16 * p * c * c
+    assert _common.flow_flops_per_forward(dimr, 1) == pytest.approx(by_hand, rel=0.05)
+
+
 def test_kernel_cost_models():
     b, h, t, d = 4, 16, 256, 72
     fwd = SPECS["attention"].cost((b, h, t, d), "fwd", 2)
