@@ -82,7 +82,8 @@ def bench_options(config) -> SimpleNamespace:
         rounds=config.getoption("--bench-rounds"),
         steps=steps or (2 if tiny else 50),
         batches=[int(b) for b in batches] if batches else ([1] if tiny else [1, 8, 32]),
-        presets=_csv(config.getoption("--bench-presets")) or (["tiny", "dimr-tiny"] if tiny else ["dit-xl-2", "dit-h-2-512"]),
+        presets=_csv(config.getoption("--bench-presets"))
+        or (["tiny", "dimr-tiny"] if tiny else ["dit-xl-2", "dit-h-2-512"]),
     )
     config._bench_options = opts
     return opts
