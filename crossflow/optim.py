@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -35,6 +36,21 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         eb.copy_(mb)
 
 
-def warmup_then_constant(warmup_steps: int) -> Callable[[int], float]:
-    """LR factor of scheduler step s (0-based): linear warm-up over `warmup_steps` updates, then 1 (official)."""
-    return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(warmup_steps: int, total_steps: int, schedule: str = "constant") -> Callable[[int], float]:
+    """LR factor of scheduler step s (0-based): linear warm-up over `warmup_steps` updates, then 1 ("constant", the
+    official recipe) or a half cosine from 1 to 0 at `total_steps` ("cosine")."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown LR schedule {schedule!r}; choose one of {LR_SCHEDULES}")
+
+    def factor(s: int) -> float:
+        if s + 1 < warmup_steps:
+            return (s + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        done = (s + 1 - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+
+    return factor

@@ -45,7 +45,7 @@ from crossflow.config import CrossFlowConfig
 from crossflow.data import collate, stable_seed
 from crossflow.datasets import DATASETS, batch_inputs
 from crossflow.model import CrossFlow
-from crossflow.optim import ema_update, param_groups, warmup_then_constant
+from crossflow.optim import LR_SCHEDULES, ema_update, lr_factor, param_groups
 
 
 # Training recipes: the defaults `--preset NAME` brings along (explicit flags win).
@@ -76,6 +76,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.9)
     weight_decay: float = 0.03  # not on biases, norms, embeddings, logit_scale
     warmup_steps: int = 100  # linear warm-up, then constant (official)
+    lr_schedule: str = "constant"  # after the warm-up: constant (official) | cosine (to 0 at the last step)
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     ema_decay: float = 0.9999
     seed: int = 1234
@@ -101,6 +102,8 @@ class TrainConfig:
                   betas=len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas))
         if bad := {k: getattr(self, k) for k, good in ok.items() if not good}:
             raise ValueError(f"TrainConfig: invalid values {bad}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"TrainConfig: unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         if self.data not in DATASETS:
             raise ValueError(f"TrainConfig: unknown data {self.data!r}; choose one of {sorted(DATASETS)}")
         if self.backend not in kernels.BACKENDS:
@@ -151,7 +154,7 @@ class Trainer:
         self.model.train()
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.opt = torch.optim.AdamW(param_groups(self.model, tc.weight_decay), lr=tc.lr, betas=tc.betas)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_then_constant(tc.warmup_steps))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(tc.warmup_steps, tc.steps, tc.lr_schedule))
         self.step, self.skipped, self.n_acc, self.history = 0, 0, 0, []
         self.acc: dict[str, torch.Tensor] = {}  # sums of the loss terms over the n_acc steps since the last log line
         if resume_from is not None:
@@ -357,6 +360,8 @@ def build_parser(prog: str = "crossflow.train") -> argparse.ArgumentParser:
         ("skip_nonfinite", int, "steps with a non-finite loss or gradient skipped before the run stops"),
     ):
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=d[name], help=text + " (default: %(default)s)")
+    p.add_argument("--lr-schedule", default=d["lr_schedule"], choices=LR_SCHEDULES,
+                   help="after the warm-up: constant (official) or cosine to 0 (default: %(default)s)")
     p.add_argument("--betas", type=float, nargs=2, default=d["betas"], help="AdamW betas (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda if available)")
     p.add_argument("--backend", default=d["backend"], choices=kernels.BACKENDS,

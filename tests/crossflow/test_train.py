@@ -5,6 +5,7 @@ Triton CPU interpreter costs ~10 s, so a run of tens of steps would take minutes
 inside the full loss are covered by test_flow.py (default backend)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -230,6 +231,19 @@ def test_lr_warms_up_linearly_then_stays(trainer):
             assert moved == pytest.approx(expected, rel=1e-3)
     log = train(_cfg(tr.out.parent / "fit", lr=lr, warmup_steps=warmup, steps=6))
     assert [r["lr"] for r in log] == pytest.approx([lr * min(1.0, s / warmup) for s in range(1, 7)], rel=1e-12)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_at_the_last_step(trainer):
+    lr, warmup, steps = 1e-2, 2, 6
+    tr = trainer(lr=lr, warmup_steps=warmup, steps=steps, lr_schedule="cosine", grad_clip=0.0)
+    # update k (1-based) uses lr * f(k): k / warmup during the warm-up, then a half cosine reaching 0 at k = steps
+    expected = [lr * (k / warmup if k < warmup else 0.5 * (1 + math.cos(math.pi * (k - warmup) / (steps - warmup))))
+                for k in range(1, steps + 1)]
+    for k in range(1, steps + 1):
+        assert tr.opt.param_groups[0]["lr"] == pytest.approx(expected[k - 1], rel=1e-12, abs=1e-15), k
+        tr.train_step(k)
+    with pytest.raises(ValueError, match="unknown lr_schedule 'linear'"):
+        _cfg(tr.out.parent / "bad", lr_schedule="linear")
 
 
 def test_gradients_are_clipped_before_the_update(trainer):
