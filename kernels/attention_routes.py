@@ -167,7 +167,7 @@ def parse_table(path: Path, text: str) -> dict[str, Any]:
         if key in out:
             raise _bad(path, f"entry {i}: bucket {describe(key)} appears twice")
         out[key] = {**e, "index": i}
-    return {"device_name": dev, "entries": out, "source": data.get("source")}
+    return {"device_name": dev, "entries": out, "source": data.get("source"), "smoke": bool(data.get("smoke"))}
 
 
 def _table_location(device_name: str) -> Path | None:
@@ -199,7 +199,10 @@ def _load(path: Path, explicit: bool) -> dict | None:
             if explicit:  # asked for by name: a missing file is a mistake, not "no table"
                 raise RuntimeError(f"{ENV}={os.environ.get(ENV)!r}: no such file {path}") from None
             text = None
-        _TABLES[path] = None if text is None else parse_table(path, text)
+        table = None if text is None else parse_table(path, text)
+        if table is not None and table["smoke"]:
+            raise _bad(path, "it was made from a CPU smoke run (`smoke: true`): its numbers are no measurement")
+        _TABLES[path] = table
     return _TABLES[path]
 
 
