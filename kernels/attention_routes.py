@@ -47,6 +47,8 @@ SDPA_BACKENDS = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION
                  "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_math": "MATH"}
 OURS = "triton"
 MODES = ("fwd", "fwd_bwd")
+_DTYPE_NAMES = {t: str(t).removeprefix("torch.")
+                for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 KEY_FIELDS = ("head_dim", "tq_bucket", "tk_bucket", "bh_bucket", "dtype", "mask", "mode")
 
 log = logging.getLogger("kernels")
@@ -183,12 +185,14 @@ def _table_location(device_name: str) -> Path | None:
 
 _TABLES: dict[Path, dict | None] = {}  # path -> parsed table (None: no file)
 _DECISIONS: dict[tuple, str | None] = {}  # (path, device name, key) -> SDPA backend or None
+_FAST: dict[tuple, str | bool | None] = {}  # (device, env value, key or None) -> the answer, without building a path
 
 
 def clear_cache() -> None:
     """Forget every table read and decision made (for tests, or after replacing a table file)."""
     _TABLES.clear()
     _DECISIONS.clear()
+    _FAST.clear()
 
 
 def _load(path: Path, explicit: bool) -> dict | None:
@@ -213,32 +217,57 @@ def _device_name(device: str) -> str:
 
 
 def _decide(device: str, key: tuple) -> str | None:
-    """The SDPA backend the table names for `key` on `device`, or None for ours. Cached per (table, device, key)."""
+    """The SDPA backend the table names for `key` on `device`, or None for ours. Cached per (device, env, key): after
+    the first call of a bucket this is one dict lookup."""
+    env = os.environ.get(ENV)
+    fast = (device, env, key)
+    if fast in _FAST:
+        return _FAST[fast]
     name = _device_name(device)
     path = _table_location(name)
-    if path is None:
-        return None
-    cache_key = (path, name, key)
-    if cache_key in _DECISIONS:
-        return _DECISIONS[cache_key]
-    table = _load(path, explicit=_explicit_file())
     choice = None
-    if table is not None and table["device_name"] != name:
-        log.debug("attention routes: %s is for %r, not this device %r: ours runs", path, table["device_name"], name)
-    elif table is not None and key in table["entries"]:
-        e = table["entries"][key]
-        if e["backend"] != OURS:
-            choice = e["backend"]
-            log.debug("attention: routing %s to %s on %s, per %s entry %d (%s)", describe(key), choice, name, path,
-                      e["index"], ", ".join(f"{k}={e[k]}" for k in ("ours_ms", "sdpa_ms", "speedup", "shapes")
-                                            if k in e))
-    _DECISIONS[cache_key] = choice
+    if path is not None:
+        cache_key = (path, name, key)
+        if cache_key not in _DECISIONS:
+            _DECISIONS[cache_key] = _choose(path, name, key)
+        choice = _DECISIONS[cache_key]
+    _FAST[fast] = choice
     return choice
+
+
+def _has_table(device: str) -> bool:
+    """Is a routing table in force for `device` (routing not switched off, a table file for it)? Cached like
+    `_decide`; a malformed table raises here, on the first call that could be routed."""
+    env = os.environ.get(ENV)
+    fast = (device, env, None)
+    if fast not in _FAST:
+        name = _device_name(device)
+        path = _table_location(name)
+        table = None if path is None else _load(path, explicit=_explicit_file())
+        if table is not None and table["device_name"] != name:
+            log.debug("attention routes: %s is for %r, not this device %r: ours runs", path, table["device_name"],
+                      name)
+            table = None
+        _FAST[fast] = table is not None
+    return _FAST[fast]
+
+
+def _choose(path: Path, name: str, key: tuple) -> str | None:
+    table = _load(path, explicit=_explicit_file())
+    if table is None or table["device_name"] != name:
+        return None
+    e = table["entries"].get(key)
+    if e is None or e["backend"] == OURS:
+        return None
+    log.debug("attention: routing %s to %s on %s, per %s entry %d (%s)", describe(key), e["backend"], name, path,
+              e["index"], ", ".join(f"{k}={e[k]}" for k in ("ours_ms", "sdpa_ms", "speedup", "shapes") if k in e))
+    return e["backend"]
 
 
 # `torch._dynamo.assume_constant_result` without importing torch._dynamo: under torch.compile `_decide` runs eagerly at
 # trace time (file reads, logging) and its answer is a constant of the graph, so routing makes no graph break.
 _decide._dynamo_marked_constant = True
+_has_table._dynamo_marked_constant = True
 
 
 def _explicit_file() -> bool:
@@ -253,15 +282,19 @@ def _explicit_file() -> bool:
 
 def route(q, k, v, scale=None, key_padding_mask=None) -> tuple[str, Callable[..., torch.Tensor]] | None:
     """(backend name, callable) when the table routes this call to SDPA, else None (ours runs)."""
-    _check(q, k, v, scale, key_padding_mask)  # before reading shapes: bad input gets the op's own ValueError
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4):
+        return None  # bad input: ours raises the op's own ValueError (a routed call checks everything too)
+    device = str(q.device)
+    if not _has_table(device):
+        return None  # the default: asked before reading any size, so a compile with dynamic shapes stays dynamic
     b, h, tq, d = q.shape
     tk = k.shape[2]
     if b * h * tq * tk == 0:
         return None  # empty: ours returns empty/zeros without a launch
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    key = bucket(d, tq, tk, b * h, str(q.dtype).removeprefix("torch."), key_padding_mask is not None,
-                 "fwd_bwd" if grad else "fwd")
-    backend = _decide(str(q.device), key)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or getattr(v, "requires_grad", False))
+    key = (d, _pow2_ceil(tq), _pow2_ceil(tk), _pow2_ceil(b * h), _DTYPE_NAMES.get(q.dtype, str(q.dtype)),
+           key_padding_mask is not None, "fwd_bwd" if grad else "fwd")  # == bucket(...), without its checks
+    backend = _decide(device, key)
     if backend is None:
         return None
     if not _sdpa_can_run(backend, q, k, v, key_padding_mask):
