@@ -737,7 +737,9 @@ def run_stages(stages, out: Path, smoke: bool, total_s: float = TOTAL_BUDGET_S) 
 
 
 def save_result(src: Path, results_dir: Path | None = None) -> Path:
-    """Copy a GPU-check JSON to results/<YYYY-MM-DD>_<device-name-slug>_gpu-check.json (the date it started)."""
+    """Copy a GPU-check JSON to results/<YYYY-MM-DD>_<device-name-slug>_gpu-check.json (the date it started), and,
+    when it has attention cases, write `kernels.attention`'s routing table from it beside it
+    (results/attention-routes_<device-name-slug>.json, replacing the device's previous one)."""
     from benchmarks import _common
 
     data = read_results(src)
@@ -749,6 +751,8 @@ def save_result(src: Path, results_dir: Path | None = None) -> Path:
     dest = Path(results_dir or _common.RESULTS_DIR) / f"{started[:10]}_{_common.slug(device)}_gpu-check.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     write_results(dest, data)
+    if data.get("stages", {}).get("attention", {}).get("cases"):
+        _log(f"routing table: {write_routing_table(data, dest.name, dest.parent)}")
     return dest
 
 

@@ -204,7 +204,7 @@ def routing_table(data: dict[str, Any], src: str, margin: float = ROUTE_MARGIN) 
         shapes = groups[key]
         totals: dict[str, float] = {}
         for prov in {c["provider"] for cs in shapes.values() for c in cs}:
-            ms = [next((c["ms_p50"] for c in cs if c["provider"] == prov and c.get("status") == "ok"), None)
+            ms = [next((c.get("ms_p50") for c in cs if c["provider"] == prov and c.get("status") == "ok"), None)
                   for cs in shapes.values()]
             if all(m is not None for m in ms):
                 totals[prov] = sum(ms)

@@ -307,6 +307,17 @@ def test_routing_table_from_a_gpu_check_result(table_dir, monkeypatch):
     assert ar._decide(DEV, ar.bucket(72, 1024, 1024, 256, "bfloat16", False, "fwd_bwd")) is None
 
 
+def test_saving_a_gpu_check_result_writes_its_routing_table(tmp_path):
+    from benchmarks import gpu_check
+
+    src = tmp_path / "gpu_check.json"
+    src.write_text(json.dumps(_gpu_check([_case((2, 2, 32, 72), "fwd", "triton", 1.0),
+                                          _case((2, 2, 32, 72), "fwd", "sdpa_flash", 0.5)])))
+    saved = gpu_check.save_result(src, tmp_path / "results")
+    table = json.loads((saved.parent / ar.table_file_name(FAKE)).read_text())
+    assert table["source"]["file"] == saved.name and [e["backend"] for e in table["entries"]] == ["sdpa_flash"]
+
+
 def test_routing_table_cli_errors(tmp_path, capsys, monkeypatch):
     smoke = tmp_path / "smoke.json"
     smoke.write_text(json.dumps(_gpu_check([_case((2, 2, 32, 72), "fwd", "triton", 1.0)], smoke=True)))
