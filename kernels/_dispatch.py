@@ -74,7 +74,8 @@ def routing_enabled() -> bool:
 
 
 def dispatch_counts() -> dict[tuple[str, str], int]:
-    """Calls so far per (op, backend that ran): backend is "torch", "triton" or a routed one ("sdpa_cudnn", ...)."""
+    """Calls so far per (op, backend it was dispatched to): "torch", "triton" or a routed one ("sdpa_cudnn", ...).
+    Python calls only: a compiled graph counts when traced, and neither its replays nor a CUDA graph's are seen."""
     return dict(_counts)
 
 
