@@ -107,8 +107,32 @@ def _sdpa_can_run(backend: str, q, k, v, key_padding_mask) -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _pow2_ceil(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
+def _pow2_ceil(n) -> int:
+    """The smallest power of two >= n, as a Python int. Under torch.compile with dynamic shapes `n` is a SymInt: the
+    loop's comparisons become guards on the bucket's range (a recompile per bucket, not per size)."""
+    if not torch.compiler.is_compiling():  # (type checks cannot tell: dynamo passes a SymInt off as an int)
+        return 1 << max(int(n) - 1, 0).bit_length()
+    p = 1
+    while p < n:
+        p <<= 1
+    return p
+
+
+def _exact(n) -> int:
+    """`n` as a Python int; a SymInt (dynamic shapes) is pinned by a binary search of comparisons (guards), since the
+    cached decision takes only constants."""
+    if not torch.compiler.is_compiling():
+        return int(n)
+    lo, hi = 0, 1
+    while hi <= n:
+        hi <<= 1
+    while hi - lo > 1:  # lo <= n < hi
+        mid = (lo + hi) // 2
+        if n < mid:  # an if statement: dynamo keeps `lo` constant here, not in a conditional expression
+            hi = mid
+        else:
+            lo = mid
+    return lo
 
 
 def bucket(head_dim: int, tq: int, tk: int, bh: int, dtype: str, mask: bool, mode: str) -> tuple:
@@ -292,7 +316,7 @@ def route(q, k, v, scale=None, key_padding_mask=None) -> tuple[str, Callable[...
     if b * h * tq * tk == 0:
         return None  # empty: ours returns empty/zeros without a launch
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or getattr(v, "requires_grad", False))
-    key = (d, _pow2_ceil(tq), _pow2_ceil(tk), _pow2_ceil(b * h), _DTYPE_NAMES.get(q.dtype, str(q.dtype)),
+    key = (_exact(d), _pow2_ceil(tq), _pow2_ceil(tk), _pow2_ceil(b * h), _DTYPE_NAMES.get(q.dtype, str(q.dtype)),
            key_padding_mask is not None, "fwd_bwd" if grad else "fwd")  # == bucket(...), without its checks
     backend = _decide(device, key)
     if backend is None:

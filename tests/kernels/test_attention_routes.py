@@ -261,6 +261,17 @@ def test_routed_call_compiles_fullgraph(table_dir):
     assert kernels.dispatch_counts() == {("attention", "sdpa_math"): 1}  # counted at trace time
 
 
+@pytest.mark.skipif(ON_GPU, reason="CPU compile of the routed graph (aot_eager)")
+def test_dynamic_shape_compile_retraces_per_bucket_not_per_size(table_dir):
+    torch._dynamo.reset()
+    _table(table_dir, [_entry(24, t, t, 4, F32, False, "fwd", "sdpa_math") for t in (16, 32)])
+    fn = torch.compile(lambda q: kernels.attention(q, q, q) * 2, fullgraph=True, dynamic=True, backend="aot_eager")
+    for t in (9, 12, 17):  # buckets 16, 16, 32
+        q = torch.randn(2, 2, t, 24)
+        torch.testing.assert_close(fn(q), 2 * attention_ref(q, q, q))
+    assert kernels.dispatch_counts() == {("attention", "sdpa_math"): 2}  # two traces: one per bucket
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The table from a GPU-check result (benchmarks/report.py)
 # ---------------------------------------------------------------------------------------------------------------------
