@@ -19,8 +19,9 @@ from kernels.testing import check_against_ref
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
 FAKE = "Fake GPU 9000"
-# SDPA backends that run on this machine's tensors: the CPU has math and flash.
-RUNNABLE = ["sdpa_math", "sdpa_efficient" if ON_GPU else "sdpa_flash"]
+# SDPA backends that take every case below on this machine's tensors: the CPU has math and flash; on a GPU the fused
+# ones are checked in test_fused_sdpa_backends_gpu, where a layout one of them rejects may fall back to ours.
+RUNNABLE = ["sdpa_math"] if ON_GPU else ["sdpa_math", "sdpa_flash"]
 F32, F16 = torch.float32, torch.float16
 
 
@@ -134,6 +135,23 @@ def test_a_batch_element_with_no_key_gives_zeros_where_sdpa_gives_nan(table_dir,
     for t in (out[-1], *(g[-1] for g in grads)):
         assert torch.equal(t, torch.zeros_like(t))
     torch.testing.assert_close(out, attention_ref(q, k, v, key_padding_mask=mask))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_fused_sdpa_backends_gpu(table_dir, backend, masked):
+    # The real fused kernels, bf16, the DiT-XL head dim and a ragged text length; a batch element with no key where
+    # masked (SDPA's fused kernels give NaN there). Where the backend rejects the call, ours runs and is counted.
+    b, h, tq, tk, d = 2, 4, 257, 77, 72
+    _table(table_dir, [_entry(d, tq, tk, b * h, torch.bfloat16, masked, "fwd_bwd", backend)])
+    q, k, v = _qkv(b, h, tq, tk, d, torch.bfloat16)
+    mask = _mask(b, tk) if masked else None
+    check_against_ref(lambda *a, **kw: kernels.attention(*a, **kw), attention_ref, [q, k, v], names=("q", "k", "v"),
+                      key_padding_mask=mask)
+    counts = kernels.dispatch_counts()
+    assert sum(counts.values()) == 1 and set(counts) <= {("attention", backend), ("attention", "triton")}
+    print(f"{backend} {'masked' if masked else 'unmasked'}: ran {counts}")
 
 
 def test_no_table_no_entry_or_ours_entry_runs_ours(table_dir):
