@@ -128,7 +128,7 @@ def _exact(n) -> int:
         hi <<= 1
     while hi - lo > 1:  # lo <= n < hi
         mid = (lo + hi) // 2
-        if n < mid:  # an if statement: dynamo keeps `lo` constant here, not in a conditional expression
+        if n < mid:
             hi = mid
         else:
             lo = mid
