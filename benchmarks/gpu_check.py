@@ -9,9 +9,11 @@ Stages run in priority order (`STAGES`), each in a forked child with its own tim
 killed with its process group (pytest workers, ncu) and recorded as `timeout`, and the next stage starts. The driver
 never touches CUDA, so each child initialises it afresh. A stage body writes every finished case into the one results
 file as it goes (atomic replace), so a killed stage loses only its unfinished case and a killed command loses nothing
-that was finished. What comes back (at most 5 files, the limit being 8): `gpu_check.json` (schema below),
+that was finished. What comes back (at most 6 files, the limit being 8): `gpu_check.json` (schema below),
 `gpu_check.log` (everything printed), `pytest_gpu.xml` (JUnit of the GPU tests), `ncu_attention.ncu-rep` and
-`ncu_attention.txt` (Nsight Compute on one attention launch, when `ncu` is there).
+`ncu_attention.txt` (Nsight Compute on one attention launch, when `ncu` is there), and
+`attention-routes_<device>.json` (`kernels.attention`'s SDPA routing table, derived from the attention stage by
+`benchmarks.report.write_routing_table`; commit it under benchmarks/results/ with the result).
 
 Schema `crossflow-gpu-check/1` of gpu_check.json:
   {schema, smoke, started, finished (null while running), total_budget_s, plan: [{name, budget_s, title}],
@@ -44,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks.report import GPU_CHECK_SCHEMA as SCHEMA  # the schema's reader and summaries live with the report
-from benchmarks.report import attention_summary
+from benchmarks.report import attention_summary, write_routing_table
 from benchmarks.report import read_gpu_check as read_results
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -358,6 +360,9 @@ def stage_attention(ctx: StageContext) -> None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     ctx.set_result(summary=attention_summary(ctx.cases()))
+    # The routing table `kernels.attention` reads, from exactly these cases (the same function as the report CLI).
+    table = write_routing_table(read_results(ctx.path), RESULTS_NAME, ctx.out)
+    ctx.set_result(routing_table=table.name)
 
 
 ADALN_SHAPES = ("xl256-b8", "h512-b8", "xl256-b1")
@@ -732,7 +737,9 @@ def run_stages(stages, out: Path, smoke: bool, total_s: float = TOTAL_BUDGET_S) 
 
 
 def save_result(src: Path, results_dir: Path | None = None) -> Path:
-    """Copy a GPU-check JSON to results/<YYYY-MM-DD>_<device-name-slug>_gpu-check.json (the date it started)."""
+    """Copy a GPU-check JSON to results/<YYYY-MM-DD>_<device-name-slug>_gpu-check.json (the date it started), and,
+    when it has attention cases, write `kernels.attention`'s routing table from it beside it
+    (results/attention-routes_<device-name-slug>.json, replacing the device's previous one)."""
     from benchmarks import _common
 
     data = read_results(src)
@@ -744,6 +751,8 @@ def save_result(src: Path, results_dir: Path | None = None) -> Path:
     dest = Path(results_dir or _common.RESULTS_DIR) / f"{started[:10]}_{_common.slug(device)}_gpu-check.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     write_results(dest, data)
+    if data.get("stages", {}).get("attention", {}).get("cases"):
+        _log(f"routing table: {write_routing_table(data, dest.name, dest.parent)}")
     return dest
 
 

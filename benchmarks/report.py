@@ -2,9 +2,12 @@
 
   python -m benchmarks.report benchmarks/results/<file>.json [more.json ...] [--out DIR]
   python -m benchmarks.report <gpu_check.json> --readme     # print the README's results table from a GPU check
+  python -m benchmarks.report <gpu_check.json> --routing-table [PATH]   # kernels.attention's SDPA routing table
 
 A GPU-check result (`benchmarks/gpu_check.py`, schema `crossflow-gpu-check/1`) may be given among the files: it gets
-its own section (`gpu_check_section`); `readme_table` renders the README's results table from it alone.
+its own section (`gpu_check_section`); `readme_table` renders the README's results table from it alone;
+`routing_table` derives from its attention stage the per-device table `kernels.attention` routes by (written to
+benchmarks/results/attention-routes_<device>.json unless PATH, a file or a directory, says otherwise).
 
 Writes DIR/report.md (default: benchmarks/results/report/) and one PNG per (op, mode, dtype) and per sampler preset.
 Every number comes from the `extra_info` the suites recorded; each section's caption names its source JSON file.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -171,6 +175,85 @@ def attention_summary(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+ROUTE_MARGIN = 1.05  # SDPA must be this much faster than ours on a bucket to take it: p50 timings move a few percent
+
+
+def routing_table(data: dict[str, Any], src: str, margin: float = ROUTE_MARGIN) -> dict[str, Any]:
+    """`kernels.attention`'s routing table (schema `kernels.attention_routes.SCHEMA`) from one GPU-check result.
+
+    The attention stage's cases are grouped by routing bucket (`kernels.attention_routes.bucket`: head dim, Tq/Tk and
+    B·H power-of-two ceilings, dtype, mask, fwd vs fwd+bwd). Per bucket, each provider's p50 ms are summed over the
+    bucket's measured shapes (a provider counts only if it ran on all of them); the fastest SDPA backend takes the
+    bucket when ours takes at least `margin` times as long. Every bucket where ours ran gets an entry (backend
+    "triton" where ours stays), so the table also says where ours was measured to win. Buckets where ours failed get
+    no entry (ours runs there anyway, and routing must not hide a failure of ours): they are listed in `skipped`."""
+    from kernels.attention_routes import KEY_FIELDS, OURS, SCHEMA, SDPA_BACKENDS, bucket
+
+    if not margin >= 1.0:
+        raise ValueError(f"routing margin must be >= 1 (SDPA at least as fast as ours), got {margin}")
+    env = data.get("env", {})
+    if not env.get("device_name"):
+        raise ValueError(f"{src}: no env.device_name: cannot tell which device the table is for")
+    groups: dict[tuple, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for c in data.get("stages", {}).get("attention", {}).get("cases", []):
+        b, h, t, d = c["shape"]
+        key = bucket(d, t, t, b * h, c["dtype"], bool(c.get("mask", False)), c["mode"])
+        groups[key][tuple(c["shape"])].append(c)
+    entries, skipped = [], []
+    for key in sorted(groups):
+        shapes = groups[key]
+        totals: dict[str, float] = {}
+        for prov in {c["provider"] for cs in shapes.values() for c in cs}:
+            ms = [next((c.get("ms_p50") for c in cs if c["provider"] == prov and c.get("status") == "ok"), None)
+                  for cs in shapes.values()]
+            if all(m is not None for m in ms):
+                totals[prov] = sum(ms)
+        where = dict(zip(KEY_FIELDS, key))
+        if OURS not in totals:
+            skipped.append({**where, "reason": "ours did not run ok on every measured shape of the bucket",
+                            "shapes": sorted(list(s) for s in shapes)})
+            continue
+        sdpa = {p: ms for p, ms in totals.items() if p in SDPA_BACKENDS}
+        best = min(sdpa, key=sdpa.get) if sdpa else None
+        take = best is not None and totals[OURS] >= margin * sdpa[best]
+        entries.append({
+            **where, "backend": best if take else OURS, "ours_ms": round(totals[OURS], 6),
+            "best_sdpa": best, "sdpa_ms": round(sdpa[best], 6) if best else None,
+            "speedup": round(totals[OURS] / sdpa[best], 4) if best else None,
+            "ms": {p: round(v, 6) for p, v in sorted(totals.items())}, "shapes": sorted(list(s) for s in shapes),
+        })
+    return {
+        "schema": SCHEMA, "device_name": env["device_name"], "smoke": bool(data.get("smoke")),
+        "source": {"file": src, "started": data.get("started"), "commit": env.get("commit"),
+                   **{k: env.get(k) for k in ("torch", "triton", "cuda", "cudnn", "capability")}},
+        "margin": margin,
+        "rule": "per bucket: sum of p50 ms over its measured shapes; the fastest SDPA backend replaces ours when "
+                "ours_ms >= margin * sdpa_ms",
+        "entries": entries, "skipped": skipped,
+    }
+
+
+def write_routing_table(data: dict[str, Any], src: str, dest: str | Path | None = None,
+                        margin: float = ROUTE_MARGIN) -> Path:
+    """Write `routing_table(data)` to `dest` (a file, or a directory for its default name; default: the committed
+    place, benchmarks/results/) atomically, then read it back through the loader `kernels.attention` uses."""
+    from kernels.attention_routes import DEFAULT_DIR, parse_table, table_file_name
+
+    table = routing_table(data, src, margin)
+    if dest is None:
+        if table["smoke"]:
+            raise ValueError(f"{src} is a CPU smoke run: its routing table is no measurement and does not go to "
+                             f"{DEFAULT_DIR}; give a path")
+        dest = DEFAULT_DIR
+    dest = Path(dest)
+    path = dest / table_file_name(table["device_name"]) if dest.is_dir() else dest
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(table, indent=1) + "\n")
+    os.replace(tmp, path)
+    parse_table(path, path.read_text())
+    return path
+
+
 def readme_table(data: dict, src: str) -> list[str]:
     """The README's results table, from one GPU-check JSON: attention vs the best SDPA backend per shape, adaLN vs
     torch.compile, sampler images/s. Every number is read from `data`; nothing is filled in where a case is missing."""
@@ -314,7 +397,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (report.md + PNGs)")
     p.add_argument("--print", action="store_true", help="also print the markdown")
     p.add_argument("--readme", action="store_true", help="print only the README results table of one GPU-check JSON")
+    p.add_argument("--routing-table", nargs="?", const="", default=None, metavar="PATH",
+                   help="write kernels.attention's SDPA routing table from one GPU-check JSON (to PATH, a file or a "
+                        "directory; default benchmarks/results/attention-routes_<device>.json)")
+    p.add_argument("--margin", type=float, default=ROUTE_MARGIN,
+                   help=f"with --routing-table: SDPA takes a bucket when ours takes >= this times as long "
+                        f"(default {ROUTE_MARGIN})")
     args = p.parse_args(argv)
+    if args.routing_table is not None:
+        if len(args.json) != 1:
+            p.error("--routing-table takes exactly one GPU-check JSON")
+        try:
+            data = read_gpu_check(Path(args.json[0]))
+            path = write_routing_table(data, Path(args.json[0]).name, args.routing_table or None, args.margin)
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"{args.json[0]}: {type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e))
+        n = sum(e["backend"] != "triton" for e in json.loads(path.read_text())["entries"])
+        print(f"wrote {path} ({n} routed buckets)")
+        return
     if args.readme:
         if len(args.json) != 1:
             p.error("--readme takes exactly one GPU-check JSON")

@@ -8,7 +8,11 @@ driver calls and launches nothing.
 from kernels import adaln as _adaln
 from kernels import euler as _euler
 from kernels import attention as _attention
-from kernels._dispatch import BACKENDS, get_backend, interpreting, op, triton_ok, use_backend, why_not_triton
+from kernels import attention_routes as _attention_routes
+from kernels._dispatch import (
+    BACKENDS, dispatch_counts, get_backend, interpreting, op, reset_dispatch_counts, routing_enabled, triton_ok,
+    use_backend, use_routing, why_not_triton,
+)
 from kernels._nvtx import nvtx_range
 from kernels._utils import register_triton_ops, triton_can_run_here
 
@@ -17,7 +21,7 @@ if triton_can_run_here():  # else registered on first direct use: no torch._indu
 
 adaln_modulate = op("adaln_modulate", _adaln.adaln_modulate_ref, _adaln.adaln_modulate_triton)
 gated_residual_adaln = op("gated_residual_adaln", _adaln.gated_residual_adaln_ref, _adaln.gated_residual_adaln_triton)
-attention = op("attention", _attention.attention_ref, _attention.attention_triton)
+attention = op("attention", _attention.attention_ref, _attention.attention_triton, route=_attention_routes.route)
 euler_step = op("euler_step", _euler.euler_step_ref, _euler.euler_step_triton)
 cfg_euler_step = op("cfg_euler_step", _euler.cfg_euler_step_ref, _euler.cfg_euler_step_triton)
 
@@ -25,6 +29,7 @@ cfg_euler_step = op("cfg_euler_step", _euler.cfg_euler_step_ref, _euler.cfg_eule
 OPS = {f.__name__: f for f in (adaln_modulate, gated_residual_adaln, attention, euler_step, cfg_euler_step)}
 
 __all__ = [
-    "BACKENDS", "OPS", "adaln_modulate", "attention", "cfg_euler_step", "euler_step", "gated_residual_adaln",
-    "get_backend", "interpreting", "nvtx_range", "triton_ok", "use_backend", "why_not_triton",
+    "BACKENDS", "OPS", "adaln_modulate", "attention", "cfg_euler_step", "dispatch_counts", "euler_step",
+    "gated_residual_adaln", "get_backend", "interpreting", "nvtx_range", "reset_dispatch_counts", "routing_enabled",
+    "triton_ok", "use_backend", "use_routing", "why_not_triton",
 ]

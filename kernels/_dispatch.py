@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import Counter
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -30,6 +31,8 @@ BACKENDS = ("auto", "torch", "triton")
 # are imported, so this is the truth about how our kernels were built.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _override: list[str] = []
+_routing: list[bool] = []
+_counts: Counter = Counter()
 
 
 def _validate(name: str) -> str:
@@ -53,6 +56,41 @@ def use_backend(name: str) -> Iterator[str]:
         yield name
     finally:
         _override.pop()
+
+
+@contextmanager
+def use_routing(enabled: bool) -> Iterator[bool]:
+    """Allow (True, the default) or forbid (False) per-shape routing under ``auto`` for the enclosed calls."""
+    _routing.append(bool(enabled))
+    try:
+        yield bool(enabled)
+    finally:
+        _routing.pop()
+
+
+def routing_enabled() -> bool:
+    """False inside `use_routing(False)`; a route hook has its own switches too (attention: its table's env var)."""
+    return _routing[-1] if _routing else True
+
+
+def dispatch_counts() -> dict[tuple[str, str], int]:
+    """Calls so far per (op, backend it was dispatched to): "torch", "triton" or a routed one ("sdpa_cudnn", ...).
+    Python calls only: a compiled graph counts when traced, and neither its replays nor a CUDA graph's are seen."""
+    return dict(_counts)
+
+
+def reset_dispatch_counts() -> None:
+    _counts.clear()
+
+
+def _count(name: str, backend: str) -> bool:
+    _counts[(name, backend)] += 1
+    return True
+
+
+# What `torch._dynamo.assume_constant_result` sets, without importing torch._dynamo here (~0.5 s): under torch.compile
+# the call runs once at trace time and its result is a constant, so counting makes no graph break.
+_count._dynamo_marked_constant = True
 
 
 def interpreting() -> bool:
@@ -94,8 +132,10 @@ def _first_tensor(args, kwargs) -> torch.Tensor | None:
     return None
 
 
-def op(name: str, ref: Callable, triton_impl: Callable, doc: str | None = None) -> Callable:
-    """Build the public dispatching function for one op; it carries `.ref` and `.triton` twins."""
+def op(name: str, ref: Callable, triton_impl: Callable, doc: str | None = None,
+       route: Callable | None = None) -> Callable:
+    """Build the public dispatching function for one op; it carries `.ref` and `.triton` twins, and `.route`: None,
+    or a hook taking the op's arguments that returns None (ours) or (backend name, callable) under ``auto``."""
 
     range_name = f"kernels/{name}"
 
@@ -107,15 +147,23 @@ def op(name: str, ref: Callable, triton_impl: Callable, doc: str | None = None) 
     def _dispatch(*args, **kwargs):
         backend = get_backend()
         if backend == "torch":
+            _count(name, "torch")
             return call.ref(*args, **kwargs)
         x = _first_tensor(args, kwargs)
         if x is None:
             raise ValueError(f"{name}: expected at least one tensor argument")
         if triton_ok(x):
+            if backend == "auto" and call.route is not None and routing_enabled():
+                routed = call.route(*args, **kwargs)
+                if routed is not None:
+                    _count(name, routed[0])
+                    return routed[1](*args, **kwargs)
+            _count(name, "triton")
             return call.triton(*args, **kwargs)
         if backend == "triton":
             why = why_not_triton(x) or "triton_ok() says no"
             raise RuntimeError(f"{name}: backend 'triton' cannot run on {x.device} {x.dtype} tensors ({why})")
+        _count(name, "torch")
         return call.ref(*args, **kwargs)
 
     functools.update_wrapper(call, triton_impl)
@@ -123,4 +171,5 @@ def op(name: str, ref: Callable, triton_impl: Callable, doc: str | None = None) 
     call.__doc__ = doc or triton_impl.__doc__
     call.ref = ref
     call.triton = triton_impl
+    call.route = route
     return call
