@@ -75,7 +75,8 @@ def routing_enabled() -> bool:
 
 def dispatch_counts() -> dict[tuple[str, str], int]:
     """Calls so far per (op, backend it was dispatched to): "torch", "triton" or a routed one ("sdpa_cudnn", ...).
-    Python calls only: a compiled graph counts when traced, and neither its replays nor a CUDA graph's are seen."""
+    Eager Python calls only: calls traced by torch.compile, a compiled graph's runs and CUDA-graph replays are not
+    counted (which backend a compiled graph uses is logged when a route is first taken)."""
     return dict(_counts)
 
 
@@ -83,14 +84,9 @@ def reset_dispatch_counts() -> None:
     _counts.clear()
 
 
-def _count(name: str, backend: str) -> bool:
-    _counts[(name, backend)] += 1
-    return True
-
-
-# What `torch._dynamo.assume_constant_result` sets, without importing torch._dynamo here (~0.5 s): under torch.compile
-# the call runs once at trace time and its result is a constant, so counting makes no graph break.
-_count._dynamo_marked_constant = True
+def _count(name: str, backend: str) -> None:
+    if not torch.compiler.is_compiling():  # a trace is not a call (and mutating a global would break the graph)
+        _counts[(name, backend)] += 1
 
 
 def interpreting() -> bool:
