@@ -355,6 +355,19 @@ def _compile(launch: Launch, grid, kw: dict):
     return kernel.result() if hasattr(kernel, "result") else kernel  # an async-compile future
 
 
+@contextlib.contextmanager
+def active_target(arch: int):
+    """Make `_TargetDriver(arch)` Triton's active driver for the block (prunes and compiles see sm_<arch>); the driver
+    that was active before (or none yet) is put back."""
+    from triton.runtime import driver
+    old = driver._active  # not `driver.active`: on a machine without a GPU that raises ("0 active drivers")
+    driver.set_active(_TargetDriver(arch))
+    try:
+        yield
+    finally:
+        driver._active = old
+
+
 def compile_one(launch: Launch, config, arch: int) -> dict:
     """Compile one (launch, config) for sm_<arch> and read the artefacts."""
     from triton.runtime import driver
@@ -468,15 +481,17 @@ def plan(cases: list[Case], archs) -> tuple[list[dict], list[tuple], list]:
             n = seen[launch.name] = seen.get(launch.name, 0) + 1
             kname = launch.name if n == 1 else f"{launch.name}#{n}"
             total = len(launch.kernel.configs) if launch.autotuned else 1
-            try:
-                configs = _config_of(launch)
-            except Exception as e:
-                stubs.append(dict(op=case.op, case=case.name, kernel=kname, module=launch.module, arch=None,
-                                  config=None, error=f"prune failed: {type(e).__name__}: {e}"[:500]))
-                continue
-            for ci, (label, cfg) in enumerate(configs):
-                kw = _launch_kwargs(launch, cfg)
-                for arch in archs:
+            for arch in archs:
+                # The prune may depend on the target (kernels read Triton's active driver): prune per arch.
+                try:
+                    with active_target(arch):
+                        configs = _config_of(launch)
+                except Exception as e:
+                    stubs.append(dict(op=case.op, case=case.name, kernel=kname, module=launch.module, arch=arch,
+                                      config=None, error=f"prune failed: {type(e).__name__}: {e}"[:500]))
+                    continue
+                for ci, (label, cfg) in enumerate(configs):
+                    kw = _launch_kwargs(launch, cfg)
                     key = (specialization_key(launch, kw), arch)
                     if key not in index:
                         index[key] = len(jobs)

@@ -189,10 +189,24 @@ def _split_head_dim(d: int) -> tuple[int, int]:
     return (d0, d1) if d0 + d1 < full else (full, 0)
 
 
-def _prune(kind: str):
-    """Keep the configs that compile without spills on sm_90 and sm_80 at this head-dim split and dtype; for 16-bit
-    inputs prefer those whose dots can be wgmma on sm_90 (an M side of at least 64 rows).
+def _target_arch() -> int | None:
+    """The CUDA arch Triton compiles for now (90 for sm_90), read from its active driver: on a GPU the current device,
+    which the launchers set to the tensors' own (`cuda_device_guard`); in the compile report the target it stands in
+    for. None when unknown: the interpreter or a machine without a GPU driver (no active driver), or not CUDA."""
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except (RuntimeError, AttributeError, ImportError):  # "0 active drivers" under the interpreter / without a GPU
+        return None
+    arch = getattr(target, "arch", None)
+    return arch if getattr(target, "backend", None) == "cuda" and isinstance(arch, int) else None
 
+
+def _prune(kind: str):
+    """Keep the configs that compile without spills on the target arch at this head-dim split, dtype and mask; for
+    16-bit inputs prefer those whose dots can be wgmma on sm_90 (an M side of at least 64 rows).
+
+    The target is Triton's active one (`_target_arch`): sm_80 and sm_90 each drop their own measured spillers, so an
+    sm_80 spill does not cost sm_90 a wgmma tile; any other or unknown target (the interpreter) drops both sets.
     Fitted to `ptxas -v` over every config x head dims 24..256 x both targets (triton 3.9, checked on 3.6). 16-bit:
     a budget of fp32 values live per thread (accumulators, score tiles, resident operands), the largest that compiled
     spill-free less a margin. fp32 runs its dots on the FMA units with IEEE precision, where small spills come and go
@@ -200,51 +214,83 @@ def _prune(kind: str):
     """
 
     def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        dp, split = args["D0"] + args["D1"], args["D1"] > 0
-        fp32 = args["DOT_PRECISION"] == "ieee"  # "ieee" is used exactly for fp32 inputs
-        elt = 4 if fp32 else 2
-        fits, fast = [], []
-        for c in configs:
-            bm, bn, st, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, c.num_warps
-            tile = (bm, bn, warps, st)
-            if (tile in _FP32_TILES[kind]) != fp32:
-                continue  # each dtype class tunes over its own tiles
-            if kind == "fwd":  # resident Q; pipelined K, V; the O accumulator and the S/P tile
-                smem, mma_m = (bm + st * 2 * bn) * dp * elt, bm
-                live = bm * dp + bm * bn + bm * dp * elt // 4
-            elif kind == "dkdv":  # resident K, V; pipelined Q, dO; dK, dV accumulators; P and dS tiles
-                smem, mma_m = (2 * bn + st * 2 * bm) * dp * elt, bn
-                live = 2 * bn * dp + 2 * bn * bm + bn * dp * elt // 2
-            else:  # dq: resident Q, dO; pipelined K, V; the dQ accumulator; P and dS tiles
-                smem, mma_m = (2 * bm + st * 2 * bn) * dp * elt, bm
-                live = bm * dp + 2 * bm * bn + bm * dp * elt // 2
-            threads = 32 * warps
-            if fp32:
-                ok = dp in _FP32_TILES[kind][tile]
-            else:
-                ok = live <= _REG_BUDGET[kind] * threads
-                # Measured outlier: at a split head dim (64+16) this 8-warp tile spills 12 B on sm_80.
-                ok = ok and not (kind == "dkdv" and split and bm == 64 and warps == 8)
-                ok = ok and (kind, dp, tile) not in _PTXAS_SPILLS
-            # At least two elements per thread in every tile load, or it would be one-element (scalar) loads.
-            ok = ok and min(bm, bn) * (args["D1"] or args["D0"]) >= 2 * threads
-            if ok and smem <= _SMEM_BUDGET:
-                fits.append(c)
-                if not fp32 and mma_m >= 64:
-                    fast.append(c)
-        # Never prune to nothing: fall back to the config with the smallest tiles (the last one, by construction).
-        return fast or fits or [configs[-1]]
+        return _prune_for(kind, configs, {**named_args, **kwargs}, _target_arch())
 
     return prune
 
 
+def _prune_for(kind: str, configs, args: dict, arch: int | None) -> list:
+    """`_prune(kind)` for an explicit target arch (None: unknown, the union of every arch's exclusions)."""
+    dp, split = args["D0"] + args["D1"], args["D1"] > 0
+    fp32 = args["DOT_PRECISION"] == "ieee"  # "ieee" is used exactly for fp32 inputs
+    masked = args.get("HAS_MASK")  # None (not given): match masked and unmasked exclusions alike
+    archs = (arch,) if arch in _PTXAS_SPILLS else tuple(_PTXAS_SPILLS)
+    elt = 4 if fp32 else 2
+    fits, fast = [], []
+    for c in configs:
+        bm, bn, st, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, c.num_warps
+        tile = (bm, bn, warps, st)
+        if (tile in _FP32_TILES[kind]) != fp32:
+            continue  # each dtype class tunes over its own tiles
+        if kind == "fwd":  # resident Q; pipelined K, V; the O accumulator and the S/P tile
+            smem, mma_m = (bm + st * 2 * bn) * dp * elt, bm
+            live = bm * dp + bm * bn + bm * dp * elt // 4
+        elif kind == "dkdv":  # resident K, V; pipelined Q, dO; dK, dV accumulators; P and dS tiles
+            smem, mma_m = (2 * bn + st * 2 * bm) * dp * elt, bn
+            live = 2 * bn * dp + 2 * bn * bm + bn * dp * elt // 2
+        else:  # dq: resident Q, dO; pipelined K, V; the dQ accumulator; P and dS tiles
+            smem, mma_m = (2 * bm + st * 2 * bn) * dp * elt, bm
+            live = bm * dp + 2 * bm * bn + bm * dp * elt // 2
+        threads = 32 * warps
+        ok = dp in _FP32_TILES[kind][tile] if fp32 else live <= _REG_BUDGET[kind] * threads
+        ok = ok and not any(_spills(a, kind, dp, split, masked, tile) for a in archs)
+        # At least two elements per thread in every tile load, or it would be one-element (scalar) loads.
+        ok = ok and min(bm, bn) * (args["D1"] or args["D0"]) >= 2 * threads
+        if ok and smem <= _SMEM_BUDGET:
+            fits.append(c)
+            if not fp32 and mma_m >= 64:
+                fast.append(c)
+    # Never prune to nothing: fall back to the config with the smallest tiles (the last one, by construction).
+    return fast or fits or [configs[-1]]
+
+
+def _spills(arch: int, kind: str, dp: int, split: bool, masked: bool | None, tile: tuple) -> bool:
+    """Did ptxas for sm_<arch> spill this tile although it is within budget (measured)?"""
+    for k, d, m, t in _PTXAS_SPILLS[arch]:
+        if k == kind and d in (dp, None) and t == tile and (m is None or masked is None or m == masked):
+            return True
+    # sm_80, split head dims: the dK/dV 64-row 8-warp tile spills 12 B (any mask).
+    return arch == 80 and kind == "dkdv" and split and tile[0] == 64 and tile[2] == 8
+
+
 # fp32 values per thread, per kernel, for 16-bit inputs.
 _REG_BUDGET = {"fwd": 192, "dkdv": 160, "dq": 224}
-# (kind, padded head dim, tile) where ptxas for sm_80 spills a few bytes although the tile is within budget, measured:
-# it caps registers for occupancy (128 registers, 4 B spilled, for the forward's 64x64 tile at 32+16 lanes), or, on
-# triton 3.6's ptxas 12.8 only, 4 B at 255 registers for the dK/dV 32x64 8-warp tile at 64+16 lanes.
-_PTXAS_SPILLS = {("fwd", 48, (64, 64, 4, 3)), ("fwd", 96, (64, 64, 4, 3)), ("dkdv", 80, (32, 64, 8, 2))}
+# arch -> (kind, padded head dim or None for any, HAS_MASK or None for either, tile) where ptxas spills a few to 92
+# bytes although the tile is within budget, measured (compile report of 2026-12-01, triton 3.9, and 3.6's ptxas 12.8).
+# sm_80 caps registers for occupancy or runs out of its 255 where sm_90's wgmma keeps the accumulators elsewhere: the
+# forward's 64x64 4-warp tile (4 B at 96-168 registers, head dims 32-96), and the masked kernels, which hold the mask
+# tile beside P and dS (dQ at 48/80/96/128 lanes up to 92 B, dK/dV at 64/96 lanes). sm_90: one fp32 dQ tile.
+_PTXAS_SPILLS = {
+    80: {
+        ("fwd", None, None, (64, 64, 4, 3)),
+        ("fwd", 64, True, (128, 128, 8, 3)),
+        ("dkdv", 80, None, (32, 64, 8, 2)),  # triton 3.6 only: 4 B at 255 registers
+        ("dkdv", 64, True, (32, 64, 4, 3)),
+        ("dkdv", 64, True, (64, 64, 8, 3)),
+        ("dkdv", 64, True, (32, 128, 8, 3)),
+        ("dkdv", 96, True, (32, 64, 8, 2)),
+        ("dq", 48, True, (128, 32, 4, 3)),
+        ("dq", 48, True, (128, 64, 8, 3)),
+        ("dq", 48, True, (64, 64, 4, 3)),
+        ("dq", 80, True, (128, 32, 4, 3)),
+        ("dq", 96, True, (64, 64, 4, 3)),
+        ("dq", 128, True, (128, 64, 8, 3)),
+        ("dq", 128, True, (64, 64, 4, 3)),
+    },
+    90: {
+        ("dq", 48, True, (32, 32, 8, 2)),  # fp32 (FMA), 4 B
+    },
+}
 # Shared memory of the tiles: sm_80 has 163 KB per block (sm_90 227 KB, but its wgmma staging uses more).
 _SMEM_BUDGET = 160 * 1024
 

@@ -204,3 +204,27 @@ def test_refuses_the_interpreter(monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "TRITON_INTERPRET" in check_backend()
+
+
+PLAN_PER_ARCH = """
+import json
+from benchmarks import compile_report as C
+case = next(c for c in C.matrix(False) if c.name == "attention/d64-fp16-qkv-mask")
+stubs, _, _ = C.plan([case], (90, 80))
+kept = {}
+for s in stubs:
+    if s["kernel"] == "_attention_bwd_dkdv_kernel":
+        kept.setdefault(s["arch"], []).append([s["config"][k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")])
+print(json.dumps(kept))
+"""
+
+
+def test_plan_prunes_per_arch():
+    # The kernels' prunes read the target arch from Triton's active driver: the report must prune once per arch with
+    # that arch active (masked d64 dK/dV: sm_80 drops three tiles that spill there, sm_90 keeps them for wgmma).
+    r = subprocess.run([sys.executable, "-c", PLAN_PER_ARCH], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept = {int(a): {tuple(t) for t in ts} for a, ts in json.loads(r.stdout.strip().splitlines()[-1]).items()}
+    assert set(kept) == {80, 90} and kept[80] and kept[90]
+    assert kept[80] < kept[90] and (32, 64, 4, 3) in kept[90] - kept[80]

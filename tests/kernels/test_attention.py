@@ -221,23 +221,87 @@ def test_attention_head_dim_split():
 
 
 @pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
-def test_attention_prune(kind):
-    # 16-bit: only tiles whose dots can be wgmma on sm_90 (M side >= 64) at the DiT head dims; fp32: only its own
-    # small FMA tiles. (That the kept tiles compile spill-free is the compile report's check.)
-    tiles = {"fwd": attn_mod._FWD_TILES, "dkdv": attn_mod._DKDV_TILES, "dq": attn_mod._DQ_TILES}[kind]
-    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
-               for bm, bn, w, s in [*tiles, *attn_mod._FP32_TILES[kind]]]
-    prune = attn_mod._prune(kind)
+def test_attention_prune(kind, monkeypatch):
+    # 16-bit on sm_90: only tiles whose dots can be wgmma (M side >= 64) at the DiT head dims; fp32 (any target):
+    # only its own small FMA tiles. (That the kept tiles compile spill-free is the compile report's check.)
     for d in (24, 48, 64, 72, 80, 96, 128):
         d0, d1 = _split_head_dim(d)
         args = dict(D0=d0, D1=d1)
-        kept = prune(configs, dict(args, DOT_PRECISION="tf32"))
-        assert kept and all((c.kwargs["BLOCK_N"] if kind == "dkdv" else c.kwargs["BLOCK_M"]) >= 64 for c in kept)
-        assert not any((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                       in attn_mod._FP32_TILES[kind] for c in kept)
-        kept32 = prune(configs, dict(args, DOT_PRECISION="ieee"))
-        assert kept32 and all((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                              in attn_mod._FP32_TILES[kind] for c in kept32)
+        kept = _kept_tiles(kind, dict(args, DOT_PRECISION="tf32"), 90, monkeypatch)
+        assert kept and all((bn if kind == "dkdv" else bm) >= 64 for bm, bn, _, _ in kept)
+        assert not kept & set(attn_mod._FP32_TILES[kind])
+        for arch in (90, 80, None):
+            kept32 = _kept_tiles(kind, dict(args, DOT_PRECISION="ieee"), arch, monkeypatch)
+            assert kept32 and kept32 <= set(attn_mod._FP32_TILES[kind])
+
+
+class _FakeTarget:
+    """Stands in for Triton's active driver: reports a CUDA target arch (the prune reads nothing else)."""
+
+    def __init__(self, arch):
+        self.arch = arch
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", self.arch, 32)
+
+
+def _kept_tiles(kind, args, arch, monkeypatch):
+    """Tiles the autotune prune keeps with `arch` as Triton's active target (None: no driver, as in the interpreter)."""
+    tiles = {"fwd": attn_mod._FWD_TILES, "dkdv": attn_mod._DKDV_TILES, "dq": attn_mod._DQ_TILES}[kind]
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+               for bm, bn, w, s in [*tiles, *attn_mod._FP32_TILES[kind]]]
+    with monkeypatch.context() as mp:
+        mp.setattr(triton.runtime.driver, "_active", _FakeTarget(arch) if arch else None)
+        if arch is None:  # the interpreter's state: no active driver at all
+            mp.setattr(type(triton.runtime.driver), "default", property(lambda self: (_ for _ in ()).throw(
+                RuntimeError("0 active drivers"))))
+        kept = attn_mod._prune(kind)(configs, args)
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+
+
+_KERNEL_KIND = {"_attention_fwd_kernel": "fwd", "_attention_bwd_dkdv_kernel": "dkdv", "_attention_bwd_dq_kernel": "dq"}
+
+
+def _measured_spills():
+    """(arch, kind, prune args, tile) of every attention config that spilled in the committed compile report of
+    2026-12-01 (triton 3.9, taken before the prune was arch-aware)."""
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks/results/2026-12-01_compile-report_triton-3.9.0.json"
+    out = []
+    for r in json.loads(path.read_text())["rows"]:
+        if r.get("error") or not r.get("spill_store_bytes") or r["kernel"] not in _KERNEL_KIND:
+            continue
+        ce, c = r["constexprs"], r["config"]
+        args = {k: ce[k] for k in ("D0", "D1", "HAS_MASK", "DOT_PRECISION")}
+        out.append((r["arch"], _KERNEL_KIND[r["kernel"]], args, (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"],
+                                                                   c["num_stages"])))
+    return out
+
+
+def test_attention_prune_drops_measured_spillers_per_arch(monkeypatch):
+    # Every config that spilled for an arch is gone from that arch's prune and from the unknown-target (strictest)
+    # prune; the measured list is not empty (34 sm_80 configs and one sm_90 fp32 one).
+    spills = _measured_spills()
+    assert {a for a, *_ in spills} == {80, 90} and len(spills) >= 30
+    for arch, kind, args, tile in spills:
+        for target in (arch, None):
+            assert tile not in _kept_tiles(kind, args, target, monkeypatch), (target, kind, args, tile)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("d", [48, 64, 72, 96, 128])
+def test_attention_prune_keeps_wgmma_tiles_on_sm90(d, masked, monkeypatch):
+    # sm_80's exclusions must not cost sm_90 its wgmma tiles (an M side of >= 64 rows: BLOCK_N for dK/dV, BLOCK_M
+    # else): masked d64 dK/dV once lost them all when the sm_80 spillers were dropped for both archs.
+    d0, d1 = _split_head_dim(d)
+    args = dict(D0=d0, D1=d1, HAS_MASK=masked, DOT_PRECISION="tf32")
+    for kind in ("fwd", "dkdv", "dq"):
+        kept90 = _kept_tiles(kind, args, 90, monkeypatch)
+        assert kept90 and all((bn if kind == "dkdv" else bm) >= 64 for bm, bn, _, _ in kept90), (kind, kept90)
+        if kind == "dkdv" and d == 64 and masked:
+            assert not kept90 <= _kept_tiles(kind, args, 80, monkeypatch)  # sm_90 keeps tiles sm_80 drops
 
 
 def test_attention_autotune_key_has_grid_bucket():
