@@ -85,6 +85,14 @@ def matrix(quick: bool, include_256: bool = False) -> list[Case]:
                 for mask in (False, True) if lay == "qkv" and not quick else (False,):
                     name = f"attention/d{d}-{dt}-{lay}" + ("-mask" if mask else "")
                     cases.append(Case("attention", name, dict(d=d, dtype=dt, layout=lay, mask=mask)))
+    # The sm_90 forward (TMA + warp specialization), forced as on an sm_90 GPU: 16-bit, the model's fused-qkv layout,
+    # compiled for sm_90 only (`min_arch`). Its backward launches are the portable ones above, compiled once.
+    for d in (QUICK_DIMS[1:] if quick else dims):
+        for dt in (("fp16",) if quick else ("fp16", "bf16")):
+            for mask in (False,) if quick else (False, True):
+                name = f"attention/d{d}-{dt}-qkv" + ("-mask" if mask else "") + "-sm90"
+                cases.append(Case("attention", name, dict(d=d, dtype=dt, layout="qkv", mask=mask, fwd="sm90",
+                                                          min_arch=90)))
     widths = (1152,) if quick else ADALN_WIDTHS
     for op in ("adaln_modulate", "gated_residual_adaln"):
         for c in widths:
@@ -212,9 +220,29 @@ def _drive(case: Case) -> None:
 
 
 def capture(case: Case) -> list[Launch]:
-    with intercept() as launches:
+    fwd = case.params.get("fwd")
+    with intercept() as launches, _env(FWD_KERNEL_ENV, fwd):
         _drive(case)
     return launches
+
+
+FWD_KERNEL_ENV = "KERNELS_ATTENTION_FWD"  # kernels.attention.FWD_KERNEL_ENV, named here without importing kernels
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    """Set (value) or leave alone (None) one environment variable for the block."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -481,7 +509,7 @@ def plan(cases: list[Case], archs) -> tuple[list[dict], list[tuple], list]:
             n = seen[launch.name] = seen.get(launch.name, 0) + 1
             kname = launch.name if n == 1 else f"{launch.name}#{n}"
             total = len(launch.kernel.configs) if launch.autotuned else 1
-            for arch in archs:
+            for arch in (a for a in archs if a >= case.params.get("min_arch", 0)):
                 # The prune may depend on the target (kernels read Triton's active driver): prune per arch.
                 try:
                     with active_target(arch):

@@ -10,6 +10,13 @@ folded into one multiply), fp32 statistics and accumulators, and stores the per-
 backward recomputes P and dS from it (one shared helper): one kernel per key block for dK/dV, one per query block for
 dQ, so every gradient is written by exactly one program (deterministic, no atomics).
 
+On sm_90 (a CUDA device of capability >= 9.0) the forward is a second kernel with the same arithmetic: Q/K/V/O tiles
+move by TMA through tensor descriptors made in the kernel, and the key loop is warp-specialized (a producer warp group
+loads, consumer warp groups run wgmma and the softmax), for 16-bit inputs whose base and row strides are 16-byte
+aligned; the portable kernel serves sm_80, fp32, unaligned views and the interpreter. `KERNELS_ATTENTION_FWD` =
+auto | sm90 | portable (read at each launch) forces one, so the interpreter tests run both;
+`fwd_kernel_launches` counts which ran. The backward is shared.
+
 Head dims that are not a power of two are split into two power-of-two parts (72 = 64+16, 96 = 64+32; every dot is two
 dots), not padded to the next power of two: at D = 72 the tensor cores do 80/72 of the useful work instead of 128/72.
 q/k/v/dO are read through their strides (the (B, T, H, D) and fused (B, T, 3, H, D) qkv views are not copied); the
@@ -20,12 +27,17 @@ fp16/bf16/fp32 inputs; fp32 dots use IEEE precision.
 """
 from __future__ import annotations
 
+import collections
+import functools
+import inspect
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels._dispatch import interpreting
 from kernels._utils import (
     autotune_configs, check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op,
     register_triton_ops,
@@ -393,6 +405,120 @@ def _attention_fwd_kernel(
     tl.store(LSE + pid_bh * TQ + rows, lse, mask=row_ok)
 
 
+# The sm_90 forward: tensor descriptors (TMA) for Q, K, V and O, the key loop warp-specialized (a producer warp group
+# issues the TMA loads, consumer warp groups run wgmma and the softmax). 16-bit inputs only (fp32 runs FMA dots, where
+# neither helps). (BLOCK_M, BLOCK_N, num_warps, num_stages): num_warps is per consumer group; the first entry is the
+# interpreter's. Every tile keeps a 64-row wgmma M side and fits sm_90's shared memory at D <= 256 (checked by
+# `_prune_sm90`); spills and lowering are the compile report's check (cases `attention/*-sm90`).
+_FWD_SM90_TILES = [(128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2)]
+_SM90_SMEM_BUDGET = 200 * 1024  # of 227 KB per block, leaving room for the barriers and the layout conversions
+
+
+def _prune_sm90(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    dp = args["D0"] + args["D1"]
+    elt = 2  # fp16 / bf16
+    fits = [c for c in configs
+            if (c.kwargs["BLOCK_M"] + c.num_stages * 2 * c.kwargs["BLOCK_N"]) * dp * elt <= _SM90_SMEM_BUDGET
+            # 128x128 score tiles at D > 128 leave the consumers too few registers for the O accumulator.
+            and not (c.kwargs["BLOCK_N"] == 128 and dp > 128)]
+    return fits or [configs[-1]]
+
+
+@triton.jit
+def _tile_desc(BASE, rows, stride_t, UNIT: tl.constexpr, cols, BLOCK: tl.constexpr, D: tl.constexpr):
+    # A (rows, cols) row-major view of one head, read and written in (BLOCK, D) boxes: rows past `rows` and lanes past
+    # `cols` read as 0 and are never written.
+    return tl.make_tensor_descriptor(BASE, [rows, cols], [stride_t * UNIT, 1], [BLOCK, D])
+
+
+@triton.autotune(configs=_configs(_FWD_SM90_TILES), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_sm90})
+@triton.jit(do_not_specialize=_BUCKETS)
+def _attention_fwd_sm90_kernel(
+    Q, K, V,  # (B, H, Tq|Tk, D), unit head-dim stride; base, rows and row strides on 16-byte boundaries
+    MASK,  # uint8 (B, Tk); unused unless HAS_MASK
+    OUT,  # (B, H, Tq, D) view of (B, Tq, H, D) memory
+    LSE,  # fp32 (B, H, Tq), as the portable kernel
+    stride_qb, stride_qh, stride_qt,  # in units of UNIT elements (16 bytes)
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    stride_mb, stride_mt,  # mask strides, in elements
+    H, TQ, TK,
+    qk_scale,
+    TQ_BUCKET, TK_BUCKET, BH_BUCKET,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The same online softmax as `_attention_fwd_kernel`; only the data movement differs. One descriptor per head and
+    # head-dim part, made in the kernel (its 128-byte scratch comes from `triton.set_allocator`): per-head row counts
+    # make TMA zero-fill past Tq / Tk and clip the O store, so no row of another head is read or written.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b, off_h = pid_bh // H, pid_bh % H
+    Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
+    K += (off_b * stride_kb + off_h * stride_kh) * UNIT
+    V += (off_b * stride_vb + off_h * stride_vh) * UNIT
+    OUT += (off_b * stride_ob + off_h * stride_oh) * UNIT
+    MASK += off_b * stride_mb
+    start_m = pid_m * BLOCK_M
+    # Part 0 holds lanes [0, min(D, D0)), part 1 lanes [D0, D).
+    W0: tl.constexpr = HEAD_DIM if D1 == 0 else D0
+    q_d0 = _tile_desc(Q, TQ, stride_qt, UNIT, W0, BLOCK_M, D0)
+    k_d0 = _tile_desc(K, TK, stride_kt, UNIT, W0, BLOCK_N, D0)
+    v_d0 = _tile_desc(V, TK, stride_vt, UNIT, W0, BLOCK_N, D0)
+    o_d0 = _tile_desc(OUT, TQ, stride_ot, UNIT, W0, BLOCK_M, D0)
+    q0 = q_d0.load([start_m, 0])
+    q1 = q0
+    if D1 > 0:
+        q_d1 = _tile_desc(Q + D0, TQ, stride_qt, UNIT, HEAD_DIM - D0, BLOCK_M, D1)
+        k_d1 = _tile_desc(K + D0, TK, stride_kt, UNIT, HEAD_DIM - D0, BLOCK_N, D1)
+        v_d1 = _tile_desc(V + D0, TK, stride_vt, UNIT, HEAD_DIM - D0, BLOCK_N, D1)
+        o_d1 = _tile_desc(OUT + D0, TQ, stride_ot, UNIT, HEAD_DIM - D0, BLOCK_M, D1)
+        q1 = q_d1.load([start_m, 0])
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
+    for start_n in tl.range(0, TK, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        cols = start_n + offs_n
+        ok = _keys_ok(MASK, cols, TK, stride_mt, HAS_MASK)
+        # TMA cannot skip rows: a masked key arrives with whatever it holds. Its score is replaced by -inf (a NaN
+        # score included) and, with a mask, its V row by zeros (0 · NaN would still be NaN).
+        k0 = k_d0.load([start_n, 0])
+        s = tl.dot(q0, k0.T, input_precision=DOT_PRECISION)
+        if D1 > 0:
+            k1 = k_d1.load([start_n, 0])
+            s = tl.dot(q1, k1.T, s, input_precision=DOT_PRECISION)
+        s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v0 = v_d0.load([start_n, 0])
+        if HAS_MASK:
+            v0 = tl.where(ok[:, None], v0, 0.0)
+        acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
+        if D1 > 0:
+            v1 = v_d1.load([start_n, 0])
+            if HAS_MASK:
+                v1 = tl.where(ok[:, None], v1, 0.0)
+            acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    live = l_i > 0.0
+    inv_l = 1.0 / tl.where(live, l_i, 1.0)
+    o_d0.store([start_m, 0], (acc0 * inv_l[:, None]).to(OUT.dtype.element_ty))
+    if D1 > 0:
+        o_d1.store([start_m, 0], (acc1 * inv_l[:, None]).to(OUT.dtype.element_ty))
+    rows = start_m + tl.arange(0, BLOCK_M)
+    lse = tl.where(live, m_i + tl.log2(tl.where(live, l_i, 1.0)), float("inf"))
+    tl.store(LSE + pid_bh * TQ + rows, lse, mask=rows < TQ)
+
+
 @triton.jit
 def _attention_bwd_delta_kernel(
     O, DO,  # (B, H, Tq, D), unit head-dim stride
@@ -577,6 +703,61 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
+# Which forward kernel runs: "auto" (default) takes the sm_90 kernel on a CUDA device of capability >= 9.0 and the
+# portable one elsewhere (sm_80, the interpreter); "sm90" / "portable" force one (tests run the sm_90 kernel in the
+# interpreter that way). Read at every launch. Inputs the sm_90 kernel cannot take (fp32, rows or bases off the
+# 16-byte grid) run the portable kernel whatever the setting.
+FWD_KERNEL_ENV = "KERNELS_ATTENTION_FWD"
+_FWD_KERNELS = ("auto", "sm90", "portable")
+# Forward launches per kernel ("sm90" / "portable") in this process: which one ran is observable, never silent.
+fwd_kernel_launches: collections.Counter = collections.Counter()
+
+
+def _fwd_kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> str:
+    """"sm90" or "portable": the forward kernel for these (prepared) tensors under `KERNELS_ATTENTION_FWD`."""
+    want = os.environ.get(FWD_KERNEL_ENV, "") or "auto"
+    if want not in _FWD_KERNELS:
+        raise ValueError(f"attention: {FWD_KERNEL_ENV}={want!r} is not one of {', '.join(_FWD_KERNELS)}")
+    if want == "portable":
+        return "portable"
+    if want == "auto" and not (q.is_cuda and torch.version.hip is None and not interpreting()
+                               and torch.cuda.get_device_capability(q.device) >= (9, 0)):
+        return "portable"
+    vec = _vec(q)
+    # Storage offsets, not data pointers: torch.compile traces this with fake tensors, which have none (storages
+    # from torch's allocators start on 256-byte boundaries).
+    aligned = all(t.storage_offset() % vec == 0 and all(s % vec == 0 for s in _strides(t)) for t in (q, k, v, o))
+    return "sm90" if aligned and q.dtype in (torch.float16, torch.bfloat16) and _can_warp_specialize() else "portable"
+
+
+@functools.cache
+def _can_warp_specialize() -> bool:
+    # `tl.range(..., warp_specialize=)` exists from triton 3.4 on (3.6 and 3.9 checked); older ones keep the portable
+    # forward everywhere.
+    return "warp_specialize" in inspect.signature(tl.range).parameters
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # Global scratch for the descriptors the sm_90 kernel makes in-kernel (128 bytes each per program); torch's caching
+    # allocator returns 256-byte aligned blocks on the current (guarded) device.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_descriptor_allocator() -> None:
+    """Give Triton an allocator for in-kernel descriptors unless the caller already set one (it is a per-thread
+    ContextVar: set here, at the first sm_90 launch, never at import)."""
+    from triton.runtime import _allocation
+    current = getattr(getattr(_allocation, "_allocator", None), "get", lambda: None)()
+    if current is None or isinstance(current, getattr(_allocation, "NullAllocator", ())):
+        triton.set_allocator(_descriptor_scratch)
+
+
+def _row_units(t: torch.Tensor, unit: int) -> tuple[int, int, int]:
+    # _units, but a one-row tensor gets a real row stride (the row's own width): a descriptor needs a non-zero one.
+    sb, sh, st = _units(t, unit)
+    return sb, sh, st if t.shape[2] > 1 else triton.cdiv(t.shape[3], unit)
+
+
 @deferred_triton_op("kernels::attention_fwd", mutates_args=())
 def _attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -591,11 +772,22 @@ def _attention_fwd_op(
     unit = _stride_unit(q, k, v, o)
     m, mask_strides, constexprs = _meta(q, mask, unit)
     grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * h)  # noqa: E731
+    which = _fwd_kernel_for(q, k, v, o)
+    fwd_kernel_launches[which] += 1
     with cuda_device_guard(q):
-        torch.library.wrap_triton(_attention_fwd_kernel)[grid](
-            q, k, v, m, o, lse, *_units(q, unit), *_units(k, unit), *_units(v, unit), *_units(o, unit),
-            *mask_strides, h, tq, tk, scale * _LOG2E, _bucket(tq), _bucket(tk), _bucket(b * h), **constexprs,
-        )
+        if which == "sm90":
+            if q.is_cuda:
+                _ensure_descriptor_allocator()
+            torch.library.wrap_triton(_attention_fwd_sm90_kernel)[grid](
+                q, k, v, m, o, lse, *_row_units(q, unit), *_row_units(k, unit), *_row_units(v, unit),
+                *_row_units(o, unit), *mask_strides, h, tq, tk, scale * _LOG2E, _bucket(tq), _bucket(tk),
+                _bucket(b * h), WARP_SPECIALIZE=True, **constexprs,
+            )
+        else:
+            torch.library.wrap_triton(_attention_fwd_kernel)[grid](
+                q, k, v, m, o, lse, *_units(q, unit), *_units(k, unit), *_units(v, unit), *_units(o, unit),
+                *mask_strides, h, tq, tk, scale * _LOG2E, _bucket(tq), _bucket(tk), _bucket(b * h), **constexprs,
+            )
     return out, lse
 
 

@@ -105,9 +105,50 @@ def _run_case(case, device):
             assert torch.equal(t, torch.zeros_like(t))
 
 
+@pytest.fixture(params=["portable", "sm90"])
+def fwd_kernel(request, monkeypatch):
+    """Run the test with each forward kernel forced (`KERNELS_ATTENTION_FWD`): the interpreter runs the sm_90 one's
+    tensor descriptors and warp-specialized loop too. On a GPU the sm_90 kernel needs capability >= 9.0."""
+    if request.param == "sm90" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the sm_90 forward needs a GPU of capability >= 9.0")
+    monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, request.param)
+    return request.param
+
+
+def _expect_kernel(fwd_kernel, dtype, d):
+    # The sm_90 kernel takes 16-bit inputs whose rows start on 16-byte boundaries; others run the portable kernel.
+    sm90 = fwd_kernel == "sm90" and dtype in (F16, BF16) and d * 2 % 16 == 0
+    return "sm90" if sm90 else "portable"
+
+
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_attention_fwd_bwd(case, device):
+def test_attention_fwd_bwd(case, device, fwd_kernel):
+    if fwd_kernel == "sm90" and case[5] == F32:  # the sm_90 kernel is for 16-bit inputs: run fp32 shapes in fp16
+        case = (*case[:5], F16, case[6])
+    which = _expect_kernel(fwd_kernel, case[5], case[4])
+    before = attn_mod.fwd_kernel_launches[which]
     _run_case(case, device)
+    assert attn_mod.fwd_kernel_launches[which] > before, f"the {which} forward did not run"
+
+
+def test_attention_fwd_kernel_choice(monkeypatch):
+    q = torch.randn(2, 3, 7, 72, dtype=F16)
+    o = torch.empty(2, 7, 3, 72, dtype=F16).transpose(1, 2)
+    pick = attn_mod._fwd_kernel_for
+    monkeypatch.delenv(attn_mod.FWD_KERNEL_ENV, raising=False)
+    assert pick(q, q, q, o) == "portable"  # auto: no CUDA device of capability >= 9.0 here
+    monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, "sm90")
+    assert pick(q, q, q, o) == "sm90"
+    assert pick(q.float(), q.float(), q.float(), o.float()) == "portable"  # fp32: FMA dots, no sm_90 kernel
+    odd = torch.randn(2, 3, 7, 20, dtype=F16)  # 40-byte rows: no descriptor can read them
+    assert pick(odd, odd, odd, odd) == "portable"
+    shifted = torch.randn(2 * 3 * 7 * 72 + 1, dtype=F16)[1:].view(2, 3, 7, 72)  # base off the 16-byte grid
+    assert pick(shifted, q, q, o) == "portable"
+    monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, "portable")
+    assert pick(q, q, q, o) == "portable"
+    monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, "tma")
+    with pytest.raises(ValueError, match="KERNELS_ATTENTION_FWD"):
+        attention_triton(q, q, q)
 
 
 @pytest.mark.gpu
@@ -175,7 +216,7 @@ def test_attention_gradcheck(device):
 
 @pytest.mark.parametrize("layout", ["bthd", "qkv"])
 @pytest.mark.parametrize("d, dtype", [(72, F16), (40, F32), (20, F16)], ids=["d72-f16", "d40-f32", "d20-f16"])
-def test_attention_strided_layouts(layout, d, dtype, device):
+def test_attention_strided_layouts(layout, d, dtype, device, fwd_kernel):
     # The layouts the model passes, read in place: (B, T, H, D) transposed (Text VE) and the fused (B, T, 3, H, D) qkv
     # projection unbound (DiT). D = 20 in fp16 (40-byte rows) cannot be 16-byte aligned: the unaligned path.
     b, t, h = 2, 77, 3
@@ -187,7 +228,10 @@ def test_attention_strided_layouts(layout, d, dtype, device):
     for x in (q, k, v):
         assert _prepare(x) is x  # no copy
     do = torch.randn(b, t, h, d, device=device, dtype=dtype).transpose(1, 2)
+    which = _expect_kernel(fwd_kernel, dtype, d)
+    before = attn_mod.fwd_kernel_launches[which]
     _check_against_ref(q, k, v, do, mask=_mask(b, t, device))
+    assert attn_mod.fwd_kernel_launches[which] > before, f"the {which} forward did not run"
 
 
 def test_attention_stride_unit():
@@ -312,7 +356,7 @@ def test_attention_autotune_key_has_grid_bucket():
 
 @pytest.mark.parametrize("dtype", [F32, F16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_attention_masked_keys_hold_nan_inf(bad, dtype, device):
+def test_attention_masked_keys_hold_nan_inf(bad, dtype, device, fwd_kernel):
     # Fuzz find: a NaN/Inf in a key or value that the padding mask excludes used to turn the whole batch row to NaN.
     # Masked keys must not contribute, whatever they hold: both backends give the result of zeros in those slots.
     b, h, tq, tk, d = 2, 2, 7, 77, 72
@@ -416,7 +460,7 @@ def test_attention_compile_torch_backend_fullgraph():
 
 
 @pytest.mark.gpu
-def test_attention_compile_triton_fullgraph(device):
+def test_attention_compile_triton_fullgraph(device, fwd_kernel):
     torch._dynamo.reset()
     q, k, v = (torch.randn(2, 4, n, 72, device=device, dtype=F16, requires_grad=True) for n in (257, 77, 77))
     mask = _mask(2, 77, device)
