@@ -101,6 +101,8 @@ def test_ptx_access_widths():
 	cp.async.cg.shared.global [ %r5 + 0 ], [ %rd4 + 0 ], 0x10, %r6;
 	cp.async.ca.shared.global [ %r7 + 0 ], [ %rd5 + 0 ], 4, %r8;
 	cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r9], [%rd6, {%r1, %r2}], [%r10];
+	cp.async.bulk.tensor.2d.shared::cta.global.mbarrier::complete_tx::bytes [%r9], [%rd6, {%r1, %r2}], [%r10];
+	cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%rd6, {%r1, %r2}], [%r11];
 	wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%f1}, %rd7, %rd8, 1, 1, 1, 0, 1;
 	mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%f1}, {%r1}, {%r2}, {%f2};
 	@%p3 st.global.v4.b32 [ %rd9 + 0 ], { %r1, %r2, %r3, %r4 };
@@ -109,7 +111,7 @@ def test_ptx_access_widths():
     assert m["ld_global"] == {"2": 2, "16": 1}
     assert m["st_global"] == {"16": 1}
     assert m["cp_async"] == {"4": 1, "16": 1}
-    assert (m["tma_load"], m["wgmma"], m["mma_sync"]) == (1, 1, 1)
+    assert (m["tma_load"], m["tma_store"], m["wgmma"], m["mma_sync"]) == (2, 1, 1, 1)  # 3.6 and 3.9 TMA spellings
 
 
 TTGIR = """\
