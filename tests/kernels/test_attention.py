@@ -116,8 +116,9 @@ def fwd_kernel(request, monkeypatch):
 
 
 def _expect_kernel(fwd_kernel, dtype, d):
-    # The sm_90 kernel takes 16-bit inputs whose rows start on 16-byte boundaries; others run the portable kernel.
-    sm90 = fwd_kernel == "sm90" and dtype in (F16, BF16) and d * 2 % 16 == 0
+    # The sm_90 kernel takes 16-bit inputs whose rows start on 16-byte boundaries, head dims up to 128; others run the
+    # portable kernel.
+    sm90 = fwd_kernel == "sm90" and dtype in (F16, BF16) and d * 2 % 16 == 0 and d <= 128
     return "sm90" if sm90 else "portable"
 
 
@@ -144,6 +145,8 @@ def test_attention_fwd_kernel_choice(monkeypatch):
     assert pick(odd, odd, odd, odd) == "portable"
     shifted = torch.randn(2 * 3 * 7 * 72 + 1, dtype=F16)[1:].view(2, 3, 7, 72)  # base off the 16-byte grid
     assert pick(shifted, q, q, o) == "portable"
+    wide = torch.randn(2, 3, 7, 256, dtype=F16)  # past the head dims the compile report checks for this kernel
+    assert pick(wide, wide, wide, wide) == "portable"
     monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, "portable")
     assert pick(q, q, q, o) == "portable"
     monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, "tma")
@@ -350,7 +353,8 @@ def test_attention_prune_keeps_wgmma_tiles_on_sm90(d, masked, monkeypatch):
 
 def test_attention_autotune_key_has_grid_bucket():
     # A batch-16 launch must not reuse the tiles tuned for batch 1: B*H is part of every tuning key.
-    for kern in (_attention_fwd_kernel, _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel):
+    for kern in (_attention_fwd_kernel, attn_mod._attention_fwd_sm90_kernel, _attention_bwd_dkdv_kernel,
+                 _attention_bwd_dq_kernel):
         assert "BH_BUCKET" in kern.keys
 
 
