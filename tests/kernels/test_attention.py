@@ -132,6 +132,19 @@ def test_attention_fwd_bwd(case, device, fwd_kernel):
     assert attn_mod.fwd_kernel_launches[which] > before, f"the {which} forward did not run"
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_sm90_prune(masked):
+    # Tiles that fit sm_90's shared memory at every head dim the sm_90 forward takes; with a mask none with 128 keys
+    # (Triton's warp specialization fails to compile it). Compiled spill-free: the compile report's check.
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+               for bm, bn, w, s in attn_mod._FWD_SM90_TILES]
+    for d in (24, 48, 64, 72, 80, 96, 128):
+        d0, d1 = _split_head_dim(d)
+        kept = attn_mod._prune_sm90(configs, dict(D0=d0, D1=d1, HAS_MASK=masked))
+        assert kept and all(c.kwargs["BLOCK_M"] >= 64 for c in kept)
+        assert any(c.kwargs["BLOCK_N"] == 128 for c in kept) != masked
+
+
 def test_attention_fwd_kernel_choice(monkeypatch):
     q = torch.randn(2, 3, 7, 72, dtype=F16)
     o = torch.empty(2, 7, 3, 72, dtype=F16).transpose(1, 2)
