@@ -7,7 +7,8 @@ dtypes and strides (fused-qkv views, transposed (B, T, H, D) views, (B, 1, C) mo
 backward, while every Triton launch is intercepted (`JITFunction.run` / `Autotuner.run`): nothing runs, the kernel, its
 bound arguments and constexprs are recorded. The kernels are found that way, never by module or function name. Each
 autotuned launch is passed through the kernel's own `prune_configs_by` (`early_config_prune` / `perf_model`), exactly
-as the autotuner would on a GPU, and every surviving config is compiled with Triton's own launcher path (`run(...,
+as the autotuner would on a GPU, once per arch with that arch as Triton's active target (a prune may read it), and
+every surviving config is compiled with Triton's own launcher path (`run(...,
 warmup=True)`, so argument specialization -- 16-byte divisibility of pointers and ints -- is Triton's) against a stub
 driver that reports `GPUTarget("cuda", arch, 32)`. From the artefacts:
 
@@ -24,6 +25,9 @@ autotuner may choose; a kernel passes only if all of them do. Hot loads: global 
 of the elements of the launch's largest floating tensor (attention Q/K/V/dO/O, adaLN x/y/dout rows, Euler x/v;
 not LSE, statistics or modulation vectors). A hot load is *scalar* when one instruction moves one element, *narrow*
 when it moves less than 16 bytes.
+
+Cases named `attention/*-sm90` run the attention forward with `KERNELS_ATTENTION_FWD=sm90` (the kernel an sm_90 GPU
+picks: tensor descriptors, warp specialization) and are compiled for sm_90 only (`--filter sm90`).
 
 All figures are compile-time facts about the generated code, not speed measurements.
 """
