@@ -13,8 +13,8 @@ dQ, so every gradient is written by exactly one program (deterministic, no atomi
 On sm_90 (a CUDA device of capability >= 9.0) the forward is a second kernel with the same arithmetic: Q/K/V/O tiles
 move by TMA through tensor descriptors made in the kernel, and the key loop is warp-specialized (a producer warp group
 loads, consumer warp groups run wgmma and the softmax), for 16-bit inputs whose base and row strides are 16-byte
-aligned, at head dims up to 128; the portable kernel serves sm_80, fp32, unaligned views and the interpreter. `KERNELS_ATTENTION_FWD` =
-auto | sm90 | portable (read at each launch) forces one, so the interpreter tests run both;
+aligned, at head dims up to 128; the portable kernel serves sm_80, fp32, unaligned views and the interpreter.
+`KERNELS_ATTENTION_FWD` = auto | sm90 | portable (read at each launch) forces one, so the interpreter tests run both;
 `fwd_kernel_launches` counts which ran. The backward is shared.
 
 Head dims that are not a power of two are split into two power-of-two parts (72 = 64+16, 96 = 64+32; every dot is two

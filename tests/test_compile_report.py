@@ -216,7 +216,8 @@ stubs, _, _ = C.plan([case], (90, 80))
 kept = {}
 for s in stubs:
     if s["kernel"] == "_attention_bwd_dkdv_kernel":
-        kept.setdefault(s["arch"], []).append([s["config"][k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")])
+        tile = [s["config"][k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")]
+        kept.setdefault(s["arch"], []).append(tile)
 print(json.dumps(kept))
 """
 
