@@ -225,7 +225,8 @@ def ptx_memory(ptx: str) -> dict:
         ld_global={str(k): v for k, v in sorted(ld.items())},
         st_global={str(k): v for k, v in sorted(st.items())},
         cp_async={str(k): v for k, v in sorted(cp.items())},
-        tma_load=len(re.findall(r"\bcp\.async\.bulk\.tensor\.\w+\.shared::cluster\.global", body)),
+        # shared::cluster (triton 3.6) or shared::cta (3.9) destination
+        tma_load=len(re.findall(r"\bcp\.async\.bulk\.tensor\.\w+\.shared::(?:cluster|cta)\.global", body)),
         tma_store=len(re.findall(r"\bcp\.async\.bulk\.tensor\.\w+\.global\.shared", body)),
         wgmma=len(re.findall(r"\bwgmma\.mma_async\b", body)),
         mma_sync=len(re.findall(r"\bmma\.sync\b", body)),

@@ -7,7 +7,8 @@ dtypes and strides (fused-qkv views, transposed (B, T, H, D) views, (B, 1, C) mo
 backward, while every Triton launch is intercepted (`JITFunction.run` / `Autotuner.run`): nothing runs, the kernel, its
 bound arguments and constexprs are recorded. The kernels are found that way, never by module or function name. Each
 autotuned launch is passed through the kernel's own `prune_configs_by` (`early_config_prune` / `perf_model`), exactly
-as the autotuner would on a GPU, and every surviving config is compiled with Triton's own launcher path (`run(...,
+as the autotuner would on a GPU, once per arch with that arch as Triton's active target (a prune may read it), and
+every surviving config is compiled with Triton's own launcher path (`run(...,
 warmup=True)`, so argument specialization -- 16-byte divisibility of pointers and ints -- is Triton's) against a stub
 driver that reports `GPUTarget("cuda", arch, 32)`. From the artefacts:
 
@@ -24,6 +25,9 @@ autotuner may choose; a kernel passes only if all of them do. Hot loads: global 
 of the elements of the launch's largest floating tensor (attention Q/K/V/dO/O, adaLN x/y/dout rows, Euler x/v;
 not LSE, statistics or modulation vectors). A hot load is *scalar* when one instruction moves one element, *narrow*
 when it moves less than 16 bytes.
+
+Cases named `attention/*-sm90` run the attention forward with `KERNELS_ATTENTION_FWD=sm90` (the kernel an sm_90 GPU
+picks: tensor descriptors, warp specialization) and are compiled for sm_90 only (`--filter sm90`).
 
 All figures are compile-time facts about the generated code, not speed measurements.
 """
@@ -85,6 +89,14 @@ def matrix(quick: bool, include_256: bool = False) -> list[Case]:
                 for mask in (False, True) if lay == "qkv" and not quick else (False,):
                     name = f"attention/d{d}-{dt}-{lay}" + ("-mask" if mask else "")
                     cases.append(Case("attention", name, dict(d=d, dtype=dt, layout=lay, mask=mask)))
+    # The sm_90 forward (TMA + warp specialization), forced as on an sm_90 GPU: 16-bit, the model's fused-qkv layout,
+    # compiled for sm_90 only (`min_arch`); forward only (the backward kernels are the ones of the cases above).
+    for d in (QUICK_DIMS[1:] if quick else dims):
+        for dt in (("fp16",) if quick else ("fp16", "bf16")):
+            for mask in (False,) if quick else (False, True):
+                name = f"attention/d{d}-{dt}-qkv" + ("-mask" if mask else "") + "-sm90"
+                cases.append(Case("attention", name, dict(d=d, dtype=dt, layout="qkv", mask=mask, fwd="sm90",
+                                                          min_arch=90)))
     widths = (1152,) if quick else ADALN_WIDTHS
     for op in ("adaln_modulate", "gated_residual_adaln"):
         for c in widths:
@@ -183,6 +195,8 @@ def _drive(case: Case) -> None:
             x.requires_grad_(True)
         mask = torch.ones(B, t, dtype=torch.bool) if p["mask"] else None
         out = impl(q, k, v, key_padding_mask=mask)
+        if p.get("fwd"):  # a forward-kernel case: its backward launches are those of the case without the suffix
+            return
         # The model merges heads with out.transpose(1, 2).reshape(B, T, H*D): its gradient arrives in that layout.
         out.backward(torch.empty(B, t, h, d, dtype=dt).transpose(1, 2))
     elif case.op in ("adaln_modulate", "gated_residual_adaln"):
@@ -212,9 +226,29 @@ def _drive(case: Case) -> None:
 
 
 def capture(case: Case) -> list[Launch]:
-    with intercept() as launches:
+    fwd = case.params.get("fwd")
+    with intercept() as launches, _env(FWD_KERNEL_ENV, fwd):
         _drive(case)
     return launches
+
+
+FWD_KERNEL_ENV = "KERNELS_ATTENTION_FWD"  # kernels.attention.FWD_KERNEL_ENV, named here without importing kernels
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    """Set (value) or leave alone (None) one environment variable for the block."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -355,6 +389,19 @@ def _compile(launch: Launch, grid, kw: dict):
     return kernel.result() if hasattr(kernel, "result") else kernel  # an async-compile future
 
 
+@contextlib.contextmanager
+def active_target(arch: int):
+    """Make `_TargetDriver(arch)` Triton's active driver for the block (prunes and compiles see sm_<arch>); the driver
+    that was active before (or none yet) is put back."""
+    from triton.runtime import driver
+    old = driver._active  # not `driver.active`: on a machine without a GPU that raises ("0 active drivers")
+    driver.set_active(_TargetDriver(arch))
+    try:
+        yield
+    finally:
+        driver._active = old
+
+
 def compile_one(launch: Launch, config, arch: int) -> dict:
     """Compile one (launch, config) for sm_<arch> and read the artefacts."""
     from triton.runtime import driver
@@ -468,15 +515,17 @@ def plan(cases: list[Case], archs) -> tuple[list[dict], list[tuple], list]:
             n = seen[launch.name] = seen.get(launch.name, 0) + 1
             kname = launch.name if n == 1 else f"{launch.name}#{n}"
             total = len(launch.kernel.configs) if launch.autotuned else 1
-            try:
-                configs = _config_of(launch)
-            except Exception as e:
-                stubs.append(dict(op=case.op, case=case.name, kernel=kname, module=launch.module, arch=None,
-                                  config=None, error=f"prune failed: {type(e).__name__}: {e}"[:500]))
-                continue
-            for ci, (label, cfg) in enumerate(configs):
-                kw = _launch_kwargs(launch, cfg)
-                for arch in archs:
+            for arch in (a for a in archs if a >= case.params.get("min_arch", 0)):
+                # The prune may depend on the target (kernels read Triton's active driver): prune per arch.
+                try:
+                    with active_target(arch):
+                        configs = _config_of(launch)
+                except Exception as e:
+                    stubs.append(dict(op=case.op, case=case.name, kernel=kname, module=launch.module, arch=arch,
+                                      config=None, error=f"prune failed: {type(e).__name__}: {e}"[:500]))
+                    continue
+                for ci, (label, cfg) in enumerate(configs):
+                    kw = _launch_kwargs(launch, cfg)
                     key = (specialization_key(launch, kw), arch)
                     if key not in index:
                         index[key] = len(jobs)

@@ -10,6 +10,13 @@ folded into one multiply), fp32 statistics and accumulators, and stores the per-
 backward recomputes P and dS from it (one shared helper): one kernel per key block for dK/dV, one per query block for
 dQ, so every gradient is written by exactly one program (deterministic, no atomics).
 
+On sm_90 (a CUDA device of capability >= 9.0) the forward is a second kernel with the same arithmetic: Q/K/V/O tiles
+move by TMA through tensor descriptors made in the kernel, and the key loop is warp-specialized (a producer warp group
+loads, consumer warp groups run wgmma and the softmax), for 16-bit inputs whose base and row strides are 16-byte
+aligned, at head dims up to 128; the portable kernel serves sm_80, fp32, unaligned views and the interpreter.
+`KERNELS_ATTENTION_FWD` = auto | sm90 | portable (read at each launch) forces one, so the interpreter tests run both;
+`fwd_kernel_launches` counts which ran. The backward is shared.
+
 Head dims that are not a power of two are split into two power-of-two parts (72 = 64+16, 96 = 64+32; every dot is two
 dots), not padded to the next power of two: at D = 72 the tensor cores do 80/72 of the useful work instead of 128/72.
 q/k/v/dO are read through their strides (the (B, T, H, D) and fused (B, T, 3, H, D) qkv views are not copied); the
@@ -20,12 +27,17 @@ fp16/bf16/fp32 inputs; fp32 dots use IEEE precision.
 """
 from __future__ import annotations
 
+import collections
+import functools
+import inspect
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels._dispatch import interpreting
 from kernels._utils import (
     autotune_configs, check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op,
     register_triton_ops,
@@ -189,10 +201,24 @@ def _split_head_dim(d: int) -> tuple[int, int]:
     return (d0, d1) if d0 + d1 < full else (full, 0)
 
 
-def _prune(kind: str):
-    """Keep the configs that compile without spills on sm_90 and sm_80 at this head-dim split and dtype; for 16-bit
-    inputs prefer those whose dots can be wgmma on sm_90 (an M side of at least 64 rows).
+def _target_arch() -> int | None:
+    """The CUDA arch Triton compiles for now (90 for sm_90), read from its active driver: on a GPU the current device,
+    which the launchers set to the tensors' own (`cuda_device_guard`); in the compile report the target it stands in
+    for. None when unknown: the interpreter or a machine without a GPU driver (no active driver), or not CUDA."""
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except (RuntimeError, AttributeError, ImportError):  # "0 active drivers" under the interpreter / without a GPU
+        return None
+    arch = getattr(target, "arch", None)
+    return arch if getattr(target, "backend", None) == "cuda" and isinstance(arch, int) else None
 
+
+def _prune(kind: str):
+    """Keep the configs that compile without spills on the target arch at this head-dim split, dtype and mask; for
+    16-bit inputs prefer those whose dots can be wgmma on sm_90 (an M side of at least 64 rows).
+
+    The target is Triton's active one (`_target_arch`): sm_80 and sm_90 each drop their own measured spillers, so an
+    sm_80 spill does not cost sm_90 a wgmma tile; any other or unknown target (the interpreter) drops both sets.
     Fitted to `ptxas -v` over every config x head dims 24..256 x both targets (triton 3.9, checked on 3.6). 16-bit:
     a budget of fp32 values live per thread (accumulators, score tiles, resident operands), the largest that compiled
     spill-free less a margin. fp32 runs its dots on the FMA units with IEEE precision, where small spills come and go
@@ -200,51 +226,83 @@ def _prune(kind: str):
     """
 
     def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        dp, split = args["D0"] + args["D1"], args["D1"] > 0
-        fp32 = args["DOT_PRECISION"] == "ieee"  # "ieee" is used exactly for fp32 inputs
-        elt = 4 if fp32 else 2
-        fits, fast = [], []
-        for c in configs:
-            bm, bn, st, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, c.num_warps
-            tile = (bm, bn, warps, st)
-            if (tile in _FP32_TILES[kind]) != fp32:
-                continue  # each dtype class tunes over its own tiles
-            if kind == "fwd":  # resident Q; pipelined K, V; the O accumulator and the S/P tile
-                smem, mma_m = (bm + st * 2 * bn) * dp * elt, bm
-                live = bm * dp + bm * bn + bm * dp * elt // 4
-            elif kind == "dkdv":  # resident K, V; pipelined Q, dO; dK, dV accumulators; P and dS tiles
-                smem, mma_m = (2 * bn + st * 2 * bm) * dp * elt, bn
-                live = 2 * bn * dp + 2 * bn * bm + bn * dp * elt // 2
-            else:  # dq: resident Q, dO; pipelined K, V; the dQ accumulator; P and dS tiles
-                smem, mma_m = (2 * bm + st * 2 * bn) * dp * elt, bm
-                live = bm * dp + 2 * bm * bn + bm * dp * elt // 2
-            threads = 32 * warps
-            if fp32:
-                ok = dp in _FP32_TILES[kind][tile]
-            else:
-                ok = live <= _REG_BUDGET[kind] * threads
-                # Measured outlier: at a split head dim (64+16) this 8-warp tile spills 12 B on sm_80.
-                ok = ok and not (kind == "dkdv" and split and bm == 64 and warps == 8)
-                ok = ok and (kind, dp, tile) not in _PTXAS_SPILLS
-            # At least two elements per thread in every tile load, or it would be one-element (scalar) loads.
-            ok = ok and min(bm, bn) * (args["D1"] or args["D0"]) >= 2 * threads
-            if ok and smem <= _SMEM_BUDGET:
-                fits.append(c)
-                if not fp32 and mma_m >= 64:
-                    fast.append(c)
-        # Never prune to nothing: fall back to the config with the smallest tiles (the last one, by construction).
-        return fast or fits or [configs[-1]]
+        return _prune_for(kind, configs, {**named_args, **kwargs}, _target_arch())
 
     return prune
 
 
+def _prune_for(kind: str, configs, args: dict, arch: int | None) -> list:
+    """`_prune(kind)` for an explicit target arch (None: unknown, the union of every arch's exclusions)."""
+    dp, split = args["D0"] + args["D1"], args["D1"] > 0
+    fp32 = args["DOT_PRECISION"] == "ieee"  # "ieee" is used exactly for fp32 inputs
+    masked = args.get("HAS_MASK")  # None (not given): match masked and unmasked exclusions alike
+    archs = (arch,) if arch in _PTXAS_SPILLS else tuple(_PTXAS_SPILLS)
+    elt = 4 if fp32 else 2
+    fits, fast = [], []
+    for c in configs:
+        bm, bn, st, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, c.num_warps
+        tile = (bm, bn, warps, st)
+        if (tile in _FP32_TILES[kind]) != fp32:
+            continue  # each dtype class tunes over its own tiles
+        if kind == "fwd":  # resident Q; pipelined K, V; the O accumulator and the S/P tile
+            smem, mma_m = (bm + st * 2 * bn) * dp * elt, bm
+            live = bm * dp + bm * bn + bm * dp * elt // 4
+        elif kind == "dkdv":  # resident K, V; pipelined Q, dO; dK, dV accumulators; P and dS tiles
+            smem, mma_m = (2 * bn + st * 2 * bm) * dp * elt, bn
+            live = 2 * bn * dp + 2 * bn * bm + bn * dp * elt // 2
+        else:  # dq: resident Q, dO; pipelined K, V; the dQ accumulator; P and dS tiles
+            smem, mma_m = (2 * bm + st * 2 * bn) * dp * elt, bm
+            live = bm * dp + 2 * bm * bn + bm * dp * elt // 2
+        threads = 32 * warps
+        ok = dp in _FP32_TILES[kind][tile] if fp32 else live <= _REG_BUDGET[kind] * threads
+        ok = ok and not any(_spills(a, kind, dp, split, masked, tile) for a in archs)
+        # At least two elements per thread in every tile load, or it would be one-element (scalar) loads.
+        ok = ok and min(bm, bn) * (args["D1"] or args["D0"]) >= 2 * threads
+        if ok and smem <= _SMEM_BUDGET:
+            fits.append(c)
+            if not fp32 and mma_m >= 64:
+                fast.append(c)
+    # Never prune to nothing: fall back to the config with the smallest tiles (the last one, by construction).
+    return fast or fits or [configs[-1]]
+
+
+def _spills(arch: int, kind: str, dp: int, split: bool, masked: bool | None, tile: tuple) -> bool:
+    """Did ptxas for sm_<arch> spill this tile although it is within budget (measured)?"""
+    for k, d, m, t in _PTXAS_SPILLS[arch]:
+        if k == kind and d in (dp, None) and t == tile and (m is None or masked is None or m == masked):
+            return True
+    # sm_80, split head dims: the dK/dV 64-row 8-warp tile spills 12 B (any mask).
+    return arch == 80 and kind == "dkdv" and split and tile[0] == 64 and tile[2] == 8
+
+
 # fp32 values per thread, per kernel, for 16-bit inputs.
 _REG_BUDGET = {"fwd": 192, "dkdv": 160, "dq": 224}
-# (kind, padded head dim, tile) where ptxas for sm_80 spills a few bytes although the tile is within budget, measured:
-# it caps registers for occupancy (128 registers, 4 B spilled, for the forward's 64x64 tile at 32+16 lanes), or, on
-# triton 3.6's ptxas 12.8 only, 4 B at 255 registers for the dK/dV 32x64 8-warp tile at 64+16 lanes.
-_PTXAS_SPILLS = {("fwd", 48, (64, 64, 4, 3)), ("fwd", 96, (64, 64, 4, 3)), ("dkdv", 80, (32, 64, 8, 2))}
+# arch -> (kind, padded head dim or None for any, HAS_MASK or None for either, tile) where ptxas spills a few to 92
+# bytes although the tile is within budget, measured (compile report of 2026-12-01, triton 3.9, and 3.6's ptxas 12.8).
+# sm_80 caps registers for occupancy or runs out of its 255 where sm_90's wgmma keeps the accumulators elsewhere: the
+# forward's 64x64 4-warp tile (4 B at 96-168 registers, head dims 32-96), and the masked kernels, which hold the mask
+# tile beside P and dS (dQ at 48/80/96/128 lanes up to 92 B, dK/dV at 64/96 lanes). sm_90: one fp32 dQ tile.
+_PTXAS_SPILLS = {
+    80: {
+        ("fwd", None, None, (64, 64, 4, 3)),
+        ("fwd", 64, True, (128, 128, 8, 3)),
+        ("dkdv", 80, None, (32, 64, 8, 2)),  # triton 3.6 only: 4 B at 255 registers
+        ("dkdv", 64, True, (32, 64, 4, 3)),
+        ("dkdv", 64, True, (64, 64, 8, 3)),
+        ("dkdv", 64, True, (32, 128, 8, 3)),
+        ("dkdv", 96, True, (32, 64, 8, 2)),
+        ("dq", 48, True, (128, 32, 4, 3)),
+        ("dq", 48, True, (128, 64, 8, 3)),
+        ("dq", 48, True, (64, 64, 4, 3)),
+        ("dq", 80, True, (128, 32, 4, 3)),
+        ("dq", 96, True, (64, 64, 4, 3)),
+        ("dq", 128, True, (128, 64, 8, 3)),
+        ("dq", 128, True, (64, 64, 4, 3)),
+    },
+    90: {
+        ("dq", 48, True, (32, 32, 8, 2)),  # fp32 (FMA), 4 B
+    },
+}
 # Shared memory of the tiles: sm_80 has 163 KB per block (sm_90 227 KB, but its wgmma staging uses more).
 _SMEM_BUDGET = 160 * 1024
 
@@ -345,6 +403,122 @@ def _attention_fwd_kernel(
     # +inf for dead rows: the backward recomputes p = exp2(s - lse) = 0 there, so they get no gradient.
     lse = tl.where(live, m_i + tl.log2(tl.where(live, l_i, 1.0)), float("inf"))
     tl.store(LSE + pid_bh * TQ + rows, lse, mask=row_ok)
+
+
+# The sm_90 forward: tensor descriptors (TMA) for Q, K, V and O, the key loop warp-specialized (a producer warp group
+# issues the TMA loads, consumer warp groups run wgmma and the softmax). 16-bit inputs only (fp32 runs FMA dots, where
+# neither helps). (BLOCK_M, BLOCK_N, num_warps, num_stages): num_warps is per consumer group; the first entry is the
+# interpreter's. Every tile has BLOCK_M >= 64 (wgmma's M); shared memory is `_prune_sm90`'s check,
+# spills and lowering the compile report's (cases `attention/*-sm90`).
+_FWD_SM90_TILES = [(128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2)]
+_SM90_SMEM_BUDGET = 200 * 1024  # of 227 KB per block, leaving room for the barriers and the layout conversions
+
+
+def _prune_sm90(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    dp = args["D0"] + args["D1"]
+    elt = 2  # fp16 / bf16
+    # Resident Q, a ring of num_stages K and V tiles (the launcher takes this kernel at padded head dims <= 128).
+    fits = [c for c in configs
+            if (c.kwargs["BLOCK_M"] + c.num_stages * 2 * c.kwargs["BLOCK_N"]) * dp * elt <= _SM90_SMEM_BUDGET
+            # Measured: with a mask, Triton's warp specialization pass fails on the 128-key tile ("unsupported load
+            # type for producer commit", triton 3.6 and 3.9, every head dim).
+            and not (args.get("HAS_MASK", True) and c.kwargs["BLOCK_N"] > 64)]
+    return fits or [configs[-1]]
+
+
+@triton.jit
+def _tile_desc(BASE, rows, stride_t, UNIT: tl.constexpr, cols, BLOCK: tl.constexpr, D: tl.constexpr):
+    # A (rows, cols) row-major view of one head, read and written in (BLOCK, D) boxes: rows past `rows` and lanes past
+    # `cols` read as 0 and are never written.
+    return tl.make_tensor_descriptor(BASE, [rows, cols], [stride_t * UNIT, 1], [BLOCK, D])
+
+
+@triton.autotune(configs=_configs(_FWD_SM90_TILES), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_sm90})
+@triton.jit(do_not_specialize=_BUCKETS)
+def _attention_fwd_sm90_kernel(
+    Q, K, V,  # (B, H, Tq|Tk, D), unit head-dim stride; base, rows and row strides on 16-byte boundaries
+    MASK,  # uint8 (B, Tk); unused unless HAS_MASK
+    OUT,  # (B, H, Tq, D) view of (B, Tq, H, D) memory
+    LSE,  # fp32 (B, H, Tq), as the portable kernel
+    stride_qb, stride_qh, stride_qt,  # in units of UNIT elements (16 bytes)
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    stride_mb, stride_mt,  # mask strides, in elements
+    H, TQ, TK,
+    qk_scale,
+    TQ_BUCKET, TK_BUCKET, BH_BUCKET,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The same online softmax as `_attention_fwd_kernel`; only the data movement differs. One descriptor per head and
+    # head-dim part, made in the kernel (its 128-byte scratch comes from `triton.set_allocator`): per-head row counts
+    # make TMA zero-fill past Tq / Tk and clip the O store, so no row of another head is read or written.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b, off_h = pid_bh // H, pid_bh % H
+    Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
+    K += (off_b * stride_kb + off_h * stride_kh) * UNIT
+    V += (off_b * stride_vb + off_h * stride_vh) * UNIT
+    OUT += (off_b * stride_ob + off_h * stride_oh) * UNIT
+    MASK += off_b * stride_mb
+    start_m = pid_m * BLOCK_M
+    # Part 0 holds lanes [0, min(D, D0)), part 1 lanes [D0, D).
+    W0: tl.constexpr = HEAD_DIM if D1 == 0 else D0
+    q_d0 = _tile_desc(Q, TQ, stride_qt, UNIT, W0, BLOCK_M, D0)
+    k_d0 = _tile_desc(K, TK, stride_kt, UNIT, W0, BLOCK_N, D0)
+    v_d0 = _tile_desc(V, TK, stride_vt, UNIT, W0, BLOCK_N, D0)
+    o_d0 = _tile_desc(OUT, TQ, stride_ot, UNIT, W0, BLOCK_M, D0)
+    q0 = q_d0.load([start_m, 0])
+    q1 = q0
+    if D1 > 0:
+        q_d1 = _tile_desc(Q + D0, TQ, stride_qt, UNIT, HEAD_DIM - D0, BLOCK_M, D1)
+        k_d1 = _tile_desc(K + D0, TK, stride_kt, UNIT, HEAD_DIM - D0, BLOCK_N, D1)
+        v_d1 = _tile_desc(V + D0, TK, stride_vt, UNIT, HEAD_DIM - D0, BLOCK_N, D1)
+        o_d1 = _tile_desc(OUT + D0, TQ, stride_ot, UNIT, HEAD_DIM - D0, BLOCK_M, D1)
+        q1 = q_d1.load([start_m, 0])
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
+    for start_n in tl.range(0, TK, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        cols = start_n + offs_n
+        ok = _keys_ok(MASK, cols, TK, stride_mt, HAS_MASK)
+        # TMA cannot skip rows: a masked key arrives with whatever it holds. Its score is replaced by -inf (a NaN
+        # score included) and, with a mask, its V row by zeros (0 · NaN would still be NaN).
+        k0 = k_d0.load([start_n, 0])
+        s = tl.dot(q0, k0.T, input_precision=DOT_PRECISION)
+        if D1 > 0:
+            k1 = k_d1.load([start_n, 0])
+            s = tl.dot(q1, k1.T, s, input_precision=DOT_PRECISION)
+        s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v0 = v_d0.load([start_n, 0])
+        if HAS_MASK:
+            v0 = tl.where(ok[:, None], v0, 0.0)
+        acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
+        if D1 > 0:
+            v1 = v_d1.load([start_n, 0])
+            if HAS_MASK:
+                v1 = tl.where(ok[:, None], v1, 0.0)
+            acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    live = l_i > 0.0
+    inv_l = 1.0 / tl.where(live, l_i, 1.0)
+    o_d0.store([start_m, 0], (acc0 * inv_l[:, None]).to(OUT.dtype.element_ty))
+    if D1 > 0:
+        o_d1.store([start_m, 0], (acc1 * inv_l[:, None]).to(OUT.dtype.element_ty))
+    rows = start_m + tl.arange(0, BLOCK_M)
+    lse = tl.where(live, m_i + tl.log2(tl.where(live, l_i, 1.0)), float("inf"))
+    tl.store(LSE + pid_bh * TQ + rows, lse, mask=rows < TQ)
 
 
 @triton.jit
@@ -531,6 +705,64 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
+# Which forward kernel runs: "auto" (default) takes the sm_90 kernel on a CUDA device of capability >= 9.0 and the
+# portable one elsewhere (sm_80, the interpreter); "sm90" / "portable" force one (tests run the sm_90 kernel in the
+# interpreter that way). Read at every launch. Inputs the sm_90 kernel cannot take (fp32, rows or bases off the
+# 16-byte grid) run the portable kernel whatever the setting.
+FWD_KERNEL_ENV = "KERNELS_ATTENTION_FWD"
+_FWD_KERNELS = ("auto", "sm90", "portable")
+# Forward launches per kernel ("sm90" / "portable") in this process: which one ran is observable, never silent.
+fwd_kernel_launches: collections.Counter = collections.Counter()
+
+
+def _fwd_kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> str:
+    """"sm90" or "portable": the forward kernel for these (prepared) tensors under `KERNELS_ATTENTION_FWD`."""
+    want = os.environ.get(FWD_KERNEL_ENV, "") or "auto"
+    if want not in _FWD_KERNELS:
+        raise ValueError(f"attention: {FWD_KERNEL_ENV}={want!r} is not one of {', '.join(_FWD_KERNELS)}")
+    if want == "portable":
+        return "portable"
+    if want == "auto" and not (q.is_cuda and torch.version.hip is None and not interpreting()
+                               and torch.cuda.get_device_capability(q.device) >= (9, 0)):
+        return "portable"
+    vec = _vec(q)
+    # Storage offsets, not data pointers: torch.compile traces this with fake tensors, which have none (storages
+    # from torch's allocators start on 256-byte boundaries).
+    aligned = all(t.storage_offset() % vec == 0 and all(s % vec == 0 for s in _strides(t)) for t in (q, k, v, o))
+    # Head dims up to 128 (padded): the compile report checks the sm_90 kernel there (the DiT and Text VE dims).
+    small = sum(_split_head_dim(q.shape[3])) <= 128
+    ok = aligned and small and q.dtype in (torch.float16, torch.bfloat16) and _can_warp_specialize()
+    return "sm90" if ok else "portable"
+
+
+@functools.cache
+def _can_warp_specialize() -> bool:
+    # `tl.range(..., warp_specialize=)` exists from triton 3.4 on (3.6 and 3.9 checked); older ones keep the portable
+    # forward everywhere.
+    return "warp_specialize" in inspect.signature(tl.range).parameters
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # Global scratch for the descriptors the sm_90 kernel makes in-kernel (128 bytes each per program); torch's caching
+    # allocator returns 256-byte aligned blocks on the current (guarded) device.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_descriptor_allocator() -> None:
+    """Give Triton an allocator for in-kernel descriptors unless the caller already set one (it is a per-thread
+    ContextVar: set here, at the first sm_90 launch, never at import)."""
+    from triton.runtime import _allocation
+    current = getattr(getattr(_allocation, "_allocator", None), "get", lambda: None)()
+    if current is None or isinstance(current, getattr(_allocation, "NullAllocator", ())):
+        triton.set_allocator(_descriptor_scratch)
+
+
+def _row_units(t: torch.Tensor, unit: int) -> tuple[int, int, int]:
+    # _units, but a one-row tensor gets a real row stride (the row's own width): a descriptor needs a non-zero one.
+    sb, sh, st = _units(t, unit)
+    return sb, sh, st if t.shape[2] > 1 else triton.cdiv(t.shape[3], unit)
+
+
 @deferred_triton_op("kernels::attention_fwd", mutates_args=())
 def _attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -545,11 +777,22 @@ def _attention_fwd_op(
     unit = _stride_unit(q, k, v, o)
     m, mask_strides, constexprs = _meta(q, mask, unit)
     grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * h)  # noqa: E731
+    which = _fwd_kernel_for(q, k, v, o)
+    fwd_kernel_launches[which] += 1
     with cuda_device_guard(q):
-        torch.library.wrap_triton(_attention_fwd_kernel)[grid](
-            q, k, v, m, o, lse, *_units(q, unit), *_units(k, unit), *_units(v, unit), *_units(o, unit),
-            *mask_strides, h, tq, tk, scale * _LOG2E, _bucket(tq), _bucket(tk), _bucket(b * h), **constexprs,
-        )
+        if which == "sm90":
+            if q.is_cuda:
+                _ensure_descriptor_allocator()
+            torch.library.wrap_triton(_attention_fwd_sm90_kernel)[grid](
+                q, k, v, m, o, lse, *_row_units(q, unit), *_row_units(k, unit), *_row_units(v, unit),
+                *_row_units(o, unit), *mask_strides, h, tq, tk, scale * _LOG2E, _bucket(tq), _bucket(tk),
+                _bucket(b * h), WARP_SPECIALIZE=True, **constexprs,
+            )
+        else:
+            torch.library.wrap_triton(_attention_fwd_kernel)[grid](
+                q, k, v, m, o, lse, *_units(q, unit), *_units(k, unit), *_units(v, unit), *_units(o, unit),
+                *mask_strides, h, tq, tk, scale * _LOG2E, _bucket(tq), _bucket(tk), _bucket(b * h), **constexprs,
+            )
     return out, lse
 
 

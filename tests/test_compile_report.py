@@ -101,6 +101,8 @@ def test_ptx_access_widths():
 	cp.async.cg.shared.global [ %r5 + 0 ], [ %rd4 + 0 ], 0x10, %r6;
 	cp.async.ca.shared.global [ %r7 + 0 ], [ %rd5 + 0 ], 4, %r8;
 	cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r9], [%rd6, {%r1, %r2}], [%r10];
+	cp.async.bulk.tensor.2d.shared::cta.global.mbarrier::complete_tx::bytes [%r9], [%rd6, {%r1, %r2}], [%r10];
+	cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%rd6, {%r1, %r2}], [%r11];
 	wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%f1}, %rd7, %rd8, 1, 1, 1, 0, 1;
 	mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%f1}, {%r1}, {%r2}, {%f2};
 	@%p3 st.global.v4.b32 [ %rd9 + 0 ], { %r1, %r2, %r3, %r4 };
@@ -109,7 +111,7 @@ def test_ptx_access_widths():
     assert m["ld_global"] == {"2": 2, "16": 1}
     assert m["st_global"] == {"16": 1}
     assert m["cp_async"] == {"4": 1, "16": 1}
-    assert (m["tma_load"], m["wgmma"], m["mma_sync"]) == (1, 1, 1)
+    assert (m["tma_load"], m["tma_store"], m["wgmma"], m["mma_sync"]) == (2, 1, 1, 1)  # 3.6 and 3.9 TMA spellings
 
 
 TTGIR = """\
@@ -204,3 +206,28 @@ def test_refuses_the_interpreter(monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "TRITON_INTERPRET" in check_backend()
+
+
+PLAN_PER_ARCH = """
+import json
+from benchmarks import compile_report as C
+case = next(c for c in C.matrix(False) if c.name == "attention/d64-fp16-qkv-mask")
+stubs, _, _ = C.plan([case], (90, 80))
+kept = {}
+for s in stubs:
+    if s["kernel"] == "_attention_bwd_dkdv_kernel":
+        tile = [s["config"][k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")]
+        kept.setdefault(s["arch"], []).append(tile)
+print(json.dumps(kept))
+"""
+
+
+def test_plan_prunes_per_arch():
+    # The kernels' prunes read the target arch from Triton's active driver: the report must prune once per arch with
+    # that arch active (masked d64 dK/dV: sm_80 drops three tiles that spill there, sm_90 keeps them for wgmma).
+    r = subprocess.run([sys.executable, "-c", PLAN_PER_ARCH], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept = {int(a): {tuple(t) for t in ts} for a, ts in json.loads(r.stdout.strip().splitlines()[-1]).items()}
+    assert set(kept) == {80, 90} and kept[80] and kept[90]
+    assert kept[80] < kept[90] and (32, 64, 4, 3) in kept[90] - kept[80]

@@ -105,9 +105,66 @@ def _run_case(case, device):
             assert torch.equal(t, torch.zeros_like(t))
 
 
+@pytest.fixture(params=["portable", "sm90"])
+def fwd_kernel(request, monkeypatch):
+    """Run the test with each forward kernel forced (`KERNELS_ATTENTION_FWD`): the interpreter runs the sm_90 one's
+    tensor descriptors and warp-specialized loop too. On a GPU the sm_90 kernel needs capability >= 9.0."""
+    if request.param == "sm90" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the sm_90 forward needs a GPU of capability >= 9.0")
+    monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, request.param)
+    return request.param
+
+
+def _expect_kernel(fwd_kernel, dtype, d):
+    # The sm_90 kernel takes 16-bit inputs whose rows start on 16-byte boundaries, head dims up to 128; others run the
+    # portable kernel.
+    sm90 = fwd_kernel == "sm90" and dtype in (F16, BF16) and d * 2 % 16 == 0 and d <= 128
+    return "sm90" if sm90 else "portable"
+
+
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_attention_fwd_bwd(case, device):
+def test_attention_fwd_bwd(case, device, fwd_kernel):
+    if fwd_kernel == "sm90" and case[5] == F32:  # the sm_90 kernel is for 16-bit inputs: run fp32 shapes in fp16
+        case = (*case[:5], F16, case[6])
+    which = _expect_kernel(fwd_kernel, case[5], case[4])
+    before = attn_mod.fwd_kernel_launches[which]
     _run_case(case, device)
+    assert attn_mod.fwd_kernel_launches[which] > before, f"the {which} forward did not run"
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_sm90_prune(masked):
+    # Tiles that fit sm_90's shared memory at every head dim the sm_90 forward takes; with a mask none with 128 keys
+    # (Triton's warp specialization fails to compile it). Compiled spill-free: the compile report's check.
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+               for bm, bn, w, s in attn_mod._FWD_SM90_TILES]
+    for d in (24, 48, 64, 72, 80, 96, 128):
+        d0, d1 = _split_head_dim(d)
+        kept = attn_mod._prune_sm90(configs, dict(D0=d0, D1=d1, HAS_MASK=masked))
+        assert kept and all(c.kwargs["BLOCK_M"] >= 64 for c in kept)
+        assert any(c.kwargs["BLOCK_N"] == 128 for c in kept) != masked
+
+
+def test_attention_fwd_kernel_choice(monkeypatch):
+    q = torch.randn(2, 3, 7, 72, dtype=F16)
+    o = torch.empty(2, 7, 3, 72, dtype=F16).transpose(1, 2)
+    pick = attn_mod._fwd_kernel_for
+    monkeypatch.delenv(attn_mod.FWD_KERNEL_ENV, raising=False)
+    assert pick(q, q, q, o) == "portable"  # auto: no CUDA device of capability >= 9.0 here
+    monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, "sm90")
+    assert pick(q, q, q, o) == "sm90"
+    assert pick(q.float(), q.float(), q.float(), o.float()) == "portable"  # fp32: FMA dots, no sm_90 kernel
+    odd = torch.randn(2, 3, 7, 20, dtype=F16)  # 40-byte rows: no descriptor can read them
+    assert pick(odd, odd, odd, odd) == "portable"
+    shifted = torch.randn(2 * 3 * 7 * 72 + 1, dtype=F16)[1:].view(2, 3, 7, 72)  # base off the 16-byte grid
+    assert pick(shifted, q, q, o) == "portable"
+    wide = torch.randn(2, 3, 7, 256, dtype=F16)  # past the head dims the compile report checks for this kernel
+    assert pick(wide, wide, wide, wide) == "portable"
+    monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, "portable")
+    assert pick(q, q, q, o) == "portable"
+    monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, "tma")
+    with pytest.raises(ValueError, match="KERNELS_ATTENTION_FWD"):
+        attention_triton(q, q, q)
 
 
 @pytest.mark.gpu
@@ -175,7 +232,7 @@ def test_attention_gradcheck(device):
 
 @pytest.mark.parametrize("layout", ["bthd", "qkv"])
 @pytest.mark.parametrize("d, dtype", [(72, F16), (40, F32), (20, F16)], ids=["d72-f16", "d40-f32", "d20-f16"])
-def test_attention_strided_layouts(layout, d, dtype, device):
+def test_attention_strided_layouts(layout, d, dtype, device, fwd_kernel):
     # The layouts the model passes, read in place: (B, T, H, D) transposed (Text VE) and the fused (B, T, 3, H, D) qkv
     # projection unbound (DiT). D = 20 in fp16 (40-byte rows) cannot be 16-byte aligned: the unaligned path.
     b, t, h = 2, 77, 3
@@ -187,7 +244,10 @@ def test_attention_strided_layouts(layout, d, dtype, device):
     for x in (q, k, v):
         assert _prepare(x) is x  # no copy
     do = torch.randn(b, t, h, d, device=device, dtype=dtype).transpose(1, 2)
+    which = _expect_kernel(fwd_kernel, dtype, d)
+    before = attn_mod.fwd_kernel_launches[which]
     _check_against_ref(q, k, v, do, mask=_mask(b, t, device))
+    assert attn_mod.fwd_kernel_launches[which] > before, f"the {which} forward did not run"
 
 
 def test_attention_stride_unit():
@@ -221,34 +281,99 @@ def test_attention_head_dim_split():
 
 
 @pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
-def test_attention_prune(kind):
-    # 16-bit: only tiles whose dots can be wgmma on sm_90 (M side >= 64) at the DiT head dims; fp32: only its own
-    # small FMA tiles. (That the kept tiles compile spill-free is the compile report's check.)
-    tiles = {"fwd": attn_mod._FWD_TILES, "dkdv": attn_mod._DKDV_TILES, "dq": attn_mod._DQ_TILES}[kind]
-    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
-               for bm, bn, w, s in [*tiles, *attn_mod._FP32_TILES[kind]]]
-    prune = attn_mod._prune(kind)
+def test_attention_prune(kind, monkeypatch):
+    # 16-bit on sm_90: only tiles whose dots can be wgmma (M side >= 64) at the DiT head dims; fp32 (any target):
+    # only its own small FMA tiles. (That the kept tiles compile spill-free is the compile report's check.)
     for d in (24, 48, 64, 72, 80, 96, 128):
         d0, d1 = _split_head_dim(d)
         args = dict(D0=d0, D1=d1)
-        kept = prune(configs, dict(args, DOT_PRECISION="tf32"))
-        assert kept and all((c.kwargs["BLOCK_N"] if kind == "dkdv" else c.kwargs["BLOCK_M"]) >= 64 for c in kept)
-        assert not any((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                       in attn_mod._FP32_TILES[kind] for c in kept)
-        kept32 = prune(configs, dict(args, DOT_PRECISION="ieee"))
-        assert kept32 and all((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                              in attn_mod._FP32_TILES[kind] for c in kept32)
+        kept = _kept_tiles(kind, dict(args, DOT_PRECISION="tf32"), 90, monkeypatch)
+        assert kept and all((bn if kind == "dkdv" else bm) >= 64 for bm, bn, _, _ in kept)
+        assert not kept & set(attn_mod._FP32_TILES[kind])
+        for arch in (90, 80, None):
+            kept32 = _kept_tiles(kind, dict(args, DOT_PRECISION="ieee"), arch, monkeypatch)
+            assert kept32 and kept32 <= set(attn_mod._FP32_TILES[kind])
+
+
+class _FakeTarget:
+    """Stands in for Triton's active driver: reports a CUDA target arch (the prune reads nothing else)."""
+
+    def __init__(self, arch):
+        self.arch = arch
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", self.arch, 32)
+
+
+def _kept_tiles(kind, args, arch, monkeypatch):
+    """Tiles the autotune prune keeps with `arch` as Triton's active target (None: no driver, as in the interpreter)."""
+    tiles = {"fwd": attn_mod._FWD_TILES, "dkdv": attn_mod._DKDV_TILES, "dq": attn_mod._DQ_TILES}[kind]
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+               for bm, bn, w, s in [*tiles, *attn_mod._FP32_TILES[kind]]]
+    with monkeypatch.context() as mp:
+        mp.setattr(triton.runtime.driver, "_active", _FakeTarget(arch) if arch else None)
+        if arch is None:  # the interpreter's state: no active driver at all
+            mp.setattr(type(triton.runtime.driver), "default", property(lambda self: (_ for _ in ()).throw(
+                RuntimeError("0 active drivers"))))
+        kept = attn_mod._prune(kind)(configs, args)
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+
+
+_KERNEL_KIND = {"_attention_fwd_kernel": "fwd", "_attention_bwd_dkdv_kernel": "dkdv", "_attention_bwd_dq_kernel": "dq"}
+
+
+def _measured_spills():
+    """(arch, kind, prune args, tile) of every attention config that spilled in the committed compile report of
+    2026-12-01 (triton 3.9, taken before the prune was arch-aware)."""
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks/results/2026-12-01_compile-report_triton-3.9.0.json"
+    out = []
+    for r in json.loads(path.read_text())["rows"]:
+        if r.get("error") or not r.get("spill_store_bytes") or r["kernel"] not in _KERNEL_KIND:
+            continue
+        ce, c = r["constexprs"], r["config"]
+        args = {k: ce[k] for k in ("D0", "D1", "HAS_MASK", "DOT_PRECISION")}
+        out.append((r["arch"], _KERNEL_KIND[r["kernel"]], args, (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"],
+                                                                   c["num_stages"])))
+    return out
+
+
+def test_attention_prune_drops_measured_spillers_per_arch(monkeypatch):
+    # Every config that spilled for an arch is gone from that arch's prune and from the unknown-target (strictest)
+    # prune; the measured list is not empty (34 sm_80 configs and one sm_90 fp32 one).
+    spills = _measured_spills()
+    assert {a for a, *_ in spills} == {80, 90} and len(spills) >= 30
+    for arch, kind, args, tile in spills:
+        for target in (arch, None):
+            assert tile not in _kept_tiles(kind, args, target, monkeypatch), (target, kind, args, tile)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("d", [48, 64, 72, 96, 128])
+def test_attention_prune_keeps_wgmma_tiles_on_sm90(d, masked, monkeypatch):
+    # sm_80's exclusions must not cost sm_90 its wgmma tiles (an M side of >= 64 rows: BLOCK_N for dK/dV, BLOCK_M
+    # else): masked d64 dK/dV once lost them all when the sm_80 spillers were dropped for both archs.
+    d0, d1 = _split_head_dim(d)
+    args = dict(D0=d0, D1=d1, HAS_MASK=masked, DOT_PRECISION="tf32")
+    for kind in ("fwd", "dkdv", "dq"):
+        kept90 = _kept_tiles(kind, args, 90, monkeypatch)
+        assert kept90 and all((bn if kind == "dkdv" else bm) >= 64 for bm, bn, _, _ in kept90), (kind, kept90)
+        if kind == "dkdv" and d == 64 and masked:
+            assert not kept90 <= _kept_tiles(kind, args, 80, monkeypatch)  # sm_90 keeps tiles sm_80 drops
 
 
 def test_attention_autotune_key_has_grid_bucket():
     # A batch-16 launch must not reuse the tiles tuned for batch 1: B*H is part of every tuning key.
-    for kern in (_attention_fwd_kernel, _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel):
+    for kern in (_attention_fwd_kernel, attn_mod._attention_fwd_sm90_kernel, _attention_bwd_dkdv_kernel,
+                 _attention_bwd_dq_kernel):
         assert "BH_BUCKET" in kern.keys
 
 
 @pytest.mark.parametrize("dtype", [F32, F16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_attention_masked_keys_hold_nan_inf(bad, dtype, device):
+def test_attention_masked_keys_hold_nan_inf(bad, dtype, device, fwd_kernel):
     # Fuzz find: a NaN/Inf in a key or value that the padding mask excludes used to turn the whole batch row to NaN.
     # Masked keys must not contribute, whatever they hold: both backends give the result of zeros in those slots.
     b, h, tq, tk, d = 2, 2, 7, 77, 72
@@ -352,7 +477,7 @@ def test_attention_compile_torch_backend_fullgraph():
 
 
 @pytest.mark.gpu
-def test_attention_compile_triton_fullgraph(device):
+def test_attention_compile_triton_fullgraph(device, fwd_kernel):
     torch._dynamo.reset()
     q, k, v = (torch.randn(2, 4, n, 72, device=device, dtype=F16, requires_grad=True) for n in (257, 77, 77))
     mask = _mask(2, 77, device)
