@@ -287,6 +287,11 @@ _PTXAS_SPILLS = {
         ("fwd", None, None, (64, 64, 4, 3)),
         ("fwd", 64, True, (128, 128, 8, 3)),
         ("dkdv", 80, None, (32, 64, 8, 2)),  # triton 3.6 only: 4 B at 255 registers
+        # triton 3.6's ptxas 12.8 only (4-16 B, masked fused qkv, report of 2026-12-02):
+        ("dkdv", 64, True, (32, 64, 8, 2)),
+        ("dkdv", 80, True, (32, 128, 8, 3)),
+        ("dq", 80, True, (64, 64, 4, 3)),
+        ("dq", 96, True, (64, 16, 4, 2)),
         ("dkdv", 64, True, (32, 64, 4, 3)),
         ("dkdv", 64, True, (64, 64, 8, 3)),
         ("dkdv", 64, True, (32, 128, 8, 3)),
