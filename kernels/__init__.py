@@ -8,6 +8,8 @@ driver calls and launches nothing.
 from kernels import adaln as _adaln
 from kernels import euler as _euler
 from kernels import attention as _attention
+from kernels import geglu as _geglu
+from kernels import rms_norm as _rms_norm
 from kernels._dispatch import BACKENDS, get_backend, interpreting, op, triton_ok, use_backend, why_not_triton
 from kernels._nvtx import nvtx_range
 from kernels._utils import register_triton_ops, triton_can_run_here
@@ -20,11 +22,14 @@ gated_residual_adaln = op("gated_residual_adaln", _adaln.gated_residual_adaln_re
 attention = op("attention", _attention.attention_ref, _attention.attention_triton)
 euler_step = op("euler_step", _euler.euler_step_ref, _euler.euler_step_triton)
 cfg_euler_step = op("cfg_euler_step", _euler.cfg_euler_step_ref, _euler.cfg_euler_step_triton)
+rms_norm = op("rms_norm", _rms_norm.rms_norm_ref, _rms_norm.rms_norm_triton)
+geglu = op("geglu", _geglu.geglu_ref, _geglu.geglu_triton)
 
 # The op table that tests and benchmarks iterate over.
-OPS = {f.__name__: f for f in (adaln_modulate, gated_residual_adaln, attention, euler_step, cfg_euler_step)}
+OPS = {f.__name__: f for f in (adaln_modulate, gated_residual_adaln, attention, euler_step, cfg_euler_step, rms_norm,
+                                geglu)}
 
 __all__ = [
     "BACKENDS", "OPS", "adaln_modulate", "attention", "cfg_euler_step", "euler_step", "gated_residual_adaln",
-    "get_backend", "interpreting", "nvtx_range", "triton_ok", "use_backend", "why_not_triton",
+    "geglu", "get_backend", "interpreting", "nvtx_range", "rms_norm", "triton_ok", "use_backend", "why_not_triton",
 ]
