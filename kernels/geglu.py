@@ -40,8 +40,8 @@ def geglu_ref(h: torch.Tensor, upcast: bool = False) -> torch.Tensor:
 # Triton kernels: h rows (R, 2F) with row stride `sh`, out / dout / dh rows contiguous; grid (R, cdiv(F, BLOCK)).
 # ---------------------------------------------------------------------------------------------------------------------
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # globals a kernel reads must be constexpr
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit

@@ -30,7 +30,7 @@ from kernels.adaln import check_eps
 
 MAX_D = 16384  # a row is one tile of one program: wider rows would spill (the skip concat of DiMR stays in torch)
 TILE_FWD = 4096  # elements per forward program (rows x padded D)
-TILE_BWD = 2048  # the backward keeps more fp32 vectors live per element
+TILE_BWD = 1024  # the backward keeps more fp32 vectors live per element (2048 spilled at C = 512 fp32 on sm_90)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -132,12 +132,12 @@ def _rms_norm_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _tiles(N: int, D: int, tile: int) -> tuple[int, int, int]:
+def _tiles(N: int, D: int, tile: int, per_thread: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_D, num_warps): rows of one group per program so that short rows (head dim 64) still give a
-    program ~`tile` elements; ~16 (forward) / 8 (backward) elements per thread."""
+    program ~`tile` elements; `per_thread` elements per thread (8 = 16-byte loads of 16-bit data)."""
     block_d = row_block(D)
     block_r = max(1, min(triton.next_power_of_2(max(N, 1)), tile // block_d))
-    warps = min(max(block_r * block_d // (tile // 8), 1), 16)
+    warps = min(max(block_r * block_d // (32 * per_thread), 1), 16)
     return block_r, block_d, warps
 
 
@@ -147,7 +147,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     G1, G2, N, D = x.shape
     out = torch.empty_like(x)  # x's dense layout if it has one (a permuted view stays the caller's layout)
     rstd = torch.empty(G1 * G2 * N, device=x.device, dtype=torch.float32)
-    block_r, block_d, warps = _tiles(N, D, TILE_FWD)
+    block_r, block_d, warps = _tiles(N, D, TILE_FWD, 16)
     with cuda_device_guard(x):
         torch.library.wrap_triton(_rms_norm_fwd_kernel)[(G1 * G2, triton.cdiv(N, block_r))](
             x, weight, out, rstd, G2, N, D, eps, *x.stride()[:3], *weight.stride(), *out.stride()[:3],
@@ -165,7 +165,7 @@ def rms_norm_bwd(
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     dx = torch.empty_like(x)
-    block_r, block_d, warps = _tiles(N, D, TILE_BWD)
+    block_r, block_d, warps = _tiles(N, D, TILE_BWD, 16 // x.element_size())  # one 16-byte vector per thread and row
     # ~16 rows per program at least (a tile of short rows already has more), as the adaLN backward
     iters = max(1, min(16, triton.next_power_of_2(max(N, 1))) // block_r)
     n_chunks = triton.cdiv(N, block_r * iters)
