@@ -211,7 +211,7 @@ def _group_layout(x: torch.Tensor, weight: torch.Tensor):
     gsizes = [x.shape[i] for i in group]
     G = [1, 1] + gsizes if len(gsizes) < 2 else gsizes
     G1, G2 = math.prod(G[:-1]), G[-1]
-    N = math.prod(x.shape[i] for i in rows)
+    N = math.prod([x.shape[i] for i in rows])  # a list: torch.compile cannot trace a generator here
     xp = x.permute(perm)
     x4 = xp.reshape(G1, G2, N, D)
     w = weight.reshape(wshape).permute(perm)  # (groups..., 1 per row dim, D or 1)
