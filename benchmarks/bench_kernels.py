@@ -17,6 +17,9 @@ activation tensor, V = elements of one (B, C) modulation vector, all × itemsize
                         dx, dy, dgate, dshift, dscale; read gate, scale = 6N + 5V
   euler_step            fwd: read x, v; write out = 3N             bwd: read g; write dx, dv = 3N
   cfg_euler_step        fwd: read x, v_c, v_u; write out = 4N      bwd: read g; write dx, dv_c, dv_u = 4N
+  rms_norm              (DiMR TDRMSNorm: a per-sample (B, 1, C) weight) fwd: read x, w; write out = 2N + V
+                        bwd: read x, dout, w; write dx, dw = 3N + 2V
+  geglu                 (N = elements of h (..., 2F)) fwd: read h; write out = 1.5N   bwd: read h, dout; write dh = 2.5N
   fwd_bwd = fwd + bwd bytes.
 Attention reports TFLOP/s: fwd 4·B·H·Tq·Tk·D, bwd 2.5× that, fwd_bwd 3.5×. `frac_of_limit` divides by the copy
 GB/s or the bf16 matmul TFLOP/s measured in the same run (`device_limits`).
@@ -88,6 +91,17 @@ SPECS: dict[str, OpSpec] = {
         lambda sh, kw: ([_randn(sh, kw), _randn(sh, kw)] + [_randn((sh[0], sh[2]), kw, 0.1) for _ in range(3)],
                         dict(eps=1e-6, norm="layer")),
         _norm_cost(fwd=(4, 3), bwd=(6, 5)),
+    ),
+    "rms_norm": OpSpec(
+        lambda s: s.rows,
+        lambda sh, kw: ([_randn(sh, kw), 1 + _randn((sh[0], 1, sh[2]), kw, 0.1)], dict(eps=1e-6)),
+        _norm_cost(fwd=(2, 1), bwd=(3, 2)),
+    ),
+    "geglu": OpSpec(
+        lambda s: (*s.rows[:2], 2 * s.rows[2]),  # fc_in's output: hidden F = the model width
+        lambda sh, kw: ([_randn(sh, kw)], {}),
+        lambda shape, mode, itemsize: (
+            "bytes", {"fwd": 1.5, "bwd": 2.5, "fwd_bwd": 4.0}[mode] * math.prod(shape) * itemsize),
     ),
     "attention": OpSpec(lambda s: s.attn, lambda sh, kw: ([_randn(sh, kw) for _ in range(3)], {}), _attn_cost),
     "euler_step": OpSpec(

@@ -66,6 +66,11 @@ ATTN_DIMS = (24, 32, 48, 64, 72, 80, 96, 128)  # the presets' head dims; 256 (th
 QUICK_DIMS = (24, 72)  # the CI subset: the two head dims whose strides are not 16-byte multiples
 ATTN_LAYOUTS = ("bhtd", "bthd", "qkv")  # contiguous (B,H,T,D); transposed (B,T,H,D) view; fused (B,T,3,H,D) unbound
 ADALN_WIDTHS = (192, 1152, 1280, 4096)
+# DiMR: (width, tokens or map side, layout) of the norms -- the transformer stage (1024 wide, 1 + 16*16 tokens) and the
+# ConvNeXt maps (512 wide 32x32, 256 wide 64x64) -- and QKNorm at head dim 64 (16 heads); GEGLU hidden widths.
+RMS_CASES = {1024: (257, "tokens"), 512: (32, "map"), 256: (64, "map")}
+RMS_QK = (64, 16, 257)  # head dim, heads, tokens
+GEGLU_CASES = {2048: 257, 1024: 32 * 32, 512: 64 * 64}  # F -> rows per sample
 DTYPES = ("fp16", "bf16", "fp32")
 BATCH = 2
 
@@ -105,6 +110,16 @@ def matrix(quick: bool, include_256: bool = False) -> list[Case]:
                     for norm in (("layer", "rms") if c == 1152 and not quick else ("layer",)):
                         name = f"{op}/c{c}-{dt}-{mod}" + ("-rms" if norm == "rms" else "")
                         cases.append(Case(op, name, dict(c=c, dtype=dt, mod=mod, norm=norm)))
+    for dt in (("bf16",) if quick else DTYPES):
+        for c, (_, lay) in RMS_CASES.items():
+            if quick and c != 1024:
+                continue
+            # a per-sample weight (TDRMSNorm/AdaRMSNorm on tokens), per sample and map column (AdaRMSNorm on a map)
+            for w in (("sample",) if lay == "tokens" or quick else ("sample", "column")):
+                cases.append(Case("rms_norm", f"rms_norm/c{c}-{dt}-{lay}-{w}", dict(c=c, dtype=dt, layout=lay, w=w)))
+        cases.append(Case("rms_norm", f"rms_norm/qk-d{RMS_QK[0]}-{dt}", dict(c=RMS_QK[0], dtype=dt, layout="qk")))
+        for f in ((1024,) if quick else GEGLU_CASES):
+            cases.append(Case("geglu", f"geglu/f{f}-{dt}", dict(f=f, dtype=dt)))
     for op in ("euler_step", "cfg_euler_step"):
         for dt in (("bf16",) if quick else DTYPES):
             for scal in (("float",) if quick else ("float", "tensor")):
@@ -212,6 +227,27 @@ def _drive(case: Case) -> None:
             y = torch.empty(B, t, c, dtype=dt, requires_grad=True)
             outs = impl(x, y, gate, shift, scale, norm=p["norm"])
         torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
+    elif case.op == "rms_norm":
+        c = p["c"]
+        if p["layout"] == "qk":  # q and k of the fused (B, T, 3, H, D) projection, a scalar per head
+            d, h, t = RMS_QK
+            qkv = torch.empty(B, t, 3, h, d, dtype=dt, requires_grad=True)
+            x, w = qkv[:, :, :2], torch.empty(h, dtype=dt, requires_grad=True).view(1, h, 1).expand(2, h, 1)
+        elif p["layout"] == "tokens":
+            x = torch.empty(B, RMS_CASES[c][0], c, dtype=dt, requires_grad=True)
+            w = torch.empty(B, 1, c, dtype=dt, requires_grad=True)
+        else:  # a channel-last ConvNeXt map
+            g = RMS_CASES[c][0]
+            x = torch.empty(B, g, g, c, dtype=dt, requires_grad=True)
+            w = torch.empty((B, 1, 1, c) if p["w"] == "sample" else (B, 1, g, c), dtype=dt, requires_grad=True)
+        out = impl(x, w, 1e-6)
+        out.backward(torch.empty_like(out))
+    elif case.op == "geglu":
+        f = p["f"]
+        # fc_in's output (B, rows, 2F); the gradient comes back contiguous from fc_out's backward
+        h = torch.empty(B, GEGLU_CASES[f], 2 * f, dtype=dt, requires_grad=True)
+        out = impl(h)
+        out.backward(torch.empty_like(out))
     elif case.op in ("euler_step", "cfg_euler_step"):
         x = torch.empty(8, 4, 32, 32, dtype=dt)
         dt_ = torch.tensor(-0.02) if p["scalar"] == "tensor" else -0.02

@@ -22,17 +22,20 @@ is passed down the forward and every parameter is evaluated per sample: same val
 `torch.compile(fullgraph=True)` and CUDA-graph capture work.
 
 Norms (`DiMRConfig.norm_type`, the official `norm_type`; the released checkpoints all use "tdrms"):
-  * "tdrms"  TDRMSNorm x / (rms(x) + 1e-8) * s(t)          -> `kernels.adaln_modulate(norm="rms")` (shift 0,
-             scale s(t) - 1) with eps 1e-16 under the root: 1/sqrt(ms + 1e-16) vs 1/(rms + 1e-8) differ by 1e-8/rms
-             relative, below fp32 resolution for any activation with rms >~ 0.1 (the tests bound it);
-             its residual add is fused into it (`kernels.gated_residual_adaln`, gate 1, exact).
-  * "rms"    plain RMSNorm with a learned scale              -> same kernels.
+  * "tdrms"  TDRMSNorm x / (rms(x) + 1e-8) * s(t)          -> `kernels.rms_norm(x, s(t) (B, 1, D))` with eps 1e-16
+             under the root: 1/sqrt(ms + 1e-16) vs 1/(rms + 1e-8) differ by 1e-8/rms relative, below fp32
+             resolution for any activation with rms >~ 0.1 (the tests bound it). Where a residual add precedes it
+             (every block's MLP norm) the add is fused in: `kernels.gated_residual_adaln(norm="rms")`, gate 1, shift 0,
+             scale s(t) - 1 (exact up to the rounding of s - 1; rms_norm has no residual input).
+  * "rms"    plain RMSNorm with a learned scale              -> the same kernels, weight (D,).
   * "layer"  TD-LayerNorm F.layer_norm(x, eps 1e-5) * w(t) + b(t) -> `kernels.adaln_modulate(norm="layer")`
              (shift b(t), scale w(t) - 1); also the stages' upsample and output norms.
-  * "adarms" AdaRMSNorm rms_norm(x, 1 + Linear(x[:, 0]), 1e-6): conditioned on the first token (the indicator token
-             in a transformer stage) -> `kernels.adaln_modulate(norm="rms")` on 3-D input; ConvNeXt stages (4-D input,
-             the official conditions on the first *row*) use the torch reference `ada_rms_norm_ref`.
-  * `qk_norm=True` adds QKNorm (per-head learned log-scale clamped at log 100, rms-normalised q and k). The official
+  * "adarms" AdaRMSNorm rms_norm(x, 1 + Linear(x[:, 0]), 1e-6) -> `kernels.rms_norm`: conditioned on the first token
+             (the indicator token in a transformer stage; weight (B, 1, D)); in a ConvNeXt stage (B, H, W, D) the
+             official conditions on the first *row*: weight (B, 1, W, D), broadcast over rows in the kernel.
+  * `qk_norm=True` adds QKNorm (per-head learned log-scale clamped at log 100, rms-normalised q and k, `qk_norm_ref`)
+    -> one `kernels.rms_norm` call on the q/k slice of the fused qkv projection with a (2, H, 1) per-head weight (q
+    and k in one launch, no copy). The official
     enables it only together with Axial RoPE (`pe_type='Axial_RoPE'`), which no released config uses and which cannot
     run with the indicator token (its position table has one row fewer than the sequence), so RoPE is not implemented
     and QKNorm is our opt-in, not convertible from any release.
@@ -45,12 +48,17 @@ Deviations from the official module, none changing the math in fp32:
   * the coarse stages' output heads are skipped unless `return_all=True` (the sampler needs only the finest).
 Converting an official state dict: `crossflow.convert_dimr`.
 
+The MLP (transformer and ConvNeXt blocks): fc_in and fc_out stay cuBLAS GEMMs; the GELU(a) * b between them, the
+memory-bound step, is `kernels.geglu` (one pass instead of eager's two and an intermediate).
+
 Future kernels (torch references here, to move into `kernels/` with their Triton twins when a benchmark says they pay):
-  * the time-dependent norm with its parameter blend inside: `td_rms_norm(x, p0, p1, w, b, tau)` computing s(t) per
-    sample in registers (`time_dependent_ref` + the rms modulate): today each TD parameter costs 4 tiny launches
-    (~170 per forward at 256 px). Batching them across blocks instead (one stacked evaluation per stage) would read
-    every block's parameters outside its forward, which per-block FSDP sharding and activation checkpointing forbid;
-  * `qk_norm_ref` (the opt-in QKNorm, fused into the attention prologue), `geglu_ref` (the MLP's GEGLU epilogue);
+  * the time-dependent parameter blend (`time_dependent_ref`, (B, D) work in ~5 tiny launches per TD parameter, ~170
+    per forward at 256 px; gone under CUDA-graph capture / torch.compile). Folding it into the norm kernel would
+    recompute the sigmoid per row and read 4 parameter vectors per row tile; one launch per parameter is the better
+    target. Batching across blocks (one stacked evaluation per stage) would read every block's parameters outside its
+    forward, which per-block FSDP sharding and activation checkpointing forbid;
+  * QKNorm fused into the attention prologue (today one extra read + write of q and k; opt-in, no release uses it);
+  * GEGLU as the epilogue of the fc_in GEMM (a Triton GEMM would have to beat cuBLAS first);
   * the 67584-wide TD-LayerNorm of the skip concat (`layer_norm_td_ref`; too wide for the one-row-per-program adaLN
     kernel), ideally fused with the concat (per-skip statistics, no (B, 256, 67584) copy).
 """
@@ -84,7 +92,7 @@ WIDE_ROW = 16384  # rows wider than this (the skip concat, 67584) use torch: the
 
 
 #################################################################################
-#                     Torch references of the (future) fused ops                #
+#                  Torch references of the DiMR-specific math                   #
 #################################################################################
 
 
@@ -99,31 +107,13 @@ def time_dependent_ref(
     return p1 + s * (p0 - p1)
 
 
-def rms_norm_ref(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) * scale, statistics in fp32 (the official `rms_norm`)."""
-    dtype = torch.promote_types(torch.promote_types(x.dtype, scale.dtype), torch.float32)
-    ms = x.to(dtype).pow(2).mean(-1, keepdim=True)
-    return x * (scale.to(dtype) * torch.rsqrt(ms + eps)).to(x.dtype)
-
-
-def ada_rms_norm_ref(x: torch.Tensor, cond_scale: torch.Tensor) -> torch.Tensor:
-    """AdaRMSNorm: rms_norm(x, 1 + cond_scale[:, None], 1e-6). x (B, N, D) with cond_scale (B, D), or x (B, H, W, D)
-    with cond_scale (B, W, D) (the official conditions a ConvNeXt stage on its first row, broadcast over rows)."""
-    return rms_norm_ref(x, cond_scale[:, None] + 1, ADARMS_EPS)
-
-
 def qk_norm_ref(x: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """QKNorm on q or k (B, H, N, Dh): rms-normalise each head vector, times exp(log_scale / 2) / Dh^(1/4). log_scale
     (H,) is the learned parameter, which the caller keeps clamped at log 100 in place (as the official `proj_`), so the
-    gradient is never cut by the clamp."""
+    gradient is never cut by the clamp. The model runs it as `kernels.rms_norm` on q and k together."""
     s = torch.exp(0.5 * log_scale - 0.25 * math.log(x.shape[-1]))
-    return rms_norm_ref(x, s[:, None, None], QK_EPS)
-
-
-def geglu_ref(h: torch.Tensor) -> torch.Tensor:
-    """GELU(a) * b for h = [a | b] on the last dim (exact GELU)."""
-    a, b = h.chunk(2, dim=-1)
-    return F.gelu(a) * b
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + QK_EPS) * s[:, None, None]).to(x.dtype)
 
 
 def layer_norm_td_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
@@ -192,13 +182,17 @@ class Norm(nn.Module):
         return torch.zeros_like(s), s, RMS_EPS, "rms"
 
     def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layer":
+            shift, scale, eps, norm = self.modulation(x, tau)
+            return kernels.adaln_modulate(_rows(x), shift, scale, eps, norm).view(x.shape)
         if self.kind == "adarms":
-            cond = self.linear(x[:, 0])  # (B, D) the first token, or (B, W, D) the first row of a map
-            if x.dim() == 3:
-                return kernels.adaln_modulate(x, torch.zeros_like(cond), cond, ADARMS_EPS, "rms")
-            return ada_rms_norm_ref(x, cond)
-        shift, scale, eps, norm = self.modulation(x, tau)
-        return kernels.adaln_modulate(_rows(x), shift, scale, eps, norm).view(x.shape)
+            # (B, D) from the first token, or (B, W, D) from the first row of a map: broadcast over tokens / rows
+            weight, eps = (self.linear(x[:, 0]) + 1).unsqueeze(1), ADARMS_EPS
+        elif self.kind == "tdrms":
+            weight, eps = self.scale(tau).view(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1]), RMS_EPS
+        else:  # "rms"
+            weight, eps = self.scale, RMS_EPS
+        return kernels.rms_norm(x, weight.to(x.dtype), eps)
 
     def residual(self, x: torch.Tensor, y: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "adarms":
@@ -238,7 +232,7 @@ class GEGLU(nn.Module):
         self.fc_out = nn.Linear(hidden, dim)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(geglu_ref(self.fc_in(h)))
+        return self.fc_out(kernels.geglu(self.fc_in(h)))
 
 
 class SelfAttention(nn.Module):
@@ -253,11 +247,18 @@ class SelfAttention(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, N, D = h.shape
-        q, k, v = self.qkv(h).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        H, Dh = self.num_heads, D // self.num_heads
+        qkv = self.qkv(h).view(B, N, 3, H, Dh)
         if self.qk_log_scale is not None:
             with torch.no_grad():  # the official projection: keep the stored value at the clamp (no host sync)
                 self.qk_log_scale.clamp_(max=QK_MAX_LOG_SCALE)
-            q, k = qk_norm_ref(q, self.qk_log_scale), qk_norm_ref(k, self.qk_log_scale)
+            # q and k normalised in one call on the fused projection's view, one gain per head (qk_norm_ref's math)
+            gain = torch.exp(0.5 * self.qk_log_scale - 0.25 * math.log(Dh)).to(qkv.dtype)
+            qk = kernels.rms_norm(qkv[:, :, :2], gain.view(1, H, 1).expand(2, H, 1), QK_EPS)  # (B, N, 2, H, Dh)
+            q, k = qk.transpose(1, 3).unbind(2)  # (B, H, N, Dh) each
+            v = qkv[:, :, 2].transpose(1, 2)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         o = kernels.attention(q, k, v)  # (B, H, N, Dh)
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
 

@@ -1,4 +1,4 @@
-"""Triton kernels for adaLN-modulated DiT blocks, flash attention and fused Euler/CFG updates.
+"""Triton kernels for adaLN-modulated DiT blocks, flash attention, fused Euler/CFG updates and DiMR's RMS norms / GEGLU.
 
 Every op dispatches between its torch reference (`op.ref`) and its Triton implementation (`op.triton`); see
 `kernels._dispatch` for the rules and `use_backend` / ``KERNELS_BACKEND`` to choose. Importing this package makes no
@@ -9,6 +9,8 @@ from kernels import adaln as _adaln
 from kernels import euler as _euler
 from kernels import attention as _attention
 from kernels import attention_routes as _attention_routes
+from kernels import geglu as _geglu
+from kernels import rms_norm as _rms_norm
 from kernels._dispatch import (
     BACKENDS, dispatch_counts, get_backend, interpreting, op, reset_dispatch_counts, routing_enabled, triton_ok,
     use_backend, use_routing, why_not_triton,
@@ -24,12 +26,15 @@ gated_residual_adaln = op("gated_residual_adaln", _adaln.gated_residual_adaln_re
 attention = op("attention", _attention.attention_ref, _attention.attention_triton, route=_attention_routes.route)
 euler_step = op("euler_step", _euler.euler_step_ref, _euler.euler_step_triton)
 cfg_euler_step = op("cfg_euler_step", _euler.cfg_euler_step_ref, _euler.cfg_euler_step_triton)
+rms_norm = op("rms_norm", _rms_norm.rms_norm_ref, _rms_norm.rms_norm_triton)
+geglu = op("geglu", _geglu.geglu_ref, _geglu.geglu_triton)
 
 # The op table that tests and benchmarks iterate over.
-OPS = {f.__name__: f for f in (adaln_modulate, gated_residual_adaln, attention, euler_step, cfg_euler_step)}
+OPS = {f.__name__: f for f in (adaln_modulate, gated_residual_adaln, attention, euler_step, cfg_euler_step, rms_norm,
+                                geglu)}
 
 __all__ = [
     "BACKENDS", "OPS", "adaln_modulate", "attention", "cfg_euler_step", "dispatch_counts", "euler_step",
-    "gated_residual_adaln", "get_backend", "interpreting", "nvtx_range", "reset_dispatch_counts", "routing_enabled",
-    "triton_ok", "use_backend", "use_routing", "why_not_triton",
+    "gated_residual_adaln", "geglu", "get_backend", "interpreting", "nvtx_range", "reset_dispatch_counts", "rms_norm",
+    "routing_enabled", "triton_ok", "use_backend", "use_routing", "why_not_triton",
 ]

@@ -38,6 +38,11 @@ def test_kernel_cost_models():
     assert SPECS["adaln_modulate"].cost((2, 256, 1152), "fwd", 2) == ("bytes", (2 * n + 2 * v) * 2)
     assert SPECS["gated_residual_adaln"].cost((2, 256, 1152), "fwd_bwd", 4) == ("bytes", (10 * n + 8 * v) * 4)
     assert SPECS["cfg_euler_step"].cost((8, 4, 32, 32), "fwd", 2) == ("bytes", 4 * 8 * 4096 * 2)
+    # rms_norm: x and out (2N) + the (B, 1, C) weight (V); backward x, dout, dx (3N) + w, dw (2V)
+    assert SPECS["rms_norm"].cost((2, 256, 1152), "fwd_bwd", 2) == ("bytes", (5 * n + 3 * v) * 2)
+    # geglu on h (B, T, 2F): read h, write half of it; backward read h and dout, write dh
+    assert SPECS["geglu"].cost((2, 256, 2304), "fwd", 2) == ("bytes", 1.5 * 2 * n * 2)
+    assert SPECS["geglu"].cost((2, 256, 2304), "bwd", 4) == ("bytes", 2.5 * 2 * n * 4)
 
 
 def test_shape_tables():

@@ -518,10 +518,13 @@ def _fwd_bwd(model, backend, x, t, ind):
     return [o.detach() for o in outs], {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_tiny_torch_vs_triton(device):
-    """Every kernel the released layout uses: rms adaLN + fused residual (TDRMSNorm), layer adaLN (TD-LayerNorm),
-    attention with the indicator token (ragged T = 1 + 2 * 2)."""
-    cfg = DiMRConfig.from_name("dimr-tiny")
+@pytest.mark.parametrize("norm_type, qk_norm", [("tdrms", False), ("adarms", True)])
+def test_tiny_torch_vs_triton(device, norm_type, qk_norm):
+    """Every kernel the released layout uses: rms_norm (TDRMSNorm), rms adaLN + fused residual (TDRMSNorm after a
+    residual add), layer adaLN (TD-LayerNorm), GEGLU, attention with the indicator token (ragged T = 1 + 2 * 2); and
+    the opt-in norms: AdaRMSNorm on tokens and on ConvNeXt maps (rms_norm with a (B, 1, W, D) weight), QKNorm (q and
+    k in one rms_norm call on the fused qkv view)."""
+    cfg = DiMRConfig.from_name("dimr-tiny", norm_type=norm_type, qk_norm=qk_norm)
     model = DiMRFlow(cfg).to(device)
     randomize(model, torch.Generator().manual_seed(3))
     B = 2

@@ -12,8 +12,9 @@ ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
 
 
-def test_op_table_has_the_five_public_ops_with_twins():
-    assert set(kernels.OPS) == {"adaln_modulate", "gated_residual_adaln", "attention", "euler_step", "cfg_euler_step"}
+def test_op_table_has_the_public_ops_with_twins():
+    assert set(kernels.OPS) == {"adaln_modulate", "gated_residual_adaln", "attention", "euler_step", "cfg_euler_step",
+                                "rms_norm", "geglu"}
     for name, fn in kernels.OPS.items():
         assert fn is getattr(kernels, name)
         assert callable(fn.ref) and callable(fn.triton) and fn.ref is not fn.triton
@@ -99,6 +100,8 @@ def _op_args(op_name, dtype):
         "attention": lambda: (r(1, 2, 7, 32), r(1, 2, 7, 32), r(1, 2, 7, 32)),
         "euler_step": lambda: (r(3, 5), r(3, 5), 0.1),
         "cfg_euler_step": lambda: (r(3, 5), r(3, 5), r(3, 5), 0.1, 3.0),
+        "rms_norm": lambda: (r(2, 3, 7), r(2, 1, 7)),
+        "geglu": lambda: (r(3, 10),),
     }[op_name]()
 
 
