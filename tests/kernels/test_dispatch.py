@@ -186,7 +186,8 @@ _IMPORT_PROBE = """
 import sys, torch, kernels
 from kernels import _utils
 names = ("adaln_modulate_fwd", "adaln_modulate_bwd", "gated_residual_adaln_fwd", "gated_residual_adaln_bwd",
-         "attention_fwd", "attention_bwd", "euler_step_fwd", "cfg_euler_step_fwd")
+         "attention_fwd", "attention_bwd", "euler_step_fwd", "cfg_euler_step_fwd", "rms_norm_fwd", "rms_norm_bwd",
+         "geglu_fwd", "geglu_bwd")
 before = [hasattr(torch.ops.kernels, n) for n in names]
 print("inductor", "torch._inductor" in sys.modules, "can_run", _utils.triton_can_run_here())
 print("before", all(before), any(before))
