@@ -38,11 +38,13 @@ BACKENDS = ("auto", "torch", "triton")
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 MAX_UPSCALE = 16  # nearest-neighbour blow-up of a grid: 16 x 16 px digits -> 256 px cells; more only costs memory
 GRID_GAP = 2  # pixels between grid cells (before upscaling), so neighbouring samples do not merge
-# On the CPU, a flow network this small does too little work per op for intra-op threads to pay (the digits preset,
-# 2.8 M: matrix products of a few MFLOP), and threads competing for busy cores cost it dearly: 50 digits steps took
-# 0.4-1.2 s on one thread and 14-20 s on two on a 2-core machine at load 9. dit-s-2 (32.5 M) and up keep torch's
-# default: their products (hundreds of MFLOP at 256 tokens) are what intra-op threads are made for.
-SMALL_FLOW_PARAMS = 16_000_000
+# On the CPU, a small flow network run on few images does too little work per op for intra-op threads to pay (the
+# digits preset, 2.8 M parameters, one image: matrix products of a few MFLOP), and threads competing for busy cores
+# cost it dearly: 50 digits steps took 0.4-1.2 s on one thread and 14-20 s on two on a 2-core machine at load 9. A
+# batch is another matter: `crossflow eval --preset digits` (100 images per call) took 34.6 s on two threads and 55.0 s
+# on one on an idle 2-core machine. So one thread when parameters x images per call is under this, else torch's default
+# (dit-s-2, 32.5 M, keeps the default even for one image).
+SMALL_FLOW_WORK = 16_000_000
 # `crossflow eval --preset digits` passes when all hold (issue 14): prompt accuracy, diversity as a fraction of real
 # held-out digits', background speckle as a multiple of real digits' (crossflow.digits.evaluate defines them).
 EVAL_BARS = {"accuracy": 0.99, "diversity": 0.85, "speckle": 1.5}
@@ -97,12 +99,13 @@ def _checkpoint(path: str | None) -> str:
 _threads_before: list[int] = []  # the count `_cap_threads` replaced; `main` puts it back (cli.main called in-process)
 
 
-def _cap_threads(model, device, threads: int | None) -> None:
-    """Intra-op threads: --threads if given; else one for a small flow network on the CPU (see SMALL_FLOW_PARAMS),
-    unless OMP_NUM_THREADS was set by the user; else torch's default."""
+def _cap_threads(model, device, threads: int | None, images: int = 1) -> None:
+    """Intra-op threads: --threads if given; else one for little work on the CPU (flow parameters x `images` per call
+    under SMALL_FLOW_WORK), unless OMP_NUM_THREADS was set by the user; else torch's default."""
     import torch
 
-    small = sum(p.numel() for p in getattr(model, "flow", model).parameters()) < SMALL_FLOW_PARAMS
+    params = sum(p.numel() for p in getattr(model, "flow", model).parameters())
+    small = params * max(1, images) < SMALL_FLOW_WORK
     if threads is None and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and small:
         threads = 1
     if threads is not None:
@@ -118,13 +121,13 @@ def _restore_threads() -> None:
         _threads_before.clear()
 
 
-def _pipeline(args, device):
+def _pipeline(args, device, images: int = 1):
     from crossflow.fast_sampler import FastSampler
     from crossflow.pipeline import CrossFlowPipeline, sampling_defaults
 
     ckpt = _checkpoint(args.checkpoint)
     pipe = CrossFlowPipeline.from_pretrained(ckpt, device=device, sampler=FastSampler(**sampling_defaults(ckpt)))
-    _cap_threads(pipe.model, device, args.threads)
+    _cap_threads(pipe.model, device, args.threads, images)
     return pipe
 
 
@@ -154,7 +157,7 @@ def save_grid(images: list, rows: int, out: str, upscale: int = 1, gap: int = 0)
 def cmd_sample(args) -> int:
     device = _device(args.device)
     with _backend(args.backend, device):
-        pipe = _pipeline(args, device)
+        pipe = _pipeline(args, device, images=len(args.prompts) * args.n)
         images = pipe(args.prompts, num_images_per_prompt=args.n, steps=args.steps, guidance_scale=args.guidance,
                       seed=args.seed, progress=not args.quiet)
     save_grid(images, rows=len(args.prompts), out=args.output, upscale=args.upscale, gap=args.gap)
@@ -170,7 +173,7 @@ def cmd_interpolate(args) -> int:
 
     device = _device(args.device)
     with _backend(args.backend, device):
-        pipe = _pipeline(args, device)
+        pipe = _pipeline(args, device, images=args.frames)
         z = [pipe.encode_prompts(p, generator=torch.Generator().manual_seed(args.seed)) for p in (args.a, args.b)]
         images = pipe(z0=interpolate_latents(z[0], z[1], args.frames), steps=args.steps, guidance_scale=args.guidance,
                       progress=not args.quiet)
@@ -280,7 +283,7 @@ def cmd_eval(args) -> int:
         return cmd_eval_img2img(args)
     device = _device(args.device)
     with _backend(args.backend, device):
-        pipe = _pipeline(args, device)
+        pipe = _pipeline(args, device, images=10 * args.per_prompt)  # one call: ten digits x per_prompt
         res = evaluate(pipe, per_prompt=args.per_prompt, guidance_scale=args.guidance, steps=args.steps,
                        seed=args.seed, progress=not args.quiet)
     res["checkpoint"] = str(_checkpoint(args.checkpoint))

@@ -329,11 +329,13 @@ def test_small_models_sample_on_one_thread_large_ones_keep_the_default(monkeypat
     small = torch.nn.Module()
     small.flow = torch.nn.Linear(100, 100)
     large = torch.nn.Module()
-    large.flow = torch.nn.Linear(1, cli.SMALL_FLOW_PARAMS, device="meta")  # counted, never allocated
+    large.flow = torch.nn.Linear(1, cli.SMALL_FLOW_WORK, device="meta")  # counted, never allocated
     cpu, before = torch.device("cpu"), torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         cli._cap_threads(large, cpu, None)
+        assert torch.get_num_threads() == 2
+        cli._cap_threads(small, cpu, None, images=cli.SMALL_FLOW_WORK // 10_000)  # a big batch of a small model
         assert torch.get_num_threads() == 2
         cli._cap_threads(small, torch.device("cuda"), None)  # GPU work: CPU threads left alone
         assert torch.get_num_threads() == 2

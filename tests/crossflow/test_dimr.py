@@ -850,7 +850,7 @@ def test_fast_sampler_on_cpu_equals_euler_on_a_dimr_crossflow():
 @pytest.fixture
 def one_thread():
     """Small CPU models on a busy machine: one intra-op thread (two threads on two loaded cores cost ~15x, see
-    `crossflow.cli.SMALL_FLOW_PARAMS`)."""
+    `crossflow.cli.SMALL_FLOW_WORK`)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
