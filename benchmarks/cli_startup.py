@@ -1,7 +1,7 @@
 """Wall time of the `crossflow` command as a user meets it, each run a cold process: `crossflow --help`, one image
 (`crossflow sample "a handwritten seven" -o X.png`) and the full digits evaluation (`crossflow eval --preset digits`),
-for a "before" and an "after" source tree (each run with PYTHONPATH set to that tree, so the same interpreter and
-packages run both).
+beside `python -c "import torch"` (the floor under each of them), for a "before" and an "after" source tree (each run
+with PYTHONPATH set to that tree, so the same interpreter and packages run both).
 
     python -m benchmarks.cli_startup --before /work/main --runs 5     # -> results/<date>_cpu_cli-startup.json
     python -m benchmarks.cli_startup --runs 1 --cases help --out /tmp/x.json   # a quick check of this script
@@ -32,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = {
+    "torch": None,  # not a crossflow command: `python -c "import torch"`, the floor under every cold command here
     "help": ["--help"],
     "sample": ["sample", "a handwritten seven", "-o", "{tmp}/seven.png"],
     "eval": ["eval", "--preset", "digits"],
@@ -76,7 +77,10 @@ def run_once(tree: Path, argv: list[str], tmp: str, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
     for var in ("TRITON_INTERPRET", "CROSSFLOW_DEBUG"):  # a user's shell, not the test suite's
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "crossflow.cli", *(a.format(tmp=tmp) for a in argv)]
+    if argv is None:
+        cmd = [sys.executable, "-c", "import torch"]
+    else:
+        cmd = [sys.executable, "-m", "crossflow.cli", *(a.format(tmp=tmp) for a in argv)]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "omitted: only --after is timed")
     p.add_argument("--after", type=Path, default=REPO, help="the new code")
     p.add_argument("--runs", type=int, default=5, help="cold processes per case and tree")
-    p.add_argument("--cases", default="help,sample,eval", help=f"comma-separated, from {sorted(CASES)}")
+    p.add_argument("--cases", default="torch,help,sample,eval", help=f"comma-separated, from {sorted(CASES)}")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per case and tree first (page cache, .pyc)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     p.add_argument("--out", type=Path, default=None,
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {"benchmark": "cli_startup", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine_info(), "trees": {k: tree_info(v) for k, v in trees.items()},
-              "commands": {c: "crossflow " + " ".join(CASES[c]) for c in cases}, "results": {}}
+              "commands": {c: 'python -c "import torch"' if CASES[c] is None else "crossflow " + " ".join(CASES[c])
+                           for c in cases}, "results": {}}
     with tempfile.TemporaryDirectory(prefix="crossflow-cli-startup-") as tmp:
         for case in cases:
             for tree in trees.values():
