@@ -282,8 +282,9 @@ def describe_state_dict(keys: list[str], limit: int = 6) -> str:
 
 
 class skip_random_init(torch.overrides.TorchFunctionMode):
-    """Build a module for loading: random parameter init (``nn.init`` draws, ``Tensor.normal_``/``uniform_``) is
-    skipped, so parameters hold `torch.empty` memory until a strict load overwrites them; buffers computed in
+    """Build a module for loading: random parameter init (``nn.init`` draws, ``Tensor.normal_``/``uniform_``) becomes
+    a zero fill (a memset, and a finite value for init code that inspects its draws: torch's `trunc_normal_` rejects
+    and redraws out-of-range samples in a loop), until a strict load overwrites the parameters; buffers computed in
     ``__init__`` are kept. Like the meta device without its cost: init ops on meta tensors import torch._dynamo (~1 s
     of a CLI cold start), and a 1B-parameter random init takes seconds on a CPU."""
 
@@ -292,7 +293,8 @@ class skip_random_init(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", None) in self._DRAWS:
-            return args[0] if args else kwargs["tensor"]
+            with torch.no_grad():
+                return (args[0] if args else kwargs["tensor"]).zero_()
         return func(*args, **(kwargs or {}))
 
 
