@@ -287,7 +287,10 @@ _PTXAS_SPILLS = {
         ("fwd", None, None, (64, 64, 4, 3)),
         ("fwd", 64, True, (128, 128, 8, 3)),
         ("dkdv", 80, None, (32, 64, 8, 2)),  # triton 3.6 only: 4 B at 255 registers
-        # triton 3.6's ptxas 12.8 only (4-16 B, masked fused qkv, report of 2026-12-02):
+        # triton 3.6's ptxas 12.8 only (4-16 B, reports of 2026-12-02: the masked subset and the full matrix):
+        ("dkdv", 32, True, (32, 128, 4, 3)),
+        ("dq", 32, True, (128, 32, 4, 3)),
+        ("dq", 48, None, (32, 32, 8, 2)),  # fp32 (FMA)
         ("dkdv", 64, True, (32, 64, 8, 2)),
         ("dkdv", 80, True, (32, 128, 8, 3)),
         ("dq", 80, True, (64, 64, 4, 3)),
