@@ -230,4 +230,5 @@ def test_plan_prunes_per_arch():
     assert r.returncode == 0, r.stderr[-3000:]
     kept = {int(a): {tuple(t) for t in ts} for a, ts in json.loads(r.stdout.strip().splitlines()[-1]).items()}
     assert set(kept) == {80, 90} and kept[80] and kept[90]
-    assert kept[80] < kept[90] and (32, 64, 4, 3) in kept[90] - kept[80]
+    # sm_80 falls back to small tiles there (every larger one spilled on 3.6 or 3.9); sm_90 keeps its wgmma tiles.
+    assert kept[80] != kept[90] and (32, 64, 4, 3) in kept[90] - kept[80]
