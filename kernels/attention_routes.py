@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import torch
 
+from kernels._utils import triton_can_run_here
 from kernels.attention import _check
 
 SCHEMA = "crossflow-attention-routes/1"
@@ -288,10 +289,13 @@ def _choose(path: Path, name: str, key: tuple) -> str | None:
     return e["backend"]
 
 
-# `torch._dynamo.assume_constant_result` without importing torch._dynamo: under torch.compile `_decide` runs eagerly at
-# trace time (file reads, logging) and its answer is a constant of the graph, so routing makes no graph break.
-_decide._dynamo_marked_constant = True
-_has_table._dynamo_marked_constant = True
+# Under torch.compile `_decide` and `_has_table` run eagerly at trace time (file reads, logging) and their answers are
+# constants of the graph, so routing makes no graph break. Marked only where routing can run at all (a CUDA build or the
+# interpreter), where `import kernels` imports torch._dynamo anyway (registering the Triton ops); a CPU-only build
+# never routes and stays off it.
+if triton_can_run_here():
+    _decide = torch.compiler.assume_constant_result(_decide)
+    _has_table = torch.compiler.assume_constant_result(_has_table)
 
 
 def _explicit_file() -> bool:
