@@ -192,8 +192,7 @@ def _drive(case: Case) -> None:
     Storage is `torch.empty` (fresh allocations are 64-byte aligned, as CUDA's are); values are never read."""
     import torch
 
-    import kernels
-
+    kernels = _import_kernels()
     p, B = case.params, BATCH
     dt = _dtype(p["dtype"])
     impl = kernels.OPS[case.op].triton
@@ -718,9 +717,20 @@ def _versions() -> dict:
     return dict(triton=triton.__version__, torch=torch.__version__, python=platform.python_version())
 
 
-def _kernels_dir() -> Path:
+def _import_kernels():
+    """`kernels` with the real triton. On a CPU-only build of torch without the interpreter, `kernels` leaves triton
+    unloaded unless the process already imported it (`kernels._triton`); the report compiles for GPU targets there."""
+    import triton  # noqa: F401  (first, so that kernels._triton takes the real one)
+
     import kernels
-    return Path(kernels.__file__).resolve().parent
+    from kernels._triton import LOADED, WHY_ABSENT
+    if not LOADED:  # `kernels` was imported earlier in this process, without triton
+        raise RuntimeError(f"compile report: {WHY_ABSENT}")
+    return kernels
+
+
+def _kernels_dir() -> Path:
+    return Path(_import_kernels().__file__).resolve().parent
 
 
 def _git_rev() -> str | None:

@@ -6,9 +6,9 @@ import contextlib
 from typing import Callable, Sequence
 
 import torch
-import triton
 
 from kernels._dispatch import INTERPRETER_DTYPES, KERNEL_DTYPES, interpreting
+from kernels._triton import LOADED as TRITON_LOADED, WHY_ABSENT, triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -79,7 +79,10 @@ def deferred_triton_op(name: str, mutates_args) -> Callable[[Callable], Callable
 
 def register_triton_ops() -> None:
     """Register every recorded launcher as a custom op. Idempotent; once done it is a check of an empty dict, which
-    torch.compile traces as a constant (every public `<op>_triton` calls it before its first op call)."""
+    torch.compile traces as a constant (every public `<op>_triton` calls it before its first op call). Where Triton
+    is not loaded (`kernels._triton`) the first call raises a RuntimeError saying why."""
+    if _DEFERRED and not TRITON_LOADED:
+        raise RuntimeError(f"kernels: the Triton backend cannot run: {WHY_ABSENT}")
     while _DEFERRED:
         name = next(iter(_DEFERRED))
         fn, mutates_args = _DEFERRED[name]

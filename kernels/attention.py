@@ -34,10 +34,9 @@ import math
 import os
 
 import torch
-import triton
-import triton.language as tl
 
 from kernels._dispatch import interpreting
+from kernels._triton import tl, triton
 from kernels._utils import (
     autotune_configs, check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op,
     register_triton_ops,

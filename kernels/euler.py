@@ -16,9 +16,8 @@ Autograd: gradients flow to x and the velocities (dx = g, dv = dt * g, dv_c = dt
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from kernels._triton import tl, triton
 from kernels._utils import (
     check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op, register_triton_ops, widen,
 )

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from kernels._triton import tl, triton
 from kernels._utils import (
     check_float, check_kernel_dtype, cuda_device_guard, deferred_triton_op, register_triton_ops, widen,
 )

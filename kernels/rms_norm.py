@@ -19,9 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 
+from kernels._triton import tl, triton
 from kernels._utils import (
     check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op, register_triton_ops, row_block,
     widen,

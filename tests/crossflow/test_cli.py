@@ -381,14 +381,15 @@ def test_startup_benchmark_runs(tmp_path):
 
 def test_cold_sample_imports_no_compiler_stack_and_no_transformers(tmp_path):
     """The default `crossflow sample` (MiniLM text side, a DiT flow, CPU) needs torch, our modules and `tokenizers`
-    only: transformers (~2 s with its torch._dynamo / torch.distributed imports), torch._dynamo (pulled by init ops on
-    the meta device) and torch._inductor (pulled by registering Triton custom ops) must stay out of a cold start."""
+    only: triton (~0.25 s; none of its kernels can run on a CPU-only build without the interpreter), transformers
+    (~2 s with its torch._dynamo / torch.distributed imports), torch._dynamo (pulled by init ops on the meta device)
+    and torch._inductor (pulled by registering Triton custom ops) must stay out of a cold start."""
     png = tmp_path / "one.png"
     code = ("import sys\nfrom crossflow import cli\n"
             f"rc = cli.main(['sample', 'a handwritten seven', '--steps', '2', '-q', '-o', {str(png)!r}])\n"
             "import torch\nheavy = ['transformers', 'diffusers']\n"
-            "if not torch.backends.cuda.is_built():  # a CUDA build registers the Triton ops at import (inductor)\n"
-            "    heavy += ['torch._dynamo', 'torch._inductor']\n"
+            "if not torch.backends.cuda.is_built():  # a CUDA build loads triton and registers its ops (inductor)\n"
+            "    heavy += ['triton', 'torch._dynamo', 'torch._inductor']\n"
             "print(rc, sorted(m for m in heavy if m in sys.modules))\n")
     env = _env()
     env.pop("TRITON_INTERPRET", None)  # a user's machine: the test session's interpreter switch would register ops
