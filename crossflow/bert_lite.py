@@ -8,7 +8,7 @@ torch.distributed.tensor (about 2 s on a 2-core CPU), more than the rest of a 64
 oracle in the tests (same token ids, same hidden states within fp32 rounding).
 
 Covered: `model_type == "bert"`, absolute position embeddings, the exact-erf GELU, encoder only (no cross-attention),
-weights in `model.safetensors` (with or without a ``bert.`` prefix), a `tokenizer.json`. `LeanBert.unsupported(path)`
+weights in `model.safetensors` (with or without a ``bert.`` prefix), a `tokenizer.json`. `unsupported(path)`
 names what is missing otherwise.
 """
 
@@ -30,12 +30,13 @@ def _config(path: Path) -> dict | None:
         return None
 
 
-def unsupported(path: str | Path) -> str | None:
-    """None when `LeanBert` can load `path`, else why not (the caller then uses transformers)."""
+def unsupported(path: str | Path, cfg: dict | None = None) -> str | None:
+    """None when `LeanBert` can load `path` (whose parsed `config.json` is `cfg`, read here when not given), else why
+    not (the caller then uses transformers)."""
     path = Path(path)
     if not path.is_dir():
         return f"{path} is not a local directory"
-    cfg = _config(path)
+    cfg = _config(path) if cfg is None else cfg
     if cfg is None:
         return f"{path / 'config.json'} is missing or not JSON"
     checks = {
@@ -132,11 +133,12 @@ class LeanBert(nn.Module):
         from crossflow.checkpoint import skip_random_init
 
         path = Path(path)
-        why = unsupported(path)
+        cfg = _config(path)
+        why = unsupported(path, cfg)
         if why:
             raise ValueError(f"LeanBert cannot load {path}: {why}")
         with skip_random_init():
-            model = cls(_config(path))
+            model = cls(cfg)
         sd = load_file(str(path / "model.safetensors"))
         prefix = "bert." if any(k.startswith("bert.") for k in sd) else ""
         # A key the checkpoint lacks is left out here, so the strict load names it (the pooler is not needed).
