@@ -23,6 +23,31 @@ def stable_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+class IndexedPairs(Dataset):
+    """Base of the data sets built on a fixed split of `base` items: `size` samples (default `base`), sample i drawn
+    from item i mod `base` and, when it needs randomness, from its own generator seeded by (STREAM, seed, i), so a
+    sample is a pure function of (seed, i): reproducible across processes and data-loader workers, and resumable."""
+
+    STREAM = ""  # names the random stream; changing it changes every drawn sample of the data set
+
+    def __init__(self, base: int, seed: int = 0, size: int | None = None) -> None:
+        if base < 1:
+            raise ValueError(f"{type(self).__name__}: the split is empty")
+        self.base, self.seed = base, seed
+        self.n = size if size is not None else base
+
+    def __len__(self) -> int:
+        return self.n
+
+    def item(self, i: int) -> int:
+        """The split item that sample i is built on."""
+        return i % self.base
+
+    def generator(self, i: int) -> torch.Generator:
+        """Sample i's own random generator."""
+        return torch.Generator().manual_seed(stable_seed(self.STREAM, self.seed, i))
+
+
 class SyntheticPairs(Dataset):
     """Text/latent pairs with a learnable relation, for tests and smoke runs.
 

@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from crossflow.data import stable_seed
+from crossflow.data import IndexedPairs, stable_seed
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TRAIN_TEMPLATES = (
@@ -129,39 +128,37 @@ class CaptionBank:
         return self.emb[i], self.mask[i]
 
 
-class DigitPairs(Dataset):
+class DigitPairs(IndexedPairs):
     """(caption embedding, image) pairs from the training split; the trainer's "digits" data set.
 
-    Sample i is a pure function of (seed, i): image i mod N with a caption template drawn from its seed, so the data
-    are reproducible across processes and resumable.
+    Sample i is image i mod N with a caption template drawn from (seed, i) (`IndexedPairs`).
     """
+
+    STREAM = "digits-caption"  # the shipped weights were trained on this stream
 
     def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, bank: CaptionBank | None = None) -> None:
         if tuple(cfg.latent_shape) != (1, SIZE, SIZE):
             raise ValueError(f"the digits data set needs latent shape (1, {SIZE}, {SIZE}), got {cfg.latent_shape}")
         self.images, self.labels = load_images("train")
         self.bank = bank if bank is not None else CaptionBank(cfg)
-        self.seed = seed
-        self.n = size if size is not None else len(self.labels)
-
-    def __len__(self) -> int:
-        return self.n
+        super().__init__(len(self.labels), seed, size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        j = i % len(self.labels)
-        g = torch.Generator().manual_seed(stable_seed("digits-caption", self.seed, i))
+        j, g = self.item(i), self.generator(i)
         k = int(self.labels[j])
         emb, mask = self.bank.pick(k, int(torch.randint(len(self.bank.templates), (1,), generator=g)))
         return {"text_emb": emb, "text_mask": mask, "latent": self.images[j], "label": self.labels[j]}
 
 
-class DigitCaptions(Dataset):
+class DigitCaptions(IndexedPairs):
     """(image, caption) pairs from the training split for image -> text: the trainer's "digits-caption" data set.
 
     Yields {"source": the 16x16 image (1, 16, 16) in [-1, 1], "text_emb", "text_mask": the caption's MiniLM tokens
     (the text autoencoder's input), "tokens": its word ids (max_words,), "label"}. Captions are drawn from the
     training templates as in `DigitPairs`; sample i is a pure function of (seed, i).
     """
+
+    STREAM = "digits-caption"
 
     def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, bank: CaptionBank | None = None) -> None:
         from crossflow.vocab import WordVocab
@@ -174,15 +171,10 @@ class DigitCaptions(Dataset):
         self.bank = bank if bank is not None else CaptionBank(cfg)
         vocab = WordVocab(caption_words())  # = text_decoder.get_vocab("digits"), without importing the model side
         self.tokens = torch.stack([vocab.encode(c, cfg.max_words) for c in self.bank.captions])  # bank order
-        self.seed = seed
-        self.n = size if size is not None else len(self.labels)
-
-    def __len__(self) -> int:
-        return self.n
+        super().__init__(len(self.labels), seed, size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        j = i % len(self.labels)
-        g = torch.Generator().manual_seed(stable_seed("digits-caption", self.seed, i))
+        j, g = self.item(i), self.generator(i)
         k = int(self.labels[j])
         t = int(torch.randint(len(self.bank.templates), (1,), generator=g))
         emb, mask = self.bank.pick(k, t)

@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+
+from crossflow.data import IndexedPairs
 
 NATIVE = 8  # the originals' resolution: the target of both tasks
 LOW = 4  # super-resolution input
@@ -197,20 +198,17 @@ def _check_pairing(cfg: Any, what: str, source_size: int) -> None:
         raise ValueError(f"the {what} data set needs a config with {want}; this one has {bad}")
 
 
-class UpscalePairs(Dataset):
+class UpscalePairs(IndexedPairs):
     """(4x4 source, real 8x8 target) pairs from the training split. Sample i is image i mod N: no randomness."""
 
     def __init__(self, cfg: Any, seed: int = 0, size: int | None = None) -> None:
         _check_pairing(cfg, "digits-sr", LOW)
         self.images, self.labels = load_native("train")
         self.low = downsample(self.images)
-        self.n = size if size is not None else len(self.labels)
-
-    def __len__(self) -> int:
-        return self.n
+        super().__init__(len(self.labels), seed, size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        j = i % len(self.labels)
+        j = self.item(i)
         return {"source": self.low[j], "latent": self.images[j], "label": self.labels[j]}
 
 
@@ -224,25 +222,20 @@ def neighbours(x: torch.Tensor, y: torch.Tensor, k: int = VARY_NEIGHBOURS) -> to
     return d.topk(k, dim=1, largest=False).indices
 
 
-class VariationPairs(Dataset):
+class VariationPairs(IndexedPairs):
     """(a digit, the same digit in another hand) pairs from the training split: the source is image i mod N, the
     target one of its VARY_NEIGHBOURS nearest other training digits of the same class, drawn from (seed, i)."""
+
+    STREAM = "digits-vary"
 
     def __init__(self, cfg: Any, seed: int = 0, size: int | None = None) -> None:
         _check_pairing(cfg, "digits-vary", NATIVE)
         self.images, self.labels = load_native("train")
         self.near = neighbours(self.images, self.labels)
-        self.seed = seed
-        self.n = size if size is not None else len(self.labels)
-
-    def __len__(self) -> int:
-        return self.n
+        super().__init__(len(self.labels), seed, size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        from crossflow.data import stable_seed
-
-        j = i % len(self.labels)
-        g = torch.Generator().manual_seed(stable_seed("digits-vary", self.seed, i))
+        j, g = self.item(i), self.generator(i)
         other = int(self.near[j, int(torch.randint(self.near.shape[1], (1,), generator=g))])
         return {"source": self.images[j], "latent": self.images[other], "label": self.labels[j]}
 
