@@ -5,6 +5,8 @@
     perturb         fixture: `perturb(module, std=0.1, everywhere=False)` gives the zero-initialised adaLN-Zero /
                     output weights N(0, std) values so every path carries signal (`everywhere=True`: adds N(0, std)
                     noise to every parameter, so a load that skips a tensor shows); returns the module
+    cli_fails       fixture: `cli_fails(argv, code)` runs `crossflow.cli.main(argv)` in-process, asserts it exits with
+                    `code` after printing exactly one `crossflow: error:` line (no traceback); returns that line
 """
 
 import pytest
@@ -32,3 +34,18 @@ def perturb_(module: torch.nn.Module, std: float = 0.1, everywhere: bool = False
 @pytest.fixture(scope="session")  # a pure function: usable from module-scoped fixtures too
 def perturb():
     return perturb_
+
+
+@pytest.fixture
+def cli_fails(capsys):
+    from crossflow import cli
+
+    def run(argv: list[str], code: int) -> str:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == code
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("crossflow: error: ") and "Traceback" not in err, err
+        return err
+
+    return run

@@ -37,16 +37,6 @@ class _TTY(io.StringIO):
         return True
 
 
-def _fails(argv, code, capsys) -> str:
-    """Run cli.main in-process; it must exit with `code` after printing exactly one `crossflow: error:` line."""
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    assert e.value.code == code
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("crossflow: error: ") and "Traceback" not in err, err
-    return err
-
-
 @pytest.fixture(scope="module")
 def tiny_digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
@@ -202,8 +192,8 @@ def test_cli_entry_point_subprocess(tiny_digits_run, tmp_path):
     (["bogus"], "invalid choice"),
     ([], "required"),
 ])
-def test_cli_usage_errors_exit_2_in_one_line(argv, match, capsys):
-    assert match in _fails(argv, 2, capsys)
+def test_cli_usage_errors_exit_2_in_one_line(argv, match, cli_fails):
+    assert match in cli_fails(argv, 2)
 
 
 def test_usage_errors_are_caught_before_anything_heavy_is_imported():
@@ -241,54 +231,54 @@ def test_triton_backend_on_a_cpu_machine_is_one_line():
     assert r.stderr.startswith("crossflow: error: --backend triton cannot run on cpu")
 
 
-def test_existing_directory_as_output(tmp_path, capsys):
+def test_existing_directory_as_output(tmp_path, cli_fails):
     (tmp_path / "out.png").mkdir()
-    assert "is a directory" in _fails(["sample", "x", "-o", str(tmp_path / "out.png")], 2, capsys)
+    assert "is a directory" in cli_fails(["sample", "x", "-o", str(tmp_path / "out.png")], 2)
 
 
-def test_missing_checkpoint(capsys):
-    assert "no checkpoint directory at /nonexistent/ckpt" in _fails(
-        ["sample", "x", "--checkpoint", "/nonexistent/ckpt"], 1, capsys)
+def test_missing_checkpoint(cli_fails):
+    assert "no checkpoint directory at /nonexistent/ckpt" in cli_fails(
+        ["sample", "x", "--checkpoint", "/nonexistent/ckpt"], 1)
 
 
-def test_checkpoint_without_config(ckpt_copy, capsys):
+def test_checkpoint_without_config(ckpt_copy, cli_fails):
     (ckpt_copy / "config.json").unlink()
-    assert "has no config.json" in _fails(["sample", "x", "--checkpoint", str(ckpt_copy), "-q"], 1, capsys)
+    assert "has no config.json" in cli_fails(["sample", "x", "--checkpoint", str(ckpt_copy), "-q"], 1)
 
 
 @pytest.mark.parametrize("name, text", [("config.json", "{not json"), ("config.json", '{"depth": "four"}'),
                                         ("sampling.json", "{not json"), ("sampling.json", '{"steps": -3}'),
                                         ("sampling.json", "[50, 7]")])
-def test_corrupt_json_names_the_file(ckpt_copy, capsys, name, text):
+def test_corrupt_json_names_the_file(ckpt_copy, name, text, cli_fails):
     (ckpt_copy / name).write_text(text)
-    err = _fails(["sample", "x", "--checkpoint", str(ckpt_copy), "--backend", "torch", "-q"], 1, capsys)
+    err = cli_fails(["sample", "x", "--checkpoint", str(ckpt_copy), "--backend", "torch", "-q"], 1)
     assert str(ckpt_copy / name) in err
 
 
-def test_truncated_safetensors_names_the_file(ckpt_copy, capsys):
+def test_truncated_safetensors_names_the_file(ckpt_copy, cli_fails):
     f = ckpt_copy / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    err = _fails(["sample", "x", "--checkpoint", str(ckpt_copy), "--backend", "torch", "-q"], 1, capsys)
+    err = cli_fails(["sample", "x", "--checkpoint", str(ckpt_copy), "--backend", "torch", "-q"], 1)
     assert str(f) in err
 
 
-def test_flipped_byte_in_the_weights_names_the_file(ckpt_copy, tmp_path, capsys):
+def test_flipped_byte_in_the_weights_names_the_file(ckpt_copy, tmp_path, cli_fails):
     """A byte flipped in the tensor data still parses; the checkpoint's checksums catch it."""
     f = ckpt_copy / "model.safetensors"
     data = bytearray(f.read_bytes())
     data[-100] ^= 0x01  # tensor data, not the header: the file still parses
     f.write_bytes(bytes(data))
-    err = _fails(["sample", "x", "--checkpoint", str(ckpt_copy), "--backend", "torch", "-q", "-o",
-                  str(tmp_path / "x.png")], 1, capsys)
+    err = cli_fails(["sample", "x", "--checkpoint", str(ckpt_copy), "--backend", "torch", "-q", "-o",
+                  str(tmp_path / "x.png")], 1)
     assert not (tmp_path / "x.png").exists()
     assert str(f) in err or "model.safetensors" in err
 
 
-def test_device_cuda_without_cuda(capsys):
+def test_device_cuda_without_cuda(cli_fails):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
-    assert "CUDA is not available" in _fails(["sample", "x", "--device", "cuda"], 2, capsys)
-    assert "--device: " in _fails(["sample", "x", "--device", "gpu0"], 2, capsys)
+    assert "CUDA is not available" in cli_fails(["sample", "x", "--device", "cuda"], 2)
+    assert "--device: " in cli_fails(["sample", "x", "--device", "gpu0"], 2)
 
 
 def test_train_device_cuda_without_cuda(tmp_path):

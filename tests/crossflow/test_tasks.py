@@ -250,17 +250,6 @@ def test_trainer_trains_an_image_to_text_preset(tmp_path, monkeypatch):
 # ---- the shipped digits-caption model and its verbs
 
 
-def _fails(argv, code, capsys) -> str:
-    from crossflow import cli
-
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    assert e.value.code == code
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("crossflow: error: ") and "Traceback" not in err, err
-    return err
-
-
 def test_shipped_caption_model_names_held_out_digits():
     """A small eval of the committed weights (the README's numbers come from `crossflow eval --preset
     digits-caption`)."""
@@ -293,20 +282,20 @@ def test_caption_and_vary_text_verbs(tmp_path, capsys):
     assert len(lines) == 3 and all(digits.parse_caption(c) == 7 for c in lines), lines
 
 
-def test_caption_and_vary_errors(tmp_path, capsys):
+def test_caption_and_vary_errors(tmp_path, cli_fails):
     from crossflow.pipeline import default_checkpoint
 
-    assert "not both" in _fails(["vary"], 2, capsys)
-    assert "not both" in _fails(["vary", "x.png", "--text", "a seven"], 2, capsys)
-    assert "text variations are printed" in _fails(["vary", "--text", "a seven", "-o", "v.png"], 2, capsys)
-    assert "no such image file" in _fails(["caption", str(tmp_path / "missing.png")], 1, capsys)
+    assert "not both" in cli_fails(["vary"], 2)
+    assert "not both" in cli_fails(["vary", "x.png", "--text", "a seven"], 2)
+    assert "text variations are printed" in cli_fails(["vary", "--text", "a seven", "-o", "v.png"], 2)
+    assert "no such image file" in cli_fails(["caption", str(tmp_path / "missing.png")], 1)
     (tmp_path / "bad.png").write_text("not an image")
-    assert "not an image file" in _fails(["caption", str(tmp_path / "bad.png")], 1, capsys)
+    assert "not an image file" in cli_fails(["caption", str(tmp_path / "bad.png")], 1)
     png = tmp_path / "ok.png"
     from PIL import Image
 
     Image.new("L", (16, 16)).save(png)
-    assert "image -> text model" in _fails(["caption", str(png), "--checkpoint", default_checkpoint()], 1, capsys)
+    assert "image -> text model" in cli_fails(["caption", str(png), "--checkpoint", default_checkpoint()], 1)
 
 
 @pytest.mark.usefixtures("torch_backend")
