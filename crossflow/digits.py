@@ -13,7 +13,8 @@ mean pairwise L2 distance between samples of one prompt, divided by the same for
 averaged over digits; background speckle = the standard deviation of the background pixels (`background_mask`: where
 the mean real training image of the digit has almost no ink), pooled over all images, in the [-1, 1] pixel range,
 computed the same way for the samples and for the real held-out images (`background_std`), and reported as their
-ratio (1 = as clean as real digits).
+ratio (1 = as clean as real digits); `background_parts` splits it into a grey pattern every sample of a digit repeats
+and per-sample noise.
 """
 
 from __future__ import annotations
@@ -212,16 +213,41 @@ def background_mask() -> torch.Tensor:
     return torch.stack([x[y == k].mean(0)[0] < BACKGROUND_LEVEL for k in range(10)])
 
 
+def _check_images(name: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    if images.dim() != 4 or tuple(images.shape[1:]) != (1, SIZE, SIZE) or labels.shape != images.shape[:1]:
+        raise ValueError(f"{name}: expected images (N, 1, {SIZE}, {SIZE}) and labels (N,), got "
+                         f"{tuple(images.shape)} and {tuple(labels.shape)}")
+
+
 def background_std(images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """The standard deviation of the background pixels of `images` (N, 1, 16, 16) in [-1, 1], digit labels (N,):
     every image's pixels under its digit's `background_mask`, pooled. Speckle and a grey background raise it; real
     held-out digits: about 0.043."""
     mask = background_mask() if mask is None else mask
-    if images.dim() != 4 or tuple(images.shape[1:]) != (1, SIZE, SIZE) or labels.shape != images.shape[:1]:
-        raise ValueError(f"background_std: expected images (N, 1, {SIZE}, {SIZE}) and labels (N,), got "
-                         f"{tuple(images.shape)} and {tuple(labels.shape)}")
+    _check_images("background_std", images, labels)
     vals = torch.cat([images[labels == k][:, 0][:, mask[k]].flatten() for k in range(10)])
     return float(vals.double().std())
+
+
+def background_parts(images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
+    """Where `background_std` comes from: the pooled background pixels' mean, the spread of their per-pixel means over
+    the images of each digit (a grey pattern every sample repeats) and the spread around those means (noise that
+    differs per sample); the two spreads add in quadrature to about `background_std` (exactly, up to the means' own
+    spread across digits)."""
+    mask = background_mask() if mask is None else mask
+    _check_images("background_parts", images, labels)
+    px, means, resid = [], [], []
+    for k in range(10):
+        v = images[labels == k][:, 0][:, mask[k]].double()  # (n_k, background pixels of k)
+        if len(v):
+            px.append(v.flatten())
+            means.append(v.mean(0))
+            resid.append((v - means[-1]).flatten())
+    if not px:
+        raise ValueError("background_parts: no images")
+    means_all = torch.cat(means)
+    return {"mean": float(torch.cat(px).mean()), "pattern_std": float(means_all.std() if len(means_all) > 1 else 0.0),
+            "noise_std": float(torch.cat(resid).std())}
 
 
 @torch.no_grad()
@@ -255,7 +281,8 @@ def evaluate(pipe: Any, per_prompt: int = 10, guidance_scale: float | None = Non
     bar.close()
     n_per_digit = per_prompt * len(templates)
     mask = background_mask()
-    bg = background_std(torch.cat(all_imgs), torch.arange(10).repeat_interleave(per_prompt).repeat(len(templates)), mask)
+    labels = torch.arange(10).repeat_interleave(per_prompt).repeat(len(templates))
+    bg = background_std(torch.cat(all_imgs), labels, mask)
     bg_real = background_std(real, real_y, mask)
     return {
         "accuracy": correct / total,
@@ -263,6 +290,8 @@ def evaluate(pipe: Any, per_prompt: int = 10, guidance_scale: float | None = Non
         "speckle": bg / bg_real,
         "background_std": bg,
         "background_std_real": bg_real,
+        "background_parts": background_parts(torch.cat(all_imgs), labels, mask),
+        "background_parts_real": background_parts(real, real_y, mask),
         "per_digit_accuracy": {str(k): v / n_per_digit for k, v in sorted(per_digit.items())},
         "samples": total,
         "classifier_accuracy_on_real": clf_acc,

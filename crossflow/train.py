@@ -51,7 +51,7 @@ from crossflow.optim import LR_SCHEDULES, ema_update, lr_factor, param_groups
 # Training recipes: the defaults `--preset NAME` brings along (explicit flags win).
 RECIPES: dict[str, dict[str, Any]] = {
     "digits": dict(data="digits", steps=3600, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999,
-                   log_every=50, ckpt_every=600),
+                   lr_schedule="cosine", log_every=50, ckpt_every=600),
     "digits-caption": dict(data="digits-caption", steps=1200, batch_size=64, lr=1e-3, warmup_steps=100,
                            ema_decay=0.995, log_every=50, ckpt_every=400),
     "digits-sr": dict(data="digits-sr", steps=1500, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.995,

@@ -45,7 +45,7 @@ def test_digit_pairs_are_deterministic_and_shaped():
 def test_shipped_model_draws_the_prompted_digits():
     """A small eval of the committed weights (the README's numbers come from the full `crossflow eval`)."""
     ckpt = default_checkpoint()
-    assert sampling_defaults(ckpt) == {"steps": 50, "guidance_scale": 1.25}
+    assert sampling_defaults(ckpt) == {"steps": 50, "guidance_scale": 1.5}
     pipe = CrossFlowPipeline.from_pretrained(ckpt, sampler=FastSampler(steps=20))
     with kernels.use_backend("torch"):  # speed on CPU; the kernels are tested on their own
         res = digits.evaluate(pipe, per_prompt=3, guidance_scale=7.0, steps=20, templates=digits.HELDOUT_TEMPLATES[:2])
@@ -98,3 +98,19 @@ def test_background_speckle_metric():
     assert digits.background_std(inked, y, mask) == pytest.approx(real)
     with pytest.raises(ValueError, match="background_std"):
         digits.background_std(x[:, :, :8], y, mask)
+
+
+def test_background_parts_split_a_repeated_pattern_from_per_sample_noise():
+    mask = digits.background_mask()
+    x, y = digits.load_images("test")
+    real = digits.background_parts(x, y, mask)
+    assert -1.0 < real["mean"] < -0.95 and 0.0 < real["pattern_std"] < 0.03 and 0.03 < real["noise_std"] < 0.05
+    g = torch.Generator().manual_seed(0)
+    pattern = 0.2 * torch.randn(1, 1, 16, 16, generator=g)  # the same grey pattern on every image
+    noise = 0.2 * torch.randn(x.shape, generator=g)  # different on every image
+    with_pattern = digits.background_parts(x + pattern, y, mask)
+    with_noise = digits.background_parts(x + noise, y, mask)
+    assert with_pattern["pattern_std"] > 0.15 and with_pattern["noise_std"] == pytest.approx(real["noise_std"], rel=1e-6)
+    assert with_noise["noise_std"] > 0.15 and with_noise["pattern_std"] < 0.05
+    total = digits.background_std(x + pattern, y, mask)
+    assert total == pytest.approx((with_pattern["pattern_std"] ** 2 + with_pattern["noise_std"] ** 2) ** 0.5, rel=0.1)

@@ -53,13 +53,13 @@ def test_pairing_fields_are_validated(change, message):
 
 
 def test_a_config_without_pairing_fields_is_text_to_image_with_its_old_parts():
-    """The shipped digits config.json predates the pairing: it loads as text -> image, and the model has exactly the
-    parts (and state-dict keys) it had."""
+    """A config.json written before the pairing fields existed (the digits weights shipped until 2026-12-02) loads as
+    text -> image, and the model has exactly the parts (and state-dict keys) it had."""
     old = {k: v for k, v in CrossFlowConfig().to_dict().items() if k not in (
         "source", "target", "source_channels", "source_size", "image_ve_width", "vocab", "max_words", "decoder_width",
         "decoder_depth", "decoder_heads", "decoder_prefix", "rec_weight")}
     cfg = CrossFlowConfig.from_dict(old)
-    assert (cfg.source, cfg.target) == ("text", "image") and cfg == CrossFlowConfig.from_name("digits")
+    assert (cfg.source, cfg.target) == ("text", "image") and cfg == CrossFlowConfig()
     model = CrossFlow(CrossFlowConfig.from_name("tiny"))
     assert {k.split(".")[0] for k in model.state_dict()} == {"text_ve", "flow", "image_encoder", "logit_scale"}
     cap = CrossFlow(tiny_caption())
