@@ -276,11 +276,17 @@ def _spills(arch: int, kind: str, dp: int, split: bool, masked: bool | None, til
         if k == kind and d in (dp, None) and t == tile and (m is None or masked is None or m == masked):
             return True
     # sm_80, split head dims: the dK/dV 64-row 8-warp tile spills 12 B (any mask).
-    return arch == 80 and kind == "dkdv" and split and tile[0] == 64 and tile[2] == 8
+    if arch == 80 and kind == "dkdv" and split and tile[0] == 64 and tile[2] == 8:
+        return True
+    # The fused backward at the split head dims of 64+16 and 64+32 lanes (10 dots, K/V/dK/dV in two parts each): on
+    # sm_80 every tile but the 16-query ones spills (4 B to 13 KB), on sm_90 every one below 64x64 (4-550 B).
+    if kind == "fused" and split and dp >= 80:
+        return tile[0] > 16 if arch == 80 else min(tile[:2]) < 64
+    return False
 
 
 # fp32 values per thread, per kernel, for 16-bit inputs.
-_REG_BUDGET = {"fwd": 192, "dkdv": 160, "dq": 224, "fused": 192}
+_REG_BUDGET = {"fwd": 192, "dkdv": 160, "dq": 224, "fused": 208}
 # arch -> (kind, padded head dim or None for any, HAS_MASK or None for either, tile) where ptxas spills a few to 92
 # bytes although the tile is within budget, measured (compile report of 2026-12-01, triton 3.9, and 3.6's ptxas 12.8).
 # sm_80 caps registers for occupancy or runs out of its 255 where sm_90's wgmma keeps the accumulators elsewhere: the
@@ -310,9 +316,27 @@ _PTXAS_SPILLS = {
         ("dq", 96, True, (64, 64, 4, 3)),
         ("dq", 128, True, (128, 64, 8, 3)),
         ("dq", 128, True, (64, 64, 4, 3)),
+        # The fused backward (report subsets of 2026-12-02, fp16, triton 3.9 and 3.6; 4-1600 B), beyond `_spills`'
+        # split-dim rule:
+        ("fused", 32, False, (64, 64, 4, 2)),
+        ("fused", 48, None, (64, 64, 4, 2)),
+        ("fused", 48, None, (64, 128, 8, 2)),
+        ("fused", 48, None, (64, 32, 4, 2)),
+        ("fused", 48, False, (64, 32, 8, 2)),
+        ("fused", 64, None, (64, 64, 4, 2)),
+        ("fused", 64, None, (64, 64, 8, 2)),
+        ("fused", 64, None, (64, 128, 8, 2)),
+        ("fused", 64, True, (64, 32, 4, 2)),
+        ("fused", 128, True, (64, 64, 8, 2)),
+        ("fused", 128, True, (64, 32, 4, 2)),
+        ("fused", 128, True, (16, 32, 8, 1)),
     },
     90: {
         ("dq", 48, True, (32, 32, 8, 2)),  # fp32 (FMA), 4 B
+        ("fused", 48, None, (64, 32, 4, 2)),
+        ("fused", 128, None, (64, 32, 4, 2)),
+        ("fused", 48, True, (16, 32, 4, 1)),
+        ("fused", 64, True, (16, 32, 4, 1)),
     },
 }
 # Shared memory of the tiles: sm_80 has 163 KB per block (sm_90 227 KB, but its wgmma staging uses more).
@@ -335,8 +359,9 @@ _FWD_TILES = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 2),
 _DKDV_TILES = [(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 8, 2),
                (16, 32, 4, 1), (16, 32, 8, 1)]
 # The fused backward: keys on the M side of dK/dV's dots, queries on dQ's, so wgmma wants both >= 64.
-_FUSED_TILES = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2),
-                (64, 32, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1)]
+# Measured on both archs and triton versions: 128-query tiles and 3 stages spilled nearly everywhere (dropped).
+_FUSED_TILES = [(64, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2), (32, 64, 4, 2),
+                (64, 32, 4, 2), (32, 32, 8, 1), (16, 32, 8, 1), (32, 32, 4, 1), (16, 32, 4, 1)]
 _DQ_TILES = [(64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 16, 4, 2), (64, 16, 8, 2),
              (32, 16, 4, 1), (32, 16, 8, 1)]
 # fp32 tile -> the padded head dims (D0 + D1) at which it compiled spill-free on sm_90 and sm_80 (triton 3.9 at all
@@ -348,7 +373,9 @@ _FP32_TILES = {
     "dkdv": {(16, 16, 4, 1): _MEASURED},
     "dq": {(32, 32, 8, 2): _MEASURED, (32, 16, 4, 2): _MEASURED, (16, 32, 4, 2): _MEASURED,
            (16, 16, 4, 1): _MEASURED - {256}},
-    "fused": {(16, 16, 4, 1): _MEASURED},
+    # The fused backward's fp32 tile spills 8 B on sm_90 at 64+16 lanes: fp32 inputs take the split pair (see
+    # `_bwd_kernel_for`); this tile serves a forced `KERNELS_ATTENTION_BWD=fused` only.
+    "fused": {(16, 16, 4, 1): _MEASURED - {80}},
 }
 _FWD_CONFIGS = _configs(_FWD_TILES, _FP32_TILES["fwd"])
 _DKDV_CONFIGS = _configs(_DKDV_TILES, _FP32_TILES["dkdv"])
@@ -901,21 +928,26 @@ def _attention_fwd_op(
 
 
 # Which backward runs: "fused" (one kernel per key block; dQ through fp32 atomics) or "split" (the dK/dV kernel plus
-# the dQ kernel: every gradient written by one program, bitwise reproducible). "auto" (default) and "fused" take the
-# fused one unless `torch.are_deterministic_algorithms_enabled()`, which always gets the split pair: a promise of
-# reproducible gradients outranks a speed setting. Read at every launch.
+# the dQ kernel: every gradient written by one program, bitwise reproducible). "auto" (default) takes the fused one for
+# fp16/bf16 and the split pair for fp32 (its FMA dots gain least from sharing P and dS, and its fused tile spills on
+# sm_90 at 64+16 lanes); "fused" / "split" force one (tests run both in the interpreter). Whatever the setting,
+# `torch.are_deterministic_algorithms_enabled()` gets the split pair: a promise of reproducible gradients outranks a
+# speed setting. Read at every launch.
 BWD_KERNEL_ENV = "KERNELS_ATTENTION_BWD"
 _BWD_KERNELS = ("auto", "fused", "split")
-# Backward launches per path ("fused" / "split") in this process.
+# Backward launches per path ("fused" / "split") in this process: which one ran is observable, never silent.
 bwd_kernel_launches: collections.Counter = collections.Counter()
 
 
-def _bwd_kernel_for() -> str:
-    """"fused" or "split": the backward path under `KERNELS_ATTENTION_BWD` and torch's deterministic mode."""
+def _bwd_kernel_for(q: torch.Tensor) -> str:
+    """"fused" or "split": the backward path for `q`'s dtype under `KERNELS_ATTENTION_BWD` and torch's deterministic
+    mode."""
     want = os.environ.get(BWD_KERNEL_ENV, "") or "auto"
     if want not in _BWD_KERNELS:
         raise ValueError(f"attention: {BWD_KERNEL_ENV}={want!r} is not one of {', '.join(_BWD_KERNELS)}")
-    return "split" if want == "split" or torch.are_deterministic_algorithms_enabled() else "fused"
+    if want == "split" or torch.are_deterministic_algorithms_enabled():
+        return "split"
+    return "split" if want == "auto" and q.dtype == torch.float32 else "fused"
 
 
 @deferred_triton_op("kernels::attention_bwd", mutates_args=())
@@ -927,7 +959,7 @@ def _attention_bwd_op(
     tk = k.shape[2]
     if b * h * tq == 0 or tk == 0:  # no query rows or no keys: every gradient is zero (or empty)
         return q.new_zeros(b, tq, h, d), k.new_zeros(b, tk, h, d), v.new_zeros(b, tk, h, d)
-    which = _bwd_kernel_for()
+    which = _bwd_kernel_for(q)
     bwd_kernel_launches[which] += 1
     dk, dv = k.new_empty(b, tk, h, d), v.new_empty(b, tk, h, d)
     # The fused path accumulates dQ in fp32 (for fp32 inputs that buffer is dQ itself); (B, Tq, H, D) memory either way.
