@@ -214,12 +214,10 @@ def _drive(case: Case) -> None:
             return
         # The model merges heads with out.transpose(1, 2).reshape(B, T, H*D): its gradient arrives in that layout.
         dout = torch.empty(B, t, h, d, dtype=dt).transpose(1, 2)
-        # Both backward paths for 16-bit inputs: the fused kernel (their default) and the deterministic dK/dV + dQ
-        # pair (`split`, also fp32's default and only path here).
-        paths = ("split",) if p["dtype"] == "fp32" else BWD_PATHS
-        for path in paths:
+        # Both backward paths: the fused kernel (the default) and the deterministic dK/dV + dQ pair (`split`).
+        for path in BWD_PATHS:
             with _env(BWD_KERNEL_ENV, path):
-                out.backward(dout, retain_graph=path != paths[-1])
+                out.backward(dout, retain_graph=path != BWD_PATHS[-1])
     elif case.op in ("adaln_modulate", "gated_residual_adaln"):
         c, t = p["c"], 256
         x = torch.empty(B, t, c, dtype=dt, requires_grad=True)

@@ -373,9 +373,9 @@ _FP32_TILES = {
     "dkdv": {(16, 16, 4, 1): _MEASURED},
     "dq": {(32, 32, 8, 2): _MEASURED, (32, 16, 4, 2): _MEASURED, (16, 32, 4, 2): _MEASURED,
            (16, 16, 4, 1): _MEASURED - {256}},
-    # The fused backward's fp32 tile spills 8 B on sm_90 at 64+16 lanes: fp32 inputs take the split pair (see
-    # `_bwd_kernel_for`); this tile serves a forced `KERNELS_ATTENTION_BWD=fused` only.
-    "fused": {(16, 16, 4, 1): _MEASURED - {80}},
+    # The fused backward, measured at head dims up to 128 only: 16x16 with 4 warps spills 8 B on sm_90 at 64+16 lanes,
+    # with 2 warps nowhere (the fallback, last).
+    "fused": {(16, 16, 4, 1): _MEASURED - {80, 256}, (16, 16, 2, 1): _MEASURED - {256}},
 }
 _FWD_CONFIGS = _configs(_FWD_TILES, _FP32_TILES["fwd"])
 _DKDV_CONFIGS = _configs(_DKDV_TILES, _FP32_TILES["dkdv"])
@@ -928,9 +928,8 @@ def _attention_fwd_op(
 
 
 # Which backward runs: "fused" (one kernel per key block; dQ through fp32 atomics) or "split" (the dK/dV kernel plus
-# the dQ kernel: every gradient written by one program, bitwise reproducible). "auto" (default) takes the fused one for
-# fp16/bf16 and the split pair for fp32 (its FMA dots gain least from sharing P and dS, and its fused tile spills on
-# sm_90 at 64+16 lanes); "fused" / "split" force one (tests run both in the interpreter). Whatever the setting,
+# the dQ kernel: every gradient written by one program, bitwise reproducible). "auto" (default) and "fused" take the
+# fused one, "split" the pair (tests run both in the interpreter). Whatever the setting,
 # `torch.are_deterministic_algorithms_enabled()` gets the split pair: a promise of reproducible gradients outranks a
 # speed setting. Read at every launch.
 BWD_KERNEL_ENV = "KERNELS_ATTENTION_BWD"
@@ -939,15 +938,12 @@ _BWD_KERNELS = ("auto", "fused", "split")
 bwd_kernel_launches: collections.Counter = collections.Counter()
 
 
-def _bwd_kernel_for(q: torch.Tensor) -> str:
-    """"fused" or "split": the backward path for `q`'s dtype under `KERNELS_ATTENTION_BWD` and torch's deterministic
-    mode."""
+def _bwd_kernel_for() -> str:
+    """"fused" or "split": the backward path under `KERNELS_ATTENTION_BWD` and torch's deterministic mode."""
     want = os.environ.get(BWD_KERNEL_ENV, "") or "auto"
     if want not in _BWD_KERNELS:
         raise ValueError(f"attention: {BWD_KERNEL_ENV}={want!r} is not one of {', '.join(_BWD_KERNELS)}")
-    if want == "split" or torch.are_deterministic_algorithms_enabled():
-        return "split"
-    return "split" if want == "auto" and q.dtype == torch.float32 else "fused"
+    return "split" if want == "split" or torch.are_deterministic_algorithms_enabled() else "fused"
 
 
 @deferred_triton_op("kernels::attention_bwd", mutates_args=())
@@ -959,7 +955,7 @@ def _attention_bwd_op(
     tk = k.shape[2]
     if b * h * tq == 0 or tk == 0:  # no query rows or no keys: every gradient is zero (or empty)
         return q.new_zeros(b, tq, h, d), k.new_zeros(b, tk, h, d), v.new_zeros(b, tk, h, d)
-    which = _bwd_kernel_for(q)
+    which = _bwd_kernel_for()
     bwd_kernel_launches[which] += 1
     dk, dv = k.new_empty(b, tk, h, d), v.new_empty(b, tk, h, d)
     # The fused path accumulates dQ in fp32 (for fp32 inputs that buffer is dQ itself); (B, Tq, H, D) memory either way.

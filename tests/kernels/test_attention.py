@@ -165,19 +165,18 @@ def test_attention_fwd_bwd(case, device, kernel_paths):
 
 def test_attention_bwd_kernel_choice(monkeypatch):
     pick = attn_mod._bwd_kernel_for
-    h, f = torch.empty(1, dtype=F16), torch.empty(1, dtype=F32)
     monkeypatch.delenv(attn_mod.BWD_KERNEL_ENV, raising=False)
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(False)
-        assert pick(h) == "fused" and pick(f) == "split"  # auto: fused for 16-bit inputs, the pair for fp32
+        assert pick() == "fused"  # the default
         for want in ("fused", "split"):
             monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, want)
-            assert pick(h) == want and pick(f) == want
+            assert pick() == want
         torch.use_deterministic_algorithms(True)
         for want in ("auto", "fused", "split"):  # reproducible gradients were asked for: the split pair, always
             monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, want)
-            assert pick(h) == "split"
+            assert pick() == "split"
     finally:
         torch.use_deterministic_algorithms(deterministic)
     monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, "atomic")
@@ -409,11 +408,13 @@ _KERNEL_KIND = {"_attention_fwd_kernel": "fwd", "_attention_bwd_dkdv_kernel": "d
                 "_attention_bwd_fused_kernel": "fused"}
 
 
-# Committed compile reports that measured spills: triton 3.9's full matrix before the prune was arch-aware, and triton
-# 3.6's masked attention subset (its ptxas 12.8 spills a few configs 3.9's does not).
+# Committed compile reports that measured spills: triton 3.9's full matrix before the prune was arch-aware, triton
+# 3.6's masked attention subset (its ptxas 12.8 spills a few configs 3.9's does not), and every candidate tile of the
+# fused backward compiled unpruned (both versions).
 _SPILL_REPORTS = ("2026-12-01_compile-report_triton-3.9.0.json",
                   "2026-12-02_compile-report_triton-3.6.0_attention-masked-subset.json",
-                  "2026-12-02_compile-report_triton-3.6.0_pre-fix.json")
+                  "2026-12-02_compile-report_triton-3.6.0_pre-fix.json",
+                  "2026-12-02_compile-report_fused-bwd-tiles_triton-3.9.0+3.6.0.json")
 
 
 def _measured_spills():
@@ -435,9 +436,9 @@ def _measured_spills():
 
 def test_attention_prune_drops_measured_spillers_per_arch(monkeypatch):
     # Every config that spilled for an arch is gone from that arch's prune and from the unknown-target (strictest)
-    # prune; the measured list is not empty (34 + 4 + 7 sm_80 configs and one sm_90 fp32 one).
+    # prune; the measured list is not empty (34 + 4 + 7 sm_80 configs and one sm_90 fp32 one; 240 fused rows).
     spills = _measured_spills()
-    assert {a for a, *_ in spills} == {80, 90} and len(spills) >= 45
+    assert {a for a, *_ in spills} == {80, 90} and len(spills) >= 45 + 240
     for arch, kind, args, tile in spills:
         for target in (arch, None):
             assert tile not in _kept_tiles(kind, args, target, monkeypatch), (target, kind, args, tile)
