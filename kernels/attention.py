@@ -7,8 +7,15 @@ query row whose keys are all masked returns zeros (not NaN) and passes no gradie
 
 Kernels (FlashAttention-2 style): the forward streams key blocks through an online softmax in base 2 (scale·log2(e)
 folded into one multiply), fp32 statistics and accumulators, and stores the per-row log-sum-exp for the backward. The
-backward recomputes P and dS from it (one shared helper): one kernel per key block for dK/dV, one per query block for
-dQ, so every gradient is written by exactly one program (deterministic, no atomics).
+backward recomputes P and dS from it (one shared helper) after a preprocess launch that computes delta = rowsum(dO∘O),
+in one of two ways (`KERNELS_ATTENTION_BWD` = auto | fused | split, read at each launch; `bwd_kernel_launches` counts
+which ran):
+- fused (the default): one kernel per key block sweeps every query block and computes S, dP, dV += Pᵀ dO, dK += dSᵀ Q
+  and dQ's share dS K, added into an fp32 dQ buffer with atomics (which the preprocess zeroes): 5 matmuls per (query,
+  key) tile. The fp32 sums land in scheduling order, so dQ's last bits may differ from run to run.
+- split: one kernel per key block for dK/dV (S, dP, dV, dK) and one per query block for dQ (S, dP, dQ), 7 matmuls per
+  tile (P and dP recomputed twice), every gradient written by exactly one program: bitwise reproducible. It runs
+  whenever `torch.are_deterministic_algorithms_enabled()`, whatever the variable says.
 
 On sm_90 (a CUDA device of capability >= 9.0) the forward is a second kernel with the same arithmetic: Q/K/V/O tiles
 move by TMA through tensor descriptors made in the kernel, and the key loop is warp-specialized (a producer warp group
