@@ -10,9 +10,11 @@ folded into one multiply), fp32 statistics and accumulators, and stores the per-
 backward recomputes P and dS from it (one shared helper) after a preprocess launch that computes delta = rowsum(dO∘O),
 in one of two ways (`KERNELS_ATTENTION_BWD` = auto | fused | split, read at each launch; `bwd_kernel_launches` counts
 which ran):
-- fused (the default): one kernel per key block sweeps every query block and computes S, dP, dV += Pᵀ dO, dK += dSᵀ Q
-  and dQ's share dS K, added into an fp32 dQ buffer with atomics (which the preprocess zeroes): 5 matmuls per (query,
-  key) tile. The fp32 sums land in scheduling order, so dQ's last bits may differ from run to run.
+- fused (the default; on a pre-sm_90 GPU at head dims split 64+16 / 64+32, where only 16-query tiles of it compile
+  spill-free, `auto` keeps the split pair): one kernel per key block sweeps every query block and computes S, dP,
+  dV += Pᵀ dO, dK += dSᵀ Q and dQ's share dS K, added into an fp32 dQ buffer with atomics (which the preprocess
+  zeroes): 5 matmuls per (query, key) tile. The fp32 sums land in scheduling order, so dQ's last bits may differ
+  from run to run.
 - split: one kernel per key block for dK/dV (S, dP, dV, dK) and one per query block for dQ (S, dP, dQ), 7 matmuls per
   tile (P and dP recomputed twice), every gradient written by exactly one program: bitwise reproducible. It runs
   whenever `torch.are_deterministic_algorithms_enabled()`, whatever the variable says.
@@ -935,22 +937,37 @@ def _attention_fwd_op(
 
 
 # Which backward runs: "fused" (one kernel per key block; dQ through fp32 atomics) or "split" (the dK/dV kernel plus
-# the dQ kernel: every gradient written by one program, bitwise reproducible). "auto" (default) and "fused" take the
-# fused one, "split" the pair (tests run both in the interpreter). Whatever the setting,
-# `torch.are_deterministic_algorithms_enabled()` gets the split pair: a promise of reproducible gradients outranks a
-# speed setting. Read at every launch.
+# the dQ kernel: every gradient written by one program, bitwise reproducible). "auto" (default) takes the fused one
+# except on a pre-sm_90 GPU at the split head dims of 64+16 / 64+32 lanes (`_fused_starved`); "fused" / "split" force
+# one (tests run both in the interpreter). Whatever the setting, `torch.are_deterministic_algorithms_enabled()` gets
+# the split pair: a promise of reproducible gradients outranks a speed setting. Read at every launch.
 BWD_KERNEL_ENV = "KERNELS_ATTENTION_BWD"
 _BWD_KERNELS = ("auto", "fused", "split")
 # Backward launches per path ("fused" / "split") in this process: which one ran is observable, never silent.
 bwd_kernel_launches: collections.Counter = collections.Counter()
 
 
-def _bwd_kernel_for() -> str:
-    """"fused" or "split": the backward path under `KERNELS_ATTENTION_BWD` and torch's deterministic mode."""
+def _bwd_kernel_for(q: torch.Tensor) -> str:
+    """"fused" or "split": the backward path for `q` under `KERNELS_ATTENTION_BWD` and torch's deterministic mode."""
     want = os.environ.get(BWD_KERNEL_ENV, "") or "auto"
     if want not in _BWD_KERNELS:
         raise ValueError(f"attention: {BWD_KERNEL_ENV}={want!r} is not one of {', '.join(_BWD_KERNELS)}")
-    return "split" if want == "split" or torch.are_deterministic_algorithms_enabled() else "fused"
+    if want == "split" or torch.are_deterministic_algorithms_enabled():
+        return "split"
+    if want == "auto" and q.is_cuda and torch.version.hip is None and not interpreting():
+        major, minor = torch.cuda.get_device_capability(q.device)
+        if _fused_starved(q.shape[3], 10 * major + minor):
+            return "split"
+    return "fused"
+
+
+def _fused_starved(d: int, arch: int) -> bool:
+    """Would the fused backward run on tiles far smaller than the split pair's? On sm_80 (any arch below 90) at the
+    split head dims of 64+16 and 64+32 lanes only its 16-query tiles compile spill-free (`_spills`, measured), where
+    the pair keeps 32- and 64-row tiles; sm_90 keeps 64x64 wgmma tiles there. Until a GPU run compares the two, `auto`
+    keeps the pair in that corner."""
+    d0, d1 = _split_head_dim(d)
+    return arch < 90 and d1 > 0 and d0 + d1 >= 80
 
 
 @deferred_triton_op("kernels::attention_bwd", mutates_args=())
@@ -962,7 +979,7 @@ def _attention_bwd_op(
     tk = k.shape[2]
     if b * h * tq == 0 or tk == 0:  # no query rows or no keys: every gradient is zero (or empty)
         return q.new_zeros(b, tq, h, d), k.new_zeros(b, tk, h, d), v.new_zeros(b, tk, h, d)
-    which = _bwd_kernel_for()
+    which = _bwd_kernel_for(q)
     bwd_kernel_launches[which] += 1
     dk, dv = k.new_empty(b, tk, h, d), v.new_empty(b, tk, h, d)
     # The fused path accumulates dQ in fp32 (for fp32 inputs that buffer is dQ itself); (B, Tq, H, D) memory either way.

@@ -165,24 +165,41 @@ def test_attention_fwd_bwd(case, device, kernel_paths):
 
 def test_attention_bwd_kernel_choice(monkeypatch):
     pick = attn_mod._bwd_kernel_for
+    q = torch.empty(1, 1, 1, 72)
     monkeypatch.delenv(attn_mod.BWD_KERNEL_ENV, raising=False)
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(False)
-        assert pick() == "fused"  # the default
+        assert pick(q) == "fused"  # the default
         for want in ("fused", "split"):
             monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, want)
-            assert pick() == want
+            assert pick(q) == want
         torch.use_deterministic_algorithms(True)
         for want in ("auto", "fused", "split"):  # reproducible gradients were asked for: the split pair, always
             monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, want)
-            assert pick() == "split"
+            assert pick(q) == "split"
     finally:
         torch.use_deterministic_algorithms(deterministic)
     monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, "atomic")
     q = torch.randn(1, 1, 3, 16, requires_grad=True)
     with pytest.raises(ValueError, match="KERNELS_ATTENTION_BWD"):
         attention_triton(q, q, q).sum().backward()
+
+
+def test_attention_fused_starved_corner():
+    # auto keeps the split pair on pre-sm_90 GPUs at 64+16 / 64+32 lanes, where the fused kernel's prune leaves only
+    # 16-query tiles; everywhere else (and on sm_90 always) the fused kernel runs.
+    starved = attn_mod._fused_starved
+    assert starved(72, 80) and starved(80, 86) and starved(96, 80)
+    assert not any(starved(d, 90) for d in (24, 48, 64, 72, 80, 96, 128))
+    assert not any(starved(d, 80) for d in (24, 48, 64, 128))
+    for d in (72, 96):  # the measured prune agrees: sm_80 keeps only 16-query tiles there, sm_90 64x64 ones
+        d0, d1 = _split_head_dim(d)
+        args = dict(D0=d0, D1=d1, HAS_MASK=True, DOT_PRECISION="tf32")
+        configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+                   for bm, bn, w, s in attn_mod._FUSED_TILES]
+        assert {c.kwargs["BLOCK_M"] for c in attn_mod._prune_for("fused", configs, args, 80)} == {16}
+        assert {c.kwargs["BLOCK_M"] for c in attn_mod._prune_for("fused", configs, args, 90)} == {64}
 
 
 def test_attention_deterministic_selects_split(device, monkeypatch):
