@@ -300,7 +300,8 @@ _REG_BUDGET = {"fwd": 192, "dkdv": 160, "dq": 224, "fused": 208}
 # bytes although the tile is within budget, measured (compile report of 2026-12-01, triton 3.9, and 3.6's ptxas 12.8).
 # sm_80 caps registers for occupancy or runs out of its 255 where sm_90's wgmma keeps the accumulators elsewhere: the
 # forward's 64x64 4-warp tile (4 B at 96-168 registers, head dims 32-96), and the masked kernels, which hold the mask
-# tile beside P and dS (dQ at 48/80/96/128 lanes up to 92 B, dK/dV at 64/96 lanes). sm_90: one fp32 dQ tile.
+# tile beside P and dS (dQ at 48/80/96/128 lanes up to 92 B, dK/dV at 64/96 lanes). sm_90: one fp32 dQ tile. The fused
+# backward holds the most (K, V, dK, dV, Q, dO, P, dS and a dQ partial): its own entries below.
 _PTXAS_SPILLS = {
     80: {
         ("fwd", None, None, (64, 64, 4, 3)),
@@ -325,8 +326,8 @@ _PTXAS_SPILLS = {
         ("dq", 96, True, (64, 64, 4, 3)),
         ("dq", 128, True, (128, 64, 8, 3)),
         ("dq", 128, True, (64, 64, 4, 3)),
-        # The fused backward (report subsets of 2026-12-02, fp16, triton 3.9 and 3.6; 4-1600 B), beyond `_spills`'
-        # split-dim rule:
+        # The fused backward, beyond `_spills`' split-dim rule (4-1600 B; every candidate tile compiled unpruned, fp16,
+        # triton 3.9 and 3.6: results/2026-12-02_compile-report_fused-bwd-tiles_triton-3.9.0+3.6.0.json):
         ("fused", 32, False, (64, 64, 4, 2)),
         ("fused", 48, None, (64, 64, 4, 2)),
         ("fused", 48, None, (64, 128, 8, 2)),
@@ -342,6 +343,7 @@ _PTXAS_SPILLS = {
     },
     90: {
         ("dq", 48, True, (32, 32, 8, 2)),  # fp32 (FMA), 4 B
+        # The fused backward (4-96 B, same measurements):
         ("fused", 48, None, (64, 32, 4, 2)),
         ("fused", 128, None, (64, 32, 4, 2)),
         ("fused", 48, True, (16, 32, 4, 1)),
@@ -578,7 +580,7 @@ def _attention_fwd_sm90_kernel(
 def _attention_bwd_delta_kernel(
     O, DO,  # (B, H, Tq, D), unit head-dim stride
     DELTA,  # fp32 (B, H, Tq): rowsum(dO * O), the softmax-backward correction
-    DQ_ACC,  # fp32 (B, H, Tq, D) view of (B, Tq, H, D) memory: the fused backward's dQ accumulator; unused unless ZERO_DQ
+    DQ_ACC,  # fp32 (B, H, Tq, D) view of (B, Tq, H, D) memory, the fused backward's dQ sum; unused unless ZERO_DQ
     stride_ob, stride_oh, stride_ot,  # in units of UNIT elements
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
