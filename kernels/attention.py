@@ -340,6 +340,7 @@ _PTXAS_SPILLS = {
         ("fused", 128, True, (64, 64, 8, 2)),
         ("fused", 128, True, (64, 32, 4, 2)),
         ("fused", 128, True, (16, 32, 8, 1)),
+        ("fused", 32, True, (16, 16, 2, 1)),  # fp32 (FMA), 12 B at head dim 32 (not 24), triton 3.9
     },
     90: {
         ("dq", 48, True, (32, 32, 8, 2)),  # fp32 (FMA), 4 B
@@ -348,6 +349,7 @@ _PTXAS_SPILLS = {
         ("fused", 128, None, (64, 32, 4, 2)),
         ("fused", 48, True, (16, 32, 4, 1)),
         ("fused", 64, True, (16, 32, 4, 1)),
+        ("fused", 32, False, (16, 16, 4, 1)),  # fp32 (FMA), 16 B at head dim 32 (not 24)
     },
 }
 # Shared memory of the tiles: sm_80 has 163 KB per block (sm_90 227 KB, but its wgmma staging uses more).
