@@ -212,7 +212,11 @@ def _drive(case: Case) -> None:
         if p.get("fwd"):  # a forward-kernel case: its backward launches are those of the case without the suffix
             return
         # The model merges heads with out.transpose(1, 2).reshape(B, T, H*D): its gradient arrives in that layout.
-        out.backward(torch.empty(B, t, h, d, dtype=dt).transpose(1, 2))
+        dout = torch.empty(B, t, h, d, dtype=dt).transpose(1, 2)
+        # Both backward paths: the fused kernel (the default) and the deterministic dK/dV + dQ pair (`split`).
+        for path in BWD_PATHS:
+            with _env(BWD_KERNEL_ENV, path):
+                out.backward(dout, retain_graph=path != BWD_PATHS[-1])
     elif case.op in ("adaln_modulate", "gated_residual_adaln"):
         c, t = p["c"], 256
         x = torch.empty(B, t, c, dtype=dt, requires_grad=True)
@@ -268,6 +272,8 @@ def capture(case: Case) -> list[Launch]:
 
 
 FWD_KERNEL_ENV = "KERNELS_ATTENTION_FWD"  # kernels.attention.FWD_KERNEL_ENV, named here without importing kernels
+BWD_KERNEL_ENV = "KERNELS_ATTENTION_BWD"  # kernels.attention.BWD_KERNEL_ENV
+BWD_PATHS = ("fused", "split")
 
 
 @contextlib.contextmanager

@@ -7,8 +7,17 @@ query row whose keys are all masked returns zeros (not NaN) and passes no gradie
 
 Kernels (FlashAttention-2 style): the forward streams key blocks through an online softmax in base 2 (scale·log2(e)
 folded into one multiply), fp32 statistics and accumulators, and stores the per-row log-sum-exp for the backward. The
-backward recomputes P and dS from it (one shared helper): one kernel per key block for dK/dV, one per query block for
-dQ, so every gradient is written by exactly one program (deterministic, no atomics).
+backward recomputes P and dS from it (one shared helper) after a preprocess launch that computes delta = rowsum(dO∘O),
+in one of two ways (`KERNELS_ATTENTION_BWD` = auto | fused | split, read at each launch; `bwd_kernel_launches` counts
+which ran):
+- fused (the default; on a pre-sm_90 GPU at head dims split 64+16 / 64+32, where only 16-query tiles of it compile
+  spill-free, `auto` keeps the split pair): one kernel per key block sweeps every query block and computes S, dP,
+  dV += Pᵀ dO, dK += dSᵀ Q and dQ's share dS K, added into an fp32 dQ buffer with atomics (which the preprocess
+  zeroes): 5 matmuls per (query, key) tile. The fp32 sums land in scheduling order, so dQ's last bits may differ
+  from run to run.
+- split: one kernel per key block for dK/dV (S, dP, dV, dK) and one per query block for dQ (S, dP, dQ), 7 matmuls per
+  tile (P and dP recomputed twice), every gradient written by exactly one program: bitwise reproducible. It runs
+  whenever `torch.are_deterministic_algorithms_enabled()`, whatever the variable says.
 
 On sm_90 (a CUDA device of capability >= 9.0) the forward is a second kernel with the same arithmetic: Q/K/V/O tiles
 move by TMA through tensor descriptors made in the kernel, and the key loop is warp-specialized (a producer warp group
@@ -249,9 +258,13 @@ def _prune_for(kind: str, configs, args: dict, arch: int | None) -> list:
         elif kind == "dkdv":  # resident K, V; pipelined Q, dO; dK, dV accumulators; P and dS tiles
             smem, mma_m = (2 * bn + st * 2 * bm) * dp * elt, bn
             live = 2 * bn * dp + 2 * bn * bm + bn * dp * elt // 2
-        else:  # dq: resident Q, dO; pipelined K, V; the dQ accumulator; P and dS tiles
+        elif kind == "dq":  # resident Q, dO; pipelined K, V; the dQ accumulator; P and dS tiles
             smem, mma_m = (2 * bm + st * 2 * bn) * dp * elt, bm
             live = bm * dp + 2 * bm * bn + bm * dp * elt // 2
+        else:  # fused: dK/dV's residents, accumulators and tiles plus the (BLOCK_M, D) dQ partial; its dQ dot has M =
+            # BLOCK_M, the others BLOCK_N
+            smem, mma_m = (2 * bn + st * 2 * bm) * dp * elt, min(bm, bn)
+            live = 2 * bn * dp + 2 * bn * bm + bn * dp * elt // 2 + bm * dp
         threads = 32 * warps
         ok = dp in _FP32_TILES[kind][tile] if fp32 else live <= _REG_BUDGET[kind] * threads
         ok = ok and not any(_spills(a, kind, dp, split, masked, tile) for a in archs)
@@ -271,16 +284,23 @@ def _spills(arch: int, kind: str, dp: int, split: bool, masked: bool | None, til
         if k == kind and d in (dp, None) and t == tile and (m is None or masked is None or m == masked):
             return True
     # sm_80, split head dims: the dK/dV 64-row 8-warp tile spills 12 B (any mask).
-    return arch == 80 and kind == "dkdv" and split and tile[0] == 64 and tile[2] == 8
+    if arch == 80 and kind == "dkdv" and split and tile[0] == 64 and tile[2] == 8:
+        return True
+    # The fused backward at the split head dims of 64+16 and 64+32 lanes (10 dots, K/V/dK/dV in two parts each): on
+    # sm_80 every tile but the 16-query ones spills (4 B to 13 KB), on sm_90 every one below 64x64 (4-550 B).
+    if kind == "fused" and split and dp >= 80:
+        return tile[0] > 16 if arch == 80 else min(tile[:2]) < 64
+    return False
 
 
 # fp32 values per thread, per kernel, for 16-bit inputs.
-_REG_BUDGET = {"fwd": 192, "dkdv": 160, "dq": 224}
+_REG_BUDGET = {"fwd": 192, "dkdv": 160, "dq": 224, "fused": 208}
 # arch -> (kind, padded head dim or None for any, HAS_MASK or None for either, tile) where ptxas spills a few to 92
 # bytes although the tile is within budget, measured (compile report of 2026-12-01, triton 3.9, and 3.6's ptxas 12.8).
 # sm_80 caps registers for occupancy or runs out of its 255 where sm_90's wgmma keeps the accumulators elsewhere: the
 # forward's 64x64 4-warp tile (4 B at 96-168 registers, head dims 32-96), and the masked kernels, which hold the mask
-# tile beside P and dS (dQ at 48/80/96/128 lanes up to 92 B, dK/dV at 64/96 lanes). sm_90: one fp32 dQ tile.
+# tile beside P and dS (dQ at 48/80/96/128 lanes up to 92 B, dK/dV at 64/96 lanes). sm_90: one fp32 dQ tile. The fused
+# backward holds the most (K, V, dK, dV, Q, dO, P, dS and a dQ partial): its own entries below.
 _PTXAS_SPILLS = {
     80: {
         ("fwd", None, None, (64, 64, 4, 3)),
@@ -305,9 +325,30 @@ _PTXAS_SPILLS = {
         ("dq", 96, True, (64, 64, 4, 3)),
         ("dq", 128, True, (128, 64, 8, 3)),
         ("dq", 128, True, (64, 64, 4, 3)),
+        # The fused backward, beyond `_spills`' split-dim rule (4-1600 B; every candidate tile compiled unpruned, fp16,
+        # triton 3.9 and 3.6: results/2026-12-02_compile-report_fused-bwd-tiles_triton-3.9.0+3.6.0.json):
+        ("fused", 32, False, (64, 64, 4, 2)),
+        ("fused", 48, None, (64, 64, 4, 2)),
+        ("fused", 48, None, (64, 128, 8, 2)),
+        ("fused", 48, None, (64, 32, 4, 2)),
+        ("fused", 48, False, (64, 32, 8, 2)),
+        ("fused", 64, None, (64, 64, 4, 2)),
+        ("fused", 64, None, (64, 64, 8, 2)),
+        ("fused", 64, None, (64, 128, 8, 2)),
+        ("fused", 64, True, (64, 32, 4, 2)),
+        ("fused", 128, True, (64, 64, 8, 2)),
+        ("fused", 128, True, (64, 32, 4, 2)),
+        ("fused", 128, True, (16, 32, 8, 1)),
+        ("fused", 32, True, (16, 16, 2, 1)),  # fp32 (FMA), 12 B at head dim 32 (not 24), triton 3.9
     },
     90: {
         ("dq", 48, True, (32, 32, 8, 2)),  # fp32 (FMA), 4 B
+        # The fused backward (4-96 B, same measurements):
+        ("fused", 48, None, (64, 32, 4, 2)),
+        ("fused", 128, None, (64, 32, 4, 2)),
+        ("fused", 48, True, (16, 32, 4, 1)),
+        ("fused", 64, True, (16, 32, 4, 1)),
+        ("fused", 32, False, (16, 16, 4, 1)),  # fp32 (FMA), 16 B at head dim 32 (not 24)
     },
 }
 # Shared memory of the tiles: sm_80 has 163 KB per block (sm_90 227 KB, but its wgmma staging uses more).
@@ -329,6 +370,10 @@ _FWD_TILES = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 2),
               (32, 16, 8, 1)]
 _DKDV_TILES = [(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 8, 2),
                (16, 32, 4, 1), (16, 32, 8, 1)]
+# The fused backward: keys on the M side of dK/dV's dots, queries on dQ's, so wgmma wants both >= 64.
+# Measured on both archs and triton versions: 128-query tiles and 3 stages spilled nearly everywhere (dropped).
+_FUSED_TILES = [(64, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2), (32, 64, 4, 2),
+                (64, 32, 4, 2), (32, 32, 8, 1), (16, 32, 8, 1), (32, 32, 4, 1), (16, 32, 4, 1)]
 _DQ_TILES = [(64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 16, 4, 2), (64, 16, 8, 2),
              (32, 16, 4, 1), (32, 16, 8, 1)]
 # fp32 tile -> the padded head dims (D0 + D1) at which it compiled spill-free on sm_90 and sm_80 (triton 3.9 at all
@@ -340,10 +385,14 @@ _FP32_TILES = {
     "dkdv": {(16, 16, 4, 1): _MEASURED},
     "dq": {(32, 32, 8, 2): _MEASURED, (32, 16, 4, 2): _MEASURED, (16, 32, 4, 2): _MEASURED,
            (16, 16, 4, 1): _MEASURED - {256}},
+    # The fused backward, measured at head dims up to 128 only: 16x16 with 4 warps spills 8 B on sm_90 at 64+16 lanes,
+    # with 2 warps nowhere (the fallback, last).
+    "fused": {(16, 16, 4, 1): _MEASURED - {80, 256}, (16, 16, 2, 1): _MEASURED - {256}},
 }
 _FWD_CONFIGS = _configs(_FWD_TILES, _FP32_TILES["fwd"])
 _DKDV_CONFIGS = _configs(_DKDV_TILES, _FP32_TILES["dkdv"])
 _DQ_CONFIGS = _configs(_DQ_TILES, _FP32_TILES["dq"])
+_FUSED_CONFIGS = _configs(_FUSED_TILES, _FP32_TILES["fused"])
 # Tuned per (length buckets, grid bucket = B·H, head dim, mask, stride unit); the autotuner adds the dtypes itself.
 _TUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET", "HEAD_DIM", "HAS_MASK", "UNIT"]
 _BUCKETS = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET"]
@@ -532,11 +581,19 @@ def _attention_fwd_sm90_kernel(
 def _attention_bwd_delta_kernel(
     O, DO,  # (B, H, Tq, D), unit head-dim stride
     DELTA,  # fp32 (B, H, Tq): rowsum(dO * O), the softmax-backward correction
+    DQ_ACC,  # fp32 (B, H, Tq, D) view of (B, Tq, H, D) memory, the fused backward's dQ sum; unused unless ZERO_DQ
     stride_ob, stride_oh, stride_ot,  # in units of UNIT elements
     stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
     H, TQ,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr, ZERO_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
+    # The backward's preprocess. With ZERO_DQ (the fused backward) it also zeroes the rows of the dQ accumulator that
+    # the fused kernel's atomics add into: the accumulator needs one pass of initialisation anyway, and doing it here
+    # saves a launch (a torch.zeros) and a pass over the rows. delta is not computed inside the fused kernel instead:
+    # every key-block program would re-read the (BLOCK_M, D) O tile of every query block (Tk / BLOCK_N times the O
+    # traffic) and hold it beside K, V, dK, dV, Q, dO and the dQ partial, where register pressure is the risk.
     pid_bh = tl.program_id(1).to(tl.int64)
     off_b, off_h = pid_bh // H, pid_bh % H
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -549,6 +606,10 @@ def _attention_bwd_delta_kernel(
     if D1 > 0:
         delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
     tl.store(DELTA + pid_bh * TQ + rows, delta, mask=row_ok)
+    if ZERO_DQ:
+        DQ_ACC += (off_b * stride_dqb + off_h * stride_dqh) * UNIT
+        _store_rows(DQ_ACC, tl.zeros([BLOCK_M, D0], tl.float32), tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32),
+                    rows, row_ok, stride_dqt, UNIT, HEAD_DIM, D0, D1)
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("dkdv")})
@@ -660,6 +721,81 @@ def _attention_bwd_dq_kernel(
         if D1 > 0:
             dq1 = tl.dot(ds.to(k1.dtype), k1, dq1, input_precision=DOT_PRECISION)
     _store_rows(DQ, dq0 * sm_scale, dq1 * sm_scale, rows, row_ok, stride_dqt, UNIT, HEAD_DIM, D0, D1)
+
+
+@triton.autotune(configs=_FUSED_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("fused")})
+@triton.jit(do_not_specialize=_BUCKETS)
+def _attention_bwd_fused_kernel(
+    Q, K, V, DO,  # (B, H, T, D), unit head-dim stride
+    MASK,  # uint8 (B, Tk); unused unless HAS_MASK
+    LSE, DELTA,  # fp32 (B, H, Tq) from the forward and the preprocess
+    DK, DV,  # (B, H, Tk, D) views of (B, Tk, H, D) memory, one layout for both
+    DQ_ACC,  # fp32 (B, H, Tq, D) view of (B, Tq, H, D) memory, zeroed by the preprocess; receives scale · dS K
+    stride_qb, stride_qh, stride_qt,  # in units of UNIT elements
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dqb, stride_dqh, stride_dqt,
+    stride_mb, stride_mt,
+    H, TQ, TK,
+    sm_scale, qk_scale,
+    TQ_BUCKET, TK_BUCKET, BH_BUCKET,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program owns a block of keys and sweeps every query block, as the dK/dV kernel, and also adds each query
+    # block's dQ contribution scale · dS K into the fp32 accumulator with atomics: S, dP, dV, dK, dQ are five matmuls
+    # per (query, key) tile where the split pair runs seven (P and dP recomputed twice). Atomics make dQ's fp32 sum
+    # order (and so its last bits) depend on scheduling: `torch.use_deterministic_algorithms(True)` takes the pair.
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b, off_h = pid_bh // H, pid_bh % H
+    Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
+    K += (off_b * stride_kb + off_h * stride_kh) * UNIT
+    V += (off_b * stride_vb + off_h * stride_vh) * UNIT
+    DO += (off_b * stride_dob + off_h * stride_doh) * UNIT
+    DK += (off_b * stride_dkb + off_h * stride_dkh) * UNIT
+    DV += (off_b * stride_dkb + off_h * stride_dkh) * UNIT
+    DQ_ACC += (off_b * stride_dqb + off_h * stride_dqh) * UNIT
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    c0 = tl.arange(0, D0)
+    c1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
+
+    # Masked keys load as zeros and get P = dS = 0: their dK, dV are exactly 0 and they add exactly 0 to dQ.
+    ok = _keys_ok(MASK + off_b * stride_mb, cols, TK, stride_mt, HAS_MASK)
+    k0, k1 = _load_rows(K, cols, ok, stride_kt, UNIT, HEAD_DIM, D0, D1)
+    v0, v1 = _load_rows(V, cols, ok, stride_vt, UNIT, HEAD_DIM, D0, D1)
+    dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
+    dv1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
+    for start_m in range(0, TQ, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < TQ
+        q0, q1 = _load_rows(Q, rows, row_ok, stride_qt, UNIT, HEAD_DIM, D0, D1)
+        do0, do1 = _load_rows(DO, rows, row_ok, stride_dot, UNIT, HEAD_DIM, D0, D1)
+        lse = tl.load(LSE + pid_bh * TQ + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + pid_bh * TQ + rows, mask=row_ok, other=0.0)
+        p_t, ds_t = _recompute_p_ds(k0, k1, q0, q1, v0, v1, do0, do1, lse, delta, ok, qk_scale,
+                                    True, D1, DOT_PRECISION)  # (BLOCK_N, BLOCK_M): keys on rows
+        dv0 = tl.dot(p_t.to(do0.dtype), do0, dv0, input_precision=DOT_PRECISION)
+        ds_h = ds_t.to(q0.dtype)
+        dk0 = tl.dot(ds_h, q0, dk0, input_precision=DOT_PRECISION)
+        # The scale goes on the (BLOCK_M, D) partial, not on dS: one multiply per dQ element, and the finished
+        # accumulator needs only the cast to the input dtype.
+        dq_row = DQ_ACC + rows[:, None] * (stride_dqt * UNIT)
+        dq0 = tl.dot(tl.trans(ds_h), k0, input_precision=DOT_PRECISION) * sm_scale
+        tl.atomic_add(dq_row + c0[None, :], dq0, mask=row_ok[:, None] & (c0[None, :] < HEAD_DIM), sem="relaxed")
+        if D1 > 0:
+            dv1 = tl.dot(p_t.to(do1.dtype), do1, dv1, input_precision=DOT_PRECISION)
+            dk1 = tl.dot(ds_h, q1, dk1, input_precision=DOT_PRECISION)
+            dq1 = tl.dot(tl.trans(ds_h), k1, input_precision=DOT_PRECISION) * sm_scale
+            tl.atomic_add(dq_row + c1[None, :], dq1, mask=row_ok[:, None] & (c1[None, :] < HEAD_DIM), sem="relaxed")
+    col_ok = cols < TK
+    _store_rows(DK, dk0 * sm_scale, dk1 * sm_scale, cols, col_ok, stride_dkt, UNIT, HEAD_DIM, D0, D1)
+    _store_rows(DV, dv0, dv1, cols, col_ok, stride_dkt, UNIT, HEAD_DIM, D0, D1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -803,6 +939,40 @@ def _attention_fwd_op(
     return out, lse
 
 
+# Which backward runs: "fused" (one kernel per key block; dQ through fp32 atomics) or "split" (the dK/dV kernel plus
+# the dQ kernel: every gradient written by one program, bitwise reproducible). "auto" (default) takes the fused one
+# except on a pre-sm_90 GPU at the split head dims of 64+16 / 64+32 lanes (`_fused_starved`); "fused" / "split" force
+# one (tests run both in the interpreter). Whatever the setting, `torch.are_deterministic_algorithms_enabled()` gets
+# the split pair: a promise of reproducible gradients outranks a speed setting. Read at every launch.
+BWD_KERNEL_ENV = "KERNELS_ATTENTION_BWD"
+_BWD_KERNELS = ("auto", "fused", "split")
+# Backward launches per path ("fused" / "split") in this process: which one ran is observable, never silent.
+bwd_kernel_launches: collections.Counter = collections.Counter()
+
+
+def _bwd_kernel_for(q: torch.Tensor) -> str:
+    """"fused" or "split": the backward path for `q` under `KERNELS_ATTENTION_BWD` and torch's deterministic mode."""
+    want = os.environ.get(BWD_KERNEL_ENV, "") or "auto"
+    if want not in _BWD_KERNELS:
+        raise ValueError(f"attention: {BWD_KERNEL_ENV}={want!r} is not one of {', '.join(_BWD_KERNELS)}")
+    if want == "split" or torch.are_deterministic_algorithms_enabled():
+        return "split"
+    if want == "auto" and q.is_cuda and torch.version.hip is None and not interpreting():
+        major, minor = torch.cuda.get_device_capability(q.device)
+        if _fused_starved(q.shape[3], 10 * major + minor):
+            return "split"
+    return "fused"
+
+
+def _fused_starved(d: int, arch: int) -> bool:
+    """Would the fused backward run on tiles far smaller than the split pair's? On sm_80 (any arch below 90) at the
+    split head dims of 64+16 and 64+32 lanes only its 16-query tiles compile spill-free (`_spills`, measured), where
+    the pair keeps 32- and 64-row tiles; sm_90 keeps 64x64 wgmma tiles there. Until a GPU run compares the two, `auto`
+    keeps the pair in that corner."""
+    d0, d1 = _split_head_dim(d)
+    return arch < 90 and d1 > 0 and d0 + d1 >= 80
+
+
 @deferred_triton_op("kernels::attention_bwd", mutates_args=())
 def _attention_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -812,7 +982,12 @@ def _attention_bwd_op(
     tk = k.shape[2]
     if b * h * tq == 0 or tk == 0:  # no query rows or no keys: every gradient is zero (or empty)
         return q.new_zeros(b, tq, h, d), k.new_zeros(b, tk, h, d), v.new_zeros(b, tk, h, d)
-    dq, dk, dv = q.new_empty(b, tq, h, d), k.new_empty(b, tk, h, d), v.new_empty(b, tk, h, d)
+    which = _bwd_kernel_for(q)
+    bwd_kernel_launches[which] += 1
+    dk, dv = k.new_empty(b, tk, h, d), v.new_empty(b, tk, h, d)
+    # The fused path accumulates dQ in fp32 (for fp32 inputs that buffer is dQ itself); (B, Tq, H, D) memory either way.
+    fused = which == "fused"
+    dq = q.new_empty(b, tq, h, d, dtype=torch.float32 if fused else q.dtype)
     dq_, dk_, dv_ = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
     delta = torch.empty_like(lse)
     unit = _stride_unit(q, k, v, do, out, dq_, dk_)
@@ -824,15 +999,26 @@ def _attention_bwd_op(
     grid_k = lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * h)  # noqa: E731
     split = {key: constexprs[key] for key in ("HEAD_DIM", "D0", "D1", "UNIT")}
     with cuda_device_guard(q):
+        # delta, and for the fused path the zeroed dQ accumulator, in one launch
         torch.library.wrap_triton(_attention_bwd_delta_kernel)[(triton.cdiv(tq, block_m), b * h)](
-            out, do, delta, *_units(out, unit), *_units(do, unit), h, tq, **split, BLOCK_M=block_m,
+            out, do, delta, dq_, *_units(out, unit), *_units(do, unit), *_units(dq_, unit), h, tq, **split,
+            ZERO_DQ=fused, BLOCK_M=block_m,
         )
-        torch.library.wrap_triton(_attention_bwd_dkdv_kernel)[grid_k](
-            q, k, v, do, m, lse, delta, dk_, dv_, *common, *_units(dk_, unit), *mask_strides, *tail, **constexprs,
-        )
-        torch.library.wrap_triton(_attention_bwd_dq_kernel)[grid_q](
-            q, k, v, do, m, lse, delta, dq_, *common, *_units(dq_, unit), *mask_strides, *tail, **constexprs,
-        )
+        if fused:
+            torch.library.wrap_triton(_attention_bwd_fused_kernel)[grid_k](
+                q, k, v, do, m, lse, delta, dk_, dv_, dq_, *common, *_units(dk_, unit), *_units(dq_, unit),
+                *mask_strides, *tail, **constexprs,
+            )
+        else:
+            torch.library.wrap_triton(_attention_bwd_dkdv_kernel)[grid_k](
+                q, k, v, do, m, lse, delta, dk_, dv_, *common, *_units(dk_, unit), *mask_strides, *tail,
+                **constexprs,
+            )
+            torch.library.wrap_triton(_attention_bwd_dq_kernel)[grid_q](
+                q, k, v, do, m, lse, delta, dq_, *common, *_units(dq_, unit), *mask_strides, *tail, **constexprs,
+            )
+    if fused and dq.dtype != q.dtype:
+        dq = dq.to(q.dtype)  # the one op after the kernels: fp32 accumulator -> input dtype, same (B, Tq, H, D) layout
     return dq, dk, dv
 
 

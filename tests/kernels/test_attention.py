@@ -109,10 +109,28 @@ def _run_case(case, device):
 def fwd_kernel(request, monkeypatch):
     """Run the test with each forward kernel forced (`KERNELS_ATTENTION_FWD`): the interpreter runs the sm_90 one's
     tensor descriptors and warp-specialized loop too. On a GPU the sm_90 kernel needs capability >= 9.0."""
-    if request.param == "sm90" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0):
+    return _force_fwd(request.param, monkeypatch)
+
+
+def _force_fwd(which, monkeypatch):
+    if which == "sm90" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the sm_90 forward needs a GPU of capability >= 9.0")
-    monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, request.param)
-    return request.param
+    monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, which)
+    return which
+
+
+# (forward, backward) kernels forced: each backward path after the portable forward (fp32 and fp16 cases alike), and
+# the sm_90 forward (16-bit only) with the default, fused backward: three runs of a table where four would repeat one.
+KERNEL_PATHS = [("portable", "fused"), ("portable", "split"), ("sm90", "fused")]
+
+
+@pytest.fixture(params=KERNEL_PATHS, ids=["-".join(p) for p in KERNEL_PATHS])
+def kernel_paths(request, monkeypatch):
+    """(forward, backward) kernels forced through `KERNELS_ATTENTION_FWD` / `KERNELS_ATTENTION_BWD`."""
+    fwd, bwd = request.param
+    _force_fwd(fwd, monkeypatch)
+    monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, bwd)
+    return fwd, bwd
 
 
 def _expect_kernel(fwd_kernel, dtype, d):
@@ -122,14 +140,93 @@ def _expect_kernel(fwd_kernel, dtype, d):
     return "sm90" if sm90 else "portable"
 
 
+def _launch_counts():
+    return dict(attn_mod.fwd_kernel_launches), dict(attn_mod.bwd_kernel_launches)
+
+
+def _assert_ran(before, fwd, bwd):
+    """The forced forward kernel and backward path ran since `before` (`_launch_counts()`), the other path did not."""
+    fwd_n, bwd_n = _launch_counts()
+    assert fwd_n.get(fwd, 0) > before[0].get(fwd, 0), f"the {fwd} forward did not run"
+    assert bwd_n.get(bwd, 0) > before[1].get(bwd, 0), f"the {bwd} backward did not run"
+    other = {"fused": "split", "split": "fused"}[bwd]
+    assert bwd_n.get(other, 0) == before[1].get(other, 0), f"the {other} backward ran"
+
+
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_attention_fwd_bwd(case, device, fwd_kernel):
+def test_attention_fwd_bwd(case, device, kernel_paths):
+    fwd_kernel, bwd_kernel = kernel_paths
     if fwd_kernel == "sm90" and case[5] == F32:  # the sm_90 kernel is for 16-bit inputs: run fp32 shapes in fp16
         case = (*case[:5], F16, case[6])
-    which = _expect_kernel(fwd_kernel, case[5], case[4])
-    before = attn_mod.fwd_kernel_launches[which]
+    before = _launch_counts()
     _run_case(case, device)
-    assert attn_mod.fwd_kernel_launches[which] > before, f"the {which} forward did not run"
+    _assert_ran(before, _expect_kernel(fwd_kernel, case[5], case[4]), bwd_kernel)
+
+
+def test_attention_bwd_kernel_choice(monkeypatch):
+    pick = attn_mod._bwd_kernel_for
+    q = torch.empty(1, 1, 1, 72)
+    monkeypatch.delenv(attn_mod.BWD_KERNEL_ENV, raising=False)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        assert pick(q) == "fused"  # the default
+        for want in ("fused", "split"):
+            monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, want)
+            assert pick(q) == want
+        torch.use_deterministic_algorithms(True)
+        for want in ("auto", "fused", "split"):  # reproducible gradients were asked for: the split pair, always
+            monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, want)
+            assert pick(q) == "split"
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, "atomic")
+    q = torch.randn(1, 1, 3, 16, requires_grad=True)
+    with pytest.raises(ValueError, match="KERNELS_ATTENTION_BWD"):
+        attention_triton(q, q, q).sum().backward()
+
+
+def test_attention_fused_starved_corner():
+    # auto keeps the split pair on pre-sm_90 GPUs at 64+16 / 64+32 lanes, where the fused kernel's prune leaves only
+    # 16-query tiles; everywhere else (and on sm_90 always) the fused kernel runs.
+    starved = attn_mod._fused_starved
+    assert starved(72, 80) and starved(80, 86) and starved(96, 80)
+    assert not any(starved(d, 90) for d in (24, 48, 64, 72, 80, 96, 128))
+    assert not any(starved(d, 80) for d in (24, 48, 64, 128))
+    for d in (72, 96):  # the measured prune agrees: sm_80 keeps only 16-query tiles there, sm_90 64x64 ones
+        d0, d1 = _split_head_dim(d)
+        args = dict(D0=d0, D1=d1, HAS_MASK=True, DOT_PRECISION="tf32")
+        configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+                   for bm, bn, w, s in attn_mod._FUSED_TILES]
+        assert {c.kwargs["BLOCK_M"] for c in attn_mod._prune_for("fused", configs, args, 80)} == {16}
+        assert {c.kwargs["BLOCK_M"] for c in attn_mod._prune_for("fused", configs, args, 90)} == {64}
+
+
+def test_attention_deterministic_selects_split(device, monkeypatch):
+    # torch.use_deterministic_algorithms(True) takes the split pair (no atomics: every gradient written by one
+    # program), even with the fused path asked for, and two backward passes agree bit for bit.
+    monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, "fused")
+    monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, "portable")  # any forward; this one runs everywhere
+    q, k, v, do = (torch.randn(2, 2, n, 72, device=device, dtype=F16) for n in (77, 33, 33, 77))
+    mask = _mask(2, 33, device)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    before = _launch_counts()
+    try:
+        torch.use_deterministic_algorithms(True)
+        first = _grads(attention_triton, (q, k, v), F16, do, None, mask)
+        second = _grads(attention_triton, (q, k, v), F16, do, None, mask)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    _assert_ran(before, "portable", "split")
+    assert attn_mod.bwd_kernel_launches["split"] - before[1].get("split", 0) == 2
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), name
+    # ...and they are the split path's gradients, which agree with the fused path's within fp16 rounding.
+    before = _launch_counts()
+    fused = _grads(attention_triton, (q, k, v), F16, do, None, mask)
+    _assert_ran(before, "portable", "fused")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, fused):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=name)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -232,7 +329,7 @@ def test_attention_gradcheck(device):
 
 @pytest.mark.parametrize("layout", ["bthd", "qkv"])
 @pytest.mark.parametrize("d, dtype", [(72, F16), (40, F32), (20, F16)], ids=["d72-f16", "d40-f32", "d20-f16"])
-def test_attention_strided_layouts(layout, d, dtype, device, fwd_kernel):
+def test_attention_strided_layouts(layout, d, dtype, device, kernel_paths):
     # The layouts the model passes, read in place: (B, T, H, D) transposed (Text VE) and the fused (B, T, 3, H, D) qkv
     # projection unbound (DiT). D = 20 in fp16 (40-byte rows) cannot be 16-byte aligned: the unaligned path.
     b, t, h = 2, 77, 3
@@ -244,10 +341,9 @@ def test_attention_strided_layouts(layout, d, dtype, device, fwd_kernel):
     for x in (q, k, v):
         assert _prepare(x) is x  # no copy
     do = torch.randn(b, t, h, d, device=device, dtype=dtype).transpose(1, 2)
-    which = _expect_kernel(fwd_kernel, dtype, d)
-    before = attn_mod.fwd_kernel_launches[which]
+    before = _launch_counts()
     _check_against_ref(q, k, v, do, mask=_mask(b, t, device))
-    assert attn_mod.fwd_kernel_launches[which] > before, f"the {which} forward did not run"
+    _assert_ran(before, _expect_kernel(kernel_paths[0], dtype, d), kernel_paths[1])
 
 
 def test_attention_stride_unit():
@@ -280,7 +376,7 @@ def test_attention_head_dim_split():
         assert d0 + d1 >= d and d0 + d1 <= max(16, triton.next_power_of_2(d))
 
 
-@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq", "fused"])
 def test_attention_prune(kind, monkeypatch):
     # 16-bit on sm_90: only tiles whose dots can be wgmma (M side >= 64) at the DiT head dims; fp32 (any target):
     # only its own small FMA tiles. (That the kept tiles compile spill-free is the compile report's check.)
@@ -288,11 +384,16 @@ def test_attention_prune(kind, monkeypatch):
         d0, d1 = _split_head_dim(d)
         args = dict(D0=d0, D1=d1)
         kept = _kept_tiles(kind, dict(args, DOT_PRECISION="tf32"), 90, monkeypatch)
-        assert kept and all((bn if kind == "dkdv" else bm) >= 64 for bm, bn, _, _ in kept)
+        assert kept and all(_mma_m(kind, bm, bn) >= 64 for bm, bn, _, _ in kept)
         assert not kept & set(attn_mod._FP32_TILES[kind])
         for arch in (90, 80, None):
             kept32 = _kept_tiles(kind, dict(args, DOT_PRECISION="ieee"), arch, monkeypatch)
             assert kept32 and kept32 <= set(attn_mod._FP32_TILES[kind])
+
+
+def _mma_m(kind, bm, bn):
+    # The M side of a kernel's dots (wgmma needs 64): keys for dK/dV, queries for the forward and dQ, both for fused.
+    return {"dkdv": bn, "fused": min(bm, bn)}.get(kind, bm)
 
 
 class _FakeTarget:
@@ -308,7 +409,8 @@ class _FakeTarget:
 
 def _kept_tiles(kind, args, arch, monkeypatch):
     """Tiles the autotune prune keeps with `arch` as Triton's active target (None: no driver, as in the interpreter)."""
-    tiles = {"fwd": attn_mod._FWD_TILES, "dkdv": attn_mod._DKDV_TILES, "dq": attn_mod._DQ_TILES}[kind]
+    tiles = {"fwd": attn_mod._FWD_TILES, "dkdv": attn_mod._DKDV_TILES, "dq": attn_mod._DQ_TILES,
+             "fused": attn_mod._FUSED_TILES}[kind]
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
                for bm, bn, w, s in [*tiles, *attn_mod._FP32_TILES[kind]]]
     with monkeypatch.context() as mp:
@@ -320,14 +422,17 @@ def _kept_tiles(kind, args, arch, monkeypatch):
     return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
 
 
-_KERNEL_KIND = {"_attention_fwd_kernel": "fwd", "_attention_bwd_dkdv_kernel": "dkdv", "_attention_bwd_dq_kernel": "dq"}
+_KERNEL_KIND = {"_attention_fwd_kernel": "fwd", "_attention_bwd_dkdv_kernel": "dkdv", "_attention_bwd_dq_kernel": "dq",
+                "_attention_bwd_fused_kernel": "fused"}
 
 
-# Committed compile reports that measured spills: triton 3.9's full matrix before the prune was arch-aware, and triton
-# 3.6's masked attention subset (its ptxas 12.8 spills a few configs 3.9's does not).
+# Committed compile reports that measured spills: triton 3.9's full matrix before the prune was arch-aware, triton
+# 3.6's masked attention subset (its ptxas 12.8 spills a few configs 3.9's does not), and every candidate tile of the
+# fused backward compiled unpruned (both versions).
 _SPILL_REPORTS = ("2026-12-01_compile-report_triton-3.9.0.json",
                   "2026-12-02_compile-report_triton-3.6.0_attention-masked-subset.json",
-                  "2026-12-02_compile-report_triton-3.6.0_pre-fix.json")
+                  "2026-12-02_compile-report_triton-3.6.0_pre-fix.json",
+                  "2026-12-02_compile-report_fused-bwd-tiles_triton-3.9.0+3.6.0.json")
 
 
 def _measured_spills():
@@ -349,9 +454,9 @@ def _measured_spills():
 
 def test_attention_prune_drops_measured_spillers_per_arch(monkeypatch):
     # Every config that spilled for an arch is gone from that arch's prune and from the unknown-target (strictest)
-    # prune; the measured list is not empty (34 + 4 + 7 sm_80 configs and one sm_90 fp32 one).
+    # prune; the measured list is not empty (34 + 4 + 7 sm_80 configs and one sm_90 fp32 one; 243 fused rows).
     spills = _measured_spills()
-    assert {a for a, *_ in spills} == {80, 90} and len(spills) >= 45
+    assert {a for a, *_ in spills} == {80, 90} and len(spills) >= 45 + 240
     for arch, kind, args, tile in spills:
         for target in (arch, None):
             assert tile not in _kept_tiles(kind, args, target, monkeypatch), (target, kind, args, tile)
@@ -364,9 +469,9 @@ def test_attention_prune_keeps_wgmma_tiles_on_sm90(d, masked, monkeypatch):
     # else): masked d64 dK/dV once lost them all when the sm_80 spillers were dropped for both archs.
     d0, d1 = _split_head_dim(d)
     args = dict(D0=d0, D1=d1, HAS_MASK=masked, DOT_PRECISION="tf32")
-    for kind in ("fwd", "dkdv", "dq"):
+    for kind in ("fwd", "dkdv", "dq", "fused"):
         kept90 = _kept_tiles(kind, args, 90, monkeypatch)
-        assert kept90 and all((bn if kind == "dkdv" else bm) >= 64 for bm, bn, _, _ in kept90), (kind, kept90)
+        assert kept90 and all(_mma_m(kind, bm, bn) >= 64 for bm, bn, _, _ in kept90), (kind, kept90)
         if kind == "dkdv" and d == 64 and masked:
             assert not kept90 <= _kept_tiles(kind, args, 80, monkeypatch)  # sm_90 keeps tiles sm_80 drops
 
@@ -374,13 +479,13 @@ def test_attention_prune_keeps_wgmma_tiles_on_sm90(d, masked, monkeypatch):
 def test_attention_autotune_key_has_grid_bucket():
     # A batch-16 launch must not reuse the tiles tuned for batch 1: B*H is part of every tuning key.
     for kern in (_attention_fwd_kernel, attn_mod._attention_fwd_sm90_kernel, _attention_bwd_dkdv_kernel,
-                 _attention_bwd_dq_kernel):
+                 _attention_bwd_dq_kernel, attn_mod._attention_bwd_fused_kernel):
         assert "BH_BUCKET" in kern.keys
 
 
 @pytest.mark.parametrize("dtype", [F32, F16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_attention_masked_keys_hold_nan_inf(bad, dtype, device, fwd_kernel):
+def test_attention_masked_keys_hold_nan_inf(bad, dtype, device, kernel_paths):
     # Fuzz find: a NaN/Inf in a key or value that the padding mask excludes used to turn the whole batch row to NaN.
     # Masked keys must not contribute, whatever they hold: both backends give the result of zeros in those slots.
     b, h, tq, tk, d = 2, 2, 7, 77, 72
