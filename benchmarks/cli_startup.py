@@ -70,12 +70,16 @@ def machine_info() -> dict:
         "torch": version("torch"),
         "transformers": version("transformers"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "pythondontwritebytecode_in_driver_env": os.environ.get("PYTHONDONTWRITEBYTECODE"),  # removed for the runs
     }
 
 
 def run_once(tree: Path, argv: list[str], tmp: str, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
-    for var in ("TRITON_INTERPRET", "CROSSFLOW_DEBUG"):  # a user's shell, not the test suite's
+    # A user's shell, not the test suite's or a sandbox's: PYTHONDONTWRITEBYTECODE=1 (set on some build machines)
+    # stops Python caching compiled modules, so every "cold" run would recompile every module it imports from source
+    # (PIL.Image alone: ~0.1 s) and the warm-up runs could not fill the cache.
+    for var in ("TRITON_INTERPRET", "CROSSFLOW_DEBUG", "PYTHONDONTWRITEBYTECODE"):
         env.pop(var, None)
     if argv is None:
         cmd = [sys.executable, "-c", "import torch"]
