@@ -612,6 +612,74 @@ def _attention_bwd_delta_kernel(
                     rows, row_ok, stride_dqt, UNIT, HEAD_DIM, D0, D1)
 
 
+@triton.jit
+def _bwd_key_block(
+    Q, K, V, DO, MASK, LSE, DELTA, DK, DV, DQ_ACC,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dqb, stride_dqh, stride_dqt,
+    stride_mb, stride_mt, H, TQ, TK, sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr,
+):
+    # One program owns a block of keys and sweeps every query block: dV = Pᵀ dO, dK = scale · dSᵀ Q. WITH_DQ (the
+    # fused backward) also adds each query block's dQ share scale · dS K into the fp32 accumulator DQ_ACC with
+    # atomics: S, dP, dV, dK, dQ are five matmuls per (query, key) tile where the split pair (WITH_DQ off, plus the dQ
+    # kernel) runs seven, P and dP recomputed twice. Atomics make dQ's fp32 sum order (so its last bits) depend on
+    # scheduling: `torch.use_deterministic_algorithms(True)` takes the pair. Without WITH_DQ, DQ_ACC and its strides
+    # are not read.
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b, off_h = pid_bh // H, pid_bh % H
+    Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
+    K += (off_b * stride_kb + off_h * stride_kh) * UNIT
+    V += (off_b * stride_vb + off_h * stride_vh) * UNIT
+    DO += (off_b * stride_dob + off_h * stride_doh) * UNIT
+    DK += (off_b * stride_dkb + off_h * stride_dkh) * UNIT
+    DV += (off_b * stride_dkb + off_h * stride_dkh) * UNIT
+    DQ_ACC += (off_b * stride_dqb + off_h * stride_dqh) * UNIT
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    c0 = tl.arange(0, D0)
+    c1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
+
+    # Masked keys load as zeros and get P = dS = 0: their dK, dV are exactly 0 and they add exactly 0 to dQ; rows
+    # past Tk are never stored.
+    ok = _keys_ok(MASK + off_b * stride_mb, cols, TK, stride_mt, HAS_MASK)
+    k0, k1 = _load_rows(K, cols, ok, stride_kt, UNIT, HEAD_DIM, D0, D1)
+    v0, v1 = _load_rows(V, cols, ok, stride_vt, UNIT, HEAD_DIM, D0, D1)
+    dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
+    dv1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
+    for start_m in range(0, TQ, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < TQ
+        q0, q1 = _load_rows(Q, rows, row_ok, stride_qt, UNIT, HEAD_DIM, D0, D1)
+        do0, do1 = _load_rows(DO, rows, row_ok, stride_dot, UNIT, HEAD_DIM, D0, D1)
+        lse = tl.load(LSE + pid_bh * TQ + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + pid_bh * TQ + rows, mask=row_ok, other=0.0)
+        p_t, ds_t = _recompute_p_ds(k0, k1, q0, q1, v0, v1, do0, do1, lse, delta, ok, qk_scale,
+                                    True, D1, DOT_PRECISION)  # (BLOCK_N, BLOCK_M): keys on rows
+        dv0 = tl.dot(p_t.to(do0.dtype), do0, dv0, input_precision=DOT_PRECISION)
+        ds_h = ds_t.to(q0.dtype)
+        dk0 = tl.dot(ds_h, q0, dk0, input_precision=DOT_PRECISION)
+        # The scale goes on the (BLOCK_M, D) partial, not on dS: one multiply per dQ element, and the finished
+        # accumulator needs only the cast to the input dtype.
+        dq_row = DQ_ACC + rows[:, None] * (stride_dqt * UNIT)
+        if WITH_DQ:
+            dq0 = tl.dot(tl.trans(ds_h), k0, input_precision=DOT_PRECISION) * sm_scale
+            tl.atomic_add(dq_row + c0[None, :], dq0, mask=row_ok[:, None] & (c0[None, :] < HEAD_DIM), sem="relaxed")
+        if D1 > 0:
+            dv1 = tl.dot(p_t.to(do1.dtype), do1, dv1, input_precision=DOT_PRECISION)
+            dk1 = tl.dot(ds_h, q1, dk1, input_precision=DOT_PRECISION)
+            if WITH_DQ:
+                dq1 = tl.dot(tl.trans(ds_h), k1, input_precision=DOT_PRECISION) * sm_scale
+                tl.atomic_add(dq_row + c1[None, :], dq1, mask=row_ok[:, None] & (c1[None, :] < HEAD_DIM),
+                              sem="relaxed")
+    col_ok = cols < TK
+    _store_rows(DK, dk0 * sm_scale, dk1 * sm_scale, cols, col_ok, stride_dkt, UNIT, HEAD_DIM, D0, D1)
+    _store_rows(DV, dv0, dv1, cols, col_ok, stride_dkt, UNIT, HEAD_DIM, D0, D1)
+
+
 @triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("dkdv")})
 @triton.jit(do_not_specialize=_BUCKETS)
 def _attention_bwd_dkdv_kernel(
@@ -632,43 +700,12 @@ def _attention_bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program owns a block of keys and sweeps every query block: dV = Pᵀ dO, dK = scale · dSᵀ Q.
-    pid_bh = tl.program_id(1).to(tl.int64)
-    off_b, off_h = pid_bh // H, pid_bh % H
-    Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
-    K += (off_b * stride_kb + off_h * stride_kh) * UNIT
-    V += (off_b * stride_vb + off_h * stride_vh) * UNIT
-    DO += (off_b * stride_dob + off_h * stride_doh) * UNIT
-    DK += (off_b * stride_dkb + off_h * stride_dkh) * UNIT
-    DV += (off_b * stride_dkb + off_h * stride_dkh) * UNIT
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-
-    # Masked keys load as zeros and get P = dS = 0: their dK, dV are exactly 0; rows past Tk are never stored.
-    ok = _keys_ok(MASK + off_b * stride_mb, cols, TK, stride_mt, HAS_MASK)
-    k0, k1 = _load_rows(K, cols, ok, stride_kt, UNIT, HEAD_DIM, D0, D1)
-    v0, v1 = _load_rows(V, cols, ok, stride_vt, UNIT, HEAD_DIM, D0, D1)
-    dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
-    dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
-    dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
-    dv1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
-    for start_m in range(0, TQ, BLOCK_M):
-        rows = start_m + offs_m
-        row_ok = rows < TQ
-        q0, q1 = _load_rows(Q, rows, row_ok, stride_qt, UNIT, HEAD_DIM, D0, D1)
-        do0, do1 = _load_rows(DO, rows, row_ok, stride_dot, UNIT, HEAD_DIM, D0, D1)
-        lse = tl.load(LSE + pid_bh * TQ + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + pid_bh * TQ + rows, mask=row_ok, other=0.0)
-        p_t, ds_t = _recompute_p_ds(k0, k1, q0, q1, v0, v1, do0, do1, lse, delta, ok, qk_scale,
-                                    True, D1, DOT_PRECISION)  # (BLOCK_N, BLOCK_M): keys on rows
-        dv0 = tl.dot(p_t.to(do0.dtype), do0, dv0, input_precision=DOT_PRECISION)
-        dk0 = tl.dot(ds_t.to(q0.dtype), q0, dk0, input_precision=DOT_PRECISION)
-        if D1 > 0:
-            dv1 = tl.dot(p_t.to(do1.dtype), do1, dv1, input_precision=DOT_PRECISION)
-            dk1 = tl.dot(ds_t.to(q1.dtype), q1, dk1, input_precision=DOT_PRECISION)
-    col_ok = cols < TK
-    _store_rows(DK, dk0 * sm_scale, dk1 * sm_scale, cols, col_ok, stride_dkt, UNIT, HEAD_DIM, D0, D1)
-    _store_rows(DV, dv0, dv1, cols, col_ok, stride_dkt, UNIT, HEAD_DIM, D0, D1)
+    # The split backward's key-block half: dK and dV (DK stands in for the unused dQ accumulator).
+    _bwd_key_block(Q, K, V, DO, MASK, LSE, DELTA, DK, DV, DK,
+                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                   stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dkb, stride_dkh,
+                   stride_dkt, stride_mb, stride_mt, H, TQ, TK, sm_scale, qk_scale,
+                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, DOT_PRECISION, BLOCK_M, BLOCK_N, False)
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
@@ -745,57 +782,12 @@ def _attention_bwd_fused_kernel(
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program owns a block of keys and sweeps every query block, as the dK/dV kernel, and also adds each query
-    # block's dQ contribution scale · dS K into the fp32 accumulator with atomics: S, dP, dV, dK, dQ are five matmuls
-    # per (query, key) tile where the split pair runs seven (P and dP recomputed twice). Atomics make dQ's fp32 sum
-    # order (and so its last bits) depend on scheduling: `torch.use_deterministic_algorithms(True)` takes the pair.
-    pid_bh = tl.program_id(1).to(tl.int64)
-    off_b, off_h = pid_bh // H, pid_bh % H
-    Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
-    K += (off_b * stride_kb + off_h * stride_kh) * UNIT
-    V += (off_b * stride_vb + off_h * stride_vh) * UNIT
-    DO += (off_b * stride_dob + off_h * stride_doh) * UNIT
-    DK += (off_b * stride_dkb + off_h * stride_dkh) * UNIT
-    DV += (off_b * stride_dkb + off_h * stride_dkh) * UNIT
-    DQ_ACC += (off_b * stride_dqb + off_h * stride_dqh) * UNIT
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    c0 = tl.arange(0, D0)
-    c1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
-
-    # Masked keys load as zeros and get P = dS = 0: their dK, dV are exactly 0 and they add exactly 0 to dQ.
-    ok = _keys_ok(MASK + off_b * stride_mb, cols, TK, stride_mt, HAS_MASK)
-    k0, k1 = _load_rows(K, cols, ok, stride_kt, UNIT, HEAD_DIM, D0, D1)
-    v0, v1 = _load_rows(V, cols, ok, stride_vt, UNIT, HEAD_DIM, D0, D1)
-    dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
-    dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
-    dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
-    dv1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
-    for start_m in range(0, TQ, BLOCK_M):
-        rows = start_m + offs_m
-        row_ok = rows < TQ
-        q0, q1 = _load_rows(Q, rows, row_ok, stride_qt, UNIT, HEAD_DIM, D0, D1)
-        do0, do1 = _load_rows(DO, rows, row_ok, stride_dot, UNIT, HEAD_DIM, D0, D1)
-        lse = tl.load(LSE + pid_bh * TQ + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + pid_bh * TQ + rows, mask=row_ok, other=0.0)
-        p_t, ds_t = _recompute_p_ds(k0, k1, q0, q1, v0, v1, do0, do1, lse, delta, ok, qk_scale,
-                                    True, D1, DOT_PRECISION)  # (BLOCK_N, BLOCK_M): keys on rows
-        dv0 = tl.dot(p_t.to(do0.dtype), do0, dv0, input_precision=DOT_PRECISION)
-        ds_h = ds_t.to(q0.dtype)
-        dk0 = tl.dot(ds_h, q0, dk0, input_precision=DOT_PRECISION)
-        # The scale goes on the (BLOCK_M, D) partial, not on dS: one multiply per dQ element, and the finished
-        # accumulator needs only the cast to the input dtype.
-        dq_row = DQ_ACC + rows[:, None] * (stride_dqt * UNIT)
-        dq0 = tl.dot(tl.trans(ds_h), k0, input_precision=DOT_PRECISION) * sm_scale
-        tl.atomic_add(dq_row + c0[None, :], dq0, mask=row_ok[:, None] & (c0[None, :] < HEAD_DIM), sem="relaxed")
-        if D1 > 0:
-            dv1 = tl.dot(p_t.to(do1.dtype), do1, dv1, input_precision=DOT_PRECISION)
-            dk1 = tl.dot(ds_h, q1, dk1, input_precision=DOT_PRECISION)
-            dq1 = tl.dot(tl.trans(ds_h), k1, input_precision=DOT_PRECISION) * sm_scale
-            tl.atomic_add(dq_row + c1[None, :], dq1, mask=row_ok[:, None] & (c1[None, :] < HEAD_DIM), sem="relaxed")
-    col_ok = cols < TK
-    _store_rows(DK, dk0 * sm_scale, dk1 * sm_scale, cols, col_ok, stride_dkt, UNIT, HEAD_DIM, D0, D1)
-    _store_rows(DV, dv0, dv1, cols, col_ok, stride_dkt, UNIT, HEAD_DIM, D0, D1)
+    # The fused backward: dK, dV and dQ's share from one sweep (`_bwd_key_block` with WITH_DQ).
+    _bwd_key_block(Q, K, V, DO, MASK, LSE, DELTA, DK, DV, DQ_ACC,
+                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                   stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dqb, stride_dqh,
+                   stride_dqt, stride_mb, stride_mt, H, TQ, TK, sm_scale, qk_scale,
+                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, DOT_PRECISION, BLOCK_M, BLOCK_N, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
