@@ -2,7 +2,7 @@
 
 Every op dispatches between its torch reference (`op.ref`) and its Triton implementation (`op.triton`); see
 `kernels._dispatch` for the rules and `use_backend` / ``KERNELS_BACKEND`` to choose. Importing this package makes no
-driver calls and launches nothing.
+driver calls and launches nothing, and imports triton only where a Triton kernel can run (`kernels._triton`).
 """
 
 from kernels import adaln as _adaln
