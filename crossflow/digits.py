@@ -213,41 +213,37 @@ def background_mask() -> torch.Tensor:
     return torch.stack([x[y == k].mean(0)[0] < BACKGROUND_LEVEL for k in range(10)])
 
 
-def _check_images(name: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+def _background_pixels(name: str, images: torch.Tensor, labels: torch.Tensor,
+                       mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """Per digit present in `labels`: its images' background pixels, (n_k, pixels of k's mask), in float64."""
     if images.dim() != 4 or tuple(images.shape[1:]) != (1, SIZE, SIZE) or labels.shape != images.shape[:1]:
         raise ValueError(f"{name}: expected images (N, 1, {SIZE}, {SIZE}) and labels (N,), got "
                          f"{tuple(images.shape)} and {tuple(labels.shape)}")
+    mask = background_mask() if mask is None else mask
+    out = [images[labels == k][:, 0][:, mask[k]].double() for k in range(10)]
+    out = [v for v in out if len(v)]
+    if not out:
+        raise ValueError(f"{name}: no images")
+    return out
 
 
 def background_std(images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """The standard deviation of the background pixels of `images` (N, 1, 16, 16) in [-1, 1], digit labels (N,):
     every image's pixels under its digit's `background_mask`, pooled. Speckle and a grey background raise it; real
     held-out digits: about 0.043."""
-    mask = background_mask() if mask is None else mask
-    _check_images("background_std", images, labels)
-    vals = torch.cat([images[labels == k][:, 0][:, mask[k]].flatten() for k in range(10)])
-    return float(vals.double().std())
+    return float(torch.cat([v.flatten() for v in _background_pixels("background_std", images, labels, mask)]).std())
 
 
 def background_parts(images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
     """Where `background_std` comes from: the pooled background pixels' mean, the spread of their per-pixel means over
     the images of each digit (a grey pattern every sample repeats) and the spread around those means (noise that
-    differs per sample); the two spreads add in quadrature to about `background_std` (exactly, up to the means' own
-    spread across digits)."""
-    mask = background_mask() if mask is None else mask
-    _check_images("background_parts", images, labels)
-    px, means, resid = [], [], []
-    for k in range(10):
-        v = images[labels == k][:, 0][:, mask[k]].double()  # (n_k, background pixels of k)
-        if len(v):
-            px.append(v.flatten())
-            means.append(v.mean(0))
-            resid.append((v - means[-1]).flatten())
-    if not px:
-        raise ValueError("background_parts: no images")
-    means_all = torch.cat(means)
-    return {"mean": float(torch.cat(px).mean()), "pattern_std": float(means_all.std() if len(means_all) > 1 else 0.0),
-            "noise_std": float(torch.cat(resid).std())}
+    differs per sample); with as many images of every digit the two spreads add in quadrature to `background_std` (up
+    to the n - 1 corrections of the standard deviations)."""
+    per_digit = _background_pixels("background_parts", images, labels, mask)
+    means = torch.cat([v.mean(0) for v in per_digit])
+    return {"mean": float(torch.cat([v.flatten() for v in per_digit]).mean()),
+            "pattern_std": float(means.std() if len(means) > 1 else 0.0),
+            "noise_std": float(torch.cat([(v - v.mean(0)).flatten() for v in per_digit]).std())}
 
 
 @torch.no_grad()
@@ -281,8 +277,8 @@ def evaluate(pipe: Any, per_prompt: int = 10, guidance_scale: float | None = Non
     bar.close()
     n_per_digit = per_prompt * len(templates)
     mask = background_mask()
-    labels = torch.arange(10).repeat_interleave(per_prompt).repeat(len(templates))
-    bg = background_std(torch.cat(all_imgs), labels, mask)
+    samples, labels = torch.cat(all_imgs), torch.arange(10).repeat_interleave(per_prompt).repeat(len(templates))
+    bg = background_std(samples, labels, mask)
     bg_real = background_std(real, real_y, mask)
     return {
         "accuracy": correct / total,
@@ -290,7 +286,7 @@ def evaluate(pipe: Any, per_prompt: int = 10, guidance_scale: float | None = Non
         "speckle": bg / bg_real,
         "background_std": bg,
         "background_std_real": bg_real,
-        "background_parts": background_parts(torch.cat(all_imgs), labels, mask),
+        "background_parts": background_parts(samples, labels, mask),
         "background_parts_real": background_parts(real, real_y, mask),
         "per_digit_accuracy": {str(k): v / n_per_digit for k, v in sorted(per_digit.items())},
         "samples": total,
