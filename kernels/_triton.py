@@ -37,9 +37,8 @@ def wanted() -> bool:
 class UnloadedKernel:
     """A `@triton.jit` function defined while Triton is absent: it keeps the Python function; launching it raises."""
 
-    def __init__(self, fn: Callable, **jit_kwargs: Any) -> None:
+    def __init__(self, fn: Callable) -> None:
         self.fn = fn
-        self.jit_kwargs = jit_kwargs
         functools.update_wrapper(self, fn)
 
     def __getitem__(self, grid):
@@ -71,8 +70,8 @@ class _Absent:
         return f"<stand-in for {self.__name__}: Triton not loaded>"
 
 
-def _jit(fn: Callable | None = None, **kwargs: Any):
-    return UnloadedKernel(fn, **kwargs) if fn is not None else functools.partial(_jit, **kwargs)
+def _jit(fn: Callable | None = None, **kwargs: Any):  # @triton.jit and @triton.jit(...): the options do not matter
+    return UnloadedKernel(fn) if fn is not None else _jit
 
 
 def _autotune(configs, key, **kwargs: Any) -> Callable:
