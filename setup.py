@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernels", "kernels.*", "crossflow", "crossflow.*"]),
+    packages=find_packages(include=["crossflow_kernels", "crossflow_kernels.*", "crossflow", "crossflow.*"]),
     package_data={"crossflow": ["weights/*/*.safetensors", "weights/*/*.json", "weights/*/*.sha256"]},
     install_requires=[
         "torch>=2.5",

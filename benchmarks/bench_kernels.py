@@ -1,4 +1,4 @@
-"""Kernel benchmarks: every op of `kernels.OPS` × DiT shapes × dtype × provider × mode.
+"""Kernel benchmarks: every op of `crossflow_kernels.OPS` × DiT shapes × dtype × provider × mode.
 
 Providers (looked up in `PROVIDERS`, attention adds `ATTN_PROVIDERS`):
   torch          the eager torch reference (`op.ref`)
@@ -36,7 +36,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-import kernels
+import crossflow_kernels
 from benchmarks._common import BenchShape, env_info, measure, sync, synced
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -122,12 +122,12 @@ SPECS: dict[str, OpSpec] = {
 def _compiled(op: str, tiny: bool):
     torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no stale guards across shapes
     if tiny:  # inductor's C++ build is minutes on a small CPU; the smoke only checks the body runs
-        return torch.compile(kernels.OPS[op].ref, backend="eager"), "torch.compile(backend=eager) [tiny smoke]"
-    return torch.compile(kernels.OPS[op].ref, dynamic=False), "torch.compile(inductor, dynamic=False)"
+        return torch.compile(crossflow_kernels.OPS[op].ref, backend="eager"), "torch.compile(backend=eager) [tiny smoke]"
+    return torch.compile(crossflow_kernels.OPS[op].ref, dynamic=False), "torch.compile(inductor, dynamic=False)"
 
 
 def _triton(op: str, tiny: bool):
-    return kernels.OPS[op].triton, "triton" + (" (interpreter)" if kernels.interpreting() else "")
+    return crossflow_kernels.OPS[op].triton, "triton" + (" (interpreter)" if crossflow_kernels.interpreting() else "")
 
 
 def _sdpa(name: str):
@@ -151,7 +151,7 @@ def _flash_attn(op: str, tiny: bool):
             f"flash_attn {__version__}")
 
 
-PROVIDERS = {"torch": lambda op, tiny: (kernels.OPS[op].ref, "torch"), "torch_compile": _compiled, "triton": _triton}
+PROVIDERS = {"torch": lambda op, tiny: (crossflow_kernels.OPS[op].ref, "torch"), "torch_compile": _compiled, "triton": _triton}
 ATTN_PROVIDERS = {
     "sdpa_flash": _sdpa("FLASH_ATTENTION"), "sdpa_efficient": _sdpa("EFFICIENT_ATTENTION"),
     "sdpa_cudnn": _sdpa("CUDNN_ATTENTION"), "sdpa_math": _sdpa("MATH"), "flash_attn": _flash_attn,
@@ -173,7 +173,7 @@ def pytest_generate_tests(metafunc):
     from benchmarks.conftest import bench_options
 
     o = bench_options(metafunc.config)
-    ops = [op for op in SPECS if op in kernels.OPS]
+    ops = [op for op in SPECS if op in crossflow_kernels.OPS]
     cases = [(op, s, d, p, m) for op in ops for s in o.shapes for d in o.dtypes for p in providers_for(op)
              for m in o.modes]
     metafunc.parametrize("case", cases, ids=[f"{op}-{s.id}-{d[0]}-{p}-{m}" for op, s, d, p, m in cases])
@@ -209,13 +209,13 @@ def _guarded(thunk: Callable[[], Any], provider: str) -> Any:
 
 
 def test_every_op_has_a_spec():
-    missing = sorted(set(kernels.OPS) - set(SPECS))
-    assert not missing, f"kernels.OPS {missing} have no benchmark: add an OpSpec to bench_kernels.SPECS"
+    missing = sorted(set(crossflow_kernels.OPS) - set(SPECS))
+    assert not missing, f"crossflow_kernels.OPS {missing} have no benchmark: add an OpSpec to bench_kernels.SPECS"
 
 
 def test_kernel(benchmark, bench, device_limits, case):
     op, shape, (dtype_id, dtype), provider, mode = case
-    if provider == "triton" and kernels.interpreting() and dtype == torch.bfloat16:
+    if provider == "triton" and crossflow_kernels.interpreting() and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter has no bf16 arithmetic (CPU smoke)")
     spec = SPECS[op]
     f, backend, *ctx = providers_for(op)[provider](op, bench.tiny)

@@ -2,7 +2,7 @@
 
 Providers (`SAMPLERS`):
   official_eager        the official loop: per step a cond pass then an uncond pass (B each), torch reference ops
-                        (`kernels.use_backend("torch")`), x = x + dt·(v_u + s·(v_c − v_u)) in plain torch
+                        (`crossflow_kernels.use_backend("torch")`), x = x + dt·(v_u + s·(v_c − v_u)) in plain torch
   batched_eager         `EulerSampler` (one 2B forward per step) on the torch backend
   compile_max_autotune  `torch.compile(model, mode="max-autotune", dynamic=False)` of the torch-backend model, driven
                         by `EulerSampler` (tiny CPU smoke: backend="eager", recorded in `backend`)
@@ -25,7 +25,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-import kernels
+import crossflow_kernels
 from benchmarks._common import build_flow, crossflow_api, env_info, flow_flops_per_forward, sync
 
 GUIDANCE = 7.0
@@ -37,7 +37,7 @@ def _official(model: Callable, scale: float) -> Callable[[torch.Tensor, int], to
         b, x = z0.shape[0], z0.clone()
         cond = torch.zeros(b, dtype=torch.long, device=z0.device)
         uncond = torch.ones_like(cond)
-        with kernels.use_backend("torch"):
+        with crossflow_kernels.use_backend("torch"):
             for i in range(steps):  # the default grid of EulerSampler: t_i = i / N, dt = 1 / N
                 t = torch.full((b,), i / steps, device=z0.device)
                 v_c, v_u = model(x, t, cond), model(x, t, uncond)
@@ -49,7 +49,7 @@ def _official(model: Callable, scale: float) -> Callable[[torch.Tensor, int], to
 
 def _on_torch(sampler: Callable, model: Callable) -> Callable[[torch.Tensor, int], torch.Tensor]:
     def run(z0: torch.Tensor, steps: int) -> torch.Tensor:
-        with kernels.use_backend("torch"):  # held while tracing too: the backend is chosen at trace time
+        with crossflow_kernels.use_backend("torch"):  # held while tracing too: the backend is chosen at trace time
             return sampler(model, z0, steps=steps)
 
     return run
@@ -74,10 +74,10 @@ def _fast(api, model: torch.nn.Module, tiny: bool):
     if api.FastSampler is None:
         pytest.skip("FastSampler not available")
     fast = api.FastSampler(guidance_scale=GUIDANCE)
-    backend = kernels.get_backend()
+    backend = crossflow_kernels.get_backend()
     if backend == "auto":  # what `auto` resolves to for these tensors
-        backend = "auto=triton" if torch.cuda.is_available() or kernels.interpreting() else "auto=torch"
-    backend += " (interpreter)" if kernels.interpreting() else ""
+        backend = "auto=triton" if torch.cuda.is_available() or crossflow_kernels.interpreting() else "auto=torch"
+    backend += " (interpreter)" if crossflow_kernels.interpreting() else ""
     graph = ", CUDA graph" if getattr(fast, "use_cuda_graph", False) and torch.cuda.is_available() else ", eager"
     return (lambda z0, steps: fast(model, z0, steps=steps)), backend + graph
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks.compile_report [--quick] [--arch 90,80] [--filter attention] [--json PATH] [--jobs N]
 
-How it works. The public ops (`kernels.OPS[name].triton`) are driven with CPU tensors of the model's real shapes,
+How it works. The public ops (`crossflow_kernels.OPS[name].triton`) are driven with CPU tensors of the model's real shapes,
 dtypes and strides (fused-qkv views, transposed (B, T, H, D) views, (B, 1, C) modulation views), forward and autograd
 backward, while every Triton launch is intercepted (`JITFunction.run` / `Autotuner.run`): nothing runs, the kernel, its
 bound arguments and constexprs are recorded. The kernels are found that way, never by module or function name. Each
@@ -26,7 +26,7 @@ of the elements of the launch's largest floating tensor (attention Q/K/V/dO/O, a
 not LSE, statistics or modulation vectors). A hot load is *scalar* when one instruction moves one element, *narrow*
 when it moves less than 16 bytes.
 
-Cases named `attention/*-sm90` run the attention forward with `KERNELS_ATTENTION_FWD=sm90` (the kernel an sm_90 GPU
+Cases named `attention/*-sm90` run the attention forward with `CROSSFLOW_KERNELS_ATTENTION_FWD=sm90` (the kernel an sm_90 GPU
 picks: tensor descriptors, warp specialization) and are compiled for sm_90 only (`--filter sm90`).
 
 All figures are compile-time facts about the generated code, not speed measurements.
@@ -77,7 +77,7 @@ BATCH = 2
 
 @dataclass(frozen=True)
 class Case:
-    op: str  # key of kernels.OPS
+    op: str  # key of crossflow_kernels.OPS
     name: str  # unique, e.g. "attention/d72-bf16-qkv-mask"
     params: dict = field(default_factory=dict, hash=False, compare=False)
 
@@ -192,10 +192,10 @@ def _drive(case: Case) -> None:
     Storage is `torch.empty` (fresh allocations are 64-byte aligned, as CUDA's are); values are never read."""
     import torch
 
-    kernels = _import_kernels()
+    crossflow_kernels = _import_kernels()
     p, B = case.params, BATCH
     dt = _dtype(p["dtype"])
-    impl = kernels.OPS[case.op].triton
+    impl = crossflow_kernels.OPS[case.op].triton
     if case.op == "attention":
         d = p["d"]
         h, t = ATTN_SHAPES[d]
@@ -271,8 +271,8 @@ def capture(case: Case) -> list[Launch]:
     return launches
 
 
-FWD_KERNEL_ENV = "KERNELS_ATTENTION_FWD"  # kernels.attention.FWD_KERNEL_ENV, named here without importing kernels
-BWD_KERNEL_ENV = "KERNELS_ATTENTION_BWD"  # kernels.attention.BWD_KERNEL_ENV
+FWD_KERNEL_ENV = "CROSSFLOW_KERNELS_ATTENTION_FWD"  # crossflow_kernels.attention.FWD_KERNEL_ENV, named here without importing kernels
+BWD_KERNEL_ENV = "CROSSFLOW_KERNELS_ATTENTION_BWD"  # crossflow_kernels.attention.BWD_KERNEL_ENV
 BWD_PATHS = ("fused", "split")
 
 
@@ -724,15 +724,15 @@ def _versions() -> dict:
 
 
 def _import_kernels():
-    """`kernels` with the real triton. On a CPU-only build of torch without the interpreter, `kernels` leaves triton
-    unloaded unless the process already imported it (`kernels._triton`); the report compiles for GPU targets there."""
-    import triton  # noqa: F401  (first, so that kernels._triton takes the real one)
+    """`crossflow_kernels` with the real triton. On a CPU-only build of torch without the interpreter, `crossflow_kernels` leaves triton
+    unloaded unless the process already imported it (`crossflow_kernels._triton`); the report compiles for GPU targets there."""
+    import triton  # noqa: F401  (first, so that crossflow_kernels._triton takes the real one)
 
-    import kernels
-    from kernels._triton import LOADED, WHY_ABSENT
-    if not LOADED:  # `kernels` was imported earlier in this process, without triton
+    import crossflow_kernels
+    from crossflow_kernels._triton import LOADED, WHY_ABSENT
+    if not LOADED:  # `crossflow_kernels` was imported earlier in this process, without triton
         raise RuntimeError(f"compile report: {WHY_ABSENT}")
-    return kernels
+    return crossflow_kernels
 
 
 def _kernels_dir() -> Path:
@@ -740,7 +740,7 @@ def _kernels_dir() -> Path:
 
 
 def _git_rev() -> str | None:
-    """The commit of the tree whose `kernels` package was reported on."""
+    """The commit of the tree whose `crossflow_kernels` package was reported on."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=_kernels_dir(), check=True).stdout.strip() or None

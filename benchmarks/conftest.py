@@ -1,4 +1,4 @@
-"""Benchmark setup. Order matters: without CUDA the Triton interpreter must be on before `kernels` is imported (the
+"""Benchmark setup. Order matters: without CUDA the Triton interpreter must be on before `crossflow_kernels` is imported (the
 switch is read when each `@triton.jit` runs), and then the suites run on tiny shapes (`--bench-tiny` forces them).
 
 Options (all optional):
@@ -27,7 +27,7 @@ from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 
-import kernels  # noqa: E402,F401  (after the interpreter switch)
+import crossflow_kernels  # noqa: E402,F401  (after the interpreter switch)
 from benchmarks import _common  # noqa: E402
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -12,7 +12,7 @@ file as it goes (atomic replace), so a killed stage loses only its unfinished ca
 that was finished. What comes back (at most 6 files, the limit being 8): `gpu_check.json` (schema below),
 `gpu_check.log` (everything printed), `pytest_gpu.xml` (JUnit of the GPU tests), `ncu_attention.ncu-rep` and
 `ncu_attention.txt` (Nsight Compute on one attention launch, when `ncu` is there), and
-`attention-routes_<device>.json` (`kernels.attention`'s SDPA routing table, derived from the attention stage by
+`attention-routes_<device>.json` (`crossflow_kernels.attention`'s SDPA routing table, derived from the attention stage by
 `benchmarks.report.write_routing_table`; commit it under benchmarks/results/ with the result).
 
 Schema `crossflow-gpu-check/1` of gpu_check.json:
@@ -189,7 +189,7 @@ def stage_tests(ctx: StageContext) -> None:
     workers = 0 if ctx.smoke or importlib.util.find_spec("xdist") is None else 8
     per_test = 20 if ctx.smoke else 90  # + the 15 s hard limit: a stuck test ends inside the budget
     junit = ctx.out / JUNIT_NAME
-    targets = ["tests/kernels/test_euler.py"] if ctx.smoke else ["tests"]  # smoke: the runner, not the whole suite
+    targets = ["tests/crossflow_kernels/test_euler.py"] if ctx.smoke else ["tests"]  # smoke: the runner, not the whole suite
     cmd = [sys.executable, "-m", "pytest", *targets, "-m", "gpu", "-q", "-p", "no:cacheprovider",
            "-p", "benchmarks.gpu_pytest", f"--test-timeout={per_test}", f"--junitxml={junit}", "-o", "addopts=-ra",
            "--continue-on-collection-errors"]  # one module that fails to import must not cancel every GPU test
@@ -279,7 +279,7 @@ def prewarm_attention(head_dim: int) -> None:
     cache then serves the benchmarking process."""
     import torch
 
-    import kernels
+    import crossflow_kernels
     from benchmarks import _common
 
     cuda = torch.cuda.is_available()  # without: the smoke (interpreter, fp32, tiny)
@@ -288,7 +288,7 @@ def prewarm_attention(head_dim: int) -> None:
         q, k, v, do = (torch.randn(2, heads, t, head_dim, device=_common.device(),
                                    dtype=torch.bfloat16 if cuda else torch.float32) for _ in range(4))
         q, k, v = (x.requires_grad_() for x in (q, k, v))
-        torch.autograd.grad(kernels.OPS["attention"].triton(q, k, v), (q, k, v), do)
+        torch.autograd.grad(crossflow_kernels.OPS["attention"].triton(q, k, v), (q, k, v), do)
     _common.sync()
 
 
@@ -309,7 +309,7 @@ def _prewarm(ctx: StageContext, head_dims, limit_s: float) -> dict[str, Any]:
 
 
 def stage_attention(ctx: StageContext) -> None:
-    """Ours (`kernels.attention`'s Triton implementation) vs every SDPA backend, fwd then fwd+bwd, bf16 (fp32 smoke)."""
+    """Ours (`crossflow_kernels.attention`'s Triton implementation) vs every SDPA backend, fwd then fwd+bwd, bf16 (fp32 smoke)."""
     import torch
 
     from benchmarks import _common, bench_kernels
@@ -360,7 +360,7 @@ def stage_attention(ctx: StageContext) -> None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     ctx.set_result(summary=attention_summary(ctx.cases()))
-    # The routing table `kernels.attention` reads, from exactly these cases (the same function as the report CLI).
+    # The routing table `crossflow_kernels.attention` reads, from exactly these cases (the same function as the report CLI).
     table = write_routing_table(read_results(ctx.path), RESULTS_NAME, ctx.out)
     ctx.set_result(routing_table=table.name)
 
@@ -373,22 +373,22 @@ def stage_adaln(ctx: StageContext) -> None:
     (dynamic=False): dynamo compiles once per shape and grad mode, never from a reset cache."""
     import torch
 
-    import kernels
+    import crossflow_kernels
     from benchmarks import _common, bench_kernels
 
     _need_cuda(ctx)
     dev = _common.device()
     dtype = torch.float32 if ctx.smoke else torch.bfloat16
-    ops = [op for op in ("adaln_modulate", "gated_residual_adaln") if op in kernels.OPS]
+    ops = [op for op in ("adaln_modulate", "gated_residual_adaln") if op in crossflow_kernels.OPS]
     shapes = _common.kernel_shapes(tiny=True) if ctx.smoke else sorted(
         _common.kernel_shapes(False, list(ADALN_SHAPES)), key=lambda s: ADALN_SHAPES.index(s.id))  # b8 ones first
     _raise_recompile_limit()  # 3 shapes x 2 grad modes per op: past the default limit, dynamo would fall back to eager
     compiled = {}
     for op in ops:
-        ref = kernels.OPS[op].ref
+        ref = crossflow_kernels.OPS[op].ref
         # Inductor's C++ build takes minutes on a small CPU; the smoke only runs the body (and says so).
         compiled[op] = torch.compile(ref, backend="eager") if ctx.smoke else torch.compile(ref, dynamic=False)
-    backend_of = {"triton": "triton" + (" (interpreter)" if kernels.interpreting() else ""), "torch": "torch",
+    backend_of = {"triton": "triton" + (" (interpreter)" if crossflow_kernels.interpreting() else ""), "torch": "torch",
                   "torch_compile": "torch.compile(backend=eager) [smoke]" if ctx.smoke
                   else "torch.compile(inductor, default mode, dynamic=False), one compile per shape and mode"}
     ctx.set_result(dtype=str(dtype).removeprefix("torch."), shapes=[s.id for s in shapes])
@@ -399,7 +399,7 @@ def stage_adaln(ctx: StageContext) -> None:
                 dims = spec.shape(s)
                 torch.manual_seed(0)
                 args, kw = spec.inputs(dims, dict(device=dev, dtype=dtype))
-                fns = {"triton": kernels.OPS[op].triton, "torch": kernels.OPS[op].ref, "torch_compile": compiled[op]}
+                fns = {"triton": crossflow_kernels.OPS[op].triton, "torch": crossflow_kernels.OPS[op].ref, "torch_compile": compiled[op]}
                 _, nbytes = spec.cost(dims, mode, args[0].element_size())
                 for name, f in fns.items():
                     case = dict(op=op, shape=list(dims), shape_id=s.id, mode=mode, provider=name,
@@ -423,7 +423,7 @@ COMPILE_MIN_LEFT_S = 30  # a cold regional compile of DiT-XL/2 and its runs need
 def _compile_regional(api, model, tiny: bool):
     """`torch.compile` default mode of each DiT block in place (regional compilation: the 28 blocks share one compiled
     graph, so cold start is one block's compile per batch, not the whole unrolled model's); embedders and the final
-    layer (well under 1% of the FLOPs) stay eager. Torch reference ops (`kernels.use_backend("torch")` at trace
+    layer (well under 1% of the FLOPs) stay eager. Torch reference ops (`crossflow_kernels.use_backend("torch")` at trace
     time)."""
     from benchmarks import bench_sampler
 
@@ -520,16 +520,16 @@ NCU_SHAPE = (16, 16, 1024, 72)  # DiT-XL/2 at 512 px, batch 8 with CFG: (2B, H, 
 
 
 def ncu_workload(smoke: bool) -> None:
-    """One forward of `kernels.attention` (Triton) between cudaProfilerStart/Stop, after a warm-up that autotunes."""
+    """One forward of `crossflow_kernels.attention` (Triton) between cudaProfilerStart/Stop, after a warm-up that autotunes."""
     import torch
 
-    import kernels
+    import crossflow_kernels
     from benchmarks import _common
 
     dev = _common.device()
     shape, dtype = ((1, 2, 32, 72), torch.float32) if smoke else (NCU_SHAPE, torch.bfloat16)
     q, k, v = (torch.randn(shape, device=dev, dtype=dtype) for _ in range(3))
-    attn = kernels.OPS["attention"].triton
+    attn = crossflow_kernels.OPS["attention"].triton
     with torch.no_grad():
         attn(q, k, v)
         _common.sync()
@@ -738,7 +738,7 @@ def run_stages(stages, out: Path, smoke: bool, total_s: float = TOTAL_BUDGET_S) 
 
 def save_result(src: Path, results_dir: Path | None = None) -> Path:
     """Copy a GPU-check JSON to results/<YYYY-MM-DD>_<device-name-slug>_gpu-check.json (the date it started), and,
-    when it has attention cases, write `kernels.attention`'s routing table from it beside it
+    when it has attention cases, write `crossflow_kernels.attention`'s routing table from it beside it
     (results/attention-routes_<device-name-slug>.json, replacing the device's previous one)."""
     from benchmarks import _common
 
@@ -769,7 +769,7 @@ def _tee_to(log: Path):
 def _preload(smoke: bool) -> None:
     """Import the heavy modules once in the driver, so forked children start warm. Imports only: nothing here makes a
     CUDA call (a driver that had initialised CUDA could not fork usable children)."""
-    if smoke:  # the interpreter switch is read when each @triton.jit runs: set it before `kernels` is imported
+    if smoke:  # the interpreter switch is read when each @triton.jit runs: set it before `crossflow_kernels` is imported
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the smoke is the CPU path, even on a GPU machine
     import torch

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+import crossflow_kernels
 from crossflow import img2img
 from crossflow.cli import GRID_GAP, save_grid
 from crossflow.pipeline import to_pil
@@ -29,7 +29,7 @@ def held_out_examples() -> torch.Tensor:
 def main(task: str) -> None:
     torch.set_num_threads(1)
     real = held_out_examples()
-    with kernels.use_backend("torch"):
+    with crossflow_kernels.use_backend("torch"):
         if task == "sr":
             pipe = img2img.ImagePipeline.from_pretrained(default_checkpoint("digits-sr"))
             low = img2img.downsample(real)

@@ -6,9 +6,9 @@
 #
 # With `nsys` on PATH: `nsys profile -t cuda,nvtx` with the capture range limited to the profiled run
 # (cudaProfilerApi), then the top kernels by GPU time (`nsys stats --report cuda_gpu_kern_sum`) and the NVTX ranges.
-# NVTX comes from the optional `nvtx` package (KERNELS_NVTX=1); without it, torch's emit_nvtx turns the
-# record_function ranges (KERNELS_NVTX=torch) into NVTX ranges instead.
-# Without `nsys`: says so, and runs the same workload under torch.profiler (KERNELS_NVTX=torch), writing a Chrome
+# NVTX comes from the optional `nvtx` package (CROSSFLOW_KERNELS_NVTX=1); without it, torch's emit_nvtx turns the
+# record_function ranges (CROSSFLOW_KERNELS_NVTX=torch) into NVTX ranges instead.
+# Without `nsys`: says so, and runs the same workload under torch.profiler (CROSSFLOW_KERNELS_NVTX=torch), writing a Chrome
 # trace and printing the top ops. Without CUDA, profile_sampler defaults to the tiny preset in the Triton interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,10 +20,10 @@ PY="${PYTHON:-python3}"
 
 if command -v nsys >/dev/null 2>&1; then
   if "$PY" -c "import nvtx" 2>/dev/null; then
-    MODE=(env KERNELS_NVTX=1); EXTRA=()
+    MODE=(env CROSSFLOW_KERNELS_NVTX=1); EXTRA=()
   else
-    echo "note: the optional 'nvtx' package is missing; using torch emit_nvtx with KERNELS_NVTX=torch"
-    MODE=(env KERNELS_NVTX=torch); EXTRA=(--emit-nvtx)
+    echo "note: the optional 'nvtx' package is missing; using torch emit_nvtx with CROSSFLOW_KERNELS_NVTX=torch"
+    MODE=(env CROSSFLOW_KERNELS_NVTX=torch); EXTRA=(--emit-nvtx)
   fi
   REP="$OUT_DIR/sampler"
   "${MODE[@]}" nsys profile -t cuda,nvtx --capture-range=cudaProfilerApi --capture-range-end=stop \
@@ -35,6 +35,6 @@ if command -v nsys >/dev/null 2>&1; then
   nsys stats --force-export=true --report nvtx_sum --format table "$REP.nsys-rep" | head -n 40 || true
   echo "report: $REP.nsys-rep"
 else
-  echo "nsys not found on PATH: falling back to torch.profiler (Chrome trace, KERNELS_NVTX=torch ranges)"
-  KERNELS_NVTX=torch "$PY" -m benchmarks.profile_sampler --torch-profiler "$OUT_DIR/sampler_trace.json" "$@"
+  echo "nsys not found on PATH: falling back to torch.profiler (Chrome trace, CROSSFLOW_KERNELS_NVTX=torch ranges)"
+  CROSSFLOW_KERNELS_NVTX=torch "$PY" -m benchmarks.profile_sampler --torch-profiler "$OUT_DIR/sampler_trace.json" "$@"
 fi

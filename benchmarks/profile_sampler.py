@@ -1,10 +1,10 @@
-"""A short sampler workload for profiling, with the NVTX / record_function ranges of `kernels.nvtx_range` visible.
+"""A short sampler workload for profiling, with the NVTX / record_function ranges of `crossflow_kernels.nvtx_range` visible.
 
 Runs eagerly (FastSampler(use_cuda_graph=False) when it has that option, else EulerSampler on the Triton backend):
 inside a replayed CUDA graph there are no per-step, per-block or per-op ranges. One warm-up run first (Triton autotune,
 cuBLAS heuristics), then the profiled run:
   --cuda-profiler-range  brackets the profiled run with cudaProfilerStart/Stop (`nsys --capture-range=cudaProfilerApi`)
-  --emit-nvtx            turns torch.profiler ranges (KERNELS_NVTX=torch) into NVTX ranges, for nsys without `nvtx`
+  --emit-nvtx            turns torch.profiler ranges (CROSSFLOW_KERNELS_NVTX=torch) into NVTX ranges, for nsys without `nvtx`
   --torch-profiler PATH  runs it under torch.profiler, writes a Chrome trace (JSON) to PATH and prints the top ops
 Without CUDA it runs the Triton kernels in the interpreter on the `tiny` preset (the CPU smoke).
 
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_sampler(steps: int, guidance: float):
     """(sampler, backend context, description): eager so that every range is recorded."""
-    import kernels
+    import crossflow_kernels
     from benchmarks._common import crossflow_api
 
     api = crossflow_api()
@@ -47,14 +47,14 @@ def make_sampler(steps: int, guidance: float):
     if fast is not None and "use_cuda_graph" in inspect.signature(fast).parameters:
         sampler = fast(steps, guidance, use_cuda_graph=False)
         return sampler, contextlib.nullcontext(), "FastSampler(use_cuda_graph=False)"
-    backend = "triton" if torch.cuda.is_available() or kernels.interpreting() else "torch"
-    return api.EulerSampler(steps, guidance), kernels.use_backend(backend), f"EulerSampler on {backend}"
+    backend = "triton" if torch.cuda.is_available() or crossflow_kernels.interpreting() else "torch"
+    return api.EulerSampler(steps, guidance), crossflow_kernels.use_backend(backend), f"EulerSampler on {backend}"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
-    if not cuda:  # before `kernels` is imported: the interpreter switch is read when each kernel is defined
+    if not cuda:  # before `crossflow_kernels` is imported: the interpreter switch is read when each kernel is defined
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from benchmarks._common import build_flow, sync
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     sampler, backend, desc = make_sampler(args.steps, args.guidance)
     z0 = torch.randn(args.batch, *cfg.latent_shape, device=model.pos_embed.device, dtype=dtype)
     print(f"profile: {desc}, preset {args.preset}, batch {args.batch}, steps {args.steps}, {args.dtype}, "
-          f"KERNELS_NVTX={os.environ.get('KERNELS_NVTX', '0')}, device {z0.device}")
+          f"CROSSFLOW_KERNELS_NVTX={os.environ.get('CROSSFLOW_KERNELS_NVTX', '0')}, device {z0.device}")
     with backend:
         sampler(model, z0)  # warm-up: autotune and lazy init stay out of the profiled range
         sync()

@@ -2,11 +2,11 @@
 
   python -m benchmarks.report benchmarks/results/<file>.json [more.json ...] [--out DIR]
   python -m benchmarks.report <gpu_check.json> --readme     # print the README's results table from a GPU check
-  python -m benchmarks.report <gpu_check.json> --routing-table [PATH]   # kernels.attention's SDPA routing table
+  python -m benchmarks.report <gpu_check.json> --routing-table [PATH]   # crossflow_kernels.attention's SDPA routing table
 
 A GPU-check result (`benchmarks/gpu_check.py`, schema `crossflow-gpu-check/1`) may be given among the files: it gets
 its own section (`gpu_check_section`); `readme_table` renders the README's results table from it alone;
-`routing_table` derives from its attention stage the per-device table `kernels.attention` routes by (written to
+`routing_table` derives from its attention stage the per-device table `crossflow_kernels.attention` routes by (written to
 benchmarks/results/attention-routes_<device>.json unless PATH, a file or a directory, says otherwise).
 
 Writes DIR/report.md (default: benchmarks/results/report/) and one PNG per (op, mode, dtype) and per sampler preset.
@@ -179,15 +179,15 @@ ROUTE_MARGIN = 1.05  # SDPA must be this much faster than ours on a bucket to ta
 
 
 def routing_table(data: dict[str, Any], src: str, margin: float = ROUTE_MARGIN) -> dict[str, Any]:
-    """`kernels.attention`'s routing table (schema `kernels.attention_routes.SCHEMA`) from one GPU-check result.
+    """`crossflow_kernels.attention`'s routing table (schema `crossflow_kernels.attention_routes.SCHEMA`) from one GPU-check result.
 
-    The attention stage's cases are grouped by routing bucket (`kernels.attention_routes.bucket`: head dim, Tq/Tk and
+    The attention stage's cases are grouped by routing bucket (`crossflow_kernels.attention_routes.bucket`: head dim, Tq/Tk and
     B·H power-of-two ceilings, dtype, mask, fwd vs fwd+bwd). Per bucket, each provider's p50 ms are summed over the
     bucket's measured shapes (a provider counts only if it ran on all of them); the fastest SDPA backend takes the
     bucket when ours takes at least `margin` times as long. Every bucket where ours ran gets an entry (backend
     "triton" where ours stays), so the table also says where ours was measured to win. Buckets where ours failed get
     no entry (ours runs there anyway, and routing must not hide a failure of ours): they are listed in `skipped`."""
-    from kernels.attention_routes import KEY_FIELDS, OURS, SCHEMA, SDPA_BACKENDS, bucket
+    from crossflow_kernels.attention_routes import KEY_FIELDS, OURS, SCHEMA, SDPA_BACKENDS, bucket
 
     if not margin >= 1.0:
         raise ValueError(f"routing margin must be >= 1 (SDPA at least as fast as ours), got {margin}")
@@ -236,8 +236,8 @@ def routing_table(data: dict[str, Any], src: str, margin: float = ROUTE_MARGIN) 
 def write_routing_table(data: dict[str, Any], src: str, dest: str | Path | None = None,
                         margin: float = ROUTE_MARGIN) -> Path:
     """Write `routing_table(data)` to `dest` (a file, or a directory for its default name; default: the committed
-    place, benchmarks/results/) atomically, then read it back through the loader `kernels.attention` uses."""
-    from kernels.attention_routes import DEFAULT_DIR, parse_table, table_file_name
+    place, benchmarks/results/) atomically, then read it back through the loader `crossflow_kernels.attention` uses."""
+    from crossflow_kernels.attention_routes import DEFAULT_DIR, parse_table, table_file_name
 
     table = routing_table(data, src, margin)
     if dest is None:
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--print", action="store_true", help="also print the markdown")
     p.add_argument("--readme", action="store_true", help="print only the README results table of one GPU-check JSON")
     p.add_argument("--routing-table", nargs="?", const="", default=None, metavar="PATH",
-                   help="write kernels.attention's SDPA routing table from one GPU-check JSON (to PATH, a file or a "
+                   help="write crossflow_kernels.attention's SDPA routing table from one GPU-check JSON (to PATH, a file or a "
                         "directory; default benchmarks/results/attention-routes_<device>.json)")
     p.add_argument("--margin", type=float, default=ROUTE_MARGIN,
                    help=f"with --routing-table: SDPA takes a bucket when ours takes >= this times as long "

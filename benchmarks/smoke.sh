@@ -18,7 +18,7 @@ bash benchmarks/run_gpu.sh --plan
 bash benchmarks/run_gpu.sh --smoke --out "$OUT/gpu_check"  # exits 1 unless every stage ends ok
 "$PY" -m benchmarks.report "$OUT/gpu_check/gpu_check.json" --readme > "$OUT/gpu_check/readme_table.md"
 grep -q "CPU smoke run" "$OUT/gpu_check/readme_table.md" || { echo "GPU-check smoke: no README table" >&2; exit 1; }
-# kernels.attention's routing table: the attention stage wrote one; the report CLI derives the same from the JSON.
+# crossflow_kernels.attention's routing table: the attention stage wrote one; the report CLI derives the same from the JSON.
 "$PY" -m benchmarks.report "$OUT/gpu_check/gpu_check.json" --routing-table "$OUT/routes_cli.json"
 "$PY" - "$OUT/gpu_check" "$OUT/routes_cli.json" <<'PYEOF'
 import json, pathlib, sys

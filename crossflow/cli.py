@@ -32,7 +32,7 @@ from crossflow._cli_base import HelpFormatter as _HelpFormatter
 from crossflow._cli_base import Parser as _Parser
 from crossflow._cli_base import UsageError
 
-# kernels.BACKENDS, spelled out so that parsing does not import torch (tests/crossflow/test_cli.py checks they agree)
+# crossflow_kernels.BACKENDS, spelled out so that parsing does not import torch (tests/crossflow/test_cli.py checks they agree)
 BACKENDS = ("auto", "torch", "triton")
 # output extension -> PIL format; anything else is refused before sampling
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -71,16 +71,16 @@ def _device(name: str | None):
 
 def _backend(name: str, device):
     """The kernels backend context, as `crossflow train` sets it (auto = Triton where it can run, else torch; it
-    overrides KERNELS_BACKEND). A forced triton that cannot run on `device` is refused here, before anything loads."""
+    overrides CROSSFLOW_KERNELS_BACKEND). A forced triton that cannot run on `device` is refused here, before anything loads."""
     import torch
 
-    import kernels
+    import crossflow_kernels
 
-    if name == "triton" and not kernels.triton_ok(torch.empty(0, device=device)):
+    if name == "triton" and not crossflow_kernels.triton_ok(torch.empty(0, device=device)):
         where = ("Triton needs a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)"
                  if device.type == "cpu" else "Triton is built for the CPU interpreter here (TRITON_INTERPRET=1)")
         raise UsageError(f"--backend triton cannot run on {device}: {where}; use --backend auto or torch")
-    return kernels.use_backend(name)
+    return crossflow_kernels.use_backend(name)
 
 
 def _checkpoint(path: str | None) -> str:

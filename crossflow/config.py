@@ -2,7 +2,7 @@
 
 A config fully describes the trainable model (Text VE, flow transformer, contrastive image encoder), the names of the
 frozen parts around it (text encoder, autoencoder) and the objective's constants. The kernel backend is *not* part of
-it: that is a runtime choice (`kernels.use_backend`).
+it: that is a runtime choice (`crossflow_kernels.use_backend`).
 
 Presets (`CrossFlowConfig.from_name`):
   * ``tiny``        -- unit tests; small enough for the Triton CPU interpreter.

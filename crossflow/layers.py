@@ -1,8 +1,8 @@
 """Building blocks of the CrossFlow flow transformer (a DiT with adaLN-Zero).
 
 Module and parameter names follow the official `libs/model/dit_t2i.py` (itself DiT's `models.py` on timm layers), so
-its checkpoints convert by renaming only (`crossflow.convert`). Every hot op goes through the `kernels` seam:
-`kernels.attention`, `kernels.adaln_modulate`, `kernels.gated_residual_adaln`.
+its checkpoints convert by renaming only (`crossflow.convert`). Every hot op goes through the `crossflow_kernels` seam:
+`crossflow_kernels.attention`, `crossflow_kernels.adaln_modulate`, `crossflow_kernels.gated_residual_adaln`.
 
 Shapes: B batch, T image tokens, D hidden width, H heads, Dh head dim, C/Hl/Wl latent channels/height/width.
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import crossflow_kernels
 
 #################################################################################
 #               Embedding layers for timesteps, indicator and patches           #
@@ -110,7 +110,7 @@ class Attention(nn.Module):
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads)  # (B, T, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, Dh), strided views, no copies
-        o = kernels.attention(q, k, v)  # (B, H, T, Dh); its transpose(1, 2) is contiguous on the Triton path
+        o = crossflow_kernels.attention(q, k, v)  # (B, H, T, Dh); its transpose(1, 2) is contiguous on the Triton path
         return self.proj(o.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
 
@@ -133,7 +133,7 @@ class DiTBlock(nn.Module):
     MLP. Here the block receives the residual stream `x` *and* `h = modulate(LN(x), shift_msa, scale_msa)` already
     computed by the previous fused op, and returns the new residual and the normalised input of whatever comes next
     (the next block's attention, or the final layer), so each residual add + LN + modulate is one kernel
-    (`kernels.gated_residual_adaln`). Its modulation vectors are computed outside (`FlowTransformer.adaLN_modulation`).
+    (`crossflow_kernels.gated_residual_adaln`). Its modulation vectors are computed outside (`FlowTransformer.adaLN_modulation`).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int, norm: str = "layer", eps: float = 1e-6):
@@ -147,9 +147,9 @@ class DiTBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # x, h: (B, T, D); mod: (B, 6, D) = shift/scale/gate for msa, then for mlp; next_*: (B, D)
         a = self.attn(h).to(x.dtype)  # (B, T, D)
-        x, h = kernels.gated_residual_adaln(x, a, mod[:, 2], mod[:, 3], mod[:, 4], self.eps, self.norm)
+        x, h = crossflow_kernels.gated_residual_adaln(x, a, mod[:, 2], mod[:, 3], mod[:, 4], self.eps, self.norm)
         m = self.mlp(h).to(x.dtype)  # (B, T, D)
-        return kernels.gated_residual_adaln(x, m, mod[:, 5], next_shift, next_scale, self.eps, self.norm)
+        return crossflow_kernels.gated_residual_adaln(x, m, mod[:, 5], next_shift, next_scale, self.eps, self.norm)
 
 
 class FinalLayer(nn.Module):

@@ -15,7 +15,7 @@ it fast without changing the math (an official checkpoint converts exactly, `cro
 
   * the adaLN modulation of every block and of the final layer comes from ONE Linear on SiLU(c), computed up front
     (its weight is the official per-block weights stacked along the output dim);
-  * each residual add is fused with the following LayerNorm + modulate (`kernels.gated_residual_adaln`), so the MLP
+  * each residual add is fused with the following LayerNorm + modulate (`crossflow_kernels.gated_residual_adaln`), so the MLP
     residual of block i lands in block i+1's first norm, and the last one in the final layer's norm.
 
 With `backbone="dimr"` the flow network is `crossflow.dimr.DiMRFlow` (the official multi-resolution network, same
@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-import kernels
+import crossflow_kernels
 from crossflow import flow as fm
 from crossflow.checkpoint import load_state_dict_strict, read_pretrained, save_pretrained, skip_random_init
 from crossflow.config import CrossFlowConfig
@@ -133,10 +133,10 @@ class FlowTransformer(nn.Module):
         mods = self.adaLN_modulation(F.silu(c)).to(x.dtype)  # (B, (6 * depth + 2) * D), every block at once
         blk = mods[:, : 6 * depth * D].view(B, depth, 6, D)  # (B, depth, 6, D)
         fin = mods[:, 6 * depth * D :].view(B, 2, D)  # (B, 2, D) final (shift, scale)
-        h = kernels.adaln_modulate(x, blk[:, 0, 0], blk[:, 0, 1], NORM_EPS, cfg.norm)  # (B, T, D)
+        h = crossflow_kernels.adaln_modulate(x, blk[:, 0, 0], blk[:, 0, 1], NORM_EPS, cfg.norm)  # (B, T, D)
         for i in range(depth):
             nxt = blk[:, i + 1] if i + 1 < depth else fin  # whose norm this block's MLP residual is fused into
-            with kernels.nvtx_range(f"crossflow/block{i}"):  # a shared no-op unless KERNELS_NVTX is set
+            with crossflow_kernels.nvtx_range(f"crossflow/block{i}"):  # a shared no-op unless CROSSFLOW_KERNELS_NVTX is set
                 x, h = self._block(i, x, h, blk[:, i], nxt[:, 0], nxt[:, 1])  # (B, T, D) each
         return self.unpatchify(self.final_layer(h))  # (B, C, H, W)
 

@@ -3,7 +3,7 @@ image latent (t = 1), with indicator classifier-free guidance, plus the paper's 
 
 Guidance (reference/crossflow.md §1.8): v = v_u + s * (v_c - v_u), both branches at the same x. Unlike the official
 code (two unbatched passes), cond and uncond go through ONE forward of 2B (indicator 0 for the first half, 1 for the
-second), and the update is the fused `kernels.cfg_euler_step`, in place.
+second), and the update is the fused `crossflow_kernels.cfg_euler_step`, in place.
 
 Time grids:
   * default:  the model sees t_i = i / N, step dt = 1 / N  (i = 0 .. N-1), so the steps sum to exactly 1.
@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-import kernels
+import crossflow_kernels
 
 OFFICIAL_TIMESCALE = 1.0 - 1e-5
 
@@ -120,11 +120,11 @@ class EulerSampler:
         b = x.shape[0]
         if s is None:
             v = model(x, t.expand(b), torch.zeros(b, dtype=torch.long, device=x.device))
-            return kernels.euler_step(x, v.to(x.dtype), dt, out=x)
+            return crossflow_kernels.euler_step(x, v.to(x.dtype), dt, out=x)
         indicator = torch.arange(2 * b, device=x.device).ge(b).long()  # (2B,) 0 = cond, then 1 = uncond
         v = model(torch.cat([x, x]), t.expand(2 * b), indicator).to(x.dtype)  # (2B, C, H, W)
         v_cond, v_uncond = v.chunk(2)
-        return kernels.cfg_euler_step(x, v_cond, v_uncond, dt, s, out=x)
+        return crossflow_kernels.cfg_euler_step(x, v_cond, v_uncond, dt, s, out=x)
 
     @torch.no_grad()
     def __call__(
@@ -144,9 +144,9 @@ class EulerSampler:
         self, fn: Callable, x: torch.Tensor, ts: torch.Tensor, dts: torch.Tensor, s,
         callback: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """All steps in place on x; one profiler range per step (a shared no-op unless KERNELS_NVTX is set)."""
+        """All steps in place on x; one profiler range per step (a shared no-op unless CROSSFLOW_KERNELS_NVTX is set)."""
         for i in range(ts.shape[0]):
-            with kernels.nvtx_range(f"crossflow/step{i}"):
+            with crossflow_kernels.nvtx_range(f"crossflow/step{i}"):
                 x = self._step(fn, x, ts[i], dts[i], s)
             if callback is not None:
                 callback(1)
@@ -167,7 +167,7 @@ def invert(model: Any, z1: torch.Tensor, steps: int = 50) -> torch.Tensor:
     cond = torch.zeros(b, dtype=torch.long, device=z1.device)
     for i in range(steps):
         t = torch.full((b,), 1.0 - i / steps, device=z1.device)
-        x = kernels.euler_step(x, fn(x, t, cond).to(x.dtype), -1.0 / steps, out=x)
+        x = crossflow_kernels.euler_step(x, fn(x, t, cond).to(x.dtype), -1.0 / steps, out=x)
     return x
 
 

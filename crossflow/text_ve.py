@@ -11,7 +11,7 @@ layer for layer and name for name, so an official `context_encoder.*` state dict
     -> Linear to 2 * latent_numel, or the Adaptor   (mu | logvar)
 
 Deviations, both numerically negligible or training-only:
-  * Attention goes through `kernels.attention`, which has no attention-probability dropout. We apply the same dropout
+  * Attention goes through `crossflow_kernels.attention`, which has no attention-probability dropout. We apply the same dropout
     rate to the attention output (the concatenated heads, before W_O) instead. Identical in eval mode.
   * Masked keys get probability exactly 0 (the official fills scores with -1e9, i.e. exp underflows to 0 as well). A row
     with *no* valid key returns zeros here and a uniform average there; tokenizers always emit >= 1 valid token.
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-import kernels
+import crossflow_kernels
 from crossflow.config import CrossFlowConfig
 
 
@@ -59,7 +59,7 @@ class MultiHeadAttention(nn.Module):
         q = self.W_Q(x).view(B, L, self.head_num, self.d_k).transpose(1, 2)  # (B, H, L, Dk)
         k = self.W_K(x).view(B, L, self.head_num, self.d_k).transpose(1, 2)
         v = self.W_V(x).view(B, L, self.head_num, self.d_k).transpose(1, 2)
-        o = kernels.attention(q, k, v, key_padding_mask=mask)  # (B, H, L, Dk)
+        o = crossflow_kernels.attention(q, k, v, key_padding_mask=mask)  # (B, H, L, Dk)
         return self.W_O(self.dropout(o.transpose(1, 2).reshape(B, L, D)))  # (B, L, D)
 
 

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-import kernels
+import crossflow_kernels
 from crossflow import checkpoint as ckpt
 from crossflow import distributed as fsdp
 from crossflow._cli_base import Parser
@@ -106,8 +106,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         if self.data not in DATASETS:
             raise ValueError(f"TrainConfig: unknown data {self.data!r}; choose one of {sorted(DATASETS)}")
-        if self.backend not in kernels.BACKENDS:
-            raise ValueError(f"TrainConfig: unknown backend {self.backend!r}; choose one of {kernels.BACKENDS}")
+        if self.backend not in crossflow_kernels.BACKENDS:
+            raise ValueError(f"TrainConfig: unknown backend {self.backend!r}; choose one of {crossflow_kernels.BACKENDS}")
         try:
             dev = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError as e:
@@ -116,7 +116,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: device {self.device!r} requested but CUDA is not available")
         if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
             raise ValueError("TrainConfig: fsdp shards over the processes of a torchrun launch: use torchrun")
-        if self.backend == "triton" and (dev.type == "cuda") == kernels.interpreting():
+        if self.backend == "triton" and (dev.type == "cuda") == crossflow_kernels.interpreting():
             raise ValueError(f"TrainConfig: backend 'triton' cannot run on {dev.type}: it needs CUDA, or "
                              "TRITON_INTERPRET=1 on the CPU (slow); use --backend auto or torch")
 
@@ -254,7 +254,7 @@ class Trainer:
         bar = tqdm(total=tc.steps, initial=self.step, disable=tc.quiet or not self.main or not sys.stderr.isatty(),
                    desc="train", dynamic_ncols=True)
         t0 = time.perf_counter()
-        with kernels.use_backend(tc.backend):
+        with crossflow_kernels.use_backend(tc.backend):
             while self.step < tc.steps:
                 lr = self.sched.get_last_lr()[0]
                 self.step += 1
@@ -364,7 +364,7 @@ def build_parser(prog: str = "crossflow.train") -> argparse.ArgumentParser:
                    help="after the warm-up: constant (official) or cosine to 0 (default: %(default)s)")
     p.add_argument("--betas", type=float, nargs=2, default=d["betas"], help="AdamW betas (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda if available)")
-    p.add_argument("--backend", default=d["backend"], choices=kernels.BACKENDS,
+    p.add_argument("--backend", default=d["backend"], choices=crossflow_kernels.BACKENDS,
                    help="kernels backend: auto = Triton where it can run, else torch (default: %(default)s)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="disable bf16 autocast on CUDA")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute flow blocks in the backward pass")

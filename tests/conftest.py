@@ -1,4 +1,4 @@
-"""Test setup. Order matters: the Triton interpreter must be switched on before `kernels` is imported, because the
+"""Test setup. Order matters: the Triton interpreter must be switched on before `crossflow_kernels` is imported, because the
 switch is read when each `@triton.jit` decorator runs."""
 
 import os
@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import kernels  # noqa: E402,F401
+import crossflow_kernels  # noqa: E402,F401
 
 ON_GPU = torch.cuda.is_available()
 

@@ -12,12 +12,12 @@
 import pytest
 import torch
 
-import kernels
+import crossflow_kernels
 
 
 @pytest.fixture
 def torch_backend():
-    with kernels.use_backend("torch"):
+    with crossflow_kernels.use_backend("torch"):
         yield
 
 

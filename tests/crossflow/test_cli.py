@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-import kernels
+import crossflow_kernels
 from crossflow import cli
 
 REPO = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "transformers", "diffusers", "triton", "kernels", "crossflow.pipeline")
+HEAVY = ("torch", "transformers", "diffusers", "triton", "crossflow_kernels", "crossflow.pipeline")
 
 
 def _env(**extra) -> dict:
@@ -41,7 +41,7 @@ class _TTY(io.StringIO):
 def tiny_digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     # The digits recipe with a 2-step budget: real data, real MiniLM, the real trainer; --backend torch for speed
-    # (the kernels themselves are covered by tests/kernels).
+    # (the kernels themselves are covered by tests/crossflow_kernels).
     cli.main(["train", "--preset", "digits", "--out", str(out), "--steps", "2", "--batch-size", "4",
               "--backend", "torch", "--quiet", "--log-every", "1"])
     assert (out / "final" / "model.safetensors").is_file()
@@ -106,7 +106,7 @@ def test_cli_arithmetic_samples_the_combined_text_latents(tiny_digits_run, tmp_p
     pipe = CrossFlowPipeline.from_pretrained(tiny_digits_run)
     z = {p: pipe.encode_prompts(p, 2, generator=torch.Generator().manual_seed(3))
          for p in ("number seven, written by hand", "seven", "three")}
-    with kernels.use_backend("torch"):
+    with crossflow_kernels.use_backend("torch"):
         want = pipe(z0=latent_arithmetic(z["number seven, written by hand"], z["three"], z["seven"]), steps=2)
     for i, im in enumerate(want):
         assert got.crop((16 * i, 0, 16 * (i + 1), 16)).tobytes() == im.tobytes()
@@ -218,7 +218,7 @@ def test_help_lists_every_verb_and_shows_defaults():
 
 
 def test_backend_names_match_kernels():
-    assert cli.BACKENDS == kernels.BACKENDS
+    assert cli.BACKENDS == crossflow_kernels.BACKENDS
 
 
 def test_triton_backend_on_a_cpu_machine_is_one_line():

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-import kernels
+import crossflow_kernels
 from crossflow import digits
 from crossflow.config import CrossFlowConfig
 from crossflow.fast_sampler import FastSampler
@@ -47,7 +47,7 @@ def test_shipped_model_draws_the_prompted_digits():
     ckpt = default_checkpoint()
     assert sampling_defaults(ckpt) == {"steps": 50, "guidance_scale": 1.5}
     pipe = CrossFlowPipeline.from_pretrained(ckpt, sampler=FastSampler(steps=20))
-    with kernels.use_backend("torch"):  # speed on CPU; the kernels are tested on their own
+    with crossflow_kernels.use_backend("torch"):  # speed on CPU; the kernels are tested on their own
         res = digits.evaluate(pipe, per_prompt=3, guidance_scale=7.0, steps=20, templates=digits.HELDOUT_TEMPLATES[:2])
     assert res["samples"] == 60
     assert res["accuracy"] >= 0.9, res

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import crossflow_kernels
 from crossflow.convert_dimr import (
     convert_dimr_flow_state_dict,
     detect_official_architecture,
@@ -31,7 +31,7 @@ from crossflow.convert_dimr import (
 )
 from crossflow.dimr import DIMR_CONFIGS, DiMRConfig, DiMRFlow, DiMRStage, multiscale_flow_loss, multiscale_targets
 from crossflow.sampling import EulerSampler
-from kernels.testing import assert_close_to_ref
+from crossflow_kernels.testing import assert_close_to_ref
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The oracle: official names, official math
@@ -422,7 +422,7 @@ def test_forward_matches_official(layout, norm_type):
         (torch.tensor([0.0, 0.3, 0.71, 1.0]), mixed), (torch.full((B,), 0.45), torch.zeros(B, dtype=torch.bool)),
         (torch.full((B,), 0.45), torch.ones(B, dtype=torch.bool)), (torch.rand(B), ~mixed),
     ]
-    with kernels.use_backend("torch"), torch.no_grad():
+    with crossflow_kernels.use_backend("torch"), torch.no_grad():
         for t, ind in cases:
             log_snr = 4 - t * 8
             ref64 = oracle64(x.double(), log_snr, ind)
@@ -443,7 +443,7 @@ def test_time_and_indicator_matter():
     """Guard for the test above: with the randomised parameters, t and the indicator change every level."""
     _, ours, cfg = paired("512")
     x = torch.randn(2, *cfg.latent_shape)
-    with kernels.use_backend("torch"), torch.no_grad():
+    with crossflow_kernels.use_backend("torch"), torch.no_grad():
         a = ours(x, torch.tensor([0.2, 0.2]), torch.tensor([0, 0]), return_all=True)
         b = ours(x, torch.tensor([0.7, 0.7]), torch.tensor([0, 0]), return_all=True)
         c = ours(x, torch.tensor([0.2, 0.2]), torch.tensor([1, 1]), return_all=True)
@@ -511,7 +511,7 @@ def test_detector_names_dit_and_refuses_others():
 
 def _fwd_bwd(model, backend, x, t, ind):
     model.zero_grad(set_to_none=True)
-    with kernels.use_backend(backend):
+    with crossflow_kernels.use_backend(backend):
         outs = model(x, t, ind, return_all=True)
         loss = sum((o * torch.linspace(-1, 1, o.numel(), device=o.device).view_as(o)).sum() for o in outs)
         loss.backward()
@@ -550,7 +550,7 @@ def test_forward_has_no_host_sync(monkeypatch):
     cfg = DiMRConfig.from_name("dimr-tiny")
     model = DiMRFlow(cfg)
     x, t, ind = torch.randn(3, *cfg.latent_shape), torch.rand(3), torch.tensor([0, 1, 1])
-    with kernels.use_backend("torch"), torch.no_grad():
+    with crossflow_kernels.use_backend("torch"), torch.no_grad():
         eager = model(x, t, ind, return_all=True)
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend="eager")(x, t, ind, return_all=True)
@@ -589,7 +589,7 @@ def test_euler_sampler_runs_dimr_and_checkpointing_is_exact():
     cfg = DiMRConfig.from_name("dimr-tiny")
     model = DiMRFlow(cfg)
     z0 = torch.randn(2, *cfg.latent_shape)
-    with kernels.use_backend("torch"):
+    with crossflow_kernels.use_backend("torch"):
         z1 = EulerSampler(steps=3, guidance_scale=3.0)(model, z0)
         assert z1.shape == z0.shape and torch.isfinite(z1).all() and not torch.equal(z1, z0)
         x, t, ind = torch.randn(2, *cfg.latent_shape), torch.rand(2), torch.tensor([0, 1])
@@ -635,7 +635,7 @@ def test_tiny_trains_with_official_weight_decay_groups():
     x, v = torch.randn(4, *cfg.latent_shape), torch.randn(4, *cfg.latent_shape)
     t, ind = torch.rand(4), torch.tensor([0, 1, 0, 0])
     losses = []
-    with kernels.use_backend("torch"):
+    with crossflow_kernels.use_backend("torch"):
         for _ in range(8):
             loss = multiscale_flow_loss(model(x, t, ind, return_all=True), v, cfg.loss_coeffs).mean()
             opt.zero_grad()
@@ -719,7 +719,7 @@ def test_qk_norm_option():
         attn.qk_log_scale[0] = 10.0
     model.gradient_checkpointing = True
     x, t, ind = torch.randn(2, *cfg.latent_shape), torch.rand(2), torch.tensor([0, 1])
-    with kernels.use_backend("torch"):
+    with crossflow_kernels.use_backend("torch"):
         model(x, t, ind).square().sum().backward()
     assert attn.qk_log_scale[0].item() == pytest.approx(math.log(100.0))
     assert attn.qk_log_scale.grad.abs().min() > 0
@@ -739,7 +739,7 @@ def test_bf16_autocast_forward_backward():
     cfg = DiMRConfig.from_name("dimr-tiny")
     model = DiMRFlow(cfg)
     x, t, ind = torch.randn(2, *cfg.latent_shape), torch.rand(2), torch.tensor([0, 1])
-    with kernels.use_backend("torch"):
+    with crossflow_kernels.use_backend("torch"):
         ref = model(x, t, ind, return_all=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x, t, ind, return_all=True)
@@ -822,7 +822,7 @@ def test_crossflow_dimr_save_load_round_trip_and_weight_decay_groups(tmp_path):
     a, b = model.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     x, t, ind = torch.randn(2, *cfg.latent_shape), torch.rand(2), torch.tensor([0, 1])
-    with kernels.use_backend("torch"):
+    with crossflow_kernels.use_backend("torch"):
         torch.testing.assert_close(back.velocity(x, t, ind), model.velocity(x, t, ind), atol=0, rtol=0)
     decay, plain = param_groups(model, 0.03)
     nodecay = {id(model.flow.get_parameter(n)) for n in model.flow.no_weight_decay_names()}
@@ -840,7 +840,7 @@ def test_fast_sampler_on_cpu_equals_euler_on_a_dimr_crossflow():
     model = CrossFlow(CrossFlowConfig.from_name("dimr-tiny")).eval()
     randomize(model.flow, torch.Generator().manual_seed(4))
     z0 = torch.randn(3, *model.config.latent_shape)
-    with kernels.use_backend("torch"), torch.no_grad():
+    with crossflow_kernels.use_backend("torch"), torch.no_grad():
         got = FastSampler(steps=5, guidance_scale=4.0, official_grid=True)(model, z0)
         want = EulerSampler(steps=5, guidance_scale=4.0, official_grid=True)(model, z0)
     assert not torch.equal(got, z0)
@@ -916,7 +916,7 @@ def test_convert_verb_detects_converts_and_samples_a_fake_official_dimr_checkpoi
     for k, v in model.text_ve.state_dict().items():
         assert torch.equal(v, sd[f"context_encoder.{k}"]), k
     x, t, ind = torch.randn(3, *cfg.latent_shape), torch.tensor([0.1, 0.5, 0.9]), torch.tensor([False, True, False])
-    with kernels.use_backend("torch"), torch.no_grad():
+    with crossflow_kernels.use_backend("torch"), torch.no_grad():
         for o, r in zip(model.flow(x, t, ind.long(), return_all=True), oracle(x, 4 - 8 * t, ind), strict=True):
             torch.testing.assert_close(o, r, atol=1e-4, rtol=1e-4)
     assert json.loads((out / "sampling.json").read_text()) == OFFICIAL_SAMPLING
@@ -925,7 +925,7 @@ def test_convert_verb_detects_converts_and_samples_a_fake_official_dimr_checkpoi
     cli.main(["sample", "a handwritten three", "--checkpoint", str(out), "-o", str(png), "--backend", "torch",
               "--device", "cpu", "--upscale", "1", "-q"])
     pipe = CrossFlowPipeline.from_pretrained(out, sampler=EulerSampler(**OFFICIAL_SAMPLING))
-    with kernels.use_backend("torch"):
+    with crossflow_kernels.use_backend("torch"):
         want = np.asarray(pipe("a handwritten three", seed=0)[0])
     assert np.array_equal(np.asarray(Image.open(png)), want)
 

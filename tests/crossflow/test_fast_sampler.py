@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import kernels
+import crossflow_kernels
 from crossflow.config import CrossFlowConfig
 from crossflow.fast_sampler import FastSampler
 from crossflow.model import FlowTransformer
@@ -156,6 +156,6 @@ def test_model_with_host_state_is_caught_by_the_replay_check():
 def test_eager_mode_on_gpu_matches(tiny_flow):
     cfg, model = tiny_flow("cuda")
     z0 = torch.randn(2, *cfg.latent_shape, device="cuda")
-    with kernels.use_backend("triton"):
+    with crossflow_kernels.use_backend("triton"):
         got = FastSampler(steps=4, use_cuda_graph=False)(model, z0)
     torch.testing.assert_close(got, EulerSampler(steps=4)(model, z0), atol=1e-4, rtol=1e-4)

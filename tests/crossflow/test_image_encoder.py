@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import kernels
+import crossflow_kernels
 from crossflow.config import CrossFlowConfig
 from crossflow.image_encoder import PretrainedImageEncoder
 from crossflow.model import CrossFlow
@@ -28,7 +28,7 @@ def test_pretrained_encoder_is_frozen_and_unsaved(tower_dir):
     assert not any(k.startswith("image_encoder._tower") for k in model.state_dict())  # reloaded by name, not saved
     emb, mask = torch.randn(4, cfg.text_len, cfg.text_dim), torch.ones(4, cfg.text_len, dtype=torch.bool)
     z1 = torch.rand(4, *cfg.latent_shape) * 2 - 1
-    with kernels.use_backend("torch"):
+    with crossflow_kernels.use_backend("torch"):
         loss, parts = model(emb, mask, z1, torch.Generator().manual_seed(0))
     loss.backward()
     assert model.image_encoder.fc2.weight.grad is not None  # the projection trains
@@ -49,7 +49,7 @@ def test_pretrained_encoder_needs_pixels_in_latent_space(tower_dir):
     cfg = CrossFlowConfig.from_name("tiny", latent_channels=4, image_encoder=tower_dir, autoencoder="some/vae")
     model = CrossFlow(cfg)
     emb, mask = torch.randn(2, cfg.text_len, cfg.text_dim), torch.ones(2, cfg.text_len, dtype=torch.bool)
-    with kernels.use_backend("torch"), pytest.raises(ValueError, match="needs pixel images"):
+    with crossflow_kernels.use_backend("torch"), pytest.raises(ValueError, match="needs pixel images"):
         model(emb, mask, torch.randn(2, *cfg.latent_shape), torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="pixel images"):
         model.image_encoder(torch.randn(2, 4, 8, 8))

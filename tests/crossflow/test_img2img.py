@@ -129,9 +129,9 @@ def test_variation_pairs_are_another_hand_of_the_same_digit():
 
 @pytest.fixture
 def torch_backend():
-    import kernels
+    import crossflow_kernels
 
-    with kernels.use_backend("torch"):  # speed on CPU: the kernels are tested on their own (tests/kernels)
+    with crossflow_kernels.use_backend("torch"):  # speed on CPU: the kernels are tested on their own (tests/crossflow_kernels)
         yield
 
 

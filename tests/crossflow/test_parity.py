@@ -1,5 +1,5 @@
-"""Backend parity on the `tiny` preset: the same weights and inputs through `kernels.use_backend("torch")` and
-`kernels.use_backend("triton")` (the Triton interpreter on CPU, compiled kernels on CUDA) must agree on the outputs and
+"""Backend parity on the `tiny` preset: the same weights and inputs through `crossflow_kernels.use_backend("torch")` and
+`crossflow_kernels.use_backend("triton")` (the Triton interpreter on CPU, compiled kernels on CUDA) must agree on the outputs and
 on the gradient of every parameter.
 
 Tolerance (fp32): atol 1e-4, rtol 1e-4. The two backends compute the same math in a different order (online softmax
@@ -13,11 +13,11 @@ gradient term shows up at 1e-2 or more).
 import pytest
 import torch
 
-import kernels
+import crossflow_kernels
 from crossflow.config import CrossFlowConfig
 from crossflow.model import FlowTransformer
 from crossflow.text_ve import TextVE
-from kernels.testing import assert_close_to_ref
+from crossflow_kernels.testing import assert_close_to_ref
 
 TINY = CrossFlowConfig.from_name("tiny")
 ATOL = RTOL = 1e-4
@@ -25,7 +25,7 @@ ATOL = RTOL = 1e-4
 
 def _run(module, backend, make_out, device):
     module.zero_grad(set_to_none=True)
-    with kernels.use_backend(backend):
+    with crossflow_kernels.use_backend(backend):
         outs = make_out()
         loss = sum((o * torch.linspace(-1, 1, o.numel(), device=device).view_as(o)).sum() for o in outs)
         loss.backward()

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import kernels
+import crossflow_kernels
 
 from crossflow.autoencoder import build_autoencoder
 from crossflow.config import CrossFlowConfig
@@ -80,7 +80,7 @@ def test_to_pil_modes():
 @pytest.fixture
 def torch_backend():
     """For tests of the pipeline's plumbing: the kernels are tested on their own, the interpreter is slow."""
-    with kernels.use_backend("torch"):
+    with crossflow_kernels.use_backend("torch"):
         yield
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-import kernels
+import crossflow_kernels
 from crossflow import sampling
 from crossflow.sampling import EulerSampler, guidance, interpolate_latents, latent_arithmetic, timesteps
 
@@ -65,7 +65,7 @@ def _pair(b=3, seed=0):
 @pytest.mark.parametrize("steps", [1, 7])
 def test_exact_field_lands_on_z1(backend, steps):
     z0, z1 = _pair()
-    with kernels.use_backend(backend):
+    with crossflow_kernels.use_backend(backend):
         out = EulerSampler(steps=steps, guidance_scale=1.0)(LineField(z1), z0)
     torch.testing.assert_close(out, z1 + SIGMA * z0, rtol=1e-5, atol=1e-5)  # z_1 of the path: z1 + sigma * z0
 
@@ -99,7 +99,7 @@ def test_cfg_is_one_batched_pass(backend):
     z0, vc = _pair(b=2)
     vu = torch.randn_like(vc)
     model, s, steps = Branches(vc, vu), 7.0, 3
-    with kernels.use_backend(backend):
+    with crossflow_kernels.use_backend(backend):
         out = EulerSampler(steps=steps, guidance_scale=s)(model, z0)
     assert len(model.calls) == steps
     for x, t, ind in model.calls:

@@ -5,7 +5,7 @@ variation through the shared samplers and kernels, the trainer on caption data."
 import pytest
 import torch
 
-import kernels
+import crossflow_kernels
 from crossflow import config as config_mod
 from crossflow import digits, train
 from crossflow.config import CrossFlowConfig
@@ -120,7 +120,7 @@ def test_image_to_text_loss_is_the_same_on_both_kernel_backends(perturb):
     model, b = perturb(CrossFlow(cfg)), caption_batch(cfg, b=2)
     out = {}
     for backend in ("torch", "triton"):
-        with kernels.use_backend(backend):
+        with crossflow_kernels.use_backend(backend):
             out[backend] = model(b["text_emb"], b["text_mask"], None, torch.Generator().manual_seed(1),
                                  source=b["source"], tokens=b["tokens"])[0].detach()
     torch.testing.assert_close(out["triton"], out["torch"], rtol=1e-4, atol=1e-4)
@@ -243,7 +243,7 @@ def test_trainer_trains_an_image_to_text_preset(tmp_path, monkeypatch):
     log = train.train(tc)
     assert len(log) == 2 and all({"rec", "kl_text", "fm"} <= set(r) for r in log)
     pipe = CaptionPipeline.from_pretrained(tmp_path / "run" / "final", sampler=FastSampler(steps=2))
-    with kernels.use_backend("torch"):
+    with crossflow_kernels.use_backend("torch"):
         assert len(pipe(torch.zeros(1, 1, 8, 8), 2, seed=0)) == 2
 
 
@@ -258,7 +258,7 @@ def test_shipped_caption_model_names_held_out_digits():
     pipe = CaptionPipeline.from_pretrained(default_checkpoint("digits-caption"))
     xte, yte = digits.load_images("test")
     idx = torch.arange(0, len(yte), 6)  # 60 held-out images, every digit
-    with kernels.use_backend("torch"):  # speed on CPU; the kernels are tested on their own
+    with crossflow_kernels.use_backend("torch"):  # speed on CPU; the kernels are tested on their own
         caps = pipe(xte[idx], 1, steps=20, seed=0)
         varied = pipe.vary_text([digits.caption(t, 7) for t in digits.ALL_TEMPLATES[:4]], 2, steps=20, seed=0)
     parsed = [digits.parse_caption(c) for c in caps]

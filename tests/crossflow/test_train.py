@@ -103,7 +103,7 @@ def test_existing_run_needs_resume(tmp_path):
 ])
 def test_bad_arguments_are_one_line_usage_errors(tmp_path, capsys, monkeypatch, argv, match):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("kernels.interpreting", lambda: False)  # as on a plain CPU machine (tests interpret Triton)
+    monkeypatch.setattr("crossflow_kernels.interpreting", lambda: False)  # as on a plain CPU machine (tests interpret Triton)
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path), *argv])
     err = capsys.readouterr().err

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import tl, triton
-from kernels._utils import (
+from crossflow_kernels._triton import tl, triton
+from crossflow_kernels._utils import (
     check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op, register_triton_ops, widen,
 )
 
@@ -154,13 +154,13 @@ def _launch_euler_fwd(x, vc, vu, dt_t, dt_f, s_t, s_f, out) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@deferred_triton_op("kernels::euler_step_fwd", mutates_args={"out"})
+@deferred_triton_op("crossflow_kernels::euler_step_fwd", mutates_args={"out"})
 def euler_step_fwd(x: torch.Tensor, v: torch.Tensor, dt_t: torch.Tensor | None, dt_f: float, out: torch.Tensor) -> None:
     """out = x + dt * v; dt is `dt_t` (a 0-d tensor on x's device, read by the kernel) when given, else `dt_f`."""
     _launch_euler_fwd(x, v, None, dt_t, dt_f, None, 0.0, out)
 
 
-@deferred_triton_op("kernels::cfg_euler_step_fwd", mutates_args={"out"})
+@deferred_triton_op("crossflow_kernels::cfg_euler_step_fwd", mutates_args={"out"})
 def cfg_euler_step_fwd(
     x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor, dt_t: torch.Tensor | None, dt_f: float,
     s_t: torch.Tensor | None, s_f: float, out: torch.Tensor,
@@ -212,9 +212,9 @@ def _euler_update(x, vc, vu, dt: Scalar, s: Scalar, out: torch.Tensor | None) ->
     if dst is None:
         dst = torch.empty_like(ins[0])
     if vu is None:
-        torch.ops.kernels.euler_step_fwd(ins[0], ins[1], dt_t, dt_f, dst)
+        torch.ops.crossflow_kernels.euler_step_fwd(ins[0], ins[1], dt_t, dt_f, dst)
     else:
-        torch.ops.kernels.cfg_euler_step_fwd(ins[0], ins[1], ins[2], dt_t, dt_f, s_t, s_f, dst)
+        torch.ops.crossflow_kernels.cfg_euler_step_fwd(ins[0], ins[1], ins[2], dt_t, dt_f, s_t, s_f, dst)
     if out is not None and dst is not out:
         return out.copy_(dst)
     return dst

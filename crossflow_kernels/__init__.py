@@ -1,22 +1,22 @@
 """Triton kernels for adaLN-modulated DiT blocks, flash attention, fused Euler/CFG updates and DiMR's RMS norms / GEGLU.
 
 Every op dispatches between its torch reference (`op.ref`) and its Triton implementation (`op.triton`); see
-`kernels._dispatch` for the rules and `use_backend` / ``KERNELS_BACKEND`` to choose. Importing this package makes no
-driver calls and launches nothing, and imports triton only where a Triton kernel can run (`kernels._triton`).
+`crossflow_kernels._dispatch` for the rules and `use_backend` / ``CROSSFLOW_KERNELS_BACKEND`` to choose. Importing this package makes no
+driver calls and launches nothing, and imports triton only where a Triton kernel can run (`crossflow_kernels._triton`).
 """
 
-from kernels import adaln as _adaln
-from kernels import euler as _euler
-from kernels import attention as _attention
-from kernels import attention_routes as _attention_routes
-from kernels import geglu as _geglu
-from kernels import rms_norm as _rms_norm
-from kernels._dispatch import (
+from crossflow_kernels import adaln as _adaln
+from crossflow_kernels import euler as _euler
+from crossflow_kernels import attention as _attention
+from crossflow_kernels import attention_routes as _attention_routes
+from crossflow_kernels import geglu as _geglu
+from crossflow_kernels import rms_norm as _rms_norm
+from crossflow_kernels._dispatch import (
     BACKENDS, dispatch_counts, get_backend, interpreting, op, reset_dispatch_counts, routing_enabled, triton_ok,
     use_backend, use_routing, why_not_triton,
 )
-from kernels._nvtx import nvtx_range
-from kernels._utils import register_triton_ops, triton_can_run_here
+from crossflow_kernels._nvtx import nvtx_range
+from crossflow_kernels._utils import register_triton_ops, triton_can_run_here
 
 if triton_can_run_here():  # else registered on first direct use: no torch._inductor import on a CPU-only build
     register_triton_ops()

@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from kernels._triton import tl, triton
-from kernels._utils import (
+from crossflow_kernels._triton import tl, triton
+from crossflow_kernels._utils import (
     check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op, register_triton_ops, row_block,
     widen,
 )
@@ -290,7 +290,7 @@ def _launch_adaln_bwd(x, y, gate, scale, mean, rstd, dout, dr, dx, dy, rms: bool
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@deferred_triton_op("kernels::adaln_modulate_fwd", mutates_args=())
+@deferred_triton_op("crossflow_kernels::adaln_modulate_fwd", mutates_args=())
 def adaln_modulate_fwd(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, rms: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -300,7 +300,7 @@ def adaln_modulate_fwd(
     return out, mean, rstd
 
 
-@deferred_triton_op("kernels::adaln_modulate_bwd", mutates_args=())
+@deferred_triton_op("crossflow_kernels::adaln_modulate_bwd", mutates_args=())
 def adaln_modulate_bwd(
     dout: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, rms: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -310,7 +310,7 @@ def adaln_modulate_bwd(
     return dx, sums[0].to(scale.dtype, copy=True), sums[1].to(scale.dtype, copy=True)
 
 
-@deferred_triton_op("kernels::gated_residual_adaln_fwd", mutates_args=())
+@deferred_triton_op("crossflow_kernels::gated_residual_adaln_fwd", mutates_args=())
 def gated_residual_adaln_fwd(
     x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
     rms: bool,
@@ -321,7 +321,7 @@ def gated_residual_adaln_fwd(
     return r, out, mean, rstd
 
 
-@deferred_triton_op("kernels::gated_residual_adaln_bwd", mutates_args=())
+@deferred_triton_op("crossflow_kernels::gated_residual_adaln_bwd", mutates_args=())
 def gated_residual_adaln_bwd(
     dr: torch.Tensor, dout: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor,
     mean: torch.Tensor, rstd: torch.Tensor, rms: bool,
@@ -342,7 +342,7 @@ class AdaLNModulateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, eps, norm):
         rms = norm == "rms"
-        out, mean, rstd = torch.ops.kernels.adaln_modulate_fwd(x, shift, scale, eps, rms)
+        out, mean, rstd = torch.ops.crossflow_kernels.adaln_modulate_fwd(x, shift, scale, eps, rms)
         ctx.save_for_backward(x, scale, mean, rstd)
         ctx.rms = rms
         return out
@@ -350,7 +350,7 @@ class AdaLNModulateFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, scale, mean, rstd = ctx.saved_tensors
-        dx, dshift, dscale = torch.ops.kernels.adaln_modulate_bwd(dout, x, scale, mean, rstd, ctx.rms)
+        dx, dshift, dscale = torch.ops.crossflow_kernels.adaln_modulate_bwd(dout, x, scale, mean, rstd, ctx.rms)
         return dx, dshift, dscale, None, None
 
 
@@ -358,7 +358,7 @@ class GatedResidualAdaLNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, gate, shift, scale, eps, norm):
         rms = norm == "rms"
-        r, out, mean, rstd = torch.ops.kernels.gated_residual_adaln_fwd(x, y, gate, shift, scale, eps, rms)
+        r, out, mean, rstd = torch.ops.crossflow_kernels.gated_residual_adaln_fwd(x, y, gate, shift, scale, eps, rms)
         # r is not saved: the backward recomputes it in fp32 from x and y, which it must read anyway.
         ctx.save_for_backward(x, y, gate, scale, mean, rstd)
         ctx.rms = rms
@@ -367,7 +367,7 @@ class GatedResidualAdaLNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dr, dout):
         x, y, gate, scale, mean, rstd = ctx.saved_tensors
-        dx, dy, dgate, dshift, dscale = torch.ops.kernels.gated_residual_adaln_bwd(
+        dx, dy, dgate, dshift, dscale = torch.ops.crossflow_kernels.gated_residual_adaln_bwd(
             dr, dout, x, y, gate, scale, mean, rstd, ctx.rms)
         return dx, dy, dgate, dshift, dscale, None, None
 

@@ -7,8 +7,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from kernels._dispatch import INTERPRETER_DTYPES, KERNEL_DTYPES, interpreting
-from kernels._triton import LOADED as TRITON_LOADED, WHY_ABSENT, triton
+from crossflow_kernels._dispatch import INTERPRETER_DTYPES, KERNEL_DTYPES, interpreting
+from crossflow_kernels._triton import LOADED as TRITON_LOADED, WHY_ABSENT, triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -37,7 +37,7 @@ def check_same(name: str, attr: str, **tensors: torch.Tensor) -> None:
 
 def check_kernel_dtype(name: str, t: torch.Tensor) -> None:
     """The Triton kernels take fp16, bf16 and fp32 (fp64 is a reference-only dtype). Direct calls of `<op>_triton`
-    get this ValueError; the dispatcher routes `auto` to torch first (`kernels._dispatch.why_not_triton`)."""
+    get this ValueError; the dispatcher routes `auto` to torch first (`crossflow_kernels._dispatch.why_not_triton`)."""
     if t.dtype not in KERNEL_DTYPES:
         raise ValueError(f"{name}: the Triton backend supports float16, bfloat16 and float32, got {t.dtype}")
     if interpreting() and t.dtype not in INTERPRETER_DTYPES:
@@ -61,14 +61,14 @@ def cuda_device_guard(t: torch.Tensor):
 
 # The launchers are torch custom ops (so torch.compile(fullgraph=True) traces through them). `torch.library.triton_op`
 # parses each launcher's source with torch._inductor, an import of ~1 s, so the ops are recorded here and registered
-# by `register_triton_ops()`: at `import kernels` where the Triton path can run (a CUDA/ROCm build of torch, or the
+# by `register_triton_ops()`: at `import crossflow_kernels` where the Triton path can run (a CUDA/ROCm build of torch, or the
 # interpreter), else on the first direct `<op>_triton` call. A CPU-only `crossflow sample` never pays for it.
 _DEFERRED: dict[str, tuple[Callable, object]] = {}
 
 
 def deferred_triton_op(name: str, mutates_args) -> Callable[[Callable], Callable]:
     """`torch.library.triton_op(name, mutates_args=...)`, applied by `register_triton_ops()`; returns fn unchanged.
-    Call the registered op as `torch.ops.kernels.<name>`."""
+    Call the registered op as `torch.ops.crossflow_kernels.<name>`."""
     def record(fn: Callable) -> Callable:
         if name in _DEFERRED:
             raise RuntimeError(f"triton op {name!r} is defined twice")
@@ -80,9 +80,9 @@ def deferred_triton_op(name: str, mutates_args) -> Callable[[Callable], Callable
 def register_triton_ops() -> None:
     """Register every recorded launcher as a custom op. Idempotent; once done it is a check of an empty dict, which
     torch.compile traces as a constant (every public `<op>_triton` calls it before its first op call). Where Triton
-    is not loaded (`kernels._triton`) the first call raises a RuntimeError saying why."""
+    is not loaded (`crossflow_kernels._triton`) the first call raises a RuntimeError saying why."""
     if _DEFERRED and not TRITON_LOADED:
-        raise RuntimeError(f"kernels: the Triton backend cannot run: {WHY_ABSENT}")
+        raise RuntimeError(f"crossflow_kernels: the Triton backend cannot run: {WHY_ABSENT}")
     while _DEFERRED:
         name = next(iter(_DEFERRED))
         fn, mutates_args = _DEFERRED[name]

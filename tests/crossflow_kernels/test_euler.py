@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels.euler import cfg_euler_step_ref, cfg_euler_step_triton, euler_step_ref, euler_step_triton
-from kernels.testing import check_against_ref
+import crossflow_kernels
+from crossflow_kernels.euler import cfg_euler_step_ref, cfg_euler_step_triton, euler_step_ref, euler_step_triton
+from crossflow_kernels.testing import check_against_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(7,), (2, 4, 9, 9), (3, 77, 300), (1, 1152)]
@@ -116,27 +116,27 @@ def test_cfg_euler_random_shapes(shape, dt, s):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_euler_bad_input(backend):
     x = torch.randn(2, 3)
-    with kernels.use_backend(backend):
+    with crossflow_kernels.use_backend(backend):
         with pytest.raises(ValueError, match="`v` has shape"):
-            kernels.euler_step(x, torch.randn(3, 2), 0.1)
+            crossflow_kernels.euler_step(x, torch.randn(3, 2), 0.1)
         with pytest.raises(ValueError, match="floating"):
-            kernels.euler_step(x, torch.ones(2, 3, dtype=torch.int64), 0.1)
+            crossflow_kernels.euler_step(x, torch.ones(2, 3, dtype=torch.int64), 0.1)
         with pytest.raises(ValueError, match="dtype"):
-            kernels.euler_step(x, x.half(), 0.1)
+            crossflow_kernels.euler_step(x, x.half(), 0.1)
         with pytest.raises(ValueError, match="0-d tensor"):
-            kernels.euler_step(x, x, torch.ones(2))
+            crossflow_kernels.euler_step(x, x, torch.ones(2))
         with pytest.raises(ValueError, match="`guidance_scale` must be a Python float"):
-            kernels.cfg_euler_step(x, x, x, 0.1, "7")
+            crossflow_kernels.cfg_euler_step(x, x, x, 0.1, "7")
         with pytest.raises(ValueError, match="`out` must match x"):
-            kernels.cfg_euler_step(x, x, x, 0.1, 7.0, out=torch.empty(3, 2))
+            crossflow_kernels.cfg_euler_step(x, x, x, 0.1, 7.0, out=torch.empty(3, 2))
         with pytest.raises(ValueError, match="device"):
-            kernels.cfg_euler_step(x, x, torch.randn(2, 3, device="meta"), 0.1, 7.0)
+            crossflow_kernels.cfg_euler_step(x, x, torch.randn(2, 3, device="meta"), 0.1, 7.0)
 
 
 def test_euler_out_with_autograd_raises():
     x = torch.randn(2, 3, requires_grad=True)
-    with kernels.use_backend("triton"), pytest.raises(ValueError, match="out=.*autograd"):
-        kernels.euler_step(x, x.detach(), 0.1, out=torch.empty(2, 3))
+    with crossflow_kernels.use_backend("triton"), pytest.raises(ValueError, match="out=.*autograd"):
+        crossflow_kernels.euler_step(x, x.detach(), 0.1, out=torch.empty(2, 3))
 
 
 @pytest.mark.gpu

@@ -1,6 +1,6 @@
 """Profiler ranges that cost nothing when profiling is off.
 
-``KERNELS_NVTX`` (read at call time, so a profiling script can set it after import):
+``CROSSFLOW_KERNELS_NVTX`` (read at call time, so a profiling script can set it after import):
   * unset / "0" -- off: `nvtx_range` returns one shared no-op context.
   * "1" / "nvtx" -- NVTX ranges from the `nvtx` package, for Nsight Systems (`nsys profile -t cuda,nvtx`). The
     package is used rather than `torch.cuda.nvtx`, which raises on CPU-only torch builds.
@@ -18,7 +18,7 @@ _OFF = contextlib.nullcontext()
 
 
 def nvtx_mode() -> str:
-    mode = os.environ.get("KERNELS_NVTX", "0").strip().lower()
+    mode = os.environ.get("CROSSFLOW_KERNELS_NVTX", "0").strip().lower()
     return {"": "off", "0": "off", "1": "nvtx", "nvtx": "nvtx", "torch": "torch"}.get(mode, "off")
 
 
@@ -34,5 +34,5 @@ def nvtx_range(name: str):
     try:
         import nvtx
     except ImportError as e:  # asked for explicitly, so say why it cannot be honoured
-        raise RuntimeError("KERNELS_NVTX=1 needs the `nvtx` package (pip install nvtx)") from e
+        raise RuntimeError("CROSSFLOW_KERNELS_NVTX=1 needs the `nvtx` package (pip install nvtx)") from e
     return nvtx.annotate(name)

@@ -8,7 +8,7 @@ query row whose keys are all masked returns zeros (not NaN) and passes no gradie
 Kernels (FlashAttention-2 style): the forward streams key blocks through an online softmax in base 2 (scale·log2(e)
 folded into one multiply), fp32 statistics and accumulators, and stores the per-row log-sum-exp for the backward. The
 backward recomputes P and dS from it (one shared helper) after a preprocess launch that computes delta = rowsum(dO∘O),
-in one of two ways (`KERNELS_ATTENTION_BWD` = auto | fused | split, read at each launch; `bwd_kernel_launches` counts
+in one of two ways (`CROSSFLOW_KERNELS_ATTENTION_BWD` = auto | fused | split, read at each launch; `bwd_kernel_launches` counts
 which ran):
 - fused (the default; on a pre-sm_90 GPU at head dims split 64+16 / 64+32, where only 16-query tiles of it compile
   spill-free, `auto` keeps the split pair): one kernel per key block sweeps every query block and computes S, dP,
@@ -23,7 +23,7 @@ On sm_90 (a CUDA device of capability >= 9.0) the forward is a second kernel wit
 move by TMA through tensor descriptors made in the kernel, and the key loop is warp-specialized (a producer warp group
 loads, consumer warp groups run wgmma and the softmax), for 16-bit inputs whose base and row strides are 16-byte
 aligned, at head dims up to 128; the portable kernel serves sm_80, fp32, unaligned views and the interpreter.
-`KERNELS_ATTENTION_FWD` = auto | sm90 | portable (read at each launch) forces one, so the interpreter tests run both;
+`CROSSFLOW_KERNELS_ATTENTION_FWD` = auto | sm90 | portable (read at each launch) forces one, so the interpreter tests run both;
 `fwd_kernel_launches` counts which ran. The backward is shared.
 
 Head dims that are not a power of two are split into two power-of-two parts (72 = 64+16, 96 = 64+32; every dot is two
@@ -44,9 +44,9 @@ import os
 
 import torch
 
-from kernels._dispatch import interpreting
-from kernels._triton import tl, triton
-from kernels._utils import (
+from crossflow_kernels._dispatch import interpreting
+from crossflow_kernels._triton import tl, triton
+from crossflow_kernels._utils import (
     autotune_configs, check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op,
     register_triton_ops,
 )
@@ -844,14 +844,14 @@ def _bucket(n: int) -> int:
 # portable one elsewhere (sm_80, the interpreter); "sm90" / "portable" force one (tests run the sm_90 kernel in the
 # interpreter that way). Read at every launch. Inputs the sm_90 kernel cannot take (fp32, rows or bases off the
 # 16-byte grid) run the portable kernel whatever the setting.
-FWD_KERNEL_ENV = "KERNELS_ATTENTION_FWD"
+FWD_KERNEL_ENV = "CROSSFLOW_KERNELS_ATTENTION_FWD"
 _FWD_KERNELS = ("auto", "sm90", "portable")
 # Forward launches per kernel ("sm90" / "portable") in this process: which one ran is observable, never silent.
 fwd_kernel_launches: collections.Counter = collections.Counter()
 
 
 def _fwd_kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> str:
-    """"sm90" or "portable": the forward kernel for these (prepared) tensors under `KERNELS_ATTENTION_FWD`."""
+    """"sm90" or "portable": the forward kernel for these (prepared) tensors under `CROSSFLOW_KERNELS_ATTENTION_FWD`."""
     want = os.environ.get(FWD_KERNEL_ENV, "") or "auto"
     if want not in _FWD_KERNELS:
         raise ValueError(f"attention: {FWD_KERNEL_ENV}={want!r} is not one of {', '.join(_FWD_KERNELS)}")
@@ -898,7 +898,7 @@ def _row_units(t: torch.Tensor, unit: int) -> tuple[int, int, int]:
     return sb, sh, st if t.shape[2] > 1 else triton.cdiv(t.shape[3], unit)
 
 
-@deferred_triton_op("kernels::attention_fwd", mutates_args=())
+@deferred_triton_op("crossflow_kernels::attention_fwd", mutates_args=())
 def _attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -936,14 +936,14 @@ def _attention_fwd_op(
 # except on a pre-sm_90 GPU at the split head dims of 64+16 / 64+32 lanes (`_fused_starved`); "fused" / "split" force
 # one (tests run both in the interpreter). Whatever the setting, `torch.are_deterministic_algorithms_enabled()` gets
 # the split pair: a promise of reproducible gradients outranks a speed setting. Read at every launch.
-BWD_KERNEL_ENV = "KERNELS_ATTENTION_BWD"
+BWD_KERNEL_ENV = "CROSSFLOW_KERNELS_ATTENTION_BWD"
 _BWD_KERNELS = ("auto", "fused", "split")
 # Backward launches per path ("fused" / "split") in this process: which one ran is observable, never silent.
 bwd_kernel_launches: collections.Counter = collections.Counter()
 
 
 def _bwd_kernel_for(q: torch.Tensor) -> str:
-    """"fused" or "split": the backward path for `q` under `KERNELS_ATTENTION_BWD` and torch's deterministic mode."""
+    """"fused" or "split": the backward path for `q` under `CROSSFLOW_KERNELS_ATTENTION_BWD` and torch's deterministic mode."""
     want = os.environ.get(BWD_KERNEL_ENV, "") or "auto"
     if want not in _BWD_KERNELS:
         raise ValueError(f"attention: {BWD_KERNEL_ENV}={want!r} is not one of {', '.join(_BWD_KERNELS)}")
@@ -965,7 +965,7 @@ def _fused_starved(d: int, arch: int) -> bool:
     return arch < 90 and d1 > 0 and d0 + d1 >= 80
 
 
-@deferred_triton_op("kernels::attention_bwd", mutates_args=())
+@deferred_triton_op("crossflow_kernels::attention_bwd", mutates_args=())
 def _attention_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     mask: torch.Tensor | None, scale: float,
@@ -1032,13 +1032,13 @@ def _prepare(t: torch.Tensor) -> torch.Tensor:
 
 def attention_fwd(q, k, v, scale: float, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out (B, H, Tq, D) as a view of (B, Tq, H, D) memory, lse fp32 (B, H, Tq) in base 2."""
-    out, lse = torch.ops.kernels.attention_fwd(_prepare(q), _prepare(k), _prepare(v), mask, scale)
+    out, lse = torch.ops.crossflow_kernels.attention_fwd(_prepare(q), _prepare(k), _prepare(v), mask, scale)
     return out.transpose(1, 2), lse
 
 
 def attention_bwd(do, q, k, v, out, lse, scale: float, mask=None):
     """-> dq, dk, dv, each (B, H, T, D) as a view of (B, T, H, D) memory."""
-    dq, dk, dv = torch.ops.kernels.attention_bwd(_prepare(do.to(q.dtype)), _prepare(q), _prepare(k), _prepare(v), out,
+    dq, dk, dv = torch.ops.crossflow_kernels.attention_bwd(_prepare(do.to(q.dtype)), _prepare(q), _prepare(k), _prepare(v), out,
                                                  lse, mask, scale)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 

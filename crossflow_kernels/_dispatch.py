@@ -1,14 +1,14 @@
-"""The one place where a backend is chosen for every op in `kernels`.
+"""The one place where a backend is chosen for every op in `crossflow_kernels`.
 
 Backends:
   * ``torch``  -- the pure-PyTorch reference (`<op>_ref`), runs anywhere.
   * ``triton`` -- the Triton kernels; needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before
-    ``kernels`` was imported (the interpreter switch is read when ``@triton.jit`` runs).
+    ``crossflow_kernels`` was imported (the interpreter switch is read when ``@triton.jit`` runs).
   * ``auto``   -- Triton when it can run on the given tensors, else torch. The default. "Can run" looks at the
     first tensor argument: a CUDA tensor of float16/bfloat16/float32, or (interpreter) a CPU tensor of
     float16/float32 -- the interpreter computes with numpy, which has no bfloat16. float64 is reference-only.
 
-Selection: ``kernels.use_backend(name)`` (a context manager, innermost wins) overrides the ``KERNELS_BACKEND``
+Selection: ``crossflow_kernels.use_backend(name)`` (a context manager, innermost wins) overrides the ``CROSSFLOW_KERNELS_BACKEND``
 environment variable, read at call time. A forced ``triton`` that cannot run raises ``RuntimeError``; nothing falls
 back silently. Under ``torch.compile`` the choice is made at trace time, so pick the backend before compiling.
 """
@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from kernels._nvtx import nvtx_range
+from crossflow_kernels._nvtx import nvtx_range
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -42,10 +42,10 @@ def _validate(name: str) -> str:
 
 
 def get_backend() -> str:
-    """The backend in force: the innermost `use_backend`, else ``KERNELS_BACKEND``, else ``auto``."""
+    """The backend in force: the innermost `use_backend`, else ``CROSSFLOW_KERNELS_BACKEND``, else ``auto``."""
     if _override:
         return _override[-1]
-    return _validate(os.environ.get("KERNELS_BACKEND", "auto").strip().lower() or "auto")
+    return _validate(os.environ.get("CROSSFLOW_KERNELS_BACKEND", "auto").strip().lower() or "auto")
 
 
 @contextmanager
@@ -109,7 +109,7 @@ def why_not_triton(t: torch.Tensor) -> str | None:
             return f"the Triton interpreter computes in float16/float32 only, got {t.dtype}"
         return None
     if not t.is_cuda:
-        return "CPU tensors need TRITON_INTERPRET=1 set before `import kernels`"
+        return "CPU tensors need TRITON_INTERPRET=1 set before `import crossflow_kernels`"
     if t.dtype.is_floating_point and t.dtype not in KERNEL_DTYPES:
         return f"the Triton kernels support float16, bfloat16 and float32, got {t.dtype}"
     return None

@@ -1,4 +1,4 @@
-"""Attention: Triton forward and backward against the torch reference (kernels/attention.py).
+"""Attention: Triton forward and backward against the torch reference (crossflow_kernels/attention.py).
 
 On CPU the kernels run in the Triton interpreter (tests/conftest.py), so the shape set is a covering set, not a cross
 product: every Tq and Tk in {1, 7, 77, 257} (Tq != Tk included), every head dim the models use (one part: 1/16/24/
@@ -12,14 +12,14 @@ import pytest
 import torch
 import triton
 
-import kernels
-from kernels.attention import (
+import crossflow_kernels
+from crossflow_kernels.attention import (
     _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_fwd_kernel, _prepare, _split_head_dim,
     _stride_unit, attention_ref, attention_triton,
 )
-from kernels.testing import assert_close_to_ref
+from crossflow_kernels.testing import assert_close_to_ref
 
-attn_mod = sys.modules["kernels.attention"]  # `kernels.attention` itself is the op, not this module
+attn_mod = sys.modules["crossflow_kernels.attention"]  # `crossflow_kernels.attention` itself is the op, not this module
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -107,7 +107,7 @@ def _run_case(case, device):
 
 @pytest.fixture(params=["portable", "sm90"])
 def fwd_kernel(request, monkeypatch):
-    """Run the test with each forward kernel forced (`KERNELS_ATTENTION_FWD`): the interpreter runs the sm_90 one's
+    """Run the test with each forward kernel forced (`CROSSFLOW_KERNELS_ATTENTION_FWD`): the interpreter runs the sm_90 one's
     tensor descriptors and warp-specialized loop too. On a GPU the sm_90 kernel needs capability >= 9.0."""
     return _force_fwd(request.param, monkeypatch)
 
@@ -126,7 +126,7 @@ KERNEL_PATHS = [("portable", "fused"), ("portable", "split"), ("sm90", "fused")]
 
 @pytest.fixture(params=KERNEL_PATHS, ids=["-".join(p) for p in KERNEL_PATHS])
 def kernel_paths(request, monkeypatch):
-    """(forward, backward) kernels forced through `KERNELS_ATTENTION_FWD` / `KERNELS_ATTENTION_BWD`."""
+    """(forward, backward) kernels forced through `CROSSFLOW_KERNELS_ATTENTION_FWD` / `CROSSFLOW_KERNELS_ATTENTION_BWD`."""
     fwd, bwd = request.param
     _force_fwd(fwd, monkeypatch)
     monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, bwd)
@@ -182,7 +182,7 @@ def test_attention_bwd_kernel_choice(monkeypatch):
         torch.use_deterministic_algorithms(deterministic)
     monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, "atomic")
     q = torch.randn(1, 1, 3, 16, requires_grad=True)
-    with pytest.raises(ValueError, match="KERNELS_ATTENTION_BWD"):
+    with pytest.raises(ValueError, match="CROSSFLOW_KERNELS_ATTENTION_BWD"):
         attention_triton(q, q, q).sum().backward()
 
 
@@ -260,7 +260,7 @@ def test_attention_fwd_kernel_choice(monkeypatch):
     monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, "portable")
     assert pick(q, q, q, o) == "portable"
     monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, "tma")
-    with pytest.raises(ValueError, match="KERNELS_ATTENTION_FWD"):
+    with pytest.raises(ValueError, match="CROSSFLOW_KERNELS_ATTENTION_FWD"):
         attention_triton(q, q, q)
 
 
@@ -568,9 +568,9 @@ def test_attention_dispatch_runs_triton(monkeypatch, device):
     monkeypatch.setattr(torch, "matmul", boom)
     monkeypatch.setattr(torch, "softmax", boom)
     with pytest.raises(AssertionError, match="reference path ran"):
-        kernels.attention.ref(q, k, v, key_padding_mask=mask)
-    with kernels.use_backend("triton"):
-        out = kernels.attention(q, k, v, key_padding_mask=mask)
+        crossflow_kernels.attention.ref(q, k, v, key_padding_mask=mask)
+    with crossflow_kernels.use_backend("triton"):
+        out = crossflow_kernels.attention(q, k, v, key_padding_mask=mask)
     assert torch.equal(out, expect)
 
 
@@ -581,9 +581,9 @@ def test_attention_compile_torch_backend_fullgraph():
     mask = _mask(2, 9, "cpu")
 
     def fn(q, k, v, mask):
-        return kernels.attention(q, k, v, key_padding_mask=mask).transpose(1, 2).reshape(2, 7, 48)
+        return crossflow_kernels.attention(q, k, v, key_padding_mask=mask).transpose(1, 2).reshape(2, 7, 48)
 
-    with kernels.use_backend("torch"):
+    with crossflow_kernels.use_backend("torch"):
         out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, mask)
     torch.testing.assert_close(out, fn(q, k, v, mask))
 
@@ -595,9 +595,9 @@ def test_attention_compile_triton_fullgraph(device, fwd_kernel):
     mask = _mask(2, 77, device)
 
     def fn(q, k, v):
-        return kernels.attention(q, k, v, key_padding_mask=mask).float().square().sum()
+        return crossflow_kernels.attention(q, k, v, key_padding_mask=mask).float().square().sum()
 
-    with kernels.use_backend("triton"):
+    with crossflow_kernels.use_backend("triton"):
         eager = fn(q, k, v)
         g_eager = torch.autograd.grad(eager, (q, k, v))
         compiled = torch.compile(fn, fullgraph=True)(q, k, v)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels.rms_norm import MAX_D, RMSNormFunction, rms_norm_ref, rms_norm_triton
-from kernels.testing import check_against_ref
+import crossflow_kernels
+from crossflow_kernels.rms_norm import MAX_D, RMSNormFunction, rms_norm_ref, rms_norm_triton
+from crossflow_kernels.testing import check_against_ref
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
@@ -135,15 +135,15 @@ BAD = [
 @pytest.mark.parametrize("make, match", BAD)
 def test_rms_norm_bad_input(make, match, backend):
     x, w = make()
-    with kernels.use_backend(backend), pytest.raises(ValueError, match=match):
-        kernels.rms_norm(x, w, 1e-6)
+    with crossflow_kernels.use_backend(backend), pytest.raises(ValueError, match=match):
+        crossflow_kernels.rms_norm(x, w, 1e-6)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("eps", [True, 0.0, -1e-6, float("nan"), "1e-6", None], ids=repr)
 def test_rms_norm_bad_eps(eps, backend):
-    with kernels.use_backend(backend), pytest.raises(ValueError, match="eps must be a positive float"):
-        kernels.rms_norm(torch.randn(2, 8), torch.randn(8), eps)
+    with crossflow_kernels.use_backend(backend), pytest.raises(ValueError, match="eps must be a positive float"):
+        crossflow_kernels.rms_norm(torch.randn(2, 8), torch.randn(8), eps)
 
 
 def test_rms_norm_too_wide_rows_name_the_limit():
@@ -172,7 +172,7 @@ def test_rms_norm_gpu_qk_and_compile():
     qkv = torch.randn(B, N, 3, H, Dh, device=DEV, dtype=torch.bfloat16)
     s = torch.rand(H, device=DEV, dtype=torch.bfloat16) + 0.5
     check_against_ref(_qk(rms_norm_triton, H), _qk(rms_norm_ref, H), [qkv, s], names=["qkv", "s"], eps=1e-6)
-    f = _qk(kernels.rms_norm, H)
-    with kernels.use_backend("triton"):
+    f = _qk(crossflow_kernels.rms_norm, H)
+    with crossflow_kernels.use_backend("triton"):
         torch.testing.assert_close(torch.compile(f, fullgraph=True)(qkv, s, 1e-6), f(qkv, s, 1e-6))
     assert math.isfinite(f(qkv, s, 1e-6).float().sum().item())

@@ -5,13 +5,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels import adaln
-from kernels.adaln import (
+import crossflow_kernels
+from crossflow_kernels import adaln
+from crossflow_kernels.adaln import (
     AdaLNModulateFunction, GatedResidualAdaLNFunction, adaln_modulate_ref, adaln_modulate_triton,
     gated_residual_adaln_ref, gated_residual_adaln_triton,
 )
-from kernels.testing import check_against_ref
+from crossflow_kernels.testing import check_against_ref
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
@@ -192,23 +192,23 @@ BAD = [
 @pytest.mark.parametrize("make, match", BAD)
 def test_adaln_bad_input(make, match, backend):
     x, shift, scale = make()
-    with kernels.use_backend(backend), pytest.raises(ValueError, match=match):
-        kernels.adaln_modulate(x, shift, scale)
+    with crossflow_kernels.use_backend(backend), pytest.raises(ValueError, match=match):
+        crossflow_kernels.adaln_modulate(x, shift, scale)
     y = torch.randn(x.shape) if x.dim() == 3 else x
-    with kernels.use_backend(backend), pytest.raises(ValueError, match=match.replace("shift", "gate")):
-        kernels.gated_residual_adaln(x, y, shift, shift, scale)
+    with crossflow_kernels.use_backend(backend), pytest.raises(ValueError, match=match.replace("shift", "gate")):
+        crossflow_kernels.gated_residual_adaln(x, y, shift, shift, scale)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_adaln_bad_options(backend):
     x, s = torch.randn(1, 2, 8), torch.randn(1, 8)
-    with kernels.use_backend(backend):
+    with crossflow_kernels.use_backend(backend):
         with pytest.raises(ValueError, match="norm must be one of"):
-            kernels.adaln_modulate(x, s, s, norm="batch")
+            crossflow_kernels.adaln_modulate(x, s, s, norm="batch")
         with pytest.raises(ValueError, match="eps must be a positive"):
-            kernels.adaln_modulate(x, s, s, eps=0.0)
+            crossflow_kernels.adaln_modulate(x, s, s, eps=0.0)
         with pytest.raises(ValueError, match="`y` must have x's shape"):
-            kernels.gated_residual_adaln(x, torch.randn(1, 3, 8), s, s, s)
+            crossflow_kernels.gated_residual_adaln(x, torch.randn(1, 3, 8), s, s, s)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -217,11 +217,11 @@ def test_adaln_bad_options(backend):
 def test_adaln_eps_must_be_a_positive_float(eps, backend):
     # eps=True used to pass as 1.0; a bool is never an epsilon.
     x, s = torch.randn(1, 2, 8), torch.randn(1, 8)
-    with kernels.use_backend(backend):
+    with crossflow_kernels.use_backend(backend):
         with pytest.raises(ValueError, match="eps must be a positive float"):
-            kernels.adaln_modulate(x, s, s, eps=eps)
+            crossflow_kernels.adaln_modulate(x, s, s, eps=eps)
         with pytest.raises(ValueError, match="eps must be a positive float"):
-            kernels.gated_residual_adaln(x, x, s, s, s, eps=eps)
+            crossflow_kernels.gated_residual_adaln(x, x, s, s, s, eps=eps)
 
 
 def test_adaln_integer_eps_is_accepted():
@@ -251,10 +251,10 @@ def test_adaln_compile_triton_gpu():
     y, gate = torch.randn_like(x), torch.randn_like(shift)
 
     def block(x, y, gate, shift, scale):
-        r, h = kernels.gated_residual_adaln(x, y, gate, shift, scale)
-        return kernels.adaln_modulate(r + h, shift, scale)
+        r, h = crossflow_kernels.gated_residual_adaln(x, y, gate, shift, scale)
+        return crossflow_kernels.adaln_modulate(r + h, shift, scale)
 
-    with kernels.use_backend("triton"):
+    with crossflow_kernels.use_backend("triton"):
         eager = block(x, y, gate, shift, scale)
         compiled = torch.compile(block, fullgraph=True)(x, y, gate, shift, scale)
     torch.testing.assert_close(compiled, eager)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import kernels
-from kernels.geglu import BLOCK_MAX, GEGLUFunction, geglu_ref, geglu_triton
-from kernels.testing import check_against_ref
+import crossflow_kernels
+from crossflow_kernels.geglu import BLOCK_MAX, GEGLUFunction, geglu_ref, geglu_triton
+from crossflow_kernels.testing import check_against_ref
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
@@ -79,8 +79,8 @@ BAD = [
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("make, match", BAD)
 def test_geglu_bad_input(make, match, backend):
-    with kernels.use_backend(backend), pytest.raises(ValueError, match=match):
-        kernels.geglu(make())
+    with crossflow_kernels.use_backend(backend), pytest.raises(ValueError, match=match):
+        crossflow_kernels.geglu(make())
 
 
 @pytest.mark.gpu
@@ -93,5 +93,5 @@ def test_geglu_gpu_dimr_shapes(shape, dtype):
 @pytest.mark.gpu
 def test_geglu_compile_triton_gpu():
     h = torch.randn(2, 77, 2048, device=DEV, dtype=torch.bfloat16)
-    with kernels.use_backend("triton"):
-        torch.testing.assert_close(torch.compile(kernels.geglu, fullgraph=True)(h), kernels.geglu(h))
+    with crossflow_kernels.use_backend("triton"):
+        torch.testing.assert_close(torch.compile(crossflow_kernels.geglu, fullgraph=True)(h), crossflow_kernels.geglu(h))

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import tl, triton
-from kernels._utils import (
+from crossflow_kernels._triton import tl, triton
+from crossflow_kernels._utils import (
     check_float, check_kernel_dtype, cuda_device_guard, deferred_triton_op, register_triton_ops, widen,
 )
 
@@ -73,7 +73,7 @@ def _grid_and_warps(R: int, Fdim: int) -> tuple[tuple[int, int], int, int]:
     return (R, triton.cdiv(Fdim, block)), block, max(1, min(4, block // 256))
 
 
-@deferred_triton_op("kernels::geglu_fwd", mutates_args=())
+@deferred_triton_op("crossflow_kernels::geglu_fwd", mutates_args=())
 def geglu_fwd(h: torch.Tensor) -> torch.Tensor:
     """h (R, 2F) with unit column stride, any row stride -> (R, F) contiguous."""
     R, F2 = h.shape
@@ -85,7 +85,7 @@ def geglu_fwd(h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@deferred_triton_op("kernels::geglu_bwd", mutates_args=())
+@deferred_triton_op("crossflow_kernels::geglu_bwd", mutates_args=())
 def geglu_bwd(dout: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """-> dh (R, 2F) contiguous."""
     R, F2 = h.shape
@@ -102,12 +102,12 @@ class GEGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h):
         ctx.save_for_backward(h)
-        return torch.ops.kernels.geglu_fwd(h)
+        return torch.ops.crossflow_kernels.geglu_fwd(h)
 
     @staticmethod
     def backward(ctx, dout):
         (h,) = ctx.saved_tensors
-        return torch.ops.kernels.geglu_bwd(dout, h)
+        return torch.ops.crossflow_kernels.geglu_bwd(dout, h)
 
 
 def geglu_triton(h: torch.Tensor) -> torch.Tensor:

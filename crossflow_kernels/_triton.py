@@ -8,8 +8,8 @@ keeps the Python function in an `UnloadedKernel` whose launch raises, ``@triton.
 says why Triton is absent. The references, the dispatcher and everything `crossflow` runs on a CPU never touch them.
 
 The real modules are imported when Triton can run here (a CUDA/ROCm build of torch, or the interpreter), when the
-process has already imported triton, or with ``KERNELS_IMPORT_TRITON=1`` (tools that compile for a GPU target on a
-CPU machine, such as the compile report). Decided once, at ``import kernels``.
+process has already imported triton, or with ``CROSSFLOW_KERNELS_IMPORT_TRITON=1`` (tools that compile for a GPU target on a
+CPU machine, such as the compile report). Decided once, at ``import crossflow_kernels``.
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ from typing import Any, Callable
 
 import torch
 
-from kernels._dispatch import interpreting
+from crossflow_kernels._dispatch import interpreting
 
 WHY_ABSENT = ("Triton is not loaded in this process: this torch build has no CUDA and TRITON_INTERPRET=1 was not "
-              "set before `import kernels` (set KERNELS_IMPORT_TRITON=1 to load it anyway, e.g. to compile for a GPU "
+              "set before `import crossflow_kernels` (set CROSSFLOW_KERNELS_IMPORT_TRITON=1 to load it anyway, e.g. to compile for a GPU "
               "target)")
 
 
 def wanted() -> bool:
     """Should the op files get the real triton? (See the module docstring.) Reads the build, makes no driver call."""
     return (interpreting() or torch.backends.cuda.is_built() or "triton" in sys.modules
-            or os.environ.get("KERNELS_IMPORT_TRITON", "0") == "1")
+            or os.environ.get("CROSSFLOW_KERNELS_IMPORT_TRITON", "0") == "1")
 
 
 class UnloadedKernel:

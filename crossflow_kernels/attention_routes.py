@@ -1,4 +1,4 @@
-"""Per-shape routing of `kernels.attention` to PyTorch SDPA where a measured table says ours loses.
+"""Per-shape routing of `crossflow_kernels.attention` to PyTorch SDPA where a measured table says ours loses.
 
 Under backend ``auto``, a call that our Triton kernels could run is looked up in the routing table of the running
 device; where the table names an SDPA backend (cuDNN, flash, efficient, math) for the call's shape bucket, that
@@ -14,14 +14,14 @@ requiring grad with grad enabled), and power-of-two ceilings for Tq, Tk and B·H
 so one bucket runs one kernel config of ours. A routed backend that cannot run a particular call (a layout or size
 the SDPA kernel rejects: `torch.backends.cuda.can_use_*`) falls back to ours.
 
-``KERNELS_ATTENTION_ROUTES`` (read at call time): unset -- the table next to the package (``benchmarks/results/``);
+``CROSSFLOW_KERNELS_ATTENTION_ROUTES`` (read at call time): unset -- the table next to the package (``benchmarks/results/``);
 ``off`` / ``0`` -- no routing; a directory -- its ``attention-routes_<slug>.json``; a file -- that table (if it is for
-the running device). `kernels.use_routing(False)` switches routing off in code. A table that exists but is malformed
+the running device). `crossflow_kernels.use_routing(False)` switches routing off in code. A table that exists but is malformed
 raises RuntimeError naming the file: the table is generated and verified, so a broken one is a bug to see, and ours
-running instead would silently lose the speed the table promises; ``KERNELS_ATTENTION_ROUTES=off`` is the way out.
+running instead would silently lose the speed the table promises; ``CROSSFLOW_KERNELS_ATTENTION_ROUTES=off`` is the way out.
 
-Observable: `kernels.dispatch_counts()` counts calls per (op, backend); the first decision for each routed bucket is
-logged at DEBUG on the ``kernels`` logger, naming the table file and entry. Under torch.compile the decision is made
+Observable: `crossflow_kernels.dispatch_counts()` counts calls per (op, backend); the first decision for each routed bucket is
+logged at DEBUG on the ``crossflow_kernels`` logger, naming the table file and entry. Under torch.compile the decision is made
 at trace time (plain Python on shapes and dtypes, no graph break) and counted once per trace, not per replay.
 """
 
@@ -37,11 +37,11 @@ from typing import Any, Callable
 
 import torch
 
-from kernels._utils import triton_can_run_here
-from kernels.attention import _check
+from crossflow_kernels._utils import triton_can_run_here
+from crossflow_kernels.attention import _check
 
 SCHEMA = "crossflow-attention-routes/1"
-ENV = "KERNELS_ATTENTION_ROUTES"
+ENV = "CROSSFLOW_KERNELS_ATTENTION_ROUTES"
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 # The GPU check's provider names -> torch.nn.attention.SDPBackend members.
 SDPA_BACKENDS = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION",
@@ -52,7 +52,7 @@ _DTYPE_NAMES = {t: str(t).removeprefix("torch.")
                 for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 KEY_FIELDS = ("head_dim", "tq_bucket", "tk_bucket", "bh_bucket", "dtype", "mask", "mode")
 
-log = logging.getLogger("kernels")
+log = logging.getLogger("crossflow_kernels")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The routed implementation: SDPA with attention_ref's semantics
@@ -291,7 +291,7 @@ def _choose(path: Path, name: str, key: tuple) -> str | None:
 
 # Under torch.compile `_decide` and `_has_table` run eagerly at trace time (file reads, logging) and their answers are
 # constants of the graph, so routing makes no graph break. Marked only where routing can run at all (a CUDA build or the
-# interpreter), where `import kernels` imports torch._dynamo anyway (registering the Triton ops); a CPU-only build
+# interpreter), where `import crossflow_kernels` imports torch._dynamo anyway (registering the Triton ops); a CPU-only build
 # never routes and stays off it.
 if triton_can_run_here():
     _decide = torch.compiler.assume_constant_result(_decide)
@@ -304,7 +304,7 @@ def _explicit_file() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The route hook `kernels._dispatch.op` calls under backend "auto"
+# The route hook `crossflow_kernels._dispatch.op` calls under backend "auto"
 # ---------------------------------------------------------------------------------------------------------------------
 
 

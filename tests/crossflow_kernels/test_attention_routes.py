@@ -1,4 +1,4 @@
-"""Per-shape routing of `kernels.attention` to PyTorch SDPA (kernels/attention_routes.py) and the table the GPU check
+"""Per-shape routing of `crossflow_kernels.attention` to PyTorch SDPA (crossflow_kernels/attention_routes.py) and the table the GPU check
 derives (benchmarks/report.py). Every table here is a fake one in a temporary directory, for a fake device name."""
 
 import json
@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-import kernels
+import crossflow_kernels
 from benchmarks import report
-from kernels import attention_routes as ar
-from kernels.attention import attention_ref
-from kernels.testing import check_against_ref
+from crossflow_kernels import attention_routes as ar
+from crossflow_kernels.attention import attention_ref
+from crossflow_kernels.testing import check_against_ref
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
@@ -41,10 +41,10 @@ def table_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(ar, "_device_name", lambda device: FAKE)
     monkeypatch.setenv(ar.ENV, str(tmp_path))
     ar.clear_cache()
-    kernels.reset_dispatch_counts()
+    crossflow_kernels.reset_dispatch_counts()
     yield tmp_path
     ar.clear_cache()
-    kernels.reset_dispatch_counts()
+    crossflow_kernels.reset_dispatch_counts()
 
 
 def _table(table_dir, entries, **extra):
@@ -67,7 +67,7 @@ def _no_triton(monkeypatch):
     """Make our kernels unusable, so a right answer proves the routed backend produced it."""
     def boom(*a, **k):
         raise AssertionError("our Triton attention ran")
-    monkeypatch.setattr(kernels.attention, "triton", boom)
+    monkeypatch.setattr(crossflow_kernels.attention, "triton", boom)
 
 
 def test_bucket_is_the_autotuner_power_of_two_ceiling():
@@ -88,12 +88,12 @@ def test_routed_call_matches_the_reference_forward_and_gradients(table_dir, monk
     q, k, v = _qkv(b, h, tq, tk, d, dtype)
     k = k.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) memory seen as (B, H, T, D): non-contiguous
     mask = _mask(b, tk) if masked else None
-    check_against_ref(lambda *a, **kw: kernels.attention(*a, **kw), attention_ref, [q, k, v], names=("q", "k", "v"),
+    check_against_ref(lambda *a, **kw: crossflow_kernels.attention(*a, **kw), attention_ref, [q, k, v], names=("q", "k", "v"),
                       scale=scale, key_padding_mask=mask)
-    assert kernels.dispatch_counts() == {("attention", backend): 1}
+    assert crossflow_kernels.dispatch_counts() == {("attention", backend): 1}
     if masked:  # the batch element with no key: exact zeros and no gradient, as the reference
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        out = kernels.attention(q, k, v, scale, mask)
+        out = crossflow_kernels.attention(q, k, v, scale, mask)
         grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
         for t in (out[-1], *(g[-1] for g in grads)):
             assert torch.equal(t, torch.zeros_like(t))
@@ -108,10 +108,10 @@ def test_masked_keys_holding_nan_take_no_part_when_routed(table_dir, monkeypatch
     v[~mask[:, None, :, None].expand_as(v)] = float("inf")
     _table(table_dir, [_entry(24, 7, 9, 4, F32, True, "fwd", backend)])
     _no_triton(monkeypatch)
-    out = kernels.attention(q, k, v, key_padding_mask=mask)
+    out = crossflow_kernels.attention(q, k, v, key_padding_mask=mask)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, attention_ref(q, k, v, key_padding_mask=mask), atol=1e-5, rtol=1e-5)
-    assert kernels.dispatch_counts() == {("attention", backend): 1}
+    assert crossflow_kernels.dispatch_counts() == {("attention", backend): 1}
 
 
 def test_a_batch_element_with_no_key_gives_zeros_where_sdpa_gives_nan(table_dir, monkeypatch):
@@ -129,9 +129,9 @@ def test_a_batch_element_with_no_key_gives_zeros_where_sdpa_gives_nan(table_dir,
     _table(table_dir, [_entry(24, 7, 9, 4, F32, True, "fwd_bwd", "sdpa_math")])
     q, k, v = (t.requires_grad_() for t in _qkv())
     mask = _mask(2, 9)
-    out = kernels.attention(q, k, v, key_padding_mask=mask)
+    out = crossflow_kernels.attention(q, k, v, key_padding_mask=mask)
     grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-    assert kernels.dispatch_counts() == {("attention", "sdpa_math"): 1}
+    assert crossflow_kernels.dispatch_counts() == {("attention", "sdpa_math"): 1}
     for t in (out[-1], *(g[-1] for g in grads)):
         assert torch.equal(t, torch.zeros_like(t))
     torch.testing.assert_close(out, attention_ref(q, k, v, key_padding_mask=mask))
@@ -147,9 +147,9 @@ def test_fused_sdpa_backends_gpu(table_dir, backend, masked):
     _table(table_dir, [_entry(d, tq, tk, b * h, torch.bfloat16, masked, "fwd_bwd", backend)])
     q, k, v = _qkv(b, h, tq, tk, d, torch.bfloat16)
     mask = _mask(b, tk) if masked else None
-    check_against_ref(lambda *a, **kw: kernels.attention(*a, **kw), attention_ref, [q, k, v], names=("q", "k", "v"),
+    check_against_ref(lambda *a, **kw: crossflow_kernels.attention(*a, **kw), attention_ref, [q, k, v], names=("q", "k", "v"),
                       key_padding_mask=mask)
-    counts = kernels.dispatch_counts()
+    counts = crossflow_kernels.dispatch_counts()
     assert sum(counts.values()) == 1 and set(counts) <= {("attention", backend), ("attention", "triton")}
     print(f"{backend} {'masked' if masked else 'unmasked'}: ran {counts}")
 
@@ -157,16 +157,16 @@ def test_fused_sdpa_backends_gpu(table_dir, backend, masked):
 def test_no_table_no_entry_or_ours_entry_runs_ours(table_dir):
     q, k, v = _qkv()
     expect = attention_ref(q, k, v)
-    torch.testing.assert_close(kernels.attention(q, k, v), expect)  # no table file for the device at all
+    torch.testing.assert_close(crossflow_kernels.attention(q, k, v), expect)  # no table file for the device at all
     _table(table_dir, [_entry(32, 7, 9, 4, F32, False, "fwd", "sdpa_math"),  # another head dim
                        _entry(24, 7, 9, 4, F32, False, "fwd_bwd", "sdpa_math"),  # the grad mode only
                        _entry(24, 7, 9, 4, F32, True, "fwd", "sdpa_math")])  # masked calls only
     ar.clear_cache()
-    torch.testing.assert_close(kernels.attention(q, k, v), expect)
+    torch.testing.assert_close(crossflow_kernels.attention(q, k, v), expect)
     _table(table_dir, [_entry(24, 7, 9, 4, F32, False, "fwd", "triton")])  # measured: ours wins
     ar.clear_cache()
-    torch.testing.assert_close(kernels.attention(q, k, v), expect)
-    assert kernels.dispatch_counts() == {("attention", "triton"): 3}
+    torch.testing.assert_close(crossflow_kernels.attention(q, k, v), expect)
+    assert crossflow_kernels.dispatch_counts() == {("attention", "triton"): 3}
 
 
 def test_table_for_another_device_is_not_used(table_dir, monkeypatch):
@@ -174,50 +174,50 @@ def test_table_for_another_device_is_not_used(table_dir, monkeypatch):
     path = _write(table_dir / "explicit.json", [_entry(24, 7, 9, 4, F32, False, "fwd", "sdpa_math")],
                   device="Some Other GPU")
     monkeypatch.setenv(ar.ENV, str(path))
-    kernels.attention(q, k, v)
-    assert kernels.dispatch_counts() == {("attention", "triton"): 1}
+    crossflow_kernels.attention(q, k, v)
+    assert crossflow_kernels.dispatch_counts() == {("attention", "triton"): 1}
 
 
 def test_forced_backends_and_switches_never_route(table_dir, monkeypatch):
     q, k, v = _qkv()
     _table(table_dir, [_entry(24, 7, 9, 4, F32, False, "fwd", "sdpa_math")])
-    with kernels.use_backend("triton"):
-        kernels.attention(q, k, v)
-    with kernels.use_backend("torch"):
-        kernels.attention(q, k, v)
-    with kernels.use_routing(False):
-        kernels.attention(q, k, v)
+    with crossflow_kernels.use_backend("triton"):
+        crossflow_kernels.attention(q, k, v)
+    with crossflow_kernels.use_backend("torch"):
+        crossflow_kernels.attention(q, k, v)
+    with crossflow_kernels.use_routing(False):
+        crossflow_kernels.attention(q, k, v)
     for off in ("off", "0"):
         monkeypatch.setenv(ar.ENV, off)
-        kernels.attention(q, k, v)
-    assert kernels.dispatch_counts() == {("attention", "triton"): 4, ("attention", "torch"): 1}
+        crossflow_kernels.attention(q, k, v)
+    assert crossflow_kernels.dispatch_counts() == {("attention", "triton"): 4, ("attention", "torch"): 1}
     monkeypatch.setenv(ar.ENV, str(table_dir))
-    kernels.attention(q, k, v)  # and with every switch back on, the table routes
-    assert kernels.dispatch_counts()[("attention", "sdpa_math")] == 1
+    crossflow_kernels.attention(q, k, v)  # and with every switch back on, the table routes
+    assert crossflow_kernels.dispatch_counts()[("attention", "sdpa_math")] == 1
 
 
 def test_decision_is_cached_and_logged_once_naming_the_entry(table_dir, caplog):
     q, k, v = _qkv()
     path = _table(table_dir, [_entry(32, 7, 9, 4, F32, False, "fwd", "triton"),
                               _entry(24, 8, 16, 4, F32, False, "fwd", "sdpa_math")])
-    with caplog.at_level(logging.DEBUG, logger="kernels"):
-        kernels.attention(q, k, v)
+    with caplog.at_level(logging.DEBUG, logger="crossflow_kernels"):
+        crossflow_kernels.attention(q, k, v)
         path.unlink()  # cached: neither the table nor the decision is read again
-        kernels.attention(q, k, v)
+        crossflow_kernels.attention(q, k, v)
     lines = [r.getMessage() for r in caplog.records if "routing" in r.getMessage()]
     assert len(lines) == 1 and str(path) in lines[0] and "entry 1" in lines[0] and "sdpa_math" in lines[0]
-    assert kernels.dispatch_counts() == {("attention", "sdpa_math"): 2}
+    assert crossflow_kernels.dispatch_counts() == {("attention", "sdpa_math"): 2}
     ar.clear_cache()
-    kernels.attention(q, k, v)
-    assert kernels.dispatch_counts()[("attention", "triton")] == 1
+    crossflow_kernels.attention(q, k, v)
+    assert crossflow_kernels.dispatch_counts()[("attention", "triton")] == 1
 
 
 @pytest.mark.skipif(ON_GPU, reason="the CPU has no efficient/cuDNN SDPA kernel to refuse the call")
 def test_backend_that_cannot_run_the_call_falls_back_to_ours(table_dir):
     q, k, v = _qkv()
     _table(table_dir, [_entry(24, 7, 9, 4, F32, False, "fwd", "sdpa_efficient")])
-    torch.testing.assert_close(kernels.attention(q, k, v), attention_ref(q, k, v))
-    assert kernels.dispatch_counts() == {("attention", "triton"): 1}
+    torch.testing.assert_close(crossflow_kernels.attention(q, k, v), attention_ref(q, k, v))
+    assert crossflow_kernels.dispatch_counts() == {("attention", "triton"): 1}
 
 
 @pytest.mark.parametrize("text, match", [
@@ -239,16 +239,16 @@ def test_a_corrupt_table_is_an_error_naming_the_file(table_dir, text, match):
     path.write_text(text)
     q, k, v = _qkv()
     with pytest.raises(RuntimeError, match=match) as e:
-        kernels.attention(q, k, v)
+        crossflow_kernels.attention(q, k, v)
     assert str(path) in str(e.value) and f"{ar.ENV}=off" in str(e.value)
-    with kernels.use_backend("triton"):  # the forced backend never reads it
-        kernels.attention(q, k, v)
+    with crossflow_kernels.use_backend("triton"):  # the forced backend never reads it
+        crossflow_kernels.attention(q, k, v)
 
 
 def test_an_explicit_table_file_that_is_missing_is_an_error(table_dir, monkeypatch):
     monkeypatch.setenv(ar.ENV, str(table_dir / "nope.json"))
     with pytest.raises(RuntimeError, match="no such file"):
-        kernels.attention(*_qkv())
+        crossflow_kernels.attention(*_qkv())
 
 
 def test_import_reads_no_table(tmp_path):
@@ -256,7 +256,7 @@ def test_import_reads_no_table(tmp_path):
     bad = tmp_path / "t.json"
     bad.write_text("{not json")
     env = {**os.environ, ar.ENV: str(bad), "PYTHONPATH": os.pathsep.join(sys.path)}
-    probe = "import kernels, kernels.attention_routes as ar; print(len(ar._TABLES))"
+    probe = "import crossflow_kernels, crossflow_kernels.attention_routes as ar; print(len(ar._TABLES))"
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0"
 
@@ -269,15 +269,15 @@ def test_routed_call_compiles_fullgraph(table_dir, caplog):
     _table(table_dir, [_entry(24, 7, 9, 4, F32, True, "fwd_bwd", "sdpa_math")])
 
     def fn(q, k, v):
-        return kernels.attention(q, k, v, key_padding_mask=mask).square().sum()
+        return crossflow_kernels.attention(q, k, v, key_padding_mask=mask).square().sum()
 
-    with caplog.at_level(logging.DEBUG, logger="kernels"):
+    with caplog.at_level(logging.DEBUG, logger="crossflow_kernels"):
         compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)  # a graph break would raise
     expect = attention_ref(q, k, v, key_padding_mask=mask).square().sum()
     torch.testing.assert_close(compiled, expect)
     for g, e in zip(torch.autograd.grad(compiled, (q, k, v)), torch.autograd.grad(expect, (q, k, v))):
         torch.testing.assert_close(g, e)
-    assert kernels.dispatch_counts() == {}  # a trace is not a call; the route taken is logged
+    assert crossflow_kernels.dispatch_counts() == {}  # a trace is not a call; the route taken is logged
     assert [r.getMessage() for r in caplog.records if "to sdpa_math" in r.getMessage()]
 
 
@@ -291,7 +291,7 @@ def test_dynamic_shape_compile_retraces_per_bucket_not_per_size(table_dir):
         traces.append(gm)
         return gm.forward
 
-    fn = torch.compile(lambda q: kernels.attention(q, q, q) * 2, fullgraph=True, dynamic=True, backend=count_traces)
+    fn = torch.compile(lambda q: crossflow_kernels.attention(q, q, q) * 2, fullgraph=True, dynamic=True, backend=count_traces)
     for t in (9, 12, 17):  # buckets 16, 16, 32
         q = torch.randn(2, 2, t, 24)
         torch.testing.assert_close(fn(q), 2 * attention_ref(q, q, q))

@@ -20,12 +20,12 @@ import math
 
 import torch
 
-from kernels._triton import tl, triton
-from kernels._utils import (
+from crossflow_kernels._triton import tl, triton
+from crossflow_kernels._utils import (
     check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op, register_triton_ops, row_block,
     widen,
 )
-from kernels.adaln import check_eps
+from crossflow_kernels.adaln import check_eps
 
 MAX_D = 16384  # a row is one tile of one program: wider rows would spill (the skip concat of DiMR stays in torch)
 TILE_FWD = 4096  # elements per forward program (rows x padded D)
@@ -140,7 +140,7 @@ def _tiles(N: int, D: int, tile: int, per_thread: int) -> tuple[int, int, int]:
     return block_r, block_d, warps
 
 
-@deferred_triton_op("kernels::rms_norm_fwd", mutates_args=())
+@deferred_triton_op("crossflow_kernels::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x (G1, G2, N, D) with unit column stride, weight (G1, G2, D) of any strides -> (out like x, rstd (G1*G2*N,))."""
     G1, G2, N, D = x.shape
@@ -155,7 +155,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     return out, rstd
 
 
-@deferred_triton_op("kernels::rms_norm_bwd", mutates_args=())
+@deferred_triton_op("crossflow_kernels::rms_norm_bwd", mutates_args=())
 def rms_norm_bwd(
     dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,14 +187,14 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        out, rstd = torch.ops.kernels.rms_norm_fwd(x, weight, eps)
+        out, rstd = torch.ops.crossflow_kernels.rms_norm_fwd(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = torch.ops.kernels.rms_norm_bwd(dout, x, weight, rstd)
+        dx, dw = torch.ops.crossflow_kernels.rms_norm_bwd(dout, x, weight, rstd)
         return dx, dw, None
 
 
