@@ -77,6 +77,12 @@ def deferred_triton_op(name: str, mutates_args) -> Callable[[Callable], Callable
     return record
 
 
+def wrap_triton(kernel):
+    """`torch.library.wrap_triton(kernel)`; under the interpreter the kernel itself (an `InterpretedFunction`, which
+    torch before 2.13 refuses to wrap and 2.13 returns unwrapped)."""
+    return kernel if interpreting() else torch.library.wrap_triton(kernel)
+
+
 def register_triton_ops() -> None:
     """Register every recorded launcher as a custom op. Idempotent; once done it is a check of an empty dict, which
     torch.compile traces as a constant (every public `<op>_triton` calls it before its first op call). Where Triton

@@ -20,7 +20,7 @@ import torch
 from crossflow_kernels._triton import tl, triton
 from crossflow_kernels._utils import (
     check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op, register_triton_ops, row_block,
-    widen,
+    widen, wrap_triton,
 )
 
 NORMS = ("layer", "rms")
@@ -258,7 +258,7 @@ def _launch_adaln_fwd(x, y, gate, shift, scale, r, out, eps: float, rms: bool) -
     block = row_block(C)
     residual = y is not None
     with cuda_device_guard(x):
-        torch.library.wrap_triton(_adaln_fwd_kernel)[(B * T,)](
+        wrap_triton(_adaln_fwd_kernel)[(B * T,)](
             x, y if residual else x, gate if residual else shift, shift, scale, r if residual else out, out,
             mean, rstd, T, C, eps, *_strides(gate, shift), *shift.stride(), *scale.stride(),
             RESIDUAL=residual, RMS=rms, BLOCK_C=block, num_warps=fwd_warps(block),
@@ -275,7 +275,7 @@ def _launch_adaln_bwd(x, y, gate, scale, mean, rstd, dout, dr, dx, dy, rms: bool
     block = row_block(C)
     residual = y is not None
     with cuda_device_guard(x):
-        torch.library.wrap_triton(_adaln_bwd_kernel)[(B, n_chunks)](
+        wrap_triton(_adaln_bwd_kernel)[(B, n_chunks)](
             x, y if residual else x, gate if residual else scale, scale, mean, rstd, dout, dr if residual else dout,
             dx, dy if residual else dx, part, T, C, n_chunks, *_strides(gate, scale), *scale.stride(),
             ROWS=rows, RESIDUAL=residual, RMS=rms, BLOCK_C=block, num_warps=bwd_warps(block),

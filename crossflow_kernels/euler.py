@@ -19,7 +19,7 @@ import torch
 
 from crossflow_kernels._triton import tl, triton
 from crossflow_kernels._utils import (
-    check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op, register_triton_ops, widen,
+    check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op, register_triton_ops, widen, wrap_triton,
 )
 
 Scalar = float | torch.Tensor
@@ -140,7 +140,7 @@ def _launch_euler_fwd(x, vc, vu, dt_t, dt_f, s_t, s_f, out) -> None:
         return
     cfg = vu is not None
     with cuda_device_guard(x):
-        torch.library.wrap_triton(_euler_fwd_kernel)[(triton.cdiv(n, _BLOCK),)](
+        wrap_triton(_euler_fwd_kernel)[(triton.cdiv(n, _BLOCK),)](
             x, vc, vu if cfg else vc, out, dt_t if dt_t is not None else dt_f, s_t if s_t is not None else s_f, n,
             CFG=cfg, DT_PTR=dt_t is not None, S_PTR=s_t is not None, BLOCK=_BLOCK, num_warps=4,
         )

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from crossflow_kernels._triton import tl, triton
 from crossflow_kernels._utils import (
-    check_float, check_kernel_dtype, cuda_device_guard, deferred_triton_op, register_triton_ops, widen,
+    check_float, check_kernel_dtype, cuda_device_guard, deferred_triton_op, register_triton_ops, widen, wrap_triton,
 )
 
 BLOCK_MAX = 1024  # columns per program; F = 512 / 1024 / 2048 in DiMR -> 1 / 1 / 2 programs per row
@@ -80,7 +80,7 @@ def geglu_fwd(h: torch.Tensor) -> torch.Tensor:
     out = torch.empty(R, F2 // 2, device=h.device, dtype=h.dtype)
     grid, block, warps = _grid_and_warps(R, F2 // 2)
     with cuda_device_guard(h):
-        torch.library.wrap_triton(_geglu_fwd_kernel)[grid](h, out, F2 // 2, h.stride(0), BLOCK=block,
+        wrap_triton(_geglu_fwd_kernel)[grid](h, out, F2 // 2, h.stride(0), BLOCK=block,
                                                             num_warps=warps)
     return out
 
@@ -93,7 +93,7 @@ def geglu_bwd(dout: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     dh = torch.empty(R, F2, device=h.device, dtype=h.dtype)
     grid, block, warps = _grid_and_warps(R, F2 // 2)
     with cuda_device_guard(h):
-        torch.library.wrap_triton(_geglu_bwd_kernel)[grid](h, dout, dh, F2 // 2, h.stride(0), BLOCK=block,
+        wrap_triton(_geglu_bwd_kernel)[grid](h, dout, dh, F2 // 2, h.stride(0), BLOCK=block,
                                                             num_warps=warps)
     return dh
 

@@ -23,7 +23,7 @@ import torch
 from crossflow_kernels._triton import tl, triton
 from crossflow_kernels._utils import (
     check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op, register_triton_ops, row_block,
-    widen,
+    widen, wrap_triton,
 )
 from crossflow_kernels.adaln import check_eps
 
@@ -148,7 +148,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     rstd = torch.empty(G1 * G2 * N, device=x.device, dtype=torch.float32)
     block_r, block_d, warps = _tiles(N, D, TILE_FWD, 16)
     with cuda_device_guard(x):
-        torch.library.wrap_triton(_rms_norm_fwd_kernel)[(G1 * G2, triton.cdiv(N, block_r))](
+        wrap_triton(_rms_norm_fwd_kernel)[(G1 * G2, triton.cdiv(N, block_r))](
             x, weight, out, rstd, G2, N, D, eps, *x.stride()[:3], *weight.stride(), *out.stride()[:3],
             BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
         )
@@ -170,7 +170,7 @@ def rms_norm_bwd(
     n_chunks = triton.cdiv(N, block_r * iters)
     part = torch.empty(G1 * G2, n_chunks, D, device=x.device, dtype=torch.float32)
     with cuda_device_guard(x):
-        torch.library.wrap_triton(_rms_norm_bwd_kernel)[(G1 * G2, n_chunks)](
+        wrap_triton(_rms_norm_bwd_kernel)[(G1 * G2, n_chunks)](
             x, weight, dout, dx, rstd, part, G2, N, D, n_chunks, *x.stride()[:3], *weight.stride(),
             *dout.stride()[:3], *dx.stride()[:3], ITERS=iters, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
         )
