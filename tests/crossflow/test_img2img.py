@@ -192,7 +192,7 @@ def test_cli_upscale_and_vary_write_grids(tiny_checkpoints, tmp_path, capsys):
 
     from crossflow import cli
 
-    a, b = _png(tmp_path / "a.png", 4), _png(tmp_path / "b.png", 16)  # any size: area-averaged to 4x4
+    a, b = _png(tmp_path / "a.png", 4), _png(tmp_path / "b.png", 6)  # any size under 8x8: area-averaged to 4x4
     out = tmp_path / "up.png"
     cli.main(["upscale", a, b, "-o", str(out), "--n", "3", "--checkpoint", str(tiny_checkpoints["digits-sr"]),
               "--steps", "2", "--backend", "torch", "-q"])
@@ -203,6 +203,7 @@ def test_cli_upscale_and_vary_write_grids(tiny_checkpoints, tmp_path, capsys):
     cli.main(["vary", a, "-o", str(out), "--n", "2", "--checkpoint", str(tiny_checkpoints["digits-vary"]),
               "--steps", "2", "--upscale", "1", "--gap", "0", "--backend", "torch", "-q"])
     assert Image.open(out).size == (16, 8)
+    assert capsys.readouterr().err == f"crossflow: note: {a}: resized from 4x4 to 8x8\n"  # said, on one line
     with pytest.raises(SystemExit) as e:
         cli.main(["upscale", str(tmp_path / "missing.png"), "-o", str(tmp_path / "x.png"),
                   "--checkpoint", str(tiny_checkpoints["digits-sr"])])

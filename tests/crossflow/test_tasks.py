@@ -274,9 +274,16 @@ def test_caption_and_vary_text_verbs(tmp_path, capsys):
     xte, yte = digits.load_images("test")
     png = tmp_path / "digit.png"
     to_pil(xte[:1])[0].save(png)
-    cli.main(["caption", str(png), str(png), "--n", "2", "--steps", "10", "--backend", "torch", "-q"])
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 and all(digits.parse_caption(c) == int(yte[0]) for c in lines), lines
+    cli.main(["caption", str(png), "--n", "2", "--steps", "10", "--backend", "torch", "-q"])
+    lines = capsys.readouterr().out.splitlines()  # one image: the captions alone
+    assert len(lines) == 2 and all(digits.parse_caption(c) == int(yte[0]) for c in lines), lines
+    j = int(torch.nonzero(yte != yte[0])[0])  # another digit
+    other = tmp_path / "other.png"
+    to_pil(xte[j : j + 1])[0].save(other)
+    cli.main(["caption", str(png), str(other), "--n", "2", "--steps", "10", "--backend", "torch", "-q"])
+    lines = capsys.readouterr().out.splitlines()  # several: each caption labelled with its image
+    assert [line.split(": ", 1)[0] for line in lines] == [str(png)] * 2 + [str(other)] * 2, lines
+    assert [digits.parse_caption(line.split(": ", 1)[1]) for line in lines] == [int(yte[0])] * 2 + [int(yte[j])] * 2
     cli.main(["vary", "--text", "a handwritten seven", "--n", "3", "--steps", "10", "--backend", "torch", "-q"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and all(digits.parse_caption(c) == 7 for c in lines), lines
