@@ -320,9 +320,12 @@ def cmd_vary(args) -> int:
 
 
 def cmd_train(argv: list[str]) -> None:
-    from crossflow.train import main  # the one training parser (recipes, validation, error lines) lives there
+    from crossflow.train_config import parse_config  # the one training parser, without torch: --help answers at once
 
-    main(argv, prog="crossflow train")
+    tc = parse_config(argv, prog="crossflow train")
+    from crossflow.train import run
+
+    run(tc, prog="crossflow train")
 
 
 def cmd_eval(args) -> int:
