@@ -15,19 +15,19 @@ class _Lines:
     def __init__(self, total: int, desc: str, unit: str) -> None:
         self.total, self.desc, self.unit, self.n = total, desc, unit, 0
         self.start = self.last = time.monotonic()
-        self._line()
+        self._line(self.start)
 
-    def _line(self) -> None:
+    def _line(self, now: float) -> None:
         pct = f" ({self.n / self.total:.0%})" if self.total else ""
-        print(f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}, {time.monotonic() - self.start:.0f} s elapsed",
-              file=sys.stderr, flush=True)
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}, {now - self.start:.0f} s elapsed", file=sys.stderr,
+              flush=True)
 
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
         if now - self.last >= LINE_EVERY or self.n >= self.total:
             self.last = now
-            self._line()
+            self._line(now)
 
     def close(self) -> None:
         pass
