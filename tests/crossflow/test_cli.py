@@ -332,40 +332,40 @@ def _digit_png(path, size=16, mode="L") -> str:
     return str(path)
 
 
-def test_inputs_outputs_and_options_are_checked_before_the_model_loads(tmp_path, monkeypatch, no_model_loads,
-                                                                      cli_fails):
+@pytest.mark.parametrize("argv, code, match", [
+    (["sample", "x", "-o", "{locked}/a.png"], 2, "the folder {locked} is not writable"),
+    (["sample", "x", "-o", "{file}/a.png"], 2, "{file} is a file, not a folder"),
+    (["eval", "--json", "{locked}/r.json"], 2, "the folder {locked} is not writable"),
+    (["upscale", "{four}", "-o", "{locked}/up.png"], 2, "the folder {locked} is not writable"),
+    (["caption", "{tmp}/missing.png"], 1, "no such image file: {tmp}/missing.png"),
+    (["caption", "{tmp}"], 1, "{tmp} is a directory, not an image file"),
+    (["caption", "{png}", "{truncated}"], 1, "{truncated}: cannot read the image (image file is truncated"),
+    (["upscale", "{tmp}"], 1, "{tmp} is a directory"),
+    (["upscale", "{png}"], 1, "{png} is 16x16 already"),
+    (["vary", "{tmp}/missing.png"], 1, "no such image file"),
+    (["caption", "{png}", "--device", "cuda"], 2, "CUDA is not available"),
+    (["sample", "x", "--n", "1000"], 2, "--n: the grid of 1000 images would be 71992x64 px"),
+    (["sample", "x", "y", "--n", "200", "--upscale", "16"], 2, "--n: the grid of 400 images"),
+    (["interpolate", "x", "y", "--frames", "5000"], 2, "--frames: the grid of 5002 images"),
+    (["upscale", "{four}", "--n", "3000"], 2, "--n: the grid of 3000 images"),
+])
+def test_inputs_outputs_and_options_are_checked_before_the_model_loads(argv, code, match, tmp_path, monkeypatch,
+                                                                      no_model_loads, cli_fails):
     """What a user got wrong is said at once, before any weights load (formerly: after the model, or after sampling
     in words about a hidden temporary file)."""
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and real_access(p, mode, **kw))
-    a_file = tmp_path / "file.txt"
-    a_file.write_text("x")
-    png = _digit_png(tmp_path / "d.png")
+    (tmp_path / "file.txt").write_text("x")
     truncated = tmp_path / "truncated.png"
     Image.fromarray((torch.rand(16, 16) * 255).to(torch.uint8).numpy()).save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:-40])
-    cases = [
-        (["sample", "x", "-o", str(locked / "a.png")], 2, f"the folder {locked} is not writable"),
-        (["sample", "x", "-o", str(a_file / "a.png")], 2, f"{a_file} is a file, not a folder"),
-        (["eval", "--json", str(locked / "r.json")], 2, f"the folder {locked} is not writable"),
-        (["upscale", png, "-o", str(locked / "up.png")], 2, "is not writable"),
-        (["caption", str(tmp_path / "missing.png")], 1, "no such image file"),
-        (["caption", str(tmp_path)], 1, f"{tmp_path} is a directory, not an image file"),
-        (["caption", png, str(truncated)], 1, f"{truncated}: cannot read the image (image file is truncated"),
-        (["upscale", str(tmp_path)], 1, "is a directory"),
-        (["upscale", png], 1, f"{png} is 16x16 already"),
-        (["vary", str(tmp_path / "missing.png")], 1, "no such image file"),
-        (["sample", "x", "--n", "1000"], 2, "--n: the grid of 1000 images would be 71992x64 px"),
-        (["sample", "x", "y", "--n", "200", "--upscale", "16"], 2, "--n: the grid of 400 images"),
-        (["interpolate", "x", "y", "--frames", "5000"], 2, "--frames: the grid of 5002 images"),
-        (["upscale", _digit_png(tmp_path / "four.png", 4), "--n", "3000"], 2, "--n: the grid of 3000 images"),
-    ]
-    if not torch.cuda.is_available():
-        cases.append((["caption", png, "--device", "cuda"], 2, "CUDA is not available"))
-    for argv, code, match in cases:
-        assert match in cli_fails(argv, code), argv
+    names = dict(tmp=tmp_path, locked=locked, file=tmp_path / "file.txt", truncated=truncated,
+                 png=_digit_png(tmp_path / "d.png"), four=_digit_png(tmp_path / "four.png", 4))
+    assert match.format(**names) in cli_fails([a.format(**names) for a in argv], code)
 
 
 def test_train_checks_its_preset_before_loading_the_trainer():

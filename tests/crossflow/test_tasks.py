@@ -317,3 +317,33 @@ def test_a_loaded_caption_model_decodes_as_the_saved_one(tmp_path, perturb):
     with torch.no_grad():
         torch.testing.assert_close(loaded.text_decoder(z, tokens), model.text_decoder(z, tokens))
     assert loaded.decode_text(z) == model.decode_text(z)
+
+
+def test_caption_reads_a_16_bit_or_transparent_file_as_its_8_bit_twin(tmp_path, capsys):
+    """16-bit PNGs were binarised and ink drawn in the alpha channel vanished; now both caption as the 8-bit file,
+    with one stderr line saying what was converted."""
+    import numpy as np
+    from PIL import Image
+
+    from crossflow import cli
+    from crossflow.pipeline import to_pil
+    from crossflow.tasks import load_images
+
+    xte, _ = digits.load_images("test")
+    g8 = np.asarray(to_pil(xte[3:4])[0])
+    rgba = np.zeros((*g8.shape, 4), np.uint8)
+    rgba[..., 3] = g8
+    files = {"8.png": Image.fromarray(g8), "16.png": Image.fromarray(g8.astype(np.uint16) * 257),
+             "alpha.png": Image.fromarray(rgba, "RGBA")}
+    for name, im in files.items():
+        im.save(tmp_path / name)
+    paths = [str(tmp_path / n) for n in files]
+    x = load_images(paths, 1, 16)
+    assert torch.equal(x[1], x[0]) and torch.equal(x[2], x[0])
+    captions = []
+    for i, p in enumerate(paths):
+        cli.main(["caption", p, "--steps", "5", "--backend", "torch", "-q"])
+        out = capsys.readouterr()
+        captions.append(out.out)
+        assert out.err.count("\n") == (i > 0) and out.err.startswith(f"crossflow: note: {p}: " if i else ""), out.err
+    assert captions[1] == captions[0] and captions[2] == captions[0], captions
