@@ -347,3 +347,31 @@ def test_caption_reads_a_16_bit_or_transparent_file_as_its_8_bit_twin(tmp_path, 
         captions.append(out.out)
         assert out.err.count("\n") == (i > 0) and out.err.startswith(f"crossflow: note: {p}: " if i else ""), out.err
     assert captions[1] == captions[0] and captions[2] == captions[0], captions
+
+
+def test_readme_shell_blocks_paste_as_they_are_and_the_caption_example_prints_what_it_shows(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """Every ```bash block of the README is commands only (no `$ ` prompts, no output lines), and the captioning
+    example (make digit7.png from scikit-learn's digits, caption it, reword a text) prints the ```text block after it."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from crossflow import cli
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    programs = ("crossflow ", "python ", "pip ", "OMP_NUM_THREADS=1 crossflow ", "bash ", "torchrun ")
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    for line in (ln for b in blocks for ln in b.splitlines() if ln.strip()):
+        assert line.startswith(programs), line
+    block, shown = re.search(r"```bash\n(python -c \"from sklearn.*?)```\n.*?```text\n(.*?)```", readme, re.S).groups()
+    make, *verbs = block.splitlines()
+    subprocess.run([sys.executable, *shlex.split(make)[1:]], cwd=tmp_path, check=True, timeout=120)
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    for line in verbs:
+        cli.main(shlex.split(line)[1:] + ["--backend", "torch"])
+        printed += capsys.readouterr().out.splitlines()
+    assert printed == shown.splitlines()
