@@ -14,7 +14,8 @@
 Errors print one line, `crossflow: error: ...` (`crossflow train: error: ...` for train): a mistake on the command
 line, or an option this machine cannot honour (--device cuda without CUDA, --backend triton where Triton cannot run),
 exits 2; anything found wrong while running (a missing or corrupt checkpoint, a disk error) exits 1; `crossflow eval`
-exits 1 when the model misses its targets. CROSSFLOW_DEBUG=1 shows the traceback instead.
+exits 1 when the model misses its targets. CROSSFLOW_DEBUG=1 shows the traceback instead. Arguments, input images, the
+output folder and the size of the grid are checked before any model loads.
 
 This module imports only the standard library at import time: torch, transformers and the model are imported by the
 verb that needs them, so `--help` and argument errors answer at once.

@@ -257,7 +257,7 @@ class VariationPairs(IndexedPairs):
 LIGHT_GROUND = 0.6  # a border this bright on average (fraction of white): dark ink on a light ground, so inverted
 
 
-def _open(path: Any):
+def open_image(path: Any):
     """One image file, opened and decoded now; an error names the file (missing, a folder, unreadable, truncated)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -277,7 +277,7 @@ def _open(path: Any):
 
 def read_images(paths: Any) -> list:
     """Image files -> PIL images, each opened and decoded now (a missing or unreadable file: an error naming it)."""
-    return [_open(path) for path in paths]
+    return [open_image(path) for path in paths]
 
 
 def to_grey(im: Any, invert_light_ground: bool = True) -> tuple[Any, list[str]]:
@@ -328,7 +328,7 @@ def read_grey(paths: Any, size: int, max_size: int | None = None) -> tuple[list,
     naming the file), for a model that makes images of that size out of smaller ones."""
     images, lines = [], []
     for path in paths:
-        im, notes = to_grey(_open(path))
+        im, notes = to_grey(open_image(path))
         h, w = im.height, im.width
         if max_size is not None and max(h, w) >= max_size:
             raise ValueError(f"{path} is {h}x{w} already: this model makes {max_size}x{max_size} images out of "

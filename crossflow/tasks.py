@@ -40,11 +40,11 @@ def load_images(paths: Sequence[Any], channels: int, size: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    from crossflow.img2img import _open, to_grey
+    from crossflow.img2img import open_image, to_grey
 
     out = []
     for p in paths:
-        im = p if isinstance(p, Image.Image) else _open(p)
+        im = p if isinstance(p, Image.Image) else open_image(p)
         if channels == 1 and not isinstance(p, Image.Image):
             im = to_grey(im)[0]
         im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
