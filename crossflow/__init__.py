@@ -29,7 +29,7 @@ _EXPORTS = {
     "ImageVE": "image_ve", "TextDecoder": "text_decoder",
     "CaptionPipeline": "tasks",
     "TextVE": "text_ve",
-    "TrainConfig": "train", "Trainer": "train",
+    "TrainConfig": "train_config", "Trainer": "train",
 }
 
 __all__ = sorted(_EXPORTS)

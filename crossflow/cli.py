@@ -14,7 +14,8 @@
 Errors print one line, `crossflow: error: ...` (`crossflow train: error: ...` for train): a mistake on the command
 line, or an option this machine cannot honour (--device cuda without CUDA, --backend triton where Triton cannot run),
 exits 2; anything found wrong while running (a missing or corrupt checkpoint, a disk error) exits 1; `crossflow eval`
-exits 1 when the model misses its targets. CROSSFLOW_DEBUG=1 shows the traceback instead.
+exits 1 when the model misses its targets. CROSSFLOW_DEBUG=1 shows the traceback instead. Arguments, input images, the
+output folder and the size of the grid are checked before any model loads.
 
 This module imports only the standard library at import time: torch, transformers and the model are imported by the
 verb that needs them, so `--help` and argument errors answer at once.
@@ -38,6 +39,10 @@ BACKENDS = ("auto", "torch", "triton")
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 MAX_UPSCALE = 16  # nearest-neighbour blow-up of a grid: 16 x 16 px digits -> 256 px cells; more only costs memory
 GRID_GAP = 2  # pixels between grid cells (before upscaling), so neighbouring samples do not merge
+# The largest grid written, checked before sampling: a side fits WebP (16383 px, the tightest of IMAGE_FORMATS), and
+# the whole stays a picture one can open (a strip of 1,000 digits at the default size is 72,000 px wide).
+MAX_GRID_SIDE = 16383
+MAX_GRID_PIXELS = 50_000_000
 # On the CPU, a small flow network run on few images does too little work per op for intra-op threads to pay (the
 # digits preset, 2.8 M parameters, one image: matrix products of a few MFLOP), and threads competing for busy cores
 # cost it dearly: 50 digits steps took 0.4-1.2 s on one thread and 14-20 s on two on a 2-core machine at load 9. A
@@ -94,6 +99,44 @@ def _checkpoint(path: str | None) -> str:
         if not (p / name).is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint: it has no {name}")
     return path
+
+
+def _model_config(ckpt: str):
+    """The checkpoint's config.json alone (no weights): what the inputs and the grid are checked against before the
+    model loads."""
+    from crossflow.config import CrossFlowConfig
+
+    f = Path(ckpt) / "config.json"
+    try:
+        return CrossFlowConfig.from_json(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f}: {e}") from None
+
+
+def _image_size(cfg) -> int:
+    """The side of the images a model draws: its latent's, times 8 through the SD VAE."""
+    return cfg.latent_size * (1 if cfg.autoencoder == "identity" else 8)
+
+
+def _check_grid(args, ckpt: str, cells: int, rows: int, flag: str) -> None:
+    """Refuse, before sampling, a grid over MAX_GRID_SIDE px a side or MAX_GRID_PIXELS in all."""
+    cell, cols = _image_size(_model_config(ckpt)), -(-cells // rows)
+    w, h = ((cols * cell + (cols - 1) * args.gap) * args.upscale, (rows * cell + (rows - 1) * args.gap) * args.upscale)
+    if max(w, h) > MAX_GRID_SIDE or w * h > MAX_GRID_PIXELS:
+        raise UsageError(f"{flag}: the grid of {cells} images would be {w}x{h} px, over the limit of {MAX_GRID_SIDE} px "
+                         f"a side and {MAX_GRID_PIXELS // 1_000_000} megapixels; ask for fewer images or a smaller "
+                         "--upscale")
+
+
+def _read_inputs(paths: list[str], size: int, max_size: int | None = None) -> list:
+    """Input images read now, before any model loads (`img2img.read_grey`: errors name the file); one stderr line per
+    file that was converted (bit depth, transparency, colour, inversion, size)."""
+    from crossflow.img2img import read_grey
+
+    images, notes = read_grey(paths, size, max_size)
+    for line in notes:
+        print(f"crossflow: note: {line}", file=sys.stderr)
+    return images
 
 
 _threads_before: list[int] = []  # the count `_cap_threads` replaced; `main` puts it back (cli.main called in-process)
@@ -155,6 +198,7 @@ def save_grid(images: list, rows: int, out: str, upscale: int = 1, gap: int = 0)
 
 
 def cmd_sample(args) -> int:
+    _check_grid(args, _checkpoint(args.checkpoint), len(args.prompts) * args.n, len(args.prompts), "--n")
     device = _device(args.device)
     with _backend(args.backend, device):
         pipe = _pipeline(args, device, images=len(args.prompts) * args.n)
@@ -171,6 +215,7 @@ def cmd_interpolate(args) -> int:
 
     from crossflow.sampling import interpolate_latents
 
+    _check_grid(args, _checkpoint(args.checkpoint), args.frames + 2, 1, "--frames")
     device = _device(args.device)
     with _backend(args.backend, device):
         pipe = _pipeline(args, device, images=args.frames)
@@ -191,6 +236,7 @@ def cmd_arithmetic(args) -> int:
     from crossflow.sampling import latent_arithmetic
 
     first, ops = args.terms
+    _check_grid(args, _checkpoint(args.checkpoint), args.n, 1, "--n")
     device = _device(args.device)
     with _backend(args.backend, device):
         pipe = _pipeline(args, device)
@@ -226,15 +272,21 @@ def _caption_pipeline(args, device):
 
 
 def cmd_caption(args) -> int:
-    """One caption per line: the --n captions of the first image, then the next image's."""
+    """One caption per line: the --n captions of the first image, then the next image's; with several images each
+    line starts with its file name (`a.png: ...`)."""
+    from crossflow.img2img import read_images
     from crossflow.tasks import load_images
 
+    cfg = _model_config(_caption_checkpoint(args))
+    size = cfg.source_size
+    inputs = _read_inputs(args.images, size) if cfg.source_channels == 1 else read_images(args.images)
     device = _device(args.device)
     with _backend(args.backend, device):
         pipe = _caption_pipeline(args, device)
-        cfg = pipe.model.config
-        images = load_images(args.images, cfg.source_channels, cfg.source_size)
+        images = load_images(inputs, cfg.source_channels, size)
         captions = pipe(images, args.n, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    if len(args.images) > 1:
+        captions = [f"{args.images[i // args.n]}: {c}" for i, c in enumerate(captions)]
     print("\n".join(captions))
     return 0
 
@@ -252,10 +304,12 @@ def cmd_vary(args) -> int:
             texts = pipe.vary_text(args.text, args.n, steps=args.steps, seed=args.seed)
         print("\n".join(texts))
         return 0
-    from crossflow.img2img import read_images
+    from crossflow.tasks import default_checkpoint
 
     output = args.output or "variations.png"
-    images = read_images(args.images)
+    ckpt = _checkpoint(args.checkpoint or default_checkpoint("digits-vary"))
+    images = _read_inputs(args.images, _model_config(ckpt).source_size)
+    _check_grid(args, ckpt, len(images) * args.n, len(images), "--n")
     with _backend(args.backend, device):
         pipe = _image_pipeline(args, device, "digits-vary")
         out = pipe(images, num_images_per_image=args.n, steps=args.steps, guidance_scale=args.guidance,
@@ -267,9 +321,12 @@ def cmd_vary(args) -> int:
 
 
 def cmd_train(argv: list[str]) -> None:
-    from crossflow.train import main  # the one training parser (recipes, validation, error lines) lives there
+    from crossflow.train_config import parse_config  # the one training parser, without torch: --help answers at once
 
-    main(argv, prog="crossflow train")
+    tc = parse_config(argv, prog="crossflow train")
+    from crossflow.train import run
+
+    run(tc, prog="crossflow train")
 
 
 def cmd_eval(args) -> int:
@@ -315,10 +372,11 @@ def cmd_eval_img2img(args) -> int:
     with _backend(args.backend, device):
         pipe = _image_pipeline(args, device, args.preset)
         if args.preset == "digits-sr":
-            res = img2img.evaluate_upscale(lambda low: pipe.upscale(low, seed=args.seed, **kw))
+            res = img2img.evaluate_upscale(lambda low: pipe.upscale(low, seed=args.seed, **kw),
+                                           progress=not args.quiet)
         else:
             res = img2img.evaluate_variation(lambda x, n, seed: pipe.vary(x, n, seed, **kw), n=args.per_image,
-                                             seed=args.seed)
+                                             seed=args.seed, progress=not args.quiet)
     res["checkpoint"] = _checkpoint(args.checkpoint or default_checkpoint(args.preset))
     res["guidance_scale"] = args.guidance if args.guidance is not None else pipe.sampler.guidance_scale
     res["steps"] = args.steps if args.steps is not None else pipe.sampler.steps
@@ -368,10 +426,13 @@ def _image_pipeline(args, device, preset: str):
 
 def cmd_upscale(args) -> int:
     """4x4 digit images -> 8x8 (`digits-sr`): one row per input, its --n outputs."""
-    from crossflow.img2img import read_images
+    from crossflow.tasks import default_checkpoint
 
+    ckpt = _checkpoint(args.checkpoint or default_checkpoint("digits-sr"))
+    cfg = _model_config(ckpt)
+    images = _read_inputs(args.inputs, cfg.source_size, max_size=_image_size(cfg))  # refuses what it would shrink
+    _check_grid(args, ckpt, len(images) * args.n, len(images), "--n")
     device = _device(args.device)
-    images = read_images(args.inputs)
     with _backend(args.backend, device):
         pipe = _image_pipeline(args, device, "digits-sr")
         out = pipe(images, num_images_per_image=args.n, steps=args.steps, guidance_scale=args.guidance,
@@ -432,13 +493,26 @@ def _prompt(text: str) -> str:
     return text
 
 
-def _image_path(text: str) -> str:
+def _output_file(text: str) -> str:
+    """A file to write: its folder must be writable now (missing folders are created when it is written, so the
+    nearest existing one must be), so that no run ends in an error about a temporary file."""
     if Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a directory; name the image file to write")
-    if Path(text).suffix.lower() not in IMAGE_FORMATS:
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; name the file to write")
+    folder = Path(text).absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: the folder {folder} is not writable")
+    return text
+
+
+def _image_path(text: str) -> str:
+    if Path(text).suffix.lower() not in IMAGE_FORMATS and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text!r}: the extension names the image format; use one of "
                                          f"{', '.join(sorted(IMAGE_FORMATS))}")
-    return text
+    return _output_file(text)
 
 
 class _ArithmeticTerms(argparse.Action):
@@ -450,25 +524,45 @@ class _ArithmeticTerms(argparse.Action):
         if len(words) == 1:
             parser.error(f"arithmetic: expected PROMPT followed by at least one '+ PROMPT' or '- PROMPT', got only "
                          f"{words[0]!r}")
-        if len(words) % 2 == 0:
-            parser.error(f"arithmetic: the operator {words[-1]!r} at the end has no prompt after it")
         for i, w in enumerate(words):
             if i % 2 and w not in ("+", "-"):
-                parser.error(f"arithmetic: expected '+' or '-' between prompts, got {w!r} (quote multi-word prompts)")
+                a, b = words[i - 1], w
+                what = (f"a prompt, not an operator: write {a!r} + {b!r} or {a!r} - {b!r}"
+                        if any(c.isalnum() for c in w) else "not an operator")
+                parser.error(f"arithmetic: expected '+' or '-' between prompts, got {w!r}, {what} (quote multi-word "
+                             "prompts)")
             if not i % 2 and (not w.strip() or w in ("+", "-")):
                 parser.error(f"arithmetic: prompt {i // 2 + 1} is {w!r}; prompts must be non-empty text")
+        if len(words) % 2 == 0:
+            parser.error(f"arithmetic: the operator {words[-1]!r} at the end has no prompt after it")
         setattr(namespace, self.dest, (words[0], list(zip(words[1::2], words[2::2]))))
 
 
-def _common(p: argparse.ArgumentParser, default_model: str = "the shipped digits model") -> None:
+def _shipped_sampling(preset: str) -> dict:
+    """The sampling.json of a shipped model (crossflow/weights/<preset>), for the help texts; {} if unreadable."""
+    try:
+        return json.loads((Path(__file__).resolve().parent / "weights" / preset / "sampling.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _common(p: argparse.ArgumentParser, default_model: str = "the shipped digits model",
+            preset: str | None = "digits") -> None:
+    """The options every sampling verb has; `preset`: the shipped model whose sampling.json the help quotes (None:
+    it depends on another option)."""
     p.add_argument("--checkpoint", default=None, help=f"model directory (default: {default_model})")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="kernels backend; auto: Triton where it can run, else torch")
-    p.add_argument("--steps", type=_int_at_least(1), default=None,
-                   help="Euler steps (default: the checkpoint's sampling.json, else 50)")
+    shipped = _shipped_sampling(preset) if preset else {}
+
+    def default(key: str, fallback: str) -> str:
+        own = f"; the shipped model's: {shipped[key]:g}" if key in shipped else ""
+        return f"default: the checkpoint's sampling.json{own}; without one, {fallback}"
+
+    p.add_argument("--steps", type=_int_at_least(1), default=None, help=f"Euler steps ({default('steps', '50')})")
     p.add_argument("--guidance", type=_guidance, default=None,
-                   help="guidance scale >= 0, 1 = off (default: the checkpoint's sampling.json, else 7)")
+                   help=f"guidance scale >= 0, 1 = off ({default('guidance_scale', '7')})")
     p.add_argument("--seed", type=int, default=0, help="fixed by default: the same command draws the same images")
     p.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="CPU threads (default: 1 for small models, else torch's default)")
@@ -477,7 +571,8 @@ def _common(p: argparse.ArgumentParser, default_model: str = "the shipped digits
 
 def _image_out(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("-o", "--output", type=_image_path, default=default,
-                   help=f"image file; the extension picks the format ({', '.join(sorted(IMAGE_FORMATS))})")
+                   help=f"image file; the extension picks the format ({', '.join(sorted(IMAGE_FORMATS))}); the grid "
+                   f"may be at most {MAX_GRID_SIDE} px a side and {MAX_GRID_PIXELS // 1_000_000} megapixels")
     p.add_argument("--upscale", type=_int_at_least(1, MAX_UPSCALE), default=4,
                    help=f"nearest-neighbour upscaling of the grid, 1..{MAX_UPSCALE}")
     p.add_argument("--gap", type=_int_at_least(0, 64), default=GRID_GAP, help="pixels between cells, before upscaling")
@@ -489,15 +584,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True,
                            metavar="{sample,interpolate,arithmetic,caption,upscale,vary,train,eval,convert}")
     s = sub.add_parser("sample", help="prompts -> an image grid (one row per prompt)", formatter_class=_HelpFormatter)
-    s.add_argument("prompts", nargs="+", metavar="PROMPT", type=_prompt)
+    s.add_argument("prompts", nargs="+", metavar="PROMPT", type=_prompt,
+                   help='text prompts, one grid row each; quote each one ("a handwritten seven")')
     _image_out(s, "samples.png")
     s.add_argument("--n", type=_int_at_least(1), default=1, help="images per prompt")
     _common(s)
     s.set_defaults(func=cmd_sample)
     i = sub.add_parser("interpolate", help="latent interpolation between two prompts -> an image strip",
                        formatter_class=_HelpFormatter)
-    i.add_argument("a", metavar="PROMPT_A", type=_prompt)
-    i.add_argument("b", metavar="PROMPT_B", type=_prompt)
+    i.add_argument("a", metavar="PROMPT_A", type=_prompt, help="the prompt of the first frame (quoted)")
+    i.add_argument("b", metavar="PROMPT_B", type=_prompt, help="the prompt of the last frame (quoted)")
     _image_out(i, "strip.png")
     i.add_argument("--frames", type=_int_at_least(0), default=6, help="in-between frames (both ends are added)")
     _common(i)
@@ -515,21 +611,24 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_arithmetic)
     cap = sub.add_parser("caption", help="images -> captions, one per line (image -> text model)",
                          formatter_class=_HelpFormatter)
-    cap.add_argument("images", nargs="+", metavar="IMAGE", help="image files (grey, ink bright on a dark ground)")
+    cap.add_argument("images", nargs="+", metavar="IMAGE", help="image files of a digit, resized to the model's "
+                     "size (16x16 for the shipped one): grey or colour, 8 or 16 bits, ink bright on a dark ground or dark on a light one (inverted), or drawn in the alpha channel; a line on stderr says what was converted")
     cap.add_argument("--n", type=_int_at_least(1), default=1, help="captions per image (one seed, different noise)")
-    _common(cap, "the shipped digits-caption model")
+    _common(cap, "the shipped digits-caption model", "digits-caption")
     cap.set_defaults(func=cmd_caption)
     u = sub.add_parser("upscale", help="4x4 digit images -> 8x8 (super-resolution, the digits-sr model)",
                        formatter_class=_HelpFormatter)
-    u.add_argument("inputs", nargs="+", metavar="IN", help="image files (grey, ink bright on a dark ground); larger "
-                   "ones are area-averaged to 4x4")
+    u.add_argument("inputs", nargs="+", metavar="IN", help="image files of a digit smaller than the output (the "
+                   "shipped model: 4x4 in, 8x8 out; other sizes under 8x8 are resized to 4x4, 8x8 and up refused): "
+                   "grey or colour, 8 or 16 bits, ink bright on a dark ground or dark on a light one (inverted), or drawn in the alpha channel; a line on stderr says what was converted")
     _image_out(u, "upscaled.png")
     u.add_argument("--n", type=_int_at_least(1), default=1, help="outputs per input (one row per input)")
-    _common(u, "the shipped digits-sr model")
+    _common(u, "the shipped digits-sr model", "digits-sr")
     u.set_defaults(func=cmd_upscale, upscale=8)
     v = sub.add_parser("vary", help="variations: IMAGE... -> an image grid, or --text TEXT -> rewordings",
                        formatter_class=_HelpFormatter)
-    v.add_argument("images", nargs="*", metavar="IMAGE", help="image files to vary (image variation)")
+    v.add_argument("images", nargs="*", metavar="IMAGE", help="image files to vary (image variation), resized to "
+                   "the model's size (8x8 for the shipped one): grey or colour, 8 or 16 bits, ink bright on a dark ground or dark on a light one (inverted), or drawn in the alpha channel; a line on stderr says what was converted")
     v.add_argument("--text", type=_prompt, default=None, help="a text to reword (text variation, printed)")
     v.add_argument("-o", "--output", type=_image_path, default=None,
                    help="image variation: the grid file (default variations.png)")
@@ -537,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"image variation: nearest-neighbour upscaling of the grid, 1..{MAX_UPSCALE}")
     v.add_argument("--gap", type=_int_at_least(0, 64), default=GRID_GAP, help="pixels between cells, before upscaling")
     v.add_argument("--n", type=_int_at_least(1), default=4, help="variations per input")
-    _common(v, "the shipped digits-vary model for images, digits-caption for --text")
+    _common(v, "the shipped digits-vary model for images, digits-caption for --text", None)
     v.set_defaults(func=cmd_vary, upscale=8)  # 8x8 variations
     sub.add_parser("train", help="train a preset (see `crossflow train --help`)", add_help=False)
     e = sub.add_parser("eval", help="a preset's numbers (digits: prompt accuracy, diversity, background speckle; digits-caption: "
@@ -547,8 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the evaluation to run (and, without --checkpoint, the shipped weights it judges)")
     e.add_argument("--per-prompt", type=_int_at_least(2), default=10, help="samples per (digit, held-out template)")
     e.add_argument("--per-image", type=_int_at_least(2), default=4, help="digits-vary: variations per held-out image")
-    e.add_argument("--json", default=None, help="also write the result to this JSON file")
-    _common(e)
+    e.add_argument("--json", type=_output_file, default=None, help="also write the result to this JSON file")
+    _common(e, "the shipped weights of --preset", None)
     e.set_defaults(func=cmd_eval)
     c = sub.add_parser("convert", help="an official CrossFlow checkpoint (.pth: DiT or DiMR) -> a save_pretrained "
                        "directory with the official sampler settings", formatter_class=_HelpFormatter)

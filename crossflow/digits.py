@@ -251,7 +251,7 @@ def evaluate(pipe: Any, per_prompt: int = 10, guidance_scale: float | None = Non
              seed: int = 0, templates=HELDOUT_TEMPLATES, progress: bool = False) -> dict[str, Any]:
     """Prompt accuracy, diversity and background speckle of `pipe` (a CrossFlowPipeline) on the held-out caption
     templates (see the module docstring)."""
-    from tqdm.auto import tqdm
+    from crossflow.progress import progress as progress_bar
 
     if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 2:
         raise ValueError(f"per_prompt must be an int >= 2 (diversity needs pairs), got {per_prompt!r}")
@@ -259,8 +259,8 @@ def evaluate(pipe: Any, per_prompt: int = 10, guidance_scale: float | None = Non
     real, real_y = load_images("test")
     kw = {k: v for k, v in dict(guidance_scale=guidance_scale, steps=steps).items() if v is not None}
     correct, total, ratios, per_digit, all_imgs = 0, 0, [], {}, []
-    # progress: one bar counting images, moved after each batch; tqdm's disable=None hides it when stderr is no terminal
-    bar = tqdm(total=10 * per_prompt * len(templates), desc="eval", unit="img", disable=None if progress else True)
+    # progress: one bar counting images, moved after each batch (plain lines when stderr is not a terminal)
+    bar = progress_bar(10 * per_prompt * len(templates), "eval", "img", enabled=progress)
     for ti, template in enumerate(templates):
         # One batched call per template: the ten digit prompts, `per_prompt` images each (a prompt's images adjacent).
         imgs = pipe([caption(template, k) for k in range(10)], num_images_per_prompt=per_prompt, seed=seed + ti,
@@ -324,13 +324,12 @@ def evaluate_captions(pipe: Any, steps: int | None = None, guidance_scale: float
     image of each digit); text variation: every caption of the grammar (16 templates x 10 digits) reworded
     `variations` times: the share whose digit is kept, and the share whose wording differs from the input.
     """
-    from tqdm.auto import tqdm
-
+    from crossflow.progress import progress as progress_bar
     from crossflow.vocab import detokenize, tokenize
 
     kw = dict(steps=steps, guidance_scale=guidance_scale)
     xte, yte = load_images("test")
-    bar = tqdm(total=3, desc="eval", unit="part", disable=None if progress else True)
+    bar = progress_bar(3, "eval", "part", enabled=progress)
     caps = []
     for i in range(0, len(yte), 128):
         caps += pipe(xte[i : i + 128], 1, seed=seed + i, **kw)

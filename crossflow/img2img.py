@@ -17,6 +17,7 @@ Judges, all on the held-out 20 % (the split of `crossflow.digits`, images never 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable
 
 import torch
@@ -114,20 +115,28 @@ def same_class_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _batched(fn: Callable[..., torch.Tensor], x: torch.Tensor, batch_size: int, **kw) -> torch.Tensor:
-    return torch.cat([fn(x[i : i + batch_size], **kw).detach().float().cpu() for i in range(0, len(x), batch_size)])
+def _batched(fn: Callable[..., torch.Tensor], x: torch.Tensor, batch_size: int, progress: bool = False,
+             **kw) -> torch.Tensor:
+    from crossflow.progress import progress as progress_bar
+
+    bar, out = progress_bar(len(x), "eval", "img", enabled=progress), []
+    for i in range(0, len(x), batch_size):
+        out.append(fn(x[i : i + batch_size], **kw).detach().float().cpu())
+        bar.update(min(batch_size, len(x) - i))
+    bar.close()
+    return torch.cat(out)
 
 
 @torch.no_grad()
 def evaluate_upscale(upscale: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 512,
-                     limit: int | None = None) -> dict[str, Any]:
+                     limit: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Judge `upscale(low (B, 1, 4, 4) in [-1, 1]) -> (B, 1, 8, 8) in [-1, 1]` on the held-out split (the first
     `limit` images when given): PSNR against the real 8x8 and the 8x8 classifier's accuracy, beside bicubic's."""
     real, y = load_native("test")
     if limit is not None:
         real, y = real[:limit], y[:limit]
     low = downsample(real)
-    out = _batched(upscale, low, batch_size)
+    out = _batched(upscale, low, batch_size, progress)
     if out.shape != real.shape:
         raise ValueError(f"evaluate_upscale: upscale returned {tuple(out.shape)} for {tuple(low.shape)}; expected "
                          f"{tuple(real.shape)}")
@@ -148,7 +157,7 @@ def evaluate_upscale(upscale: Callable[[torch.Tensor], torch.Tensor], batch_size
 
 @torch.no_grad()
 def evaluate_variation(vary: Callable[..., torch.Tensor], n: int = 4, seed: int = 0, batch_size: int = 128,
-                       limit: int | None = None) -> dict[str, Any]:
+                       limit: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Judge `vary(images (B, 1, 8, 8), n=n, seed=seed) -> (B * n, 1, 8, 8)` (an input's n variations adjacent) on
     the held-out split: the share of variations the 8x8 classifier labels as the input's digit, and their mean L2
     distance to the input (and to each other) over the mean distance between two real digits of the same class."""
@@ -158,7 +167,7 @@ def evaluate_variation(vary: Callable[..., torch.Tensor], n: int = 4, seed: int 
     ref = same_class_distance(real, y)  # over the whole held-out split, whatever `limit`
     if limit is not None:
         real, y = real[:limit], y[:limit]
-    out = _batched(vary, real, batch_size, n=n, seed=seed)
+    out = _batched(vary, real, batch_size, progress, n=n, seed=seed)
     if out.shape != (len(real) * n, *real.shape[1:]):
         raise ValueError(f"evaluate_variation: vary returned {tuple(out.shape)} for {len(real)} images x n={n}; "
                          f"expected {(len(real) * n, *real.shape[1:])}")
@@ -245,29 +254,101 @@ class VariationPairs(IndexedPairs):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def read_images(paths: Any) -> list:
-    """Image files -> PIL images, each opened and decoded now (a missing or unreadable file: an error naming it)."""
+LIGHT_GROUND = 0.6  # a border this bright on average (fraction of white): dark ink on a light ground, so inverted
+
+
+def open_image(path: Any):
+    """One image file, opened and decoded now; an error names the file (missing, a folder, unreadable, truncated)."""
     from PIL import Image, UnidentifiedImageError
 
-    out = []
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not an image file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such image file: {path}") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image file PIL can read") from None
+    except (OSError, SyntaxError, EOFError) as e:  # e.g. "image file is truncated"
+        raise ValueError(f"{path}: cannot read the image ({e})") from None
+
+
+def read_images(paths: Any) -> list:
+    """Image files -> PIL images, each opened and decoded now (a missing or unreadable file: an error naming it)."""
+    return [open_image(path) for path in paths]
+
+
+def to_grey(im: Any, invert_light_ground: bool = True) -> tuple[Any, list[str]]:
+    """A PIL image of any mode -> (an 8-bit grey "L" image with the ink bright on a dark ground, as the digits models
+    read it; what was converted, in words). 16- and 32-bit grey is scaled to 8 bits (`convert("L")` would clip it to
+    black and white); transparent pixels are the ground and opaque ones the ink (ink drawn in the alpha channel);
+    colour becomes grey (ITU-R 601 luma, as `convert("L")`); with `invert_light_ground`, an image whose border is
+    light on average (>= LIGHT_GROUND) is inverted. An 8-bit grey image with a dark border comes back unchanged."""
+    import numpy as np
+    from PIL import Image
+
+    notes: list[str] = []
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float64)
+        full = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        if full > 255:
+            notes.append("16-bit grey scaled to 8 bits")
+        grey, alpha = np.clip(a * (255.0 / full), 0, 255), None
+    else:
+        alpha = np.asarray(im.getchannel("A"), dtype=np.float64) / 255 if "A" in im.getbands() else None
+        if im.mode not in ("1", "L", "LA", "La"):
+            rgb = np.asarray(im.convert("RGB"))
+            if (rgb != rgb[..., :1]).any():
+                notes.append("colour converted to grey")
+        grey = np.asarray(im.convert("L"), dtype=np.float64)
+    if alpha is not None and alpha.min() < 1:
+        # the ink is where the drawing is opaque: over a ground of the other brightness, dark ink made bright
+        ink = float((grey * alpha).sum() / alpha.sum()) if alpha.sum() > 0 else 255.0
+        if ink < 127.5:
+            grey = 255 - grey
+        grey = alpha * grey
+        notes.append("ink read from the transparency" + (" (dark ink made bright)" if ink < 127.5 else ""))
+    if invert_light_ground:
+        ring = np.concatenate([grey[0], grey[-1], grey[1:-1, 0], grey[1:-1, -1]])
+        if ring.mean() >= LIGHT_GROUND * 255:
+            grey = 255 - grey
+            notes.append("inverted (dark ink on a light ground; the model reads bright ink on a dark one)")
+    if not notes and im.mode == "L":
+        return im, notes
+    return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L"), notes
+
+
+def read_grey(paths: Any, size: int, max_size: int | None = None) -> tuple[list, list[str]]:
+    """Image files -> (8-bit grey PIL images as `to_grey` reads them, one line per file saying what was converted,
+    resizing to `size` x `size` included). `max_size`: an image with a side at or above it is refused (ValueError
+    naming the file), for a model that makes images of that size out of smaller ones."""
+    images, lines = [], []
     for path in paths:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                out.append(im.copy())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such image file: {path}") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"{path}: not an image file PIL can read ({e})") from None
-    return out
+        im, notes = to_grey(open_image(path))
+        h, w = im.height, im.width
+        if max_size is not None and max(h, w) >= max_size:
+            raise ValueError(f"{path} is {h}x{w} already: this model makes {max_size}x{max_size} images out of "
+                             f"{size}x{size} ones, so it would only make the image smaller and blurrier; give an "
+                             f"image under {max_size}x{max_size} px (`crossflow vary` redraws an 8x8 digit)")
+        if (h, w) != (size, size):
+            notes.append(f"resized from {h}x{w} to {size}x{size}")
+        if notes:
+            lines.append(f"{path}: " + ", ".join(notes))
+        images.append(im)
+    return images, lines
 
 
 def from_pil(images: Any) -> list[torch.Tensor]:
-    """PIL images (any mode and size; colour becomes grey) -> a list of (1, 1, H, W) tensors in [-1, 1]; sizes may
-    differ, so `ImagePipeline` resizes each."""
+    """PIL images (any mode and size; read as `to_grey` reads them, without its inversion) -> a list of
+    (1, 1, H, W) tensors in [-1, 1]; sizes may differ, so `ImagePipeline` resizes each."""
     import numpy as np
 
-    return [torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 127.5 - 1.0)[None, None] for im in images]
+    grey = [to_grey(im, invert_light_ground=False)[0] for im in images]
+    return [torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)[None, None] for im in grey]
 
 
 def verdict(res: dict[str, Any]) -> str:

@@ -33,22 +33,22 @@ def default_checkpoint(preset: str) -> str:
     return str(Path(__file__).resolve().parent / "weights" / preset)
 
 
-def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int) -> torch.Tensor:
-    """Image files -> (N, channels, size, size) float32 in [-1, 1] (grey or RGB, bilinear resize). OSError/ValueError
-    name the file that cannot be read."""
+def load_images(paths: Sequence[Any], channels: int, size: int) -> torch.Tensor:
+    """Image files (or PIL images) -> (N, channels, size, size) float32 in [-1, 1] (bilinear resize). One channel:
+    files are read as `img2img.to_grey` reads them (16-bit scaled, ink in the alpha channel, a light ground inverted),
+    PIL images as `convert("L")`; three: RGB. OSError/ValueError name the file that cannot be read."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from crossflow.img2img import open_image, to_grey
 
     out = []
     for p in paths:
-        try:
-            with Image.open(p) as im:
-                im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-                t = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).view(size, size, channels)
-        except UnidentifiedImageError:
-            raise ValueError(f"{p}: not an image file PIL can read") from None
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such image file: {p}") from None
+        im = p if isinstance(p, Image.Image) else open_image(p)
+        if channels == 1 and not isinstance(p, Image.Image):
+            im = to_grey(im)[0]
+        im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+        t = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).view(size, size, channels)
         out.append(t.permute(2, 0, 1) / 127.5 - 1)
     return torch.stack(out)
 

@@ -19,16 +19,13 @@ non-finite loss or gradient never reaches the weights: the run stops with an err
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
 from contextlib import closing, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,85 +37,12 @@ from tqdm import tqdm
 import crossflow_kernels
 from crossflow import checkpoint as ckpt
 from crossflow import distributed as fsdp
-from crossflow._cli_base import Parser
 from crossflow.config import CrossFlowConfig
 from crossflow.data import collate, stable_seed
 from crossflow.datasets import DATASETS, batch_inputs
 from crossflow.model import CrossFlow
-from crossflow.optim import LR_SCHEDULES, ema_update, lr_factor, param_groups
-
-
-# Training recipes: the defaults `--preset NAME` brings along (explicit flags win).
-RECIPES: dict[str, dict[str, Any]] = {
-    "digits": dict(data="digits", steps=3600, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999,
-                   lr_schedule="cosine", log_every=50, ckpt_every=600),
-    "digits-caption": dict(data="digits-caption", steps=1200, batch_size=64, lr=1e-3, warmup_steps=100,
-                           ema_decay=0.995, log_every=50, ckpt_every=400),
-    "digits-sr": dict(data="digits-sr", steps=1500, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.995,
-                      log_every=100, ckpt_every=500),
-    "digits-vary": dict(data="digits-vary", steps=1500, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.995,
-                        log_every=100, ckpt_every=500),
-}
-RECIPES["dimr-digits"] = dict(RECIPES["digits"])  # the same data and schedule with the DiMR flow network
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run needs. The model itself is the named preset (`CrossFlowConfig.from_name`)."""
-
-    out: str
-    preset: str = "tiny"
-    data: str = "synthetic"  # a key of crossflow.datasets.DATASETS
-    data_size: int = 4096  # samples, for generated data sets
-    steps: int = 1000
-    batch_size: int = 32  # per process
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.9)
-    weight_decay: float = 0.03  # not on biases, norms, embeddings, logit_scale
-    warmup_steps: int = 100  # linear warm-up, then constant (official)
-    lr_schedule: str = "constant"  # after the warm-up: constant (official) | cosine (to 0 at the last step)
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    ema_decay: float = 0.9999
-    seed: int = 1234
-    log_every: int = 10
-    ckpt_every: int = 500  # a checkpoint is also written at the last step
-    keep_checkpoints: int = 2  # newest kept; 0 keeps all
-    skip_nonfinite: int = 0  # steps with a non-finite loss/gradient skipped before the run stops
-    device: str | None = None  # default: cuda if available, else cpu
-    backend: str = "auto"  # kernels backend: auto (Triton where it can run, else torch) | torch | triton
-    bf16: bool = True  # bf16 autocast, CUDA only
-    grad_checkpointing: bool = False
-    fsdp: bool = False  # shard model, EMA and AdamW state over the ranks (FSDP2); implies grad_checkpointing
-    resume: bool = False
-    quiet: bool = False
-    dump_weights_hash: str | None = None  # debugging: each rank writes a hash of its weights to FILE.rank<r>
-
-    def __post_init__(self) -> None:  # ValueError naming the bad values, before anything is created or written
-        CrossFlowConfig.from_name(self.preset)  # raises ValueError for an unknown preset
-        ok = {k: getattr(self, k) >= 1 for k in ("steps", "batch_size", "log_every", "ckpt_every", "data_size")}
-        ok.update({k: getattr(self, k) >= 0 for k in ("warmup_steps", "keep_checkpoints", "skip_nonfinite")})
-        ok.update({k: 0 <= getattr(self, k) < math.inf for k in ("grad_clip", "weight_decay")})
-        ok.update(lr=0 < self.lr < math.inf, ema_decay=0 <= self.ema_decay < 1,
-                  betas=len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas))
-        if bad := {k: getattr(self, k) for k, good in ok.items() if not good}:
-            raise ValueError(f"TrainConfig: invalid values {bad}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"TrainConfig: unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
-        if self.data not in DATASETS:
-            raise ValueError(f"TrainConfig: unknown data {self.data!r}; choose one of {sorted(DATASETS)}")
-        if self.backend not in crossflow_kernels.BACKENDS:
-            raise ValueError(f"TrainConfig: unknown backend {self.backend!r}; choose one of {crossflow_kernels.BACKENDS}")
-        try:
-            dev = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        except RuntimeError as e:
-            raise ValueError(f"TrainConfig: invalid device {self.device!r} ({e})") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"TrainConfig: device {self.device!r} requested but CUDA is not available")
-        if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-            raise ValueError("TrainConfig: fsdp shards over the processes of a torchrun launch: use torchrun")
-        if self.backend == "triton" and (dev.type == "cuda") == crossflow_kernels.interpreting():
-            raise ValueError(f"TrainConfig: backend 'triton' cannot run on {dev.type}: it needs CUDA, or "
-                             "TRITON_INTERPRET=1 on the CPU (slow); use --backend auto or torch")
+from crossflow.optim import ema_update, lr_factor, param_groups
+from crossflow.train_config import RECIPES, TrainConfig, build_parser, parse_config  # noqa: F401 (the API, as before)
 
 
 # ---- The trainer
@@ -336,67 +260,14 @@ def train(tc: TrainConfig) -> list[dict[str, Any]]:
             dist.destroy_process_group()
 
 
-# ---- CLI: `python -m crossflow.train` and `crossflow train` share this parser
-
-
-def build_parser(prog: str = "crossflow.train") -> argparse.ArgumentParser:
-    """The training parser; its defaults are TrainConfig's (`parse_config` overlays a preset's recipe)."""
-    d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    recipes = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in r.items()) for name, r in RECIPES.items())
-    p = Parser(prog=prog, description=__doc__.split("\n\n")[0],
-               epilog=f"recipes (defaults of --preset NAME; explicit flags win): {recipes}")
-    p.error_prefix = prog
-    p.add_argument("--out", default=None, help="run directory (checkpoints, log.jsonl, final/); default runs/<preset>")
-    p.add_argument("--preset", default=d["preset"], help="model preset (default: %(default)s)")
-    p.add_argument("--data", default=d["data"], help=f"training data: {sorted(DATASETS)} (default: %(default)s)")
-    for name, typ, text in (
-        ("data_size", int, "samples in a generated data set"), ("steps", int, "total optimizer steps"),
-        ("batch_size", int, "per process"), ("lr", float, "peak learning rate (AdamW)"),
-        ("weight_decay", float, "not on biases, norms, embeddings, logit_scale"),
-        ("warmup_steps", int, "linear warm-up, then constant"), ("grad_clip", float, "max grad norm; 0 disables"),
-        ("ema_decay", float, "EMA of the weights (saved to <out>/final)"), ("seed", int, "model init, data, noise"),
-        ("log_every", int, "steps per log.jsonl line"), ("ckpt_every", int, "steps per training checkpoint"),
-        ("keep_checkpoints", int, "newest checkpoints kept; 0 keeps all"),
-        ("skip_nonfinite", int, "steps with a non-finite loss or gradient skipped before the run stops"),
-    ):
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=d[name], help=text + " (default: %(default)s)")
-    p.add_argument("--lr-schedule", default=d["lr_schedule"], choices=LR_SCHEDULES,
-                   help="after the warm-up: constant (official) or cosine to 0 (default: %(default)s)")
-    p.add_argument("--betas", type=float, nargs=2, default=d["betas"], help="AdamW betas (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda if available)")
-    p.add_argument("--backend", default=d["backend"], choices=crossflow_kernels.BACKENDS,
-                   help="kernels backend: auto = Triton where it can run, else torch (default: %(default)s)")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="disable bf16 autocast on CUDA")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute flow blocks in the backward pass")
-    p.add_argument("--fsdp", action="store_true", help="shard model, EMA and optimizer state over the torchrun ranks "
-                   "(FSDP2, one unit per flow block; implies --grad-checkpointing); checkpoints stay whole")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--dump-weights-hash", default=None, metavar="FILE",
-                   help="debugging: each rank writes a hash of its final weights to FILE.rank<r>")
-    return p
-
-
-def parse_config(argv: list[str] | None = None, prog: str = "crossflow.train") -> TrainConfig:
-    """Command line -> TrainConfig: the preset's recipe as defaults, explicit flags winning. A usage error (argparse's
-    or TrainConfig's validation) prints one line and exits with status 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(prog)
-    first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # which preset?
-    parser.set_defaults(**RECIPES.get(first.preset, {}))  # so --help and the parse both show the recipe
-    kw = vars(parser.parse_args(argv))
-    kw["betas"] = tuple(kw["betas"])
-    kw["out"] = kw["out"] or os.path.join("runs", kw["preset"])
-    try:
-        return TrainConfig(**kw)
-    except ValueError as e:
-        parser.exit(2, f"{prog}: error: {e}\n")
-
-
 def main(argv: list[str] | None = None, prog: str = "crossflow.train") -> list[dict[str, Any]]:
     """CLI entry point: parse, train. Usage errors exit 2, runtime errors (a corrupted checkpoint, a locked --out, a
     non-finite loss, a disk error) exit 1, each as one line `<prog>: error: ...`."""
-    tc = parse_config(argv, prog)
+    return run(parse_config(argv, prog), prog)
+
+
+def run(tc: TrainConfig, prog: str = "crossflow.train") -> list[dict[str, Any]]:
+    """Train `tc` as the command line does: runtime errors exit 1 in one line `<prog>: error: ...`."""
     try:
         return train(tc)
     except (ValueError, RuntimeError, OSError) as e:

@@ -2,6 +2,7 @@
 errors (one line, exit 2 for usage and 1 at run time), its output formats and its start-up cost (no heavy import
 before a verb needs it)."""
 
+import argparse
 import io
 import json
 import os
@@ -178,7 +179,9 @@ def test_cli_entry_point_subprocess(tiny_digits_run, tmp_path):
     (["interpolate", "one", " "], "PROMPT_B: a prompt must not be empty"),
     (["arithmetic", "seven"], "at least one '+ PROMPT' or '- PROMPT'"),
     (["arithmetic", "seven", "-"], "the operator '-' at the end has no prompt"),
-    (["arithmetic", "seven", "*", "one"], "expected '+' or '-' between prompts, got '*'"),
+    (["arithmetic", "seven", "*", "one"], "expected '+' or '-' between prompts, got '*', not an operator"),
+    (["arithmetic", "seven", "three"], "got 'three', a prompt, not an operator: write 'seven' + 'three' or"),
+    (["arithmetic", "a", "-", "b", "c"], "got 'c', a prompt, not an operator: write 'b' + 'c' or 'b' - 'c'"),
     (["arithmetic", "seven", "+", "  "], "prompt 2 is '  '"),
     (["arithmetic", "a", "-", "b", "-o", "x.gif"], "the extension names the image format"),
     (["sample", "x", "--guidance", "-1"], "--guidance: must be a finite number >= 0"),
@@ -307,6 +310,101 @@ def test_debug_env_shows_the_traceback(monkeypatch):
     monkeypatch.setenv("CROSSFLOW_DEBUG", "1")
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         cli.main(["sample", "x", "--checkpoint", "/nonexistent/ckpt"])
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Every way a verb loads a model raises AssertionError (not a user error: it escapes `cli.main` as itself)."""
+    from crossflow.img2img import ImagePipeline
+    from crossflow.model import CrossFlow
+    from crossflow.pipeline import CrossFlowPipeline
+    from crossflow.tasks import CaptionPipeline
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the check")
+
+    for cls in (CrossFlow, CrossFlowPipeline, CaptionPipeline, ImagePipeline):
+        monkeypatch.setattr(cls, "from_pretrained", loaded)
+
+
+def _digit_png(path, size=16, mode="L") -> str:
+    Image.new(mode, (size, size)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, code, match", [
+    (["sample", "x", "-o", "{locked}/a.png"], 2, "the folder {locked} is not writable"),
+    (["sample", "x", "-o", "{file}/a.png"], 2, "{file} is a file, not a folder"),
+    (["eval", "--json", "{locked}/r.json"], 2, "the folder {locked} is not writable"),
+    (["upscale", "{four}", "-o", "{locked}/up.png"], 2, "the folder {locked} is not writable"),
+    (["caption", "{tmp}/missing.png"], 1, "no such image file: {tmp}/missing.png"),
+    (["caption", "{tmp}"], 1, "{tmp} is a directory, not an image file"),
+    (["caption", "{png}", "{truncated}"], 1, "{truncated}: cannot read the image (image file is truncated"),
+    (["upscale", "{tmp}"], 1, "{tmp} is a directory"),
+    (["upscale", "{png}"], 1, "{png} is 16x16 already"),
+    (["vary", "{tmp}/missing.png"], 1, "no such image file"),
+    (["caption", "{png}", "--device", "cuda"], 2, "CUDA is not available"),
+    (["sample", "x", "--n", "1000"], 2, "--n: the grid of 1000 images would be 71992x64 px"),
+    (["sample", "x", "y", "--n", "200", "--upscale", "16"], 2, "--n: the grid of 400 images"),
+    (["interpolate", "x", "y", "--frames", "5000"], 2, "--frames: the grid of 5002 images"),
+    (["upscale", "{four}", "--n", "3000"], 2, "--n: the grid of 3000 images"),
+])
+def test_inputs_outputs_and_options_are_checked_before_the_model_loads(argv, code, match, tmp_path, monkeypatch,
+                                                                      no_model_loads, cli_fails):
+    """What a user got wrong is said at once, before any weights load (formerly: after the model, or after sampling
+    in words about a hidden temporary file)."""
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and real_access(p, mode, **kw))
+    (tmp_path / "file.txt").write_text("x")
+    truncated = tmp_path / "truncated.png"
+    Image.fromarray((torch.rand(16, 16) * 255).to(torch.uint8).numpy()).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:-40])
+    names = dict(tmp=tmp_path, locked=locked, file=tmp_path / "file.txt", truncated=truncated,
+                 png=_digit_png(tmp_path / "d.png"), four=_digit_png(tmp_path / "four.png", 4))
+    assert match.format(**names) in cli_fails([a.format(**names) for a in argv], code)
+
+
+def test_train_checks_its_preset_before_loading_the_trainer():
+    code = ("import sys\nfrom crossflow import cli\n"
+            "try:\n    cli.main(['train', '--preset', 'bogus'])\nexcept SystemExit as e:\n    print(e.code)\n"
+            f"print(sorted(m for m in {HEAVY + ('crossflow.train',)!r} if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.stderr.startswith("crossflow train: error: unknown CrossFlow config 'bogus'"), r.stderr
+    assert r.stdout.split("\n")[:2] == ["2", "[]"], r.stdout
+
+
+def test_train_help_does_not_import_the_trainer():
+    """`crossflow train --help` answers from the light parser (crossflow.train_config): no trainer, torch, kernels."""
+    code = ("import sys\nfrom crossflow import cli\n"
+            "try:\n    cli.main(['train', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            f"print(sorted(m for m in {HEAVY + ('crossflow.train',)!r} if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "--lr-schedule" in r.stdout and r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+
+
+def test_help_texts_agree_with_the_code():
+    from crossflow.tasks import default_checkpoint
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for verb, preset in (("caption", "digits-caption"), ("upscale", "digits-sr"), ("sample", "digits")):
+        shipped = json.loads((Path(default_checkpoint(preset)) / "sampling.json").read_text())
+        text = " ".join(sub[verb].format_help().split())
+        assert f"the shipped model's: {shipped['guidance_scale']:g}; without one, 7" in text, (verb, text)
+        assert f"the shipped model's: {shipped['steps']}; without one, 50" in text, (verb, text)
+    text = " ".join(sub["eval"].format_help().split())
+    assert "(default: the shipped weights of --preset)" in text and "shipped digits model" not in text
+    for verb in ("sample", "interpolate"):  # every positional argument explains itself
+        assert all(a.help for a in sub[verb]._actions if not a.option_strings), verb
+    from crossflow.train_config import build_parser
+
+    warmup = next(a.help for a in build_parser()._actions if "--warmup-steps" in a.option_strings)
+    assert "then --lr-schedule" in warmup and "constant" not in warmup  # the digits recipe warms up into a cosine
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def test_cli_upscale_and_vary_write_grids(tiny_checkpoints, tmp_path, capsys):
 
     from crossflow import cli
 
-    a, b = _png(tmp_path / "a.png", 4), _png(tmp_path / "b.png", 16)  # any size: area-averaged to 4x4
+    a, b = _png(tmp_path / "a.png", 4), _png(tmp_path / "b.png", 6)  # any size under 8x8: area-averaged to 4x4
     out = tmp_path / "up.png"
     cli.main(["upscale", a, b, "-o", str(out), "--n", "3", "--checkpoint", str(tiny_checkpoints["digits-sr"]),
               "--steps", "2", "--backend", "torch", "-q"])
@@ -203,6 +203,7 @@ def test_cli_upscale_and_vary_write_grids(tiny_checkpoints, tmp_path, capsys):
     cli.main(["vary", a, "-o", str(out), "--n", "2", "--checkpoint", str(tiny_checkpoints["digits-vary"]),
               "--steps", "2", "--upscale", "1", "--gap", "0", "--backend", "torch", "-q"])
     assert Image.open(out).size == (16, 8)
+    assert capsys.readouterr().err == f"crossflow: note: {a}: resized from 4x4 to 8x8\n"  # said, on one line
     with pytest.raises(SystemExit) as e:
         cli.main(["upscale", str(tmp_path / "missing.png"), "-o", str(tmp_path / "x.png"),
                   "--checkpoint", str(tiny_checkpoints["digits-sr"])])
@@ -241,3 +242,119 @@ def test_shipped_models_beat_their_bars_on_a_small_eval(torch_backend):
     pipe = img2img.ImagePipeline.from_pretrained(default_checkpoint("digits-vary"))
     res = img2img.evaluate_variation(pipe.vary, n=2, limit=100)
     assert res["label_kept"] >= 0.9 and 0.4 <= res["distance_to_input"] <= 1.0, res
+
+
+# ---- reading a user's image files (`to_grey`, `read_grey`)
+
+
+def _digit8() -> "np.ndarray":
+    """A real held-out digit, 16x16, 8-bit grey with bright ink on black."""
+    import numpy as np
+
+    from crossflow import digits
+
+    x, _ = digits.load_images("test")
+    return ((x[0, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+
+
+def test_an_ordinary_grey_image_is_read_unchanged():
+    from PIL import Image
+
+    im = Image.fromarray(_digit8())
+    out, notes = img2img.to_grey(im)
+    assert out is im and notes == []  # 8-bit grey, dark ground: the same pixels as before, no note
+
+
+def test_16_bit_grey_is_scaled_not_binarised(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    g8 = _digit8()
+    Image.fromarray(g8.astype(np.uint16) * 257).save(tmp_path / "d16.png")  # 16-bit PNG of the same digit
+    assert Image.open(tmp_path / "d16.png").mode.startswith("I")
+    ims, notes = img2img.read_grey([tmp_path / "d16.png"], 16)
+    np.testing.assert_array_equal(np.asarray(ims[0]), g8)  # convert("L") made every inked pixel 255
+    assert notes == [f"{tmp_path / 'd16.png'}: 16-bit grey scaled to 8 bits"]
+
+
+@pytest.mark.parametrize("rgb, note", [(0, "dark ink made bright"), (255, "ink read from the transparency")])
+def test_ink_drawn_in_the_alpha_channel_is_read(tmp_path, rgb, note):
+    import numpy as np
+    from PIL import Image
+
+    g8 = _digit8()
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = rgb, g8  # black (or white) ink, its strength in the alpha channel
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    ims, notes = img2img.read_grey([tmp_path / "a.png"], 16)
+    np.testing.assert_array_equal(np.asarray(ims[0]), g8)  # convert("L") dropped the alpha: blank (or all white)
+    assert len(notes) == 1 and note in notes[0]
+
+
+def test_a_light_ground_is_inverted_and_colour_and_size_are_said(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    g8 = _digit8()
+    Image.fromarray(255 - g8).save(tmp_path / "paper.png")
+    rgb = np.stack([g8 // 2, g8, g8], -1)
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    ims, notes = img2img.read_grey([tmp_path / "paper.png", tmp_path / "colour.png"], 8)
+    np.testing.assert_array_equal(np.asarray(ims[0]), g8)
+    np.testing.assert_array_equal(np.asarray(ims[1]), np.asarray(Image.fromarray(rgb).convert("L")))
+    assert notes == [f"{tmp_path / 'paper.png'}: inverted (dark ink on a light ground; the model reads bright ink on "
+                     "a dark one), resized from 16x16 to 8x8",
+                     f"{tmp_path / 'colour.png'}: colour converted to grey, resized from 16x16 to 8x8"]
+
+
+def test_unreadable_inputs_name_the_file(tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "t.png"
+    Image.fromarray(_digit8()).save(png)
+    png.write_bytes(png.read_bytes()[:-60])
+    with pytest.raises(ValueError, match=f"{png}: cannot read the image .image file is truncated"):
+        img2img.read_grey([png], 16)
+    with pytest.raises(ValueError, match=f"{tmp_path} is a directory"):
+        img2img.read_images([tmp_path])
+    big = tmp_path / "big.png"
+    Image.fromarray(_digit8()).save(big)
+    with pytest.raises(ValueError, match="is 16x16 already: this model makes 8x8 images out of 4x4"):
+        img2img.read_grey([big], 4, max_size=8)
+
+
+def test_cli_upscale_refuses_an_image_at_its_output_size(tiny_checkpoints, tmp_path, cli_fails):
+    """An 8x8 digit was averaged to 4x4 and came back worse than it went in: now refused, before the model loads."""
+    png = _png(tmp_path / "eight.png", 8)
+    err = cli_fails(["upscale", png, "-o", str(tmp_path / "up.png"), "--checkpoint",
+                     str(tiny_checkpoints["digits-sr"])], 1)
+    assert f"{png} is 8x8 already" in err and not (tmp_path / "up.png").exists()
+
+
+def test_cli_eval_prints_progress_lines_off_a_terminal(tiny_checkpoints, capsys):
+    """Off a terminal (a log, CI) no bar draws: `eval` prints plain progress lines to stderr instead."""
+    from crossflow import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--preset", "digits-sr", "--checkpoint", str(tiny_checkpoints["digits-sr"]), "--steps", "1",
+                  "--backend", "torch"])
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("eval: 0/359 img (0%)") and err[-1].startswith("eval: 359/359 img (100%)"), err
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--preset", "digits-sr", "--checkpoint", str(tiny_checkpoints["digits-sr"]), "--steps", "1",
+                  "--backend", "torch", "-q"])
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_lines_are_periodic(monkeypatch, capsys):
+    from crossflow import progress
+
+    clock = iter([0.0, 10.0, 40.0, 100.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    bar = progress.progress(10, "eval", "img")
+    bar.update(2)  # 10 s: no line
+    bar.update(2)  # 40 s: a line
+    bar.update(6)  # the end: a line
+    assert capsys.readouterr().err.splitlines() == ["eval: 0/10 img (0%), 0 s elapsed",
+                                                    "eval: 4/10 img (40%), 40 s elapsed",
+                                                    "eval: 10/10 img (100%), 100 s elapsed"]

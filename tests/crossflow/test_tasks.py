@@ -274,9 +274,16 @@ def test_caption_and_vary_text_verbs(tmp_path, capsys):
     xte, yte = digits.load_images("test")
     png = tmp_path / "digit.png"
     to_pil(xte[:1])[0].save(png)
-    cli.main(["caption", str(png), str(png), "--n", "2", "--steps", "10", "--backend", "torch", "-q"])
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 and all(digits.parse_caption(c) == int(yte[0]) for c in lines), lines
+    cli.main(["caption", str(png), "--n", "2", "--steps", "10", "--backend", "torch", "-q"])
+    lines = capsys.readouterr().out.splitlines()  # one image: the captions alone
+    assert len(lines) == 2 and all(digits.parse_caption(c) == int(yte[0]) for c in lines), lines
+    j = int(torch.nonzero(yte != yte[0])[0])  # another digit
+    other = tmp_path / "other.png"
+    to_pil(xte[j : j + 1])[0].save(other)
+    cli.main(["caption", str(png), str(other), "--n", "2", "--steps", "10", "--backend", "torch", "-q"])
+    lines = capsys.readouterr().out.splitlines()  # several: each caption labelled with its image
+    assert [line.split(": ", 1)[0] for line in lines] == [str(png)] * 2 + [str(other)] * 2, lines
+    assert [digits.parse_caption(line.split(": ", 1)[1]) for line in lines] == [int(yte[0])] * 2 + [int(yte[j])] * 2
     cli.main(["vary", "--text", "a handwritten seven", "--n", "3", "--steps", "10", "--backend", "torch", "-q"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and all(digits.parse_caption(c) == 7 for c in lines), lines
@@ -310,3 +317,61 @@ def test_a_loaded_caption_model_decodes_as_the_saved_one(tmp_path, perturb):
     with torch.no_grad():
         torch.testing.assert_close(loaded.text_decoder(z, tokens), model.text_decoder(z, tokens))
     assert loaded.decode_text(z) == model.decode_text(z)
+
+
+def test_caption_reads_a_16_bit_or_transparent_file_as_its_8_bit_twin(tmp_path, capsys):
+    """16-bit PNGs were binarised and ink drawn in the alpha channel vanished; now both caption as the 8-bit file,
+    with one stderr line saying what was converted."""
+    import numpy as np
+    from PIL import Image
+
+    from crossflow import cli
+    from crossflow.pipeline import to_pil
+    from crossflow.tasks import load_images
+
+    xte, _ = digits.load_images("test")
+    g8 = np.asarray(to_pil(xte[3:4])[0])
+    rgba = np.zeros((*g8.shape, 4), np.uint8)
+    rgba[..., 3] = g8
+    files = {"8.png": Image.fromarray(g8), "16.png": Image.fromarray(g8.astype(np.uint16) * 257),
+             "alpha.png": Image.fromarray(rgba, "RGBA")}
+    for name, im in files.items():
+        im.save(tmp_path / name)
+    paths = [str(tmp_path / n) for n in files]
+    x = load_images(paths, 1, 16)
+    assert torch.equal(x[1], x[0]) and torch.equal(x[2], x[0])
+    captions = []
+    for i, p in enumerate(paths):
+        cli.main(["caption", p, "--steps", "5", "--backend", "torch", "-q"])
+        out = capsys.readouterr()
+        captions.append(out.out)
+        assert out.err.count("\n") == (i > 0) and out.err.startswith(f"crossflow: note: {p}: " if i else ""), out.err
+    assert captions[1] == captions[0] and captions[2] == captions[0], captions
+
+
+def test_readme_shell_blocks_paste_as_they_are_and_the_caption_example_prints_what_it_shows(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """Every ```bash block of the README is commands only (no `$ ` prompts, no output lines), and the captioning
+    example (make digit7.png from scikit-learn's digits, caption it, reword a text) prints the ```text block after it."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from crossflow import cli
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    programs = ("crossflow ", "python ", "pip ", "OMP_NUM_THREADS=1 crossflow ", "bash ", "torchrun ")
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    for line in (ln for b in blocks for ln in b.splitlines() if ln.strip()):
+        assert line.startswith(programs), line
+    block, shown = re.search(r"```bash\n(python -c \"from sklearn.*?)```\n.*?```text\n(.*?)```", readme, re.S).groups()
+    make, *verbs = block.splitlines()
+    subprocess.run([sys.executable, *shlex.split(make)[1:]], cwd=tmp_path, check=True, timeout=120)
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    for line in verbs:
+        cli.main(shlex.split(line)[1:] + ["--backend", "torch"])
+        printed += capsys.readouterr().out.splitlines()
+    assert printed == shown.splitlines()

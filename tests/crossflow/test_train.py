@@ -133,6 +133,19 @@ def test_one_parser_recipes_are_defaults_and_flags_win(tmp_path, capsys):
     assert e.value.code == 2 and capsys.readouterr().err.startswith("crossflow train: error: TrainConfig")
 
 
+def test_the_light_parser_names_what_the_trainer_has():
+    """crossflow.train_config spells out the backends, data sets and schedules so that parsing imports no torch."""
+    import crossflow_kernels
+    from crossflow import train_config
+    from crossflow.datasets import DATASETS
+    from crossflow.optim import LR_SCHEDULES
+
+    assert train_config.BACKENDS == crossflow_kernels.BACKENDS
+    assert sorted(train_config.DATA_NAMES) == sorted(DATASETS)
+    parser = train_config.build_parser()
+    assert next(a.choices for a in parser._actions if "--lr-schedule" in a.option_strings) == LR_SCHEDULES
+
+
 def test_weight_decay_groups():
     from crossflow.config import CrossFlowConfig
 
