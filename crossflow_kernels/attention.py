@@ -48,7 +48,7 @@ from crossflow_kernels._dispatch import interpreting
 from crossflow_kernels._triton import tl, triton
 from crossflow_kernels._utils import (
     autotune_configs, check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op,
-    register_triton_ops,
+    register_triton_ops, wrap_triton,
 )
 
 MAX_HEAD_DIM = 256
@@ -918,13 +918,13 @@ def _attention_fwd_op(
         if which == "sm90":
             if q.is_cuda:
                 _ensure_descriptor_allocator()
-            torch.library.wrap_triton(_attention_fwd_sm90_kernel)[grid](
+            wrap_triton(_attention_fwd_sm90_kernel)[grid](
                 q, k, v, m, o, lse, *_row_units(q, unit), *_row_units(k, unit), *_row_units(v, unit),
                 *_row_units(o, unit), *mask_strides, h, tq, tk, scale * _LOG2E, _bucket(tq), _bucket(tk),
                 _bucket(b * h), WARP_SPECIALIZE=True, **constexprs,
             )
         else:
-            torch.library.wrap_triton(_attention_fwd_kernel)[grid](
+            wrap_triton(_attention_fwd_kernel)[grid](
                 q, k, v, m, o, lse, *_units(q, unit), *_units(k, unit), *_units(v, unit), *_units(o, unit),
                 *mask_strides, h, tq, tk, scale * _LOG2E, _bucket(tq), _bucket(tk), _bucket(b * h), **constexprs,
             )
@@ -992,21 +992,21 @@ def _attention_bwd_op(
     split = {key: constexprs[key] for key in ("HEAD_DIM", "D0", "D1", "UNIT")}
     with cuda_device_guard(q):
         # delta, and for the fused path the zeroed dQ accumulator, in one launch
-        torch.library.wrap_triton(_attention_bwd_delta_kernel)[(triton.cdiv(tq, block_m), b * h)](
+        wrap_triton(_attention_bwd_delta_kernel)[(triton.cdiv(tq, block_m), b * h)](
             out, do, delta, dq_, *_units(out, unit), *_units(do, unit), *_units(dq_, unit), h, tq, **split,
             ZERO_DQ=fused, BLOCK_M=block_m,
         )
         if fused:
-            torch.library.wrap_triton(_attention_bwd_fused_kernel)[grid_k](
+            wrap_triton(_attention_bwd_fused_kernel)[grid_k](
                 q, k, v, do, m, lse, delta, dk_, dv_, dq_, *common, *_units(dk_, unit), *_units(dq_, unit),
                 *mask_strides, *tail, **constexprs,
             )
         else:
-            torch.library.wrap_triton(_attention_bwd_dkdv_kernel)[grid_k](
+            wrap_triton(_attention_bwd_dkdv_kernel)[grid_k](
                 q, k, v, do, m, lse, delta, dk_, dv_, *common, *_units(dk_, unit), *mask_strides, *tail,
                 **constexprs,
             )
-            torch.library.wrap_triton(_attention_bwd_dq_kernel)[grid_q](
+            wrap_triton(_attention_bwd_dq_kernel)[grid_q](
                 q, k, v, do, m, lse, delta, dq_, *common, *_units(dq_, unit), *mask_strides, *tail, **constexprs,
             )
     if fused and dq.dtype != q.dtype:
