@@ -81,7 +81,11 @@ def test_clip_is_the_last_layer_after_the_final_norm_without_the_mask(clip_dir):
 def test_t5_cleans_captions_runs_in_bf16_with_the_mask_and_does_not_scale(t5_dir):
     enc = TextEncoder(t5_dir, max_length=L)
     assert enc.kind == "t5" and enc.dim == 16 and enc.clean_captions
-    assert {p.dtype for p in enc.model.parameters()} == {torch.bfloat16}  # the official's dtype by default
+    # The official's dtype by default; transformers may keep the modules a model names fp32 (T5's `wo`, from 5.0 on).
+    keep = set(getattr(enc.model, "_keep_in_fp32_modules", None) or ())
+    dtypes = {n: p.dtype for n, p in enc.model.named_parameters()}
+    assert all(d == torch.bfloat16 or keep & set(n.split(".")) for n, d in dtypes.items()), dtypes
+    assert sum(d == torch.bfloat16 for d in dtypes.values()) > len(dtypes) // 2
     raw = "A <b>RED</b> cat on https://example.com/mat the MAT"
     assert preprocess_t5(raw) == "a red cat on the mat"
     emb, mask = enc([raw, "dog"])
