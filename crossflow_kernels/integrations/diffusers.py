@@ -17,17 +17,19 @@ What `apply` changes, all in place and all undone by `remove`:
   `...Continuous`, `FusedRMSNorm`, `FusedTorchRMSNorm`) that adds no parameter or buffer, so `state_dict()`,
   `save_pretrained` and `from_pretrained` see the same names and shapes. Only the configurations our ops compute
   exactly are swapped (LayerNorm without affine, RMSNorm with a weight and no bias); any other is named in the report.
-* `BasicTransformerBlock` of DiT (`ada_norm_zero`) and PixArt (`ada_norm_single`): the block's fixed forward is the
-  only place where the gated residual meets the next norm, so a subclass overrides `forward` for exactly those two
-  configurations, calling the block's own submodules (norm1, attn1, attn2, ff, scale_shift_table) and fusing
-  `x + gate * attn` with the next adaLN through `crossflow_kernels.gated_residual_adaln`. Any other use of the block
-  (chunked feed-forward, GLIGEN, 4-d states, mixed dtypes) runs diffusers' own forward.
+* blocks: a block's fixed forward is the only place where the gated residual meets the next norm, so for exactly the
+  configurations below a subclass overrides `forward`, calling the block's own submodules (norm1, attn, ff, ...) and
+  fusing `x + gate * attn` with the next LayerNorm + modulation through `crossflow_kernels.gated_residual_adaln`:
+  `BasicTransformerBlock` of DiT (`ada_norm_zero`) and PixArt (`ada_norm_single`; there the cross-attention residual,
+  gate 1), SD3's `JointTransformerBlock` without dual attention and Flux's `FluxTransformerBlock` (both streams). Any
+  other use of those blocks (chunked feed-forward, GLIGEN, 4-d states, mixed dtypes) runs diffusers' own forward.
 
 Left on torch (named in the report): RoPE (Flux, applied in torch before our attention), the GELU MLPs, the patch and
 timestep embeddings, the final `norm_out` modulation that DiT and PixArt write inline in the model's forward, the
-gated residuals of SD3's and Flux's blocks (their fixed forward is not overridden; their norms and attention are
-fused), SD3.5's `SD35AdaLayerNormZeroX` (one norm shared by two modulations), weightless RMSNorms, and processors with
-extra features (IP-adapter, fused QKV projections, custom processors).
+residual of each block's MLP and of Flux's single-stream blocks (it feeds the next block's norm: a fusion across
+blocks), SD3.5's dual-attention blocks and their `SD35AdaLayerNormZeroX` (one norm shared by two modulations; their
+attention and QK norms are fused), weightless RMSNorms (left rather than multiplied by ones), and processors with
+extra features (IP-adapter, fused QKV projections, custom or pre-SDPA processors).
 
 Checked against diffusers 0.42.1 (`models/attention.py`, `attention_processor.py`, `normalization.py`,
 `transformers/{dit_transformer_2d,pixart_transformer_2d,transformer_sd3,transformer_flux}.py`).
@@ -136,6 +138,12 @@ class FusedTorchRMSNorm(nn.RMSNorm):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _gated_mlp(x, a, gate, shift, scale, gate_mlp, norm, ff):
+    """x + gate * a, then norm + modulation in one op, then the gated MLP residual (the common block tail)."""
+    x, h = ck.gated_residual_adaln(x, a, gate, shift, scale, eps=norm.eps)
+    return x + gate_mlp[:, None] * ff(h)
+
+
 class FusedBasicTransformerBlock(BasicTransformerBlock):
     """DiT (`ada_norm_zero`) and PixArt (`ada_norm_single`) blocks with the residual after attention fused into the
     next norm + modulation (`gated_residual_adaln`); everything else is the block's own submodules."""
@@ -153,8 +161,7 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
             if not _same_dtype(x, a, gate_msa):
                 return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
                                        timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
-            x, h = ck.gated_residual_adaln(x, a, gate_msa, shift_mlp, scale_mlp, eps=self.norm3.eps)
-            return x + gate_mlp[:, None] * self.ff(h)
+            return _gated_mlp(x, a, gate_msa, shift_mlp, scale_mlp, gate_mlp, self.norm3, self.ff)
         # PixArt: six (B, 1, C) modulation rows from the block's table plus the shared timestep projection.
         mods = (self.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)).chunk(6, dim=1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
@@ -166,6 +173,54 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
         a = self.attn2(x, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **kw)
         x, h = ck.gated_residual_adaln(x, a, torch.ones_like(gate_msa), shift_mlp, scale_mlp, eps=self.norm2.eps)
         return gate_mlp * self.ff(h) + x
+
+
+class FusedJointTransformerBlock(JointTransformerBlock):
+    """SD3's MMDiT block (single attention) with both streams' attention residual fused into their next adaLN."""
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
+        x, c = hidden_states, encoder_hidden_states
+        if self.use_dual_attention or self._chunk_size is not None or not _same_dtype(x, c, self.norm1.linear.weight):
+            return super().forward(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
+        h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=temb)
+        if self.context_pre_only:
+            hc = self.norm1_context(c, temb)
+        else:
+            hc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(c, emb=temb)
+        a, ac = self.attn(hidden_states=h, encoder_hidden_states=hc, **(joint_attention_kwargs or {}))
+        x = _gated_mlp(x, a, gate_msa, shift_mlp, scale_mlp, gate_mlp, self.norm2, self.ff)
+        if self.context_pre_only:
+            return None, x
+        return _gated_mlp(c, ac, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp, self.norm2_context,
+                          self.ff_context), x
+
+
+class FusedFluxTransformerBlock(FluxTransformerBlock):
+    """Flux's double-stream block with both streams' attention residual fused into their next adaLN."""
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        x, c = hidden_states, encoder_hidden_states
+        if not _same_dtype(x, c, self.norm1.linear.weight):
+            return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
+        h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=temb)
+        hc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(c, emb=temb)
+        outs = self.attn(hidden_states=h, encoder_hidden_states=hc, image_rotary_emb=image_rotary_emb,
+                         **(joint_attention_kwargs or {}))
+        x = _gated_mlp(x, outs[0], gate_msa, shift_mlp, scale_mlp, gate_mlp, self.norm2, self.ff)
+        if len(outs) == 3:  # an IP-adapter processor's extra output
+            x = x + outs[2]
+        c = _gated_mlp(c, outs[1], c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp, self.norm2_context,
+                       self.ff_context)
+        return (c.clip(-65504, 65504) if c.dtype == torch.float16 else c), x
+
+
+def _two_stream_unfusable(b) -> str | None:
+    if getattr(b, "use_dual_attention", False):
+        return "SD3.5 dual-attention block (a second attention between the residuals): diffusers' forward"
+    norms = [b.norm1.norm, b.norm2] + ([] if b.norm2_context is None else [b.norm2_context])
+    if not isinstance(b.norm1, AdaLayerNormZero) or not all(_plain_layer_norm(n) for n in norms):
+        return "its norms are not LayerNorms without affine under an adaLN-Zero"
+    return None
 
 
 def _block_unfusable(b: BasicTransformerBlock) -> str | None:
@@ -363,6 +418,8 @@ _FUSED = {
     RMSNorm: FusedRMSNorm,
     nn.RMSNorm: FusedTorchRMSNorm,
     BasicTransformerBlock: FusedBasicTransformerBlock,
+    JointTransformerBlock: FusedJointTransformerBlock,
+    FluxTransformerBlock: FusedFluxTransformerBlock,
 }
 _BASE = {v: k for k, v in _FUSED.items()}
 _PROCESSORS = (CrossflowAttnProcessor, CrossflowJointAttnProcessor, CrossflowFluxAttnProcessor)
@@ -421,8 +478,8 @@ _TORCH_ONLY = {
     "PatchEmbed": "patch embedding: a convolution",
 }
 _INLINE_TAIL = ("final norm_out modulation: written inline in the model's forward, left to torch")
-_BLOCK_TAIL = ("gated residual + next norm: inline in the block's fixed forward (not overridden); its norm modules "
-               "and attention are fused")
+_SINGLE_TAIL = ("gated residual: it feeds the next block's norm (a fusion across blocks); its adaLN and attention "
+                "are fused")
 
 
 def apply(model: nn.Module) -> Report:
@@ -436,14 +493,16 @@ def apply(model: nn.Module) -> Report:
     for name, m in model.named_modules():
         kind = type(m).__name__
         if type(m) in _FUSED:
-            why = _block_unfusable(m) if isinstance(m, BasicTransformerBlock) else _norm_unfusable(m)
+            why = (_block_unfusable(m) if isinstance(m, BasicTransformerBlock) else
+                   _two_stream_unfusable(m) if isinstance(m, (JointTransformerBlock, FluxTransformerBlock)) else
+                   _norm_unfusable(m))
             report.add(kind, name, why)
             if why is None:
                 m.__class__ = _FUSED[type(m)]
         elif isinstance(m, SD35AdaLayerNormZeroX):
             report.add(kind, name, "one LayerNorm shared by two modulations: left to torch")
-        elif isinstance(m, (JointTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock)):
-            report.add(kind, name, _BLOCK_TAIL)
+        elif isinstance(m, FluxSingleTransformerBlock):
+            report.add(kind, name, _SINGLE_TAIL)
         elif kind in _TORCH_ONLY:
             report.add(kind, name, _TORCH_ONLY[kind])
         if isinstance(m, (Attention, FluxAttention)) and hasattr(m, "set_processor"):

@@ -59,11 +59,11 @@ def _pixart(alpha: bool):
     return m, kw
 
 
-def _sd3(qk_norm):
+def _sd3(qk_norm, dual=()):
     m = diffusers.SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4,
-        pos_embed_max_size=16, qk_norm=qk_norm)
+        pos_embed_max_size=16, qk_norm=qk_norm, dual_attention_layers=dual)
     return m, dict(hidden_states=torch.randn(2, 4, 8, 8), encoder_hidden_states=torch.randn(2, 5, 12),
                    pooled_projections=torch.randn(2, 12), timestep=torch.tensor([3.0, 500.0]))
 
@@ -85,6 +85,7 @@ MODELS = {
     "pixart-sigma": lambda: _pixart(False),
     "sd3": lambda: _sd3(None),
     "sd3.5-qknorm": lambda: _sd3("rms_norm"),
+    "sd3.5-dual": lambda: _sd3("rms_norm", dual=(0,)),  # SD3.5 medium's MMDiT-X block first, left on diffusers' forward
     "flux": _flux,
 }
 # What each must run on our ops (a patch that silently did nothing fails here).
@@ -92,9 +93,10 @@ EXPECTED_OPS = {
     "dit": {"adaln_modulate", "gated_residual_adaln", "attention"},
     "pixart-alpha": {"adaln_modulate", "gated_residual_adaln", "attention"},
     "pixart-sigma": {"adaln_modulate", "gated_residual_adaln", "attention"},
-    "sd3": {"adaln_modulate", "attention"},
-    "sd3.5-qknorm": {"adaln_modulate", "attention", "rms_norm"},
-    "flux": {"adaln_modulate", "attention", "rms_norm"},
+    "sd3": {"adaln_modulate", "gated_residual_adaln", "attention"},
+    "sd3.5-qknorm": {"adaln_modulate", "gated_residual_adaln", "attention", "rms_norm"},
+    "sd3.5-dual": {"adaln_modulate", "gated_residual_adaln", "attention", "rms_norm"},
+    "flux": {"adaln_modulate", "gated_residual_adaln", "attention", "rms_norm"},
 }
 
 
@@ -207,7 +209,7 @@ def _plant(monkeypatch, bug):
 
 @pytest.mark.parametrize("name, bug", [
     ("dit", "processor-scale"), ("pixart-sigma", "processor-mask"), ("dit", "norm-shift-scale"),
-    ("dit", "norm-gate"), ("sd3", "norm-shift-scale"), ("flux", "rms-weight"), ("sd3.5-qknorm", "rms-weight"),
+    ("dit", "norm-gate"), ("sd3", "norm-shift-scale"), ("sd3", "norm-gate"), ("flux", "norm-gate"), ("flux", "rms-weight"), ("sd3.5-qknorm", "rms-weight"),
 ])
 def test_parity_catches_planted_bug(monkeypatch, name, bug):
     _plant(monkeypatch, bug)
@@ -250,6 +252,9 @@ def test_report_names_fused_and_left():
     report = ckd.apply(model)
     assert len(report.fused["BasicTransformerBlock"]) == 2 and len(report.fused["AdaLayerNormZero"]) == 2
     assert "norm_out" in report.left
+    model, _ = _build("sd3.5-dual")
+    report = ckd.apply(model)
+    assert len(report.fused["JointTransformerBlock"]) == 1 and "SD35AdaLayerNormZeroX" in report.left
 
 
 def test_apply_twice_and_bad_input_raise():
