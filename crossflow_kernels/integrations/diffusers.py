@@ -12,7 +12,9 @@ What `apply` changes, all in place and all undone by `remove`:
   A mask that is a pure key-padding mask (bool, or an additive bias of 0 and <= -1e4 such as PixArt's (B, 1, Tk)
   `encoder_attention_mask`) becomes our (B, Tk) key_padding_mask; any other mask (per query, per head, a real bias, a
   sample with every key masked) is handed to the processor we replaced, counted by reason
-  (`Report.runtime_fallbacks()`). Checking a float mask's values costs one host sync per new mask tensor.
+  (`Report.runtime_fallbacks()`). Checking a float mask's values costs one host sync per new mask tensor; under
+  `torch.compile` that check would break the graph, so there a float mask goes to the replaced processor and a bool
+  mask is taken as it is.
 * norm modules: their class is swapped for a fused subclass (`FusedAdaLayerNormZero`, `...ZeroSingle`,
   `...Continuous`, `FusedRMSNorm`, `FusedTorchRMSNorm`) that adds no parameter or buffer, so `state_dict()`,
   `save_pretrained` and `from_pretrained` see the same names and shapes. Only the configurations our ops compute
@@ -266,7 +268,11 @@ def key_padding_mask(mask: torch.Tensor, batch: int, keys: int) -> tuple[torch.T
     if m.shape[-1] != keys or m.shape[0] not in (1, batch):
         return None, f"mask of shape {tuple(mask.shape)} does not match {batch} samples x {keys} keys"
     compiling = torch.compiler.is_compiling()
-    if not compiling and _mask_memo:
+    if compiling:  # reading a mask's values would break the graph
+        if m.dtype != torch.bool:
+            return None, "float mask under torch.compile (its values cannot be checked without a graph break)"
+        return m.expand(batch, keys), None  # a sample with no key: zeros here, where SDPA gives NaN
+    if _mask_memo:
         ref, version, shape, out = _mask_memo[0]
         if ref() is mask and version == mask._version and shape == (batch, keys):
             return out
@@ -278,8 +284,7 @@ def key_padding_mask(mask: torch.Tensor, batch: int, keys: int) -> tuple[torch.T
     if why is None and not bool(keep.any(-1).all()):
         why = "a sample has every key masked (SDPA averages all values there, ours returns zeros)"
     out = (None, why) if why else (keep.expand(batch, keys), None)
-    if not compiling:
-        _mask_memo[:] = [(weakref.ref(mask), mask._version, (batch, keys), out)]
+    _mask_memo[:] = [(weakref.ref(mask), mask._version, (batch, keys), out)]
     return out
 
 
@@ -291,7 +296,8 @@ class _Processor:
         self.fallbacks: Counter = Counter()
 
     def _fallback(self, why, *args, **kwargs):
-        self.fallbacks[why] += 1
+        if not torch.compiler.is_compiling():  # counted in eager calls only
+            self.fallbacks[why] += 1
         return self.original(*args, **kwargs)
 
 
