@@ -6,12 +6,13 @@ from benchmarks import bench_diffusers, gpu_check
 
 
 def test_stage_without_diffusers_records_a_skip(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench_diffusers, "diffusers_missing", lambda: "diffusers is not installed here: carry it")
+    note = "diffusers is not installed here: carry it"
+    monkeypatch.setattr(bench_diffusers, "diffusers_missing", lambda: note)
     stage = gpu_check.Stage("diffusers", 10, "", bench_diffusers.stage_diffusers, "")
     data = gpu_check.run_stages([stage], tmp_path, smoke=True, total_s=30)
     st = data["stages"]["diffusers"]
-    assert st["status"] == "ok" and st["results"] == {"skipped": True, "note": "diffusers is not installed here: carry it"}
-    assert st["cases"] == [{"status": "skipped", "reason": "diffusers is not installed here: carry it"}]
+    assert st["status"] == "ok" and st["results"] == {"skipped": True, "note": note}
+    assert st["cases"] == [{"status": "skipped", "reason": note}]
 
 
 def test_stage_is_last_in_the_plan():

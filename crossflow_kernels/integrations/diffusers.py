@@ -46,22 +46,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-try:
-    import diffusers  # noqa: F401
-except ImportError as e:  # pragma: no cover - exercised only without diffusers
-    raise ImportError("crossflow_kernels.integrations.diffusers needs diffusers: pip install diffusers") from e
-
-from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0, JointAttnProcessor2_0
-from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.normalization import (
-    AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle, RMSNorm, SD35AdaLayerNormZeroX,
-)
-from diffusers.models.transformers.transformer_flux import (
-    FluxAttention, FluxAttnProcessor, FluxSingleTransformerBlock, FluxTransformerBlock,
-)
-
 import crossflow_kernels as ck
+
+try:
+    from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, JointAttnProcessor2_0
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.normalization import (
+        AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle, RMSNorm, SD35AdaLayerNormZeroX,
+    )
+    from diffusers.models.transformers.transformer_flux import (
+        FluxAttention, FluxAttnProcessor, FluxSingleTransformerBlock, FluxTransformerBlock,
+    )
+except ImportError as e:  # pragma: no cover - exercised only without diffusers (or with one that moved these)
+    raise ImportError(f"crossflow_kernels.integrations.diffusers needs diffusers (checked with 0.42.1): {e}") from e
 
 CHECKED_DIFFUSERS = ("0.42.1",)
 # An additive mask entry at or below this drops its key (exp(-1e4) is 0 in fp32); 0 keeps it.
@@ -83,7 +81,7 @@ def _same_dtype(*ts) -> bool:
 
 
 class FusedAdaLayerNormZero(AdaLayerNormZero):
-    """adaLN-Zero (DiT, SD3, Flux): the modulation of the first chunk pair through `crossflow_kernels.adaln_modulate`."""
+    """adaLN-Zero (DiT, SD3, Flux): the first shift/scale pair through `crossflow_kernels.adaln_modulate`."""
 
     def forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
         if self.emb is not None:
