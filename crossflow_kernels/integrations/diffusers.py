@@ -523,6 +523,8 @@ def apply(model: nn.Module) -> Report:
 
 def remove(model: nn.Module) -> int:
     """Undo `apply`: original classes and processors back; returns how many modules were restored."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"remove: expected a torch.nn.Module, got {type(model).__name__}")
     n = 0
     for m in model.modules():
         if type(m) in _BASE:

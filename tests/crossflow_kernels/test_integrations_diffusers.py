@@ -100,15 +100,22 @@ EXPECTED_OPS = {
 }
 
 
-def _cast(kw, dtype):
-    return {k: (_cast(v, dtype) if isinstance(v, dict) else
-                v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
+def _cast(kw, dtype=None, device=None):
+    """Floating tensors of `kw` (nested dicts too) to `dtype`, every tensor to `device`."""
+    def one(v):
+        if isinstance(v, dict):
+            return _cast(v, dtype, device)
+        if not isinstance(v, torch.Tensor):
+            return v
+        return v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else None)
+    return {k: one(v) for k, v in kw.items()}
 
 
 def _build(name, seed=0):
+    """The tiny model (parameters off their init) and its inputs, on the test device."""
     torch.manual_seed(seed)
     m, kw = MODELS[name]()
-    return _perturb(m), kw
+    return _perturb(m).to(DEV), _cast(kw, device=DEV)
 
 
 def _run(model, kw, dtype):
@@ -143,7 +150,7 @@ def test_forward_torch_backend_fp32(name):
     _check_forward(name, "torch", torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else []), ids=str)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_forward_triton(name, dtype):
     if not ck.interpreting() and not ON_GPU:
@@ -156,7 +163,7 @@ def _grads(model, kw, dtype):
     kw = _cast(kw, dtype)
     x = kw["hidden_states"].clone().requires_grad_(True)
     out = model(**{**kw, "hidden_states": x}).sample
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
     out.backward(g)
     return [out.detach(), x.grad] + [p.grad for p in model.parameters()], ["out", "dx"] + [
         n for n, _ in model.named_parameters()]
@@ -235,7 +242,7 @@ def test_state_dict_and_remove(name, tmp_path):
     assert list(after) == list(before)
     assert all(torch.equal(after[k], v) for k, v in before.items())
     model.save_pretrained(tmp_path)
-    loaded = type(model).from_pretrained(tmp_path).eval()  # an unpatched model from the patched one's files
+    loaded = type(model).from_pretrained(tmp_path).to(DEV).eval()  # an unpatched model from the patched one's files
     with ck.use_backend("torch"):
         assert torch.equal(_run(loaded, kw, torch.float32), ref)
     assert ckd.remove(model) > 0
@@ -265,6 +272,8 @@ def test_apply_twice_and_bad_input_raise():
         ckd.apply(model)
     with pytest.raises(ValueError, match="torch.nn.Module"):
         ckd.apply("not a model")
+    with pytest.raises(ValueError, match="torch.nn.Module"):
+        ckd.remove(None)
 
 
 def test_unsupported_processor_is_left_and_named():
@@ -283,8 +292,8 @@ def test_unsupported_processor_is_left_and_named():
 def test_per_query_mask_falls_back_to_the_original_processor():
     model, kw = _build("dit")
     blk = model.transformer_blocks[0]
-    x = torch.randn(2, 16, 16)
-    mask = torch.zeros(2, 16, 16)
+    x = torch.randn(2, 16, 16, device=DEV)
+    mask = torch.zeros(2, 16, 16, device=DEV)
     mask[:, :, 3] = -1e4
     mask[0, 5, 7] = -2.5  # a per-query bias: not a key-padding mask
     ref = blk.attn1(x, attention_mask=mask)
@@ -316,7 +325,7 @@ def test_key_padding_mask_conversion():
 def _tiny_vae():
     torch.manual_seed(3)
     return diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), layers_per_block=1,
-                                   latent_channels=4, norm_num_groups=8, sample_size=8).eval()
+                                   latent_channels=4, norm_num_groups=8, sample_size=8).to(DEV).eval()
 
 
 def _images(pipe, **kw):
@@ -334,10 +343,11 @@ def test_pipeline_same_images(kind):
         pipe = diffusers.PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=_tiny_vae(), transformer=model,
                                              scheduler=diffusers.DPMSolverMultistepScheduler())
         g = torch.Generator().manual_seed(4)
-        kw = dict(prompt_embeds=torch.randn(1, 5, 12, generator=g),
-                  prompt_attention_mask=torch.tensor([[1, 1, 1, 0, 0]]), negative_prompt=None, negative_prompt_embeds=torch.randn(1, 5, 12, generator=g),
-                  negative_prompt_attention_mask=torch.tensor([[1, 1, 0, 0, 0]]), height=8, width=8,
-                  use_resolution_binning=False)
+        kw = _cast(dict(prompt_embeds=torch.randn(1, 5, 12, generator=g),
+                        prompt_attention_mask=torch.tensor([[1, 1, 1, 0, 0]]),
+                        negative_prompt_embeds=torch.randn(1, 5, 12, generator=g),
+                        negative_prompt_attention_mask=torch.tensor([[1, 1, 0, 0, 0]])), device=DEV)
+        kw.update(negative_prompt=None, height=8, width=8, use_resolution_binning=False)
     pipe.set_progress_bar_config(disable=True)
     ref = _images(pipe, **kw)
     ckd.apply(pipe.transformer)
@@ -386,8 +396,6 @@ def test_compile_fullgraph_pixart_with_caption_mask():
 @pytest.mark.gpu
 def test_compile_fullgraph_dit_triton_gpu():
     model, kw = _build("dit")
-    model = model.to(DEV)
-    kw = {k: v.to(DEV) for k, v in kw.items()}
     ref = model(**kw).sample
     ckd.apply(model)
     torch._dynamo.reset()
