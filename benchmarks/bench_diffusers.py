@@ -238,3 +238,39 @@ def test_diffusers_dit(benchmark, bench, diffusers_case):
         tiny=bench.tiny, timer="perf_counter+sync", latency_s=latency, latency_all_s=times,
         images_per_s=batch / latency, warmup_s=warm[0], **env_info(),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The README's table from a GPU-check JSON: `python -m benchmarks.bench_diffusers gpu_check.json`
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def readme_table(data: dict) -> str:
+    """Markdown rows of the `diffusers` stage of a GPU-check result (every number read from `data`)."""
+    st = data.get("stages", {}).get("diffusers")
+    if not st:
+        return "no diffusers stage in this file"
+    env, res = data.get("env", {}), st.get("results", {})
+    head = (f"{res.get('model')} `DiTPipeline`, {res.get('steps')} steps, {res.get('dtype')}, diffusers "
+            f"{res.get('diffusers')}, on {env.get('device_name', '?')} (torch {env.get('torch', '?')}); "
+            f"stage {st.get('status')} in {st.get('wall_s')} s" + (" **(CPU smoke: not a result)**"
+                                                                 if data.get("smoke") else ""))
+    if res.get("skipped"):
+        return head + f"\n\nskipped: {res.get('note')}"
+    rows = ["| batch | provider | images/s | speed-up vs unpatched eager | warm-up s | max pixel diff |",
+            "|---|---|---|---|---|---|"]
+    for c in st.get("cases", []):
+        if c.get("status") != "ok":
+            rows.append(f"| {c.get('batch')} | {c.get('provider')} | {c.get('status')}: {c.get('reason', '')} | | | |")
+            continue
+        rows.append(f"| {c['batch']} | {c['provider']} | {c['images_per_s']:.3g} | "
+                    f"{c.get('speedup_vs_unpatched_eager', 1.0):.2f}x | {c['warmup_s']:.1f} | "
+                    f"{c.get('max_abs_diff', 0.0):.2g} |")
+    return head + "\n\n" + "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(readme_table(json.loads(open(sys.argv[1]).read())))

@@ -17,3 +17,17 @@ def test_stage_without_diffusers_records_a_skip(tmp_path, monkeypatch):
 
 def test_stage_is_last_in_the_plan():
     assert gpu_check.STAGES[-1].name == "diffusers" and gpu_check.STAGES[-1].budget_s <= 80
+
+
+def test_readme_table_reads_the_cases():
+    data = {"smoke": False, "env": {"device_name": "NVIDIA H100", "torch": "2.13"},
+            "stages": {"diffusers": {"status": "ok", "wall_s": 60.0,
+                                     "results": {"model": "DiT-XL/2-256", "steps": 50, "dtype": "bfloat16"},
+                                     "cases": [
+                                         {"batch": 8, "provider": "patched_eager", "status": "ok", "images_per_s": 20.0,
+                                          "speedup_vs_unpatched_eager": 1.25, "warmup_s": 4.0, "max_abs_diff": 0.01},
+                                         {"batch": 1, "provider": "patched_compile", "status": "skipped",
+                                          "reason": "10 s left"}]}}}
+    text = bench_diffusers.readme_table(data)
+    assert "| 8 | patched_eager | 20 | 1.25x | 4.0 | 0.01 |" in text
+    assert "| 1 | patched_compile | skipped: 10 s left |" in text and "NVIDIA H100" in text
