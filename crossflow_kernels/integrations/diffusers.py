@@ -49,6 +49,7 @@ from torch import nn
 import crossflow_kernels as ck
 
 try:
+    from diffusers import __version__ as DIFFUSERS_VERSION
     from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0, JointAttnProcessor2_0
     from diffusers.models.embeddings import apply_rotary_emb
@@ -451,6 +452,7 @@ class Report:
     fused: dict = field(default_factory=lambda: defaultdict(list))  # layer type -> [module names]
     left: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))  # type -> reason -> [names]
     processors: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
 
     def add(self, layer: str, name: str, why: str | None = None) -> None:
         if why is None:
@@ -466,7 +468,7 @@ class Report:
         return dict(total)
 
     def __str__(self) -> str:
-        lines = [f"crossflow_kernels on {self.model}:"]
+        lines = [f"crossflow_kernels on {self.model}:"] + [f"  note: {n}" for n in self.notes]
         for layer in sorted(set(self.fused) | set(self.left)):
             if self.fused.get(layer):
                 lines.append(f"  {layer}: {len(self.fused[layer])} on crossflow_kernels")
@@ -494,6 +496,9 @@ def apply(model: nn.Module) -> Report:
     if any(type(m) in _BASE or isinstance(getattr(m, "processor", None), _PROCESSORS) for m in model.modules()):
         raise RuntimeError(f"apply: {type(model).__name__} is already patched; call remove(model) first")
     report = Report(type(model).__name__)
+    if DIFFUSERS_VERSION not in CHECKED_DIFFUSERS:
+        report.notes.append(f"diffusers {DIFFUSERS_VERSION} is not a version this was checked with "
+                            f"({', '.join(CHECKED_DIFFUSERS)}); run tests/crossflow_kernels/test_integrations_diffusers.py")
     for name, m in model.named_modules():
         kind = type(m).__name__
         if type(m) in _FUSED:

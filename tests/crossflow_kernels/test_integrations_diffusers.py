@@ -265,6 +265,12 @@ def test_report_names_fused_and_left():
     assert len(report.fused["JointTransformerBlock"]) == 1 and "SD35AdaLayerNormZeroX" in report.left
 
 
+def test_report_notes_an_unchecked_diffusers_version(monkeypatch):
+    monkeypatch.setattr(ckd, "DIFFUSERS_VERSION", "9.9.9")
+    model, _ = _build("dit")
+    assert "diffusers 9.9.9 is not a version this was checked with" in str(ckd.apply(model))
+
+
 def test_apply_twice_and_bad_input_raise():
     model, _ = _build("dit")
     ckd.apply(model)
