@@ -18,7 +18,7 @@ import crossflow_kernels as ck
 from crossflow_kernels.testing import assert_close_to_ref
 
 diffusers = pytest.importorskip("diffusers")
-ckd = pytest.importorskip("crossflow_kernels.integrations.diffusers")
+from crossflow_kernels.integrations import diffusers as ckd  # noqa: E402  (an import error here must fail, not skip)
 
 ROOT = Path(__file__).resolve().parents[2]
 ON_GPU = torch.cuda.is_available()
