@@ -24,7 +24,9 @@ What `apply` changes, all in place and all undone by `remove`:
   fusing `x + gate * attn` with the next LayerNorm + modulation through `crossflow_kernels.gated_residual_adaln`:
   `BasicTransformerBlock` of DiT (`ada_norm_zero`) and PixArt (`ada_norm_single`; there the cross-attention residual,
   gate 1), SD3's `JointTransformerBlock` without dual attention and Flux's `FluxTransformerBlock` (both streams). Any
-  other use of those blocks (chunked feed-forward, GLIGEN, 4-d states, mixed dtypes) runs diffusers' own forward.
+  other use of those blocks (chunked feed-forward, GLIGEN, 4-d states) runs diffusers' own forward. Under autocast
+  (fp32 weights, bf16/fp16 activations) a fused step whose inputs differ in dtype runs diffusers' torch math instead,
+  and attention casts mixed q/k/v to the autocast dtype, as SDPA does.
 
 Left on torch (named in the report): RoPE (Flux, applied in torch before our attention), the GELU MLPs, the patch and
 timestep embeddings, the final `norm_out` modulation that DiT and PixArt write inline in the model's forward, the
@@ -139,10 +141,23 @@ class FusedTorchRMSNorm(nn.RMSNorm):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _row(t: torch.Tensor) -> torch.Tensor:
+    """A (B, C) modulation vector as (B, 1, C); (B, 1, C) as is."""
+    return t if t.dim() == 3 else t[:, None]
+
+
+def _residual_norm(x, a, gate, shift, scale, norm):
+    """(x + gate * a, norm(that) * (1 + scale) + shift) in one op; in torch where dtypes differ (autocast)."""
+    if _same_dtype(x, a, gate, shift, scale):
+        return ck.gated_residual_adaln(x, a, gate, shift, scale, eps=norm.eps)
+    x = x + _row(gate) * a
+    return x, norm(x) * (1 + _row(scale)) + _row(shift)
+
+
 def _gated_mlp(x, a, gate, shift, scale, gate_mlp, norm, ff):
-    """x + gate * a, then norm + modulation in one op, then the gated MLP residual (the common block tail)."""
-    x, h = ck.gated_residual_adaln(x, a, gate, shift, scale, eps=norm.eps)
-    return x + gate_mlp[:, None] * ff(h)
+    """The common block tail: the attention residual fused into the next adaLN, then the gated MLP residual."""
+    x, h = _residual_norm(x, a, gate, shift, scale, norm)
+    return x + _row(gate_mlp) * ff(h)
 
 
 class FusedBasicTransformerBlock(BasicTransformerBlock):
@@ -159,20 +174,17 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
         if self.norm_type == "ada_norm_zero":  # DiT
             h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, timestep, class_labels, hidden_dtype=x.dtype)
             a = self.attn1(h, attention_mask=attention_mask, **kw)
-            if not _same_dtype(x, a, gate_msa):
-                return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                                       timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
             return _gated_mlp(x, a, gate_msa, shift_mlp, scale_mlp, gate_mlp, self.norm3, self.ff)
         # PixArt: six (B, 1, C) modulation rows from the block's table plus the shared timestep projection.
         mods = (self.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)).chunk(6, dim=1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        if not _same_dtype(x, shift_msa):
-            return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                                   timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
-        h = ck.adaln_modulate(x, shift_msa, scale_msa, eps=self.norm1.eps)
+        if _same_dtype(x, shift_msa):
+            h = ck.adaln_modulate(x, shift_msa, scale_msa, eps=self.norm1.eps)
+        else:  # mixed dtypes (autocast): torch
+            h = self.norm1(x) * (1 + scale_msa) + shift_msa
         x = gate_msa * self.attn1(h, attention_mask=attention_mask, **kw) + x
         a = self.attn2(x, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **kw)
-        x, h = ck.gated_residual_adaln(x, a, torch.ones_like(gate_msa), shift_mlp, scale_mlp, eps=self.norm2.eps)
+        x, h = _residual_norm(x, a, torch.ones_like(gate_msa), shift_mlp, scale_mlp, self.norm2)
         return gate_mlp * self.ff(h) + x
 
 
@@ -181,7 +193,7 @@ class FusedJointTransformerBlock(JointTransformerBlock):
 
     def forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
         x, c = hidden_states, encoder_hidden_states
-        if self.use_dual_attention or self._chunk_size is not None or not _same_dtype(x, c, self.norm1.linear.weight):
+        if self.use_dual_attention or self._chunk_size is not None:
             return super().forward(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
         h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=temb)
         if self.context_pre_only:
@@ -201,8 +213,6 @@ class FusedFluxTransformerBlock(FluxTransformerBlock):
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
         x, c = hidden_states, encoder_hidden_states
-        if not _same_dtype(x, c, self.norm1.linear.weight):
-            return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
         h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=temb)
         hc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(c, emb=temb)
         outs = self.attn(hidden_states=h, encoder_hidden_states=hc, image_rotary_emb=image_rotary_emb,
@@ -305,6 +315,16 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
+def _attend(q, k, v, scale=None, key_padding_mask=None):
+    """`crossflow_kernels.attention`; under autocast, q/k/v of mixed dtypes (a QK norm with fp32 weights) are cast
+    to the autocast dtype first, as SDPA's autocast rule does."""
+    dev = q.device.type
+    if not _same_dtype(q, k, v) and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    return ck.attention(q, k, v, scale=scale, key_padding_mask=key_padding_mask)
+
+
 def _merge(o: torch.Tensor) -> torch.Tensor:
     """(B, H, T, D) -> (B, T, H*D)."""
     return o.transpose(1, 2).flatten(2)
@@ -328,7 +348,7 @@ class CrossflowAttnProcessor(_Processor):
                                                           (attn.to_v, ctx)))
         if attn.norm_q is not None:
             q, k = attn.norm_q(q), attn.norm_k(k)
-        o = ck.attention(q, k, v, scale=attn.scale, key_padding_mask=mask)
+        o = _attend(q, k, v, scale=attn.scale, key_padding_mask=mask)
         return attn.to_out[1](attn.to_out[0](_merge(o)))
 
 
@@ -349,7 +369,7 @@ class CrossflowJointAttnProcessor(_Processor):
             if attn.norm_added_q is not None:
                 cq, ck_ = attn.norm_added_q(cq), attn.norm_added_k(ck_)
             q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck_], 2), torch.cat([v, cv], 2)
-        o = _merge(ck.attention(q, k, v, scale=attn.scale))
+        o = _merge(_attend(q, k, v, scale=attn.scale))
         out = attn.to_out[1](attn.to_out[0](o[:, :n]))
         if encoder_hidden_states is None:
             return out
@@ -378,7 +398,7 @@ class CrossflowFluxAttnProcessor(_Processor):
         if image_rotary_emb is not None:  # RoPE stays in torch
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        o = ck.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         o = _merge(o).to(q.dtype)
         if not joint:
             return o

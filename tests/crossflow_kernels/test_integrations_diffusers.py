@@ -158,6 +158,19 @@ def test_forward_triton(name, dtype):
     _check_forward(name, "triton", dtype)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_forward_under_autocast_bf16(name):
+    # fp32 weights, bf16 autocast: the fused blocks take mixed dtypes piece by piece (torch where they differ).
+    model, kw = _build(name)
+    ref32 = _run(copy.deepcopy(model), kw, torch.float32)
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        ref_lp = copy.deepcopy(model)(**kw).sample
+    ckd.apply(model)
+    with torch.autocast(DEV, dtype=torch.bfloat16), ck.use_backend("torch"):
+        out = model(**kw).sample
+    assert_close_to_ref(out, ref32, ref_lp, name=f"{name} autocast bf16")
+
+
 def _grads(model, kw, dtype):
     model = model.to(dtype)
     kw = _cast(kw, dtype)
