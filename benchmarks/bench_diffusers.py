@@ -85,7 +85,7 @@ def make_provider(name: str, pipe, tiny: bool) -> tuple[Callable[[int, int], Any
     cuda = torch.cuda.is_available()
     backend = "auto"
     if name.startswith("patched"):
-        ckd.apply(transformer)
+        report = ckd.apply(transformer).as_dict()
         if not cuda and name.endswith("compile"):
             backend = "torch"  # the CPU smoke traces the reference ops (the interpreter is not compiled)
     if name.endswith("compile"):
@@ -106,6 +106,7 @@ def make_provider(name: str, pipe, tiny: bool) -> tuple[Callable[[int, int], Any
             + (" (interpreter)" if backend != "torch" and crossflow_kernels.interpreting() else ""))
     if name.endswith("compile"):
         what += ", compile per block (" + ("default mode" if cuda and not tiny else "backend=eager [smoke]") + ")"
+    run.report = report if name.startswith("patched") else None  # what apply fused / left, for the results
     return run, what
 
 
@@ -164,6 +165,7 @@ def stage_diffusers(ctx) -> None:
     pipe = build_pipe(tiny, dtype)
     ctx.set_result(build_s=time.perf_counter() - t0)
     ref: dict[int, tuple[float, Any]] = {}  # batch -> (unpatched eager latency, images)
+    saved_report = False
     for batch, name in order:
         case = dict(model="dit-xl-2-256" if not tiny else "dit-tiny", batch=batch, steps=steps, provider=name,
                     dtype=dtype)
@@ -173,6 +175,9 @@ def stage_diffusers(ctx) -> None:
         else:
             try:
                 run, case["backend"] = make_provider(name, pipe, tiny)
+                if run.report and not saved_report:
+                    ctx.set_result(apply_report=run.report)
+                    saved_report = True
                 res = time_case(run, batch, steps, ROUNDS)
                 images = res.pop("images").float()
                 case.update(res)

@@ -6,7 +6,8 @@
     ckd.remove(pipe.transformer)           # back to diffusers' own code
 
 What `apply` changes, all in place and all undone by `remove`:
-* attention: diffusers' public extension point, `Attention.set_processor`, with our processors for self- and
+* attention: diffusers' public extension point, `Attention.set_processor` (what a model's `set_attn_processor` calls
+  per module; `DiTTransformer2DModel` has no `set_attn_processor`), with our processors for self- and
   cross-attention (`AttnProcessor2_0`), joint attention (SD3's `JointAttnProcessor2_0`) and Flux's
   `FluxAttnProcessor`; the score/softmax/value product runs through `crossflow_kernels.attention` with `attn.scale`.
   A mask that is a pure key-padding mask (bool, or an additive bias of 0 and <= -1e4 such as PixArt's (B, 1, Tk)
@@ -480,6 +481,12 @@ class Report:
         else:
             self.left[layer][why].append(name)
 
+    def as_dict(self) -> dict:
+        """Counts per layer type (and reason), JSON-ready."""
+        return {"model": self.model, "notes": list(self.notes),
+                "fused": {k: len(v) for k, v in self.fused.items() if v},
+                "left": {k: {why: len(n) for why, n in v.items()} for k, v in self.left.items()}}
+
     def runtime_fallbacks(self) -> dict[str, int]:
         """Calls our processors handed back to diffusers' since `apply`, by reason (masks we cannot take, ...)."""
         total: Counter = Counter()
@@ -518,7 +525,8 @@ def apply(model: nn.Module) -> Report:
     report = Report(type(model).__name__)
     if DIFFUSERS_VERSION not in CHECKED_DIFFUSERS:
         report.notes.append(f"diffusers {DIFFUSERS_VERSION} is not a version this was checked with "
-                            f"({', '.join(CHECKED_DIFFUSERS)}); run tests/crossflow_kernels/test_integrations_diffusers.py")
+                            f"({', '.join(CHECKED_DIFFUSERS)}): run tests/crossflow_kernels/"
+                            "test_integrations_diffusers.py")
     for name, m in model.named_modules():
         kind = type(m).__name__
         if type(m) in _FUSED:

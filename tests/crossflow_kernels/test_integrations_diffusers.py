@@ -273,6 +273,9 @@ def test_report_names_fused_and_left():
     report = ckd.apply(model)
     assert len(report.fused["BasicTransformerBlock"]) == 2 and len(report.fused["AdaLayerNormZero"]) == 2
     assert "norm_out" in report.left
+    d = report.as_dict()
+    assert d["fused"]["BasicTransformerBlock"] == 2 and "norm_out" in d["left"]
+    assert d["model"] == "DiTTransformer2DModel"
     model, _ = _build("sd3.5-dual")
     report = ckd.apply(model)
     assert len(report.fused["JointTransformerBlock"]) == 1 and "SD35AdaLayerNormZeroX" in report.left
