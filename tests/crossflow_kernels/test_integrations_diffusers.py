@@ -296,6 +296,9 @@ def test_apply_twice_and_bad_input_raise():
         ckd.apply("not a model")
     with pytest.raises(ValueError, match="torch.nn.Module"):
         ckd.remove(None)
+    pipe = diffusers.DiTPipeline(transformer=_build("dit")[0], vae=_tiny_vae(), scheduler=diffusers.DDIMScheduler())
+    with pytest.raises(ValueError, match="pass pipe.transformer"):
+        ckd.apply(pipe)
 
 
 def test_unsupported_processor_is_left_and_named():
