@@ -519,7 +519,8 @@ def apply(model: nn.Module) -> Report:
     """Patch `model` (any diffusers transformer; DiT, PixArt, SD3 and Flux are the ones checked) in place to run on
     our ops; returns the `Report`. Raises RuntimeError if it is already patched (call `remove` first)."""
     if not isinstance(model, nn.Module):
-        hint = " (a pipeline: pass pipe.transformer)" if isinstance(getattr(model, "transformer", None), nn.Module) else ""
+        pipe = isinstance(getattr(model, "transformer", None), nn.Module)
+        hint = " (a pipeline: pass pipe.transformer)" if pipe else ""
         raise ValueError(f"apply: expected a torch.nn.Module, got {type(model).__name__}{hint}")
     if any(type(m) in _BASE or isinstance(getattr(m, "processor", None), _PROCESSORS) for m in model.modules()):
         raise RuntimeError(f"apply: {type(model).__name__} is already patched; call remove(model) first")
