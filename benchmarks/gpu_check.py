@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from benchmarks.bench_diffusers import stage_diffusers  # stdlib-only at import; its stage imports diffusers
 from benchmarks.report import GPU_CHECK_SCHEMA as SCHEMA  # the schema's reader and summaries live with the report
 from benchmarks.report import attention_summary, write_routing_table
 from benchmarks.report import read_gpu_check as read_results
@@ -615,6 +616,11 @@ STAGES: tuple[Stage, ...] = (
           "~15-20 s each + runs"),
     Stage("ncu", 35, "ncu --clock-control none --set full on one attention forward launch", stage_ncu,
           "python + torch start ~5 s, autotune from the warm disk cache ~5 s, ~40 replay passes of a ~1 ms kernel"),
+    Stage("diffusers", 75, "diffusers DiT-XL/2-256 (random weights) DiTPipeline, 50 steps, batch 1 and 8: unpatched vs "
+          "patched (crossflow_kernels.integrations.diffusers), eager then compile per block", stage_diffusers,
+          "import diffusers + build on the GPU ~10 s; 4 eager cases x (3-step warm-up + 2 runs of ~0.5 s) ~15 s with "
+          "our kernels' autotune from the attention/adaln stages' disk cache; 2-4 cold block compiles ~15-20 s each, "
+          "a compile skipped (said so) under 25 s left; skipped with a note where diffusers is not installed"),
 )
 
 

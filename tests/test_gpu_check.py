@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_plan_fits_one_device_command():
     names = [s.name for s in gpu_check.STAGES]
-    assert names == ["limits", "tests", "attention", "adaln", "sampler", "ncu"]  # the priority order
+    assert names == ["limits", "tests", "attention", "adaln", "sampler", "ncu", "diffusers"]  # the priority order
     assert sum(s.budget_s for s in gpu_check.STAGES) <= gpu_check.TOTAL_BUDGET_S <= 540
     out = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh"), "--plan"], capture_output=True, text=True,
                          timeout=60)
