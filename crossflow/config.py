@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from crossflow.dimr_config import DIMR_CONFIGS, OFFICIAL_CHECKPOINTS, DiMRConfig
+from crossflow.dimr_config import DIMR_CONFIGS, OFFICIAL_CHECKPOINTS, OFFICIAL_SAMPLING, DiMRConfig
 
 BACKBONES = ("dit", "dimr")
 NORMS = ("layer", "rms")
@@ -138,6 +138,17 @@ class CrossFlowConfig:
     def source_shape(self) -> tuple[int, int, int]:
         """The image VE's input (image source)."""
         return (self.source_channels, self.source_size, self.source_size)
+
+    @property
+    def task(self) -> str:
+        """What a model of this pairing does (a key of TASKS): text-to-image, image-to-text, or, image -> image,
+        super-resolution when the source image is smaller than the output, else image-variation."""
+        if self.source == "text":
+            return "text-to-image"
+        if self.target == "text":
+            return "image-to-text"
+        out = self.latent_size * (1 if self.autoencoder == "identity" else 8)  # an SD-VAE latent is 1/8 of the image
+        return "super-resolution" if self.source_size < out else "image-variation"
 
     @property
     def ve_width(self) -> int:
@@ -336,3 +347,26 @@ for _name, _info in OFFICIAL_CHECKPOINTS.items():
                           image_feature_dim=1024)
 CONFIGS["dimr-tiny"] = dict(_TINY, backbone="dimr", dimr=DIMR_CONFIGS["dimr-tiny"])
 CONFIGS["dimr-digits"] = dict(backbone="dimr", dimr=DIMR_CONFIGS["dimr-digits"])
+
+# What a checkpoint is for (its config's `task`, recorded in config.json by `save_pretrained`), and the `crossflow`
+# verbs that run it.
+TASKS: dict[str, str] = {
+    "text-to-image": "crossflow sample / interpolate / arithmetic",
+    "image-to-text": "crossflow caption / vary --text",
+    "super-resolution": "crossflow upscale",
+    "image-variation": "crossflow vary IMAGE",
+}
+
+# The sampler settings a trained preset is sampled with (the one source: the trainer writes them into every
+# `save_pretrained` directory as `sampling.json`; the shipped weights carry the same). `steps`, `guidance_scale`,
+# `official_grid` go to the sampler; image-to-text adds `source_noise_scale` (a temperature on the image VE's
+# posterior) and `text_variation_strength` (`tasks.CaptionPipeline`). A preset without an entry samples with the
+# sampler's defaults (50 steps, guidance 7). Measured in README.md's tables (`crossflow eval --preset NAME`).
+SAMPLING: dict[str, dict[str, Any]] = {
+    "digits": dict(steps=50, guidance_scale=1.5),
+    "digits-caption": dict(steps=25, guidance_scale=1.0, source_noise_scale=0.3, text_variation_strength=0.4),
+    "digits-sr": dict(steps=50, guidance_scale=1.5),
+    "digits-vary": dict(steps=20, guidance_scale=2.0),
+    "dit-h-2-512": dict(OFFICIAL_SAMPLING),  # the official releases: their own sampler
+    **{name: dict(OFFICIAL_SAMPLING) for name in OFFICIAL_CHECKPOINTS},
+}
