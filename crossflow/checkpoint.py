@@ -37,14 +37,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file as _safetensors_save_file
 from torch import nn
 
-from crossflow.config import CrossFlowConfig
+from crossflow.config import CrossFlowConfig, read_checkpoint_info, split_checkpoint_config
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CHECKSUMS_NAME = "checksums.sha256"
 SAMPLING_NAME = "sampling.json"
 REQUIRED = (WEIGHTS_NAME, CONFIG_NAME)  # what a manifest must list
-CHECKPOINT_KEYS = ("task", "preset")  # config.json entries about the checkpoint, not the model's config
 FORMAT = "crossflow-v1"
 TRAIN_FORMAT = "crossflow-train-checkpoint/1"
 _STEP_RE = re.compile(r"^step_(\d{8})\.safetensors$")
@@ -259,32 +258,6 @@ def check_output_directory(path: str | os.PathLike, option: str = "") -> None:
                          "exist yet is created)")
 
 
-def _split_config(text: str) -> tuple[CrossFlowConfig, dict[str, Any]]:
-    """config.json text -> (config, {"task", "preset"}); the task defaults to the one the config's pairing implies."""
-    d = json.loads(text)
-    if not isinstance(d, dict):
-        raise ValueError(f"expected a JSON object, got {type(d).__name__}")
-    about = {k: d.pop(k, None) for k in CHECKPOINT_KEYS}
-    cfg = CrossFlowConfig.from_dict(d)
-    about["task"] = about["task"] or cfg.task
-    return cfg, about
-
-
-def read_checkpoint_info(directory: str | os.PathLike) -> tuple[CrossFlowConfig, dict[str, Any]]:
-    """(config, {"task", "preset"}) from a checkpoint's config.json alone (fast: no weights are read; not verified:
-    `read_pretrained` verifies). ValueError naming the file for an invalid one."""
-    from crossflow.config import TASKS
-
-    path = Path(directory) / CONFIG_NAME
-    try:
-        cfg, about = _split_config(path.read_text(encoding="utf-8"))
-        if about["task"] not in TASKS:
-            raise ValueError(f"unknown task {about['task']!r}; known: {sorted(TASKS)}")
-    except (ValueError, UnicodeDecodeError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-        raise ValueError(f"{path}: invalid CrossFlow config: {e}") from None
-    return cfg, about
-
-
 def _read_config(directory: Path) -> CrossFlowConfig:
     return read_checkpoint_info(directory)[0]
 
@@ -332,7 +305,7 @@ def read_pretrained(directory: str | os.PathLike) -> tuple[CrossFlowConfig, dict
                       "settings are used unverified", UnverifiedCheckpointWarning, stacklevel=3)
     if "config" in meta:
         try:
-            stored = _split_config(meta["config"])[0]
+            stored = split_checkpoint_config(meta["config"])[0]
         except (ValueError, TypeError) as e:
             raise ValueError(f"{weights}: invalid config in metadata: {e}") from None
         if stored != cfg:

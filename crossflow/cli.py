@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from crossflow._cli_base import HelpFormatter as _HelpFormatter
@@ -119,6 +120,30 @@ def _restore_threads() -> None:
 
         torch.set_num_threads(_threads_before[0])
         _threads_before.clear()
+
+
+def _check_task(args) -> None:
+    """Refuse a --checkpoint made for another verb from its config.json alone, before anything heavy is imported."""
+    from crossflow.config import CrossFlowConfig, check_task
+
+    if getattr(args, "checkpoint", None) is None or not (Path(args.checkpoint) / "config.json").is_file():
+        return  # the shipped default fits; a missing one is reported where it loads
+    if args.command == "vary":
+        if (args.text is None) == (not args.images):
+            return  # a usage error, reported by the verb
+        tasks = ("image-to-text",) if args.text is not None else ("image-variation",)
+        user = "crossflow vary " + ("--text" if args.text is not None else "IMAGE")
+    elif args.command == "eval":
+        tasks, user = (CrossFlowConfig.from_name(args.preset).task,), f"crossflow eval --preset {args.preset}"
+    else:
+        tasks = {"caption": ("image-to-text",), "upscale": ("super-resolution",)}.get(args.command, ("text-to-image",))
+        user = f"crossflow {args.command}"
+    try:
+        check_task(args.checkpoint, tasks, user)
+    except ValueError as e:
+        if str(e).startswith(f"{args.checkpoint} is "):  # the wrong task: a command-line mistake
+            raise UsageError(str(e)) from None
+        raise
 
 
 def _pipeline(args, device, images: int = 1):
@@ -574,14 +599,20 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 600 else text[:597] + "..."
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"crossflow: warning: {_one_line(message)}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb; returns 0, or raises SystemExit with 2 (usage) or 1 (a runtime error, an eval FAIL)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    shown, warnings.showwarning = warnings.showwarning, _warning_line  # a warning is one line too
     try:
         if argv[:1] == ["train"]:
             cmd_train(argv[1:])
             return 0
         args = build_parser().parse_args(argv)
+        _check_task(args)
         code = args.func(args)
     except USER_ERRORS as e:
         if os.environ.get("CROSSFLOW_DEBUG", "") not in ("", "0"):
@@ -592,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         print("crossflow: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
+        warnings.showwarning = shown
         _restore_threads()
     if code:
         raise SystemExit(code)

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from crossflow.dimr_config import DIMR_CONFIGS, OFFICIAL_CHECKPOINTS, OFFICIAL_SAMPLING, DiMRConfig
@@ -351,10 +353,10 @@ CONFIGS["dimr-digits"] = dict(backbone="dimr", dimr=DIMR_CONFIGS["dimr-digits"])
 # What a checkpoint is for (its config's `task`, recorded in config.json by `save_pretrained`), and the `crossflow`
 # verbs that run it.
 TASKS: dict[str, str] = {
-    "text-to-image": "crossflow sample / interpolate / arithmetic",
-    "image-to-text": "crossflow caption / vary --text",
-    "super-resolution": "crossflow upscale",
-    "image-variation": "crossflow vary IMAGE",
+    "text-to-image": "`crossflow sample`, `interpolate` or `arithmetic` (`CrossFlowPipeline`)",
+    "image-to-text": "`crossflow caption` or `vary --text` (`CaptionPipeline`)",
+    "super-resolution": "`crossflow upscale` (`ImagePipeline`)",
+    "image-variation": "`crossflow vary IMAGE` (`ImagePipeline`)",
 }
 
 # The sampler settings a trained preset is sampled with (the one source: the trainer writes them into every
@@ -370,3 +372,51 @@ SAMPLING: dict[str, dict[str, Any]] = {
     "dit-h-2-512": dict(OFFICIAL_SAMPLING),  # the official releases: their own sampler
     **{name: dict(OFFICIAL_SAMPLING) for name in OFFICIAL_CHECKPOINTS},
 }
+
+
+# ---- A checkpoint's config.json (`checkpoint.save_pretrained`): the config plus what the checkpoint is for. Torch-free,
+# so that the CLI checks a checkpoint's task before it imports anything heavy.
+CHECKPOINT_KEYS = ("task", "preset")  # config.json entries about the checkpoint, not the model's config
+
+
+def split_checkpoint_config(text: str) -> tuple[CrossFlowConfig, dict[str, Any]]:
+    """config.json text -> (config, {"task", "preset"}); a file written before they were recorded gets the task its
+    config's pairing implies and preset None. ValueError for invalid JSON, config or task."""
+    d = json.loads(text)
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+    about = {k: d.pop(k, None) for k in CHECKPOINT_KEYS}
+    cfg = CrossFlowConfig.from_dict(d)
+    about["task"] = about["task"] or cfg.task
+    if about["task"] not in TASKS:
+        raise ValueError(f"unknown task {about['task']!r}; known: {sorted(TASKS)}")
+    return cfg, about
+
+
+def read_checkpoint_info(directory: str | os.PathLike) -> tuple[CrossFlowConfig, dict[str, Any]]:
+    """(config, {"task", "preset"}) of a checkpoint directory from its config.json alone: fast, reads no weights and
+    verifies nothing (`checkpoint.read_pretrained` does). ValueError naming the file for an invalid one."""
+    path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in checkpoint directory {directory} (expected {path})")
+    try:
+        return split_checkpoint_config(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: invalid CrossFlow config: {e}") from None
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def check_task(directory: str | os.PathLike, tasks: tuple[str, ...], user: str) -> dict[str, Any]:
+    """{"task", "preset"} of the checkpoint in `directory` when its task is one of `tasks`; else a ValueError saying
+    what the checkpoint is for and what `user` (e.g. "crossflow upscale") needs. From config.json alone."""
+    _, about = read_checkpoint_info(directory)
+    if about["task"] not in tasks:
+        preset = f" (preset {about['preset']})" if about["preset"] else ""
+        raise ValueError(f"{directory} is {_a(about['task'])} checkpoint{preset}, for {TASKS[about['task']]}; "
+                         f"`{user}` needs {_a(' or '.join(tasks))} checkpoint")
+    return about

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from crossflow.checkpoint import atomic_write, describe_state_dict, load_state_dict_strict, short_list
-from crossflow.config import CONFIGS, CrossFlowConfig
+from crossflow.config import CONFIGS, SAMPLING, CrossFlowConfig
 from crossflow.convert_dimr import convert_official_dimr_state_dict, describe_dimr_keys, official_dimr_shapes
 from crossflow.dimr_config import OFFICIAL_SAMPLING
 from crossflow.image_encoder import build_image_encoder
@@ -261,12 +261,13 @@ def load_official_checkpoint(
 
 
 def save_converted(model: CrossFlow, directory: str | os.PathLike, sampling: dict | None = None) -> None:
-    """`model.save_pretrained(directory)` plus `sampling.json`: the official sampler (`OFFICIAL_SAMPLING`: 50 Euler
+    """`model.save_pretrained(directory)` with `sampling.json`: the official sampler (`OFFICIAL_SAMPLING`: 50 Euler
     steps on the official time grid, guidance 7, the same for the DiT and DiMR releases), so that `crossflow sample
     --checkpoint DIR` reproduces it without flags."""
-    model.save_pretrained(directory)
-    text = json.dumps(dict(OFFICIAL_SAMPLING if sampling is None else sampling), indent=2) + "\n"
-    atomic_write(Path(directory) / "sampling.json", lambda p: Path(p).write_text(text, encoding="utf-8"))
+    preset = preset_name(model.config)
+    if sampling is None:
+        sampling = SAMPLING.get(preset, OFFICIAL_SAMPLING)
+    model.save_pretrained(directory, sampling=sampling, preset=preset)
 
 
 def preset_name(cfg: CrossFlowConfig) -> str | None:
