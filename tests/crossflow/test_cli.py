@@ -436,3 +436,8 @@ def test_a_trained_checkpoint_samples_with_its_presets_settings(tiny_digits_run)
 
     assert json.loads((tiny_digits_run / "sampling.json").read_text()) == SAMPLING["digits"]  # main: no sampling.json
     assert CrossFlowPipeline.from_pretrained(tiny_digits_run).sampling["guidance_scale"] == 1.5
+
+
+def test_arithmetic_whose_terms_cancel_is_refused(cli_fails, tmp_path):
+    err = cli_fails(["arithmetic", "seven", "-", "seven", "-o", str(tmp_path / "a.png"), "--backend", "torch"], 1)
+    assert "the terms cancel out" in err and not (tmp_path / "a.png").exists()  # main: all-black images, exit 0
