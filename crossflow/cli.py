@@ -413,6 +413,8 @@ def cmd_convert(args) -> int:
 
     if not Path(args.checkpoint_in).exists():
         raise FileNotFoundError(f"no such file or directory: {args.checkpoint_in}")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise UsageError(f"-o/--output {args.output} is a file; it must be a directory (created if missing)")
     cfg = CrossFlowConfig.from_name(args.preset) if args.preset else None  # ValueError names an unknown preset
     model = load_official_checkpoint(args.checkpoint_in, cfg)  # detects the layout; refuses a mismatching preset
     save_converted(model, args.output)
