@@ -441,3 +441,30 @@ def test_a_trained_checkpoint_samples_with_its_presets_settings(tiny_digits_run)
 def test_arithmetic_whose_terms_cancel_is_refused(cli_fails, tmp_path):
     err = cli_fails(["arithmetic", "seven", "-", "seven", "-o", str(tmp_path / "a.png"), "--backend", "torch"], 1)
     assert "the terms cancel out" in err and not (tmp_path / "a.png").exists()  # main: all-black images, exit 0
+
+
+def test_a_full_disk_while_writing_the_image_is_one_line_naming_it(monkeypatch, tmp_path, cli_fails):
+    import errno
+
+    def full(self, fp, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "a.png"
+    err = cli_fails(["sample", "a seven", "-o", str(out), "--backend", "torch", "-q"], 1)
+    assert err == f"crossflow: error: [Errno 28] No space left on device: '{out}'\n" and not os.listdir(tmp_path)
+
+
+def test_a_checkpoint_older_than_manifests_samples_with_a_one_line_warning(ckpt_copy, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from crossflow.checkpoint import read_safetensors
+
+    _, meta = read_safetensors(ckpt_copy / "model.safetensors")
+    del meta["manifest"]  # as saved before checkpoints had a manifest
+    save_file(load_file(ckpt_copy / "model.safetensors"), ckpt_copy / "model.safetensors", metadata=meta)
+    (ckpt_copy / "checksums.sha256").unlink()
+    cli.main(["sample", "x", "--checkpoint", str(ckpt_copy), "-o", str(tmp_path / "a.png"), "--backend", "torch",
+              "--steps", "2", "-q"])
+    err = capsys.readouterr().err
+    assert err.startswith("crossflow: warning: ") and err.count("\n") == 1 and "loaded unverified" in err, err
