@@ -124,7 +124,7 @@ def _restore_threads() -> None:
 
 def _check_task(args) -> None:
     """Refuse a --checkpoint made for another verb from its config.json alone, before anything heavy is imported."""
-    from crossflow.config import CrossFlowConfig, check_task
+    from crossflow.config import CrossFlowConfig, WrongTaskError, check_task
 
     if getattr(args, "checkpoint", None) is None or not (Path(args.checkpoint) / "config.json").is_file():
         return  # the shipped default fits; a missing one is reported where it loads
@@ -140,10 +140,8 @@ def _check_task(args) -> None:
         user = f"crossflow {args.command}"
     try:
         check_task(args.checkpoint, tasks, user)
-    except ValueError as e:
-        if str(e).startswith(f"{args.checkpoint} is "):  # the wrong task: a command-line mistake
-            raise UsageError(str(e)) from None
-        raise
+    except WrongTaskError as e:  # a command-line mistake
+        raise UsageError(str(e)) from None
 
 
 def _pipeline(args, device, images: int = 1):

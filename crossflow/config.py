@@ -411,12 +411,16 @@ def _a(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
+class WrongTaskError(ValueError):
+    """A checkpoint made for another task than the one asked of it (`check_task`)."""
+
+
 def check_task(directory: str | os.PathLike, tasks: tuple[str, ...], user: str) -> dict[str, Any]:
-    """{"task", "preset"} of the checkpoint in `directory` when its task is one of `tasks`; else a ValueError saying
-    what the checkpoint is for and what `user` (e.g. "crossflow upscale") needs. From config.json alone."""
+    """{"task", "preset"} of the checkpoint in `directory` when its task is one of `tasks`; else a WrongTaskError
+    saying what the checkpoint is for and what `user` (e.g. "crossflow upscale") needs. From config.json alone."""
     _, about = read_checkpoint_info(directory)
     if about["task"] not in tasks:
         preset = f" (preset {about['preset']})" if about["preset"] else ""
-        raise ValueError(f"{directory} is {_a(about['task'])} checkpoint{preset}, for {TASKS[about['task']]}; "
+        raise WrongTaskError(f"{directory} is {_a(about['task'])} checkpoint{preset}, for {TASKS[about['task']]}; "
                          f"`{user}` needs {_a(' or '.join(tasks))} checkpoint")
     return about
