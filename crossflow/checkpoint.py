@@ -296,8 +296,8 @@ def read_pretrained(directory: str | os.PathLike) -> tuple[CrossFlowConfig, dict
     tensors, meta = read_safetensors(weights)
     if not checked:
         if "manifest" in meta:
-            raise ValueError(f"{directory}: {CHECKSUMS_NAME} is missing, so its files cannot be verified (these weights "
-                             "were saved with one); restore it, or re-save the checkpoint")
+            raise ValueError(f"{directory}: {CHECKSUMS_NAME} is missing, so its files cannot be verified (these "
+                             "weights were saved with one); restore it, or re-save the checkpoint")
         warnings.warn(f"{directory} has no {CHECKSUMS_NAME} (written before checkpoints had one): loaded unverified; "
                       "re-save it to add one", UnverifiedCheckpointWarning, stacklevel=3)
     elif (directory / SAMPLING_NAME).is_file() and SAMPLING_NAME not in checked:

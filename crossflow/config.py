@@ -374,8 +374,8 @@ SAMPLING: dict[str, dict[str, Any]] = {
 }
 
 
-# ---- A checkpoint's config.json (`checkpoint.save_pretrained`): the config plus what the checkpoint is for. Torch-free,
-# so that the CLI checks a checkpoint's task before it imports anything heavy.
+# ---- A checkpoint's config.json (`checkpoint.save_pretrained`): the config plus what the checkpoint is for.
+# Torch-free, so that the CLI checks a checkpoint's task before it imports anything heavy.
 CHECKPOINT_KEYS = ("task", "preset")  # config.json entries about the checkpoint, not the model's config
 
 

@@ -345,8 +345,8 @@ def check_official_file(path: str | os.PathLike) -> None:
         return
     fmt = _safetensors_format(path, head)
     if fmt and fmt.startswith("crossflow"):
-        raise ValueError(f"{path} is already a CrossFlow checkpoint file (format {fmt!r}): there is nothing to convert; "
-                         "use its directory as it is (--checkpoint, `CrossFlow.from_pretrained`)")
+        raise ValueError(f"{path} is already a CrossFlow checkpoint file (format {fmt!r}): there is nothing to "
+                         "convert; use its directory as it is (--checkpoint, `CrossFlow.from_pretrained`)")
     if fmt != "":
         raise ValueError(f"{path} is a safetensors file, not an official CrossFlow .pth (a pickled state dict)")
     kind = next((what for magic, what in _MAGIC if head.startswith(magic)), None)

@@ -225,9 +225,10 @@ def latent_arithmetic(
     small = ~(std.float() > ARITHMETIC_MIN_SPREAD * ref)  # also catches nan
     if bool(small.any()):
         i = int(small.nonzero()[0])
-        raise ValueError(f"latent_arithmetic: the terms cancel out: the combined latent's spread is {float(std[i]):.3g} "
-                         f"against {float(ref[i]):.3g} for the first term" + (f" (sample {i})" if z.dim() == 4 else "")
-                         + "; nothing is left to sample from: change the prompts")
+        which = f" (sample {i})" if z.dim() == 4 else ""
+        raise ValueError(f"latent_arithmetic: the terms cancel out: the combined latent's spread is "
+                         f"{float(std[i]):.3g} against {float(ref[i]):.3g} for the first term{which}; nothing is left "
+                         "to sample from: change the prompts")
     if z.dim() == 3:
         return (z - z.mean()) / z.std()
     return (z - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)

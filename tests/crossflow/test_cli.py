@@ -393,7 +393,8 @@ def test_cold_sample_imports_no_compiler_stack_and_no_transformers(tmp_path):
 _MIXUPS = [
     (["vary", "IMG"], "digits-sr", "super-resolution checkpoint (preset digits-sr), for `crossflow upscale`"),
     (["upscale", "IMG"], "digits-vary", "image-variation checkpoint (preset digits-vary), for `crossflow vary IMAGE`"),
-    (["sample", "a seven"], "digits-caption", "image-to-text checkpoint (preset digits-caption), for `crossflow caption`"),
+    (["sample", "a seven"], "digits-caption",
+     "image-to-text checkpoint (preset digits-caption), for `crossflow caption`"),
     (["caption", "IMG"], "digits", "text-to-image checkpoint (preset digits), for `crossflow sample`"),
     (["vary", "--text", "a seven"], "digits-vary", "image-variation checkpoint"),
     (["eval", "--preset", "digits-sr"], "digits-vary", "image-variation checkpoint"),

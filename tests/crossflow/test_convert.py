@@ -421,4 +421,5 @@ def test_cli_convert_names_the_tensor_a_near_miss_differs_in(tmp_path, cli_fails
 def test_cli_convert_output_must_be_a_directory(tmp_path, cli_fails):
     torch.save(official_state_dict(TINY, seed=5), tmp_path / "official.pth")
     (tmp_path / "file").write_text("x")
-    assert "must be a directory" in cli_fails(["convert", str(tmp_path / "official.pth"), "-o", str(tmp_path / "file")], 2)
+    argv = ["convert", str(tmp_path / "official.pth"), "-o", str(tmp_path / "file")]
+    assert "must be a directory" in cli_fails(argv, 2)

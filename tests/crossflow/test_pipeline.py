@@ -126,7 +126,7 @@ def test_sampling_defaults_names_a_bad_file(tmp_path):
     assert sampling_defaults(tmp_path) == {}
     (tmp_path / "sampling.json").write_text('{"steps": 20, "guidance_scale": 3.0, "other": 1}')
     assert sampling_defaults(tmp_path) == {"steps": 20, "guidance_scale": 3.0}
-    for text in ("{oops", "[1, 2]", '{"guidance_scale": "high"}', '{"steps": 0}'):
+    for text in ("{oops", "[1, 2]", '{"guidance_scale": "high"}', '{"steps": 0}', '{"source_noise_scale": -1}'):
         (tmp_path / "sampling.json").write_text(text)
         with pytest.raises(ValueError, match=f"{tmp_path / 'sampling.json'}: invalid sampling settings"):
             sampling_defaults(tmp_path)
@@ -172,5 +172,5 @@ def test_a_checkpoint_of_another_task_is_refused_before_it_loads(monkeypatch):
         CaptionPipeline.from_pretrained(default_checkpoint("digits"))
     with pytest.raises(ValueError, match="is a super-resolution checkpoint .*needs an image-variation checkpoint"):
         ImagePipeline.from_pretrained(default_checkpoint("digits-sr"), tasks=("image-variation",))
-    with pytest.raises(ValueError, match="is an image-to-text checkpoint .*needs a super-resolution or image-variation"):
+    with pytest.raises(ValueError, match="an image-to-text checkpoint .*needs a super-resolution or image-variation"):
         ImagePipeline.from_pretrained(default_checkpoint("digits-caption"))
