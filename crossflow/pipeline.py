@@ -240,8 +240,9 @@ def sampler_settings(sampler: Any) -> dict[str, Any]:
 
 def sampling_settings(directory: str | os.PathLike) -> dict[str, Any]:
     """The recommended settings saved beside a checkpoint (`sampling.json`, as `config.SAMPLING` writes them: the
-    sampler's `SAMPLER_KEYS`, and `SCALE_KEYS`), or {}; other keys are ignored. A file that is not a JSON object or
-    holds an invalid value raises ValueError naming it."""
+    sampler's `SAMPLER_KEYS`, and `SCALE_KEYS`; other keys are ignored). Without the file (a run trained before the
+    trainer wrote it): the `config.SAMPLING` entry of the preset its config.json records or its config equals, else {}.
+    A file that is not a JSON object or holds an invalid value raises ValueError naming it."""
     import json
     import math
     from pathlib import Path
@@ -250,7 +251,7 @@ def sampling_settings(directory: str | os.PathLike) -> dict[str, Any]:
 
     f = Path(directory) / "sampling.json"
     if not f.is_file():
-        return {}
+        return _preset_sampling(directory)
     try:
         d = json.loads(f.read_text(encoding="utf-8"))
         if not isinstance(d, dict):
@@ -266,6 +267,17 @@ def sampling_settings(directory: str | os.PathLike) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"{f}: invalid sampling settings ({e})") from None
     return kw
+
+
+def _preset_sampling(directory: str | os.PathLike) -> dict[str, Any]:
+    from crossflow.config import SAMPLING, CrossFlowConfig, read_checkpoint_info
+
+    try:
+        cfg, about = read_checkpoint_info(directory)
+    except (OSError, ValueError):  # reported where the model loads
+        return {}
+    preset = about["preset"] or next((n for n in SAMPLING if CrossFlowConfig.from_name(n) == cfg), None)
+    return dict(SAMPLING.get(preset, {}))
 
 
 def sampling_defaults(directory: str | os.PathLike) -> dict[str, Any]:

@@ -469,3 +469,17 @@ def test_a_checkpoint_older_than_manifests_samples_with_a_one_line_warning(ckpt_
               "--steps", "2", "-q"])
     err = capsys.readouterr().err
     assert err.startswith("crossflow: warning: ") and err.count("\n") == 1 and "loaded unverified" in err, err
+
+
+def test_a_run_trained_before_sampling_json_gets_its_presets_settings(ckpt_copy):
+    from crossflow.checkpoint import write_checksums
+    from crossflow.pipeline import CrossFlowPipeline
+
+    (ckpt_copy / "sampling.json").unlink()  # a digits run trained on main: no sampling.json, no preset recorded
+    cfg = json.loads((ckpt_copy / "config.json").read_text())
+    del cfg["preset"], cfg["task"]
+    (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+    write_checksums(ckpt_copy, ["config.json", "model.safetensors"])
+    # its config is the digits preset's: its settings, not the sampler's 50 steps at guidance 7
+    assert CrossFlowPipeline.from_pretrained(ckpt_copy).sampling == {"steps": 50, "guidance_scale": 1.5,
+                                                                     "official_grid": False}
