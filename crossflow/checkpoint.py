@@ -4,8 +4,13 @@ A `save_pretrained` directory holds
 
     model.safetensors   every persistent tensor of `CrossFlow.state_dict()`; the config JSON is also stored in the
                         file's metadata, so weights and config can never be silently mixed up
-    config.json         the `CrossFlowConfig`, human-readable
-    checksums.sha256    the sha256 of the two files above (`sha256sum -c` format), verified on every load
+    config.json         the `CrossFlowConfig`, human-readable, plus what the checkpoint is for: "task" (a key of
+                        `config.TASKS`) and "preset" (the preset it was trained or converted as, or null); a config.json
+                        without them (written before they existed) gets the task its config's pairing implies
+    sampling.json       optional: the sampler settings it is meant to be sampled with (`config.SAMPLING`)
+    checksums.sha256    the sha256 of the files above (`sha256sum -c` format), verified on every load; it must list
+                        model.safetensors and config.json. A directory without it loads with a warning only when its
+                        weights predate manifests (no "manifest" key in their metadata)
 
 A training checkpoint (`<run>/checkpoints/step_XXXXXXXX.safetensors`) is one file: model + EMA + AdamW state as
 tensors, everything else as JSON metadata, and a sha256 over all of it (metadata key "sha256") verified on load.
@@ -23,19 +28,22 @@ import json
 import os
 import re
 import secrets
+import warnings
 from pathlib import Path
 from typing import IO, Any, Callable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file as _safetensors_save_file
 from torch import nn
 
-from crossflow.config import CrossFlowConfig
+from crossflow.config import CrossFlowConfig, read_checkpoint_info, split_checkpoint_config
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CHECKSUMS_NAME = "checksums.sha256"
+SAMPLING_NAME = "sampling.json"
+REQUIRED = (WEIGHTS_NAME, CONFIG_NAME)  # what a manifest must list
 FORMAT = "crossflow-v1"
 TRAIN_FORMAT = "crossflow-train-checkpoint/1"
 _STEP_RE = re.compile(r"^step_(\d{8})\.safetensors$")
@@ -63,18 +71,35 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> No
     tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     # os.open with 0o666 lets the umask decide the final mode, as a plain open() would (mkstemp forces 0o600).
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         write_fn(tmp)
+        os.chmod(tmp, mode)  # a writer that recreates the file (safetensors makes it 0600) gets the umask's mode back
         with open(tmp, "rb+") as f:  # flush the data to disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.remove(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.errno is not None:  # name the target, not the temporary file (a full disk)
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
     _fsync_dir(path.parent)
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, its I/O errors raised as OSError (it raises its own SafetensorError for a full disk,
+    which callers that report OSError in one line would not catch)."""
+    try:
+        _safetensors_save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        m = re.search(r"os error (\d+)\)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), path) from None
 
 
 def _write_text(text: str) -> Callable[[str], None]:
@@ -153,20 +178,27 @@ def write_checksums(directory: str | os.PathLike, names: list[str]) -> None:
     atomic_write(directory / CHECKSUMS_NAME, _write_text(lines))
 
 
-def verify_checksums(directory: str | os.PathLike) -> list[str]:
+def verify_checksums(directory: str | os.PathLike, required: tuple[str, ...] = ()) -> list[str]:
     """Check every file listed in `directory/checksums.sha256`; returns the names checked ([] without a manifest).
 
-    Raises ValueError naming the first file that is missing or whose bytes changed since they were recorded.
+    Raises ValueError naming the first file that is missing or whose bytes changed since they were recorded, or a
+    name of `required` that the manifest does not list (an empty manifest lists none).
     """
     directory = Path(directory)
     manifest = directory / CHECKSUMS_NAME
     if not manifest.is_file():
         return []
-    checked = []
+    entries = []
     for i, line in enumerate(manifest.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         digest, sep, name = line.partition("  ")
         if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest) or "/" in name or name in ("", ".", ".."):
             raise ValueError(f"{manifest}: line {i} is not '<sha256>  <file name>': {line[:80]!r}")
+        entries.append((digest, name))
+    if missing := [n for n in required if n not in {name for _, name in entries}]:
+        raise ValueError(f"{manifest} does not list {' or '.join(missing)}, so it cannot be verified (a damaged or "
+                         "hand-edited manifest); restore the checkpoint or re-save it")
+    checked = []
+    for digest, name in entries:
         path = directory / name
         if not path.is_file():
             raise ValueError(f"{path}: listed in {CHECKSUMS_NAME} but missing")
@@ -182,26 +214,52 @@ def verify_checksums(directory: str | os.PathLike) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write `model`'s weights (`model.safetensors`), config (`config.json`) and their checksums into `directory`."""
+def config_json(config: CrossFlowConfig, preset: str | None = None) -> str:
+    """config.json's text: the config, its task (`CrossFlowConfig.task`) and `preset` (checked to be a preset name)."""
+    from crossflow.config import CONFIGS
+
+    if preset is not None and preset not in CONFIGS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(CONFIGS)}")
+    d = {**config.to_dict(), "task": config.task, "preset": preset}
+    return json.dumps(d, indent=2, sort_keys=True)
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, sampling: dict[str, Any] | None = None,
+                    preset: str | None = None) -> None:
+    """Write `model`'s weights (`model.safetensors`), config (`config.json`, with its task and `preset`), the sampler
+    settings `sampling` (`sampling.json`; without them an earlier save's file is removed: it was for other weights)
+    and the checksums of all of them into `directory`. `directory` must not be an existing regular file."""
     directory = Path(directory)
-    config_json = model.config.to_json()
+    check_output_directory(directory)
+    text = config_json(model.config, preset)
     # safetensors refuses shared or non-contiguous storage; the state dict holds neither, but views of views might.
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "config": config_json}
+    meta = {"format": FORMAT, "config": text, "manifest": CHECKSUMS_NAME}
+    if sampling is not None:
+        sampling_text = json.dumps(dict(sampling), indent=2) + "\n"  # dict(): a mapping, refused otherwise
     # The checksums go last: a save that fails leaves the directory as it was; one killed between two writes leaves new
     # files under old checksums, refused on load (never a silent mix of two saves).
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=meta))
-    atomic_write(directory / CONFIG_NAME, _write_text(config_json + "\n"))
-    write_checksums(directory, [WEIGHTS_NAME, CONFIG_NAME])
+    atomic_write(directory / CONFIG_NAME, _write_text(text + "\n"))
+    names = [WEIGHTS_NAME, CONFIG_NAME]
+    if sampling is not None:
+        atomic_write(directory / SAMPLING_NAME, _write_text(sampling_text))
+        names.append(SAMPLING_NAME)
+    else:
+        (directory / SAMPLING_NAME).unlink(missing_ok=True)
+    write_checksums(directory, names)
+
+
+def check_output_directory(path: str | os.PathLike, option: str = "") -> None:
+    """ValueError when `path` (an output directory, created if missing) exists as something else, e.g. a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option + ' ' if option else ''}{path} is a file; it must be a directory (one that does not "
+                         "exist yet is created)")
 
 
 def _read_config(directory: Path) -> CrossFlowConfig:
-    path = directory / CONFIG_NAME
-    try:
-        return CrossFlowConfig.from_json(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, TypeError) as e:
-        raise ValueError(f"{path}: invalid CrossFlow config: {e}") from None
+    return read_checkpoint_info(directory)[0]
 
 
 def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -233,12 +291,21 @@ def read_pretrained(directory: str | os.PathLike) -> tuple[CrossFlowConfig, dict
                        (weights, "weights file not found")):
         if not path.is_file():
             raise FileNotFoundError(f"{what} (expected {path})")
-    verify_checksums(directory)
+    checked = verify_checksums(directory, REQUIRED)
     cfg = _read_config(directory)
     tensors, meta = read_safetensors(weights)
+    if not checked:
+        if "manifest" in meta:
+            raise ValueError(f"{directory}: {CHECKSUMS_NAME} is missing, so its files cannot be verified (these "
+                             "weights were saved with one); restore it, or re-save the checkpoint")
+        warnings.warn(f"{directory} has no {CHECKSUMS_NAME} (written before checkpoints had one): loaded unverified; "
+                      "re-save it to add one", UnverifiedCheckpointWarning, stacklevel=3)
+    elif (directory / SAMPLING_NAME).is_file() and SAMPLING_NAME not in checked:
+        warnings.warn(f"{directory / SAMPLING_NAME} is not listed in {CHECKSUMS_NAME} (written before it was): its "
+                      "settings are used unverified", UnverifiedCheckpointWarning, stacklevel=3)
     if "config" in meta:
         try:
-            stored = CrossFlowConfig.from_json(meta["config"])
+            stored = split_checkpoint_config(meta["config"])[0]
         except (ValueError, TypeError) as e:
             raise ValueError(f"{weights}: invalid config in metadata: {e}") from None
         if stored != cfg:
@@ -246,6 +313,10 @@ def read_pretrained(directory: str | os.PathLike) -> tuple[CrossFlowConfig, dict
             raise ValueError(f"{directory}: {CONFIG_NAME} disagrees with the config stored in {WEIGHTS_NAME} "
                              f"(field: (weights, config.json)) {diff}; an interrupted save or a hand edit?")
     return cfg, tensors, weights
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint file is used without a checksum to verify it (one written before checkpoints recorded them)."""
 
 
 def short_list(keys: list[str], limit: int = 8) -> str:

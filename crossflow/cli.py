@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from crossflow._cli_base import HelpFormatter as _HelpFormatter
@@ -104,13 +105,9 @@ def _checkpoint(path: str | None) -> str:
 def _model_config(ckpt: str):
     """The checkpoint's config.json alone (no weights): what the inputs and the grid are checked against before the
     model loads."""
-    from crossflow.config import CrossFlowConfig
+    from crossflow.config import read_checkpoint_info
 
-    f = Path(ckpt) / "config.json"
-    try:
-        return CrossFlowConfig.from_json(f.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{f}: {e}") from None
+    return read_checkpoint_info(ckpt)[0]
 
 
 def _image_size(cfg) -> int:
@@ -162,6 +159,28 @@ def _restore_threads() -> None:
 
         torch.set_num_threads(_threads_before[0])
         _threads_before.clear()
+
+
+def _check_task(args) -> None:
+    """Refuse a --checkpoint made for another verb from its config.json alone, before anything heavy is imported."""
+    from crossflow.config import CrossFlowConfig, WrongTaskError, check_task
+
+    if getattr(args, "checkpoint", None) is None or not (Path(args.checkpoint) / "config.json").is_file():
+        return  # the shipped default fits; a missing one is reported where it loads
+    if args.command == "vary":
+        if (args.text is None) == (not args.images):
+            return  # a usage error, reported by the verb
+        tasks = ("image-to-text",) if args.text is not None else ("image-variation",)
+        user = "crossflow vary " + ("--text" if args.text is not None else "IMAGE")
+    elif args.command == "eval":
+        tasks, user = (CrossFlowConfig.from_name(args.preset).task,), f"crossflow eval --preset {args.preset}"
+    else:
+        tasks = {"caption": ("image-to-text",), "upscale": ("super-resolution",)}.get(args.command, ("text-to-image",))
+        user = f"crossflow {args.command}"
+    try:
+        check_task(args.checkpoint, tasks, user)
+    except WrongTaskError as e:  # a command-line mistake
+        raise UsageError(str(e)) from None
 
 
 def _pipeline(args, device, images: int = 1):
@@ -449,6 +468,8 @@ def cmd_convert(args) -> int:
 
     if not Path(args.checkpoint_in).exists():
         raise FileNotFoundError(f"no such file or directory: {args.checkpoint_in}")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise UsageError(f"-o/--output {args.output} is a file; it must be a directory (created if missing)")
     cfg = CrossFlowConfig.from_name(args.preset) if args.preset else None  # ValueError names an unknown preset
     model = load_official_checkpoint(args.checkpoint_in, cfg)  # detects the layout; refuses a mismatching preset
     save_converted(model, args.output)
@@ -673,14 +694,20 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 600 else text[:597] + "..."
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"crossflow: warning: {_one_line(message)}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb; returns 0, or raises SystemExit with 2 (usage) or 1 (a runtime error, an eval FAIL)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    shown, warnings.showwarning = warnings.showwarning, _warning_line  # a warning is one line too
     try:
         if argv[:1] == ["train"]:
             cmd_train(argv[1:])
             return 0
         args = build_parser().parse_args(argv)
+        _check_task(args)
         code = args.func(args)
     except USER_ERRORS as e:
         if os.environ.get("CROSSFLOW_DEBUG", "") not in ("", "0"):
@@ -691,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         print("crossflow: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
+        warnings.showwarning = shown
         _restore_threads()
     if code:
         raise SystemExit(code)

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from crossflow.dimr_config import DIMR_CONFIGS, OFFICIAL_CHECKPOINTS, DiMRConfig
+from crossflow.dimr_config import DIMR_CONFIGS, OFFICIAL_CHECKPOINTS, OFFICIAL_SAMPLING, DiMRConfig
 
 BACKBONES = ("dit", "dimr")
 NORMS = ("layer", "rms")
@@ -138,6 +140,17 @@ class CrossFlowConfig:
     def source_shape(self) -> tuple[int, int, int]:
         """The image VE's input (image source)."""
         return (self.source_channels, self.source_size, self.source_size)
+
+    @property
+    def task(self) -> str:
+        """What a model of this pairing does (a key of TASKS): text-to-image, image-to-text, or, image -> image,
+        super-resolution when the source image is smaller than the output, else image-variation."""
+        if self.source == "text":
+            return "text-to-image"
+        if self.target == "text":
+            return "image-to-text"
+        out = self.latent_size * (1 if self.autoencoder == "identity" else 8)  # an SD-VAE latent is 1/8 of the image
+        return "super-resolution" if self.source_size < out else "image-variation"
 
     @property
     def ve_width(self) -> int:
@@ -336,3 +349,78 @@ for _name, _info in OFFICIAL_CHECKPOINTS.items():
                           image_feature_dim=1024)
 CONFIGS["dimr-tiny"] = dict(_TINY, backbone="dimr", dimr=DIMR_CONFIGS["dimr-tiny"])
 CONFIGS["dimr-digits"] = dict(backbone="dimr", dimr=DIMR_CONFIGS["dimr-digits"])
+
+# What a checkpoint is for (its config's `task`, recorded in config.json by `save_pretrained`), and the `crossflow`
+# verbs that run it.
+TASKS: dict[str, str] = {
+    "text-to-image": "`crossflow sample`, `interpolate` or `arithmetic` (`CrossFlowPipeline`)",
+    "image-to-text": "`crossflow caption` or `vary --text` (`CaptionPipeline`)",
+    "super-resolution": "`crossflow upscale` (`ImagePipeline`)",
+    "image-variation": "`crossflow vary IMAGE` (`ImagePipeline`)",
+}
+
+# The sampler settings a trained preset is sampled with (the one source: the trainer writes them into every
+# `save_pretrained` directory as `sampling.json`; the shipped weights carry the same). `steps`, `guidance_scale`,
+# `official_grid` go to the sampler; image-to-text adds `source_noise_scale` (a temperature on the image VE's
+# posterior) and `text_variation_strength` (`tasks.CaptionPipeline`). A preset without an entry samples with the
+# sampler's defaults (50 steps, guidance 7). Measured in README.md's tables (`crossflow eval --preset NAME`).
+SAMPLING: dict[str, dict[str, Any]] = {
+    "digits": dict(steps=50, guidance_scale=1.5),
+    "digits-caption": dict(steps=25, guidance_scale=1.0, source_noise_scale=0.3, text_variation_strength=0.4),
+    "digits-sr": dict(steps=50, guidance_scale=1.5),
+    "digits-vary": dict(steps=20, guidance_scale=2.0),
+    "dit-h-2-512": dict(OFFICIAL_SAMPLING),  # the official releases: their own sampler
+    **{name: dict(OFFICIAL_SAMPLING) for name in OFFICIAL_CHECKPOINTS},
+}
+
+
+# ---- A checkpoint's config.json (`checkpoint.save_pretrained`): the config plus what the checkpoint is for.
+# Torch-free, so that the CLI checks a checkpoint's task before it imports anything heavy.
+CHECKPOINT_KEYS = ("task", "preset")  # config.json entries about the checkpoint, not the model's config
+
+
+def split_checkpoint_config(text: str) -> tuple[CrossFlowConfig, dict[str, Any]]:
+    """config.json text -> (config, {"task", "preset"}); a file written before they were recorded gets the task its
+    config's pairing implies and preset None. ValueError for invalid JSON, config or task."""
+    d = json.loads(text)
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+    about = {k: d.pop(k, None) for k in CHECKPOINT_KEYS}
+    cfg = CrossFlowConfig.from_dict(d)
+    about["task"] = about["task"] or cfg.task
+    if about["task"] not in TASKS:
+        raise ValueError(f"unknown task {about['task']!r}; known: {sorted(TASKS)}")
+    return cfg, about
+
+
+def read_checkpoint_info(directory: str | os.PathLike) -> tuple[CrossFlowConfig, dict[str, Any]]:
+    """(config, {"task", "preset"}) of a checkpoint directory from its config.json alone: fast, reads no weights and
+    verifies nothing (`checkpoint.read_pretrained` does). ValueError naming the file for an invalid one."""
+    path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in checkpoint directory {directory} (expected {path})")
+    try:
+        return split_checkpoint_config(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: invalid CrossFlow config: {e}") from None
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+class WrongTaskError(ValueError):
+    """A checkpoint made for another task than the one asked of it (`check_task`)."""
+
+
+def check_task(directory: str | os.PathLike, tasks: tuple[str, ...], user: str) -> dict[str, Any]:
+    """{"task", "preset"} of the checkpoint in `directory` when its task is one of `tasks`; else a WrongTaskError
+    saying what the checkpoint is for and what `user` (e.g. "crossflow upscale") needs. From config.json alone."""
+    _, about = read_checkpoint_info(directory)
+    if about["task"] not in tasks:
+        preset = f" (preset {about['preset']})" if about["preset"] else ""
+        raise WrongTaskError(f"{directory} is {_a(about['task'])} checkpoint{preset}, for {TASKS[about['task']]}; "
+                         f"`{user}` needs {_a(' or '.join(tasks))} checkpoint")
+    return about

@@ -24,20 +24,23 @@ holds (`detect_preset`: every tensor shape must match), refuses a `cfg` that doe
 the architecture found, and `save_converted` writes the official sampler settings (`sampling.json`) beside the model.
 
 Pickles are read only with `torch.load(..., weights_only=True)`: tensors and plain containers, never arbitrary objects.
+Before that, `check_official_file` refuses what is not an intact PyTorch checkpoint: an empty file, another format (an
+image, a safetensors file, our own converted checkpoint), a zip archive whose CRC-32 fails (torch's reader checks none).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
+import struct
+import zipfile
 from pathlib import Path
 
 import torch
 
-from crossflow.checkpoint import atomic_write, describe_state_dict, load_state_dict_strict, short_list
-from crossflow.config import CONFIGS, CrossFlowConfig
+from crossflow.checkpoint import CONFIG_NAME, WEIGHTS_NAME, describe_state_dict, load_state_dict_strict, short_list
+from crossflow.config import CONFIGS, SAMPLING, CrossFlowConfig
 from crossflow.convert_dimr import convert_official_dimr_state_dict, describe_dimr_keys, official_dimr_shapes
 from crossflow.dimr_config import OFFICIAL_SAMPLING
 from crossflow.image_encoder import build_image_encoder
@@ -205,6 +208,29 @@ def _what_it_holds(sd: dict[str, torch.Tensor], found: str | None) -> str:
     return describe_state_dict(sorted(keys))
 
 
+NEAR_MISS = 8  # a file this many tensors (or fewer) off a preset's layout is reported as that preset, damaged
+
+
+def nearest_preset(sd: dict[str, torch.Tensor]) -> tuple[str, list[str]] | None:
+    """(preset, what differs) for the preset whose official layout `sd` misses by at most NEAR_MISS tensors (a renamed,
+    missing, extra or misshapen one), or None. The differences name each tensor."""
+    shapes = _kept_shapes(sd)
+    dimr = any(k.startswith("stages.") for k in shapes)
+    best = None
+    for name, fields in CONFIGS.items():
+        if (fields.get("backbone", "dit") == "dimr") != dimr or fields.get("norm", "layer") != "layer":
+            continue
+        want = official_shapes(CrossFlowConfig.from_name(name))
+        missing, extra = sorted(set(want) - set(shapes)), sorted(set(shapes) - set(want))
+        diffs = [f"tensor {k} has shape {shapes[k]}, expected {want[k]}" for k in sorted(set(want) & set(shapes))
+                 if shapes[k] != want[k]]
+        diffs += [f"tensor {k} {want[k]} is missing" for k in missing]
+        diffs += [f"tensor {k} {shapes[k]} is not in its layout" for k in extra]
+        if best is None or len(diffs) < len(best[1]):
+            best = (name, diffs)
+    return best if best is not None and 0 < len(best[1]) <= NEAR_MISS else None
+
+
 def resolve_config(sd: dict[str, torch.Tensor], cfg: CrossFlowConfig | str | None, source: str) -> CrossFlowConfig:
     """The config to convert `sd` into: `cfg` (a config or a preset name) when the checkpoint's layout matches it, the
     detected preset when `cfg` is None. A mismatch raises ValueError naming the architecture found (a few lines)."""
@@ -213,6 +239,11 @@ def resolve_config(sd: dict[str, torch.Tensor], cfg: CrossFlowConfig | str | Non
     if cfg is not None and official_shapes(cfg) == _kept_shapes(sd):
         return cfg
     found = detect_preset(sd)
+    near = nearest_preset(sd) if found is None else None
+    if near is not None and (cfg is None or preset_name(cfg) == near[0]):
+        name, diffs = near
+        raise ValueError(f"{source}: the layout of preset {name!r} except for {len(diffs)} tensor(s): "
+                         + "; ".join(diffs) + ". A damaged or edited file, or a variant this converter does not know")
     if cfg is None:
         if found is None:
             raise ValueError(f"{source}: not a checkpoint of any preset: it holds {_what_it_holds(sd, None)}")
@@ -234,6 +265,9 @@ def load_official_checkpoint(
     None to use the detected preset. The file is read with `torch.load(weights_only=True)` only."""
     path = Path(path)
     if path.is_dir():
+        if (path / WEIGHTS_NAME).is_file() or (path / CONFIG_NAME).is_file():
+            raise ValueError(f"{path} is already a CrossFlow checkpoint (ours, converted or trained): there is nothing "
+                             "to convert; use it as it is (--checkpoint, `CrossFlow.from_pretrained`)")
         cands = [path / "nnet_ema.pth", path / "nnet.pth"]
         found = [c for c in cands if c.is_file()]
         if not found:
@@ -241,6 +275,7 @@ def load_official_checkpoint(
         path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"official checkpoint not found: {path}")
+    check_official_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for disallowed globals, RuntimeError/EOFError for a bad file
@@ -260,13 +295,73 @@ def load_official_checkpoint(
     return model.to(map_location)
 
 
+# leading bytes -> what a file that is not a PyTorch checkpoint is (for the message)
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"RIFF", "a RIFF file (WebP image, WAV audio)"), (b"\x1f\x8b", "gzip-compressed data"),
+          (b"%PDF", "a PDF document"), (b"\x93NUMPY", "a NumPy .npy array"), (b"\x89HDF", "an HDF5 file"),
+          (b"GGUF", "a GGUF model file"))
+
+
+def _safetensors_format(path: Path, head: bytes) -> str | None:
+    """The "format" metadata of a safetensors file (None when it has none), or "" when `path` is not one."""
+    import json
+
+    n = struct.unpack("<Q", head[:8])[0] if len(head) >= 9 else 0
+    if not (2 <= n <= 100_000_000 and head[8:9] == b"{" and n + 8 <= path.stat().st_size):
+        return ""
+    with open(path, "rb") as f:
+        f.seek(8)
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return ""
+    return (header.get("__metadata__") or {}).get("format") if isinstance(header, dict) else ""
+
+
+def check_official_file(path: str | os.PathLike) -> None:
+    """Refuse, before unpickling, a file that is not an intact PyTorch checkpoint (ValueError saying what it is): an
+    empty file, another format, a safetensors file (ours: already converted), a zip archive (torch.save's format since
+    1.6) with a failing CRC-32 (a flipped byte; read in full once: torch's reader checks none). A legacy pickle
+    (torch.save before 1.6, protocol 2+) passes: it has no checksum."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        raise ValueError(f"{path} is empty (0 bytes): not a PyTorch checkpoint; download or copy it again")
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    if info.CRC == 0 and info.file_size:  # written with torch's crc32 off: nothing to compare
+                        continue
+                    with zf.open(info) as member:  # raises BadZipFile on a CRC mismatch at the member's end
+                        while member.read(1 << 24):
+                            pass
+        except (zipfile.BadZipFile, EOFError) as e:
+            raise ValueError(f"{path}: damaged PyTorch checkpoint ({e}): a corrupted or truncated download; fetch it "
+                             "again") from None
+        return
+    if head[:1] == b"\x80":  # a pickle (protocol >= 2): torch.save's legacy format
+        return
+    fmt = _safetensors_format(path, head)
+    if fmt and fmt.startswith("crossflow"):
+        raise ValueError(f"{path} is already a CrossFlow checkpoint file (format {fmt!r}): there is nothing to "
+                         "convert; use its directory as it is (--checkpoint, `CrossFlow.from_pretrained`)")
+    if fmt != "":
+        raise ValueError(f"{path} is a safetensors file, not an official CrossFlow .pth (a pickled state dict)")
+    kind = next((what for magic, what in _MAGIC if head.startswith(magic)), None)
+    raise ValueError(f"{path} is not a PyTorch checkpoint" + (f": it is {kind}" if kind else " (neither a zip archive "
+                     "nor a pickle, the two formats of torch.save)"))
+
+
 def save_converted(model: CrossFlow, directory: str | os.PathLike, sampling: dict | None = None) -> None:
-    """`model.save_pretrained(directory)` plus `sampling.json`: the official sampler (`OFFICIAL_SAMPLING`: 50 Euler
+    """`model.save_pretrained(directory)` with `sampling.json`: the official sampler (`OFFICIAL_SAMPLING`: 50 Euler
     steps on the official time grid, guidance 7, the same for the DiT and DiMR releases), so that `crossflow sample
     --checkpoint DIR` reproduces it without flags."""
-    model.save_pretrained(directory)
-    text = json.dumps(dict(OFFICIAL_SAMPLING if sampling is None else sampling), indent=2) + "\n"
-    atomic_write(Path(directory) / "sampling.json", lambda p: Path(p).write_text(text, encoding="utf-8"))
+    preset = preset_name(model.config)
+    if sampling is None:
+        sampling = SAMPLING.get(preset, OFFICIAL_SAMPLING)
+    model.save_pretrained(directory, sampling=sampling, preset=preset)
 
 
 def preset_name(cfg: CrossFlowConfig) -> str | None:

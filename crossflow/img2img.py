@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from crossflow.data import IndexedPairs
 
 NATIVE = 8  # the originals' resolution: the target of both tasks
+IMAGE_TASKS = ("super-resolution", "image-variation")  # `config.TASKS` of an image -> image model
 LOW = 4  # super-resolution input
 SR_PSNR_GAIN_DB = 2.0  # acceptance: PSNR >= bicubic + 2 dB
 SR_ACCURACY = 0.88  # ... and the 8x8 classifier labels >= 88 % of outputs correctly
@@ -382,17 +383,20 @@ class ImagePipeline:
         self.sampler = sampler if sampler is not None else FastSampler()
 
     @classmethod
-    def from_pretrained(cls, directory: str, device: torch.device | str | None = None,
-                        sampler: Any | None = None) -> "ImagePipeline":
-        """Load a `save_pretrained` directory; without `sampler`, a FastSampler with its `sampling.json` settings."""
+    def from_pretrained(cls, directory: str, device: torch.device | str | None = None, sampler: Any | None = None,
+                        tasks: tuple[str, ...] = IMAGE_TASKS) -> "ImagePipeline":
+        """Load a `save_pretrained` directory; without `sampler`, a FastSampler with its `sampling.json` settings. A
+        checkpoint of a task other than `tasks` is refused before anything loads."""
         from crossflow.autoencoder import build_autoencoder
+        from crossflow.config import check_task
         from crossflow.fast_sampler import FastSampler
         from crossflow.model import CrossFlow
         from crossflow.pipeline import sampling_defaults
 
-        model = CrossFlow.from_pretrained(directory).eval()
+        check_task(directory, tasks, "ImagePipeline" + (f" for {tasks[0]}" if len(tasks) == 1 else ""))
         if sampler is None:
             sampler = FastSampler(**sampling_defaults(directory))
+        model = CrossFlow.from_pretrained(directory).eval()
         pipe = cls(model, build_autoencoder(model.config), sampler)
         if device is not None:
             pipe.model.to(device)
@@ -401,6 +405,13 @@ class ImagePipeline:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The sampler settings a call uses when it passes none (`steps`, `guidance_scale`, `official_grid`)."""
+        from crossflow.pipeline import sampler_settings
+
+        return sampler_settings(self.sampler)
 
     def _sources(self, images: Any, invert: bool) -> torch.Tensor:
         size = self.model.config.source_size

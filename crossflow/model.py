@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -318,9 +319,12 @@ class CrossFlow(nn.Module):
         """The training loss: `self(...)`, named for readers (a DDP-wrapped model must be called, not `.loss`-ed)."""
         return self(*args, **kwargs)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write `model.safetensors`, `config.json` and their `checksums.sha256` atomically (`crossflow.checkpoint`)."""
-        save_pretrained(self, directory)
+    def save_pretrained(self, directory: str | os.PathLike, sampling: dict[str, Any] | None = None,
+                        preset: str | None = None) -> None:
+        """Write `model.safetensors`, `config.json` (with the task and `preset`), `sampling.json` (the recommended
+        sampler settings, when given) and their `checksums.sha256` atomically (`crossflow.checkpoint.save_pretrained`).
+        """
+        save_pretrained(self, directory, sampling, preset)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "CrossFlow":

@@ -45,10 +45,15 @@ class CrossFlowPipeline:
     model: a `CrossFlow`; autoencoder: `decode(latents (B, C, H, W)) -> images (B, C', H', W') in [-1, 1]`;
     sampler: `sampler(model, z0, steps=..., guidance_scale=...) -> z1` (and `callback=` for a progress bar), default
     `FastSampler()` (50 steps, s = 7): CUDA-graph captured on a GPU, the same ops eagerly (exactly `EulerSampler`)
-    elsewhere.
+    elsewhere; `from_pretrained` builds it with the checkpoint's `sampling.json`. `pipe.sampling`: the settings in
+    effect.
     """
 
     def __init__(self, text_encoder: Any, model: torch.nn.Module, autoencoder: Any, sampler: Any | None = None) -> None:
+        cfg = getattr(model, "config", None)
+        if cfg is not None and cfg.task != "text-to-image":
+            raise ValueError(f"CrossFlowPipeline needs a text -> image model, got {cfg.source} -> {cfg.target} "
+                             f"({cfg.task})")
         self.text_encoder = text_encoder
         self.model = model
         self.autoencoder = autoencoder
@@ -57,6 +62,11 @@ class CrossFlowPipeline:
     @property
     def device(self) -> torch.device:
         return _model_device(self.model)
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The sampler settings a call uses when it passes none (`steps`, `guidance_scale`, `official_grid`)."""
+        return sampler_settings(self.sampler)
 
     def to(self, device: torch.device | str) -> "CrossFlowPipeline":
         """Move the model, and the text encoder and autoencoder when they are modules, to `device`; returns self."""
@@ -70,11 +80,17 @@ class CrossFlowPipeline:
     def from_pretrained(
         cls, directory: str | os.PathLike, device: torch.device | str | None = None, sampler: Any | None = None
     ) -> "CrossFlowPipeline":
-        """Load a `save_pretrained` directory; the text encoder and autoencoder are the ones its config names."""
+        """Load a `save_pretrained` directory; the text encoder and autoencoder are the ones its config names, the
+        sampler (unless given) a `FastSampler` with its recommended settings (`sampling.json`). A checkpoint of another
+        task is refused before anything loads."""
         from crossflow.autoencoder import build_autoencoder
+        from crossflow.config import check_task
         from crossflow.model import CrossFlow
         from crossflow.text_encoder import TextEncoder
 
+        check_task(directory, ("text-to-image",), "CrossFlowPipeline")
+        if sampler is None:
+            sampler = FastSampler(**sampling_defaults(directory))
         model = CrossFlow.from_pretrained(directory).eval()
         cfg = model.config
         pipe = cls(TextEncoder.from_config(cfg), model, build_autoencoder(cfg), sampler)
@@ -213,23 +229,57 @@ def sample(
                        guidance_scale=guidance_scale, seed=seed, output_type=output_type)
 
 
-def sampling_defaults(directory: str | os.PathLike) -> dict[str, Any]:
-    """The recommended sampler settings saved beside a checkpoint (`sampling.json`: steps, guidance_scale,
-    official_grid), or {}. A file that is not a JSON object of those keys raises ValueError naming it."""
+SAMPLER_KEYS = ("steps", "guidance_scale", "official_grid")
+SCALE_KEYS = ("source_noise_scale", "text_variation_strength")  # image -> text (`tasks.CaptionPipeline`)
+
+
+def sampler_settings(sampler: Any) -> dict[str, Any]:
+    """The `SAMPLER_KEYS` a sampler has."""
+    return {k: getattr(sampler, k) for k in SAMPLER_KEYS if hasattr(sampler, k)}
+
+
+def sampling_settings(directory: str | os.PathLike) -> dict[str, Any]:
+    """The recommended settings saved beside a checkpoint (`sampling.json`, as `config.SAMPLING` writes them: the
+    sampler's `SAMPLER_KEYS`, and `SCALE_KEYS`; other keys are ignored). Without the file (a run trained before the
+    trainer wrote it): the `config.SAMPLING` entry of the preset its config.json records or its config equals, else {}.
+    A file that is not a JSON object or holds an invalid value raises ValueError naming it."""
     import json
+    import math
     from pathlib import Path
 
     from crossflow.sampling import EulerSampler
 
     f = Path(directory) / "sampling.json"
     if not f.is_file():
-        return {}
+        return _preset_sampling(directory)
     try:
         d = json.loads(f.read_text(encoding="utf-8"))
         if not isinstance(d, dict):
             raise ValueError(f"expected a JSON object, got {type(d).__name__}")
-        kw = {k: d[k] for k in ("steps", "guidance_scale", "official_grid") if k in d}
+        kw = {k: d[k] for k in SAMPLER_KEYS if k in d}
         EulerSampler(**kw)  # the same checks a sampler built from them makes
+        for k in SCALE_KEYS:
+            v = d.get(k, 1.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+                raise ValueError(f"{k} must be a finite number >= 0, got {v!r}")
+            if k in d:
+                kw[k] = float(v)
     except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"{f}: invalid sampling settings ({e})") from None
     return kw
+
+
+def _preset_sampling(directory: str | os.PathLike) -> dict[str, Any]:
+    from crossflow.config import SAMPLING, CrossFlowConfig, read_checkpoint_info
+
+    try:
+        cfg, about = read_checkpoint_info(directory)
+    except (OSError, ValueError):  # reported where the model loads
+        return {}
+    preset = about["preset"] or next((n for n in SAMPLING if CrossFlowConfig.from_name(n) == cfg), None)
+    return dict(SAMPLING.get(preset, {}))
+
+
+def sampling_defaults(directory: str | os.PathLike) -> dict[str, Any]:
+    """The sampler's part of `sampling_settings` (steps, guidance_scale, official_grid), or {}."""
+    return {k: v for k, v in sampling_settings(directory).items() if k in SAMPLER_KEYS}

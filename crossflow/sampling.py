@@ -196,6 +196,9 @@ def interpolate_latents(z_a: torch.Tensor, z_b: torch.Tensor, n: int) -> torch.T
     return torch.cat(frames, dim=0)
 
 
+ARITHMETIC_MIN_SPREAD = 1e-3  # `latent_arithmetic` refuses a combination with less spread, relative to its first term
+
+
 def latent_arithmetic(
     z0: torch.Tensor, z_add: torch.Tensor | None = None, z_sub: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -212,10 +215,20 @@ def latent_arithmetic(
             if other.shape != z0.shape:
                 raise ValueError(f"latent_arithmetic: {name} {tuple(other.shape)} != z0 {tuple(z0.shape)}")
             z = z + sign * other
+    if z.dim() not in (3, 4):
+        raise ValueError(f"latent_arithmetic: expected (C, H, W) or (B, C, H, W), got {tuple(z.shape)}")
+    flat = z.flatten(1) if z.dim() == 4 else z.reshape(1, -1)
+    mean, std = flat.mean(dim=1), flat.std(dim=1)
+    # Terms that cancel (A - A) leave no spread, or rounding noise: standardising divides by zero (all-black images)
+    # or samples from amplified noise. Near zero: under ARITHMETIC_MIN_SPREAD of the first term's own spread.
+    ref = (z0.flatten(1) if z0.dim() == 4 else z0.reshape(1, -1)).float().std(dim=1)
+    small = ~(std.float() > ARITHMETIC_MIN_SPREAD * ref)  # also catches nan
+    if bool(small.any()):
+        i = int(small.nonzero()[0])
+        which = f" (sample {i})" if z.dim() == 4 else ""
+        raise ValueError(f"latent_arithmetic: the terms cancel out: the combined latent's spread is "
+                         f"{float(std[i]):.3g} against {float(ref[i]):.3g} for the first term{which}; nothing is left "
+                         "to sample from: change the prompts")
     if z.dim() == 3:
         return (z - z.mean()) / z.std()
-    if z.dim() != 4:
-        raise ValueError(f"latent_arithmetic: expected (C, H, W) or (B, C, H, W), got {tuple(z.shape)}")
-    flat = z.flatten(1)
-    mean, std = flat.mean(dim=1), flat.std(dim=1)
     return (z - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)

@@ -11,7 +11,6 @@ bright on a dark ground as the digits model draws them).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -53,11 +52,6 @@ def load_images(paths: Sequence[Any], channels: int, size: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _settings(directory: str | os.PathLike) -> dict[str, Any]:
-    f = Path(directory) / "sampling.json"
-    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
-
-
 class CaptionPipeline:
     """Images to captions with an image -> text CrossFlow: image VE sample z0 (the seed's only randomness) ->
     sampler -> text latent z1 -> text decoder. `pipe(images, num_captions_per_image=K, seed=S)` -> texts, an image's
@@ -77,16 +71,30 @@ class CaptionPipeline:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str | None = None,
                         sampler: Any | None = None) -> "CaptionPipeline":
+        """Load a `save_pretrained` directory with its recommended settings (`sampling.json`: the sampler's unless
+        `sampler` is given, the noise scale and variation strength); another task's checkpoint is refused before
+        anything loads."""
+        from crossflow.config import check_task
         from crossflow.model import CrossFlow
-        from crossflow.pipeline import sampling_defaults
+        from crossflow.pipeline import SAMPLER_KEYS, sampling_settings
 
+        check_task(directory, ("image-to-text",), "CaptionPipeline")
+        settings = sampling_settings(directory)
+        if sampler is None:
+            sampler = FastSampler(**{k: v for k, v in settings.items() if k in SAMPLER_KEYS})
         model = CrossFlow.from_pretrained(directory).eval()
         if device is not None:
             model.to(device)
-        sampler = sampler if sampler is not None else FastSampler(**sampling_defaults(directory))
-        settings = _settings(directory)
         return cls(model, sampler, variation_strength=settings.get(VARIATION_KEY, 1.0),
                    noise_scale=settings.get(NOISE_KEY, 1.0))
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The settings a call uses when it passes none: the sampler's, the source noise scale, the variation
+        strength (the keys of `sampling.json`)."""
+        from crossflow.pipeline import sampler_settings
+
+        return {**sampler_settings(self.sampler), NOISE_KEY: self.noise_scale, VARIATION_KEY: self.variation_strength}
 
     @property
     def text_encoder(self):
@@ -212,7 +220,7 @@ def vary_image(images: torch.Tensor | Sequence[str | os.PathLike], checkpoint: s
     dev = str(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     key = (os.path.abspath(path), dev)
     if key not in _IMAGE_PIPES:
-        _IMAGE_PIPES[key] = ImagePipeline.from_pretrained(path, device=dev)
+        _IMAGE_PIPES[key] = ImagePipeline.from_pretrained(path, device=dev, tasks=("image-variation",))
     if not isinstance(images, torch.Tensor):
         images = read_images(images)
     return _IMAGE_PIPES[key](images, num_images_per_image=n, steps=steps, guidance_scale=guidance_scale, seed=seed)

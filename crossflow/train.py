@@ -8,7 +8,8 @@
 What a run writes under --out (rank 0 only; default runs/<preset>):
     log.jsonl                          one JSON line per logged step: step, loss, fm, clip, kl, lr, grad_norm, ...
     checkpoints/step_XXXXXXXX.safetensors   model + EMA + AdamW state + scheduler + step, one atomic, checksummed file
-    final/                             the EMA weights via `save_pretrained` (load with `CrossFlow.from_pretrained`)
+    final/                             the EMA weights via `save_pretrained` (load with `CrossFlow.from_pretrained`),
+                                       with the preset's sampler settings (`config.SAMPLING`) as sampling.json
     .lock                              held while a trainer runs there: a second one on the same --out is refused
 
 Every random draw of step s (batch, VE noise, indicator dropout, t, dropout) is seeded by (seed, s, rank): a resumed
@@ -37,7 +38,7 @@ from tqdm import tqdm
 import crossflow_kernels
 from crossflow import checkpoint as ckpt
 from crossflow import distributed as fsdp
-from crossflow.config import CrossFlowConfig
+from crossflow.config import SAMPLING, CrossFlowConfig
 from crossflow.data import collate, stable_seed
 from crossflow.datasets import DATASETS, batch_inputs
 from crossflow.model import CrossFlow
@@ -195,8 +196,8 @@ class Trainer:
                 bar.update(1)
         bar.close()
         ema = fsdp.whole(self.ema, self.main, self.cfg)  # under FSDP gathered (to rank 0)
-        if self.main:
-            ckpt.save_pretrained(ema, str(self.out / "final"))
+        if self.main:  # with the preset's sampler settings, so that `crossflow sample --checkpoint` uses them
+            ckpt.save_pretrained(ema, str(self.out / "final"), sampling=SAMPLING.get(tc.preset), preset=tc.preset)
         if tc.dump_weights_hash:
             self._dump_hash(tc.dump_weights_hash)
         if self.world > 1:

@@ -93,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: invalid device {self.device!r} ({e})") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"TrainConfig: device {self.device!r} requested but CUDA is not available")
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"TrainConfig: --out {self.out} is a file; it must be a directory (created if missing)")
         if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
             raise ValueError("TrainConfig: fsdp shards over the processes of a torchrun launch: use torchrun")
         if self.backend == "triton" and (dev.type == "cuda") == crossflow_kernels.interpreting():

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +52,8 @@ def test_round_trip_gives_equal_outputs(make_model, tmp_path):
     m.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == [CHECKSUMS_NAME, CONFIG_NAME, WEIGHTS_NAME]  # no temp files left behind
     assert verify_checksums(tmp_path) == [CONFIG_NAME, WEIGHTS_NAME]
-    assert json.loads((tmp_path / CONFIG_NAME).read_text()) == TINY.to_dict()
+    want = {**TINY.to_dict(), "task": "text-to-image", "preset": None}
+    assert json.loads((tmp_path / CONFIG_NAME).read_text()) == want
     m2 = CrossFlow.from_pretrained(tmp_path, map_location="cpu").eval()
     assert m2.config == TINY
     for k, v in m.state_dict().items():
@@ -117,12 +119,14 @@ def test_missing_files_raise(make_model, tmp_path):
 def test_config_mismatch_and_bad_keys_raise(make_model, tmp_path):
     m = make_model()
     save_pretrained(m, tmp_path)
-    (tmp_path / CHECKSUMS_NAME).unlink()  # hand edits below; with checksums each would be refused as corruption
     cfg_path = tmp_path / CONFIG_NAME
+    rehash = lambda: ckpt.write_checksums(tmp_path, [WEIGHTS_NAME, CONFIG_NAME])  # noqa: E731 (a hand edit's)
     cfg_path.write_text(TINY.replace(depth=3).to_json())
+    rehash()
     with pytest.raises(ValueError, match="disagrees with the config stored in model.safetensors.*'depth': \\(2, 3\\)"):
         load_pretrained(tmp_path)
     cfg_path.write_text('{"depth": "two"}')
+    rehash()
     with pytest.raises(ValueError, match="invalid CrossFlow config"):
         load_pretrained(tmp_path)
     # weights written by someone else (no config in the metadata): keys are checked one by one
@@ -132,6 +136,7 @@ def test_config_mismatch_and_bad_keys_raise(make_model, tmp_path):
     del sd["flow.blocks.1.mlp.fc2.bias"]
     sd["logit_scale"] = torch.zeros(3)
     save_file(sd, str(tmp_path / WEIGHTS_NAME))
+    rehash()
     with pytest.raises(ValueError) as e:
         load_pretrained(tmp_path)
     msg = str(e.value)
@@ -164,8 +169,9 @@ def test_one_flipped_byte_in_tensor_data_is_caught(make_model, tmp_path):
     w.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=f"{w}: corrupted .*sha256"):
         load_pretrained(tmp_path)
-    (tmp_path / CHECKSUMS_NAME).unlink()
-    load_pretrained(tmp_path)  # what happened on main: a silent load of wrong weights
+    (tmp_path / CHECKSUMS_NAME).unlink()  # on main: a silent load of wrong weights
+    with pytest.raises(ValueError, match=f"{tmp_path}: checksums.sha256 is missing"):
+        load_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("content", [b'{"depth": 2,', b"\xff\xfe not text", b""])
@@ -198,10 +204,16 @@ def test_resave_rewrites_the_checksums(make_model, tmp_path):
     torch.testing.assert_close(load_pretrained(tmp_path).logit_scale, make_model(1).logit_scale)
 
 
-def test_shipped_digits_weights_carry_checksums():
-    from crossflow.pipeline import default_checkpoint
+@pytest.mark.parametrize("preset, task", [("digits", "text-to-image"), ("digits-caption", "image-to-text"),
+                                          ("digits-sr", "super-resolution"), ("digits-vary", "image-variation")])
+def test_shipped_weights_carry_checksums_their_task_and_their_presets_sampling(preset, task):
+    from crossflow.config import SAMPLING
+    from crossflow.tasks import default_checkpoint
 
-    assert verify_checksums(default_checkpoint()) == [CONFIG_NAME, WEIGHTS_NAME]
+    d = Path(default_checkpoint(preset))
+    assert verify_checksums(d) == [CONFIG_NAME, WEIGHTS_NAME, ckpt.SAMPLING_NAME]
+    assert ckpt.read_checkpoint_info(d)[1] == {"task": task, "preset": preset}
+    assert json.loads((d / ckpt.SAMPLING_NAME).read_text()) == SAMPLING[preset]  # one source: config.SAMPLING
 
 
 def test_clean_stale_tmp_removes_only_atomic_write_leftovers(tmp_path):
@@ -212,3 +224,66 @@ def test_clean_stale_tmp_removes_only_atomic_write_leftovers(tmp_path):
     assert sorted(clean_stale_tmp(tmp_path)) == sorted(stale)
     assert sorted(tmp_path.iterdir()) == sorted(keep)
     assert clean_stale_tmp(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize("keep", [[], [CONFIG_NAME], [WEIGHTS_NAME]], ids=["empty", "no-weights", "no-config"])
+def test_a_manifest_must_list_the_weights_and_the_config(make_model, tmp_path, keep):
+    make_model().save_pretrained(tmp_path)
+    manifest = tmp_path / CHECKSUMS_NAME
+    manifest.write_text("".join(ln + "\n" for ln in manifest.read_text().splitlines() if ln.split("  ")[1] in keep))
+    with pytest.raises(ValueError, match=f"{manifest} does not list .*{WEIGHTS_NAME if not keep else ''}"):
+        load_pretrained(tmp_path)
+
+
+def test_a_missing_manifest_is_accepted_only_for_checkpoints_older_than_manifests(make_model, tmp_path):
+    make_model().save_pretrained(tmp_path)
+    (tmp_path / CHECKSUMS_NAME).unlink()
+    with pytest.raises(ValueError, match="checksums.sha256 is missing"):
+        load_pretrained(tmp_path)
+    # weights as written before manifests existed: no "manifest" key in their metadata -> one warning, loaded
+    tensors, meta = ckpt.read_safetensors(tmp_path / WEIGHTS_NAME)
+    del meta["manifest"]
+    save_file(tensors, str(tmp_path / WEIGHTS_NAME), metadata=meta)
+    with pytest.warns(ckpt.UnverifiedCheckpointWarning, match="no checksums.sha256 .*loaded unverified") as w:
+        load_pretrained(tmp_path)
+    assert len(w) == 1 and "\n" not in str(w[0].message)
+
+
+def test_sampling_settings_are_listed_and_verified(make_model, tmp_path):
+    m = make_model()
+    m.save_pretrained(tmp_path, sampling={"steps": 20, "guidance_scale": 2.0}, preset="tiny")
+    assert verify_checksums(tmp_path) == [CONFIG_NAME, WEIGHTS_NAME, ckpt.SAMPLING_NAME]
+    info = ckpt.read_checkpoint_info(tmp_path)[1]
+    assert info == {"task": "text-to-image", "preset": "tiny"}
+    (tmp_path / ckpt.SAMPLING_NAME).write_text('{"steps": 20, "guidance_scale": 7.0}\n')
+    with pytest.raises(ValueError, match="sampling.json: corrupted"):
+        load_pretrained(tmp_path)
+    m.save_pretrained(tmp_path)  # no settings: the earlier save's file goes (it was for other weights)
+    assert ckpt.SAMPLING_NAME not in os.listdir(tmp_path)
+    (tmp_path / ckpt.SAMPLING_NAME).write_text('{"steps": 20}\n')  # an unlisted file: used, with a warning
+    with pytest.warns(ckpt.UnverifiedCheckpointWarning, match="sampling.json is not listed"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_checkpoint_file_gets_the_same_umask_mode(make_model, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        make_model().save_pretrained(tmp_path, sampling={"steps": 3})
+    finally:
+        os.umask(old)
+    modes = {n: oct((tmp_path / n).stat().st_mode & 0o777) for n in os.listdir(tmp_path)}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes  # main: model.safetensors 0600, the rest 0644
+
+
+def test_a_full_disk_is_an_oserror_naming_the_file(make_model, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "_safetensors_save_file", full)
+    with pytest.raises(OSError, match=f"No space left on device: '{tmp_path / WEIGHTS_NAME}'") as e:
+        make_model().save_pretrained(tmp_path)
+    assert e.value.errno == 28
+    assert os.listdir(tmp_path) == []  # no temporary file left behind

@@ -485,3 +485,99 @@ def test_cold_sample_imports_no_compiler_stack_and_no_transformers(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "0 []", r.stdout
     assert png.stat().st_size > 0
+
+
+# verb arguments, checkpoint, what the message says the checkpoint is for
+_MIXUPS = [
+    (["vary", "IMG"], "digits-sr", "super-resolution checkpoint (preset digits-sr), for `crossflow upscale`"),
+    (["upscale", "IMG"], "digits-vary", "image-variation checkpoint (preset digits-vary), for `crossflow vary IMAGE`"),
+    (["sample", "a seven"], "digits-caption",
+     "image-to-text checkpoint (preset digits-caption), for `crossflow caption`"),
+    (["caption", "IMG"], "digits", "text-to-image checkpoint (preset digits), for `crossflow sample`"),
+    (["vary", "--text", "a seven"], "digits-vary", "image-variation checkpoint"),
+    (["eval", "--preset", "digits-sr"], "digits-vary", "image-variation checkpoint"),
+]
+
+
+@pytest.mark.parametrize("argv, preset, match", _MIXUPS, ids=[f"{a[0]}-{p}" for a, p, _ in _MIXUPS])
+def test_a_checkpoint_for_another_verb_is_refused_at_once(argv, preset, match, cli_fails, tmp_path):
+    from crossflow.tasks import default_checkpoint
+
+    Image.new("L", (8, 8)).save(tmp_path / "d.png")
+    argv = [str(tmp_path / "d.png") if a == "IMG" else a for a in argv]
+    assert match in cli_fails([*argv, "--checkpoint", default_checkpoint(preset)], 2)  # main: exit 0, or a late error
+
+
+def test_the_task_check_reads_config_json_only_and_infers_an_unrecorded_task(tmp_path):
+    """Before anything heavy is imported (in well under a second); a checkpoint written before config.json recorded
+    its task gets the one its pairing implies."""
+    from crossflow.checkpoint import write_checksums
+    from crossflow.tasks import default_checkpoint
+
+    old = Path(shutil.copytree(default_checkpoint("digits-sr"), tmp_path / "old-sr"))
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["task"], cfg["preset"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    write_checksums(old, ["config.json", "model.safetensors", "sampling.json"])
+    Image.new("L", (8, 8)).save(tmp_path / "d.png")
+    code = ("import sys\nfrom crossflow import cli\n"
+            f"try:\n    cli.main(['vary', {str(tmp_path / 'd.png')!r}, '--checkpoint', {str(old)!r}])\n"
+            "except SystemExit as e:\n    print(e.code)\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["2", "[]"], (r.stdout, r.stderr)
+    assert r.stderr.startswith(f"crossflow: error: {old} is a super-resolution checkpoint, for `crossflow upscale`")
+
+
+def test_a_trained_checkpoint_samples_with_its_presets_settings(tiny_digits_run):
+    from crossflow.config import SAMPLING
+    from crossflow.pipeline import CrossFlowPipeline
+
+    assert json.loads((tiny_digits_run / "sampling.json").read_text()) == SAMPLING["digits"]  # main: no sampling.json
+    assert CrossFlowPipeline.from_pretrained(tiny_digits_run).sampling["guidance_scale"] == 1.5
+
+
+def test_arithmetic_whose_terms_cancel_is_refused(cli_fails, tmp_path):
+    err = cli_fails(["arithmetic", "seven", "-", "seven", "-o", str(tmp_path / "a.png"), "--backend", "torch"], 1)
+    assert "the terms cancel out" in err and not (tmp_path / "a.png").exists()  # main: all-black images, exit 0
+
+
+def test_a_full_disk_while_writing_the_image_is_one_line_naming_it(monkeypatch, tmp_path, cli_fails):
+    import errno
+
+    def full(self, fp, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "a.png"
+    err = cli_fails(["sample", "a seven", "-o", str(out), "--backend", "torch", "-q"], 1)
+    assert err == f"crossflow: error: [Errno 28] No space left on device: '{out}'\n" and not os.listdir(tmp_path)
+
+
+def test_a_checkpoint_older_than_manifests_samples_with_a_one_line_warning(ckpt_copy, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from crossflow.checkpoint import read_safetensors
+
+    _, meta = read_safetensors(ckpt_copy / "model.safetensors")
+    del meta["manifest"]  # as saved before checkpoints had a manifest
+    save_file(load_file(ckpt_copy / "model.safetensors"), ckpt_copy / "model.safetensors", metadata=meta)
+    (ckpt_copy / "checksums.sha256").unlink()
+    cli.main(["sample", "x", "--checkpoint", str(ckpt_copy), "-o", str(tmp_path / "a.png"), "--backend", "torch",
+              "--steps", "2", "-q"])
+    err = capsys.readouterr().err
+    assert err.startswith("crossflow: warning: ") and err.count("\n") == 1 and "loaded unverified" in err, err
+
+
+def test_a_run_trained_before_sampling_json_gets_its_presets_settings(ckpt_copy):
+    from crossflow.checkpoint import write_checksums
+    from crossflow.pipeline import CrossFlowPipeline
+
+    (ckpt_copy / "sampling.json").unlink()  # a digits run trained on main: no sampling.json, no preset recorded
+    cfg = json.loads((ckpt_copy / "config.json").read_text())
+    del cfg["preset"], cfg["task"]
+    (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+    write_checksums(ckpt_copy, ["config.json", "model.safetensors"])
+    # its config is the digits preset's: its settings, not the sampler's 50 steps at guidance 7
+    assert CrossFlowPipeline.from_pretrained(ckpt_copy).sampling == {"steps": 50, "guidance_scale": 1.5,
+                                                                     "official_grid": False}

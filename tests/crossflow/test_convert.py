@@ -357,3 +357,69 @@ def test_cli_convert_detects_the_preset_and_refuses_a_mismatch(tmp_path, capsys)
     assert e.value.code == 1 and err.startswith("crossflow: error: ") and err.count("\n") == 1 and len(err) < 700
     assert "the 'tiny' layout: a DiT flow network" in err and "preset 'dimr-tiny' is a DiMR" in err, err
     assert "use --preset tiny" in err and not (tmp_path / "x").exists()
+
+
+def _flip_a_tensor_byte(path):
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if "/data/" in i.filename and i.file_size > 64)
+    data = bytearray(path.read_bytes())
+    local_extra = int.from_bytes(data[info.header_offset + 28: info.header_offset + 30], "little")
+    start = info.header_offset + 30 + len(info.filename.encode()) + local_extra  # after the local header
+    data[start + 17] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_cli_convert_refuses_a_pth_whose_crc_fails(tmp_path, cli_fails):
+    path = tmp_path / "official.pth"
+    torch.save(official_state_dict(TINY, seed=5), path)
+    _flip_a_tensor_byte(path)
+    torch.load(path, weights_only=True)  # torch's own reader does not notice (main converted it, exit 0)
+    err = cli_fails(["convert", str(path), "-o", str(tmp_path / "ours")], 1)
+    assert "damaged PyTorch checkpoint (Bad CRC-32 for file" in err and not (tmp_path / "ours").exists()
+
+
+def test_cli_convert_says_what_a_file_is_instead(tmp_path, cli_fails):
+    from PIL import Image
+
+    from crossflow.model import CrossFlow
+
+    Image.new("L", (4, 4)).save(tmp_path / "digit.png")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    CrossFlow(TINY).save_pretrained(tmp_path / "ours")
+    for src, match in ((tmp_path / "digit.png", "is not a PyTorch checkpoint: it is a PNG image"),  # main: weights_only
+                       (tmp_path / "empty.pth", "is empty (0 bytes)"),
+                       (tmp_path / "ours", "is already a CrossFlow checkpoint (ours"),
+                       (tmp_path / "ours" / "model.safetensors", "is already a CrossFlow checkpoint file")):
+        err = cli_fails(["convert", str(src), "-o", str(tmp_path / "out")], 1)
+        assert match in err and "weights_only=False" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("rename", ["tensor blocks.0.attn.qkv.weight (192, 64) is missing",
+                "tensor blocks.0.attn.qkv.weightx (192, 64) is not in its layout"]),
+    ("shape", ["tensor x_embedder.proj.bias has shape (5,), expected (64,)"]),
+    ("extra", ["tensor blocks.0.extra (3,) is not in its layout"]),
+])
+@pytest.mark.parametrize("preset", [[], ["--preset", "tiny"]], ids=["detected", "given"])
+def test_cli_convert_names_the_tensor_a_near_miss_differs_in(tmp_path, cli_fails, damage, match, preset):
+    sd = official_state_dict(TINY, seed=5)
+    if damage == "rename":
+        sd["blocks.0.attn.qkv.weightx"] = sd.pop("blocks.0.attn.qkv.weight")
+    elif damage == "shape":
+        sd["x_embedder.proj.bias"] = torch.zeros(5)
+    else:
+        sd["blocks.0.extra"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "official.pth")
+    err = cli_fails(["convert", str(tmp_path / "official.pth"), *preset, "-o", str(tmp_path / "ours")], 1)
+    assert "the layout of preset 'tiny' except for" in err and all(m in err for m in match), err  # main: "not a
+    # checkpoint of any preset"
+
+
+def test_cli_convert_output_must_be_a_directory(tmp_path, cli_fails):
+    torch.save(official_state_dict(TINY, seed=5), tmp_path / "official.pth")
+    (tmp_path / "file").write_text("x")
+    argv = ["convert", str(tmp_path / "official.pth"), "-o", str(tmp_path / "file")]
+    assert "must be a directory" in cli_fails(argv, 2)

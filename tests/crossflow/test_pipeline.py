@@ -126,7 +126,51 @@ def test_sampling_defaults_names_a_bad_file(tmp_path):
     assert sampling_defaults(tmp_path) == {}
     (tmp_path / "sampling.json").write_text('{"steps": 20, "guidance_scale": 3.0, "other": 1}')
     assert sampling_defaults(tmp_path) == {"steps": 20, "guidance_scale": 3.0}
-    for text in ("{oops", "[1, 2]", '{"guidance_scale": "high"}', '{"steps": 0}'):
+    for text in ("{oops", "[1, 2]", '{"guidance_scale": "high"}', '{"steps": 0}', '{"source_noise_scale": -1}'):
         (tmp_path / "sampling.json").write_text(text)
         with pytest.raises(ValueError, match=f"{tmp_path / 'sampling.json'}: invalid sampling settings"):
             sampling_defaults(tmp_path)
+
+
+def test_from_pretrained_applies_and_exposes_the_checkpoints_sampling_settings(pipe, tmp_path):
+    pipe.model.save_pretrained(tmp_path, sampling={"steps": 3, "guidance_scale": 1.5})
+    loaded = CrossFlowPipeline.from_pretrained(tmp_path)  # on main: 50 steps at guidance 7, sampling.json ignored
+    assert loaded.sampling == {"steps": 3, "guidance_scale": 1.5, "official_grid": False}
+    want = pipe("seven", seed=3, steps=3, guidance_scale=1.5, output_type="latent")
+    torch.testing.assert_close(loaded("seven", seed=3, output_type="latent"), want)
+    given = CrossFlowPipeline.from_pretrained(tmp_path, sampler=EulerSampler(steps=2))  # an explicit sampler wins
+    assert given.sampling == {"steps": 2, "guidance_scale": 7.0, "official_grid": False}
+
+
+def test_every_pipeline_loads_the_shipped_settings():
+    from crossflow.config import SAMPLING
+    from crossflow.img2img import ImagePipeline
+    from crossflow.pipeline import default_checkpoint as digits
+    from crossflow.tasks import CaptionPipeline, default_checkpoint
+
+    assert CrossFlowPipeline.from_pretrained(digits()).sampling == {**SAMPLING["digits"], "official_grid": False}
+    assert CaptionPipeline.from_pretrained(default_checkpoint("digits-caption")).sampling == {
+        **SAMPLING["digits-caption"], "official_grid": False}
+    for preset in ("digits-sr", "digits-vary"):
+        assert ImagePipeline.from_pretrained(default_checkpoint(preset)).sampling == {**SAMPLING[preset],
+                                                                                      "official_grid": False}
+
+
+def test_a_checkpoint_of_another_task_is_refused_before_it_loads(monkeypatch):
+    from crossflow.img2img import ImagePipeline
+    from crossflow.model import CrossFlow
+    from crossflow.tasks import CaptionPipeline, default_checkpoint
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(CrossFlow, "from_pretrained", no_load)
+    with pytest.raises(ValueError, match=r"digits-caption is an image-to-text checkpoint \(preset digits-caption\), "
+                                         r"for `crossflow caption`.*`CrossFlowPipeline` needs a text-to-image"):
+        CrossFlowPipeline.from_pretrained(default_checkpoint("digits-caption"))
+    with pytest.raises(ValueError, match="is a text-to-image checkpoint .*`CaptionPipeline` needs an image-to-text"):
+        CaptionPipeline.from_pretrained(default_checkpoint("digits"))
+    with pytest.raises(ValueError, match="is a super-resolution checkpoint .*needs an image-variation checkpoint"):
+        ImagePipeline.from_pretrained(default_checkpoint("digits-sr"), tasks=("image-variation",))
+    with pytest.raises(ValueError, match="an image-to-text checkpoint .*needs a super-resolution or image-variation"):
+        ImagePipeline.from_pretrained(default_checkpoint("digits-caption"))

@@ -196,3 +196,15 @@ def test_latent_arithmetic_standardises_like_the_official_demo():
     torch.testing.assert_close(batched[1], ((b - c) - (b - c).mean()) / (b - c).std())
     with pytest.raises(ValueError):
         latent_arithmetic(a)
+
+
+def test_latent_arithmetic_refuses_terms_that_cancel():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 1, 4, 4, generator=g)
+    with pytest.raises(ValueError, match="the terms cancel out"):  # main: 0 / 0 -> nan -> all-black images
+        latent_arithmetic(a, z_sub=a)
+    with pytest.raises(ValueError, match=r"cancel out: .* \(sample 1\)"):  # rounding noise is no spread either
+        latent_arithmetic(a, z_sub=torch.stack([torch.zeros_like(a[0]), a[1] * (1 + 1e-6)]))
+    with pytest.raises(ValueError, match="cancel out"):
+        latent_arithmetic(a[0], z_add=a[0], z_sub=2 * a[0])
+    assert torch.isfinite(latent_arithmetic(a, z_sub=0.5 * a)).all()  # half of it is left: fine

@@ -302,7 +302,9 @@ def test_caption_and_vary_errors(tmp_path, cli_fails):
     from PIL import Image
 
     Image.new("L", (16, 16)).save(png)
-    assert "image -> text model" in cli_fails(["caption", str(png), "--checkpoint", default_checkpoint()], 1)
+    err = cli_fails(["caption", str(png), "--checkpoint", default_checkpoint()], 2)  # found before anything loads
+    assert "is a text-to-image checkpoint (preset digits)" in err
+    assert "`crossflow caption` needs an image-to-text" in err
 
 
 @pytest.mark.usefixtures("torch_backend")

@@ -350,3 +350,51 @@ def test_stale_temporary_files_are_cleaned_on_start(tmp_path):
     train(_cfg(tmp_path, steps=3, ckpt_every=2, resume=True))
     assert not any(f.exists() for f in stale)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+
+
+def test_a_full_disk_stops_training_in_one_line_and_the_run_resumes(tmp_path, monkeypatch):
+    import crossflow.checkpoint as ckpt
+    from safetensors import SafetensorError
+
+    argv = ["--out", str(tmp_path), "--preset", "tiny", "--steps", "4", "--ckpt-every", "2", "--log-every", "1",
+            "--batch-size", "4", "--backend", "torch", "--quiet"]
+    real, calls = ckpt._safetensors_save_file, [0]
+
+    def fills_up(*a, **k):  # the second checkpoint meets a full disk (safetensors' own error type)
+        calls[0] += 1
+        if calls[0] == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ckpt, "_safetensors_save_file", fills_up)
+    with pytest.raises(SystemExit) as e:  # main: a SafetensorError traceback
+        main(argv)
+    msg = str(e.value.code)
+    assert msg == (f"crossflow.train: error: [Errno 28] No space left on device: "
+                   f"'{tmp_path / 'checkpoints' / 'step_00000004.safetensors'}'"), msg
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(ckpt, "_safetensors_save_file", real)
+    main([*argv, "--resume"])  # space freed: the run continues from step 2
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4] and (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_out_naming_a_file_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "run").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "run"), "--preset", "tiny"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--out" in err and "must be a directory" in err and err.count("\n") == 1, err
+
+
+def test_the_final_checkpoint_carries_the_presets_sampling_settings_and_task(tmp_path):
+    from crossflow.config import SAMPLING, read_checkpoint_info
+    from crossflow.img2img import ImagePipeline
+
+    train(_cfg(tmp_path / "sr", preset="digits-sr", data="digits-sr", steps=1, batch_size=4))
+    final = tmp_path / "sr" / "final"
+    assert json.loads((final / "sampling.json").read_text()) == SAMPLING["digits-sr"]  # main: no sampling.json
+    assert read_checkpoint_info(final)[1] == {"task": "super-resolution", "preset": "digits-sr"}
+    assert ImagePipeline.from_pretrained(final).sampling == {**SAMPLING["digits-sr"], "official_grid": False}
+    train(_cfg(tmp_path / "tiny", steps=1, batch_size=4))  # a preset without recommended settings: the sampler's own
+    assert not (tmp_path / "tiny" / "final" / "sampling.json").exists()
