@@ -579,7 +579,7 @@ def _common(p: argparse.ArgumentParser, default_model: str = "the shipped digits
 
     def default(key: str, fallback: str) -> str:
         own = f"; the shipped model's: {shipped[key]:g}" if key in shipped else ""
-        return f"default: the checkpoint's sampling.json{own}; without one, {fallback}"
+        return f"default: the checkpoint's sampling.json{own}; without one, its preset's, else {fallback}"
 
     p.add_argument("--steps", type=_int_at_least(1), default=None, help=f"Euler steps ({default('steps', '50')})")
     p.add_argument("--guidance", type=_guidance, default=None,

@@ -395,8 +395,8 @@ def test_help_texts_agree_with_the_code():
     for verb, preset in (("caption", "digits-caption"), ("upscale", "digits-sr"), ("sample", "digits")):
         shipped = json.loads((Path(default_checkpoint(preset)) / "sampling.json").read_text())
         text = " ".join(sub[verb].format_help().split())
-        assert f"the shipped model's: {shipped['guidance_scale']:g}; without one, 7" in text, (verb, text)
-        assert f"the shipped model's: {shipped['steps']}; without one, 50" in text, (verb, text)
+        assert f"the shipped model's: {shipped['guidance_scale']:g}; without one, its preset's, else 7" in text, (verb, text)
+        assert f"the shipped model's: {shipped['steps']}; without one, its preset's, else 50" in text, (verb, text)
     text = " ".join(sub["eval"].format_help().split())
     assert "(default: the shipped weights of --preset)" in text and "shipped digits model" not in text
     for verb in ("sample", "interpolate"):  # every positional argument explains itself
