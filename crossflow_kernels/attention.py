@@ -13,7 +13,7 @@ which ran):
 - fused (the default; on a pre-sm_90 GPU at head dims split 64+16 / 64+32, where only 16-query tiles of it compile
   spill-free, `auto` keeps the split pair): one kernel per key block sweeps every query block and computes S, dP,
   dV += Pᵀ dO, dK += dSᵀ Q and dQ's share dS K, added into an fp32 dQ buffer with atomics (which the preprocess
-  zeroes): 5 matmuls per (query, key) tile. The fp32 sums land in scheduling order, so dQ's last bits may differ
+  zeroes, and the autotuner before each launch it benchmarks): 5 matmuls per (query, key) tile. The fp32 sums land in scheduling order, so dQ's last bits may differ
   from run to run.
 - split: one kernel per key block for dK/dV (S, dP, dV, dK) and one per query block for dQ (S, dP, dQ), 7 matmuls per
   tile (P and dP recomputed twice), every gradient written by exactly one program: bitwise reproducible. It runs
@@ -760,7 +760,11 @@ def _attention_bwd_dq_kernel(
     _store_rows(DQ, dq0 * sm_scale, dq1 * sm_scale, rows, row_ok, stride_dqt, UNIT, HEAD_DIM, D0, D1)
 
 
-@triton.autotune(configs=_FUSED_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("fused")})
+# DQ_ACC is added into (atomics): the autotuner launches every kept config many times before the winner runs, so it
+# must zero DQ_ACC before each launch (`reset_to_zero`, which Inductor's autotuner honours too); the preprocess zeroes
+# it for the launches that are not tuned. Every other autotuned kernel here only stores (no argument is read back).
+@triton.autotune(configs=_FUSED_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("fused")},
+                 reset_to_zero=["DQ_ACC"])
 @triton.jit(do_not_specialize=_BUCKETS)
 def _attention_bwd_fused_kernel(
     Q, K, V, DO,  # (B, H, T, D), unit head-dim stride

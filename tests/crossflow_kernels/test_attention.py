@@ -623,3 +623,66 @@ def test_attention_large_gpu(dtype, device):
         for name, g, r, rl in zip(("out", "dq", "dk", "dv"), got, ref32, lowp):
             assert_close_to_ref(g[sl], r, rl, name=name)
     assert math.isfinite(got[0].float().abs().max().item())
+
+
+def _force_autotuning(kernel, tiles, monkeypatch, runs=3):
+    """What the interpreter hides: `kernel` tunes over several configs (all kept), each benchmarked by `runs` real
+    launches, on an empty tuning cache."""
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "early_config_prune", None)
+    monkeypatch.setattr(kernel, "cache", {})
+    timings = iter(range(1, 1000))
+
+    def do_bench(kernel_call, quantiles):
+        for _ in range(runs):
+            kernel_call()
+        t = float(next(timings))
+        return [t, t, t]
+
+    monkeypatch.setattr(kernel, "_do_bench", do_bench)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_fused_bwd_first_call_after_autotuning(masked, device, monkeypatch):
+    # Regression: the fused backward adds dQ into an fp32 accumulator that was zeroed once, before the autotuner ran
+    # every config several times; the first call of a new tuning key returned dQ times the number of launches (7x
+    # here: 2 configs x 3 runs + the winner) while dK, dV (stores) were right. `reset_to_zero=["DQ_ACC"]` fixes it.
+    monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, "fused")
+    monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, "portable")
+    _force_autotuning(attn_mod._attention_bwd_fused_kernel, [(16, 16, 4, 1), (32, 16, 4, 1)], monkeypatch)
+    q, k, v, do = (torch.randn(2, 2, n, 24, device=device) for n in (33, 7, 7, 33))
+    mask = _mask(2, 7, device) if masked else None
+    for call in ("tuned", "cached"):
+        _check_against_ref(q, k, v, do, mask=mask)
+    assert len(attn_mod._attention_bwd_fused_kernel.cache) == 1  # it did tune (once), then reused the winner
+
+
+@pytest.mark.gpu
+def test_attention_fused_bwd_fresh_key_gpu(device, monkeypatch):
+    # On a GPU the autotuner runs every kept config (2-3 at d48/d64 on sm_90, 16-bit): the first backward of a fresh
+    # tuning key (a B*H bucket no other test uses) must give the same dQ as the second, and the reference's.
+    monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, "fused")
+    for d in (48, 64):
+        q, k, v, do = (torch.randn(3, 41, n, d, device=device, dtype=F16) for n in (301, 301, 301, 301))
+        first = _check_against_ref(q, k, v, do)
+        second = _grads(attention_triton, (q, k, v), F16, do, None, None)
+        torch.testing.assert_close(first[1], second[1], atol=2e-3, rtol=2e-3)
+
+
+def test_autotuned_kernels_declare_what_they_accumulate():
+    # The reset audit: every autotuned kernel of the package, with the arguments a launch accumulates into (zeroed
+    # before each benchmarked launch) or reads and writes (restored). A new autotuned kernel fails here until audited.
+    import importlib
+    import pkgutil
+    expected = {"_attention_bwd_fused_kernel": (["DQ_ACC"], [])}
+    for name in ("_attention_fwd_kernel", "_attention_fwd_sm90_kernel", "_attention_bwd_dkdv_kernel",
+                 "_attention_bwd_dq_kernel"):
+        expected[name] = ([], [])  # stores only
+    found = {}
+    for info in pkgutil.iter_modules(crossflow_kernels.__path__):
+        mod = importlib.import_module(f"crossflow_kernels.{info.name}")
+        for attr, obj in vars(mod).items():
+            if isinstance(obj, triton.runtime.Autotuner):
+                found[attr] = (obj.reset_to_zero, obj.restore_value)
+    assert found == expected
