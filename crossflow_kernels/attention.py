@@ -13,8 +13,8 @@ which ran):
 - fused (the default; on a pre-sm_90 GPU at head dims split 64+16 / 64+32, where only 16-query tiles of it compile
   spill-free, `auto` keeps the split pair): one kernel per key block sweeps every query block and computes S, dP,
   dV += Pᵀ dO, dK += dSᵀ Q and dQ's share dS K, added into an fp32 dQ buffer with atomics (which the preprocess
-  zeroes, and the autotuner before each launch it benchmarks): 5 matmuls per (query, key) tile. The fp32 sums land in scheduling order, so dQ's last bits may differ
-  from run to run.
+  zeroes, and the autotuner before each launch it benchmarks): 5 matmuls per (query, key) tile. The fp32 sums land
+  in scheduling order, so dQ's last bits may differ from run to run.
 - split: one kernel per key block for dK/dV (S, dP, dV, dK) and one per query block for dQ (S, dP, dQ), 7 matmuls per
   tile (P and dP recomputed twice), every gradient written by exactly one program: bitwise reproducible. It runs
   whenever `torch.are_deterministic_algorithms_enabled()`, whatever the variable says.
