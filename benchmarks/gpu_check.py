@@ -736,10 +736,11 @@ def run_stages(stages, out: Path, smoke: bool, total_s: float = TOTAL_BUDGET_S) 
     return data
 
 
-def save_result(src: Path, results_dir: Path | None = None) -> Path:
+def save_result(src: Path, results_dir: Path | None = None, routes_dir: Path | None = None) -> Path:
     """Copy a GPU-check JSON to results/<YYYY-MM-DD>_<device-name-slug>_gpu-check.json (the date it started), and,
-    when it has attention cases, write `crossflow_kernels.attention`'s routing table from it beside it
-    (results/attention-routes_<device-name-slug>.json, replacing the device's previous one)."""
+    when it has attention cases, write `crossflow_kernels.attention`'s routing table from it to `routes_dir`, by
+    default the package data (crossflow_kernels/routes/attention-routes_<device-name-slug>.json, replacing the
+    device's previous one)."""
     from benchmarks import _common
 
     data = read_results(src)
@@ -752,7 +753,7 @@ def save_result(src: Path, results_dir: Path | None = None) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     write_results(dest, data)
     if data.get("stages", {}).get("attention", {}).get("cases"):
-        _log(f"routing table: {write_routing_table(data, dest.name, dest.parent)}")
+        _log(f"routing table: {write_routing_table(data, dest.name, routes_dir)}")
     return dest
 
 

@@ -7,7 +7,7 @@
 A GPU-check result (`benchmarks/gpu_check.py`, schema `crossflow-gpu-check/1`) may be given among the files: it gets
 its own section (`gpu_check_section`); `readme_table` renders the README's results table from it alone;
 `routing_table` derives from its attention stage the per-device table `crossflow_kernels.attention` routes by (written to
-benchmarks/results/attention-routes_<device>.json unless PATH, a file or a directory, says otherwise).
+crossflow_kernels/routes/attention-routes_<device>.json, package data, unless PATH, a file or a directory, says otherwise).
 
 Writes DIR/report.md (default: benchmarks/results/report/) and one PNG per (op, mode, dtype) and per sampler preset.
 Every number comes from the `extra_info` the suites recorded; each section's caption names its source JSON file.
@@ -236,7 +236,7 @@ def routing_table(data: dict[str, Any], src: str, margin: float = ROUTE_MARGIN) 
 def write_routing_table(data: dict[str, Any], src: str, dest: str | Path | None = None,
                         margin: float = ROUTE_MARGIN) -> Path:
     """Write `routing_table(data)` to `dest` (a file, or a directory for its default name; default: the committed
-    place, benchmarks/results/) atomically, then read it back through the loader `crossflow_kernels.attention` uses."""
+    place, the package data directory crossflow_kernels/routes/) atomically, then read it back through the loader `crossflow_kernels.attention` uses."""
     from crossflow_kernels.attention_routes import DEFAULT_DIR, parse_table, table_file_name
 
     table = routing_table(data, src, margin)
@@ -250,7 +250,7 @@ def write_routing_table(data: dict[str, Any], src: str, dest: str | Path | None 
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(table, indent=1) + "\n")
     os.replace(tmp, path)
-    parse_table(path, path.read_text())
+    parse_table(path, path.read_bytes())
     return path
 
 
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--readme", action="store_true", help="print only the README results table of one GPU-check JSON")
     p.add_argument("--routing-table", nargs="?", const="", default=None, metavar="PATH",
                    help="write crossflow_kernels.attention's SDPA routing table from one GPU-check JSON (to PATH, a file or a "
-                        "directory; default benchmarks/results/attention-routes_<device>.json)")
+                        "directory; default crossflow_kernels/routes/attention-routes_<device>.json)")
     p.add_argument("--margin", type=float, default=ROUTE_MARGIN,
                    help=f"with --routing-table: SDPA takes a bucket when ours takes >= this times as long "
                         f"(default {ROUTE_MARGIN})")

@@ -19,10 +19,10 @@ which ran):
   tile (P and dP recomputed twice), every gradient written by exactly one program: bitwise reproducible. It runs
   whenever `torch.are_deterministic_algorithms_enabled()`, whatever the variable says.
 
-On sm_90 (a CUDA device of capability >= 9.0) the forward is a second kernel with the same arithmetic: Q/K/V/O tiles
+On sm_90 and sm_100 (CUDA capability 9.x and 10.x) the forward is a second kernel with the same arithmetic: Q/K/V/O tiles
 move by TMA through tensor descriptors made in the kernel, and the key loop is warp-specialized (a producer warp group
 loads, consumer warp groups run wgmma and the softmax), for 16-bit inputs whose base and row strides are 16-byte
-aligned, at head dims up to 128; the portable kernel serves sm_80, fp32, unaligned views and the interpreter.
+aligned, at head dims up to 128; the portable kernel serves sm_80, sm_120, fp32, unaligned views and the interpreter.
 `CROSSFLOW_KERNELS_ATTENTION_FWD` = auto | sm90 | portable (read at each launch) forces one, so the interpreter tests run both;
 `fwd_kernel_launches` counts which ran. The backward is shared.
 
@@ -165,6 +165,15 @@ def _dot_t(a0, a1, b0, b1, D1: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _block_and_head(N, BLOCK: tl.constexpr):
+    # -> (block index along a length-N axis, b·H + h). The grid is 1-D, (cdiv(N, BLOCK) · B·H,), blocks of one head
+    # adjacent as in a (blocks, B·H) grid, but with no cap at 65,535 on B·H (CUDA's y and z limit; x allows 2**31 - 1).
+    pid = tl.program_id(0)
+    n = tl.cdiv(N, BLOCK)
+    return pid % n, (pid // n).to(tl.int64)  # int64 base offsets: B*H*T*D may pass 2**31
+
+
+@triton.jit
 def _keys_ok(MASK_ROW, cols, TK, stride_mt, HAS_MASK: tl.constexpr):
     # A key takes part iff it exists (ragged tail) and, with a padding mask, is marked True.
     ok = cols < TK
@@ -270,7 +279,7 @@ def _prune_for(kind: str, configs, args: dict, arch: int | None) -> list:
         ok = ok and not any(_spills(a, kind, dp, split, masked, tile) for a in archs)
         # At least two elements per thread in every tile load, or it would be one-element (scalar) loads.
         ok = ok and min(bm, bn) * (args["D1"] or args["D0"]) >= 2 * threads
-        if ok and smem <= _SMEM_BUDGET:
+        if ok and smem <= _smem_budget(arch):
             fits.append(c)
             if not fp32 and mma_m >= 64:
                 fast.append(c)
@@ -351,8 +360,17 @@ _PTXAS_SPILLS = {
         ("fused", 32, False, (16, 16, 4, 1)),  # fp32 (FMA), 16 B at head dim 32 (not 24)
     },
 }
-# Shared memory of the tiles: sm_80 has 163 KB per block (sm_90 227 KB, but its wgmma staging uses more).
-_SMEM_BUDGET = 160 * 1024
+# Shared memory per block (KB) that a kernel may ask for, per arch: 163 on sm_80/87, 227 on sm_90/100/103, but only
+# 99 on the consumer parts (sm_86, sm_89, sm_120/121: RTX 30xx/40xx/50xx).
+_SMEM_PER_BLOCK_KB = {80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 103: 227, 120: 99, 121: 99}
+
+
+def _smem_budget(arch: int | None) -> int:
+    """Bytes of the portable kernels' estimated tile footprint allowed on sm_<arch>: 160 KB where a block may have 163
+    or more (sm_90's wgmma staging uses more than the estimate), 96 KB on the 99 KB parts; an unknown arch gets the
+    smallest."""
+    kb = _SMEM_PER_BLOCK_KB.get(arch, min(_SMEM_PER_BLOCK_KB.values()))
+    return min(160, kb - 3) * 1024
 
 
 def _configs(*tile_lists) -> list[triton.Config]:
@@ -417,8 +435,7 @@ def _attention_fwd_kernel(
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)  # int64 base offsets: B*H*T*D may pass 2**31
+    pid_m, pid_bh = _block_and_head(TQ, BLOCK_M)
     off_b, off_h = pid_bh // H, pid_bh % H
     Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
     K += (off_b * stride_kb + off_h * stride_kh) * UNIT
@@ -466,20 +483,40 @@ def _attention_fwd_kernel(
 # neither helps). (BLOCK_M, BLOCK_N, num_warps, num_stages): num_warps is per consumer group; the first entry is the
 # interpreter's. Every tile has BLOCK_M >= 64 (wgmma's M); shared memory is `_prune_sm90`'s check,
 # spills and lowering the compile report's (cases `attention/*-sm90`).
-_FWD_SM90_TILES = [(128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2)]
-_SM90_SMEM_BUDGET = 200 * 1024  # of 227 KB per block, leaving room for the barriers and the layout conversions
+# No 64-row tile: under Triton's warp specialization both consumer warp groups computed the same 64 rows and stored
+# the same tile (all the work twice; TTGIR of triton 3.6 and 3.9), and the compile report flags any that do.
+_FWD_SM90_TILES = [(128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3)]
+# The archs this kernel runs on (`_fwd_kernel_for`: capability major 9 and 10), each with its budget for resident Q
+# plus the K/V ring (of 227 KB per block, leaving room for the barriers and the layout conversions).
+_SM90_SMEM_BUDGET = {90: 200 * 1024, 100: 200 * 1024}
+# arch -> (padded head dim, tile) that ptxas spills although within budget (measured, compile report).
+_SM90_SPILLS = {90: set(), 100: set()}
 
 
 def _prune_sm90(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
+    return _prune_sm90_for(configs, {**named_args, **kwargs}, _target_arch())
+
+
+def _prune_sm90_for(configs, args: dict, arch: int | None) -> list:
+    """`_prune_sm90` for an explicit target arch (None: unknown, the strictest budget and every spill table)."""
     dp = args["D0"] + args["D1"]
     elt = 2  # fp16 / bf16
-    # Resident Q, a ring of num_stages K and V tiles (the launcher takes this kernel at padded head dims <= 128).
-    fits = [c for c in configs
-            if (c.kwargs["BLOCK_M"] + c.num_stages * 2 * c.kwargs["BLOCK_N"]) * dp * elt <= _SM90_SMEM_BUDGET
-            # Measured: with a mask, Triton's warp specialization pass fails on the 128-key tile ("unsupported load
-            # type for producer commit", triton 3.6 and 3.9, every head dim).
-            and not (args.get("HAS_MASK", True) and c.kwargs["BLOCK_N"] > 64)]
+    archs = (arch,) if arch in _SM90_SMEM_BUDGET else tuple(_SM90_SMEM_BUDGET)
+    budget = min(_SM90_SMEM_BUDGET[a] for a in archs)
+    fits = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        tile = (bm, bn, c.num_warps, c.num_stages)
+        # Resident Q, a ring of num_stages K and V tiles (the launcher takes this kernel at padded head dims <= 128).
+        if (bm + c.num_stages * 2 * bn) * dp * elt > budget:
+            continue
+        # Measured: with a mask, Triton's warp specialization pass fails on the 128-key tile ("unsupported load type
+        # for producer commit", triton 3.6 and 3.9, every head dim).
+        if args.get("HAS_MASK", True) and bn > 64:
+            continue
+        if any((dp, tile) in _SM90_SPILLS[a] for a in archs):
+            continue
+        fits.append(c)
     return fits or [configs[-1]]
 
 
@@ -512,8 +549,7 @@ def _attention_fwd_sm90_kernel(
     # The same online softmax as `_attention_fwd_kernel`; only the data movement differs. One descriptor per head and
     # head-dim part, made in the kernel (its 128-byte scratch comes from `triton.set_allocator`): per-head row counts
     # make TMA zero-fill past Tq / Tk and clip the O store, so no row of another head is read or written.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _block_and_head(TQ, BLOCK_M)
     off_b, off_h = pid_bh // H, pid_bh % H
     Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
     K += (off_b * stride_kb + off_h * stride_kh) * UNIT
@@ -594,9 +630,9 @@ def _attention_bwd_delta_kernel(
     # saves a launch (a torch.zeros) and a pass over the rows. delta is not computed inside the fused kernel instead:
     # every key-block program would re-read the (BLOCK_M, D) O tile of every query block (Tk / BLOCK_N times the O
     # traffic) and hold it beside K, V, dK, dV, Q, dO and the dQ partial, where register pressure is the risk.
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _block_and_head(TQ, BLOCK_M)
     off_b, off_h = pid_bh // H, pid_bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < TQ
     O += (off_b * stride_ob + off_h * stride_oh) * UNIT
     DO += (off_b * stride_dob + off_h * stride_doh) * UNIT
@@ -627,7 +663,7 @@ def _bwd_key_block(
     # kernel) runs seven, P and dP recomputed twice. Atomics make dQ's fp32 sum order (so its last bits) depend on
     # scheduling: `torch.use_deterministic_algorithms(True)` takes the pair. Without WITH_DQ, DQ_ACC and its strides
     # are not read.
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_n, pid_bh = _block_and_head(TK, BLOCK_N)
     off_b, off_h = pid_bh // H, pid_bh % H
     Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
     K += (off_b * stride_kb + off_h * stride_kh) * UNIT
@@ -636,7 +672,7 @@ def _bwd_key_block(
     DK += (off_b * stride_dkb + off_h * stride_dkh) * UNIT
     DV += (off_b * stride_dkb + off_h * stride_dkh) * UNIT
     DQ_ACC += (off_b * stride_dqb + off_h * stride_dqh) * UNIT
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     c0 = tl.arange(0, D0)
     c1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
@@ -729,7 +765,7 @@ def _attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program owns a block of queries and sweeps every key block: dQ = scale · dS K, dS = P ∘ (dO Vᵀ − delta).
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _block_and_head(TQ, BLOCK_M)
     off_b, off_h = pid_bh // H, pid_bh % H
     Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
     K += (off_b * stride_kb + off_h * stride_kh) * UNIT
@@ -737,7 +773,7 @@ def _attention_bwd_dq_kernel(
     DO += (off_b * stride_dob + off_h * stride_doh) * UNIT
     DQ += (off_b * stride_dqb + off_h * stride_dqh) * UNIT
     MASK += off_b * stride_mb
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < TQ
     offs_n = tl.arange(0, BLOCK_N)
 
@@ -840,12 +876,17 @@ def _meta(q: torch.Tensor, mask: torch.Tensor | None, unit: int):
     return m, mask_strides, constexprs
 
 
+def _grid(n: int, block: int, bh: int) -> tuple[int]:
+    """The kernels' 1-D grid (`_block_and_head`): cdiv(n, block) blocks for each of the B·H heads."""
+    return (triton.cdiv(n, block) * bh,)
+
+
 def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
-# Which forward kernel runs: "auto" (default) takes the sm_90 kernel on a CUDA device of capability >= 9.0 and the
-# portable one elsewhere (sm_80, the interpreter); "sm90" / "portable" force one (tests run the sm_90 kernel in the
+# Which forward kernel runs: "auto" (default) takes the sm_90 kernel on a CUDA device of capability 9.x or 10.x and the
+# portable one elsewhere (sm_80, sm_120, the interpreter); "sm90" / "portable" force one (tests run the sm_90 kernel in the
 # interpreter that way). Read at every launch. Inputs the sm_90 kernel cannot take (fp32, rows or bases off the
 # 16-byte grid) run the portable kernel whatever the setting.
 FWD_KERNEL_ENV = "CROSSFLOW_KERNELS_ATTENTION_FWD"
@@ -862,7 +903,7 @@ def _fwd_kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
     if want == "portable":
         return "portable"
     if want == "auto" and not (q.is_cuda and torch.version.hip is None and not interpreting()
-                               and torch.cuda.get_device_capability(q.device) >= (9, 0)):
+                               and _sm90_kernel_arch(torch.cuda.get_device_capability(q.device))):
         return "portable"
     vec = _vec(q)
     # Storage offsets, not data pointers: torch.compile traces this with fake tensors, which have none (storages
@@ -872,6 +913,13 @@ def _fwd_kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
     small = sum(_split_head_dim(q.shape[3])) <= 128
     ok = aligned and small and q.dtype in (torch.float16, torch.bfloat16) and _can_warp_specialize()
     return "sm90" if ok else "portable"
+
+
+def _sm90_kernel_arch(capability: tuple[int, int]) -> bool:
+    """Does `auto` take the sm_90 forward on a GPU of this capability? Major 9 (H100/H200) and 10 (B200/GB200, where
+    it lowers to tcgen05 + TMEM + TMA), not 12 (RTX 50xx: mma.sync, 99 KB of shared memory per block, where its tiles
+    spill and its 128-row tiles do not fit) nor anything older."""
+    return capability[0] in (9, 10)
 
 
 @functools.cache
@@ -915,7 +963,7 @@ def _attention_fwd_op(
     o = out.transpose(1, 2)
     unit = _stride_unit(q, k, v, o)
     m, mask_strides, constexprs = _meta(q, mask, unit)
-    grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * h)  # noqa: E731
+    grid = lambda meta: _grid(tq, meta["BLOCK_M"], b * h)  # noqa: E731
     which = _fwd_kernel_for(q, k, v, o)
     fwd_kernel_launches[which] += 1
     with cuda_device_guard(q):
@@ -991,12 +1039,12 @@ def _attention_bwd_op(
     common = (*_units(q, unit), *_units(k, unit), *_units(v, unit), *_units(do, unit))
     tail = (h, tq, tk, scale, scale * _LOG2E, _bucket(tq), _bucket(tk), _bucket(b * h))
     block_m = 64
-    grid_q = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * h)  # noqa: E731
-    grid_k = lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * h)  # noqa: E731
+    grid_q = lambda meta: _grid(tq, meta["BLOCK_M"], b * h)  # noqa: E731
+    grid_k = lambda meta: _grid(tk, meta["BLOCK_N"], b * h)  # noqa: E731
     split = {key: constexprs[key] for key in ("HEAD_DIM", "D0", "D1", "UNIT")}
     with cuda_device_guard(q):
         # delta, and for the fused path the zeroed dQ accumulator, in one launch
-        torch.library.wrap_triton(_attention_bwd_delta_kernel)[(triton.cdiv(tq, block_m), b * h)](
+        torch.library.wrap_triton(_attention_bwd_delta_kernel)[_grid(tq, block_m, b * h)](
             out, do, delta, dq_, *_units(out, unit), *_units(do, unit), *_units(dq_, unit), h, tq, **split,
             ZERO_DQ=fused, BLOCK_M=block_m,
         )

@@ -108,13 +108,14 @@ def _run_case(case, device):
 @pytest.fixture(params=["portable", "sm90"])
 def fwd_kernel(request, monkeypatch):
     """Run the test with each forward kernel forced (`CROSSFLOW_KERNELS_ATTENTION_FWD`): the interpreter runs the sm_90 one's
-    tensor descriptors and warp-specialized loop too. On a GPU the sm_90 kernel needs capability >= 9.0."""
+    tensor descriptors and warp-specialized loop too. On a GPU the sm_90 kernel needs capability 9.x or 10.x."""
     return _force_fwd(request.param, monkeypatch)
 
 
 def _force_fwd(which, monkeypatch):
-    if which == "sm90" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the sm_90 forward needs a GPU of capability >= 9.0")
+    if which == "sm90" and torch.cuda.is_available() and not attn_mod._sm90_kernel_arch(
+            torch.cuda.get_device_capability()):
+        pytest.skip("the sm_90 forward runs on GPUs of capability 9.x and 10.x")
     monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, which)
     return which
 
@@ -247,7 +248,7 @@ def test_attention_fwd_kernel_choice(monkeypatch):
     o = torch.empty(2, 7, 3, 72, dtype=F16).transpose(1, 2)
     pick = attn_mod._fwd_kernel_for
     monkeypatch.delenv(attn_mod.FWD_KERNEL_ENV, raising=False)
-    assert pick(q, q, q, o) == "portable"  # auto: no CUDA device of capability >= 9.0 here
+    assert pick(q, q, q, o) == "portable"  # auto: no CUDA device of capability 9.x / 10.x here
     monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, "sm90")
     assert pick(q, q, q, o) == "sm90"
     assert pick(q.float(), q.float(), q.float(), o.float()) == "portable"  # fp32: FMA dots, no sm_90 kernel
@@ -686,3 +687,81 @@ def test_autotuned_kernels_declare_what_they_accumulate():
             if isinstance(obj, triton.runtime.Autotuner):
                 found[attr] = (obj.reset_to_zero, obj.restore_value)
     assert found == expected
+
+
+def test_attention_grid_is_1d_past_65535_heads(monkeypatch):
+    # CUDA caps a grid's y (and z) at 65,535: the B*H heads are folded into x with the blocks (`_block_and_head`).
+    # Every launch of the forward and of both backward paths is recorded, not run (the interpreter would take minutes
+    # over 70,000 heads).
+    from triton.runtime.interpreter import InterpretedFunction
+    grids = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        grids.append((self.fn.__name__, tuple(grid(kwargs) if callable(grid) else grid)))
+
+    monkeypatch.setattr(InterpretedFunction, "run", record)
+    q = torch.randn(2, 35_000, 33, 16, requires_grad=True)
+    for bwd in ("fused", "split"):
+        monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, bwd)
+        attention_triton(q, q, q).sum().backward()
+    names = {n for n, _ in grids}
+    assert {"_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_fused_kernel",
+            "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"} <= names
+    for name, grid in grids:
+        assert len(grid) == 1 and 70_000 <= grid[0] < 2**31, (name, grid)
+
+
+def test_attention_block_and_head_fold(device):
+    # The folded grid addresses every (block, head) once: ragged T with several blocks per head and B*H > 1, checked
+    # against the reference through the forward and both backward paths (`kernel_paths` cases cover the rest).
+    q, k, v, do = (torch.randn(3, 5, n, 16, device=device) for n in (77, 40, 40, 77))
+    _check_against_ref(q, k, v, do)
+
+
+@pytest.mark.gpu
+def test_attention_many_heads_gpu(device):
+    # B*H = 70,000 > 65,535 (CUDA's grid y limit) through the real launches.
+    q, k, v, do = (torch.randn(2, 35_000, 17, 32, device=device, dtype=F16) for _ in range(4))
+    _check_against_ref(q, k, v, do)
+
+
+def test_attention_sm90_kernel_only_on_sm90_and_sm100():
+    # auto takes the TMA / warp-specialized forward on Hopper and Blackwell datacenter parts only: compiled for sm_120
+    # (RTX 50xx) it is an mma.sync kernel that spills and whose 128-row tiles need more than its 99 KB per block.
+    takes = attn_mod._sm90_kernel_arch
+    assert takes((9, 0)) and takes((10, 0)) and takes((10, 3))
+    assert not any(takes(c) for c in ((8, 0), (8, 6), (8, 9), (12, 0), (12, 1), (11, 0)))
+
+
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq", "fused"])
+def test_attention_prune_fits_each_archs_shared_memory(kind):
+    # Each arch gets its own shared-memory budget: the 99 KB parts (sm_86, sm_89, sm_120) keep only tiles whose
+    # estimate fits under 96 KB, sm_80/90/100 under 160 KB; an unknown arch the smallest.
+    assert attn_mod._smem_budget(120) == attn_mod._smem_budget(86) == attn_mod._smem_budget(None) == 96 * 1024
+    assert attn_mod._smem_budget(80) == attn_mod._smem_budget(90) == attn_mod._smem_budget(100) == 160 * 1024
+    tiles = {"fwd": attn_mod._FWD_TILES, "dkdv": attn_mod._DKDV_TILES, "dq": attn_mod._DQ_TILES,
+             "fused": attn_mod._FUSED_TILES}[kind]
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+    d0, d1 = _split_head_dim(128)
+    args = dict(D0=d0, D1=d1, HAS_MASK=False, DOT_PRECISION="tf32")
+    kept120 = attn_mod._prune_for(kind, configs, args, 120)
+    kept90 = attn_mod._prune_for(kind, configs, args, 90)
+    assert kept120 and kept90
+    big = [c for c in kept90 if c not in kept120]
+    if kind == "fwd":  # (128 + 3 * 2 * 128) * 128 * 2 B = 224 KB > 160 KB; (128 + 3 * 2 * 64) * 256 = 128 KB
+        assert any(c.kwargs["BLOCK_M"] == 128 for c in big)
+
+
+def test_attention_sm90_prune_per_arch():
+    # The sm_90 forward's prune knows each arch it runs on; its spill table is applied per arch (sm_100 at d128).
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+               for bm, bn, w, s in attn_mod._FWD_SM90_TILES]
+    assert all(c.kwargs["BLOCK_M"] >= 128 for c in configs)  # no 64-row tile: its two consumer groups did it twice
+    for arch in (90, 100, None):
+        for d in (24, 64, 72, 128):
+            d0, d1 = _split_head_dim(d)
+            kept = attn_mod._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), arch)
+            dp = d0 + d1
+            for a in ((arch,) if arch else (90, 100)):
+                assert not any((dp, (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
+                               in attn_mod._SM90_SPILLS[a] for c in kept) or len(kept) == 1
