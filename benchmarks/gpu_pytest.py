@@ -60,7 +60,10 @@ def pytest_runtest_logreport(report):
                 time=round(time.time(), 3))
     if report.outcome != "passed":
         crash = getattr(report.longrepr, "reprcrash", None)  # the exception line, as pytest's short summary shows it
-        text = crash.message if crash is not None else (report.longreprtext or "").strip()
+        if isinstance(report.longrepr, tuple):  # a skip: (path, line, "Skipped: reason")
+            text = str(report.longrepr[2])
+        else:
+            text = crash.message if crash is not None else (report.longreprtext or "").strip()
         line["message"] = (text.splitlines() or [""])[0][:500]
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")
