@@ -489,8 +489,16 @@ _FWD_SM90_TILES = [(128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3)]
 # The archs this kernel runs on (`_fwd_kernel_for`: capability major 9 and 10), each with its budget for resident Q
 # plus the K/V ring (of 227 KB per block, leaving room for the barriers and the layout conversions).
 _SM90_SMEM_BUDGET = {90: 200 * 1024, 100: 200 * 1024}
-# arch -> (padded head dim, tile) that ptxas spills although within budget (measured, compile report).
-_SM90_SPILLS = {90: set(), 100: set()}
+# arch -> (padded head dim, tile) that ptxas spills although within budget, measured (compile reports of 2026-12-06,
+# triton 3.6 and 3.9): on sm_100 (tcgen05 + TMEM) the 3-stage 128x64 tile at 80/96 lanes (4 B), and every tile at 128
+# lanes (320-328 B), where the launcher keeps the portable kernel (`_SM90_MAX_LANES`).
+_SM90_SPILLS = {
+    90: set(),
+    100: {(80, (128, 64, 4, 3)), (96, (128, 64, 4, 3)),
+          *((128, t) for t in ((128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3)))},
+}
+# Padded head dims (D0 + D1) up to which `auto` takes the sm_90 kernel, per capability major.
+_SM90_MAX_LANES = {9: 128, 10: 96}
 
 
 def _prune_sm90(configs, named_args, **kwargs):
@@ -909,8 +917,10 @@ def _fwd_kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
     # Storage offsets, not data pointers: torch.compile traces this with fake tensors, which have none (storages
     # from torch's allocators start on 256-byte boundaries).
     aligned = all(t.storage_offset() % vec == 0 and all(s % vec == 0 for s in _strides(t)) for t in (q, k, v, o))
-    # Head dims up to 128 (padded): the compile report checks the sm_90 kernel there (the DiT and Text VE dims).
-    small = sum(_split_head_dim(q.shape[3])) <= 128
+    # Head dims up to 128 padded lanes (96 on sm_100, where every 128-lane tile spills): the compile report checks the
+    # sm_90 kernel there (the DiT and Text VE dims).
+    major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda and not interpreting() else 9
+    small = sum(_split_head_dim(q.shape[3])) <= _SM90_MAX_LANES.get(major, 128)
     ok = aligned and small and q.dtype in (torch.float16, torch.bfloat16) and _can_warp_specialize()
     return "sm90" if ok else "portable"
 

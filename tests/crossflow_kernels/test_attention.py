@@ -238,7 +238,7 @@ def test_attention_sm90_prune(masked):
                for bm, bn, w, s in attn_mod._FWD_SM90_TILES]
     for d in (24, 48, 64, 72, 80, 96, 128):
         d0, d1 = _split_head_dim(d)
-        kept = attn_mod._prune_sm90(configs, dict(D0=d0, D1=d1, HAS_MASK=masked))
+        kept = attn_mod._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=masked), 90)
         assert kept and all(c.kwargs["BLOCK_M"] >= 64 for c in kept)
         assert any(c.kwargs["BLOCK_N"] == 128 for c in kept) != masked
 
@@ -765,3 +765,17 @@ def test_attention_sm90_prune_per_arch():
             for a in ((arch,) if arch else (90, 100)):
                 assert not any((dp, (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
                                in attn_mod._SM90_SPILLS[a] for c in kept) or len(kept) == 1
+
+
+def test_attention_sm90_kernel_lanes_per_arch():
+    # sm_100 spills in every sm_90-kernel tile at 128 lanes (compile report): auto keeps the portable kernel there,
+    # and the prune drops the measured spillers at 80/96 lanes.
+    assert attn_mod._SM90_MAX_LANES == {9: 128, 10: 96}
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+               for bm, bn, w, s in attn_mod._FWD_SM90_TILES]
+    for d in (72, 80, 96):
+        d0, d1 = _split_head_dim(d)
+        kept = attn_mod._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), 100)
+        assert (128, 64, 4, 3) not in [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                                       for c in kept]
+        assert len(attn_mod._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), 90)) == 3
