@@ -108,7 +108,7 @@ def matrix(quick: bool, include_256: bool = False) -> list[Case]:
                     name = f"attention/d{d}-{dt}-qkv" + ("-mask" if mask else "") + "-t257"
                     cases.append(Case("attention", name, dict(d=d, dtype=dt, layout="qkv", mask=mask, t=257)))
     # The sm_90 forward (TMA + warp specialization), forced as on an sm_90 GPU: 16-bit, the model's fused-qkv layout,
-    # compiled for the archs `auto` takes it on (`only_archs`: sm_90 and sm_100); forward only (the backward kernels
+    # compiled for the archs `auto` takes it on (`only_archs`: sm_90, and sm_100 up to 96 lanes); forward only (the backward kernels
     # are the ones of the cases above). T = 257 too (TMA bounds by the per-head row count).
     for d in (QUICK_DIMS[1:] if quick else dims):
         for dt in (("fp16",) if quick else ("fp16", "bf16")):
@@ -116,7 +116,7 @@ def matrix(quick: bool, include_256: bool = False) -> list[Case]:
                 for t in (None,) if quick or ATTN_SHAPES[d][1] % 16 else (None, 257):
                     name = f"attention/d{d}-{dt}-qkv" + ("-mask" if mask else "") + (f"-t{t}" if t else "") + "-sm90"
                     cases.append(Case("attention", name, dict(d=d, dtype=dt, layout="qkv", mask=mask, fwd="sm90",
-                                                              t=t, only_archs=(90, 100))))
+                                                              t=t, only_archs=(90, 100) if d <= 96 else (90,))))
     widths = (1152,) if quick else ADALN_WIDTHS
     for op in ("adaln_modulate", "gated_residual_adaln"):
         for c in widths:
