@@ -108,8 +108,8 @@ def matrix(quick: bool, include_256: bool = False) -> list[Case]:
                     name = f"attention/d{d}-{dt}-qkv" + ("-mask" if mask else "") + "-t257"
                     cases.append(Case("attention", name, dict(d=d, dtype=dt, layout="qkv", mask=mask, t=257)))
     # The sm_90 forward (TMA + warp specialization), forced as on an sm_90 GPU: 16-bit, the model's fused-qkv layout,
-    # compiled for the archs `auto` takes it on (`only_archs`: sm_90, and sm_100 up to 96 lanes); forward only (the backward kernels
-    # are the ones of the cases above). T = 257 too (TMA bounds by the per-head row count).
+    # compiled for the archs `auto` takes it on (`only_archs`: sm_90, and sm_100 up to 96 lanes); forward only (the
+    # backward kernels are the ones of the cases above). T = 257 too (TMA bounds by the per-head row count).
     for d in (QUICK_DIMS[1:] if quick else dims):
         for dt in (("fp16",) if quick else ("fp16", "bf16")):
             for mask in (False,) if quick else (False, True):
