@@ -87,6 +87,13 @@ class Case:
     params: dict = field(default_factory=dict, hash=False, compare=False)
 
 
+def _sm90_archs(d: int, mask: bool) -> tuple[int, ...]:
+    """The archs `auto` takes the sm_90 forward on at head dim d (crossflow_kernels.attention._SM90_MAX_LANES): sm_90,
+    and sm_100 up to 96 lanes (32 with a mask). Padded lanes: 24 -> 32, 48 -> 48, 72 -> 80, others d."""
+    lanes = {24: 32, 72: 80}.get(d, d)
+    return (90, 100) if lanes <= (32 if mask else 96) else (90,)
+
+
 def matrix(quick: bool, include_256: bool = False) -> list[Case]:
     cases = []
     dims = QUICK_DIMS if quick else ATTN_DIMS + ((256,) if include_256 else ())
@@ -116,7 +123,7 @@ def matrix(quick: bool, include_256: bool = False) -> list[Case]:
                 for t in (None,) if quick or ATTN_SHAPES[d][1] % 16 else (None, 257):
                     name = f"attention/d{d}-{dt}-qkv" + ("-mask" if mask else "") + (f"-t{t}" if t else "") + "-sm90"
                     cases.append(Case("attention", name, dict(d=d, dtype=dt, layout="qkv", mask=mask, fwd="sm90",
-                                                              t=t, only_archs=(90, 100) if d <= 96 else (90,))))
+                                                              t=t, only_archs=_sm90_archs(d, mask))))
     widths = (1152,) if quick else ADALN_WIDTHS
     for op in ("adaln_modulate", "gated_residual_adaln"):
         for c in widths:

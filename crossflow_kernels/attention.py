@@ -489,16 +489,18 @@ _FWD_SM90_TILES = [(128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3)]
 # The archs this kernel runs on (`_fwd_kernel_for`: capability major 9 and 10), each with its budget for resident Q
 # plus the K/V ring (of 227 KB per block, leaving room for the barriers and the layout conversions).
 _SM90_SMEM_BUDGET = {90: 200 * 1024, 100: 200 * 1024}
-# arch -> (padded head dim, tile) that ptxas spills although within budget, measured (compile reports of 2026-12-06,
-# triton 3.6 and 3.9): on sm_100 (tcgen05 + TMEM) the 3-stage 128x64 tile at 80/96 lanes (4 B), and every tile at 128
-# lanes (320-328 B), where the launcher keeps the portable kernel (`_SM90_MAX_LANES`).
+# arch -> (padded head dim, HAS_MASK or None for either, tile) that ptxas spills although within budget, measured
+# (compile reports of 2026-12-06, triton 3.6 and 3.9). On sm_100 (tcgen05 + TMEM): the 3-stage 128x64 tile at 80/96
+# lanes (4 B, 3.6), every tile at 128 lanes (320-328 B), and with a mask every tile from 48 lanes on (20-928 B, 3.9),
+# where the launcher keeps the portable kernel (`_SM90_MAX_LANES`).
 _SM90_SPILLS = {
     90: set(),
-    100: {(80, (128, 64, 4, 3)), (96, (128, 64, 4, 3)),
-          *((128, t) for t in ((128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3)))},
+    100: {(80, None, (128, 64, 4, 3)), (96, None, (128, 64, 4, 3)),
+          *((dp, None if dp == 128 else True, t) for dp in (48, 64, 80, 96, 128)
+            for t in ((128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3)))},
 }
-# Padded head dims (D0 + D1) up to which `auto` takes the sm_90 kernel, per capability major.
-_SM90_MAX_LANES = {9: 128, 10: 96}
+# Padded head dims (D0 + D1) up to which `auto` takes the sm_90 kernel, per capability major: (unmasked, masked).
+_SM90_MAX_LANES = {9: (128, 128), 10: (96, 32)}
 
 
 def _prune_sm90(configs, named_args, **kwargs):
@@ -522,7 +524,9 @@ def _prune_sm90_for(configs, args: dict, arch: int | None) -> list:
         # for producer commit", triton 3.6 and 3.9, every head dim).
         if args.get("HAS_MASK", True) and bn > 64:
             continue
-        if any((dp, tile) in _SM90_SPILLS[a] for a in archs):
+        masked = args.get("HAS_MASK")
+        if any(d == dp and t == tile and (m is None or masked is None or m == masked)
+               for a in archs for d, m, t in _SM90_SPILLS[a]):
             continue
         fits.append(c)
     return fits or [configs[-1]]
@@ -903,7 +907,7 @@ _FWD_KERNELS = ("auto", "sm90", "portable")
 fwd_kernel_launches: collections.Counter = collections.Counter()
 
 
-def _fwd_kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> str:
+def _fwd_kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, masked: bool = False) -> str:
     """"sm90" or "portable": the forward kernel for these (prepared) tensors under `CROSSFLOW_KERNELS_ATTENTION_FWD`."""
     want = os.environ.get(FWD_KERNEL_ENV, "") or "auto"
     if want not in _FWD_KERNELS:
@@ -917,10 +921,10 @@ def _fwd_kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
     # Storage offsets, not data pointers: torch.compile traces this with fake tensors, which have none (storages
     # from torch's allocators start on 256-byte boundaries).
     aligned = all(t.storage_offset() % vec == 0 and all(s % vec == 0 for s in _strides(t)) for t in (q, k, v, o))
-    # Head dims up to 128 padded lanes (96 on sm_100, where every 128-lane tile spills): the compile report checks the
-    # sm_90 kernel there (the DiT and Text VE dims).
+    # Head dims up to 128 padded lanes (on sm_100 96, and 32 with a mask: past them every tile spills there): the
+    # compile report checks the sm_90 kernel there (the DiT and Text VE dims).
     major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda and not interpreting() else 9
-    small = sum(_split_head_dim(q.shape[3])) <= _SM90_MAX_LANES.get(major, 128)
+    small = sum(_split_head_dim(q.shape[3])) <= _SM90_MAX_LANES.get(major, (128, 128))[bool(masked)]
     ok = aligned and small and q.dtype in (torch.float16, torch.bfloat16) and _can_warp_specialize()
     return "sm90" if ok else "portable"
 
@@ -974,7 +978,7 @@ def _attention_fwd_op(
     unit = _stride_unit(q, k, v, o)
     m, mask_strides, constexprs = _meta(q, mask, unit)
     grid = lambda meta: _grid(tq, meta["BLOCK_M"], b * h)  # noqa: E731
-    which = _fwd_kernel_for(q, k, v, o)
+    which = _fwd_kernel_for(q, k, v, o, mask is not None)
     fwd_kernel_launches[which] += 1
     with cuda_device_guard(q):
         if which == "sm90":
