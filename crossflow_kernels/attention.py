@@ -165,12 +165,16 @@ def _dot_t(a0, a1, b0, b1, D1: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _block_and_head(N, BLOCK: tl.constexpr):
-    # -> (block index along a length-N axis, b·H + h). The grid is 1-D, (cdiv(N, BLOCK) · B·H,), blocks of one head
-    # adjacent as in a (blocks, B·H) grid, but with no cap at 65,535 on B·H (CUDA's y and z limit; x allows 2**31 - 1).
-    pid = tl.program_id(0)
-    n = tl.cdiv(N, BLOCK)
-    return pid % n, (pid // n).to(tl.int64)  # int64 base offsets: B*H*T*D may pass 2**31
+def _block_and_head(N, BLOCK: tl.constexpr, GRID_FOLD: tl.constexpr):
+    # -> (block index along a length-N axis, b·H + h). The grid is (cdiv(N, BLOCK), B·H), or with GRID_FOLD (B·H past
+    # 65,535, CUDA's cap on y and z; x allows 2**31 - 1) 1-D, (cdiv(N, BLOCK) · B·H,), blocks of one head adjacent. Two
+    # variants, not always the 1-D one: its division costs registers, and kernels at 255 registers spilled (3.6).
+    if GRID_FOLD:
+        pid = tl.program_id(0)
+        n = tl.cdiv(N, BLOCK)
+        return pid % n, (pid // n).to(tl.int64)  # int64 base offsets: B*H*T*D may pass 2**31
+    else:
+        return tl.program_id(0), tl.program_id(1).to(tl.int64)
 
 
 @triton.jit
@@ -432,10 +436,10 @@ def _attention_fwd_kernel(
     qk_scale,  # softmax scale * log2(e): scores come out of one multiply already in base 2
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,  # power-of-two buckets: autotune key only
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m, pid_bh = _block_and_head(TQ, BLOCK_M)
+    pid_m, pid_bh = _block_and_head(TQ, BLOCK_M, GRID_FOLD)
     off_b, off_h = pid_bh // H, pid_bh % H
     Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
     K += (off_b * stride_kb + off_h * stride_kh) * UNIT
@@ -555,13 +559,13 @@ def _attention_fwd_sm90_kernel(
     qk_scale,
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The same online softmax as `_attention_fwd_kernel`; only the data movement differs. One descriptor per head and
     # head-dim part, made in the kernel (its 128-byte scratch comes from `triton.set_allocator`): per-head row counts
     # make TMA zero-fill past Tq / Tk and clip the O store, so no row of another head is read or written.
-    pid_m, pid_bh = _block_and_head(TQ, BLOCK_M)
+    pid_m, pid_bh = _block_and_head(TQ, BLOCK_M, GRID_FOLD)
     off_b, off_h = pid_bh // H, pid_bh % H
     Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
     K += (off_b * stride_kb + off_h * stride_kh) * UNIT
@@ -635,14 +639,14 @@ def _attention_bwd_delta_kernel(
     stride_dqb, stride_dqh, stride_dqt,
     H, TQ,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr, ZERO_DQ: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    GRID_FOLD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # The backward's preprocess. With ZERO_DQ (the fused backward) it also zeroes the rows of the dQ accumulator that
     # the fused kernel's atomics add into: the accumulator needs one pass of initialisation anyway, and doing it here
     # saves a launch (a torch.zeros) and a pass over the rows. delta is not computed inside the fused kernel instead:
     # every key-block program would re-read the (BLOCK_M, D) O tile of every query block (Tk / BLOCK_N times the O
     # traffic) and hold it beside K, V, dK, dV, Q, dO and the dQ partial, where register pressure is the risk.
-    pid_m, pid_bh = _block_and_head(TQ, BLOCK_M)
+    pid_m, pid_bh = _block_and_head(TQ, BLOCK_M, GRID_FOLD)
     off_b, off_h = pid_bh // H, pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < TQ
@@ -668,6 +672,7 @@ def _bwd_key_block(
     stride_mb, stride_mt, H, TQ, TK, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr, HAS_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr,
+    GRID_FOLD: tl.constexpr,
 ):
     # One program owns a block of keys and sweeps every query block: dV = Pᵀ dO, dK = scale · dSᵀ Q. WITH_DQ (the
     # fused backward) also adds each query block's dQ share scale · dS K into the fp32 accumulator DQ_ACC with
@@ -675,7 +680,7 @@ def _bwd_key_block(
     # kernel) runs seven, P and dP recomputed twice. Atomics make dQ's fp32 sum order (so its last bits) depend on
     # scheduling: `torch.use_deterministic_algorithms(True)` takes the pair. Without WITH_DQ, DQ_ACC and its strides
     # are not read.
-    pid_n, pid_bh = _block_and_head(TK, BLOCK_N)
+    pid_n, pid_bh = _block_and_head(TK, BLOCK_N, GRID_FOLD)
     off_b, off_h = pid_bh // H, pid_bh % H
     Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
     K += (off_b * stride_kb + off_h * stride_kh) * UNIT
@@ -745,7 +750,7 @@ def _attention_bwd_dkdv_kernel(
     sm_scale, qk_scale,
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The split backward's key-block half: dK and dV (DK stands in for the unused dQ accumulator).
@@ -753,7 +758,7 @@ def _attention_bwd_dkdv_kernel(
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                    stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dkb, stride_dkh,
                    stride_dkt, stride_mb, stride_mt, H, TQ, TK, sm_scale, qk_scale,
-                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, DOT_PRECISION, BLOCK_M, BLOCK_N, False)
+                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, DOT_PRECISION, BLOCK_M, BLOCK_N, False, GRID_FOLD)
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
@@ -773,11 +778,11 @@ def _attention_bwd_dq_kernel(
     sm_scale, qk_scale,
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program owns a block of queries and sweeps every key block: dQ = scale · dS K, dS = P ∘ (dO Vᵀ − delta).
-    pid_m, pid_bh = _block_and_head(TQ, BLOCK_M)
+    pid_m, pid_bh = _block_and_head(TQ, BLOCK_M, GRID_FOLD)
     off_b, off_h = pid_bh // H, pid_bh % H
     Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
     K += (off_b * stride_kb + off_h * stride_kh) * UNIT
@@ -831,7 +836,7 @@ def _attention_bwd_fused_kernel(
     sm_scale, qk_scale,
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The fused backward: dK, dV and dQ's share from one sweep (`_bwd_key_block` with WITH_DQ).
@@ -839,7 +844,7 @@ def _attention_bwd_fused_kernel(
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                    stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dqb, stride_dqh,
                    stride_dqt, stride_mb, stride_mt, H, TQ, TK, sm_scale, qk_scale,
-                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, DOT_PRECISION, BLOCK_M, BLOCK_N, True)
+                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, DOT_PRECISION, BLOCK_M, BLOCK_N, True, GRID_FOLD)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -883,14 +888,20 @@ def _meta(q: torch.Tensor, mask: torch.Tensor | None, unit: int):
     mask_strides = tuple(mask.stride()) if mask is not None else (0, 0)
     constexprs = dict(
         HEAD_DIM=d, D0=d0, D1=d1, UNIT=unit, HAS_MASK=mask is not None,
+        GRID_FOLD=q.shape[0] * q.shape[1] > MAX_GRID_Y,  # B·H past CUDA's grid y limit: a 1-D grid (`_grid`)
         DOT_PRECISION="ieee" if fp32 else "tf32",  # tf32 is ignored for fp16/bf16 operands
     )
     return m, mask_strides, constexprs
 
 
-def _grid(n: int, block: int, bh: int) -> tuple[int]:
-    """The kernels' 1-D grid (`_block_and_head`): cdiv(n, block) blocks for each of the B·H heads."""
-    return (triton.cdiv(n, block) * bh,)
+# CUDA's limit on grid y and z; past it the launchers fold B·H into x (GRID_FOLD).
+MAX_GRID_Y = 65_535
+
+
+def _grid(n: int, block: int, bh: int) -> tuple[int, ...]:
+    """The kernels' grid (`_block_and_head`): cdiv(n, block) blocks for each of the B·H heads, (blocks, B·H), or 1-D
+    past `MAX_GRID_Y` heads."""
+    return (triton.cdiv(n, block) * bh,) if bh > MAX_GRID_Y else (triton.cdiv(n, block), bh)
 
 
 def _bucket(n: int) -> int:
@@ -1055,7 +1066,7 @@ def _attention_bwd_op(
     block_m = 64
     grid_q = lambda meta: _grid(tq, meta["BLOCK_M"], b * h)  # noqa: E731
     grid_k = lambda meta: _grid(tk, meta["BLOCK_N"], b * h)  # noqa: E731
-    split = {key: constexprs[key] for key in ("HEAD_DIM", "D0", "D1", "UNIT")}
+    split = {key: constexprs[key] for key in ("HEAD_DIM", "D0", "D1", "UNIT", "GRID_FOLD")}
     with cuda_device_guard(q):
         # delta, and for the fused path the zeroed dQ accumulator, in one launch
         torch.library.wrap_triton(_attention_bwd_delta_kernel)[_grid(tq, block_m, b * h)](

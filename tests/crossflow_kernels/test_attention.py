@@ -711,11 +711,15 @@ def test_attention_grid_is_1d_past_65535_heads(monkeypatch):
         assert len(grid) == 1 and 70_000 <= grid[0] < 2**31, (name, grid)
 
 
-def test_attention_block_and_head_fold(device):
-    # The folded grid addresses every (block, head) once: ragged T with several blocks per head and B*H > 1, checked
-    # against the reference through the forward and both backward paths (`kernel_paths` cases cover the rest).
+@pytest.mark.parametrize("bwd", ["fused", "split"])
+def test_attention_block_and_head_fold(bwd, device, monkeypatch):
+    # The folded (1-D) grid addresses every (block, head) once: with the fold forced at a small B*H, ragged T with
+    # several blocks per head, checked against the reference through the forward and both backward paths.
+    monkeypatch.setattr(attn_mod, "MAX_GRID_Y", 4)
+    monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, bwd)
     q, k, v, do = (torch.randn(3, 5, n, 16, device=device) for n in (77, 40, 40, 77))
     _check_against_ref(q, k, v, do)
+    assert attn_mod._grid(77, 16, 15) == (75,) and attn_mod._grid(77, 16, 4) == (5, 4)
 
 
 @pytest.mark.gpu
