@@ -257,7 +257,7 @@ def _prune_for(kind: str, configs, args: dict, arch: int | None) -> list:
     dp, split = args["D0"] + args["D1"], args["D1"] > 0
     fp32 = args["DOT_PRECISION"] == "ieee"  # "ieee" is used exactly for fp32 inputs
     masked = args.get("HAS_MASK")  # None (not given): match masked and unmasked exclusions alike
-    archs = (arch,) if arch in _PTXAS_SPILLS else tuple(_PTXAS_SPILLS)
+    archs = _SPILL_ARCHS.get(arch, tuple(_PTXAS_SPILLS))
     elt = 4 if fp32 else 2
     fits, fast = [], []
     for c in configs:
@@ -363,7 +363,13 @@ _PTXAS_SPILLS = {
         ("fused", 64, True, (16, 32, 4, 1)),
         ("fused", 32, False, (16, 16, 4, 1)),  # fp32 (FMA), 16 B at head dim 32 (not 24)
     },
+    # Measured on the subset d72/d128, 16-bit, fused qkv with a mask, T = 256 and 257 (2026-12-06, 3.6 and 3.9):
+    100: set(),
+    120: set(),
 }
+# arch -> the spill tables its prune applies: sm_80 and sm_90 their own (the full matrix measured); sm_100 and sm_120,
+# measured on a subset (the compile reports of 2026-12-06), their own plus both of those; any other arch every table.
+_SPILL_ARCHS = {80: (80,), 90: (90,), 100: (100, 90, 80), 120: (120, 90, 80)}
 # Shared memory per block (KB) that a kernel may ask for, per arch: 163 on sm_80/87, 227 on sm_90/100/103, but only
 # 99 on the consumer parts (sm_86, sm_89, sm_120/121: RTX 30xx/40xx/50xx).
 _SMEM_PER_BLOCK_KB = {80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 103: 227, 120: 99, 121: 99}
