@@ -356,16 +356,33 @@ _PTXAS_SPILLS = {
     },
     90: {
         ("dq", 48, True, (32, 32, 8, 2)),  # fp32 (FMA), 4 B
+        # T = 257, masked (2026-12-06, triton 3.9: 12 and 92 B at 255 registers):
+        ("fwd", 80, True, (128, 128, 8, 3)),
+        ("dkdv", 128, True, (64, 64, 8, 3)),
         # The fused backward (4-96 B, same measurements):
         ("fused", 48, None, (64, 32, 4, 2)),
         ("fused", 128, None, (64, 32, 4, 2)),
         ("fused", 48, True, (16, 32, 4, 1)),
         ("fused", 64, True, (16, 32, 4, 1)),
         ("fused", 32, False, (16, 16, 4, 1)),  # fp32 (FMA), 16 B at head dim 32 (not 24)
+        # T = 257 (not a multiple of 16), masked (2026-12-06: 8-12 B on 3.6 and 3.9, 20 B on 3.9):
+        ("dkdv", 80, True, (32, 64, 4, 3)),
+        ("dq", 80, True, (128, 64, 8, 3)),
+        ("fused", 128, True, (32, 32, 4, 1)),
     },
     # Measured on the subset d72/d128, 16-bit, fused qkv with a mask, T = 256 and 257 (2026-12-06, 3.6 and 3.9):
-    100: set(),
-    120: set(),
+    # 4-112 B, nearly all at 255 registers.
+    100: {
+        ("fwd", 80, True, (128, 128, 8, 3)),
+        ("fwd", 128, True, (64, 32, 8, 2)),
+        ("dkdv", 128, True, (64, 64, 8, 3)),
+    },
+    120: {
+        ("fwd", 80, True, (128, 64, 8, 3)),
+        ("dkdv", 80, True, (32, 64, 4, 3)),
+        ("dq", 80, True, (64, 32, 4, 3)),
+        ("fused", 128, True, (32, 32, 8, 1)),
+    },
 }
 # arch -> the spill tables its prune applies: sm_80 and sm_90 their own (the full matrix measured); sm_100 and sm_120,
 # measured on a subset (the compile reports of 2026-12-06), their own plus both of those; any other arch every table.
@@ -1069,7 +1086,8 @@ def _attention_bwd_op(
     m, mask_strides, constexprs = _meta(q, mask, unit)
     common = (*_units(q, unit), *_units(k, unit), *_units(v, unit), *_units(do, unit))
     tail = (h, tq, tk, scale, scale * _LOG2E, _bucket(tq), _bucket(tk), _bucket(b * h))
-    block_m = 64
+    # 32 rows from 128 lanes on: 64 x 128 (O and dO in fp32) spilled 36 B on sm_100 (triton 3.9).
+    block_m = 32 if constexprs["D0"] + constexprs["D1"] >= 128 else 64
     grid_q = lambda meta: _grid(tq, meta["BLOCK_M"], b * h)  # noqa: E731
     grid_k = lambda meta: _grid(tk, meta["BLOCK_N"], b * h)  # noqa: E731
     split = {key: constexprs[key] for key in ("HEAD_DIM", "D0", "D1", "UNIT", "GRID_FOLD")}
