@@ -353,6 +353,10 @@ _PTXAS_SPILLS = {
         ("fused", 128, True, (64, 32, 4, 2)),
         ("fused", 128, True, (16, 32, 8, 1)),
         ("fused", 32, True, (16, 16, 2, 1)),  # fp32 (FMA), 12 B at head dim 32 (not 24), triton 3.9
+        # T = 257 (not a multiple of 16), masked (2026-12-06: 8-12 B on 3.6 and 3.9, 20 B on 3.9):
+        ("dkdv", 80, True, (32, 64, 4, 3)),
+        ("dq", 80, True, (128, 64, 8, 3)),
+        ("fused", 128, True, (32, 32, 4, 1)),
     },
     90: {
         ("dq", 48, True, (32, 32, 8, 2)),  # fp32 (FMA), 4 B
@@ -365,10 +369,6 @@ _PTXAS_SPILLS = {
         ("fused", 48, True, (16, 32, 4, 1)),
         ("fused", 64, True, (16, 32, 4, 1)),
         ("fused", 32, False, (16, 16, 4, 1)),  # fp32 (FMA), 16 B at head dim 32 (not 24)
-        # T = 257 (not a multiple of 16), masked (2026-12-06: 8-12 B on 3.6 and 3.9, 20 B on 3.9):
-        ("dkdv", 80, True, (32, 64, 4, 3)),
-        ("dq", 80, True, (128, 64, 8, 3)),
-        ("fused", 128, True, (32, 32, 4, 1)),
     },
     # Measured on the subset d72/d128, 16-bit, fused qkv with a mask, T = 256 and 257 (2026-12-06, 3.6 and 3.9):
     # 4-112 B, nearly all at 255 registers.
