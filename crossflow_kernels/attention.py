@@ -1086,8 +1086,8 @@ def _attention_bwd_op(
     m, mask_strides, constexprs = _meta(q, mask, unit)
     common = (*_units(q, unit), *_units(k, unit), *_units(v, unit), *_units(do, unit))
     tail = (h, tq, tk, scale, scale * _LOG2E, _bucket(tq), _bucket(tk), _bucket(b * h))
-    # 32 rows from 128 lanes on: 64 x 128 (O and dO in fp32) spilled 36 B on sm_100 (triton 3.9).
-    block_m = 32 if constexprs["D0"] + constexprs["D1"] >= 128 else 64
+    # 16 rows from 128 lanes on: 64 and 32 rows x 128 lanes spilled 36 / 20 B on sm_100 (triton 3.9; T = 257).
+    block_m = 16 if constexprs["D0"] + constexprs["D1"] >= 128 else 64
     grid_q = lambda meta: _grid(tq, meta["BLOCK_M"], b * h)  # noqa: E731
     grid_k = lambda meta: _grid(tk, meta["BLOCK_N"], b * h)  # noqa: E731
     split = {key: constexprs[key] for key in ("HEAD_DIM", "D0", "D1", "UNIT", "GRID_FOLD")}
