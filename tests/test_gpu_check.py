@@ -164,11 +164,11 @@ def test_readme_table_from_results(tmp_path):
     assert "sampler timeout" in md and "fake-device" in md
     full = report.write_report([path], tmp_path / "rep").read_text()
     assert "sdpa_efficient: unavailable: rejects" in full
-    saved = gpu_check.save_result(path, tmp_path / "results")
+    saved = gpu_check.save_result(path, tmp_path / "results", tmp_path)  # its routing table: not into the package
     assert saved.name == "2030-01-02_fake-device_gpu-check.json" and gpu_check.read_results(saved) == data
     path.write_text(json.dumps(dict(data, smoke=True)))
     with pytest.raises(ValueError, match="smoke"):
-        gpu_check.save_result(path, tmp_path / "results")
+        gpu_check.save_result(path, tmp_path / "results", tmp_path)
     path.write_text(json.dumps({"schema": "other"}))
     with pytest.raises(ValueError, match="not a GPU-check result"):
         gpu_check.read_results(path)
