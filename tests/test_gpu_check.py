@@ -241,3 +241,25 @@ def test_ncu_without_counter_permission_is_said_at_once(tmp_path, monkeypatch):
     t0 = time.monotonic()
     rc, stopped = gpu_check.run_watching([sys.executable, "-c", script], dict(os.environ), gpu_check.NCU_NO_PERMISSION)
     assert stopped and rc != 0 and time.monotonic() - t0 < 10
+
+
+def test_attention_stage_estimate_matches_the_prune():
+    # The plan's attention estimate counts 6-8 kept configs per head dim on sm_90 (the sm_90 forward, the fused
+    # backward, the delta preprocess), not the 24 declared ones: derived from the prunes themselves.
+    import importlib
+
+    import triton
+
+    attn = importlib.import_module("crossflow_kernels.attention")  # the module (`crossflow_kernels.attention` is the op)
+
+    def configs(tiles):
+        return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+
+    for d in gpu_check.ATTN_MODELS:
+        d0, d1 = attn._split_head_dim(d)
+        args = dict(D0=d0, D1=d1, HAS_MASK=False, DOT_PRECISION="tf32")
+        fwd = attn._prune_sm90_for(configs(attn._FWD_SM90_TILES), args, 90)
+        bwd = attn._prune_for("fused", configs(attn._FUSED_TILES), args, 90)
+        assert 4 <= len(fwd) + len(bwd) + 1 <= 8, (d, len(fwd), len(bwd))
+    stage = next(s for s in gpu_check.STAGES if s.name == "attention")
+    assert "6-8 kept configs per head dim" in stage.estimate
