@@ -387,3 +387,15 @@ def test_default_tables_are_package_data():
     package_data = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "package_data"))
     assert "routes/*.json" in package_data["crossflow_kernels"]
     assert ar._table_location(FAKE) == ar.DEFAULT_DIR / ar.table_file_name(FAKE) or os.environ.get(ar.ENV)
+
+
+def test_routing_table_decides_on_the_models_layout():
+    # The routed calls are the model's (fused qkv views): where that layout was measured it decides the bucket, even
+    # against contiguous inputs' verdict; results without layouts keep deciding on what they have.
+    s = (16, 16, 1024, 72)
+    cases = [dict(_case(s, "fwd", "triton", 1.0), layout="bhtd"), dict(_case(s, "fwd", "sdpa_flash", 1.2), layout="bhtd"),
+             dict(_case(s, "fwd", "triton", 2.0), layout="qkv"), dict(_case(s, "fwd", "sdpa_flash", 1.2), layout="qkv")]
+    (entry,) = report.routing_table(_gpu_check(cases), "r.json")["entries"]
+    assert (entry["layout"], entry["backend"], entry["ours_ms"]) == ("qkv", "sdpa_flash", 2.0)
+    (entry,) = report.routing_table(_gpu_check(cases[:2]), "r.json")["entries"]
+    assert (entry["layout"], entry["backend"]) == ("bhtd", "triton")
