@@ -188,7 +188,8 @@ def ttgir_features(ttgir: str) -> dict:
 
 
 _PARTITION = re.compile(r"^\s*(default\s*\{|partition\d+\()")
-_TILE_STORE = re.compile(r"\b(?:ttng\.async_tma_copy_local_to_global|tt\.descriptor_store)\s+(%[\w.]+)\s*\[\s*(%[\w.]+)")
+_TILE_STORE = re.compile(r"\b(?:ttng\.async_tma_copy_local_to_global|tt\.descriptor_store)"
+                         r"\s+(%[\w.]+)\s*\[\s*(%[\w.]+)")
 
 
 def ws_shared_rows(ttgir: str) -> list[str]:

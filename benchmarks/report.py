@@ -6,8 +6,9 @@
 
 A GPU-check result (`benchmarks/gpu_check.py`, schema `crossflow-gpu-check/1`) may be given among the files: it gets
 its own section (`gpu_check_section`); `readme_table` renders the README's results table from it alone;
-`routing_table` derives from its attention stage the per-device table `crossflow_kernels.attention` routes by (written to
-crossflow_kernels/routes/attention-routes_<device>.json, package data, unless PATH, a file or a directory, says otherwise).
+`routing_table` derives from its attention stage the per-device table `crossflow_kernels.attention` routes by (written
+to crossflow_kernels/routes/attention-routes_<device>.json, package data, unless PATH, a file or a directory, says
+otherwise).
 
 Writes DIR/report.md (default: benchmarks/results/report/) and one PNG per (op, mode, dtype) and per sampler preset.
 Every number comes from the `extra_info` the suites recorded; each section's caption names its source JSON file.
@@ -246,7 +247,8 @@ def routing_table(data: dict[str, Any], src: str, margin: float = ROUTE_MARGIN) 
 def write_routing_table(data: dict[str, Any], src: str, dest: str | Path | None = None,
                         margin: float = ROUTE_MARGIN) -> Path:
     """Write `routing_table(data)` to `dest` (a file, or a directory for its default name; default: the committed
-    place, the package data directory crossflow_kernels/routes/) atomically, then read it back through the loader `crossflow_kernels.attention` uses."""
+    place, the package data directory crossflow_kernels/routes/) atomically, then read it back through the loader
+    `crossflow_kernels.attention` uses."""
     from crossflow_kernels.attention_routes import DEFAULT_DIR, parse_table, table_file_name
 
     table = routing_table(data, src, margin)

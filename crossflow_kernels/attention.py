@@ -19,10 +19,11 @@ which ran):
   tile (P and dP recomputed twice), every gradient written by exactly one program: bitwise reproducible. It runs
   whenever `torch.are_deterministic_algorithms_enabled()`, whatever the variable says.
 
-On sm_90 and sm_100 (CUDA capability 9.x and 10.x) the forward is a second kernel with the same arithmetic: Q/K/V/O tiles
-move by TMA through tensor descriptors made in the kernel, and the key loop is warp-specialized (a producer warp group
-loads, consumer warp groups run wgmma and the softmax), for 16-bit inputs whose base and row strides are 16-byte
-aligned, at head dims up to 128; the portable kernel serves sm_80, sm_120, fp32, unaligned views and the interpreter.
+On sm_90 and sm_100 (CUDA capability 9.x and 10.x) the forward is a second kernel with the same arithmetic: Q/K/V/O
+tiles move by TMA through tensor descriptors made in the kernel, and the key loop is warp-specialized (a producer warp
+group loads, consumer warp groups run wgmma and the softmax), for 16-bit inputs whose base and row strides are 16-byte
+aligned, at head dims up to 128 (sm_100: 96, 32 with a mask); the portable kernel serves sm_80, sm_120, fp32,
+unaligned views and the interpreter.
 `CROSSFLOW_KERNELS_ATTENTION_FWD` = auto | sm90 | portable (read at each launch) forces one, so the interpreter tests run both;
 `fwd_kernel_launches` counts which ran. The backward is shared.
 
@@ -931,9 +932,9 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
-# Which forward kernel runs: "auto" (default) takes the sm_90 kernel on a CUDA device of capability 9.x or 10.x and the
-# portable one elsewhere (sm_80, sm_120, the interpreter); "sm90" / "portable" force one (tests run the sm_90 kernel in the
-# interpreter that way). Read at every launch. Inputs the sm_90 kernel cannot take (fp32, rows or bases off the
+# Which forward kernel runs: "auto" (default) takes the sm_90 kernel on a CUDA device of capability 9.x or 10.x and
+# the portable one elsewhere (sm_80, sm_120, the interpreter); "sm90" / "portable" force one (tests run the sm_90
+# kernel in the interpreter that way). Read at every launch. Inputs the sm_90 kernel cannot take (fp32, rows or bases off the
 # 16-byte grid) run the portable kernel whatever the setting.
 FWD_KERNEL_ENV = "CROSSFLOW_KERNELS_ATTENTION_FWD"
 _FWD_KERNELS = ("auto", "sm90", "portable")

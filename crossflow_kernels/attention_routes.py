@@ -8,17 +8,18 @@ backend is never routed.
 
 The table: ``crossflow_kernels/routes/attention-routes_<device slug>.json`` (schema ``crossflow-attention-routes/1``),
 package data, so an installed package finds it too; derived from a GPU-check result by ``python -m benchmarks.report
-gpu_check.json --routing-table``, which writes it there; nothing else writes one, and only a device some run measured has one. It is read lazily (never at import), once per file, and each
-(device, bucket) decision is cached. A bucket is exact in head dim, dtype, mask yes/no and fwd vs fwd+bwd (any input
+gpu_check.json --routing-table``, which writes it there; nothing else writes one, and only a device some run measured
+has one. It is read lazily (never at import), once per file, and each (device, bucket) decision is cached. A bucket is exact in head dim, dtype, mask yes/no and fwd vs fwd+bwd (any input
 requiring grad with grad enabled), and power-of-two ceilings for Tq, Tk and B·H -- the buckets our autotuner keys on,
 so one bucket runs one kernel config of ours. A routed backend that cannot run a particular call (a layout or size
 the SDPA kernel rejects: `torch.backends.cuda.can_use_*`) falls back to ours.
 
 ``CROSSFLOW_KERNELS_ATTENTION_ROUTES`` (read at call time): unset -- the table shipped in the package (``routes/``);
 ``off`` / ``0`` -- no routing; a directory -- its ``attention-routes_<slug>.json``; a file -- that table (if it is for
-the running device). `crossflow_kernels.use_routing(False)` switches routing off in code. A table that exists but is malformed
-(not UTF-8, not JSON, not the schema) raises RuntimeError naming the file: the table is generated and verified, so a broken one is a bug to see, and ours
-running instead would silently lose the speed the table promises; ``CROSSFLOW_KERNELS_ATTENTION_ROUTES=off`` is the way out.
+the running device). `crossflow_kernels.use_routing(False)` switches routing off in code. A table that exists but is
+malformed (not UTF-8, not JSON, not the schema) raises RuntimeError naming the file: the table is generated and
+verified, so a broken one is a bug to see, and ours running instead would silently lose the speed the table promises;
+``CROSSFLOW_KERNELS_ATTENTION_ROUTES=off`` is the way out.
 
 Observable: `crossflow_kernels.dispatch_counts()` counts calls per (op, backend); the first decision for each routed bucket is
 logged at DEBUG on the ``crossflow_kernels`` logger, naming the table file and entry. Under torch.compile the decision is made
@@ -229,7 +230,7 @@ def clear_cache() -> None:
 def _load(path: Path, explicit: bool) -> dict | None:
     if path not in _TABLES:
         try:
-            text = path.read_bytes()  # decoded by parse_table: bad bytes are a malformed table, not a UnicodeDecodeError
+            text = path.read_bytes()  # parse_table decodes: bad bytes are a malformed table, not a UnicodeDecodeError
         except FileNotFoundError:
             if explicit:  # asked for by name: a missing file is a mistake, not "no table"
                 raise RuntimeError(f"{ENV}={os.environ.get(ENV)!r}: no such file {path}") from None

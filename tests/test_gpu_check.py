@@ -222,7 +222,8 @@ def test_stop_at_skips_what_would_start_too_late(tmp_path):
 
 def test_priority_order():
     from benchmarks.gpu_pytest import priority
-    ids = ["tests/test_sampler.py::test_fast_graph", "tests/crossflow_kernels/test_attention.py::test_attention_compile_x",
+    ids = ["tests/test_sampler.py::test_fast_graph",
+           "tests/crossflow_kernels/test_attention.py::test_attention_compile_x",
            "tests/crossflow_kernels/test_euler.py::test_e", "tests/x/test_other.py::test_o",
            "tests/crossflow_kernels/test_attention.py::test_attention_fused_bwd_fresh_key_gpu",
            "tests/crossflow_kernels/test_attention.py::test_attention_large_gpu[bf16]"]
@@ -250,7 +251,7 @@ def test_attention_stage_estimate_matches_the_prune():
 
     import triton
 
-    attn = importlib.import_module("crossflow_kernels.attention")  # the module (`crossflow_kernels.attention` is the op)
+    attn = importlib.import_module("crossflow_kernels.attention")  # the module, not the op of that name
 
     def configs(tiles):
         return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in tiles]

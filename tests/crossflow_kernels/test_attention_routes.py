@@ -383,7 +383,8 @@ def test_default_tables_are_package_data():
     pkg = Path(crossflow_kernels.__file__).resolve().parent
     assert ar.DEFAULT_DIR == pkg / "routes" and ar.DEFAULT_DIR.is_dir()
     setup = (pkg.parent / "setup.py").read_text()
-    call = next(n for n in ast.walk(ast.parse(setup)) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    call = next(n for n in ast.walk(ast.parse(setup))
+                if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
     package_data = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "package_data"))
     assert "routes/*.json" in package_data["crossflow_kernels"]
     assert ar._table_location(FAKE) == ar.DEFAULT_DIR / ar.table_file_name(FAKE) or os.environ.get(ar.ENV)
@@ -393,8 +394,9 @@ def test_routing_table_decides_on_the_models_layout():
     # The routed calls are the model's (fused qkv views): where that layout was measured it decides the bucket, even
     # against contiguous inputs' verdict; results without layouts keep deciding on what they have.
     s = (16, 16, 1024, 72)
-    cases = [dict(_case(s, "fwd", "triton", 1.0), layout="bhtd"), dict(_case(s, "fwd", "sdpa_flash", 1.2), layout="bhtd"),
-             dict(_case(s, "fwd", "triton", 2.0), layout="qkv"), dict(_case(s, "fwd", "sdpa_flash", 1.2), layout="qkv")]
+    cases = [dict(_case(s, "fwd", prov, ms), layout=lay)
+             for lay, prov, ms in (("bhtd", "triton", 1.0), ("bhtd", "sdpa_flash", 1.2), ("qkv", "triton", 2.0),
+                                   ("qkv", "sdpa_flash", 1.2))]
     (entry,) = report.routing_table(_gpu_check(cases), "r.json")["entries"]
     assert (entry["layout"], entry["backend"], entry["ours_ms"]) == ("qkv", "sdpa_flash", 2.0)
     (entry,) = report.routing_table(_gpu_check(cases[:2]), "r.json")["entries"]
