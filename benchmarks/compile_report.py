@@ -1,6 +1,6 @@
-"""Compile report: what every Triton kernel becomes on sm_90 / sm_80, without a GPU.
+"""Compile report: what every Triton kernel becomes on sm_90 / sm_80 / sm_100 / sm_120, without a GPU.
 
-    python -m benchmarks.compile_report [--quick] [--arch 90,80] [--filter attention] [--json PATH] [--jobs N]
+    python -m benchmarks.compile_report [--quick] [--arch 90,80,100,120] [--filter attention] [--json PATH] [--jobs N]
 
 How it works. The public ops (`crossflow_kernels.OPS[name].triton`) are driven with CPU tensors of the model's real shapes,
 dtypes and strides (fused-qkv views, transposed (B, T, H, D) views, (B, 1, C) modulation views), forward and autograd
@@ -27,7 +27,10 @@ not LSE, statistics or modulation vectors). A hot load is *scalar* when one inst
 when it moves less than 16 bytes.
 
 Cases named `attention/*-sm90` run the attention forward with `CROSSFLOW_KERNELS_ATTENTION_FWD=sm90` (the kernel an sm_90 GPU
-picks: tensor descriptors, warp specialization) and are compiled for sm_90 only (`--filter sm90`).
+picks: tensor descriptors, warp specialization) and are compiled for sm_90 and sm_100 only, the archs `auto` takes it on
+(`--filter sm90`). Cases named `*-t257` run T = 257 (not a multiple of 16: other integer specializations). sm_120 rows
+are report-only (`REPORT_ONLY_ARCHS`). A warp-specialized kernel whose partitions store the same tile rows (the same
+work done twice) fails (`ws_shared_rows`).
 
 All figures are compile-time facts about the generated code, not speed measurements.
 """
@@ -53,7 +56,9 @@ from pathlib import Path
 from benchmarks import _compile_parse as P
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ARCHS = (90, 80)
+ARCHS = (90, 80, 100, 120)
+# Reported, never failing: sm_120 (RTX 50xx) runs the portable kernels, whose prunes carry no sm_120 measurements yet.
+REPORT_ONLY_ARCHS = frozenset({120})
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The matrix: model shapes, dtypes, layouts
@@ -82,6 +87,13 @@ class Case:
     params: dict = field(default_factory=dict, hash=False, compare=False)
 
 
+def _sm90_archs(d: int, mask: bool) -> tuple[int, ...]:
+    """The archs `auto` takes the sm_90 forward on at head dim d (crossflow_kernels.attention._SM90_MAX_LANES): sm_90,
+    and sm_100 up to 96 lanes (32 with a mask). Padded lanes: 24 -> 32, 48 -> 48, 72 -> 80, others d."""
+    lanes = {24: 32, 72: 80}.get(d, d)
+    return (90, 100) if lanes <= (32 if mask else 96) else (90,)
+
+
 def matrix(quick: bool, include_256: bool = False) -> list[Case]:
     cases = []
     dims = QUICK_DIMS if quick else ATTN_DIMS + ((256,) if include_256 else ())
@@ -94,14 +106,24 @@ def matrix(quick: bool, include_256: bool = False) -> list[Case]:
                 for mask in (False, True) if lay == "qkv" and not quick else (False,):
                     name = f"attention/d{d}-{dt}-{lay}" + ("-mask" if mask else "")
                     cases.append(Case("attention", name, dict(d=d, dtype=dt, layout=lay, mask=mask)))
+    # Ragged T (257 = 16x16 patches + the indicator token; the Text VE dims already run T = 77): the lengths enter as
+    # integers Triton specializes on (divisible by 16 or not), so they compile to other code. Fused qkv, both masks.
+    for d in (() if quick else dims):
+        if ATTN_SHAPES[d][1] % 16 == 0:
+            for dt in DTYPES:
+                for mask in (False, True):
+                    name = f"attention/d{d}-{dt}-qkv" + ("-mask" if mask else "") + "-t257"
+                    cases.append(Case("attention", name, dict(d=d, dtype=dt, layout="qkv", mask=mask, t=257)))
     # The sm_90 forward (TMA + warp specialization), forced as on an sm_90 GPU: 16-bit, the model's fused-qkv layout,
-    # compiled for sm_90 only (`min_arch`); forward only (the backward kernels are the ones of the cases above).
+    # compiled for the archs `auto` takes it on (`only_archs`: sm_90, and sm_100 up to 96 lanes); forward only (the
+    # backward kernels are the ones of the cases above). T = 257 too (TMA bounds by the per-head row count).
     for d in (QUICK_DIMS[1:] if quick else dims):
         for dt in (("fp16",) if quick else ("fp16", "bf16")):
             for mask in (False,) if quick else (False, True):
-                name = f"attention/d{d}-{dt}-qkv" + ("-mask" if mask else "") + "-sm90"
-                cases.append(Case("attention", name, dict(d=d, dtype=dt, layout="qkv", mask=mask, fwd="sm90",
-                                                          min_arch=90)))
+                for t in (None,) if quick or ATTN_SHAPES[d][1] % 16 else (None, 257):
+                    name = f"attention/d{d}-{dt}-qkv" + ("-mask" if mask else "") + (f"-t{t}" if t else "") + "-sm90"
+                    cases.append(Case("attention", name, dict(d=d, dtype=dt, layout="qkv", mask=mask, fwd="sm90",
+                                                              t=t, only_archs=_sm90_archs(d, mask))))
     widths = (1152,) if quick else ADALN_WIDTHS
     for op in ("adaln_modulate", "gated_residual_adaln"):
         for c in widths:
@@ -199,6 +221,7 @@ def _drive(case: Case) -> None:
     if case.op == "attention":
         d = p["d"]
         h, t = ATTN_SHAPES[d]
+        t = p.get("t") or t
         if p["layout"] == "qkv":  # the model's fused projection: (B, T, 3, H, D) -> three (B, H, T, D) views
             q, k, v = (x.transpose(1, 2) for x in torch.empty(B, t, 3, h, d, dtype=dt).unbind(2))
         elif p["layout"] == "bthd":
@@ -492,6 +515,7 @@ def compile_one(launch: Launch, config, arch: int) -> dict:
         dots=P.ttgir_dots(asm["ttgir"]),
         dot_shapes=P.ttgir_dot_shapes(asm["ttgir"]),
         **P.ttgir_features(asm["ttgir"]),
+        ws_shared_rows=P.ws_shared_rows(asm["ttgir"]),
         ptx=P.ptx_memory(asm["ptx"]),
         accesses=accesses,
         compile_s=round(secs, 2),
@@ -556,7 +580,7 @@ def plan(cases: list[Case], archs) -> tuple[list[dict], list[tuple], list]:
             n = seen[launch.name] = seen.get(launch.name, 0) + 1
             kname = launch.name if n == 1 else f"{launch.name}#{n}"
             total = len(launch.kernel.configs) if launch.autotuned else 1
-            for arch in (a for a in archs if a >= case.params.get("min_arch", 0)):
+            for arch in (a for a in archs if a in case.params.get("only_archs", archs)):
                 # The prune may depend on the target (kernels read Triton's active driver): prune per arch.
                 try:
                     with active_target(arch):
@@ -617,8 +641,11 @@ def run(cases: list[Case], archs, jobs_n: int = 1, progress=None) -> list[dict]:
 
 
 def problems(row: dict) -> list[str]:
-    """What a row fails on: a compile error, a spill, a scalar hot load."""
+    """What a row fails on: a compile error, a spill, a scalar hot load, warp-specialized partitions that compute the
+    same rows (all work twice). Rows of a report-only arch (`REPORT_ONLY_ARCHS`) fail on nothing."""
     out = []
+    if row.get("arch") in REPORT_ONLY_ARCHS:
+        return out
     if row.get("error"):
         out.append("error")
         return out
@@ -626,6 +653,8 @@ def problems(row: dict) -> list[str]:
         out.append(f"spill {row['spill_store_bytes']}B")
     if row.get("hot_scalar"):
         out.append("scalar load " + ",".join(row["hot_scalar"]))
+    if row.get("ws_shared_rows"):
+        out.append("WS partitions share rows " + ",".join(row["ws_shared_rows"]))
     return out
 
 
@@ -656,10 +685,12 @@ def summarize(rows: list[dict]) -> dict:
             scalar_hot_load_configs=sum(bool(r["hot_scalar"]) for r in rs),
             narrow_hot_load_configs=sum(bool(r["hot_narrow"]) for r in rs),
             non_wgmma_dot_configs_half=(sum(any(k != "wgmma" for k in r["dots"]) for r in dots_half)
-                                        if arch >= 90 else None),  # wgmma exists on sm_90 only
+                                        if arch == 90 else None),  # wgmma exists on sm_90 only
             fma_dot_configs=sum("fma" in r["dots"] for r in rs),
             tma_configs=sum(bool(r["tma_loads"] or r["ptx"]["tma_load"]) for r in rs),
             warp_specialized_configs=sum(bool(r["warp_specialized"]) for r in rs),
+            ws_shared_rows_configs=sum(bool(r.get("ws_shared_rows")) for r in rs),
+            report_only=arch in REPORT_ONLY_ARCHS,
             max_registers=max((r["registers"] for r in rs), default=0),
             max_head_dim_padding={f"d{d}": max(pads) for d, pads in _pads(rs).items()},
         )
@@ -781,7 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="the CI subset (attention d 24/72 fp16 fused-qkv, bf16 "
                     "adaLN 1152, Euler; sm_90) instead of the full matrix")
     ap.add_argument("--arch", type=_parse_archs, default=None,
-                    help="comma-separated SM archs (default 90,80; 90 with --quick)")
+                    help="comma-separated SM archs (default 90,80,100,120; 90 with --quick); sm_120 is report-only")
     ap.add_argument("--filter", default="", help="regex on case names (e.g. attention, 'd72-.*qkv', adaln)")
     ap.add_argument("--json", type=Path, default=None,
                     help="output JSON (default benchmarks/results/<date>_compile-report_triton-<ver>[_quick].json)")

@@ -9,11 +9,12 @@ Stages run in priority order (`STAGES`), each in a forked child with its own tim
 killed with its process group (pytest workers, ncu) and recorded as `timeout`, and the next stage starts. The driver
 never touches CUDA, so each child initialises it afresh. A stage body writes every finished case into the one results
 file as it goes (atomic replace), so a killed stage loses only its unfinished case and a killed command loses nothing
-that was finished. What comes back (at most 6 files, the limit being 8): `gpu_check.json` (schema below),
-`gpu_check.log` (everything printed), `pytest_gpu.xml` (JUnit of the GPU tests), `ncu_attention.ncu-rep` and
+that was finished. What comes back (at most 7 files, the limit being 8): `gpu_check.json` (schema below),
+`gpu_check.log` (everything printed), `pytest_gpu.xml` (JUnit of the GPU tests, written when pytest ends),
+`pytest_gpu.jsonl` (one line per test as it finishes: what a killed tests stage keeps), `ncu_attention.ncu-rep` and
 `ncu_attention.txt` (Nsight Compute on one attention launch, when `ncu` is there), and
 `attention-routes_<device>.json` (`crossflow_kernels.attention`'s SDPA routing table, derived from the attention stage by
-`benchmarks.report.write_routing_table`; commit it under benchmarks/results/ with the result).
+`benchmarks.report.write_routing_table`; `--save` puts it in crossflow_kernels/routes/, the package data).
 
 Schema `crossflow-gpu-check/1` of gpu_check.json:
   {schema, smoke, started, finished (null while running), total_budget_s, plan: [{name, budget_s, title}],
@@ -53,7 +54,7 @@ from benchmarks.report import read_gpu_check as read_results
 ROOT = Path(__file__).resolve().parent.parent
 TOTAL_BUDGET_S = 540  # one device command is at most 10 minutes; 60 s stay for the machine's start-up of python
 RESULTS_NAME, LOG_NAME = "gpu_check.json", "gpu_check.log"
-JUNIT_NAME, NCU_NAME = "pytest_gpu.xml", "ncu_attention"
+JUNIT_NAME, NCU_NAME, TESTS_JSONL = "pytest_gpu.xml", "ncu_attention", "pytest_gpu.jsonl"
 KILL_GRACE_S = 3.0  # SIGTERM, then SIGKILL this much later
 MIN_STAGE_S = 10  # a stage with less time than this left is skipped, not started
 MAX_FILES = 8  # what a device run brings back from $OUT
@@ -182,17 +183,50 @@ def _junit_summary(xml_path: Path) -> dict[str, Any]:
     }
 
 
+def tests_jsonl_summary(path: Path) -> dict[str, Any]:
+    """Counts and failures from the per-test results file (`gpu_pytest --results-file`): what a killed run keeps."""
+    counts, failures = dict(passed=0, failed=0, errors=0, skipped=0), []
+    if not path.exists():
+        return {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        if r["outcome"] == "passed":
+            counts["passed"] += 1
+        elif r["outcome"] == "skipped":
+            counts["skipped"] += 1
+        else:
+            counts["failed" if r["when"] == "call" else "errors"] += 1
+            failures.append({"test": r["nodeid"], "kind": r["when"], "message": r.get("message", "")})
+    return {**counts, "failures": failures, "source": path.name}
+
+
+def after_tests(ctx: StageContext) -> None:
+    """Run by the driver when the tests stage ends, killed or not: the per-test file's summary into the results."""
+    ctx.set_result(per_test=tests_jsonl_summary(ctx.out / TESTS_JSONL))
+
+
+# The tests' own smoke target: the runner on CPU, not the whole suite (tests/test_gpu_check.py points it elsewhere).
+SMOKE_TEST_TARGETS = ["tests/crossflow_kernels/test_euler.py"]
+
+
 def stage_tests(ctx: StageContext) -> None:
-    """`pytest -m gpu` with pytest-xdist workers when installed and a per-test timeout (benchmarks/gpu_pytest.py)."""
+    """`pytest -m gpu`, most informative tests first, each one's result written as it finishes, with pytest-xdist
+    workers when installed (the test extra has it) and a per-test timeout (benchmarks/gpu_pytest.py). Serially, tests
+    that would start in the stage's last 20 s are skipped, so pytest still ends and writes its JUnit file."""
     import importlib.util
 
     _need_cuda(ctx)
     workers = 0 if ctx.smoke or importlib.util.find_spec("xdist") is None else 8
     per_test = 20 if ctx.smoke else 90  # + the 15 s hard limit: a stuck test ends inside the budget
-    junit = ctx.out / JUNIT_NAME
-    targets = ["tests/crossflow_kernels/test_euler.py"] if ctx.smoke else ["tests"]  # smoke: the runner, not the whole suite
+    junit, per_test_file = ctx.out / JUNIT_NAME, ctx.out / TESTS_JSONL
+    targets = SMOKE_TEST_TARGETS if ctx.smoke else ["tests"]
+    stop_at = time.time() + ctx.remaining() - 20
     cmd = [sys.executable, "-m", "pytest", *targets, "-m", "gpu", "-q", "-p", "no:cacheprovider",
            "-p", "benchmarks.gpu_pytest", f"--test-timeout={per_test}", f"--junitxml={junit}", "-o", "addopts=-ra",
+           f"--results-file={per_test_file}", f"--stop-at={stop_at:.0f}", "--priority-order",
            "--continue-on-collection-errors"]  # one module that fails to import must not cancel every GPU test
     if workers:
         cmd += ["-n", str(workers)]
@@ -271,26 +305,47 @@ def _bench_case(f: Callable, args: list, kw: dict, mode: str, provider: str, ctx
     return {"status": "ok", "warmup_s": round(warmup_s, 3), **timing}
 
 
-PREWARM_TOKENS = (256, 4096)  # both ends of the benchmarked range, in case the kernel choice depends on T
-
-
-def prewarm_attention(head_dim: int) -> None:
-    """Compile (and autotune) our attention forward and backward at one head dim, bf16, at a small batch. Run in one
-    process per head dim in parallel: Triton's autotuner compiles its configs one after another, and the on-disk
-    cache then serves the benchmarking process."""
+def prewarm_attention(head_dim: int, smoke: bool = False) -> None:
+    """Compile our attention forward and backward at one head dim for exactly the shapes the stage times (every T and
+    batch: the autotune keys are the T and B·H buckets) in each layout it times. Run in one process per head dim in
+    parallel: Triton's autotuner compiles its configs one after another, and the on-disk cache then serves the
+    benchmarking process (whose autotuner still times the kept configs once per key)."""
     import torch
 
     import crossflow_kernels
     from benchmarks import _common
 
-    cuda = torch.cuda.is_available()  # without: the smoke (interpreter, fp32, tiny)
-    heads, tokens = (ATTN_MODELS.get(head_dim, ("", 2))[1], PREWARM_TOKENS) if cuda else (2, (32,))
-    for t in tokens:
-        q, k, v, do = (torch.randn(2, heads, t, head_dim, device=_common.device(),
-                                   dtype=torch.bfloat16 if cuda else torch.float32) for _ in range(4))
-        q, k, v = (x.requires_grad_() for x in (q, k, v))
-        torch.autograd.grad(crossflow_kernels.OPS["attention"].triton(q, k, v), (q, k, v), do)
+    smoke = smoke or not torch.cuda.is_available()  # the smoke's prewarm processes: the interpreter, fp32, tiny
+    dtype = torch.float32 if smoke else torch.bfloat16
+    attn = crossflow_kernels.OPS["attention"].triton
+    for s in (s for s in attention_shapes(smoke) if s["head_dim"] == head_dim):
+        shape = (2 * s["batch"], s["heads"], s["tokens"], head_dim)
+        for layout in ATTN_LAYOUTS:
+            q, k, v = attention_inputs(shape, layout, dtype, _common.device())
+            do = torch.randn_like(q)
+            q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+            with torch.no_grad():
+                attn(q, k, v)  # the forward alone: the stage's `fwd` mode, same kernel and key
+            torch.autograd.grad(attn(q, k, v), (q, k, v), do)
     _common.sync()
+
+
+# The layouts the stage times: contiguous (B, H, T, D) tensors, and the model's own fused qkv projection viewed as
+# (B, H, T, D) (strided: what the routing table is applied to). The model's layout is timed for ours and the two
+# fastest SDPA backends only (math and efficient never won a contiguous case we know of).
+ATTN_LAYOUTS = ("bhtd", "qkv")
+QKV_PROVIDERS = ("triton", "sdpa_cudnn", "sdpa_flash")
+
+
+def attention_inputs(shape, layout: str, dtype, device) -> list:
+    """q, k, v of `shape` (B, H, T, D) in `layout`: "bhtd" three contiguous tensors, "qkv" the unbound (B, T, 3, H, D)
+    projection transposed to (B, H, T, D), as the DiT's attention calls it."""
+    import torch
+
+    b, h, t, d = shape
+    if layout == "bhtd":
+        return [torch.randn(shape, device=device, dtype=dtype) for _ in range(3)]
+    return [x.transpose(1, 2) for x in torch.randn(b, t, 3, h, d, device=device, dtype=dtype).unbind(2)]
 
 
 def _prewarm(ctx: StageContext, head_dims, limit_s: float) -> dict[str, Any]:
@@ -331,15 +386,17 @@ def stage_attention(ctx: StageContext) -> None:
     ctx.set_result(**warm)
     _log(f"attention: pre-warm {warm}")
     for mode in ("fwd", "fwd_bwd"):  # every shape's forward first: the part most worth having if time runs out
-        for s in attention_shapes(ctx.smoke):
+        for s, layout in ((s, lay) for s in attention_shapes(ctx.smoke) for lay in ATTN_LAYOUTS):
             rows = 2 * s["batch"]
             shape = (rows, s["heads"], s["tokens"], s["head_dim"])
             torch.manual_seed(0)
-            qkv = [torch.randn(shape, device=dev, dtype=dtype) for _ in range(3)]
+            qkv = attention_inputs(shape, layout, dtype, dev)
             _, flops = bench_kernels._attn_cost(shape, mode, qkv[0].element_size())
             for name, factory in providers.items():
-                case = dict(s, shape=list(shape), mode=mode, provider=name, dtype=str(dtype).removeprefix("torch."),
-                            flops=flops)
+                if layout != "bhtd" and name not in QKV_PROVIDERS:
+                    continue
+                case = dict(s, shape=list(shape), layout=layout, mode=mode, provider=name,
+                            dtype=str(dtype).removeprefix("torch."), flops=flops)
                 score_bytes = rows * s["heads"] * s["tokens"] ** 2 * qkv[0].element_size()
                 if name == "sdpa_math" and score_bytes > MATH_MAX_SCORE_BYTES:
                     case.update(status="skipped", reason=f"math backend would materialise {score_bytes / 2**30:.1f} "
@@ -355,7 +412,7 @@ def stage_attention(ctx: StageContext) -> None:
                 if case["status"] == "ok":
                     case["tflops"] = flops / (case["ms_p50"] * 1e-3) / 1e12
                 ctx.add_case(case)
-                _log(f"attention {mode} {shape} {name}: {case['status']} "
+                _log(f"attention {mode} {shape} {layout} {name}: {case['status']} "
                      + (f"{case['tflops']:.4g} TFLOP/s" if case["status"] == "ok" else case.get("reason", "")[:120]))
             del qkv
             if torch.cuda.is_available():
@@ -542,10 +599,45 @@ def ncu_workload(smoke: bool) -> None:
             torch.cuda.profiler.stop()
 
 
+NCU_NO_PERMISSION = "ERR_NVGPUCTRPERM"  # ncu's message when the driver keeps the counters to admins
+
+
+def counters_admin_only(params: Path = Path("/proc/driver/nvidia/params")) -> bool:
+    """Does the NVIDIA driver restrict GPU performance counters to admins (RmProfilingAdminOnly: 1) while we are not
+    root? Then ncu fails with ERR_NVGPUCTRPERM: containers often run so. False when unknown."""
+    try:
+        text = params.read_text()
+    except OSError:
+        return False
+    admin_only = any(line.replace(" ", "") == "RmProfilingAdminOnly:1" for line in text.splitlines())
+    return admin_only and os.geteuid() != 0
+
+
+def run_watching(cmd: list[str], env: dict, stop_on: str) -> tuple[int, bool]:
+    """Run `cmd`, echoing its output; kill it the moment a line contains `stop_on`. -> (return code, stopped)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace")
+    stopped = False
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        if stop_on in line:
+            stopped = True
+            proc.kill()
+            break
+    proc.stdout.close()
+    return proc.wait(), stopped
+
+
 def stage_ncu(ctx: StageContext) -> None:
-    """Nsight Compute (`--clock-control none`, full set) on one attention forward launch; smoke: the workload alone."""
+    """Nsight Compute (`--clock-control none`, full set) on one attention forward launch; smoke: the workload alone.
+    Without permission for the GPU counters (common in containers) it says so in the result within about a second
+    (the driver's setting, or ncu's first ERR_NVGPUCTRPERM line) instead of spending the stage."""
     _need_cuda(ctx)
     ncu = None if ctx.smoke else find_ncu()
+    if ncu is not None and counters_admin_only():
+        ctx.set_result(ncu=ncu, counters_permission=False, note="ncu not run: the driver restricts GPU performance "
+                       "counters to admins (RmProfilingAdminOnly=1) and this is not root (ERR_NVGPUCTRPERM)")
+        return
     if ncu is None:
         ncu_workload(ctx.smoke)
         ctx.set_result(ncu=None, note="ncu not run (" + ("smoke" if ctx.smoke else "not found") +
@@ -557,7 +649,12 @@ def stage_ncu(ctx: StageContext) -> None:
            sys.executable, "-m", "benchmarks.gpu_check", "--ncu-workload"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     _log("ncu: " + " ".join(cmd))
-    rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    rc, no_permission = run_watching(cmd, env, NCU_NO_PERMISSION)
+    if no_permission:
+        ctx.set_result(ncu=ncu, counters_permission=False, returncode=rc, note="ncu stopped: no permission for the "
+                       "GPU performance counters here (ERR_NVGPUCTRPERM); run as root or with the driver's "
+                       "NVreg_RestrictProfilingToAdminUsers=0")
+        return
     report = rep.with_suffix(".ncu-rep")
     txt = ctx.out / f"{NCU_NAME}.txt"
     details = subprocess.run([ncu, "--import", str(report), "--page", "details", "--print-units", "base"],
@@ -596,26 +693,33 @@ class Stage:
     title: str
     body: Callable[[StageContext], None]
     estimate: str  # what the budget is made of
+    after: Callable[[StageContext], None] | None = None  # run by the driver when the child ended, killed or not
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("limits", 20, "device limits: 1 GiB copy GB/s, 8192^3 bf16 matmul TFLOP/s", stage_limits,
-          "CUDA init + cuBLAS ~5 s, two do_bench ~1 s, child start-up"),
-    Stage("tests", 130, "pytest -m gpu (xdist 8 workers, 90 s per-test timeout)", stage_tests,
-          "~20 GPU tests; cold Triton compiles of every autotune config they hit (~1-2 s each, spread over workers), "
-          "one torch.compile(fullgraph) test ~30 s"),
-    Stage("attention", 170, "attention vs SDPA cudnn/flash/efficient/math: d 72/64/128 x T 256/1024/4096 x batch 1/8,"
-          " fwd then fwd+bwd", stage_attention,
-          "~70 cold compiles (3 head dims x 24 autotune configs, ~1-2 s each), one process per head dim in parallel "
-          "(~50 s); autotune timing (9 keys x 24 configs x ~0.13 s ~30 s); 180 cases x ~0.1-0.3 s of do_bench"),
+    # Estimates from compile counts (bare machine: cold Triton / Inductor caches, 16 cores); the seven sum to 535 s,
+    # inside the 540 s cap.
+    Stage("limits", 15, "device limits: 1 GiB copy GB/s, 8192^3 bf16 matmul TFLOP/s", stage_limits,
+          "CUDA init + cuBLAS ~5 s, two do_bench ~1 s, child start-up ~3 s"),
+    Stage("tests", 120, "pytest -m gpu, most informative first (xdist 8 workers; serially, what fits)", stage_tests,
+          "~25 GPU tests; 70-90 cold Triton compiles (~1.5 s each: ~15-20 s over 8 workers, 110-140 s serially) + 2 "
+          "Inductor compiles (~30 s each) + worker start ~10 s: ~70-90 s with xdist; serially the tail is skipped at "
+          "the deadline and every finished test is in pytest_gpu.jsonl", after=after_tests),
+    Stage("attention", 135, "attention vs SDPA cudnn/flash/efficient/math: d 72/64/128 x T 256/1024/4096 x batch 1/8,"
+          " fwd then fwd+bwd; ours, cudnn and flash on the model's fused-qkv views too", stage_attention,
+          "pre-warm, one process per head dim in parallel: 6-8 kept configs per head dim (fwd 2-3, fused bwd 2-3, "
+          "delta 1) x 2 layouts ~20 compiles x ~1.5 s ~30 s; autotune timing 6 keys x 2 kernels x ~3 configs x ~0.15 s "
+          "~5 s per head dim; 180 + 108 cases x ~0.2 s of do_bench ~60 s; start-up ~10 s"),
     Stage("adaln", 75, "adaLN + gated adaLN vs torch.compile(reference): 3 shapes x fwd/fwd+bwd", stage_adaln,
-          "12 Inductor compiles (2 ops x 3 shapes x 2 modes) ~4 s each + Inductor start ~10 s; 36 cases x do_bench"),
-    Stage("sampler", 100, "sampler dit-xl-2 256 px, 50 steps, batch 1 and 8: official eager, batched eager, "
+          "12 Inductor compiles (2 ops x 3 shapes x 2 modes) ~4 s each + Inductor start ~10 s; 8 Triton compiles "
+          "(2 ops x 2 widths x fwd/bwd) ~12 s; 36 cases x do_bench ~7 s"),
+    Stage("sampler", 85, "sampler dit-xl-2 256 px, 50 steps, batch 1 and 8: official eager, batched eager, "
           "FastSampler, torch.compile default (regional)", stage_sampler,
-          "model build ~5 s; 6 eager/graph cases x (warm-up + 2 runs) ~0.5-2 s per run ~30 s; 2 block compiles "
-          "~15-20 s each + runs"),
-    Stage("ncu", 35, "ncu --clock-control none --set full on one attention forward launch", stage_ncu,
-          "python + torch start ~5 s, autotune from the warm disk cache ~5 s, ~40 replay passes of a ~1 ms kernel"),
+          "model build ~5 s; attention/adaLN compiles from the warm disk cache, autotune ~5 s; 6 eager/graph cases x "
+          "(warm-up + 2 runs) ~30 s; 2 block compiles ~15-20 s each + runs"),
+    Stage("ncu", 30, "ncu --clock-control none --set full on one attention forward launch", stage_ncu,
+          "python + torch start ~5 s, autotune from the warm disk cache ~5 s, ~40 replay passes of a ~1 ms kernel; "
+          "no counter permission: ends in ~1 s, said in the result"),
     Stage("diffusers", 75, "diffusers DiT-XL/2-256 (random weights) DiTPipeline, 50 steps, batch 1 and 8: unpatched vs "
           "patched (crossflow_kernels.integrations.diffusers), eager then compile per block", stage_diffusers,
           "import diffusers + build on the GPU ~10 s; 4 eager cases x (3-step warm-up + 2 runs of ~0.5 s) ~15 s with "
@@ -721,6 +825,11 @@ def run_stages(stages, out: Path, smoke: bool, total_s: float = TOTAL_BUDGET_S) 
             _run_child(stage, ctx)
         how, code = _wait(pid, budget)
         wall = time.monotonic() - t0
+        if stage.after is not None:
+            try:
+                stage.after(ctx)
+            except Exception as e:  # noqa: BLE001 - what the child recorded stands
+                _log(f"stage {stage.name}: after-hook failed: {type(e).__name__}: {e}")
         data = read_results(path)
         st = data["stages"][stage.name]
         st["wall_s"] = round(wall, 1)
@@ -742,10 +851,11 @@ def run_stages(stages, out: Path, smoke: bool, total_s: float = TOTAL_BUDGET_S) 
     return data
 
 
-def save_result(src: Path, results_dir: Path | None = None) -> Path:
+def save_result(src: Path, results_dir: Path | None = None, routes_dir: Path | None = None) -> Path:
     """Copy a GPU-check JSON to results/<YYYY-MM-DD>_<device-name-slug>_gpu-check.json (the date it started), and,
-    when it has attention cases, write `crossflow_kernels.attention`'s routing table from it beside it
-    (results/attention-routes_<device-name-slug>.json, replacing the device's previous one)."""
+    when it has attention cases, write `crossflow_kernels.attention`'s routing table from it to `routes_dir`, by
+    default the package data (crossflow_kernels/routes/attention-routes_<device-name-slug>.json, replacing the
+    device's previous one)."""
     from benchmarks import _common
 
     data = read_results(src)
@@ -758,7 +868,7 @@ def save_result(src: Path, results_dir: Path | None = None) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     write_results(dest, data)
     if data.get("stages", {}).get("attention", {}).get("cases"):
-        _log(f"routing table: {write_routing_table(data, dest.name, dest.parent)}")
+        _log(f"routing table: {write_routing_table(data, dest.name, routes_dir)}")
     return dest
 
 

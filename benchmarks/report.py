@@ -6,8 +6,9 @@
 
 A GPU-check result (`benchmarks/gpu_check.py`, schema `crossflow-gpu-check/1`) may be given among the files: it gets
 its own section (`gpu_check_section`); `readme_table` renders the README's results table from it alone;
-`routing_table` derives from its attention stage the per-device table `crossflow_kernels.attention` routes by (written to
-benchmarks/results/attention-routes_<device>.json unless PATH, a file or a directory, says otherwise).
+`routing_table` derives from its attention stage the per-device table `crossflow_kernels.attention` routes by (written
+to crossflow_kernels/routes/attention-routes_<device>.json, package data, unless PATH, a file or a directory, says
+otherwise).
 
 Writes DIR/report.md (default: benchmarks/results/report/) and one PNG per (op, mode, dtype) and per sampler preset.
 Every number comes from the `extra_info` the suites recorded; each section's caption names its source JSON file.
@@ -158,15 +159,15 @@ def attention_summary(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (shape, mode): ours vs the fastest SDPA backend that ran in the same run (None when either is missing)."""
     groups: dict[tuple, list[dict]] = {}
     for c in cases:
-        groups.setdefault((tuple(c["shape"]), c["mode"], c["dtype"]), []).append(c)
+        groups.setdefault((tuple(c["shape"]), c.get("layout", "bhtd"), c["mode"], c["dtype"]), []).append(c)
     rows = []
-    for (shape, mode, dtype), cs in groups.items():
+    for (shape, layout, mode, dtype), cs in groups.items():
         ok = [c for c in cs if c.get("status") == "ok"]
         ours = next((c for c in ok if c["provider"] == "triton"), None)
         sdpa = [c for c in ok if c["provider"].startswith("sdpa_")]
         best = max(sdpa, key=lambda c: c["tflops"]) if sdpa else None
         rows.append(dict(
-            shape=list(shape), model=cs[0]["model"], batch=cs[0]["batch"], mode=mode, dtype=dtype,
+            shape=list(shape), layout=layout, model=cs[0]["model"], batch=cs[0]["batch"], mode=mode, dtype=dtype,
             ours_tflops=ours["tflops"] if ours else None, best_sdpa=best["provider"] if best else None,
             best_sdpa_tflops=best["tflops"] if best else None,
             frac_of_best_sdpa=ours["tflops"] / best["tflops"] if ours and best else None,
@@ -194,11 +195,20 @@ def routing_table(data: dict[str, Any], src: str, margin: float = ROUTE_MARGIN) 
     env = data.get("env", {})
     if not env.get("device_name"):
         raise ValueError(f"{src}: no env.device_name: cannot tell which device the table is for")
-    groups: dict[tuple, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    # Cases of the model's own layout (the fused qkv views the routed calls get) decide a bucket where ours ran in it;
+    # contiguous ones otherwise (and older results, whose cases name no layout).
+    by_layout: dict[tuple, dict[str, dict[tuple, list[dict]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(
+        list)))
     for c in data.get("stages", {}).get("attention", {}).get("cases", []):
         b, h, t, d = c["shape"]
         key = bucket(d, t, t, b * h, c["dtype"], bool(c.get("mask", False)), c["mode"])
-        groups[key][tuple(c["shape"])].append(c)
+        by_layout[key][c.get("layout", "bhtd")][tuple(c["shape"])].append(c)
+    groups, layouts = {}, {}
+    for key, lays in by_layout.items():
+        ours_in = [lay for lay in ("qkv", "bhtd") if any(c["provider"] == OURS for cs in lays.get(lay, {}).values()
+                                                         for c in cs)]
+        layouts[key] = (ours_in or sorted(lays))[0]
+        groups[key] = lays[layouts[key]]
     entries, skipped = [], []
     for key in sorted(groups):
         shapes = groups[key]
@@ -221,6 +231,7 @@ def routing_table(data: dict[str, Any], src: str, margin: float = ROUTE_MARGIN) 
             "best_sdpa": best, "sdpa_ms": round(sdpa[best], 6) if best else None,
             "speedup": round(totals[OURS] / sdpa[best], 4) if best else None,
             "ms": {p: round(v, 6) for p, v in sorted(totals.items())}, "shapes": sorted(list(s) for s in shapes),
+            "layout": layouts[key],
         })
     return {
         "schema": SCHEMA, "device_name": env["device_name"], "smoke": bool(data.get("smoke")),
@@ -236,7 +247,8 @@ def routing_table(data: dict[str, Any], src: str, margin: float = ROUTE_MARGIN) 
 def write_routing_table(data: dict[str, Any], src: str, dest: str | Path | None = None,
                         margin: float = ROUTE_MARGIN) -> Path:
     """Write `routing_table(data)` to `dest` (a file, or a directory for its default name; default: the committed
-    place, benchmarks/results/) atomically, then read it back through the loader `crossflow_kernels.attention` uses."""
+    place, the package data directory crossflow_kernels/routes/) atomically, then read it back through the loader
+    `crossflow_kernels.attention` uses."""
     from crossflow_kernels.attention_routes import DEFAULT_DIR, parse_table, table_file_name
 
     table = routing_table(data, src, margin)
@@ -250,7 +262,7 @@ def write_routing_table(data: dict[str, Any], src: str, dest: str | Path | None 
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(table, indent=1) + "\n")
     os.replace(tmp, path)
-    parse_table(path, path.read_text())
+    parse_table(path, path.read_bytes())
     return path
 
 
@@ -274,7 +286,7 @@ def readme_table(data: dict, src: str) -> list[str]:
     if tests:
         lines += [f"GPU tests (`pytest -m gpu`): {tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
                   f"{tests.get('errors', 0)} errors, {tests.get('skipped', 0)} skipped.", ""]
-    attn = stages.get("attention", {}).get("cases", [])
+    attn = [c for c in stages.get("attention", {}).get("cases", []) if c.get("layout", "bhtd") == "bhtd"]
     if attn:
         rows = [[r["model"], r["batch"], "x".join(map(str, r["shape"])), r["mode"], r["ours_tflops"],
                  (r["best_sdpa"] or "–").removeprefix("sdpa_"), r["best_sdpa_tflops"], r["frac_of_best_sdpa"]]
@@ -399,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--readme", action="store_true", help="print only the README results table of one GPU-check JSON")
     p.add_argument("--routing-table", nargs="?", const="", default=None, metavar="PATH",
                    help="write crossflow_kernels.attention's SDPA routing table from one GPU-check JSON (to PATH, a file or a "
-                        "directory; default benchmarks/results/attention-routes_<device>.json)")
+                        "directory; default crossflow_kernels/routes/attention-routes_<device>.json)")
     p.add_argument("--margin", type=float, default=ROUTE_MARGIN,
                    help=f"with --routing-table: SDPA takes a bucket when ours takes >= this times as long "
                         f"(default {ROUTE_MARGIN})")

@@ -16,6 +16,10 @@ test -s "$OUT/report/report.md" || { echo "benchmark smoke: no report was writte
 bash benchmarks/profile_nsys.sh --out-dir "$OUT/profile" --preset tiny --batch 1 --steps 2
 bash benchmarks/run_gpu.sh --plan
 bash benchmarks/run_gpu.sh --smoke --out "$OUT/gpu_check"  # exits 1 unless every stage ends ok
+# The tests stage's per-test file (what a killed stage keeps), summarised into the results by the driver.
+test -s "$OUT/gpu_check/pytest_gpu.jsonl" || { echo "GPU-check smoke: no per-test results file" >&2; exit 1; }
+"$PY" -c 'import json, sys; assert json.load(open(sys.argv[1]))["stages"]["tests"]["results"]["per_test"]' \
+  "$OUT/gpu_check/gpu_check.json" || { echo "GPU-check smoke: no per-test summary" >&2; exit 1; }
 "$PY" -m benchmarks.report "$OUT/gpu_check/gpu_check.json" --readme > "$OUT/gpu_check/readme_table.md"
 grep -q "CPU smoke run" "$OUT/gpu_check/readme_table.md" || { echo "GPU-check smoke: no README table" >&2; exit 1; }
 # crossflow_kernels.attention's routing table: the attention stage wrote one; the report CLI derives the same from the JSON.

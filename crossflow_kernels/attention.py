@@ -13,16 +13,17 @@ which ran):
 - fused (the default; on a pre-sm_90 GPU at head dims split 64+16 / 64+32, where only 16-query tiles of it compile
   spill-free, `auto` keeps the split pair): one kernel per key block sweeps every query block and computes S, dP,
   dV += Pᵀ dO, dK += dSᵀ Q and dQ's share dS K, added into an fp32 dQ buffer with atomics (which the preprocess
-  zeroes): 5 matmuls per (query, key) tile. The fp32 sums land in scheduling order, so dQ's last bits may differ
-  from run to run.
+  zeroes, and the autotuner before each launch it benchmarks): 5 matmuls per (query, key) tile. The fp32 sums land
+  in scheduling order, so dQ's last bits may differ from run to run.
 - split: one kernel per key block for dK/dV (S, dP, dV, dK) and one per query block for dQ (S, dP, dQ), 7 matmuls per
   tile (P and dP recomputed twice), every gradient written by exactly one program: bitwise reproducible. It runs
   whenever `torch.are_deterministic_algorithms_enabled()`, whatever the variable says.
 
-On sm_90 (a CUDA device of capability >= 9.0) the forward is a second kernel with the same arithmetic: Q/K/V/O tiles
-move by TMA through tensor descriptors made in the kernel, and the key loop is warp-specialized (a producer warp group
-loads, consumer warp groups run wgmma and the softmax), for 16-bit inputs whose base and row strides are 16-byte
-aligned, at head dims up to 128; the portable kernel serves sm_80, fp32, unaligned views and the interpreter.
+On sm_90 and sm_100 (CUDA capability 9.x and 10.x) the forward is a second kernel with the same arithmetic: Q/K/V/O
+tiles move by TMA through tensor descriptors made in the kernel, and the key loop is warp-specialized (a producer warp
+group loads, consumer warp groups run wgmma and the softmax), for 16-bit inputs whose base and row strides are 16-byte
+aligned, at head dims up to 128 (sm_100: 96, 32 with a mask); the portable kernel serves sm_80, sm_120, fp32,
+unaligned views and the interpreter.
 `CROSSFLOW_KERNELS_ATTENTION_FWD` = auto | sm90 | portable (read at each launch) forces one, so the interpreter tests run both;
 `fwd_kernel_launches` counts which ran. The backward is shared.
 
@@ -165,6 +166,19 @@ def _dot_t(a0, a1, b0, b1, D1: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _block_and_head(N, BLOCK: tl.constexpr, GRID_FOLD: tl.constexpr):
+    # -> (block index along a length-N axis, b·H + h). The grid is (cdiv(N, BLOCK), B·H), or with GRID_FOLD (B·H past
+    # 65,535, CUDA's cap on y and z; x allows 2**31 - 1) 1-D, (cdiv(N, BLOCK) · B·H,), blocks of one head adjacent. Two
+    # variants, not always the 1-D one: its division costs registers, and kernels at 255 registers spilled (3.6).
+    if GRID_FOLD:
+        pid = tl.program_id(0)
+        n = tl.cdiv(N, BLOCK)
+        return pid % n, (pid // n).to(tl.int64)  # int64 base offsets: B*H*T*D may pass 2**31
+    else:
+        return tl.program_id(0), tl.program_id(1).to(tl.int64)
+
+
+@triton.jit
 def _keys_ok(MASK_ROW, cols, TK, stride_mt, HAS_MASK: tl.constexpr):
     # A key takes part iff it exists (ragged tail) and, with a padding mask, is marked True.
     ok = cols < TK
@@ -244,7 +258,7 @@ def _prune_for(kind: str, configs, args: dict, arch: int | None) -> list:
     dp, split = args["D0"] + args["D1"], args["D1"] > 0
     fp32 = args["DOT_PRECISION"] == "ieee"  # "ieee" is used exactly for fp32 inputs
     masked = args.get("HAS_MASK")  # None (not given): match masked and unmasked exclusions alike
-    archs = (arch,) if arch in _PTXAS_SPILLS else tuple(_PTXAS_SPILLS)
+    archs = _SPILL_ARCHS.get(arch, tuple(_PTXAS_SPILLS))
     elt = 4 if fp32 else 2
     fits, fast = [], []
     for c in configs:
@@ -270,7 +284,7 @@ def _prune_for(kind: str, configs, args: dict, arch: int | None) -> list:
         ok = ok and not any(_spills(a, kind, dp, split, masked, tile) for a in archs)
         # At least two elements per thread in every tile load, or it would be one-element (scalar) loads.
         ok = ok and min(bm, bn) * (args["D1"] or args["D0"]) >= 2 * threads
-        if ok and smem <= _SMEM_BUDGET:
+        if ok and smem <= _smem_budget(arch):
             fits.append(c)
             if not fp32 and mma_m >= 64:
                 fast.append(c)
@@ -340,9 +354,16 @@ _PTXAS_SPILLS = {
         ("fused", 128, True, (64, 32, 4, 2)),
         ("fused", 128, True, (16, 32, 8, 1)),
         ("fused", 32, True, (16, 16, 2, 1)),  # fp32 (FMA), 12 B at head dim 32 (not 24), triton 3.9
+        # T = 257 (not a multiple of 16), masked (2026-12-06: 8-12 B on 3.6 and 3.9, 20 B on 3.9):
+        ("dkdv", 80, True, (32, 64, 4, 3)),
+        ("dq", 80, True, (128, 64, 8, 3)),
+        ("fused", 128, True, (32, 32, 4, 1)),
     },
     90: {
         ("dq", 48, True, (32, 32, 8, 2)),  # fp32 (FMA), 4 B
+        # T = 257, masked (2026-12-06, triton 3.9: 12 and 92 B at 255 registers):
+        ("fwd", 80, True, (128, 128, 8, 3)),
+        ("dkdv", 128, True, (64, 64, 8, 3)),
         # The fused backward (4-96 B, same measurements):
         ("fused", 48, None, (64, 32, 4, 2)),
         ("fused", 128, None, (64, 32, 4, 2)),
@@ -350,9 +371,34 @@ _PTXAS_SPILLS = {
         ("fused", 64, True, (16, 32, 4, 1)),
         ("fused", 32, False, (16, 16, 4, 1)),  # fp32 (FMA), 16 B at head dim 32 (not 24)
     },
+    # Measured on the subset d72/d128, 16-bit, fused qkv with a mask, T = 256 and 257 (2026-12-06, 3.6 and 3.9):
+    # 4-112 B, nearly all at 255 registers.
+    100: {
+        ("fwd", 80, True, (128, 128, 8, 3)),
+        ("fwd", 128, True, (64, 32, 8, 2)),
+        ("dkdv", 128, True, (64, 64, 8, 3)),
+    },
+    120: {
+        ("fwd", 80, True, (128, 64, 8, 3)),
+        ("dkdv", 80, True, (32, 64, 4, 3)),
+        ("dq", 80, True, (64, 32, 4, 3)),
+        ("fused", 128, True, (32, 32, 8, 1)),
+    },
 }
-# Shared memory of the tiles: sm_80 has 163 KB per block (sm_90 227 KB, but its wgmma staging uses more).
-_SMEM_BUDGET = 160 * 1024
+# arch -> the spill tables its prune applies: sm_80 and sm_90 their own (the full matrix measured); sm_100 and sm_120,
+# measured on a subset (the compile reports of 2026-12-06), their own plus both of those; any other arch every table.
+_SPILL_ARCHS = {80: (80,), 90: (90,), 100: (100, 90, 80), 120: (120, 90, 80)}
+# Shared memory per block (KB) that a kernel may ask for, per arch: 163 on sm_80/87, 227 on sm_90/100/103, but only
+# 99 on the consumer parts (sm_86, sm_89, sm_120/121: RTX 30xx/40xx/50xx).
+_SMEM_PER_BLOCK_KB = {80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 103: 227, 120: 99, 121: 99}
+
+
+def _smem_budget(arch: int | None) -> int:
+    """Bytes of the portable kernels' estimated tile footprint allowed on sm_<arch>: 160 KB where a block may have 163
+    or more (sm_90's wgmma staging uses more than the estimate), 96 KB on the 99 KB parts; an unknown arch gets the
+    smallest."""
+    kb = _SMEM_PER_BLOCK_KB.get(arch, min(_SMEM_PER_BLOCK_KB.values()))
+    return min(160, kb - 3) * 1024
 
 
 def _configs(*tile_lists) -> list[triton.Config]:
@@ -414,11 +460,10 @@ def _attention_fwd_kernel(
     qk_scale,  # softmax scale * log2(e): scores come out of one multiply already in base 2
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,  # power-of-two buckets: autotune key only
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)  # int64 base offsets: B*H*T*D may pass 2**31
+    pid_m, pid_bh = _block_and_head(TQ, BLOCK_M, GRID_FOLD)
     off_b, off_h = pid_bh // H, pid_bh % H
     Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
     K += (off_b * stride_kb + off_h * stride_kh) * UNIT
@@ -466,20 +511,52 @@ def _attention_fwd_kernel(
 # neither helps). (BLOCK_M, BLOCK_N, num_warps, num_stages): num_warps is per consumer group; the first entry is the
 # interpreter's. Every tile has BLOCK_M >= 64 (wgmma's M); shared memory is `_prune_sm90`'s check,
 # spills and lowering the compile report's (cases `attention/*-sm90`).
-_FWD_SM90_TILES = [(128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2)]
-_SM90_SMEM_BUDGET = 200 * 1024  # of 227 KB per block, leaving room for the barriers and the layout conversions
+# No 64-row tile: under Triton's warp specialization both consumer warp groups computed the same 64 rows and stored
+# the same tile (all the work twice; TTGIR of triton 3.6 and 3.9), and the compile report flags any that do.
+_FWD_SM90_TILES = [(128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3)]
+# The archs this kernel runs on (`_fwd_kernel_for`: capability major 9 and 10), each with its budget for resident Q
+# plus the K/V ring (of 227 KB per block, leaving room for the barriers and the layout conversions).
+_SM90_SMEM_BUDGET = {90: 200 * 1024, 100: 200 * 1024}
+# arch -> (padded head dim, HAS_MASK or None for either, tile) that ptxas spills although within budget, measured
+# (compile reports of 2026-12-06, triton 3.6 and 3.9). On sm_100 (tcgen05 + TMEM): the 3-stage 128x64 tile at 80/96
+# lanes (4 B, 3.6), every tile at 128 lanes (320-328 B), and with a mask every tile from 48 lanes on (20-928 B, 3.9),
+# where the launcher keeps the portable kernel (`_SM90_MAX_LANES`).
+_SM90_SPILLS = {
+    90: set(),
+    100: {(80, None, (128, 64, 4, 3)), (96, None, (128, 64, 4, 3)),
+          *((dp, None if dp == 128 else True, t) for dp in (48, 64, 80, 96, 128)
+            for t in ((128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3)))},
+}
+# Padded head dims (D0 + D1) up to which `auto` takes the sm_90 kernel, per capability major: (unmasked, masked).
+_SM90_MAX_LANES = {9: (128, 128), 10: (96, 32)}
 
 
 def _prune_sm90(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
+    return _prune_sm90_for(configs, {**named_args, **kwargs}, _target_arch())
+
+
+def _prune_sm90_for(configs, args: dict, arch: int | None) -> list:
+    """`_prune_sm90` for an explicit target arch (None: unknown, the strictest budget and every spill table)."""
     dp = args["D0"] + args["D1"]
     elt = 2  # fp16 / bf16
-    # Resident Q, a ring of num_stages K and V tiles (the launcher takes this kernel at padded head dims <= 128).
-    fits = [c for c in configs
-            if (c.kwargs["BLOCK_M"] + c.num_stages * 2 * c.kwargs["BLOCK_N"]) * dp * elt <= _SM90_SMEM_BUDGET
-            # Measured: with a mask, Triton's warp specialization pass fails on the 128-key tile ("unsupported load
-            # type for producer commit", triton 3.6 and 3.9, every head dim).
-            and not (args.get("HAS_MASK", True) and c.kwargs["BLOCK_N"] > 64)]
+    archs = (arch,) if arch in _SM90_SMEM_BUDGET else tuple(_SM90_SMEM_BUDGET)
+    budget = min(_SM90_SMEM_BUDGET[a] for a in archs)
+    fits = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        tile = (bm, bn, c.num_warps, c.num_stages)
+        # Resident Q, a ring of num_stages K and V tiles (the launcher takes this kernel at padded head dims <= 128).
+        if (bm + c.num_stages * 2 * bn) * dp * elt > budget:
+            continue
+        # Measured: with a mask, Triton's warp specialization pass fails on the 128-key tile ("unsupported load type
+        # for producer commit", triton 3.6 and 3.9, every head dim).
+        if args.get("HAS_MASK", True) and bn > 64:
+            continue
+        masked = args.get("HAS_MASK")
+        if any(d == dp and t == tile and (m is None or masked is None or m == masked)
+               for a in archs for d, m, t in _SM90_SPILLS[a]):
+            continue
+        fits.append(c)
     return fits or [configs[-1]]
 
 
@@ -506,14 +583,13 @@ def _attention_fwd_sm90_kernel(
     qk_scale,
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The same online softmax as `_attention_fwd_kernel`; only the data movement differs. One descriptor per head and
     # head-dim part, made in the kernel (its 128-byte scratch comes from `triton.set_allocator`): per-head row counts
     # make TMA zero-fill past Tq / Tk and clip the O store, so no row of another head is read or written.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _block_and_head(TQ, BLOCK_M, GRID_FOLD)
     off_b, off_h = pid_bh // H, pid_bh % H
     Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
     K += (off_b * stride_kb + off_h * stride_kh) * UNIT
@@ -587,16 +663,16 @@ def _attention_bwd_delta_kernel(
     stride_dqb, stride_dqh, stride_dqt,
     H, TQ,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr, ZERO_DQ: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    GRID_FOLD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # The backward's preprocess. With ZERO_DQ (the fused backward) it also zeroes the rows of the dQ accumulator that
     # the fused kernel's atomics add into: the accumulator needs one pass of initialisation anyway, and doing it here
     # saves a launch (a torch.zeros) and a pass over the rows. delta is not computed inside the fused kernel instead:
     # every key-block program would re-read the (BLOCK_M, D) O tile of every query block (Tk / BLOCK_N times the O
     # traffic) and hold it beside K, V, dK, dV, Q, dO and the dQ partial, where register pressure is the risk.
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _block_and_head(TQ, BLOCK_M, GRID_FOLD)
     off_b, off_h = pid_bh // H, pid_bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < TQ
     O += (off_b * stride_ob + off_h * stride_oh) * UNIT
     DO += (off_b * stride_dob + off_h * stride_doh) * UNIT
@@ -620,6 +696,7 @@ def _bwd_key_block(
     stride_mb, stride_mt, H, TQ, TK, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr, HAS_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr,
+    GRID_FOLD: tl.constexpr,
 ):
     # One program owns a block of keys and sweeps every query block: dV = Pᵀ dO, dK = scale · dSᵀ Q. WITH_DQ (the
     # fused backward) also adds each query block's dQ share scale · dS K into the fp32 accumulator DQ_ACC with
@@ -627,7 +704,7 @@ def _bwd_key_block(
     # kernel) runs seven, P and dP recomputed twice. Atomics make dQ's fp32 sum order (so its last bits) depend on
     # scheduling: `torch.use_deterministic_algorithms(True)` takes the pair. Without WITH_DQ, DQ_ACC and its strides
     # are not read.
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_n, pid_bh = _block_and_head(TK, BLOCK_N, GRID_FOLD)
     off_b, off_h = pid_bh // H, pid_bh % H
     Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
     K += (off_b * stride_kb + off_h * stride_kh) * UNIT
@@ -636,7 +713,7 @@ def _bwd_key_block(
     DK += (off_b * stride_dkb + off_h * stride_dkh) * UNIT
     DV += (off_b * stride_dkb + off_h * stride_dkh) * UNIT
     DQ_ACC += (off_b * stride_dqb + off_h * stride_dqh) * UNIT
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     c0 = tl.arange(0, D0)
     c1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
@@ -697,7 +774,7 @@ def _attention_bwd_dkdv_kernel(
     sm_scale, qk_scale,
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The split backward's key-block half: dK and dV (DK stands in for the unused dQ accumulator).
@@ -705,7 +782,7 @@ def _attention_bwd_dkdv_kernel(
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                    stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dkb, stride_dkh,
                    stride_dkt, stride_mb, stride_mt, H, TQ, TK, sm_scale, qk_scale,
-                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, DOT_PRECISION, BLOCK_M, BLOCK_N, False)
+                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, DOT_PRECISION, BLOCK_M, BLOCK_N, False, GRID_FOLD)
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
@@ -725,11 +802,11 @@ def _attention_bwd_dq_kernel(
     sm_scale, qk_scale,
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program owns a block of queries and sweeps every key block: dQ = scale · dS K, dS = P ∘ (dO Vᵀ − delta).
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _block_and_head(TQ, BLOCK_M, GRID_FOLD)
     off_b, off_h = pid_bh // H, pid_bh % H
     Q += (off_b * stride_qb + off_h * stride_qh) * UNIT
     K += (off_b * stride_kb + off_h * stride_kh) * UNIT
@@ -737,7 +814,7 @@ def _attention_bwd_dq_kernel(
     DO += (off_b * stride_dob + off_h * stride_doh) * UNIT
     DQ += (off_b * stride_dqb + off_h * stride_dqh) * UNIT
     MASK += off_b * stride_mb
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < TQ
     offs_n = tl.arange(0, BLOCK_N)
 
@@ -760,7 +837,11 @@ def _attention_bwd_dq_kernel(
     _store_rows(DQ, dq0 * sm_scale, dq1 * sm_scale, rows, row_ok, stride_dqt, UNIT, HEAD_DIM, D0, D1)
 
 
-@triton.autotune(configs=_FUSED_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("fused")})
+# DQ_ACC is added into (atomics): the autotuner launches every kept config many times before the winner runs, so it
+# must zero DQ_ACC before each launch (`reset_to_zero`, which Inductor's autotuner honours too); the preprocess zeroes
+# it for the launches that are not tuned. Every other autotuned kernel here only stores (no argument is read back).
+@triton.autotune(configs=_FUSED_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("fused")},
+                 reset_to_zero=["DQ_ACC"])
 @triton.jit(do_not_specialize=_BUCKETS)
 def _attention_bwd_fused_kernel(
     Q, K, V, DO,  # (B, H, T, D), unit head-dim stride
@@ -779,7 +860,7 @@ def _attention_bwd_fused_kernel(
     sm_scale, qk_scale,
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The fused backward: dK, dV and dQ's share from one sweep (`_bwd_key_block` with WITH_DQ).
@@ -787,7 +868,7 @@ def _attention_bwd_fused_kernel(
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                    stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dqb, stride_dqh,
                    stride_dqt, stride_mb, stride_mt, H, TQ, TK, sm_scale, qk_scale,
-                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, DOT_PRECISION, BLOCK_M, BLOCK_N, True)
+                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, DOT_PRECISION, BLOCK_M, BLOCK_N, True, GRID_FOLD)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -831,18 +912,29 @@ def _meta(q: torch.Tensor, mask: torch.Tensor | None, unit: int):
     mask_strides = tuple(mask.stride()) if mask is not None else (0, 0)
     constexprs = dict(
         HEAD_DIM=d, D0=d0, D1=d1, UNIT=unit, HAS_MASK=mask is not None,
+        GRID_FOLD=q.shape[0] * q.shape[1] > MAX_GRID_Y,  # B·H past CUDA's grid y limit: a 1-D grid (`_grid`)
         DOT_PRECISION="ieee" if fp32 else "tf32",  # tf32 is ignored for fp16/bf16 operands
     )
     return m, mask_strides, constexprs
+
+
+# CUDA's limit on grid y and z; past it the launchers fold B·H into x (GRID_FOLD).
+MAX_GRID_Y = 65_535
+
+
+def _grid(n: int, block: int, bh: int) -> tuple[int, ...]:
+    """The kernels' grid (`_block_and_head`): cdiv(n, block) blocks for each of the B·H heads, (blocks, B·H), or 1-D
+    past `MAX_GRID_Y` heads."""
+    return (triton.cdiv(n, block) * bh,) if bh > MAX_GRID_Y else (triton.cdiv(n, block), bh)
 
 
 def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
-# Which forward kernel runs: "auto" (default) takes the sm_90 kernel on a CUDA device of capability >= 9.0 and the
-# portable one elsewhere (sm_80, the interpreter); "sm90" / "portable" force one (tests run the sm_90 kernel in the
-# interpreter that way). Read at every launch. Inputs the sm_90 kernel cannot take (fp32, rows or bases off the
+# Which forward kernel runs: "auto" (default) takes the sm_90 kernel on a CUDA device of capability 9.x or 10.x and
+# the portable one elsewhere (sm_80, sm_120, the interpreter); "sm90" / "portable" force one (tests run the sm_90
+# kernel in the interpreter that way). Read at every launch. Inputs the sm_90 kernel cannot take (fp32, rows or bases off the
 # 16-byte grid) run the portable kernel whatever the setting.
 FWD_KERNEL_ENV = "CROSSFLOW_KERNELS_ATTENTION_FWD"
 _FWD_KERNELS = ("auto", "sm90", "portable")
@@ -850,7 +942,7 @@ _FWD_KERNELS = ("auto", "sm90", "portable")
 fwd_kernel_launches: collections.Counter = collections.Counter()
 
 
-def _fwd_kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> str:
+def _fwd_kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, masked: bool = False) -> str:
     """"sm90" or "portable": the forward kernel for these (prepared) tensors under `CROSSFLOW_KERNELS_ATTENTION_FWD`."""
     want = os.environ.get(FWD_KERNEL_ENV, "") or "auto"
     if want not in _FWD_KERNELS:
@@ -858,16 +950,25 @@ def _fwd_kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
     if want == "portable":
         return "portable"
     if want == "auto" and not (q.is_cuda and torch.version.hip is None and not interpreting()
-                               and torch.cuda.get_device_capability(q.device) >= (9, 0)):
+                               and _sm90_kernel_arch(torch.cuda.get_device_capability(q.device))):
         return "portable"
     vec = _vec(q)
     # Storage offsets, not data pointers: torch.compile traces this with fake tensors, which have none (storages
     # from torch's allocators start on 256-byte boundaries).
     aligned = all(t.storage_offset() % vec == 0 and all(s % vec == 0 for s in _strides(t)) for t in (q, k, v, o))
-    # Head dims up to 128 (padded): the compile report checks the sm_90 kernel there (the DiT and Text VE dims).
-    small = sum(_split_head_dim(q.shape[3])) <= 128
+    # Head dims up to 128 padded lanes (on sm_100 96, and 32 with a mask: past them every tile spills there): the
+    # compile report checks the sm_90 kernel there (the DiT and Text VE dims).
+    major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda and not interpreting() else 9
+    small = sum(_split_head_dim(q.shape[3])) <= _SM90_MAX_LANES.get(major, (128, 128))[bool(masked)]
     ok = aligned and small and q.dtype in (torch.float16, torch.bfloat16) and _can_warp_specialize()
     return "sm90" if ok else "portable"
+
+
+def _sm90_kernel_arch(capability: tuple[int, int]) -> bool:
+    """Does `auto` take the sm_90 forward on a GPU of this capability? Major 9 (H100/H200) and 10 (B200/GB200, where
+    it lowers to tcgen05 + TMEM + TMA), not 12 (RTX 50xx: mma.sync, 99 KB of shared memory per block, where its tiles
+    spill and its 128-row tiles do not fit) nor anything older."""
+    return capability[0] in (9, 10)
 
 
 @functools.cache
@@ -911,8 +1012,8 @@ def _attention_fwd_op(
     o = out.transpose(1, 2)
     unit = _stride_unit(q, k, v, o)
     m, mask_strides, constexprs = _meta(q, mask, unit)
-    grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * h)  # noqa: E731
-    which = _fwd_kernel_for(q, k, v, o)
+    grid = lambda meta: _grid(tq, meta["BLOCK_M"], b * h)  # noqa: E731
+    which = _fwd_kernel_for(q, k, v, o, mask is not None)
     fwd_kernel_launches[which] += 1
     with cuda_device_guard(q):
         if which == "sm90":
@@ -986,13 +1087,14 @@ def _attention_bwd_op(
     m, mask_strides, constexprs = _meta(q, mask, unit)
     common = (*_units(q, unit), *_units(k, unit), *_units(v, unit), *_units(do, unit))
     tail = (h, tq, tk, scale, scale * _LOG2E, _bucket(tq), _bucket(tk), _bucket(b * h))
-    block_m = 64
-    grid_q = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * h)  # noqa: E731
-    grid_k = lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * h)  # noqa: E731
-    split = {key: constexprs[key] for key in ("HEAD_DIM", "D0", "D1", "UNIT")}
+    # 16 rows from 128 lanes on: 64 and 32 rows x 128 lanes spilled 36 / 20 B on sm_100 (triton 3.9; T = 257).
+    block_m = 16 if constexprs["D0"] + constexprs["D1"] >= 128 else 64
+    grid_q = lambda meta: _grid(tq, meta["BLOCK_M"], b * h)  # noqa: E731
+    grid_k = lambda meta: _grid(tk, meta["BLOCK_N"], b * h)  # noqa: E731
+    split = {key: constexprs[key] for key in ("HEAD_DIM", "D0", "D1", "UNIT", "GRID_FOLD")}
     with cuda_device_guard(q):
         # delta, and for the fused path the zeroed dQ accumulator, in one launch
-        wrap_triton(_attention_bwd_delta_kernel)[(triton.cdiv(tq, block_m), b * h)](
+        wrap_triton(_attention_bwd_delta_kernel)[_grid(tq, block_m, b * h)](
             out, do, delta, dq_, *_units(out, unit), *_units(do, unit), *_units(dq_, unit), h, tq, **split,
             ZERO_DQ=fused, BLOCK_M=block_m,
         )

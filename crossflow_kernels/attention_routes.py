@@ -6,19 +6,20 @@ backend runs instead (`attention_sdpa`, same semantics as `attention_ref`). With
 entry for the bucket, or where the entry says ours, ours runs: that is the default. A forced ``triton`` or ``torch``
 backend is never routed.
 
-The table: ``benchmarks/results/attention-routes_<device slug>.json`` (schema ``crossflow-attention-routes/1``),
-derived from a GPU-check result by ``python -m benchmarks.report gpu_check.json --routing-table``; nothing else
-writes one, and only a device some run measured has one. It is read lazily (never at import), once per file, and each
-(device, bucket) decision is cached. A bucket is exact in head dim, dtype, mask yes/no and fwd vs fwd+bwd (any input
+The table: ``crossflow_kernels/routes/attention-routes_<device slug>.json`` (schema ``crossflow-attention-routes/1``),
+package data, so an installed package finds it too; derived from a GPU-check result by ``python -m benchmarks.report
+gpu_check.json --routing-table``, which writes it there; nothing else writes one, and only a device some run measured
+has one. It is read lazily (never at import), once per file, and each (device, bucket) decision is cached. A bucket is exact in head dim, dtype, mask yes/no and fwd vs fwd+bwd (any input
 requiring grad with grad enabled), and power-of-two ceilings for Tq, Tk and B·H -- the buckets our autotuner keys on,
 so one bucket runs one kernel config of ours. A routed backend that cannot run a particular call (a layout or size
 the SDPA kernel rejects: `torch.backends.cuda.can_use_*`) falls back to ours.
 
-``CROSSFLOW_KERNELS_ATTENTION_ROUTES`` (read at call time): unset -- the table next to the package (``benchmarks/results/``);
+``CROSSFLOW_KERNELS_ATTENTION_ROUTES`` (read at call time): unset -- the table shipped in the package (``routes/``);
 ``off`` / ``0`` -- no routing; a directory -- its ``attention-routes_<slug>.json``; a file -- that table (if it is for
-the running device). `crossflow_kernels.use_routing(False)` switches routing off in code. A table that exists but is malformed
-raises RuntimeError naming the file: the table is generated and verified, so a broken one is a bug to see, and ours
-running instead would silently lose the speed the table promises; ``CROSSFLOW_KERNELS_ATTENTION_ROUTES=off`` is the way out.
+the running device). `crossflow_kernels.use_routing(False)` switches routing off in code. A table that exists but is
+malformed (not UTF-8, not JSON, not the schema) raises RuntimeError naming the file: the table is generated and
+verified, so a broken one is a bug to see, and ours running instead would silently lose the speed the table promises;
+``CROSSFLOW_KERNELS_ATTENTION_ROUTES=off`` is the way out.
 
 Observable: `crossflow_kernels.dispatch_counts()` counts calls per (op, backend); the first decision for each routed bucket is
 logged at DEBUG on the ``crossflow_kernels`` logger, naming the table file and entry. Under torch.compile the decision is made
@@ -42,7 +43,7 @@ from crossflow_kernels.attention import _check
 
 SCHEMA = "crossflow-attention-routes/1"
 ENV = "CROSSFLOW_KERNELS_ATTENTION_ROUTES"
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+DEFAULT_DIR = Path(__file__).resolve().parent / "routes"  # package data (setup.py), beside this module
 # The GPU check's provider names -> torch.nn.attention.SDPBackend members.
 SDPA_BACKENDS = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION",
                  "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_math": "MATH"}
@@ -161,8 +162,14 @@ def _bad(path: Path, why: str) -> RuntimeError:
                         f"<gpu_check.json> --routing-table), delete it, or set {ENV}=off")
 
 
-def parse_table(path: Path, text: str) -> dict[str, Any]:
-    """Validate a table's text; -> {"device_name", "entries": {key: entry}}. RuntimeError naming `path` otherwise."""
+def parse_table(path: Path, text: str | bytes) -> dict[str, Any]:
+    """Validate a table's text (or its bytes, UTF-8); -> {"device_name", "entries": {key: entry}}. RuntimeError naming
+    `path` otherwise."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _bad(path, f"not UTF-8 text ({e})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -223,7 +230,7 @@ def clear_cache() -> None:
 def _load(path: Path, explicit: bool) -> dict | None:
     if path not in _TABLES:
         try:
-            text = path.read_text()
+            text = path.read_bytes()  # parse_table decodes: bad bytes are a malformed table, not a UnicodeDecodeError
         except FileNotFoundError:
             if explicit:  # asked for by name: a missing file is a mistake, not "no table"
                 raise RuntimeError(f"{ENV}={os.environ.get(ENV)!r}: no such file {path}") from None

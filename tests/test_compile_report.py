@@ -232,3 +232,33 @@ def test_plan_prunes_per_arch():
     assert set(kept) == {80, 90} and kept[80] and kept[90]
     # sm_80 falls back to small tiles there (every larger one spilled on 3.6 or 3.9); sm_90 keeps its wgmma tiles.
     assert kept[80] != kept[90] and (32, 64, 4, 3) in kept[90] - kept[80]
+
+
+WS_TTGIR = """\
+    ttg.warp_specialize(%TQ, %OUT) attributes {requestedRegisters = array<i32: 232, 232>}
+    default {
+      ttg.warp_yield
+    }
+    partition0(%TQ_0: i32, %arg33: !ttg.memdesc<64x64xf16>) num_warps(4) {
+        %s = ttng.warp_group_dot %a, %b, %c : !ttg.memdesc<64x64xf16> * !ttg.memdesc<64x64xf16> -> tensor<64x64xf32, #mma>
+      ttng.async_tma_copy_local_to_global %o_d0_34[%start_m, %c0_i32_19] %57 : !tt.tensordesc<64x64xf16>
+    }
+    partition1(%TQ_0: i32, %arg33: !ttg.memdesc<64x64xf16>) num_warps(4) {
+        %s = ttng.warp_group_dot %a, %b, %c : !ttg.memdesc<64x64xf16> * !ttg.memdesc<64x64xf16> -> tensor<64x64xf32, #mma>
+      ttng.async_tma_copy_local_to_global %o_d0_34[{row}, %c0_i32_19] %57 : !tt.tensordesc<64x64xf16>
+    }
+"""
+
+
+def test_ws_partitions_that_store_the_same_rows_fail():
+    # The sm_90 forward's 64-row tile under Triton's warp specialization: both consumer partitions store the tile at
+    # start_m (all work twice); a 128-row tile's second partition stores at start_m + 64 (%54 in the TTGIR).
+    from benchmarks.compile_report import problems
+
+    assert P.ws_shared_rows(WS_TTGIR.replace("{row}", "%start_m")) == ["%o_d0[%start_m] x2"]
+    assert P.ws_shared_rows(WS_TTGIR.replace("{row}", "%54")) == []
+    assert P.ws_shared_rows(TTGIR) == []
+    row = dict(case="attention/d64-fp16-qkv-sm90", arch=90, spill_store_bytes=0, spill_load_bytes=0, hot_scalar=[],
+               ws_shared_rows=["%o_d0[%start_m] x2"])
+    assert problems(row) == ["WS partitions share rows %o_d0[%start_m] x2"]
+    assert problems(dict(row, arch=120, spill_store_bytes=436, spill_load_bytes=436)) == []  # sm_120: report-only

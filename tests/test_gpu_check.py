@@ -164,11 +164,103 @@ def test_readme_table_from_results(tmp_path):
     assert "sampler timeout" in md and "fake-device" in md
     full = report.write_report([path], tmp_path / "rep").read_text()
     assert "sdpa_efficient: unavailable: rejects" in full
-    saved = gpu_check.save_result(path, tmp_path / "results")
+    saved = gpu_check.save_result(path, tmp_path / "results", tmp_path)  # its routing table: not into the package
     assert saved.name == "2030-01-02_fake-device_gpu-check.json" and gpu_check.read_results(saved) == data
     path.write_text(json.dumps(dict(data, smoke=True)))
     with pytest.raises(ValueError, match="smoke"):
-        gpu_check.save_result(path, tmp_path / "results")
+        gpu_check.save_result(path, tmp_path / "results", tmp_path)
     path.write_text(json.dumps({"schema": "other"}))
     with pytest.raises(ValueError, match="not a GPU-check result"):
         gpu_check.read_results(path)
+
+
+def test_killed_tests_stage_keeps_every_finished_test(tmp_path, monkeypatch):
+    # The tests stage as the smoke runs it, on a file whose third test stops its process: the stage is killed at its
+    # budget (no JUnit file is written), yet the per-test file has the two finished tests and the driver summarises
+    # it into the results. The stopped test comes first in the file but runs last: the priority order puts a
+    # `compile` test at the end.
+    tests = tmp_path / "t"
+    tests.mkdir()
+    (tests / "test_some_gpu.py").write_text(textwrap.dedent("""
+        import os, signal, pytest
+
+        @pytest.mark.gpu
+        def test_compile_stops_the_process():
+            os.kill(os.getpid(), signal.SIGSTOP)  # stuck where no timeout can reach: only the stage kill ends it
+
+        @pytest.mark.gpu
+        def test_first():
+            pass
+
+        @pytest.mark.gpu
+        def test_second_fails():
+            assert 1 == 2
+    """))
+    monkeypatch.setattr(gpu_check, "SMOKE_TEST_TARGETS", [str(tests)])
+    stage = next(s for s in gpu_check.STAGES if s.name == "tests")
+    data = gpu_check.run_stages([gpu_check.Stage("tests", 25, "", stage.body, "", after=stage.after)], tmp_path,
+                                smoke=True, total_s=60)
+    st = data["stages"]["tests"]
+    assert st["status"] == "timeout" and not (tmp_path / gpu_check.JUNIT_NAME).exists()
+    lines = [json.loads(x) for x in (tmp_path / gpu_check.TESTS_JSONL).read_text().splitlines()]
+    assert [(r["nodeid"].rsplit("::", 1)[1], r["outcome"]) for r in lines] == [("test_first", "passed"),
+                                                                              ("test_second_fails", "failed")]
+    summary = st["results"]["per_test"]
+    assert (summary["passed"], summary["failed"]) == (1, 1) and "assert 1 == 2" in summary["failures"][0]["message"]
+
+
+def test_stop_at_skips_what_would_start_too_late(tmp_path):
+    (tmp_path / "test_two.py").write_text("def test_a():\n    pass\n\ndef test_b():\n    pass\n")
+    out = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-p", "benchmarks.gpu_pytest", "-q", "-rs",
+                          "-p", "no:cacheprovider", "--rootdir", str(tmp_path), "--stop-at=1",
+                          f"--results-file={tmp_path / 'r.jsonl'}"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
+                         timeout=120)
+    assert "2 skipped" in out.stdout and "no time left" in out.stdout, out.stdout + out.stderr
+    assert [json.loads(x)["outcome"] for x in (tmp_path / "r.jsonl").read_text().splitlines()] == ["skipped"] * 2
+
+
+def test_priority_order():
+    from benchmarks.gpu_pytest import priority
+    ids = ["tests/test_sampler.py::test_fast_graph",
+           "tests/crossflow_kernels/test_attention.py::test_attention_compile_x",
+           "tests/crossflow_kernels/test_euler.py::test_e", "tests/x/test_other.py::test_o",
+           "tests/crossflow_kernels/test_attention.py::test_attention_fused_bwd_fresh_key_gpu",
+           "tests/crossflow_kernels/test_attention.py::test_attention_large_gpu[bf16]"]
+    assert sorted(ids, key=priority) == [ids[4], ids[5], ids[2], ids[0], ids[3], ids[1]]
+
+
+def test_ncu_without_counter_permission_is_said_at_once(tmp_path, monkeypatch):
+    params = tmp_path / "params"
+    params.write_text("ResmanDebugLevel: 4294967295\nRmProfilingAdminOnly: 1\n")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert gpu_check.counters_admin_only(params)
+    params.write_text("RmProfilingAdminOnly: 0\n")
+    assert not gpu_check.counters_admin_only(params) and not gpu_check.counters_admin_only(tmp_path / "none")
+    # ncu's own message, seen in its first lines: the process is stopped there, not left to run its passes.
+    script = "import time\nprint('==ERROR== ERR_NVGPUCTRPERM - no permission', flush=True)\ntime.sleep(60)\n"
+    t0 = time.monotonic()
+    rc, stopped = gpu_check.run_watching([sys.executable, "-c", script], dict(os.environ), gpu_check.NCU_NO_PERMISSION)
+    assert stopped and rc != 0 and time.monotonic() - t0 < 10
+
+
+def test_attention_stage_estimate_matches_the_prune():
+    # The plan's attention estimate counts 6-8 kept configs per head dim on sm_90 (the sm_90 forward, the fused
+    # backward, the delta preprocess), not the 24 declared ones: derived from the prunes themselves.
+    import importlib
+
+    import triton
+
+    attn = importlib.import_module("crossflow_kernels.attention")  # the module, not the op of that name
+
+    def configs(tiles):
+        return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+
+    for d in gpu_check.ATTN_MODELS:
+        d0, d1 = attn._split_head_dim(d)
+        args = dict(D0=d0, D1=d1, HAS_MASK=False, DOT_PRECISION="tf32")
+        fwd = attn._prune_sm90_for(configs(attn._FWD_SM90_TILES), args, 90)
+        bwd = attn._prune_for("fused", configs(attn._FUSED_TILES), args, 90)
+        assert 4 <= len(fwd) + len(bwd) + 1 <= 8, (d, len(fwd), len(bwd))
+    stage = next(s for s in gpu_check.STAGES if s.name == "attention")
+    assert "6-8 kept configs per head dim" in stage.estimate

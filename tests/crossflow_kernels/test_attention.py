@@ -108,13 +108,14 @@ def _run_case(case, device):
 @pytest.fixture(params=["portable", "sm90"])
 def fwd_kernel(request, monkeypatch):
     """Run the test with each forward kernel forced (`CROSSFLOW_KERNELS_ATTENTION_FWD`): the interpreter runs the sm_90 one's
-    tensor descriptors and warp-specialized loop too. On a GPU the sm_90 kernel needs capability >= 9.0."""
+    tensor descriptors and warp-specialized loop too. On a GPU the sm_90 kernel needs capability 9.x or 10.x."""
     return _force_fwd(request.param, monkeypatch)
 
 
 def _force_fwd(which, monkeypatch):
-    if which == "sm90" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the sm_90 forward needs a GPU of capability >= 9.0")
+    if which == "sm90" and torch.cuda.is_available() and not attn_mod._sm90_kernel_arch(
+            torch.cuda.get_device_capability()):
+        pytest.skip("the sm_90 forward runs on GPUs of capability 9.x and 10.x")
     monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, which)
     return which
 
@@ -237,7 +238,7 @@ def test_attention_sm90_prune(masked):
                for bm, bn, w, s in attn_mod._FWD_SM90_TILES]
     for d in (24, 48, 64, 72, 80, 96, 128):
         d0, d1 = _split_head_dim(d)
-        kept = attn_mod._prune_sm90(configs, dict(D0=d0, D1=d1, HAS_MASK=masked))
+        kept = attn_mod._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=masked), 90)
         assert kept and all(c.kwargs["BLOCK_M"] >= 64 for c in kept)
         assert any(c.kwargs["BLOCK_N"] == 128 for c in kept) != masked
 
@@ -247,7 +248,7 @@ def test_attention_fwd_kernel_choice(monkeypatch):
     o = torch.empty(2, 7, 3, 72, dtype=F16).transpose(1, 2)
     pick = attn_mod._fwd_kernel_for
     monkeypatch.delenv(attn_mod.FWD_KERNEL_ENV, raising=False)
-    assert pick(q, q, q, o) == "portable"  # auto: no CUDA device of capability >= 9.0 here
+    assert pick(q, q, q, o) == "portable"  # auto: no CUDA device of capability 9.x / 10.x here
     monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, "sm90")
     assert pick(q, q, q, o) == "sm90"
     assert pick(q.float(), q.float(), q.float(), o.float()) == "portable"  # fp32: FMA dots, no sm_90 kernel
@@ -432,7 +433,10 @@ _KERNEL_KIND = {"_attention_fwd_kernel": "fwd", "_attention_bwd_dkdv_kernel": "d
 _SPILL_REPORTS = ("2026-12-01_compile-report_triton-3.9.0.json",
                   "2026-12-02_compile-report_triton-3.6.0_attention-masked-subset.json",
                   "2026-12-02_compile-report_triton-3.6.0_pre-fix.json",
-                  "2026-12-02_compile-report_fused-bwd-tiles_triton-3.9.0+3.6.0.json")
+                  "2026-12-02_compile-report_fused-bwd-tiles_triton-3.9.0+3.6.0.json",
+                  # sm_100 / sm_120 and T = 257 (d72 / d128, 16-bit, masked fused qkv), before their exclusions:
+                  "2026-12-06_compile-report_triton-3.9.0_attention-sm100-sm120-t257_pre-fix.json",
+                  "2026-12-06_compile-report_triton-3.6.0_attention-sm100-sm120-t257_pre-fix.json")
 
 
 def _measured_spills():
@@ -456,7 +460,7 @@ def test_attention_prune_drops_measured_spillers_per_arch(monkeypatch):
     # Every config that spilled for an arch is gone from that arch's prune and from the unknown-target (strictest)
     # prune; the measured list is not empty (34 + 4 + 7 sm_80 configs and one sm_90 fp32 one; 243 fused rows).
     spills = _measured_spills()
-    assert {a for a, *_ in spills} == {80, 90} and len(spills) >= 45 + 240
+    assert {a for a, *_ in spills} == {80, 90, 100, 120} and len(spills) >= 45 + 240 + 30
     for arch, kind, args, tile in spills:
         for target in (arch, None):
             assert tile not in _kept_tiles(kind, args, target, monkeypatch), (target, kind, args, tile)
@@ -623,3 +627,163 @@ def test_attention_large_gpu(dtype, device):
         for name, g, r, rl in zip(("out", "dq", "dk", "dv"), got, ref32, lowp):
             assert_close_to_ref(g[sl], r, rl, name=name)
     assert math.isfinite(got[0].float().abs().max().item())
+
+
+def _force_autotuning(kernel, tiles, monkeypatch, runs=3):
+    """What the interpreter hides: `kernel` tunes over several configs (all kept), each benchmarked by `runs` real
+    launches, on an empty tuning cache."""
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "early_config_prune", None)
+    monkeypatch.setattr(kernel, "cache", {})
+    timings = iter(range(1, 1000))
+
+    def do_bench(kernel_call, quantiles):
+        for _ in range(runs):
+            kernel_call()
+        t = float(next(timings))
+        return [t, t, t]
+
+    monkeypatch.setattr(kernel, "_do_bench", do_bench)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_fused_bwd_first_call_after_autotuning(masked, device, monkeypatch):
+    # Regression: the fused backward adds dQ into an fp32 accumulator that was zeroed once, before the autotuner ran
+    # every config several times; the first call of a new tuning key returned dQ times the number of launches (7x
+    # here: 2 configs x 3 runs + the winner) while dK, dV (stores) were right. `reset_to_zero=["DQ_ACC"]` fixes it.
+    monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, "fused")
+    monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, "portable")
+    _force_autotuning(attn_mod._attention_bwd_fused_kernel, [(16, 16, 4, 1), (32, 16, 4, 1)], monkeypatch)
+    q, k, v, do = (torch.randn(2, 2, n, 24, device=device) for n in (33, 7, 7, 33))
+    mask = _mask(2, 7, device) if masked else None
+    for call in ("tuned", "cached"):
+        _check_against_ref(q, k, v, do, mask=mask)
+    assert len(attn_mod._attention_bwd_fused_kernel.cache) == 1  # it did tune (once), then reused the winner
+
+
+@pytest.mark.gpu
+def test_attention_fused_bwd_fresh_key_gpu(device, monkeypatch):
+    # On a GPU the autotuner runs every kept config (2-3 at d48/d64 on sm_90, 16-bit): the first backward of a fresh
+    # tuning key (a B*H bucket no other test uses) must give the same dQ as the second, and the reference's.
+    monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, "fused")
+    for d in (48, 64):
+        q, k, v, do = (torch.randn(3, 41, n, d, device=device, dtype=F16) for n in (301, 301, 301, 301))
+        first = _check_against_ref(q, k, v, do)
+        second = _grads(attention_triton, (q, k, v), F16, do, None, None)
+        torch.testing.assert_close(first[1], second[1], atol=2e-3, rtol=2e-3)
+
+
+def test_autotuned_kernels_declare_what_they_accumulate():
+    # The reset audit: every autotuned kernel of the package, with the arguments a launch accumulates into (zeroed
+    # before each benchmarked launch) or reads and writes (restored). A new autotuned kernel fails here until audited.
+    import importlib
+    import pkgutil
+    expected = {"_attention_bwd_fused_kernel": (["DQ_ACC"], [])}
+    for name in ("_attention_fwd_kernel", "_attention_fwd_sm90_kernel", "_attention_bwd_dkdv_kernel",
+                 "_attention_bwd_dq_kernel"):
+        expected[name] = ([], [])  # stores only
+    found = {}
+    for info in pkgutil.iter_modules(crossflow_kernels.__path__):
+        mod = importlib.import_module(f"crossflow_kernels.{info.name}")
+        for attr, obj in vars(mod).items():
+            if isinstance(obj, triton.runtime.Autotuner):
+                found[attr] = (obj.reset_to_zero, obj.restore_value)
+    assert found == expected
+
+
+def test_attention_grid_is_1d_past_65535_heads(monkeypatch):
+    # CUDA caps a grid's y (and z) at 65,535: the B*H heads are folded into x with the blocks (`_block_and_head`).
+    # Every launch of the forward and of both backward paths is recorded, not run (the interpreter would take minutes
+    # over 70,000 heads).
+    from triton.runtime.interpreter import InterpretedFunction
+    grids = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        grids.append((self.fn.__name__, tuple(grid(kwargs) if callable(grid) else grid)))
+
+    monkeypatch.setattr(InterpretedFunction, "run", record)
+    q = torch.randn(2, 35_000, 33, 16, requires_grad=True)
+    for bwd in ("fused", "split"):
+        monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, bwd)
+        attention_triton(q, q, q).sum().backward()
+    names = {n for n, _ in grids}
+    assert {"_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_fused_kernel",
+            "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"} <= names
+    for name, grid in grids:
+        assert len(grid) == 1 and 70_000 <= grid[0] < 2**31, (name, grid)
+
+
+@pytest.mark.parametrize("bwd", ["fused", "split"])
+def test_attention_block_and_head_fold(bwd, device, monkeypatch):
+    # The folded (1-D) grid addresses every (block, head) once: with the fold forced at a small B*H, ragged T with
+    # several blocks per head, checked against the reference through the forward and both backward paths.
+    monkeypatch.setattr(attn_mod, "MAX_GRID_Y", 4)
+    monkeypatch.setenv(attn_mod.BWD_KERNEL_ENV, bwd)
+    q, k, v, do = (torch.randn(3, 5, n, 16, device=device) for n in (77, 40, 40, 77))
+    _check_against_ref(q, k, v, do)
+    assert attn_mod._grid(77, 16, 15) == (75,) and attn_mod._grid(77, 16, 4) == (5, 4)
+
+
+@pytest.mark.gpu
+def test_attention_many_heads_gpu(device):
+    # B*H = 70,000 > 65,535 (CUDA's grid y limit) through the real launches.
+    q, k, v, do = (torch.randn(2, 35_000, 17, 32, device=device, dtype=F16) for _ in range(4))
+    _check_against_ref(q, k, v, do)
+
+
+def test_attention_sm90_kernel_only_on_sm90_and_sm100():
+    # auto takes the TMA / warp-specialized forward on Hopper and Blackwell datacenter parts only: compiled for sm_120
+    # (RTX 50xx) it is an mma.sync kernel that spills and whose 128-row tiles need more than its 99 KB per block.
+    takes = attn_mod._sm90_kernel_arch
+    assert takes((9, 0)) and takes((10, 0)) and takes((10, 3))
+    assert not any(takes(c) for c in ((8, 0), (8, 6), (8, 9), (12, 0), (12, 1), (11, 0)))
+
+
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq", "fused"])
+def test_attention_prune_fits_each_archs_shared_memory(kind):
+    # Each arch gets its own shared-memory budget: the 99 KB parts (sm_86, sm_89, sm_120) keep only tiles whose
+    # estimate fits under 96 KB, sm_80/90/100 under 160 KB; an unknown arch the smallest.
+    assert attn_mod._smem_budget(120) == attn_mod._smem_budget(86) == attn_mod._smem_budget(None) == 96 * 1024
+    assert attn_mod._smem_budget(80) == attn_mod._smem_budget(90) == attn_mod._smem_budget(100) == 160 * 1024
+    tiles = {"fwd": attn_mod._FWD_TILES, "dkdv": attn_mod._DKDV_TILES, "dq": attn_mod._DQ_TILES,
+             "fused": attn_mod._FUSED_TILES}[kind]
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+    d0, d1 = _split_head_dim(128)
+    args = dict(D0=d0, D1=d1, HAS_MASK=False, DOT_PRECISION="tf32")
+    kept120 = attn_mod._prune_for(kind, configs, args, 120)
+    kept90 = attn_mod._prune_for(kind, configs, args, 90)
+    assert kept120 and kept90
+    big = [c for c in kept90 if c not in kept120]
+    if kind == "fwd":  # (128 + 3 * 2 * 128) * 128 * 2 B = 224 KB > 160 KB; (128 + 3 * 2 * 64) * 256 = 128 KB
+        assert any(c.kwargs["BLOCK_M"] == 128 for c in big)
+
+
+def test_attention_sm90_prune_per_arch():
+    # The sm_90 forward's prune knows each arch it runs on; its spill table is applied per arch (sm_100 at d128).
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+               for bm, bn, w, s in attn_mod._FWD_SM90_TILES]
+    assert all(c.kwargs["BLOCK_M"] >= 128 for c in configs)  # no 64-row tile: its two consumer groups did it twice
+    for arch in (90, 100, None):
+        for d in (24, 64, 72, 128):
+            d0, d1 = _split_head_dim(d)
+            kept = attn_mod._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), arch)
+            dp = d0 + d1
+            spills = {(dp_, t) for a in ((arch,) if arch else (90, 100)) for dp_, m, t in attn_mod._SM90_SPILLS[a]
+                      if m is not True}
+            tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+            assert not any((dp, t) in spills for t in tiles) or len(kept) == 1  # (1: the never-empty fallback)
+
+
+def test_attention_sm90_kernel_lanes_per_arch():
+    # sm_100 spills in every sm_90-kernel tile at 128 lanes (compile report): auto keeps the portable kernel there,
+    # and the prune drops the measured spillers at 80/96 lanes.
+    assert attn_mod._SM90_MAX_LANES == {9: (128, 128), 10: (96, 32)}
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+               for bm, bn, w, s in attn_mod._FWD_SM90_TILES]
+    for d in (72, 80, 96):
+        d0, d1 = _split_head_dim(d)
+        kept = attn_mod._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), 100)
+        assert (128, 64, 4, 3) not in [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                                       for c in kept]
+        assert len(attn_mod._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), 90)) == 3

@@ -233,10 +233,13 @@ def test_backend_that_cannot_run_the_call_falls_back_to_ours(table_dir):
     (json.dumps({"schema": ar.SCHEMA, "device_name": FAKE,
                  "entries": [_entry(24, 7, 9, 4, F32, False, "fwd", "sdpa_math")] * 2}), "appears twice"),
     (json.dumps({"schema": ar.SCHEMA, "device_name": FAKE, "smoke": True, "entries": []}), "CPU smoke run"),
+    # invalid UTF-8 (a Latin-1 byte in a device name): the documented RuntimeError, not a UnicodeDecodeError
+    (b'{"schema": "crossflow-attention-routes/1", "device_name": "Fake GPU 9000\xe9", "entries": []}',
+     "not UTF-8"),
 ])
 def test_a_corrupt_table_is_an_error_naming_the_file(table_dir, text, match):
     path = table_dir / ar.table_file_name(FAKE)
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     q, k, v = _qkv()
     with pytest.raises(RuntimeError, match=match) as e:
         crossflow_kernels.attention(q, k, v)
@@ -350,8 +353,9 @@ def test_saving_a_gpu_check_result_writes_its_routing_table(tmp_path):
     src = tmp_path / "gpu_check.json"
     src.write_text(json.dumps(_gpu_check([_case((2, 2, 32, 72), "fwd", "triton", 1.0),
                                           _case((2, 2, 32, 72), "fwd", "sdpa_flash", 0.5)])))
-    saved = gpu_check.save_result(src, tmp_path / "results")
-    table = json.loads((saved.parent / ar.table_file_name(FAKE)).read_text())
+    (tmp_path / "routes").mkdir()
+    saved = gpu_check.save_result(src, tmp_path / "results", tmp_path / "routes")
+    table = json.loads((tmp_path / "routes" / ar.table_file_name(FAKE)).read_text())
     assert table["source"]["file"] == saved.name and [e["backend"] for e in table["entries"]] == ["sdpa_flash"]
 
 
@@ -369,3 +373,31 @@ def test_routing_table_cli_errors(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         report.main([str(tmp_path / "t.json"), "--routing-table", str(tmp_path)])  # not a GPU-check result
     assert e.value.code == 2 and "not a GPU-check result" in capsys.readouterr().err
+
+
+def test_default_tables_are_package_data():
+    # The default table directory lies inside the package and setup.py ships its JSON files: an installed package
+    # (no checkout beside it) finds the committed tables; `--routing-table` writes there.
+    import ast
+    from pathlib import Path
+    pkg = Path(crossflow_kernels.__file__).resolve().parent
+    assert ar.DEFAULT_DIR == pkg / "routes" and ar.DEFAULT_DIR.is_dir()
+    setup = (pkg.parent / "setup.py").read_text()
+    call = next(n for n in ast.walk(ast.parse(setup))
+                if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    package_data = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "package_data"))
+    assert "routes/*.json" in package_data["crossflow_kernels"]
+    assert ar._table_location(FAKE) == ar.DEFAULT_DIR / ar.table_file_name(FAKE) or os.environ.get(ar.ENV)
+
+
+def test_routing_table_decides_on_the_models_layout():
+    # The routed calls are the model's (fused qkv views): where that layout was measured it decides the bucket, even
+    # against contiguous inputs' verdict; results without layouts keep deciding on what they have.
+    s = (16, 16, 1024, 72)
+    cases = [dict(_case(s, "fwd", prov, ms), layout=lay)
+             for lay, prov, ms in (("bhtd", "triton", 1.0), ("bhtd", "sdpa_flash", 1.2), ("qkv", "triton", 2.0),
+                                   ("qkv", "sdpa_flash", 1.2))]
+    (entry,) = report.routing_table(_gpu_check(cases), "r.json")["entries"]
+    assert (entry["layout"], entry["backend"], entry["ours_ms"]) == ("qkv", "sdpa_flash", 2.0)
+    (entry,) = report.routing_table(_gpu_check(cases[:2]), "r.json")["entries"]
+    assert (entry["layout"], entry["backend"]) == ("bhtd", "triton")
