@@ -141,15 +141,13 @@ def time_case(run: Callable, batch: int, steps: int, rounds: int) -> dict[str, A
 def stage_diffusers(ctx) -> None:
     """DiT-XL/2-256 sampling at batch 1 and 8: eager cases first, then the compiles (batch 8 first), each compile
     skipped with a note when under COMPILE_MIN_LEFT_S remain."""
-    from benchmarks.gpu_check import _log, _need_cuda
-
     missing = diffusers_missing()
     if missing:
         ctx.set_result(skipped=True, note=missing)
         ctx.add_case(dict(status="skipped", reason=missing))
-        _log(f"diffusers: skipped ({missing})")
+        ctx.log(f"diffusers: skipped ({missing})")
         return
-    _need_cuda(ctx)
+    ctx.need_cuda()
     import diffusers
     import torch
 
@@ -192,7 +190,7 @@ def stage_diffusers(ctx) -> None:
                 if name.endswith("compile"):
                     torch._dynamo.reset()
         ctx.add_case(case)
-        _log(f"diffusers b{batch} {name}: {case['status']} "
+        ctx.log(f"diffusers b{batch} {name}: {case['status']} "
              + (f"{case['images_per_s']:.4g} images/s, x{case.get('speedup_vs_unpatched_eager', 1):.2f} "
                 f"(warm-up {case['warmup_s']:.1f} s)" if case["status"] == "ok" else case.get("reason", "")[:120]))
 

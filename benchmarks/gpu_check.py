@@ -102,6 +102,13 @@ class StageContext:
     def set_result(self, **results: Any) -> None:
         self._update(lambda st: st.setdefault("results", {}).update(results))
 
+    def log(self, msg: str) -> None:
+        _log(msg)
+
+    def need_cuda(self) -> None:
+        """For stage bodies kept in other modules (they import nothing from here)."""
+        _need_cuda(self)
+
     def set_env(self, env: dict[str, Any]) -> None:
         data = read_results(self.path)
         data["env"] = {**data.get("env", {}), **env}
