@@ -37,7 +37,8 @@ attention and QK norms are fused), weightless RMSNorms (left rather than multipl
 extra features (IP-adapter, fused QKV projections, custom or pre-SDPA processors).
 
 Checked against diffusers 0.42.1 (`models/attention.py`, `attention_processor.py`, `normalization.py`,
-`transformers/{dit_transformer_2d,pixart_transformer_2d,transformer_sd3,transformer_flux}.py`).
+`transformers/{dit_transformer_2d,pixart_transformer_2d,transformer_sd3,transformer_flux}.py`); its tests also pass
+with 0.35.2, the oldest `setup.py` allows.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ try:
         FluxAttention, FluxAttnProcessor, FluxSingleTransformerBlock, FluxTransformerBlock,
     )
 except ImportError as e:  # pragma: no cover - exercised only without diffusers (or with one that moved these)
-    raise ImportError(f"crossflow_kernels.integrations.diffusers needs diffusers (checked with 0.42.1): {e}") from e
+    raise ImportError(f"crossflow_kernels.integrations.diffusers needs diffusers (checked with 0.35.2 and 0.42.1): "
+                      f"{e}") from e
 
-CHECKED_DIFFUSERS = ("0.42.1",)
+CHECKED_DIFFUSERS = ("0.35.2", "0.42.1")
 # An additive mask entry at or below this drops its key (exp(-1e4) is 0 in fp32); 0 keeps it.
 _MASKED = -1.0e4
 
