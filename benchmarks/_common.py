@@ -1,7 +1,8 @@
 """Helpers shared by the benchmark suites, the profiler script and the report.
 
-Nothing here touches a device at import time: CUDA is probed inside functions, and `crossflow_kernels`, `triton` and `crossflow`
-are imported lazily, so `benchmarks/conftest.py` (and `profile_sampler.py`) can switch the Triton interpreter on first.
+Nothing here touches a device at import time: CUDA is probed inside functions, and `crossflow_kernels`, `triton` and
+`crossflow` are imported lazily, so `benchmarks/conftest.py` (and `profile_sampler.py`) can switch the Triton
+interpreter on first.
 
 Timers: on CUDA, `triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])` (CUDA events, L2 flushed between reps); on
 CPU (the tiny smoke), `time.perf_counter` around each call. Every result records which one (`timer`).

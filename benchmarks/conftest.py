@@ -1,5 +1,5 @@
-"""Benchmark setup. Order matters: without CUDA the Triton interpreter must be on before `crossflow_kernels` is imported (the
-switch is read when each `@triton.jit` runs), and then the suites run on tiny shapes (`--bench-tiny` forces them).
+"""Benchmark setup. Order matters: without CUDA the Triton interpreter must be on before `crossflow_kernels` is imported
+(the switch is read when each `@triton.jit` runs), and then the suites run on tiny shapes (`--bench-tiny` forces them).
 
 Options (all optional):
   --bench-tiny             tiny shapes, 1 round (automatic without CUDA)

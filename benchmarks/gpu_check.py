@@ -5,15 +5,15 @@
   bash benchmarks/run_gpu.sh --smoke         # every stage body on tiny shapes on the CPU (CI), < ~1 minute
   bash benchmarks/run_gpu.sh --only attention,sampler --total 300
 
-Stages run in priority order (`STAGES`), each in a forked child with its own time budget: a child over budget is
-killed with its process group (pytest workers, ncu) and recorded as `timeout`, and the next stage starts. The driver
-never touches CUDA, so each child initialises it afresh. A stage body writes every finished case into the one results
-file as it goes (atomic replace), so a killed stage loses only its unfinished case and a killed command loses nothing
-that was finished. What comes back (at most 7 files, the limit being 8): `gpu_check.json` (schema below),
-`gpu_check.log` (everything printed), `pytest_gpu.xml` (JUnit of the GPU tests, written when pytest ends),
-`pytest_gpu.jsonl` (one line per test as it finishes: what a killed tests stage keeps), `ncu_attention.ncu-rep` and
-`ncu_attention.txt` (Nsight Compute on one attention launch, when `ncu` is there), and
-`attention-routes_<device>.json` (`crossflow_kernels.attention`'s SDPA routing table, derived from the attention stage by
+Stages run in priority order (`STAGES`), each in a forked child with its own time budget: a child over budget is killed
+with its process group (pytest workers, ncu) and recorded as `timeout`, and the next stage starts. The driver never
+touches CUDA, so each child initialises it afresh. A stage body writes every finished case into the one results file as
+it goes (atomic replace), so a killed stage loses only its unfinished case and a killed command loses nothing that was
+finished. What comes back (at most 7 files, the limit being 8): `gpu_check.json` (schema below), `gpu_check.log`
+(everything printed), `pytest_gpu.xml` (JUnit of the GPU tests, written when pytest ends), `pytest_gpu.jsonl` (one line
+per test as it finishes: what a killed tests stage keeps), `ncu_attention.ncu-rep` and `ncu_attention.txt` (Nsight
+Compute on one attention launch, when `ncu` is there), and `attention-routes_<device>.json`
+(`crossflow_kernels.attention`'s SDPA routing table, derived from the attention stage by
 `benchmarks.report.write_routing_table`; `--save` puts it in crossflow_kernels/routes/, the package data).
 
 Schema `crossflow-gpu-check/1` of gpu_check.json:
@@ -425,7 +425,7 @@ def stage_attention(ctx: StageContext) -> None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     ctx.set_result(summary=attention_summary(ctx.cases()))
-    # The routing table `crossflow_kernels.attention` reads, from exactly these cases (the same function as the report CLI).
+    # The routing table `crossflow_kernels.attention` reads, from exactly these cases (as the report CLI derives it).
     table = write_routing_table(read_results(ctx.path), RESULTS_NAME, ctx.out)
     ctx.set_result(routing_table=table.name)
 
@@ -488,8 +488,8 @@ COMPILE_MIN_LEFT_S = 30  # a cold regional compile of DiT-XL/2 and its runs need
 def _compile_regional(api, model, tiny: bool):
     """`torch.compile` default mode of each DiT block in place (regional compilation: the 28 blocks share one compiled
     graph, so cold start is one block's compile per batch, not the whole unrolled model's); embedders and the final
-    layer (well under 1% of the FLOPs) stay eager. Torch reference ops (`crossflow_kernels.use_backend("torch")` at trace
-    time)."""
+    layer (well under 1% of the FLOPs) stay eager. Torch reference ops (`crossflow_kernels.use_backend("torch")` at
+    trace time)."""
     from benchmarks import bench_sampler
 
     euler = api.EulerSampler(guidance_scale=bench_sampler.GUIDANCE)

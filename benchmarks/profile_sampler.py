@@ -1,4 +1,4 @@
-"""A short sampler workload for profiling, with the NVTX / record_function ranges of `crossflow_kernels.nvtx_range` visible.
+"""A short sampler workload for profiling that shows the `crossflow_kernels.nvtx_range` ranges (NVTX or record_function).
 
 Runs eagerly (FastSampler(use_cuda_graph=False) when it has that option, else EulerSampler on the Triton backend):
 inside a replayed CUDA graph there are no per-step, per-block or per-op ranges. One warm-up run first (Triton autotune,

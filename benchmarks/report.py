@@ -180,12 +180,13 @@ ROUTE_MARGIN = 1.05  # SDPA must be this much faster than ours on a bucket to ta
 
 
 def routing_table(data: dict[str, Any], src: str, margin: float = ROUTE_MARGIN) -> dict[str, Any]:
-    """`crossflow_kernels.attention`'s routing table (schema `crossflow_kernels.attention_routes.SCHEMA`) from one GPU-check result.
+    """`crossflow_kernels.attention`'s routing table (schema `crossflow_kernels.attention_routes.SCHEMA`) from one
+    GPU-check result.
 
-    The attention stage's cases are grouped by routing bucket (`crossflow_kernels.attention_routes.bucket`: head dim, Tq/Tk and
-    B·H power-of-two ceilings, dtype, mask, fwd vs fwd+bwd). Per bucket, each provider's p50 ms are summed over the
-    bucket's measured shapes (a provider counts only if it ran on all of them); the fastest SDPA backend takes the
-    bucket when ours takes at least `margin` times as long. Every bucket where ours ran gets an entry (backend
+    The attention stage's cases are grouped by routing bucket (`crossflow_kernels.attention_routes.bucket`: head dim,
+    Tq/Tk and B·H power-of-two ceilings, dtype, mask, fwd vs fwd+bwd). Per bucket, each provider's p50 ms are summed
+    over the bucket's measured shapes (a provider counts only if it ran on all of them); the fastest SDPA backend takes
+    the bucket when ours takes at least `margin` times as long. Every bucket where ours ran gets an entry (backend
     "triton" where ours stays), so the table also says where ours was measured to win. Buckets where ours failed get
     no entry (ours runs there anyway, and routing must not hide a failure of ours): they are listed in `skipped`."""
     from crossflow_kernels.attention_routes import KEY_FIELDS, OURS, SCHEMA, SDPA_BACKENDS, bucket

@@ -34,7 +34,7 @@ from crossflow._cli_base import HelpFormatter as _HelpFormatter
 from crossflow._cli_base import Parser as _Parser
 from crossflow._cli_base import UsageError
 
-# crossflow_kernels.BACKENDS, spelled out so that parsing does not import torch (tests/crossflow/test_cli.py checks they agree)
+# crossflow_kernels.BACKENDS, spelled out so that parsing imports no torch (tests/crossflow/test_cli.py checks them)
 BACKENDS = ("auto", "torch", "triton")
 # output extension -> PIL format; anything else is refused before sampling
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}

@@ -1,8 +1,8 @@
 """FastSampler: a drop-in for `EulerSampler` that captures the whole sampling loop in one CUDA graph.
 
-At small batch the Euler loop is launch-bound: a DiT-XL step issues hundreds of kernel launches. Here the loop (cond
-and uncond batched into one forward of 2B, the fused `crossflow_kernels.cfg_euler_step` in place) is captured once per key and
-replayed, so a 50-step sample costs one graph launch.
+At small batch the Euler loop is launch-bound: a DiT-XL step issues hundreds of kernel launches. Here the loop (cond and
+uncond batched into one forward of 2B, the fused `crossflow_kernels.cfg_euler_step` in place) is captured once per key
+and replayed, so a 50-step sample costs one graph launch.
 
 What is cached: one graph per key = (model, batch, latent shape, dtype, device, steps, time grid, guidance on/off), in
 an LRU cache of at most `max_graphs` entries that share one private memory pool. What a replay reads from device

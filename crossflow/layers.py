@@ -129,12 +129,12 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """An adaLN-Zero DiT block whose residual adds are fused into the *next* normalisation.
 
-    The official block computes `x += gate_msa * attn(modulate(LN(x), shift_msa, scale_msa))` and the same for the
-    MLP. Here the block receives the residual stream `x` *and* `h = modulate(LN(x), shift_msa, scale_msa)` already
-    computed by the previous fused op, and returns the new residual and the normalised input of whatever comes next
-    (the next block's attention, or the final layer), so each residual add + LN + modulate is one kernel
-    (`crossflow_kernels.gated_residual_adaln`). Its modulation vectors are computed outside (`FlowTransformer.adaLN_modulation`).
-    """
+    The official block computes `x += gate_msa * attn(modulate(LN(x), shift_msa, scale_msa))` and the same for the MLP.
+    Here the block receives the residual stream `x` *and* `h = modulate(LN(x), shift_msa, scale_msa)` already computed
+    by the previous fused op, and returns the new residual and the normalised input of whatever comes next (the next
+    block's attention, or the final layer), so each residual add + LN + modulate is one kernel
+    (`crossflow_kernels.gated_residual_adaln`). Its modulation vectors are computed outside
+    (`FlowTransformer.adaLN_modulation`)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int, norm: str = "layer", eps: float = 1e-6):
         super().__init__()

@@ -12,9 +12,8 @@ Decoder: autoregressive. The latent becomes `decoder_prefix` tokens (one Linear)
 `decoder_depth` pre-LN causal layers predict each next word; greedy decoding. Autoregressive, not parallel: a flow
 sample lies between the latents of a digit's wordings, and position-wise argmax then mixes two wordings ("a four four
 4": 31 % well-formed captions in a first run), while a decoder that reads its own previous words commits to one.
-NOTE(seam): the causal attention is torch's `scaled_dot_product_attention`, because `crossflow_kernels.attention` takes only a
-key-padding mask; a causal flag there would bring these 2 layers (tokens <= 12) onto the seam.
-"""
+NOTE(seam): the causal attention is torch's `scaled_dot_product_attention`, because `crossflow_kernels.attention` takes
+only a key-padding mask; a causal flag there would bring these 2 layers (tokens <= 12) onto the seam."""
 
 from __future__ import annotations
 

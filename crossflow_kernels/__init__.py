@@ -1,9 +1,9 @@
 """Triton kernels for adaLN-modulated DiT blocks, flash attention, fused Euler/CFG updates and DiMR's RMS norms / GEGLU.
 
 Every op dispatches between its torch reference (`op.ref`) and its Triton implementation (`op.triton`); see
-`crossflow_kernels._dispatch` for the rules and `use_backend` / ``CROSSFLOW_KERNELS_BACKEND`` to choose. Importing this package makes no
-driver calls and launches nothing, and imports triton only where a Triton kernel can run (`crossflow_kernels._triton`).
-"""
+`crossflow_kernels._dispatch` for the rules and `use_backend` / ``CROSSFLOW_KERNELS_BACKEND`` to choose. Importing this
+package makes no driver calls and launches nothing, and imports triton only where a Triton kernel can run
+(`crossflow_kernels._triton`)."""
 
 from crossflow_kernels import adaln as _adaln
 from crossflow_kernels import euler as _euler

@@ -8,10 +8,10 @@ Backends:
     first tensor argument: a CUDA tensor of float16/bfloat16/float32, or (interpreter) a CPU tensor of
     float16/float32 -- the interpreter computes with numpy, which has no bfloat16. float64 is reference-only.
 
-Selection: ``crossflow_kernels.use_backend(name)`` (a context manager, innermost wins) overrides the ``CROSSFLOW_KERNELS_BACKEND``
-environment variable, read at call time. A forced ``triton`` that cannot run raises ``RuntimeError``; nothing falls
-back silently. Under ``torch.compile`` the choice is made at trace time, so pick the backend before compiling.
-"""
+Selection: ``crossflow_kernels.use_backend(name)`` (a context manager, innermost wins) overrides the
+``CROSSFLOW_KERNELS_BACKEND`` environment variable, read at call time. A forced ``triton`` that cannot run raises
+``RuntimeError``; nothing falls back silently. Under ``torch.compile`` the choice is made at trace time, so pick the
+backend before compiling."""
 
 from __future__ import annotations
 

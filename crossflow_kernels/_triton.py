@@ -8,9 +8,8 @@ keeps the Python function in an `UnloadedKernel` whose launch raises, ``@triton.
 says why Triton is absent. The references, the dispatcher and everything `crossflow` runs on a CPU never touch them.
 
 The real modules are imported when Triton can run here (a CUDA/ROCm build of torch, or the interpreter), when the
-process has already imported triton, or with ``CROSSFLOW_KERNELS_IMPORT_TRITON=1`` (tools that compile for a GPU target on a
-CPU machine, such as the compile report). Decided once, at ``import crossflow_kernels``.
-"""
+process has already imported triton, or with ``CROSSFLOW_KERNELS_IMPORT_TRITON=1`` (tools that compile for a GPU target
+on a CPU machine, such as the compile report). Decided once, at ``import crossflow_kernels``."""
 
 from __future__ import annotations
 

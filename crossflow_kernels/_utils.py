@@ -60,9 +60,9 @@ def cuda_device_guard(t: torch.Tensor):
 
 
 # The launchers are torch custom ops (so torch.compile(fullgraph=True) traces through them). `torch.library.triton_op`
-# parses each launcher's source with torch._inductor, an import of ~1 s, so the ops are recorded here and registered
-# by `register_triton_ops()`: at `import crossflow_kernels` where the Triton path can run (a CUDA/ROCm build of torch, or the
-# interpreter), else on the first direct `<op>_triton` call. A CPU-only `crossflow sample` never pays for it.
+# parses each launcher's source with torch._inductor, an import of ~1 s, so the ops are recorded here and registered by
+# `register_triton_ops()`: at `import crossflow_kernels` where the Triton path can run (a CUDA/ROCm build of torch, or
+# the interpreter), else on the first direct `<op>_triton` call. A CPU-only `crossflow sample` never pays for it.
 _DEFERRED: dict[str, tuple[Callable, object]] = {}
 
 

@@ -9,10 +9,11 @@ backend is never routed.
 The table: ``crossflow_kernels/routes/attention-routes_<device slug>.json`` (schema ``crossflow-attention-routes/1``),
 package data, so an installed package finds it too; derived from a GPU-check result by ``python -m benchmarks.report
 gpu_check.json --routing-table``, which writes it there; nothing else writes one, and only a device some run measured
-has one. It is read lazily (never at import), once per file, and each (device, bucket) decision is cached. A bucket is exact in head dim, dtype, mask yes/no and fwd vs fwd+bwd (any input
-requiring grad with grad enabled), and power-of-two ceilings for Tq, Tk and B·H -- the buckets our autotuner keys on,
-so one bucket runs one kernel config of ours. A routed backend that cannot run a particular call (a layout or size
-the SDPA kernel rejects: `torch.backends.cuda.can_use_*`) falls back to ours.
+has one. It is read lazily (never at import), once per file, and each (device, bucket) decision is cached. A bucket is
+exact in head dim, dtype, mask yes/no and fwd vs fwd+bwd (any input requiring grad with grad enabled), and power-of-two
+ceilings for Tq, Tk and B·H -- the buckets our autotuner keys on, so one bucket runs one kernel config of ours. A routed
+backend that cannot run a particular call (a layout or size the SDPA kernel rejects: `torch.backends.cuda.can_use_*`)
+falls back to ours.
 
 ``CROSSFLOW_KERNELS_ATTENTION_ROUTES`` (read at call time): unset -- the table shipped in the package (``routes/``);
 ``off`` / ``0`` -- no routing; a directory -- its ``attention-routes_<slug>.json``; a file -- that table (if it is for
@@ -21,9 +22,10 @@ malformed (not UTF-8, not JSON, not the schema) raises RuntimeError naming the f
 verified, so a broken one is a bug to see, and ours running instead would silently lose the speed the table promises;
 ``CROSSFLOW_KERNELS_ATTENTION_ROUTES=off`` is the way out.
 
-Observable: `crossflow_kernels.dispatch_counts()` counts calls per (op, backend); the first decision for each routed bucket is
-logged at DEBUG on the ``crossflow_kernels`` logger, naming the table file and entry. Under torch.compile the decision is made
-at trace time (plain Python on shapes and dtypes, no graph break) and counted once per trace, not per replay.
+Observable: `crossflow_kernels.dispatch_counts()` counts calls per (op, backend); the first decision for each routed
+bucket is logged at DEBUG on the ``crossflow_kernels`` logger, naming the table file and entry. Under torch.compile the
+decision is made at trace time (plain Python on shapes and dtypes, no graph break) and counted once per trace, not per
+replay.
 """
 
 from __future__ import annotations
@@ -298,8 +300,8 @@ def _choose(path: Path, name: str, key: tuple) -> str | None:
 
 # Under torch.compile `_decide` and `_has_table` run eagerly at trace time (file reads, logging) and their answers are
 # constants of the graph, so routing makes no graph break. Marked only where routing can run at all (a CUDA build or the
-# interpreter), where `import crossflow_kernels` imports torch._dynamo anyway (registering the Triton ops); a CPU-only build
-# never routes and stays off it.
+# interpreter), where `import crossflow_kernels` imports torch._dynamo anyway (registering the Triton ops); a CPU-only
+# build never routes and stays off it.
 if triton_can_run_here():
     _decide = torch.compiler.assume_constant_result(_decide)
     _has_table = torch.compiler.assume_constant_result(_has_table)

@@ -1,5 +1,5 @@
-"""Test setup. Order matters: the Triton interpreter must be switched on before `crossflow_kernels` is imported, because the
-switch is read when each `@triton.jit` decorator runs."""
+"""Test setup. Order matters: the Triton interpreter must be switched on before `crossflow_kernels` is imported, because
+the switch is read when each `@triton.jit` decorator runs."""
 
 import os
 

@@ -1,6 +1,6 @@
 """Backend parity on the `tiny` preset: the same weights and inputs through `crossflow_kernels.use_backend("torch")` and
-`crossflow_kernels.use_backend("triton")` (the Triton interpreter on CPU, compiled kernels on CUDA) must agree on the outputs and
-on the gradient of every parameter.
+`crossflow_kernels.use_backend("triton")` (the Triton interpreter on CPU, compiled kernels on CUDA) must agree on the
+outputs and on the gradient of every parameter.
 
 Tolerance (fp32): atol 1e-4, rtol 1e-4. The two backends compute the same math in a different order (online softmax
 in base 2 vs exp of full rows; one-pass fused residual + LayerNorm vs separate ops; blocked reductions in the

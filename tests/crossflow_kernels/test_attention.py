@@ -107,8 +107,8 @@ def _run_case(case, device):
 
 @pytest.fixture(params=["portable", "sm90"])
 def fwd_kernel(request, monkeypatch):
-    """Run the test with each forward kernel forced (`CROSSFLOW_KERNELS_ATTENTION_FWD`): the interpreter runs the sm_90 one's
-    tensor descriptors and warp-specialized loop too. On a GPU the sm_90 kernel needs capability 9.x or 10.x."""
+    """Run the test with each forward kernel forced (`CROSSFLOW_KERNELS_ATTENTION_FWD`): the interpreter runs the sm_90
+    one's tensor descriptors and warp-specialized loop too. On a GPU the sm_90 kernel needs capability 9.x or 10.x."""
     return _force_fwd(request.param, monkeypatch)
 
 

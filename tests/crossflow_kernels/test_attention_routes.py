@@ -1,5 +1,6 @@
-"""Per-shape routing of `crossflow_kernels.attention` to PyTorch SDPA (crossflow_kernels/attention_routes.py) and the table the GPU check
-derives (benchmarks/report.py). Every table here is a fake one in a temporary directory, for a fake device name."""
+"""Per-shape routing of `crossflow_kernels.attention` to PyTorch SDPA (crossflow_kernels/attention_routes.py) and the
+table the GPU check derives (benchmarks/report.py). Every table here is a fake one in a temporary directory, for a fake
+device name."""
 
 import json
 import logging

@@ -205,9 +205,10 @@ except RuntimeError as e:
 @pytest.mark.parametrize("interpret,import_triton", [("0", "0"), ("1", "0"), ("0", "1")])
 def test_triton_and_custom_ops_load_only_where_triton_can_run(interpret, import_triton):
     """Where Triton can run (interpreter or a CUDA build) triton is imported and every launcher is a custom op right
-    after `import crossflow_kernels`. On a CPU-only build neither triton (~0.25 s) nor torch._inductor (~1 s) is imported, the
-    references still run, and asking for the Triton path raises a RuntimeError that says why; with
-    CROSSFLOW_KERNELS_IMPORT_TRITON=1 (the compile report's case) triton loads and `register_triton_ops()` registers them all."""
+    after `import crossflow_kernels`. On a CPU-only build neither triton (~0.25 s) nor torch._inductor (~1 s) is
+    imported, the references still run, and asking for the Triton path raises a RuntimeError that says why; with
+    CROSSFLOW_KERNELS_IMPORT_TRITON=1 (the compile report's case) triton loads and `register_triton_ops()` registers
+    them all."""
     import os
     import subprocess
     import sys
