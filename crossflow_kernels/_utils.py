@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -25,6 +26,14 @@ def check_float(name: str, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{name}: `{arg}` must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name}: `{arg}` must be a floating tensor, got dtype {t.dtype}")
+
+
+def check_eps(name: str, eps) -> None:
+    """eps must be a positive, finite real number; bools (``eps=True`` would silently be 1.0) and tensors are not."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ValueError(f"{name}: eps must be a positive float, got {type(eps).__name__} {eps!r}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"{name}: eps must be a positive float, got {eps!r}")
 
 
 def check_same(name: str, attr: str, **tensors: torch.Tensor) -> None:

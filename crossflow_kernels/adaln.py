@@ -13,14 +13,12 @@ Differentiable in every tensor input.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from crossflow_kernels._triton import tl, triton
 from crossflow_kernels._utils import (
-    check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op, register_triton_ops, row_block,
-    widen, wrap_triton,
+    check_eps, check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op, register_triton_ops,
+    row_block, widen, wrap_triton,
 )
 
 NORMS = ("layer", "rms")
@@ -28,14 +26,6 @@ NORMS = ("layer", "rms")
 # ---------------------------------------------------------------------------------------------------------------------
 # Checks shared by the references and the launchers
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def check_eps(name: str, eps) -> None:
-    """eps must be a positive, finite real number; bools (``eps=True`` would silently be 1.0) and tensors are not."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise ValueError(f"{name}: eps must be a positive float, got {type(eps).__name__} {eps!r}")
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"{name}: eps must be a positive float, got {eps!r}")
 
 
 def check_modulation(

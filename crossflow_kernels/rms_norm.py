@@ -22,10 +22,9 @@ import torch
 
 from crossflow_kernels._triton import tl, triton
 from crossflow_kernels._utils import (
-    check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op, register_triton_ops, row_block,
-    widen, wrap_triton,
+    check_eps, check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op, register_triton_ops,
+    row_block, widen, wrap_triton,
 )
-from crossflow_kernels.adaln import check_eps
 
 MAX_D = 16384  # a row is one tile of one program: wider rows would spill (the skip concat of DiMR stays in torch)
 TILE_FWD = 4096  # elements per forward program (rows x padded D)
