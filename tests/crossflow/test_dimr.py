@@ -8,8 +8,9 @@ separate w0/w1 Linears, its two indicator scalars and its channel-last PixelShuf
 on official key names. No network, no official code import: runs in CI on CPU.
 
 Reference parameter counts (flow network only, VE and SigLIP tower excluded): 950.8 M at 256 px and 985.4 M at 512 px,
-from /work/shared/reference/crossflow.md §1.5/§7 (an analytic count of the official code, agreeing with the paper's
-"0.95B"); the oracle built from the official config literals below must also give exactly our count.
+from the project's reference notes, reference/crossflow.md §1.5/§7 (kept beside the repository, not in it: an analytic
+count of the official code, agreeing with the paper's "0.95B"); the oracle built from the official config literals below
+must also give exactly our count.
 """
 
 from __future__ import annotations
