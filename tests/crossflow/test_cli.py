@@ -91,7 +91,7 @@ def test_cli_interpolate_uses_the_pipeline(tiny_digits_run, tmp_path):
     assert s.crop((0, 0, 16, 16)).tobytes() == Image.open(one).tobytes()
 
 
-def test_cli_arithmetic_samples_the_combined_text_latents(tiny_digits_run, tmp_path):
+def test_cli_arithmetic_samples_the_combined_text_latents(tiny_digits_run, tmp_path, torch_backend):
     """`arithmetic A - B + C` draws exactly the pipeline's images from latent_arithmetic(VE(A), VE(C), VE(B)), every
     term with the seed's noise, and they differ from plain `sample A`."""
     from crossflow.pipeline import CrossFlowPipeline

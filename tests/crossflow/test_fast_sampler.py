@@ -37,7 +37,9 @@ def tiny_flow(perturb):
 
 @pytest.mark.parametrize("guidance", [1.0, 7.0])
 @pytest.mark.parametrize("official_grid", [False, True])
-def test_fast_matches_euler_on_cpu_tiny(tiny_flow, guidance, official_grid):
+def test_fast_matches_euler_on_cpu_tiny(tiny_flow, guidance, official_grid, torch_backend):
+    # The samplers' step grids, guidance and updates compared on one backend: torch, as on a GPU machine's CPU tensors
+    # (the model's Triton path is test_parity.py's; the GPU tests below run FastSampler on Triton).
     cfg, model = tiny_flow()
     z0 = torch.randn(2, *cfg.latent_shape)
     ref = EulerSampler(steps=4, guidance_scale=guidance, official_grid=official_grid)(model, z0)

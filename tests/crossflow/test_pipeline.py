@@ -1,8 +1,9 @@
 """CrossFlowPipeline: prompts -> PIL images with the real MiniLM text encoder (bundled, offline) and a tiny model.
 
 `tiny` has text_dim 32; here it is re-sized to MiniLM's 384-d tokens and a 1-channel pixel-space latent, so the
-identity autoencoder's output is a grayscale image. Default kernel backend; 2 sampling steps keep the interpreter
-cheap."""
+identity autoencoder's output is a grayscale image. Every test runs on the torch kernel backend: these test the
+pipeline's plumbing (prompts, seeds, output types, loading); the kernels are tested on their own
+(tests/crossflow_kernels) and the model's Triton path against torch in test_parity.py."""
 
 import io
 import sys
@@ -10,14 +11,14 @@ import sys
 import pytest
 import torch
 
-import crossflow_kernels
-
 from crossflow.autoencoder import build_autoencoder
 from crossflow.config import CrossFlowConfig
 from crossflow.model import CrossFlow
 from crossflow.pipeline import CrossFlowPipeline, sampling_defaults, to_pil
 from crossflow.sampling import EulerSampler
 from crossflow.text_encoder import TextEncoder
+
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +78,7 @@ def test_to_pil_modes():
         to_pil(torch.zeros(1, 4, 2, 2))
 
 
-@pytest.fixture
-def torch_backend():
-    """For tests of the pipeline's plumbing: the kernels are tested on their own, the interpreter is slow."""
-    with crossflow_kernels.use_backend("torch"):
-        yield
-
-
-def test_latents_in_are_the_prompt_path(pipe, torch_backend):
+def test_latents_in_are_the_prompt_path(pipe):
     """pipe(z0=...) is the same call from given start latents (what interpolation and arithmetic use)."""
     z0 = pipe.encode_prompts(["one", "seven"], 2, torch.Generator().manual_seed(4))
     from_prompts = pipe(["one", "seven"], num_images_per_prompt=2, seed=4, output_type="pt")
@@ -101,7 +95,7 @@ def test_latents_in_are_the_prompt_path(pipe, torch_backend):
     (dict(prompts=""), "empty or whitespace"),
     (dict(prompts="x", guidance_scale=-1.0), "guidance_scale"),
 ])
-def test_bad_latent_and_prompt_input_raises(pipe, kwargs, match, torch_backend):
+def test_bad_latent_and_prompt_input_raises(pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):
         pipe(**kwargs)
 
@@ -111,7 +105,7 @@ class _TTY(io.StringIO):
         return True
 
 
-def test_progress_bar_counts_the_steps_on_a_terminal(pipe, monkeypatch, torch_backend):
+def test_progress_bar_counts_the_steps_on_a_terminal(pipe, monkeypatch):
     tty = _TTY()
     monkeypatch.setattr(sys, "stderr", tty)
     pipe("one", steps=3, progress=True, output_type="latent")

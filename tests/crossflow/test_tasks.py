@@ -187,6 +187,7 @@ def test_invert_runs_the_flow_backwards():
         invert(model, z1, steps=0)
 
 
+@pytest.mark.usefixtures("torch_backend")  # the pipeline's plumbing; the model's Triton path: the backend test above
 def test_caption_pipeline_shapes_seeds_and_words(perturb):
     cfg = tiny_caption()
     model = perturb(CrossFlow(cfg)).eval()
