@@ -42,6 +42,7 @@ def test_digit_pairs_are_deterministic_and_shaped():
     assert torch.equal(a["text_emb"], b["text_emb"]) and int(a["label"]) == int(ds.labels[5])
 
 
+@pytest.mark.slow
 def test_shipped_model_draws_the_prompted_digits():
     """A small eval of the committed weights (the README's numbers come from the full `crossflow eval`)."""
     ckpt = default_checkpoint()

@@ -62,6 +62,7 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert off.sum().item() <= allowed, (k, off.sum().item(), off.numel(), diff.max().item())
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_one_process_and_checkpoints_load_either_way(tmp_path):
     out_f, out_r, out_m = tmp_path / "fsdp", tmp_path / "ref", tmp_path / "mixed"
     _torchrun(out_f, "--steps=4", "--ckpt-every=2")

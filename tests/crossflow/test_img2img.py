@@ -229,6 +229,7 @@ def test_cli_eval_fails_an_untrained_model(tiny_checkpoints, tmp_path, capsys):
         assert res["passed"] is False and res["images"] == 359 and res["steps"] == 2
 
 
+@pytest.mark.slow
 def test_shipped_models_beat_their_bars_on_a_small_eval(torch_backend):
     """The committed weights on the first 100 held-out images with their sampling.json settings (the README's
     numbers come from the full `crossflow eval --preset digits-sr | digits-vary`)."""

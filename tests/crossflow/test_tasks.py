@@ -251,6 +251,7 @@ def test_trainer_trains_an_image_to_text_preset(tmp_path, monkeypatch):
 # ---- the shipped digits-caption model and its verbs
 
 
+@pytest.mark.slow
 def test_shipped_caption_model_names_held_out_digits():
     """A small eval of the committed weights (the README's numbers come from `crossflow eval --preset
     digits-caption`)."""

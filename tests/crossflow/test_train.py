@@ -36,6 +36,7 @@ def _snapshot(root) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_short_run_lowers_the_loss(tmp_path):
     # Measured on 4 seeds (80 steps, batch 16, lr 3e-3): last-20 / first-20 mean = 0.51-0.53 for the total loss
     # (the raw CLIP logit scale keeps the contrastive term >~ 1.3 at batch 16) and 0.42-0.45 for the flow term.
@@ -52,7 +53,7 @@ def test_short_run_lowers_the_loss(tmp_path):
         assert torch.equal(v, ckpt[f"ema/{k}"])
 
 
-@pytest.mark.parametrize("log_every,ckpt_every", [(1, 4), (3, 4)])
+@pytest.mark.parametrize("log_every,ckpt_every", [(1, 4), pytest.param(3, 4, marks=pytest.mark.slow)])
 def test_resume_replays_the_uninterrupted_run_exactly(tmp_path, log_every, ckpt_every):
     # (3, 4): the checkpoint at step 4 cuts the log window 4..6; on main the resumed log averaged 5..6 only.
     n = 4
@@ -161,6 +162,7 @@ def test_weight_decay_groups():
     assert len(decay["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
