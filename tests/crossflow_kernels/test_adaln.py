@@ -150,19 +150,23 @@ def test_adaln_empty(shape):
     assert r.shape == out.shape == shape
 
 
-def test_adaln_gradcheck():
+@pytest.mark.parametrize("fast_mode", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["fast", "full"])
+def test_adaln_gradcheck(fast_mode):
+    # fast_mode compares one random projection v'Ju of the Jacobians (the quick loop); the element-wise check (slow in
+    # the interpreter) also catches a gradient off by a few per cent, which a projection can miss.
     # fp64 leaves through the autograd Functions (the kernels compute in fp32, hence the loose tolerances).
     B, T, C = 2, 3, 5
     args = [torch.randn(B, T, C, dtype=torch.float64, device=DEV, requires_grad=True),
             torch.randn(B, C, dtype=torch.float64, device=DEV, requires_grad=True),
             torch.randn(B, C, dtype=torch.float64, device=DEV, requires_grad=True)]
     assert torch.autograd.gradcheck(lambda *a: AdaLNModulateFunction.apply(*a, 1e-6, "layer"), args,
-                                    eps=1e-3, atol=2e-3, rtol=2e-3)
+                                    eps=1e-3, atol=2e-3, rtol=2e-3, fast_mode=fast_mode)
     y = torch.randn(B, T, C, dtype=torch.float64, device=DEV, requires_grad=True)
     gate = torch.randn(B, C, dtype=torch.float64, device=DEV, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, y, g, sh, sc: GatedResidualAdaLNFunction.apply(x, y, g, sh, sc, 1e-6,
                                                                                               "rms"),
-                                    [args[0], y, gate, args[1], args[2]], eps=1e-3, atol=2e-3, rtol=2e-3)
+                                    [args[0], y, gate, args[1], args[2]], eps=1e-3, atol=2e-3, rtol=2e-3,
+                                    fast_mode=fast_mode)
 
 
 @settings(max_examples=12, deadline=None)

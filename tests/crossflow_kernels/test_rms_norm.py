@@ -108,16 +108,19 @@ def test_rms_norm_empty(xs, ws):
     assert x.grad.shape == xs and w.grad.shape == ws
 
 
-def test_rms_norm_gradcheck():
+@pytest.mark.parametrize("fast_mode", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["fast", "full"])
+def test_rms_norm_gradcheck(fast_mode):
+    # fast_mode compares one random projection v'Ju of the Jacobians (the quick loop); the element-wise check (slow in
+    # the interpreter) also catches a gradient off by a few per cent, which a projection can miss.
     # fp64 leaves through the autograd Function on its (G1, G2, N, D) / (G1, G2, D) group layout (the kernels compute
     # in fp32, hence the loose tolerances); the weight's per-head column stride 0 included.
     x4 = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=DEV, requires_grad=True)
     w3 = torch.randn(2, 3, 5, dtype=torch.float64, device=DEV, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: RMSNormFunction.apply(a, b, 1e-6), [x4, w3], eps=1e-3, atol=2e-3,
-                                    rtol=2e-3)
+                                    rtol=2e-3, fast_mode=fast_mode)
     s = torch.randn(2, 3, 1, dtype=torch.float64, device=DEV, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: RMSNormFunction.apply(a, b.expand(2, 3, 5), 1e-6), [x4, s],
-                                    eps=1e-3, atol=2e-3, rtol=2e-3)
+                                    eps=1e-3, atol=2e-3, rtol=2e-3, fast_mode=fast_mode)
 
 
 BAD = [
