@@ -52,6 +52,7 @@ def quick_report(tmp_path_factory) -> dict:
     return doc
 
 
+@pytest.mark.slow  # its module fixture compiles the whole --quick matrix (about a minute on 2 cores)
 @pytest.mark.parametrize("kernel,case", _pairs())
 def test_kernel_case_compiles_clean_on_sm90(quick_report, kernel, case):
     """Every config the prune keeps: compiles, 0 spill bytes, no hot (Q/K/V/dO, x/y rows) load of one element."""

@@ -174,6 +174,7 @@ def test_readme_table_from_results(tmp_path):
         gpu_check.read_results(path)
 
 
+@pytest.mark.slow  # waits out the stage's 25 s budget
 def test_killed_tests_stage_keeps_every_finished_test(tmp_path, monkeypatch):
     # The tests stage as the smoke runs it, on a file whose third test stops its process: the stage is killed at its
     # budget (no JUnit file is written), yet the per-test file has the two finished tests and the driver summarises
