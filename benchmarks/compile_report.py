@@ -28,7 +28,8 @@ when it moves less than 16 bytes.
 
 Cases named `attention/*-sm90` run the attention forward with `CROSSFLOW_KERNELS_ATTENTION_FWD=sm90` (the kernel an sm_90 GPU
 picks: tensor descriptors, warp specialization) and are compiled for sm_90 and sm_100 only, the archs `auto` takes it on
-(`--filter sm90`). Cases named `*-t257` run T = 257 (not a multiple of 16: other integer specializations). sm_120 rows
+(`--filter sm90`). Cases named `*-t257` run T = 257 (not a multiple of 16: other integer specializations), `*-t77` the
+Text VE's attention (T = 77, 8 heads, masked, (B, T, H, D) views). sm_120 rows
 are report-only (`REPORT_ONLY_ARCHS`). A warp-specialized kernel whose partitions store the same tile rows (the same
 work done twice) fails (`ws_shared_rows`).
 
@@ -67,6 +68,8 @@ REPORT_ONLY_ARCHS = frozenset({120})
 # head dim -> (heads, tokens): H * D is a real model width (192 Text VE / 1152 DiT-XL / 1280 DiT-H), T the sequence.
 ATTN_SHAPES = {24: (8, 77), 32: (6, 256), 48: (8, 77), 64: (20, 256), 72: (16, 256), 80: (16, 256), 96: (12, 256),
                128: (10, 256), 256: (5, 256)}
+# The Text VE (T = 77 text tokens, 8 heads): its head dims on the CLIP and T5 presets (`TEXT_VE_DIMS`, cases `*-t77`).
+TEXT_VE_DIMS, TEXT_VE_HEADS = (24, 32, 48, 64, 96, 128), 8
 ATTN_DIMS = (24, 32, 48, 64, 72, 80, 96, 128)  # the presets' head dims; 256 (the limit) on request: --filter d256
 QUICK_DIMS = (24, 72)  # the CI subset: the two head dims whose strides are not 16-byte multiples
 ATTN_LAYOUTS = ("bhtd", "bthd", "qkv")  # contiguous (B,H,T,D); transposed (B,T,H,D) view; fused (B,T,3,H,D) unbound
@@ -114,6 +117,15 @@ def matrix(quick: bool, include_256: bool = False) -> list[Case]:
                 for mask in (False, True):
                     name = f"attention/d{d}-{dt}-qkv" + ("-mask" if mask else "") + "-t257"
                     cases.append(Case("attention", name, dict(d=d, dtype=dt, layout="qkv", mask=mask, t=257)))
+    # T = 77 as the model runs it: the Text VE's attention over CLIP / T5 tokens (8 heads; head dims 24/48/96 on the
+    # CLIP presets' widths 192/384/768, 32/64/128 on T5's 256/512/1024), masked, 16-bit, its separate W_Q/W_K/W_V
+    # projections viewed (B, T, H, D) -> (B, H, T, D) ("bthd"), forward and backward; then its sm_90 forward below.
+    t77 = () if quick else tuple(d for d in TEXT_VE_DIMS if d in dims)
+    for d in t77:
+        for dt in ("fp16", "bf16"):
+            name = f"attention/d{d}-{dt}-bthd-mask-t77"
+            cases.append(Case("attention", name, dict(d=d, dtype=dt, layout="bthd", mask=True, t=77,
+                                                      h=TEXT_VE_HEADS)))
     # The sm_90 forward (TMA + warp specialization), forced as on an sm_90 GPU: 16-bit, the model's fused-qkv layout,
     # compiled for the archs `auto` takes it on (`only_archs`: sm_90, and sm_100 up to 96 lanes); forward only (the
     # backward kernels are the ones of the cases above). T = 257 too (TMA bounds by the per-head row count).
@@ -124,6 +136,11 @@ def matrix(quick: bool, include_256: bool = False) -> list[Case]:
                     name = f"attention/d{d}-{dt}-qkv" + ("-mask" if mask else "") + (f"-t{t}" if t else "") + "-sm90"
                     cases.append(Case("attention", name, dict(d=d, dtype=dt, layout="qkv", mask=mask, fwd="sm90",
                                                               t=t, only_archs=_sm90_archs(d, mask))))
+    for d in t77:
+        for dt in ("fp16", "bf16"):
+            name = f"attention/d{d}-{dt}-bthd-mask-t77-sm90"
+            cases.append(Case("attention", name, dict(d=d, dtype=dt, layout="bthd", mask=True, fwd="sm90", t=77,
+                                                      h=TEXT_VE_HEADS, only_archs=_sm90_archs(d, True))))
     widths = (1152,) if quick else ADALN_WIDTHS
     for op in ("adaln_modulate", "gated_residual_adaln"):
         for c in widths:
@@ -221,7 +238,7 @@ def _drive(case: Case) -> None:
     if case.op == "attention":
         d = p["d"]
         h, t = ATTN_SHAPES[d]
-        t = p.get("t") or t
+        h, t = p.get("h") or h, p.get("t") or t
         if p["layout"] == "qkv":  # the model's fused projection: (B, T, 3, H, D) -> three (B, H, T, D) views
             q, k, v = (x.transpose(1, 2) for x in torch.empty(B, t, 3, h, d, dtype=dt).unbind(2))
         elif p["layout"] == "bthd":

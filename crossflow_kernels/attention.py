@@ -358,12 +358,16 @@ _PTXAS_SPILLS = {
         ("dkdv", 80, True, (32, 64, 4, 3)),
         ("dq", 80, True, (128, 64, 8, 3)),
         ("fused", 128, True, (32, 32, 4, 1)),
+        # The Text VE at T = 77, masked (B, T, H, D) views (2026-12-06: 4-60 B on 3.9, the 60 B one on 3.6 too):
+        ("dq", 64, True, (64, 16, 8, 2)),
+        ("dq", 96, True, (128, 64, 8, 3)),
     },
     90: {
         ("dq", 48, True, (32, 32, 8, 2)),  # fp32 (FMA), 4 B
         # T = 257, masked (2026-12-06, triton 3.9: 12 and 92 B at 255 registers):
         ("fwd", 80, True, (128, 128, 8, 3)),
         ("dkdv", 128, True, (64, 64, 8, 3)),
+        ("dkdv", 96, True, (64, 64, 8, 3)),  # T = 77 (the Text VE), masked: 8 B at 255 registers (3.9)
         # The fused backward (4-96 B, same measurements):
         ("fused", 48, None, (64, 32, 4, 2)),
         ("fused", 128, None, (64, 32, 4, 2)),
@@ -377,12 +381,17 @@ _PTXAS_SPILLS = {
         ("fwd", 80, True, (128, 128, 8, 3)),
         ("fwd", 128, True, (64, 32, 8, 2)),
         ("dkdv", 128, True, (64, 64, 8, 3)),
+        ("fused", 48, True, (64, 64, 8, 2)),  # T = 77 (the Text VE): 8 B (3.9)
     },
     120: {
         ("fwd", 80, True, (128, 64, 8, 3)),
         ("dkdv", 80, True, (32, 64, 4, 3)),
         ("dq", 80, True, (64, 32, 4, 3)),
         ("fused", 128, True, (32, 32, 8, 1)),
+        # T = 77 (the Text VE), masked: 20-40 B, 40 at 255 registers (3.9):
+        ("dkdv", 48, True, (32, 64, 4, 3)),
+        ("dkdv", 48, True, (32, 128, 8, 3)),
+        ("dq", 64, True, (64, 16, 8, 2)),
     },
 }
 # arch -> the spill tables its prune applies: sm_80 and sm_90 their own (the full matrix measured); sm_100 and sm_120,
@@ -1057,6 +1066,13 @@ def _bwd_kernel_for(q: torch.Tensor) -> str:
     return "fused"
 
 
+def _delta_block_m(lanes: int) -> int:
+    """Query rows per program of the delta kernel (not autotuned) at `lanes` padded head-dim lanes. 16 from 128 lanes
+    on: 64 and 32 rows x 128 lanes spilled 36 / 20 B on sm_100 (triton 3.9; T = 257); 32 from 64 lanes on: 64 rows x
+    64 lanes spilled 8 / 20 B on sm_100 (3.9; the Text VE at T = 77), 32 rows none on sm_80/90/100/120."""
+    return 16 if lanes >= 128 else 32 if lanes >= 64 else 64
+
+
 def _fused_starved(d: int, arch: int) -> bool:
     """Would the fused backward run on tiles far smaller than the split pair's? On sm_80 (any arch below 90) at the
     split head dims of 64+16 and 64+32 lanes only its 16-query tiles compile spill-free (`_spills`, measured), where
@@ -1087,8 +1103,7 @@ def _attention_bwd_op(
     m, mask_strides, constexprs = _meta(q, mask, unit)
     common = (*_units(q, unit), *_units(k, unit), *_units(v, unit), *_units(do, unit))
     tail = (h, tq, tk, scale, scale * _LOG2E, _bucket(tq), _bucket(tk), _bucket(b * h))
-    # 16 rows from 128 lanes on: 64 and 32 rows x 128 lanes spilled 36 / 20 B on sm_100 (triton 3.9; T = 257).
-    block_m = 16 if constexprs["D0"] + constexprs["D1"] >= 128 else 64
+    block_m = _delta_block_m(constexprs["D0"] + constexprs["D1"])
     grid_q = lambda meta: _grid(tq, meta["BLOCK_M"], b * h)  # noqa: E731
     grid_k = lambda meta: _grid(tk, meta["BLOCK_N"], b * h)  # noqa: E731
     split = {key: constexprs[key] for key in ("HEAD_DIM", "D0", "D1", "UNIT", "GRID_FOLD")}

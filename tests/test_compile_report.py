@@ -263,3 +263,27 @@ def test_ws_partitions_that_store_the_same_rows_fail():
                ws_shared_rows=["%o_d0[%start_m] x2"])
     assert problems(row) == ["WS partitions share rows %o_d0[%start_m] x2"]
     assert problems(dict(row, arch=120, spill_store_bytes=436, spill_load_bytes=436)) == []  # sm_120: report-only
+
+
+def test_matrix_runs_the_text_ve_at_t77():
+    # T = 77 as the model runs it: the Text VE's attention of every 77-token preset (CLIP and T5 widths), masked,
+    # 16-bit, its (B, T, H, D) views, and its sm_90 forward on the archs `auto` takes it on; not in the CI subset.
+    from benchmarks import compile_report as C
+    from crossflow.config import CONFIGS, CrossFlowConfig
+
+    dims, heads = set(), set()
+    for name in CONFIGS:
+        cfg = CrossFlowConfig.from_name(name)
+        if cfg.source == "text" and cfg.text_len == 77:
+            widths = ([cfg.ve_width] if cfg.ve_layers else []) + [cfg.ve_width >> i for i in range(cfg.ve_reductions)]
+            dims |= {w // cfg.ve_heads for w in widths}
+            heads.add(cfg.ve_heads)
+    assert dims == set(C.TEXT_VE_DIMS) and heads == {C.TEXT_VE_HEADS}
+    cases = {c.name: c.params for c in C.matrix(False)}
+    for d in C.TEXT_VE_DIMS:
+        for dt in ("fp16", "bf16"):
+            p = cases[f"attention/d{d}-{dt}-bthd-mask-t77"]
+            assert (p["t"], p["h"], p["mask"], p["layout"], p.get("fwd")) == (77, 8, True, "bthd", None)
+            p = cases[f"attention/d{d}-{dt}-bthd-mask-t77-sm90"]
+            assert (p["t"], p["fwd"], p["only_archs"]) == (77, "sm90", (90, 100) if d <= 32 else (90,))
+    assert not any("t77" in c.name for c in C.matrix(True))

@@ -439,7 +439,28 @@ _SPILL_REPORTS = ("2026-12-01_compile-report_triton-3.9.0.json",
                   "2026-12-02_compile-report_fused-bwd-tiles_triton-3.9.0+3.6.0.json",
                   # sm_100 / sm_120 and T = 257 (d72 / d128, 16-bit, masked fused qkv), before their exclusions:
                   "2026-12-06_compile-report_triton-3.9.0_attention-sm100-sm120-t257_pre-fix.json",
-                  "2026-12-06_compile-report_triton-3.6.0_attention-sm100-sm120-t257_pre-fix.json")
+                  "2026-12-06_compile-report_triton-3.6.0_attention-sm100-sm120-t257_pre-fix.json",
+                  # the Text VE's attention at T = 77 (masked (B, T, H, D) views, 16-bit), before its exclusions:
+                  "2026-12-06_compile-report_triton-3.9.0_attention-t77_pre-fix.json",
+                  "2026-12-06_compile-report_triton-3.6.0_attention-t77_pre-fix.json")
+
+
+def _spill_rows():
+    import json
+    from pathlib import Path
+    results = Path(__file__).resolve().parents[2] / "benchmarks/results"
+    return [r for name in _SPILL_REPORTS for r in json.loads((results / name).read_text())["rows"]
+            if not r.get("error") and r.get("spill_store_bytes")]
+
+
+def test_attention_delta_rows_avoid_measured_spills():
+    # The delta kernel is not autotuned: the launcher's rows per program (`_delta_block_m`) at each padded head dim
+    # must differ from every row count that spilled in a committed report (64 rows x 64 lanes on sm_100, T = 77).
+    spilled = {(r["constexprs"]["D0"] + r["constexprs"]["D1"], r["constexprs"]["BLOCK_M"]) for r in _spill_rows()
+               if r["kernel"].startswith("_attention_bwd_delta_kernel")}
+    assert (64, 64) in spilled
+    for lanes, block_m in spilled:
+        assert attn_mod._delta_block_m(lanes) != block_m, (lanes, block_m)
 
 
 def _measured_spills():
