@@ -559,14 +559,6 @@ class _ArithmeticTerms(argparse.Action):
         setattr(namespace, self.dest, (words[0], list(zip(words[1::2], words[2::2]))))
 
 
-def _shipped_sampling(preset: str) -> dict:
-    """The sampling.json of a shipped model (crossflow/weights/<preset>), for the help texts; {} if unreadable."""
-    try:
-        return json.loads((Path(__file__).resolve().parent / "weights" / preset / "sampling.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _common(p: argparse.ArgumentParser, default_model: str = "the shipped digits model",
             preset: str | None = "digits") -> None:
     """The options every sampling verb has; `preset`: the shipped model whose sampling.json the help quotes (None:
@@ -575,7 +567,9 @@ def _common(p: argparse.ArgumentParser, default_model: str = "the shipped digits
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="kernels backend; auto: Triton where it can run, else torch")
-    shipped = _shipped_sampling(preset) if preset else {}
+    from crossflow.config import SAMPLING  # torch-free; the shipped weights' sampling.json carries the same
+
+    shipped = SAMPLING.get(preset, {}) if preset else {}
 
     def default(key: str, fallback: str) -> str:
         own = f"; the shipped model's: {shipped[key]:g}" if key in shipped else ""
