@@ -8,6 +8,11 @@
     randomize       fixture: `randomize(dimr_model, generator)` makes every time-dependent parameter and the indicator
                     of a DiMR network matter, ours or the official oracle's (at init p0 == p1 and the blend is a no-op)
     one_thread      fixture: one intra-op thread for the test (small CPU models on a busy machine)
+    img2img_config  fixture: `img2img_config(preset)`, the `digits-sr` / `digits-vary` config at tiny widths (shapes and
+                    API, not quality)
+    img2img_checkpoints
+                    fixture (per module): {"digits-sr": dir, "digits-vary": dir}, untrained tiny models saved as the
+                    shipped ones are
     cli_fails       fixture: `cli_fails(argv, code)` runs `crossflow.cli.main(argv)` in-process, asserts it exits with
                     `code` after printing exactly one `crossflow: error:` line (no traceback); returns that line
 """
@@ -66,6 +71,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def img2img_config_(preset: str):
+    from crossflow.config import CrossFlowConfig
+
+    return CrossFlowConfig.from_name(preset, hidden_size=32, depth=1, num_heads=2, image_ve_width=8,
+                                     image_encoder_width=8, image_feature_dim=16)
+
+
+@pytest.fixture(scope="session")  # a pure function, as `perturb`
+def img2img_config():
+    return img2img_config_
+
+
+@pytest.fixture(scope="module")
+def img2img_checkpoints(tmp_path_factory):
+    """Untrained tiny digits-sr / digits-vary models, saved as the shipped ones are."""
+    from crossflow.models.model import CrossFlow
+
+    out = {}
+    for preset in ("digits-sr", "digits-vary"):
+        torch.manual_seed(0)
+        d = tmp_path_factory.mktemp(preset)
+        CrossFlow(img2img_config_(preset)).save_pretrained(d)
+        out[preset] = d
+    return out
 
 
 @pytest.fixture
