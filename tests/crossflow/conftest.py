@@ -1,7 +1,7 @@
 """Set-up shared by the crossflow tests.
 
     torch_backend   fixture: run the test on the torch kernels backend (`pytestmark = pytest.mark.usefixtures(...)`
-                    for a whole file); the Triton path is compared against it in test_parity.py
+                    for a whole file); the Triton path is compared against it in models/test_parity.py
     perturb         fixture: `perturb(module, std=0.1, everywhere=False)` gives the zero-initialised adaLN-Zero /
                     output weights N(0, std) values so every path carries signal (`everywhere=True`: adds N(0, std)
                     noise to every parameter, so a load that skips a tensor shows); returns the module
