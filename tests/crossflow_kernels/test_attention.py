@@ -14,9 +14,11 @@ import triton
 
 import crossflow_kernels
 from crossflow_kernels.attention import (
-    _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_fwd_kernel, _prepare, _split_head_dim,
-    _stride_unit, attention_ref, attention_triton,
+    _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_fwd_kernel, _prepare, _stride_unit, attention_ref,
+    attention_triton,
 )
+from crossflow_kernels import attention_tuning as tuning
+from crossflow_kernels.attention_tuning import _split_head_dim
 from crossflow_kernels.testing import assert_close_to_ref
 
 attn_mod = sys.modules["crossflow_kernels.attention"]  # `crossflow_kernels.attention` itself is the op, not this module
@@ -113,7 +115,7 @@ def fwd_kernel(request, monkeypatch):
 
 
 def _force_fwd(which, monkeypatch):
-    if which == "sm90" and torch.cuda.is_available() and not attn_mod._sm90_kernel_arch(
+    if which == "sm90" and torch.cuda.is_available() and not tuning._sm90_kernel_arch(
             torch.cuda.get_device_capability()):
         pytest.skip("the sm_90 forward runs on GPUs of capability 9.x and 10.x")
     monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, which)
@@ -190,7 +192,7 @@ def test_attention_bwd_kernel_choice(monkeypatch):
 def test_attention_fused_starved_corner():
     # auto keeps the split pair on pre-sm_90 GPUs at 64+16 / 64+32 lanes, where the fused kernel's prune leaves only
     # 16-query tiles; everywhere else (and on sm_90 always) the fused kernel runs.
-    starved = attn_mod._fused_starved
+    starved = tuning._fused_starved
     assert starved(72, 80) and starved(80, 86) and starved(96, 80)
     assert not any(starved(d, 90) for d in (24, 48, 64, 72, 80, 96, 128))
     assert not any(starved(d, 80) for d in (24, 48, 64, 128))
@@ -198,9 +200,9 @@ def test_attention_fused_starved_corner():
         d0, d1 = _split_head_dim(d)
         args = dict(D0=d0, D1=d1, HAS_MASK=True, DOT_PRECISION="tf32")
         configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
-                   for bm, bn, w, s in attn_mod._FUSED_TILES]
-        assert {c.kwargs["BLOCK_M"] for c in attn_mod._prune_for("fused", configs, args, 80)} == {16}
-        assert {c.kwargs["BLOCK_M"] for c in attn_mod._prune_for("fused", configs, args, 90)} == {64}
+                   for bm, bn, w, s in tuning._FUSED_TILES]
+        assert {c.kwargs["BLOCK_M"] for c in tuning._prune_for("fused", configs, args, 80)} == {16}
+        assert {c.kwargs["BLOCK_M"] for c in tuning._prune_for("fused", configs, args, 90)} == {64}
 
 
 def test_attention_deterministic_selects_split(device, monkeypatch):
@@ -235,10 +237,10 @@ def test_attention_sm90_prune(masked):
     # Tiles that fit sm_90's shared memory at every head dim the sm_90 forward takes; with a mask none with 128 keys
     # (Triton's warp specialization fails to compile it). Compiled spill-free: the compile report's check.
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
-               for bm, bn, w, s in attn_mod._FWD_SM90_TILES]
+               for bm, bn, w, s in tuning._FWD_SM90_TILES]
     for d in (24, 48, 64, 72, 80, 96, 128):
         d0, d1 = _split_head_dim(d)
-        kept = attn_mod._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=masked), 90)
+        kept = tuning._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=masked), 90)
         assert kept and all(c.kwargs["BLOCK_M"] >= 64 for c in kept)
         assert any(c.kwargs["BLOCK_N"] == 128 for c in kept) != masked
 
@@ -389,10 +391,10 @@ def test_attention_prune(kind, monkeypatch):
         args = dict(D0=d0, D1=d1)
         kept = _kept_tiles(kind, dict(args, DOT_PRECISION="tf32"), 90, monkeypatch)
         assert kept and all(_mma_m(kind, bm, bn) >= 64 for bm, bn, _, _ in kept)
-        assert not kept & set(attn_mod._FP32_TILES[kind])
+        assert not kept & set(tuning._FP32_TILES[kind])
         for arch in (90, 80, None):
             kept32 = _kept_tiles(kind, dict(args, DOT_PRECISION="ieee"), arch, monkeypatch)
-            assert kept32 and kept32 <= set(attn_mod._FP32_TILES[kind])
+            assert kept32 and kept32 <= set(tuning._FP32_TILES[kind])
 
 
 def _mma_m(kind, bm, bn):
@@ -413,16 +415,16 @@ class _FakeTarget:
 
 def _kept_tiles(kind, args, arch, monkeypatch):
     """Tiles the autotune prune keeps with `arch` as Triton's active target (None: no driver, as in the interpreter)."""
-    tiles = {"fwd": attn_mod._FWD_TILES, "dkdv": attn_mod._DKDV_TILES, "dq": attn_mod._DQ_TILES,
-             "fused": attn_mod._FUSED_TILES}[kind]
+    tiles = {"fwd": tuning._FWD_TILES, "dkdv": tuning._DKDV_TILES, "dq": tuning._DQ_TILES,
+             "fused": tuning._FUSED_TILES}[kind]
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
-               for bm, bn, w, s in [*tiles, *attn_mod._FP32_TILES[kind]]]
+               for bm, bn, w, s in [*tiles, *tuning._FP32_TILES[kind]]]
     with monkeypatch.context() as mp:
         mp.setattr(triton.runtime.driver, "_active", _FakeTarget(arch) if arch else None)
         if arch is None:  # the interpreter's state: no active driver at all
             mp.setattr(type(triton.runtime.driver), "default", property(lambda self: (_ for _ in ()).throw(
                 RuntimeError("0 active drivers"))))
-        kept = attn_mod._prune(kind)(configs, args)
+        kept = tuning._prune(kind)(configs, args)
     return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
 
 
@@ -460,7 +462,7 @@ def test_attention_delta_rows_avoid_measured_spills():
                if r["kernel"].startswith("_attention_bwd_delta_kernel")}
     assert (64, 64) in spilled
     for lanes, block_m in spilled:
-        assert attn_mod._delta_block_m(lanes) != block_m, (lanes, block_m)
+        assert tuning._delta_block_m(lanes) != block_m, (lanes, block_m)
 
 
 def _measured_spills():
@@ -759,7 +761,7 @@ def test_attention_many_heads_gpu(device):
 def test_attention_sm90_kernel_only_on_sm90_and_sm100():
     # auto takes the TMA / warp-specialized forward on Hopper and Blackwell datacenter parts only: compiled for sm_120
     # (RTX 50xx) it is an mma.sync kernel that spills and whose 128-row tiles need more than its 99 KB per block.
-    takes = attn_mod._sm90_kernel_arch
+    takes = tuning._sm90_kernel_arch
     assert takes((9, 0)) and takes((10, 0)) and takes((10, 3))
     assert not any(takes(c) for c in ((8, 0), (8, 6), (8, 9), (12, 0), (12, 1), (11, 0)))
 
@@ -768,15 +770,15 @@ def test_attention_sm90_kernel_only_on_sm90_and_sm100():
 def test_attention_prune_fits_each_archs_shared_memory(kind):
     # Each arch gets its own shared-memory budget: the 99 KB parts (sm_86, sm_89, sm_120) keep only tiles whose
     # estimate fits under 96 KB, sm_80/90/100 under 160 KB; an unknown arch the smallest.
-    assert attn_mod._smem_budget(120) == attn_mod._smem_budget(86) == attn_mod._smem_budget(None) == 96 * 1024
-    assert attn_mod._smem_budget(80) == attn_mod._smem_budget(90) == attn_mod._smem_budget(100) == 160 * 1024
-    tiles = {"fwd": attn_mod._FWD_TILES, "dkdv": attn_mod._DKDV_TILES, "dq": attn_mod._DQ_TILES,
-             "fused": attn_mod._FUSED_TILES}[kind]
+    assert tuning._smem_budget(120) == tuning._smem_budget(86) == tuning._smem_budget(None) == 96 * 1024
+    assert tuning._smem_budget(80) == tuning._smem_budget(90) == tuning._smem_budget(100) == 160 * 1024
+    tiles = {"fwd": tuning._FWD_TILES, "dkdv": tuning._DKDV_TILES, "dq": tuning._DQ_TILES,
+             "fused": tuning._FUSED_TILES}[kind]
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
     d0, d1 = _split_head_dim(128)
     args = dict(D0=d0, D1=d1, HAS_MASK=False, DOT_PRECISION="tf32")
-    kept120 = attn_mod._prune_for(kind, configs, args, 120)
-    kept90 = attn_mod._prune_for(kind, configs, args, 90)
+    kept120 = tuning._prune_for(kind, configs, args, 120)
+    kept90 = tuning._prune_for(kind, configs, args, 90)
     assert kept120 and kept90
     big = [c for c in kept90 if c not in kept120]
     if kind == "fwd":  # (128 + 3 * 2 * 128) * 128 * 2 B = 224 KB > 160 KB; (128 + 3 * 2 * 64) * 256 = 128 KB
@@ -786,14 +788,14 @@ def test_attention_prune_fits_each_archs_shared_memory(kind):
 def test_attention_sm90_prune_per_arch():
     # The sm_90 forward's prune knows each arch it runs on; its spill table is applied per arch (sm_100 at d128).
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
-               for bm, bn, w, s in attn_mod._FWD_SM90_TILES]
+               for bm, bn, w, s in tuning._FWD_SM90_TILES]
     assert all(c.kwargs["BLOCK_M"] >= 128 for c in configs)  # no 64-row tile: its two consumer groups did it twice
     for arch in (90, 100, None):
         for d in (24, 64, 72, 128):
             d0, d1 = _split_head_dim(d)
-            kept = attn_mod._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), arch)
+            kept = tuning._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), arch)
             dp = d0 + d1
-            spills = {(dp_, t) for a in ((arch,) if arch else (90, 100)) for dp_, m, t in attn_mod._SM90_SPILLS[a]
+            spills = {(dp_, t) for a in ((arch,) if arch else (90, 100)) for dp_, m, t in tuning._SM90_SPILLS[a]
                       if m is not True}
             tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
             assert not any((dp, t) in spills for t in tiles) or len(kept) == 1  # (1: the never-empty fallback)
@@ -802,12 +804,12 @@ def test_attention_sm90_prune_per_arch():
 def test_attention_sm90_kernel_lanes_per_arch():
     # sm_100 spills in every sm_90-kernel tile at 128 lanes (compile report): auto keeps the portable kernel there,
     # and the prune drops the measured spillers at 80/96 lanes.
-    assert attn_mod._SM90_MAX_LANES == {9: (128, 128), 10: (96, 32)}
+    assert tuning._SM90_MAX_LANES == {9: (128, 128), 10: (96, 32)}
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
-               for bm, bn, w, s in attn_mod._FWD_SM90_TILES]
+               for bm, bn, w, s in tuning._FWD_SM90_TILES]
     for d in (72, 80, 96):
         d0, d1 = _split_head_dim(d)
-        kept = attn_mod._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), 100)
+        kept = tuning._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), 100)
         assert (128, 64, 4, 3) not in [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                                        for c in kept]
-        assert len(attn_mod._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), 90)) == 3
+        assert len(tuning._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), 90)) == 3
