@@ -64,7 +64,7 @@ _LOG2E = 1.4426950408889634
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _check(q, k, v, scale, key_padding_mask) -> None:
+def _check(q, k, v, scale, key_padding_mask, key_lengths=None) -> None:
     name = "attention"
     check_float(name, q=q, k=k, v=v)
     for arg, t in dict(q=q, k=k, v=v).items():
@@ -90,6 +90,16 @@ def _check(q, k, v, scale, key_padding_mask) -> None:
             )
         if m.device != q.device:
             raise ValueError(f"{name}: key_padding_mask is on {m.device} but q is on {q.device}")
+    if key_lengths is not None:
+        n = key_lengths
+        if key_padding_mask is not None:
+            raise ValueError(f"{name}: pass key_padding_mask or key_lengths, not both")
+        if not isinstance(n, torch.Tensor) or n.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}: key_lengths must be an int32 or int64 tensor, got {getattr(n, 'dtype', type(n))}")
+        if n.shape != (k.shape[0],):
+            raise ValueError(f"{name}: key_lengths must be (B,) = ({k.shape[0]},), got {tuple(n.shape)}")
+        if n.device != q.device:
+            raise ValueError(f"{name}: key_lengths is on {n.device} but q is on {q.device}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -97,13 +107,22 @@ def _check(q, k, v, scale, key_padding_mask) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def lengths_mask(key_lengths: torch.Tensor, tk: int) -> torch.Tensor:
+    """The bool (B, Tk) key-padding mask of per-batch key lengths: key j of batch b attends iff j < key_lengths[b]
+    (so a length below 0 acts as 0, one above Tk as Tk)."""
+    return torch.arange(tk, device=key_lengths.device) < key_lengths[:, None]
+
+
 def attention_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-    key_padding_mask: torch.Tensor | None = None, upcast: bool = False,
+    key_padding_mask: torch.Tensor | None = None, upcast: bool = False, *, key_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Explicit-math reference. Scores and softmax in fp32 (fp64 for fp64 input); P·V in the input dtype (in that
-    compute dtype when `upcast`). Masked keys take no part, whatever values they hold (NaN and Inf included)."""
-    _check(q, k, v, scale, key_padding_mask)
+    compute dtype when `upcast`). Masked keys take no part, whatever values they hold (NaN and Inf included).
+    key_lengths is the prefix mask `lengths_mask(key_lengths, Tk)`."""
+    _check(q, k, v, scale, key_padding_mask, key_lengths)
+    if key_lengths is not None:
+        key_padding_mask = lengths_mask(key_lengths, k.shape[2])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32; fp64 stays fp64 (a high-precision oracle in tests)
     dtype = acc if upcast else q.dtype
@@ -183,8 +202,19 @@ def _block_and_head(N, BLOCK: tl.constexpr, GRID_FOLD: tl.constexpr):
 
 
 @triton.jit
+def _key_count(MASK_ROW, TK, KEY_LENS: tl.constexpr):
+    # Keys of this batch row that can take part: with KEY_LENS its length (MASK_ROW points at it: int32, clamped to
+    # [0, Tk] by the launcher), else all Tk. Loops end there and masks compare indices with it: no byte mask is read.
+    n = TK
+    if KEY_LENS:
+        n = tl.load(MASK_ROW)
+    return n
+
+
+@triton.jit
 def _keys_ok(MASK_ROW, cols, TK, stride_mt, HAS_MASK: tl.constexpr):
-    # A key takes part iff it exists (ragged tail) and, with a padding mask, is marked True.
+    # A key takes part iff it exists (ragged tail, or past the batch row's length: TK is `_key_count`'s) and, with a
+    # padding mask, is marked True.
     ok = cols < TK
     if HAS_MASK:
         ok = ok & (tl.load(MASK_ROW + cols * stride_mt, mask=ok, other=0) != 0)
@@ -211,8 +241,8 @@ def _recompute_p_ds(a0, a1, b0, b1, c0, c1, e0, e1, lse, delta, key_ok, qk_scale
     return p, ds
 
 
-# Tuned per (length buckets, grid bucket = B·H, head dim, mask, stride unit); the autotuner adds the dtypes itself.
-_TUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET", "HEAD_DIM", "HAS_MASK", "UNIT"]
+# Tuned per (length buckets, grid bucket = B·H, head dim, mask or key lengths, stride unit); the autotuner adds the dtypes itself.
+_TUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET", "HEAD_DIM", "HAS_MASK", "KEY_LENS", "UNIT"]
 _BUCKETS = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET"]
 
 
@@ -220,19 +250,19 @@ _BUCKETS = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET"]
 @triton.jit(do_not_specialize=_BUCKETS)
 def _attention_fwd_kernel(
     Q, K, V,  # (B, H, Tq|Tk, D), unit head-dim stride
-    MASK,  # uint8 view of the bool key_padding_mask (B, Tk); unused unless HAS_MASK
+    MASK,  # uint8 view of the bool key_padding_mask (B, Tk) with HAS_MASK; int32 key lengths (B,) with KEY_LENS
     OUT,  # (B, H, Tq, D) view of (B, Tq, H, D) memory
     LSE,  # fp32 (B, H, Tq): base-2 log-sum-exp of the scaled scores, +inf for rows with no key
     stride_qb, stride_qh, stride_qt,  # all row/head/batch strides in units of UNIT elements
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    stride_mb, stride_mt,  # mask strides, in elements
+    stride_mb, stride_mt,  # mask strides, in elements (lengths: 1, 0)
     H, TQ, TK,
     qk_scale,  # softmax scale * log2(e): scores come out of one multiply already in base 2
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,  # power-of-two buckets: autotune key only
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
+    HAS_MASK: tl.constexpr, KEY_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, pid_bh = _block_and_head(TQ, BLOCK_M, GRID_FOLD)
@@ -242,6 +272,7 @@ def _attention_fwd_kernel(
     V += (off_b * stride_vb + off_h * stride_vh) * UNIT
     OUT += (off_b * stride_ob + off_h * stride_oh) * UNIT
     MASK += off_b * stride_mb
+    n_keys = _key_count(MASK, TK, KEY_LENS)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < TQ
     offs_n = tl.arange(0, BLOCK_N)
@@ -251,9 +282,9 @@ def _attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(score - m_i)
     acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
     acc1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
-    for start_n in range(0, TK, BLOCK_N):
+    for start_n in range(0, n_keys, BLOCK_N):
         cols = start_n + offs_n
-        ok = _keys_ok(MASK, cols, TK, stride_mt, HAS_MASK)
+        ok = _keys_ok(MASK, cols, n_keys, stride_mt, HAS_MASK)
         # Missing and masked keys are loaded as zeros (whatever they hold) and scored -inf *before* the row max, so
         # they never win it and exp2 sends them to 0.
         k0, k1 = _load_rows(K, cols, ok, stride_kt, UNIT, HEAD_DIM, D0, D1)
@@ -294,19 +325,20 @@ def _tile_desc(BASE, rows, stride_t, UNIT: tl.constexpr, cols, BLOCK: tl.constex
 @triton.jit(do_not_specialize=_BUCKETS)
 def _attention_fwd_sm90_kernel(
     Q, K, V,  # (B, H, Tq|Tk, D), unit head-dim stride; base, rows and row strides on 16-byte boundaries
-    MASK,  # uint8 (B, Tk); unused unless HAS_MASK
+    MASK,  # uint8 (B, Tk) with HAS_MASK; int32 key lengths (B,) with KEY_LENS
     OUT,  # (B, H, Tq, D) view of (B, Tq, H, D) memory
     LSE,  # fp32 (B, H, Tq), as the portable kernel
     stride_qb, stride_qh, stride_qt,  # in units of UNIT elements (16 bytes)
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    stride_mb, stride_mt,  # mask strides, in elements
+    stride_mb, stride_mt,  # mask strides, in elements (lengths: 1, 0)
     H, TQ, TK,
     qk_scale,
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, GRID_FOLD: tl.constexpr,
+    HAS_MASK: tl.constexpr, KEY_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The same online softmax as `_attention_fwd_kernel`; only the data movement differs. One descriptor per head and
@@ -319,19 +351,25 @@ def _attention_fwd_sm90_kernel(
     V += (off_b * stride_vb + off_h * stride_vh) * UNIT
     OUT += (off_b * stride_ob + off_h * stride_oh) * UNIT
     MASK += off_b * stride_mb
+    n_keys = _key_count(MASK, TK, KEY_LENS)
+    # With key lengths the K/V descriptors end at the row's length: TMA zero-fills the keys past it (a NaN there is
+    # never read), so V needs no masking. At least one row: a descriptor of none is never loaded from (no iteration).
+    k_rows = TK
+    if KEY_LENS:
+        k_rows = tl.maximum(n_keys, 1)
     start_m = pid_m * BLOCK_M
     # Part 0 holds lanes [0, min(D, D0)), part 1 lanes [D0, D).
     W0: tl.constexpr = HEAD_DIM if D1 == 0 else D0
     q_d0 = _tile_desc(Q, TQ, stride_qt, UNIT, W0, BLOCK_M, D0)
-    k_d0 = _tile_desc(K, TK, stride_kt, UNIT, W0, BLOCK_N, D0)
-    v_d0 = _tile_desc(V, TK, stride_vt, UNIT, W0, BLOCK_N, D0)
+    k_d0 = _tile_desc(K, k_rows, stride_kt, UNIT, W0, BLOCK_N, D0)
+    v_d0 = _tile_desc(V, k_rows, stride_vt, UNIT, W0, BLOCK_N, D0)
     o_d0 = _tile_desc(OUT, TQ, stride_ot, UNIT, W0, BLOCK_M, D0)
     q0 = q_d0.load([start_m, 0])
     q1 = q0
     if D1 > 0:
         q_d1 = _tile_desc(Q + D0, TQ, stride_qt, UNIT, HEAD_DIM - D0, BLOCK_M, D1)
-        k_d1 = _tile_desc(K + D0, TK, stride_kt, UNIT, HEAD_DIM - D0, BLOCK_N, D1)
-        v_d1 = _tile_desc(V + D0, TK, stride_vt, UNIT, HEAD_DIM - D0, BLOCK_N, D1)
+        k_d1 = _tile_desc(K + D0, k_rows, stride_kt, UNIT, HEAD_DIM - D0, BLOCK_N, D1)
+        v_d1 = _tile_desc(V + D0, k_rows, stride_vt, UNIT, HEAD_DIM - D0, BLOCK_N, D1)
         o_d1 = _tile_desc(OUT + D0, TQ, stride_ot, UNIT, HEAD_DIM - D0, BLOCK_M, D1)
         q1 = q_d1.load([start_m, 0])
     offs_n = tl.arange(0, BLOCK_N)
@@ -339,9 +377,9 @@ def _attention_fwd_sm90_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
     acc1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
-    for start_n in tl.range(0, TK, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start_n in tl.range(0, n_keys, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = start_n + offs_n
-        ok = _keys_ok(MASK, cols, TK, stride_mt, HAS_MASK)
+        ok = _keys_ok(MASK, cols, n_keys, stride_mt, HAS_MASK)
         # TMA cannot skip rows: a masked key arrives with whatever it holds. Its score is replaced by -inf (a NaN
         # score included) and, with a mask, its V row by zeros (0 · NaN would still be NaN).
         k0 = k_d0.load([start_n, 0])
@@ -418,8 +456,8 @@ def _bwd_key_block(
     stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dqb, stride_dqh, stride_dqt,
     stride_mb, stride_mt, H, TQ, TK, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr,
-    GRID_FOLD: tl.constexpr,
+    KEY_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WITH_DQ: tl.constexpr, GRID_FOLD: tl.constexpr,
 ):
     # One program owns a block of keys and sweeps every query block: dV = Pᵀ dO, dK = scale · dSᵀ Q. WITH_DQ (the
     # fused backward) also adds each query block's dQ share scale · dS K into the fp32 accumulator DQ_ACC with
@@ -443,14 +481,20 @@ def _bwd_key_block(
 
     # Masked keys load as zeros and get P = dS = 0: their dK, dV are exactly 0 and they add exactly 0 to dQ; rows
     # past Tk are never stored.
-    ok = _keys_ok(MASK + off_b * stride_mb, cols, TK, stride_mt, HAS_MASK)
+    MASK += off_b * stride_mb
+    n_keys = _key_count(MASK, TK, KEY_LENS)
+    ok = _keys_ok(MASK, cols, n_keys, stride_mt, HAS_MASK)
     k0, k1 = _load_rows(K, cols, ok, stride_kt, UNIT, HEAD_DIM, D0, D1)
     v0, v1 = _load_rows(V, cols, ok, stride_vt, UNIT, HEAD_DIM, D0, D1)
     dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
     dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
     dv1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
-    for start_m in range(0, TQ, BLOCK_M):
+    # With key lengths a block wholly past the row's length sweeps no query: its dK, dV are the zeros stored below.
+    q_end = TQ
+    if KEY_LENS:
+        q_end = tl.where(pid_n * BLOCK_N < n_keys, TQ, 0)
+    for start_m in range(0, q_end, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < TQ
         q0, q1 = _load_rows(Q, rows, row_ok, stride_qt, UNIT, HEAD_DIM, D0, D1)
@@ -484,7 +528,7 @@ def _bwd_key_block(
 @triton.jit(do_not_specialize=_BUCKETS)
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DO,  # (B, H, T, D), unit head-dim stride
-    MASK,  # uint8 (B, Tk); unused unless HAS_MASK
+    MASK,  # uint8 (B, Tk) with HAS_MASK; int32 key lengths (B,) with KEY_LENS
     LSE, DELTA,  # fp32 (B, H, Tq) from the forward and the delta kernel
     DK, DV,  # (B, H, Tk, D) views of (B, Tk, H, D) memory, one layout for both
     stride_qb, stride_qh, stride_qt,  # in units of UNIT elements
@@ -497,7 +541,7 @@ def _attention_bwd_dkdv_kernel(
     sm_scale, qk_scale,
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
+    HAS_MASK: tl.constexpr, KEY_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The split backward's key-block half: dK and dV (DK stands in for the unused dQ accumulator).
@@ -505,14 +549,14 @@ def _attention_bwd_dkdv_kernel(
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                    stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dkb, stride_dkh,
                    stride_dkt, stride_mb, stride_mt, H, TQ, TK, sm_scale, qk_scale,
-                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, DOT_PRECISION, BLOCK_M, BLOCK_N, False, GRID_FOLD)
+                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, KEY_LENS, DOT_PRECISION, BLOCK_M, BLOCK_N, False, GRID_FOLD)
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit(do_not_specialize=_BUCKETS)
 def _attention_bwd_dq_kernel(
     Q, K, V, DO,  # (B, H, T, D), unit head-dim stride
-    MASK,  # uint8 (B, Tk); unused unless HAS_MASK
+    MASK,  # uint8 (B, Tk) with HAS_MASK; int32 key lengths (B,) with KEY_LENS
     LSE, DELTA,  # fp32 (B, H, Tq)
     DQ,  # (B, H, Tq, D) view of (B, Tq, H, D) memory
     stride_qb, stride_qh, stride_qt,  # in units of UNIT elements
@@ -525,7 +569,7 @@ def _attention_bwd_dq_kernel(
     sm_scale, qk_scale,
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
+    HAS_MASK: tl.constexpr, KEY_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program owns a block of queries and sweeps every key block: dQ = scale · dS K, dS = P ∘ (dO Vᵀ − delta).
@@ -537,6 +581,7 @@ def _attention_bwd_dq_kernel(
     DO += (off_b * stride_dob + off_h * stride_doh) * UNIT
     DQ += (off_b * stride_dqb + off_h * stride_dqh) * UNIT
     MASK += off_b * stride_mb
+    n_keys = _key_count(MASK, TK, KEY_LENS)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < TQ
     offs_n = tl.arange(0, BLOCK_N)
@@ -547,9 +592,9 @@ def _attention_bwd_dq_kernel(
     delta = tl.load(DELTA + pid_bh * TQ + rows, mask=row_ok, other=0.0)
     dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
     dq1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
-    for start_n in range(0, TK, BLOCK_N):
+    for start_n in range(0, n_keys, BLOCK_N):
         cols = start_n + offs_n
-        ok = _keys_ok(MASK, cols, TK, stride_mt, HAS_MASK)
+        ok = _keys_ok(MASK, cols, n_keys, stride_mt, HAS_MASK)
         k0, k1 = _load_rows(K, cols, ok, stride_kt, UNIT, HEAD_DIM, D0, D1)
         v0, v1 = _load_rows(V, cols, ok, stride_vt, UNIT, HEAD_DIM, D0, D1)
         _, ds = _recompute_p_ds(q0, q1, k0, k1, do0, do1, v0, v1, lse, delta, ok, qk_scale,
@@ -568,7 +613,7 @@ def _attention_bwd_dq_kernel(
 @triton.jit(do_not_specialize=_BUCKETS)
 def _attention_bwd_fused_kernel(
     Q, K, V, DO,  # (B, H, T, D), unit head-dim stride
-    MASK,  # uint8 (B, Tk); unused unless HAS_MASK
+    MASK,  # uint8 (B, Tk) with HAS_MASK; int32 key lengths (B,) with KEY_LENS
     LSE, DELTA,  # fp32 (B, H, Tq) from the forward and the preprocess
     DK, DV,  # (B, H, Tk, D) views of (B, Tk, H, D) memory, one layout for both
     DQ_ACC,  # fp32 (B, H, Tq, D) view of (B, Tq, H, D) memory, zeroed by the preprocess; receives scale · dS K
@@ -583,7 +628,7 @@ def _attention_bwd_fused_kernel(
     sm_scale, qk_scale,
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
+    HAS_MASK: tl.constexpr, KEY_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The fused backward: dK, dV and dQ's share from one sweep (`_bwd_key_block` with WITH_DQ).
@@ -591,7 +636,7 @@ def _attention_bwd_fused_kernel(
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                    stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dqb, stride_dqh,
                    stride_dqt, stride_mb, stride_mt, H, TQ, TK, sm_scale, qk_scale,
-                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, DOT_PRECISION, BLOCK_M, BLOCK_N, True, GRID_FOLD)
+                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, KEY_LENS, DOT_PRECISION, BLOCK_M, BLOCK_N, True, GRID_FOLD)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -625,16 +670,19 @@ def _units(t: torch.Tensor, unit: int) -> tuple[int, int, int]:
     return tuple(s // unit for s in _strides(t))
 
 
-def _meta(q: torch.Tensor, mask: torch.Tensor | None, unit: int):
-    """Kernel arguments shared by every launch: mask pointer/strides and the compile-time switches."""
+def _meta(q: torch.Tensor, mask: torch.Tensor | None, unit: int, lengths: torch.Tensor | None = None, tk: int = 0):
+    """Kernel arguments shared by every launch: mask (or key lengths) pointer/strides and the compile-time switches."""
     d = q.shape[3]
     fp32 = q.dtype == torch.float32
     d0, d1 = _split_head_dim(d)
-    # A bool tensor is one byte per element; the uint8 view is read as 0/1 without a copy.
-    m = mask.view(torch.uint8) if mask is not None else q
-    mask_strides = tuple(mask.stride()) if mask is not None else (0, 0)
+    if lengths is not None:  # int32 (B,) in [0, Tk]: out-of-range lengths are clamped (documented), no sync to check
+        m, mask_strides = lengths.clamp(0, tk).to(torch.int32), (1, 0)
+    else:
+        # A bool tensor is one byte per element; the uint8 view is read as 0/1 without a copy.
+        m = mask.view(torch.uint8) if mask is not None else q
+        mask_strides = tuple(mask.stride()) if mask is not None else (0, 0)
     constexprs = dict(
-        HEAD_DIM=d, D0=d0, D1=d1, UNIT=unit, HAS_MASK=mask is not None,
+        HEAD_DIM=d, D0=d0, D1=d1, UNIT=unit, HAS_MASK=mask is not None, KEY_LENS=lengths is not None,
         GRID_FOLD=q.shape[0] * q.shape[1] > MAX_GRID_Y,  # B·H past CUDA's grid y limit: a 1-D grid (`_grid`)
         DOT_PRECISION="ieee" if fp32 else "tf32",  # tf32 is ignored for fp16/bf16 operands
     )
@@ -717,7 +765,8 @@ def _row_units(t: torch.Tensor, unit: int) -> tuple[int, int, int]:
 
 @deferred_triton_op("crossflow_kernels::attention_fwd", mutates_args=())
 def _attention_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, lengths: torch.Tensor | None,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, tq, d = q.shape
     tk = k.shape[2]
@@ -727,7 +776,7 @@ def _attention_fwd_op(
     lse = q.new_empty(b, h, tq, dtype=torch.float32)
     o = out.transpose(1, 2)
     unit = _stride_unit(q, k, v, o)
-    m, mask_strides, constexprs = _meta(q, mask, unit)
+    m, mask_strides, constexprs = _meta(q, mask, unit, lengths, tk)
     grid = lambda meta: _grid(tq, meta["BLOCK_M"], b * h)  # noqa: E731
     which = _fwd_kernel_for(q, k, v, o, mask is not None)
     fwd_kernel_launches[which] += 1
@@ -776,7 +825,7 @@ def _bwd_kernel_for(q: torch.Tensor) -> str:
 @deferred_triton_op("crossflow_kernels::attention_bwd", mutates_args=())
 def _attention_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    mask: torch.Tensor | None, scale: float,
+    mask: torch.Tensor | None, lengths: torch.Tensor | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, tq, d = q.shape
     tk = k.shape[2]
@@ -791,7 +840,7 @@ def _attention_bwd_op(
     dq_, dk_, dv_ = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
     delta = torch.empty_like(lse)
     unit = _stride_unit(q, k, v, do, out, dq_, dk_)
-    m, mask_strides, constexprs = _meta(q, mask, unit)
+    m, mask_strides, constexprs = _meta(q, mask, unit, lengths, tk)
     common = (*_units(q, unit), *_units(k, unit), *_units(v, unit), *_units(do, unit))
     tail = (h, tq, tk, scale, scale * _LOG2E, _bucket(tq), _bucket(tk), _bucket(b * h))
     block_m = _delta_block_m(constexprs["D0"] + constexprs["D1"])
@@ -838,16 +887,16 @@ def _prepare(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def attention_fwd(q, k, v, scale: float, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_fwd(q, k, v, scale: float, mask=None, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out (B, H, Tq, D) as a view of (B, Tq, H, D) memory, lse fp32 (B, H, Tq) in base 2."""
-    out, lse = torch.ops.crossflow_kernels.attention_fwd(_prepare(q), _prepare(k), _prepare(v), mask, scale)
+    out, lse = torch.ops.crossflow_kernels.attention_fwd(_prepare(q), _prepare(k), _prepare(v), mask, lengths, scale)
     return out.transpose(1, 2), lse
 
 
-def attention_bwd(do, q, k, v, out, lse, scale: float, mask=None):
+def attention_bwd(do, q, k, v, out, lse, scale: float, mask=None, lengths=None):
     """-> dq, dk, dv, each (B, H, T, D) as a view of (B, T, H, D) memory."""
-    dq, dk, dv = torch.ops.crossflow_kernels.attention_bwd(_prepare(do.to(q.dtype)), _prepare(q), _prepare(k), _prepare(v), out,
-                                                 lse, mask, scale)
+    dq, dk, dv = torch.ops.crossflow_kernels.attention_bwd(_prepare(do.to(q.dtype)), _prepare(q), _prepare(k),
+                                                           _prepare(v), out, lse, mask, lengths, scale)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
@@ -858,30 +907,31 @@ def attention_bwd(do, q, k, v, out, lse, scale: float, mask=None):
 
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, mask):
+    def forward(ctx, q, k, v, scale, mask, lengths):
         q, k, v = _prepare(q), _prepare(k), _prepare(v)  # once here, so the backward reuses the same tensors
-        out, lse = attention_fwd(q, k, v, scale, mask)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
+        out, lse = attention_fwd(q, k, v, scale, mask, lengths)
+        ctx.save_for_backward(q, k, v, out, lse, mask, lengths)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(do, q, k, v, out, lse, ctx.scale, mask)
-        return dq, dk, dv, None, None
+        q, k, v, out, lse, mask, lengths = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, out, lse, ctx.scale, mask, lengths)
+        return dq, dk, dv, None, None, None
 
 
 def attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-    key_padding_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None, *, key_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v with the Triton kernels. q (B, H, Tq, D), k/v (B, H, Tk, D) -> (B, H, Tq, D)."""
-    _check(q, k, v, scale, key_padding_mask)
+    """softmax(q kᵀ · scale) v with the Triton kernels. q (B, H, Tq, D), k/v (B, H, Tk, D) -> (B, H, Tq, D).
+    key_lengths: int32/int64 (B,), key j of batch b attends iff j < key_lengths[b] (instead of a prefix mask)."""
+    _check(q, k, v, scale, key_padding_mask, key_lengths)
     check_kernel_dtype("attention", q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     register_triton_ops()
     # Empty B/H/Tq give empty results and Tk = 0 gives zeros: the launchers return those without a launch.
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return AttentionFunction.apply(q, k, v, scale, key_padding_mask)
-    return attention_fwd(q, k, v, scale, key_padding_mask)[0]
+        return AttentionFunction.apply(q, k, v, scale, key_padding_mask, key_lengths)
+    return attention_fwd(q, k, v, scale, key_padding_mask, key_lengths)[0]

@@ -15,7 +15,7 @@ import triton
 import crossflow_kernels
 from crossflow_kernels.attention import (
     _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_fwd_kernel, _prepare, _stride_unit, attention_ref,
-    attention_triton,
+    attention_triton, lengths_mask,
 )
 from crossflow_kernels import attention_tuning as tuning
 from crossflow_kernels.attention_tuning import _split_head_dim
@@ -75,18 +75,19 @@ def _mask(b, tk, device):
     return mask
 
 
-def _grads(fn, tensors, dtype, do, scale, mask):
+def _grads(fn, tensors, dtype, do, scale, mask, lengths=None):
     leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
-    out = fn(*leaves, scale=scale, key_padding_mask=mask)
+    extra = {} if lengths is None else dict(key_lengths=lengths)
+    out = fn(*leaves, scale=scale, key_padding_mask=mask, **extra)
     return (out, *torch.autograd.grad(out, leaves, do.to(dtype)))
 
 
-def _check_against_ref(q, k, v, do, scale=None, mask=None):
+def _check_against_ref(q, k, v, do, scale=None, mask=None, lengths=None):
     """Forward and dq, dk, dv of the Triton op vs the fp32 reference (and the same-dtype reference for fp16/bf16)."""
     dtype = q.dtype
-    got = _grads(attention_triton, (q, k, v), dtype, do, scale, mask)
-    ref32 = _grads(lambda *a, **kw: attention_ref(*a, **kw, upcast=True), (q, k, v), F32, do, scale, mask)
-    lowp = _grads(attention_ref, (q, k, v), dtype, do, scale, mask) if dtype != F32 else (None,) * 4
+    got = _grads(attention_triton, (q, k, v), dtype, do, scale, mask, lengths)
+    ref32 = _grads(lambda *a, **kw: attention_ref(*a, **kw, upcast=True), (q, k, v), F32, do, scale, mask, lengths)
+    lowp = _grads(attention_ref, (q, k, v), dtype, do, scale, mask, lengths) if dtype != F32 else (None,) * 4
     tol = TOL32 if dtype == F32 else {}
     for name, g, r, rl in zip(("out", "dq", "dk", "dv"), got, ref32, lowp):
         assert g.dtype == dtype and g.shape == r.shape
@@ -813,3 +814,134 @@ def test_attention_sm90_kernel_lanes_per_arch():
         assert (128, 64, 4, 3) not in [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                                        for c in kept]
         assert len(tuning._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), 90)) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# key_lengths: a per-batch key prefix, the Text VE's padding, with no byte mask in the kernels
+# ---------------------------------------------------------------------------------------------------------------------
+
+# (B, H, Tq, Tk, D, dtype): lengths 0, 1, Tk and one in between, one per batch row (B = 4); fp32 runs fp16 on sm90.
+LENGTH_CASES = [
+    (4, 2, 13, 77, 24, F32),
+    (4, 2, 77, 13, 48, F16),  # 32 + 16 lanes
+    (4, 1, 13, 77, 72, F16),  # 64 + 16 lanes
+    (4, 1, 7, 257, 16, F16),  # several key blocks past the length
+]
+
+
+def _lengths(b, tk, device):
+    return torch.tensor([0, 1, tk, tk // 2 + 1][:b], device=device)
+
+
+def _poison_past(k, v, lengths):
+    """k, v with NaN in every key past its batch row's length: such keys must take no part."""
+    drop = ~lengths_mask(lengths, k.shape[2])[:, None, :, None]
+    return k.masked_fill(drop, float("nan")), v.masked_fill(drop, float("nan"))
+
+
+@pytest.mark.parametrize("case", LENGTH_CASES, ids=lambda c: f"{c[0]}x{c[1]}-q{c[2]}-k{c[3]}-d{c[4]}-{str(c[5])[6:]}")
+def test_attention_key_lengths(case, device, kernel_paths):
+    b, h, tq, tk, d, dtype = case
+    if kernel_paths[0] == "sm90":
+        dtype = F16
+    q, k, v, do = (torch.randn(b, h, n, d, device=device, dtype=dtype) for n in (tq, tk, tk, tq))
+    lengths = _lengths(b, tk, device)
+    k, v = _poison_past(k, v, lengths)
+    before = _launch_counts()
+    out, dq, dk, dv = _check_against_ref(q, k, v, do, lengths=lengths)
+    _assert_ran(before, _expect_kernel(kernel_paths[0], dtype, d), kernel_paths[1])
+    for t in (out[0], dq[0], dk[0], dv[0]):  # length 0: zeros, no NaN, no gradient
+        assert torch.equal(t, torch.zeros_like(t))
+    keep = lengths_mask(lengths, tk)[:, None, :, None]
+    for t in (dk, dv):  # no gradient past the length
+        assert torch.equal(t.masked_fill(keep, 0), torch.zeros_like(t))
+    # The same numbers as the equivalent prefix mask (a NaN-free copy: the byte-mask kernels read the keys it drops).
+    clean_k, clean_v = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    masked = _grads(attention_triton, (q, clean_k, clean_v), dtype, do, None, lengths_mask(lengths, tk))
+    for name, g, m in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), masked):
+        torch.testing.assert_close(g, m, atol=1e-6 if dtype == F32 else 2e-3, rtol=1e-5 if dtype == F32 else 2e-3,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("layout", ["bthd", "qkv"])
+def test_attention_key_lengths_strided_layouts(layout, device, kernel_paths):
+    # The model's views (the Text VE's (B, T, H, D), DiT's fused qkv), read in place, int32 lengths.
+    b, t, h, d, dtype = 3, 77, 2, 24, F16
+    if layout == "bthd":
+        q, k, v = (torch.randn(b, t, h, d, device=device, dtype=dtype).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = torch.randn(b, t, 3, h, d, device=device, dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous() and all(_prepare(x) is x for x in (q, k, v))
+    lengths = torch.tensor([77, 5, 40], device=device, dtype=torch.int32)
+    do = torch.randn(b, t, h, d, device=device, dtype=dtype).transpose(1, 2)
+    before = _launch_counts()
+    _check_against_ref(q, k, v, do, lengths=lengths)
+    _assert_ran(before, _expect_kernel(kernel_paths[0], dtype, d), kernel_paths[1])
+
+
+def test_attention_key_lengths_are_clamped(device):
+    # Documented: a length below 0 acts as 0, one above Tk as Tk (checking would cost a device sync per call).
+    q, k, v = (torch.randn(3, 2, n, 16, device=device) for n in (5, 9, 9))
+    for dtype in (torch.int64, torch.int32):
+        wild, tame = (torch.tensor(x, device=device, dtype=dtype) for x in ([-3, 100, 2**31 - 1], [0, 9, 9]))
+        for fn in (attention_triton, attention_ref):
+            torch.testing.assert_close(fn(q, k, v, key_lengths=wild), fn(q, k, v, key_lengths=tame), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(key_padding_mask=torch.ones(2, 9, dtype=torch.bool)), "key_padding_mask or key_lengths, not both"),
+    (dict(key_lengths=torch.tensor([1.0, 2.0])), "key_lengths must be an int32 or int64 tensor"),
+    (dict(key_lengths=[3, 4]), "key_lengths must be an int32 or int64 tensor"),
+    (dict(key_lengths=torch.tensor([1, 2, 3])), r"key_lengths must be \(B,\) = \(2,\)"),
+    (dict(key_lengths=torch.tensor([[1], [2]])), r"key_lengths must be \(B,\)"),
+    (dict(key_lengths=torch.tensor([1, 2], device="meta")), "key_lengths is on meta"),
+], ids=["with-mask", "float", "list", "length", "rank", "device"])
+def test_attention_key_lengths_bad_inputs(over, match):
+    args = _bad(**over)
+    if "key_padding_mask" in over:
+        args["key_lengths"] = torch.tensor([3, 4])
+    for fn in (attention_triton, attention_ref, crossflow_kernels.attention):
+        with pytest.raises(ValueError, match=match):
+            fn(**args)
+
+
+def test_attention_key_lengths_compile_torch_backend_fullgraph():
+    q, k, v = (torch.randn(2, 2, n, 24) for n in (7, 9, 9))
+    lengths = torch.tensor([9, 3])
+
+    def fn(q, k, v, lengths):
+        return crossflow_kernels.attention(q, k, v, key_lengths=lengths)
+
+    with crossflow_kernels.use_backend("torch"):
+        out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, lengths)
+    torch.testing.assert_close(out, attention_ref(q, k, v, key_lengths=lengths))
+
+
+def test_attention_key_lengths_dispatch_counts(device):
+    q, k, v = (torch.randn(2, 2, n, 16, device=device) for n in (5, 9, 9))
+    lengths = torch.tensor([9, 2], device=device)
+    crossflow_kernels.reset_dispatch_counts()
+    with crossflow_kernels.use_routing(False):
+        crossflow_kernels.attention(q, k, v, key_lengths=lengths)
+    with crossflow_kernels.use_backend("torch"):
+        crossflow_kernels.attention(q, k, v, key_lengths=lengths)
+    assert crossflow_kernels.dispatch_counts() == {("attention", "triton"): 1, ("attention", "torch"): 1}
+
+
+@pytest.mark.gpu
+def test_attention_key_lengths_compile_triton_fullgraph(device, fwd_kernel):
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(2, 4, 77, 24, device=device, dtype=F16, requires_grad=True) for _ in range(3))
+    lengths = torch.tensor([77, 12], device=device)
+
+    def fn(q, k, v):
+        return crossflow_kernels.attention(q, k, v, key_lengths=lengths).float().square().sum()
+
+    with crossflow_kernels.use_backend("triton"):
+        eager = fn(q, k, v)
+        g_eager = torch.autograd.grad(eager, (q, k, v))
+        compiled = torch.compile(fn, fullgraph=True)(q, k, v)
+        g_compiled = torch.autograd.grad(compiled, (q, k, v))
+    torch.testing.assert_close(compiled, eager, atol=1e-2, rtol=1e-2)
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
