@@ -945,3 +945,35 @@ def test_attention_key_lengths_compile_triton_fullgraph(device, fwd_kernel):
     torch.testing.assert_close(compiled, eager, atol=1e-2, rtol=1e-2)
     for a, b in zip(g_compiled, g_eager):
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
+_LENS_REPORTS = ("2026-12-06_compile-report_triton-3.9.0_attention-lens.json",
+                 "2026-12-06_compile-report_triton-3.6.0_attention-lens.json")
+
+
+@pytest.mark.parametrize("name", _LENS_REPORTS)
+def test_attention_key_lengths_compiled_kernels_read_no_byte_mask(name):
+    # The committed compile reports of the `-lens` cases (the KEY_LENS kernels, every kept config, sm_80/90/100/120):
+    # MASK (the int32 lengths) is read with 4-byte loads only, never a byte, and no kept config spills; the sm_90
+    # forward is compiled warp-specialized with TMA on sm_90 and sm_100, its 128-key tile included (the byte mask
+    # closed it). The masked cases of the same day do read the mask byte by byte.
+    import json
+    from pathlib import Path
+    results = Path(__file__).resolve().parents[2] / "benchmarks/results"
+    rows = [r for r in json.loads((results / name).read_text())["rows"] if "-lens" in r["case"]]
+    assert rows and not any(r.get("error") for r in rows)
+    for r in rows:
+        reads = [a for a in r["accesses"] if "MASK" in a["args"]]
+        if r["kernel"].startswith("_attention_bwd_delta_kernel"):
+            assert not reads
+            continue
+        assert r["constexprs"]["KEY_LENS"] and not r["constexprs"]["HAS_MASK"], r["case"]
+        assert reads and all(a["bytes"] == 4 and a["kind"] == "ld" for a in reads), (r["case"], r["kernel"], reads)
+        assert r["spill_store_bytes"] == 0 or r["arch"] == 120, (r["case"], r["kernel"], r["arch"], r["config"])
+    sm90 = [r for r in rows if r["kernel"] == "_attention_fwd_sm90_kernel"]
+    assert {r["arch"] for r in sm90} == {90, 100}
+    assert all(r["warp_specialized"] and r["ptx"]["tma_load"] for r in sm90)
+    assert any(r["config"]["BLOCK_N"] == 128 for r in sm90 if r["arch"] == 90)
+    masked = json.loads((results / "2026-12-06_compile-report_triton-3.9.0_attention-t77.json").read_text())["rows"]
+    assert any(a["bytes"] == 1 for r in masked if r["kernel"] == "_attention_fwd_sm90_kernel"
+               for a in r["accesses"] if "MASK" in a["args"])
