@@ -25,6 +25,8 @@ REPORTS = {
     "t77-3.6": "2026-12-06_compile-report_triton-3.6.0_attention-t77_pre-fix.json",
     "sm100-3.9": "2026-12-06_compile-report_triton-3.9.0_sm90-forward-sm100_pre-fix.json",
     "sm100-3.6": "2026-12-06_compile-report_triton-3.6.0_sm90-forward-sm100_pre-fix.json",
+    "lens-3.9": "2026-12-06_compile-report_triton-3.9.0_attention-lens_pre-fix.json",  # key lengths, T = 77 / 257
+    "lens-3.6": "2026-12-06_compile-report_triton-3.6.0_attention-lens_pre-fix.json",
 }
 
 def _split_head_dim(d: int) -> tuple[int, int]:
@@ -77,7 +79,8 @@ def _prune_for(kind: str, configs, args: dict, arch: int | None) -> list:
     """`_prune(kind)` for an explicit target arch (None: unknown, the union of every arch's exclusions)."""
     dp, split = args["D0"] + args["D1"], args["D1"] > 0
     fp32 = args["DOT_PRECISION"] == "ieee"  # "ieee" is used exactly for fp32 inputs
-    masked = args.get("HAS_MASK")  # None (not given): match masked and unmasked exclusions alike
+    # None (not given): match masked and unmasked exclusions alike; key lengths: "lens" (`_mask_matches`)
+    masked = "lens" if args.get("KEY_LENS") else args.get("HAS_MASK")
     archs = _SPILL_ARCHS.get(arch, tuple(_PTXAS_SPILLS))
     elt = 4 if fp32 else 2
     fits, fast = [], []
@@ -112,10 +115,16 @@ def _prune_for(kind: str, configs, args: dict, arch: int | None) -> list:
     return fast or fits or [configs[-1]]
 
 
-def _spills(arch: int, kind: str, dp: int, split: bool, masked: bool | None, tile: tuple) -> bool:
+def _mask_matches(m, masked) -> bool:
+    """Does a table entry's mask class `m` (True, False, "lens" or None: any) apply to a launch's (`masked`: True,
+    False, "lens", or None: unknown)? The key-lengths kernels read no mask: unmasked entries apply to them too."""
+    return m is None or masked is None or m == masked or (masked == "lens" and m is False)
+
+
+def _spills(arch: int, kind: str, dp: int, split: bool, masked, tile: tuple) -> bool:
     """Did ptxas for sm_<arch> spill this tile although it is within budget (measured)?"""
     for k, d, m, t in _PTXAS_SPILLS[arch]:
-        if k == kind and d in (dp, None) and t == tile and (m is None or masked is None or m == masked):
+        if k == kind and d in (dp, None) and t == tile and _mask_matches(m, masked):
             return True
     # sm_80, split head dims: the dK/dV 64-row 8-warp tile spills 12 B (any mask; REPORTS["full-3.9"]).
     if arch == 80 and kind == "dkdv" and split and tile[0] == 64 and tile[2] == 8:
@@ -130,7 +139,8 @@ def _spills(arch: int, kind: str, dp: int, split: bool, masked: bool | None, til
 
 # fp32 values per thread, per kernel, for 16-bit inputs.
 _REG_BUDGET = {"fwd": 192, "dkdv": 160, "dq": 224, "fused": 208}
-# arch -> (kind, padded head dim or None for any, HAS_MASK or None for either, tile) where ptxas spills a few to 92
+# arch -> (kind, padded head dim or None for any, mask class (True / False / "lens": key lengths) or None for any,
+# tile) where ptxas spills a few to 92
 # bytes although the tile is within budget, measured (compile report of 2026-12-01, triton 3.9, and 3.6's ptxas 12.8).
 # sm_80 caps registers for occupancy or runs out of its 255 where sm_90's wgmma keeps the accumulators elsewhere: the
 # forward's 64x64 4-warp tile (4 B at 96-168 registers, head dims 32-96), and the masked kernels, which hold the mask
@@ -183,6 +193,7 @@ _PTXAS_SPILLS = {
         # The Text VE at T = 77, masked (B, T, H, D) views (2026-12-06: 4-60 B on 3.9, the 60 B one on 3.6 too):
         ("dq", 64, True, (64, 16, 8, 2)): "t77-3.9",
         ("dq", 96, True, (128, 64, 8, 3)): "t77-3.9",
+        ("dkdv", 64, "lens", (64, 64, 8, 3)): "lens-3.6",  # key lengths, T = 77: 8 B at 255 registers (3.6)
     },
     90: {
         ("dq", 48, True, (32, 32, 8, 2)): "full-3.9",  # fp32 (FMA), 4 B
@@ -196,6 +207,8 @@ _PTXAS_SPILLS = {
         ("fused", 48, True, (16, 32, 4, 1)): "fused-tiles",
         ("fused", 64, True, (16, 32, 4, 1)): "fused-tiles",
         ("fused", 32, False, (16, 16, 4, 1)): "fused-tiles",  # fp32 (FMA), 16 B at head dim 32 (not 24)
+        # Key lengths (T = 77 and 257, 16-bit, 2026-12-06: 88 B at 255 registers, 3.9):
+        ("dkdv", 128, "lens", (64, 64, 8, 3)): "lens-3.9",
     },
     # Measured on the subset d72/d128, 16-bit, fused qkv with a mask, T = 256 and 257 (2026-12-06, 3.6 and 3.9):
     # 4-112 B, nearly all at 255 registers.
@@ -204,6 +217,14 @@ _PTXAS_SPILLS = {
         ("fwd", 128, True, (64, 32, 8, 2)): "t257-3.6",
         ("dkdv", 128, True, (64, 64, 8, 3)): "t257-3.6",
         ("fused", 48, True, (64, 64, 8, 2)): "t77-3.9",  # T = 77 (the Text VE): 8 B (3.9)
+        # Key lengths (T = 77 and 257, 16-bit, 2026-12-06: 4-12 B at 128 registers, 3.9):
+        ("fused", 48, "lens", (64, 64, 8, 2)): "lens-3.9",
+        ("fwd", 64, "lens", (128, 64, 8, 3)): "lens-3.9",
+        ("dq", 128, "lens", (128, 64, 8, 3)): "lens-3.9",
+        ("dkdv", 80, "lens", (32, 128, 8, 3)): "lens-3.9",
+        ("fwd", 96, "lens", (128, 64, 8, 3)): "lens-3.6",  # 4-12 B on 3.6
+        ("dkdv", 96, "lens", (32, 64, 8, 2)): "lens-3.6",
+        ("fused", 128, "lens", (64, 64, 8, 2)): "lens-3.6",
     },
     120: {
         ("fwd", 80, True, (128, 64, 8, 3)): "t257-3.9",
@@ -214,6 +235,14 @@ _PTXAS_SPILLS = {
         ("dkdv", 48, True, (32, 64, 4, 3)): "t77-3.9",
         ("dkdv", 48, True, (32, 128, 8, 3)): "t77-3.9",
         ("dq", 64, True, (64, 16, 8, 2)): "t77-3.9",
+        # Key lengths (T = 77 and 257, 16-bit, 2026-12-06: 16-128 B at 255 registers, 3.9):
+        ("dkdv", 64, "lens", (64, 64, 8, 3)): "lens-3.9",
+        ("dq", 64, "lens", (128, 32, 4, 3)): "lens-3.9",
+        ("dq", 96, "lens", (64, 64, 4, 3)): "lens-3.9",
+        ("dq", 80, "lens", (128, 32, 4, 3)): "lens-3.9",
+        ("dq", 80, "lens", (64, 64, 4, 3)): "lens-3.9",
+        ("fwd", 128, "lens", (64, 32, 8, 2)): "lens-3.6",  # 8-28 B on 3.6
+        ("dq", 128, "lens", (64, 32, 4, 3)): "lens-3.6",
     },
 }
 # arch -> the spill tables its prune applies: sm_80 and sm_90 their own (the full matrix measured); sm_100 and sm_120,
@@ -320,8 +349,8 @@ def _prune_sm90_for(configs, args: dict, arch: int | None) -> list:
         # for producer commit", triton 3.6 and 3.9, every head dim).
         if args.get("HAS_MASK", True) and bn > 64:
             continue
-        masked = args.get("HAS_MASK")
-        if any(d == dp and t == tile and (m is None or masked is None or m == masked)
+        masked = "lens" if args.get("KEY_LENS") else args.get("HAS_MASK")
+        if any(d == dp and t == tile and _mask_matches(m, masked)
                for a in archs for d, m, t in _SM90_SPILLS[a]):
             continue
         fits.append(c)

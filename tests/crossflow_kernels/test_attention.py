@@ -445,7 +445,10 @@ _SPILL_REPORTS = ("2026-12-01_compile-report_triton-3.9.0.json",
                   "2026-12-06_compile-report_triton-3.6.0_attention-sm100-sm120-t257_pre-fix.json",
                   # the Text VE's attention at T = 77 (masked (B, T, H, D) views, 16-bit), before its exclusions:
                   "2026-12-06_compile-report_triton-3.9.0_attention-t77_pre-fix.json",
-                  "2026-12-06_compile-report_triton-3.6.0_attention-t77_pre-fix.json")
+                  "2026-12-06_compile-report_triton-3.6.0_attention-t77_pre-fix.json",
+                  # key lengths (the KEY_LENS kernels), T = 77 and 257, before their exclusions:
+                  "2026-12-06_compile-report_triton-3.9.0_attention-lens_pre-fix.json",
+                  "2026-12-06_compile-report_triton-3.6.0_attention-lens_pre-fix.json")
 
 
 def _spill_rows():
@@ -478,6 +481,7 @@ def _measured_spills():
             continue
         ce, c = r["constexprs"], r["config"]
         args = {k: ce[k] for k in ("D0", "D1", "HAS_MASK", "DOT_PRECISION")}
+        args["KEY_LENS"] = ce.get("KEY_LENS", False)
         out.append((r["arch"], _KERNEL_KIND[r["kernel"]], args, (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"],
                                                                    c["num_stages"])))
     return out

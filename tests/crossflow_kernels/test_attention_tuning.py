@@ -21,13 +21,14 @@ _UNRECORDED = {(80, "dkdv", 80, None, (32, 64, 8, 2))}
 
 @cache
 def _spilling_rows(name: str) -> list[tuple]:
-    """(arch, kind, padded head dim, HAS_MASK, tile) of every attention config that spilled in report `name`."""
+    """(arch, kind, padded head dim, mask class (HAS_MASK, or "lens"), tile) of every attention config that spilled in report `name`."""
     out = []
     for r in json.loads((RESULTS / name).read_text())["rows"]:
         if r.get("error") or not r.get("spill_store_bytes") or r["kernel"] not in _KIND:
             continue
         ce, c = r["constexprs"], r["config"]
-        out.append((r["arch"], _KIND[r["kernel"]], ce["D0"] + ce["D1"], ce.get("HAS_MASK"),
+        mask = "lens" if ce.get("KEY_LENS") else ce.get("HAS_MASK")
+        out.append((r["arch"], _KIND[r["kernel"]], ce["D0"] + ce["D1"], mask,
                     (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"])))
     return out
 
