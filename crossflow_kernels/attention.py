@@ -95,7 +95,8 @@ def _check(q, k, v, scale, key_padding_mask, key_lengths=None) -> None:
         if key_padding_mask is not None:
             raise ValueError(f"{name}: pass key_padding_mask or key_lengths, not both")
         if not isinstance(n, torch.Tensor) or n.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name}: key_lengths must be an int32 or int64 tensor, got {getattr(n, 'dtype', type(n))}")
+            got = getattr(n, "dtype", type(n))
+            raise ValueError(f"{name}: key_lengths must be an int32 or int64 tensor, got {got}")
         if n.shape != (k.shape[0],):
             raise ValueError(f"{name}: key_lengths must be (B,) = ({k.shape[0]},), got {tuple(n.shape)}")
         if n.device != q.device:
@@ -241,7 +242,8 @@ def _recompute_p_ds(a0, a1, b0, b1, c0, c1, e0, e1, lse, delta, key_ok, qk_scale
     return p, ds
 
 
-# Tuned per (length buckets, grid bucket = B·H, head dim, mask or key lengths, stride unit); the autotuner adds the dtypes itself.
+# Tuned per (length buckets, grid bucket = B·H, head dim, mask or key lengths, stride unit); the autotuner adds the
+# dtypes itself.
 _TUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET", "HEAD_DIM", "HAS_MASK", "KEY_LENS", "UNIT"]
 _BUCKETS = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET"]
 

@@ -317,7 +317,8 @@ def _explicit_file() -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def route(q, k, v, scale=None, key_padding_mask=None, *, key_lengths=None) -> tuple[str, Callable[..., torch.Tensor]] | None:
+def route(q, k, v, scale=None, key_padding_mask=None, *,
+          key_lengths=None) -> tuple[str, Callable[..., torch.Tensor]] | None:
     """(backend name, callable) when the table routes this call to SDPA, else None (ours runs). Calls with
     `key_lengths` are never routed: the tables measure ours with a byte mask, slower than ours with lengths."""
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4):

@@ -27,6 +27,8 @@ REPORTS = {
     "sm100-3.6": "2026-12-06_compile-report_triton-3.6.0_sm90-forward-sm100_pre-fix.json",
     "lens-3.9": "2026-12-06_compile-report_triton-3.9.0_attention-lens_pre-fix.json",  # key lengths, T = 77 / 257
     "lens-3.6": "2026-12-06_compile-report_triton-3.6.0_attention-lens_pre-fix.json",
+    # the same after the exclusions above: sm_100's fused d128 backward fell back to 32x32 tiles, which spilled
+    "lens-3.6b": "2026-12-06_compile-report_triton-3.6.0_attention-lens_pre-fix-2.json",
 }
 
 def _split_head_dim(d: int) -> tuple[int, int]:
@@ -225,6 +227,8 @@ _PTXAS_SPILLS = {
         ("fwd", 96, "lens", (128, 64, 8, 3)): "lens-3.6",  # 4-12 B on 3.6
         ("dkdv", 96, "lens", (32, 64, 8, 2)): "lens-3.6",
         ("fused", 128, "lens", (64, 64, 8, 2)): "lens-3.6",
+        ("fused", 128, "lens", (32, 32, 8, 1)): "lens-3.6b",  # 8-20 B (3.6)
+        ("fused", 128, "lens", (32, 32, 4, 1)): "lens-3.6b",
     },
     120: {
         ("fwd", 80, True, (128, 64, 8, 3)): "t257-3.9",
@@ -283,8 +287,9 @@ _FUSED_TILES = [(64, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 8, 2),
 _DQ_TILES = [(64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 16, 4, 2), (64, 16, 8, 2),
              (32, 16, 4, 1), (32, 16, 8, 1)]
 # fp32 tile -> the padded head dims (D0 + D1) at which it compiled spill-free on sm_90 and sm_80 (triton 3.9 at all
-# of _MEASURED, 3.6 at 32/64/80/128: REPORTS["full-3.9"], ["full-3.6"], ["fused-tiles"]). ptxas's occupancy heuristic spills a few bytes at scattered widths (the 32x32
-# forward tile at 64+16 on 3.6), so the sets are measured, not derived; other widths fall back to the last tile.
+# of _MEASURED, 3.6 at 32/64/80/128: REPORTS["full-3.9"], ["full-3.6"], ["fused-tiles"]). ptxas's occupancy
+# heuristic spills a few bytes at scattered widths (the 32x32 forward tile at 64+16 on 3.6), so the sets are measured,
+# not derived; other widths fall back to the last tile.
 _MEASURED = frozenset({32, 48, 64, 80, 96, 128, 256})
 _FP32_TILES = {
     "fwd": {(32, 32, 8, 2): _MEASURED - {80}, (16, 16, 4, 1): _MEASURED},

@@ -448,7 +448,8 @@ _SPILL_REPORTS = ("2026-12-01_compile-report_triton-3.9.0.json",
                   "2026-12-06_compile-report_triton-3.6.0_attention-t77_pre-fix.json",
                   # key lengths (the KEY_LENS kernels), T = 77 and 257, before their exclusions:
                   "2026-12-06_compile-report_triton-3.9.0_attention-lens_pre-fix.json",
-                  "2026-12-06_compile-report_triton-3.6.0_attention-lens_pre-fix.json")
+                  "2026-12-06_compile-report_triton-3.6.0_attention-lens_pre-fix.json",
+                  "2026-12-06_compile-report_triton-3.6.0_attention-lens_pre-fix-2.json")
 
 
 def _spill_rows():
@@ -972,7 +973,9 @@ def test_attention_key_lengths_compiled_kernels_read_no_byte_mask(name):
             assert not reads
             continue
         assert r["constexprs"]["KEY_LENS"] and not r["constexprs"]["HAS_MASK"], r["case"]
-        assert reads and all(a["bytes"] == 4 and a["kind"] == "ld" for a in reads), (r["case"], r["kernel"], reads)
+        assert all(a["bytes"] == 4 and a["kind"] == "ld" for a in reads), (r["case"], r["kernel"], reads)
+        assert reads or r["kernel"] == "_attention_fwd_sm90_kernel"  # (3.6: its partitions' loads go unattributed)
+        assert not r["ptx"]["ld_global"].get("1"), (r["case"], r["kernel"], r["ptx"])  # no byte load at all
         assert r["spill_store_bytes"] == 0 or r["arch"] == 120, (r["case"], r["kernel"], r["arch"], r["config"])
     sm90 = [r for r in rows if r["kernel"] == "_attention_fwd_sm90_kernel"]
     assert {r["arch"] for r in sm90} == {90, 100}

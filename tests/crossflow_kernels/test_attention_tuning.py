@@ -21,7 +21,8 @@ _UNRECORDED = {(80, "dkdv", 80, None, (32, 64, 8, 2))}
 
 @cache
 def _spilling_rows(name: str) -> list[tuple]:
-    """(arch, kind, padded head dim, mask class (HAS_MASK, or "lens"), tile) of every attention config that spilled in report `name`."""
+    """(arch, kind, padded head dim, mask class (HAS_MASK, or "lens"), tile) of every attention config that spilled
+    in report `name`."""
     out = []
     for r in json.loads((RESULTS / name).read_text())["rows"]:
         if r.get("error") or not r.get("spill_store_bytes") or r["kernel"] not in _KIND:
