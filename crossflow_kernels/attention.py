@@ -4,6 +4,9 @@ Shapes: q (B, H, Tq, D), k and v (B, H, Tk, D); Tq may differ from Tk; any T (ra
 tokens, 257 image+indicator tokens); any head dim 1 <= D <= 256 (24/48 in the Text VE, 72 in DiT-XL).
 key_padding_mask: optional bool (B, Tk), True = attend; a masked key takes no part whatever it holds (NaN, Inf). A
 query row whose keys are all masked returns zeros (not NaN) and passes no gradient. scale defaults to 1/sqrt(D).
+key_lengths: optional int32/int64 (B,) instead of a mask (not both): key j of batch b attends iff j < key_lengths[b]
+(clamped to [0, Tk]). The kernels' KEY_LENS variant reads no byte mask: loops end at the length, tiles compare
+indices, and the sm_90 forward's K/V descriptors end there (TMA zero-fills what lies past it).
 
 Kernels (FlashAttention-2 style): the forward streams key blocks through an online softmax in base 2 (scale·log2(e)
 folded into one multiply), fp32 statistics and accumulators, and stores the per-row log-sum-exp for the backward. The
