@@ -4,6 +4,9 @@ Shapes: q (B, H, Tq, D), k and v (B, H, Tk, D); Tq may differ from Tk; any T (ra
 tokens, 257 image+indicator tokens); any head dim 1 <= D <= 256 (24/48 in the Text VE, 72 in DiT-XL).
 key_padding_mask: optional bool (B, Tk), True = attend; a masked key takes no part whatever it holds (NaN, Inf). A
 query row whose keys are all masked returns zeros (not NaN) and passes no gradient. scale defaults to 1/sqrt(D).
+key_lengths: optional int32/int64 (B,) instead of a mask (not both): key j of batch b attends iff j < key_lengths[b]
+(clamped to [0, Tk]). The kernels' KEY_LENS variant reads no byte mask: loops end at the length, tiles compare
+indices, and the sm_90 forward's K/V descriptors end there (TMA zero-fills what lies past it).
 
 Kernels (FlashAttention-2 style): the forward streams key blocks through an online softmax in base 2 (scale·log2(e)
 folded into one multiply), fp32 statistics and accumulators, and stores the per-row log-sum-exp for the backward. The
@@ -48,8 +51,12 @@ import torch
 from crossflow_kernels._dispatch import interpreting
 from crossflow_kernels._triton import tl, triton
 from crossflow_kernels._utils import (
-    autotune_configs, check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op,
+    check_float, check_kernel_dtype, check_same, cuda_device_guard, deferred_triton_op,
     register_triton_ops, wrap_triton,
+)
+from crossflow_kernels.attention_tuning import (
+    _DKDV_CONFIGS, _DQ_CONFIGS, _FUSED_CONFIGS, _FWD_CONFIGS, _FWD_SM90_CONFIGS, _SM90_MAX_LANES, _delta_block_m,
+    _fused_starved, _prune, _prune_sm90, _sm90_kernel_arch, _split_head_dim,
 )
 
 MAX_HEAD_DIM = 256
@@ -60,7 +67,7 @@ _LOG2E = 1.4426950408889634
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _check(q, k, v, scale, key_padding_mask) -> None:
+def _check(q, k, v, scale, key_padding_mask, key_lengths=None) -> None:
     name = "attention"
     check_float(name, q=q, k=k, v=v)
     for arg, t in dict(q=q, k=k, v=v).items():
@@ -86,6 +93,17 @@ def _check(q, k, v, scale, key_padding_mask) -> None:
             )
         if m.device != q.device:
             raise ValueError(f"{name}: key_padding_mask is on {m.device} but q is on {q.device}")
+    if key_lengths is not None:
+        n = key_lengths
+        if key_padding_mask is not None:
+            raise ValueError(f"{name}: pass key_padding_mask or key_lengths, not both")
+        if not isinstance(n, torch.Tensor) or n.dtype not in (torch.int32, torch.int64):
+            got = getattr(n, "dtype", type(n))
+            raise ValueError(f"{name}: key_lengths must be an int32 or int64 tensor, got {got}")
+        if n.shape != (k.shape[0],):
+            raise ValueError(f"{name}: key_lengths must be (B,) = ({k.shape[0]},), got {tuple(n.shape)}")
+        if n.device != q.device:
+            raise ValueError(f"{name}: key_lengths is on {n.device} but q is on {q.device}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -93,13 +111,22 @@ def _check(q, k, v, scale, key_padding_mask) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def lengths_mask(key_lengths: torch.Tensor, tk: int) -> torch.Tensor:
+    """The bool (B, Tk) key-padding mask of per-batch key lengths: key j of batch b attends iff j < key_lengths[b]
+    (so a length below 0 acts as 0, one above Tk as Tk)."""
+    return torch.arange(tk, device=key_lengths.device) < key_lengths[:, None]
+
+
 def attention_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-    key_padding_mask: torch.Tensor | None = None, upcast: bool = False,
+    key_padding_mask: torch.Tensor | None = None, upcast: bool = False, *, key_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Explicit-math reference. Scores and softmax in fp32 (fp64 for fp64 input); P·V in the input dtype (in that
-    compute dtype when `upcast`). Masked keys take no part, whatever values they hold (NaN and Inf included)."""
-    _check(q, k, v, scale, key_padding_mask)
+    compute dtype when `upcast`). Masked keys take no part, whatever values they hold (NaN and Inf included).
+    key_lengths is the prefix mask `lengths_mask(key_lengths, Tk)`."""
+    _check(q, k, v, scale, key_padding_mask, key_lengths)
+    if key_lengths is not None:
+        key_padding_mask = lengths_mask(key_lengths, k.shape[2])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32; fp64 stays fp64 (a high-precision oracle in tests)
     dtype = acc if upcast else q.dtype
@@ -179,8 +206,19 @@ def _block_and_head(N, BLOCK: tl.constexpr, GRID_FOLD: tl.constexpr):
 
 
 @triton.jit
+def _key_count(MASK_ROW, TK, KEY_LENS: tl.constexpr):
+    # Keys of this batch row that can take part: with KEY_LENS its length (MASK_ROW points at it: int32, clamped to
+    # [0, Tk] by the launcher), else all Tk. Loops end there and masks compare indices with it: no byte mask is read.
+    n = TK
+    if KEY_LENS:
+        n = tl.load(MASK_ROW)
+    return n
+
+
+@triton.jit
 def _keys_ok(MASK_ROW, cols, TK, stride_mt, HAS_MASK: tl.constexpr):
-    # A key takes part iff it exists (ragged tail) and, with a padding mask, is marked True.
+    # A key takes part iff it exists (ragged tail, or past the batch row's length: TK is `_key_count`'s) and, with a
+    # padding mask, is marked True.
     ok = cols < TK
     if HAS_MASK:
         ok = ok & (tl.load(MASK_ROW + cols * stride_mt, mask=ok, other=0) != 0)
@@ -207,249 +245,9 @@ def _recompute_p_ds(a0, a1, b0, b1, c0, c1, e0, e1, lse, delta, key_ok, qk_scale
     return p, ds
 
 
-def _split_head_dim(d: int) -> tuple[int, int]:
-    """(D0, D1): power-of-two parts covering head dim `d`, D1 = 0 for one part.
-
-    D0 is the largest power of two <= d, D1 the smallest power of two covering the rest, but at least 16 (tl.dot's
-    smallest contraction on triton 3.6): 72 -> 64+16, 80 -> 64+16, 96 -> 64+32, 48 -> 32+16, 40 -> 32+16. A split that
-    saves nothing over the next power of two is not made (24 -> 32: a 16-bit MMA contracts 16 lanes at a time anyway).
-    """
-    full = max(16, triton.next_power_of_2(d))
-    d0 = max(16, 1 << (d.bit_length() - 1))
-    rest = d - d0
-    if rest <= 0:
-        return full, 0
-    d1 = max(16, triton.next_power_of_2(rest))
-    return (d0, d1) if d0 + d1 < full else (full, 0)
-
-
-def _target_arch() -> int | None:
-    """The CUDA arch Triton compiles for now (90 for sm_90), read from its active driver: on a GPU the current device,
-    which the launchers set to the tensors' own (`cuda_device_guard`); in the compile report the target it stands in
-    for. None when unknown: the interpreter or a machine without a GPU driver (no active driver), or not CUDA."""
-    try:
-        target = triton.runtime.driver.active.get_current_target()
-    except (RuntimeError, AttributeError, ImportError):  # "0 active drivers" under the interpreter / without a GPU
-        return None
-    arch = getattr(target, "arch", None)
-    return arch if getattr(target, "backend", None) == "cuda" and isinstance(arch, int) else None
-
-
-def _prune(kind: str):
-    """Keep the configs that compile without spills on the target arch at this head-dim split, dtype and mask; for
-    16-bit inputs prefer those whose dots can be wgmma on sm_90 (an M side of at least 64 rows).
-
-    The target is Triton's active one (`_target_arch`): sm_80 and sm_90 each drop their own measured spillers, so an
-    sm_80 spill does not cost sm_90 a wgmma tile; any other or unknown target (the interpreter) drops both sets.
-    Fitted to `ptxas -v` over every config x head dims 24..256 x both targets (triton 3.9, checked on 3.6). 16-bit:
-    a budget of fp32 values live per thread (accumulators, score tiles, resident operands), the largest that compiled
-    spill-free less a margin. fp32 runs its dots on the FMA units with IEEE precision, where small spills come and go
-    with no simple rule: each fp32 tile carries the padded head dims at which it was measured spill-free.
-    """
-
-    def prune(configs, named_args, **kwargs):
-        return _prune_for(kind, configs, {**named_args, **kwargs}, _target_arch())
-
-    return prune
-
-
-def _prune_for(kind: str, configs, args: dict, arch: int | None) -> list:
-    """`_prune(kind)` for an explicit target arch (None: unknown, the union of every arch's exclusions)."""
-    dp, split = args["D0"] + args["D1"], args["D1"] > 0
-    fp32 = args["DOT_PRECISION"] == "ieee"  # "ieee" is used exactly for fp32 inputs
-    masked = args.get("HAS_MASK")  # None (not given): match masked and unmasked exclusions alike
-    archs = _SPILL_ARCHS.get(arch, tuple(_PTXAS_SPILLS))
-    elt = 4 if fp32 else 2
-    fits, fast = [], []
-    for c in configs:
-        bm, bn, st, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, c.num_warps
-        tile = (bm, bn, warps, st)
-        if (tile in _FP32_TILES[kind]) != fp32:
-            continue  # each dtype class tunes over its own tiles
-        if kind == "fwd":  # resident Q; pipelined K, V; the O accumulator and the S/P tile
-            smem, mma_m = (bm + st * 2 * bn) * dp * elt, bm
-            live = bm * dp + bm * bn + bm * dp * elt // 4
-        elif kind == "dkdv":  # resident K, V; pipelined Q, dO; dK, dV accumulators; P and dS tiles
-            smem, mma_m = (2 * bn + st * 2 * bm) * dp * elt, bn
-            live = 2 * bn * dp + 2 * bn * bm + bn * dp * elt // 2
-        elif kind == "dq":  # resident Q, dO; pipelined K, V; the dQ accumulator; P and dS tiles
-            smem, mma_m = (2 * bm + st * 2 * bn) * dp * elt, bm
-            live = bm * dp + 2 * bm * bn + bm * dp * elt // 2
-        else:  # fused: dK/dV's residents, accumulators and tiles plus the (BLOCK_M, D) dQ partial; its dQ dot has M =
-            # BLOCK_M, the others BLOCK_N
-            smem, mma_m = (2 * bn + st * 2 * bm) * dp * elt, min(bm, bn)
-            live = 2 * bn * dp + 2 * bn * bm + bn * dp * elt // 2 + bm * dp
-        threads = 32 * warps
-        ok = dp in _FP32_TILES[kind][tile] if fp32 else live <= _REG_BUDGET[kind] * threads
-        ok = ok and not any(_spills(a, kind, dp, split, masked, tile) for a in archs)
-        # At least two elements per thread in every tile load, or it would be one-element (scalar) loads.
-        ok = ok and min(bm, bn) * (args["D1"] or args["D0"]) >= 2 * threads
-        if ok and smem <= _smem_budget(arch):
-            fits.append(c)
-            if not fp32 and mma_m >= 64:
-                fast.append(c)
-    # Never prune to nothing: fall back to the config with the smallest tiles (the last one, by construction).
-    return fast or fits or [configs[-1]]
-
-
-def _spills(arch: int, kind: str, dp: int, split: bool, masked: bool | None, tile: tuple) -> bool:
-    """Did ptxas for sm_<arch> spill this tile although it is within budget (measured)?"""
-    for k, d, m, t in _PTXAS_SPILLS[arch]:
-        if k == kind and d in (dp, None) and t == tile and (m is None or masked is None or m == masked):
-            return True
-    # sm_80, split head dims: the dK/dV 64-row 8-warp tile spills 12 B (any mask).
-    if arch == 80 and kind == "dkdv" and split and tile[0] == 64 and tile[2] == 8:
-        return True
-    # The fused backward at the split head dims of 64+16 and 64+32 lanes (10 dots, K/V/dK/dV in two parts each): on
-    # sm_80 every tile but the 16-query ones spills (4 B to 13 KB), on sm_90 every one below 64x64 (4-550 B).
-    if kind == "fused" and split and dp >= 80:
-        return tile[0] > 16 if arch == 80 else min(tile[:2]) < 64
-    return False
-
-
-# fp32 values per thread, per kernel, for 16-bit inputs.
-_REG_BUDGET = {"fwd": 192, "dkdv": 160, "dq": 224, "fused": 208}
-# arch -> (kind, padded head dim or None for any, HAS_MASK or None for either, tile) where ptxas spills a few to 92
-# bytes although the tile is within budget, measured (compile report of 2026-12-01, triton 3.9, and 3.6's ptxas 12.8).
-# sm_80 caps registers for occupancy or runs out of its 255 where sm_90's wgmma keeps the accumulators elsewhere: the
-# forward's 64x64 4-warp tile (4 B at 96-168 registers, head dims 32-96), and the masked kernels, which hold the mask
-# tile beside P and dS (dQ at 48/80/96/128 lanes up to 92 B, dK/dV at 64/96 lanes). sm_90: one fp32 dQ tile. The fused
-# backward holds the most (K, V, dK, dV, Q, dO, P, dS and a dQ partial): its own entries below.
-_PTXAS_SPILLS = {
-    80: {
-        ("fwd", None, None, (64, 64, 4, 3)),
-        ("fwd", 64, True, (128, 128, 8, 3)),
-        ("dkdv", 80, None, (32, 64, 8, 2)),  # triton 3.6 only: 4 B at 255 registers
-        # triton 3.6's ptxas 12.8 only (4-16 B, reports of 2026-12-02: the masked subset and the full matrix):
-        ("dkdv", 32, True, (32, 128, 4, 3)),
-        ("dq", 32, True, (128, 32, 4, 3)),
-        ("dq", 48, None, (32, 32, 8, 2)),  # fp32 (FMA)
-        ("dkdv", 64, True, (32, 64, 8, 2)),
-        ("dkdv", 80, True, (32, 128, 8, 3)),
-        ("dq", 80, True, (64, 64, 4, 3)),
-        ("dq", 96, True, (64, 16, 4, 2)),
-        ("dkdv", 64, True, (32, 64, 4, 3)),
-        ("dkdv", 64, True, (64, 64, 8, 3)),
-        ("dkdv", 64, True, (32, 128, 8, 3)),
-        ("dkdv", 96, True, (32, 64, 8, 2)),
-        ("dq", 48, True, (128, 32, 4, 3)),
-        ("dq", 48, True, (128, 64, 8, 3)),
-        ("dq", 48, True, (64, 64, 4, 3)),
-        ("dq", 80, True, (128, 32, 4, 3)),
-        ("dq", 96, True, (64, 64, 4, 3)),
-        ("dq", 128, True, (128, 64, 8, 3)),
-        ("dq", 128, True, (64, 64, 4, 3)),
-        # The fused backward, beyond `_spills`' split-dim rule (4-1600 B; every candidate tile compiled unpruned, fp16,
-        # triton 3.9 and 3.6: results/2026-12-02_compile-report_fused-bwd-tiles_triton-3.9.0+3.6.0.json):
-        ("fused", 32, False, (64, 64, 4, 2)),
-        ("fused", 48, None, (64, 64, 4, 2)),
-        ("fused", 48, None, (64, 128, 8, 2)),
-        ("fused", 48, None, (64, 32, 4, 2)),
-        ("fused", 48, False, (64, 32, 8, 2)),
-        ("fused", 64, None, (64, 64, 4, 2)),
-        ("fused", 64, None, (64, 64, 8, 2)),
-        ("fused", 64, None, (64, 128, 8, 2)),
-        ("fused", 64, True, (64, 32, 4, 2)),
-        ("fused", 128, True, (64, 64, 8, 2)),
-        ("fused", 128, True, (64, 32, 4, 2)),
-        ("fused", 128, True, (16, 32, 8, 1)),
-        ("fused", 32, True, (16, 16, 2, 1)),  # fp32 (FMA), 12 B at head dim 32 (not 24), triton 3.9
-        # T = 257 (not a multiple of 16), masked (2026-12-06: 8-12 B on 3.6 and 3.9, 20 B on 3.9):
-        ("dkdv", 80, True, (32, 64, 4, 3)),
-        ("dq", 80, True, (128, 64, 8, 3)),
-        ("fused", 128, True, (32, 32, 4, 1)),
-        # The Text VE at T = 77, masked (B, T, H, D) views (2026-12-06: 4-60 B on 3.9, the 60 B one on 3.6 too):
-        ("dq", 64, True, (64, 16, 8, 2)),
-        ("dq", 96, True, (128, 64, 8, 3)),
-    },
-    90: {
-        ("dq", 48, True, (32, 32, 8, 2)),  # fp32 (FMA), 4 B
-        # T = 257, masked (2026-12-06, triton 3.9: 12 and 92 B at 255 registers):
-        ("fwd", 80, True, (128, 128, 8, 3)),
-        ("dkdv", 128, True, (64, 64, 8, 3)),
-        ("dkdv", 96, True, (64, 64, 8, 3)),  # T = 77 (the Text VE), masked: 8 B at 255 registers (3.9)
-        # The fused backward (4-96 B, same measurements):
-        ("fused", 48, None, (64, 32, 4, 2)),
-        ("fused", 128, None, (64, 32, 4, 2)),
-        ("fused", 48, True, (16, 32, 4, 1)),
-        ("fused", 64, True, (16, 32, 4, 1)),
-        ("fused", 32, False, (16, 16, 4, 1)),  # fp32 (FMA), 16 B at head dim 32 (not 24)
-    },
-    # Measured on the subset d72/d128, 16-bit, fused qkv with a mask, T = 256 and 257 (2026-12-06, 3.6 and 3.9):
-    # 4-112 B, nearly all at 255 registers.
-    100: {
-        ("fwd", 80, True, (128, 128, 8, 3)),
-        ("fwd", 128, True, (64, 32, 8, 2)),
-        ("dkdv", 128, True, (64, 64, 8, 3)),
-        ("fused", 48, True, (64, 64, 8, 2)),  # T = 77 (the Text VE): 8 B (3.9)
-    },
-    120: {
-        ("fwd", 80, True, (128, 64, 8, 3)),
-        ("dkdv", 80, True, (32, 64, 4, 3)),
-        ("dq", 80, True, (64, 32, 4, 3)),
-        ("fused", 128, True, (32, 32, 8, 1)),
-        # T = 77 (the Text VE), masked: 20-40 B, 40 at 255 registers (3.9):
-        ("dkdv", 48, True, (32, 64, 4, 3)),
-        ("dkdv", 48, True, (32, 128, 8, 3)),
-        ("dq", 64, True, (64, 16, 8, 2)),
-    },
-}
-# arch -> the spill tables its prune applies: sm_80 and sm_90 their own (the full matrix measured); sm_100 and sm_120,
-# measured on a subset (the compile reports of 2026-12-06), their own plus both of those; any other arch every table.
-_SPILL_ARCHS = {80: (80,), 90: (90,), 100: (100, 90, 80), 120: (120, 90, 80)}
-# Shared memory per block (KB) that a kernel may ask for, per arch: 163 on sm_80/87, 227 on sm_90/100/103, but only
-# 99 on the consumer parts (sm_86, sm_89, sm_120/121: RTX 30xx/40xx/50xx).
-_SMEM_PER_BLOCK_KB = {80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 103: 227, 120: 99, 121: 99}
-
-
-def _smem_budget(arch: int | None) -> int:
-    """Bytes of the portable kernels' estimated tile footprint allowed on sm_<arch>: 160 KB where a block may have 163
-    or more (sm_90's wgmma staging uses more than the estimate), 96 KB on the 99 KB parts; an unknown arch gets the
-    smallest."""
-    kb = _SMEM_PER_BLOCK_KB.get(arch, min(_SMEM_PER_BLOCK_KB.values()))
-    return min(160, kb - 3) * 1024
-
-
-def _configs(*tile_lists) -> list[triton.Config]:
-    tiles = [t for tl_ in tile_lists for t in tl_]
-    return autotune_configs(
-        [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
-    )
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M tiles queries, BLOCK_N keys. The first entry is the one the
-# interpreter runs (one config only). 16-bit inputs tune over the tensor-core tiles, fp32 over its own small tiles
-# (IEEE fp32 dots run on the FMA units), each limited to the head dims where it was measured spill-free. The last
-# entry, the smallest tile, is the fallback when nothing else fits.
-_FWD_TILES = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 1),
-              (32, 16, 8, 1)]
-_DKDV_TILES = [(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 8, 2),
-               (16, 32, 4, 1), (16, 32, 8, 1)]
-# The fused backward: keys on the M side of dK/dV's dots, queries on dQ's, so wgmma wants both >= 64.
-# Measured on both archs and triton versions: 128-query tiles and 3 stages spilled nearly everywhere (dropped).
-_FUSED_TILES = [(64, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2), (32, 64, 4, 2),
-                (64, 32, 4, 2), (32, 32, 8, 1), (16, 32, 8, 1), (32, 32, 4, 1), (16, 32, 4, 1)]
-_DQ_TILES = [(64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 16, 4, 2), (64, 16, 8, 2),
-             (32, 16, 4, 1), (32, 16, 8, 1)]
-# fp32 tile -> the padded head dims (D0 + D1) at which it compiled spill-free on sm_90 and sm_80 (triton 3.9 at all
-# of _MEASURED, 3.6 at 32/64/80/128). ptxas's occupancy heuristic spills a few bytes at scattered widths (the 32x32
-# forward tile at 64+16 on 3.6), so the sets are measured, not derived; other widths fall back to the last tile.
-_MEASURED = frozenset({32, 48, 64, 80, 96, 128, 256})
-_FP32_TILES = {
-    "fwd": {(32, 32, 8, 2): _MEASURED - {80}, (16, 16, 4, 1): _MEASURED},
-    "dkdv": {(16, 16, 4, 1): _MEASURED},
-    "dq": {(32, 32, 8, 2): _MEASURED, (32, 16, 4, 2): _MEASURED, (16, 32, 4, 2): _MEASURED,
-           (16, 16, 4, 1): _MEASURED - {256}},
-    # The fused backward, measured at head dims up to 128 only: 16x16 with 4 warps spills 8 B on sm_90 at 64+16 lanes,
-    # with 2 warps nowhere (the fallback, last).
-    "fused": {(16, 16, 4, 1): _MEASURED - {80, 256}, (16, 16, 2, 1): _MEASURED - {256}},
-}
-_FWD_CONFIGS = _configs(_FWD_TILES, _FP32_TILES["fwd"])
-_DKDV_CONFIGS = _configs(_DKDV_TILES, _FP32_TILES["dkdv"])
-_DQ_CONFIGS = _configs(_DQ_TILES, _FP32_TILES["dq"])
-_FUSED_CONFIGS = _configs(_FUSED_TILES, _FP32_TILES["fused"])
-# Tuned per (length buckets, grid bucket = B·H, head dim, mask, stride unit); the autotuner adds the dtypes itself.
-_TUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET", "HEAD_DIM", "HAS_MASK", "UNIT"]
+# Tuned per (length buckets, grid bucket = B·H, head dim, mask or key lengths, stride unit); the autotuner adds the
+# dtypes itself.
+_TUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET", "HEAD_DIM", "HAS_MASK", "KEY_LENS", "UNIT"]
 _BUCKETS = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET"]
 
 
@@ -457,19 +255,19 @@ _BUCKETS = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET"]
 @triton.jit(do_not_specialize=_BUCKETS)
 def _attention_fwd_kernel(
     Q, K, V,  # (B, H, Tq|Tk, D), unit head-dim stride
-    MASK,  # uint8 view of the bool key_padding_mask (B, Tk); unused unless HAS_MASK
+    MASK,  # uint8 view of the bool key_padding_mask (B, Tk) with HAS_MASK; int32 key lengths (B,) with KEY_LENS
     OUT,  # (B, H, Tq, D) view of (B, Tq, H, D) memory
     LSE,  # fp32 (B, H, Tq): base-2 log-sum-exp of the scaled scores, +inf for rows with no key
     stride_qb, stride_qh, stride_qt,  # all row/head/batch strides in units of UNIT elements
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    stride_mb, stride_mt,  # mask strides, in elements
+    stride_mb, stride_mt,  # mask strides, in elements (lengths: 1, 0)
     H, TQ, TK,
     qk_scale,  # softmax scale * log2(e): scores come out of one multiply already in base 2
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,  # power-of-two buckets: autotune key only
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
+    HAS_MASK: tl.constexpr, KEY_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, pid_bh = _block_and_head(TQ, BLOCK_M, GRID_FOLD)
@@ -479,6 +277,7 @@ def _attention_fwd_kernel(
     V += (off_b * stride_vb + off_h * stride_vh) * UNIT
     OUT += (off_b * stride_ob + off_h * stride_oh) * UNIT
     MASK += off_b * stride_mb
+    n_keys = _key_count(MASK, TK, KEY_LENS)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < TQ
     offs_n = tl.arange(0, BLOCK_N)
@@ -488,9 +287,9 @@ def _attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(score - m_i)
     acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
     acc1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
-    for start_n in range(0, TK, BLOCK_N):
+    for start_n in range(0, n_keys, BLOCK_N):
         cols = start_n + offs_n
-        ok = _keys_ok(MASK, cols, TK, stride_mt, HAS_MASK)
+        ok = _keys_ok(MASK, cols, n_keys, stride_mt, HAS_MASK)
         # Missing and masked keys are loaded as zeros (whatever they hold) and scored -inf *before* the row max, so
         # they never win it and exp2 sends them to 0.
         k0, k1 = _load_rows(K, cols, ok, stride_kt, UNIT, HEAD_DIM, D0, D1)
@@ -517,56 +316,7 @@ def _attention_fwd_kernel(
 
 # The sm_90 forward: tensor descriptors (TMA) for Q, K, V and O, the key loop warp-specialized (a producer warp group
 # issues the TMA loads, consumer warp groups run wgmma and the softmax). 16-bit inputs only (fp32 runs FMA dots, where
-# neither helps). (BLOCK_M, BLOCK_N, num_warps, num_stages): num_warps is per consumer group; the first entry is the
-# interpreter's. Every tile has BLOCK_M >= 64 (wgmma's M); shared memory is `_prune_sm90`'s check,
-# spills and lowering the compile report's (cases `attention/*-sm90`).
-# No 64-row tile: under Triton's warp specialization both consumer warp groups computed the same 64 rows and stored
-# the same tile (all the work twice; TTGIR of triton 3.6 and 3.9), and the compile report flags any that do.
-_FWD_SM90_TILES = [(128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3)]
-# The archs this kernel runs on (`_fwd_kernel_for`: capability major 9 and 10), each with its budget for resident Q
-# plus the K/V ring (of 227 KB per block, leaving room for the barriers and the layout conversions).
-_SM90_SMEM_BUDGET = {90: 200 * 1024, 100: 200 * 1024}
-# arch -> (padded head dim, HAS_MASK or None for either, tile) that ptxas spills although within budget, measured
-# (compile reports of 2026-12-06, triton 3.6 and 3.9). On sm_100 (tcgen05 + TMEM): the 3-stage 128x64 tile at 80/96
-# lanes (4 B, 3.6), every tile at 128 lanes (320-328 B), and with a mask every tile from 48 lanes on (20-928 B, 3.9),
-# where the launcher keeps the portable kernel (`_SM90_MAX_LANES`).
-_SM90_SPILLS = {
-    90: set(),
-    100: {(80, None, (128, 64, 4, 3)), (96, None, (128, 64, 4, 3)),
-          *((dp, None if dp == 128 else True, t) for dp in (48, 64, 80, 96, 128)
-            for t in ((128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3)))},
-}
-# Padded head dims (D0 + D1) up to which `auto` takes the sm_90 kernel, per capability major: (unmasked, masked).
-_SM90_MAX_LANES = {9: (128, 128), 10: (96, 32)}
-
-
-def _prune_sm90(configs, named_args, **kwargs):
-    return _prune_sm90_for(configs, {**named_args, **kwargs}, _target_arch())
-
-
-def _prune_sm90_for(configs, args: dict, arch: int | None) -> list:
-    """`_prune_sm90` for an explicit target arch (None: unknown, the strictest budget and every spill table)."""
-    dp = args["D0"] + args["D1"]
-    elt = 2  # fp16 / bf16
-    archs = (arch,) if arch in _SM90_SMEM_BUDGET else tuple(_SM90_SMEM_BUDGET)
-    budget = min(_SM90_SMEM_BUDGET[a] for a in archs)
-    fits = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        tile = (bm, bn, c.num_warps, c.num_stages)
-        # Resident Q, a ring of num_stages K and V tiles (the launcher takes this kernel at padded head dims <= 128).
-        if (bm + c.num_stages * 2 * bn) * dp * elt > budget:
-            continue
-        # Measured: with a mask, Triton's warp specialization pass fails on the 128-key tile ("unsupported load type
-        # for producer commit", triton 3.6 and 3.9, every head dim).
-        if args.get("HAS_MASK", True) and bn > 64:
-            continue
-        masked = args.get("HAS_MASK")
-        if any(d == dp and t == tile and (m is None or masked is None or m == masked)
-               for a in archs for d, m, t in _SM90_SPILLS[a]):
-            continue
-        fits.append(c)
-    return fits or [configs[-1]]
+# neither helps). Its tiles, shared-memory budgets and spill tables: `attention_tuning`.
 
 
 @triton.jit
@@ -576,23 +326,24 @@ def _tile_desc(BASE, rows, stride_t, UNIT: tl.constexpr, cols, BLOCK: tl.constex
     return tl.make_tensor_descriptor(BASE, [rows, cols], [stride_t * UNIT, 1], [BLOCK, D])
 
 
-@triton.autotune(configs=_configs(_FWD_SM90_TILES), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_sm90})
+@triton.autotune(configs=_FWD_SM90_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_sm90})
 @triton.jit(do_not_specialize=_BUCKETS)
 def _attention_fwd_sm90_kernel(
     Q, K, V,  # (B, H, Tq|Tk, D), unit head-dim stride; base, rows and row strides on 16-byte boundaries
-    MASK,  # uint8 (B, Tk); unused unless HAS_MASK
+    MASK,  # uint8 (B, Tk) with HAS_MASK; int32 key lengths (B,) with KEY_LENS
     OUT,  # (B, H, Tq, D) view of (B, Tq, H, D) memory
     LSE,  # fp32 (B, H, Tq), as the portable kernel
     stride_qb, stride_qh, stride_qt,  # in units of UNIT elements (16 bytes)
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    stride_mb, stride_mt,  # mask strides, in elements
+    stride_mb, stride_mt,  # mask strides, in elements (lengths: 1, 0)
     H, TQ, TK,
     qk_scale,
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, GRID_FOLD: tl.constexpr,
+    HAS_MASK: tl.constexpr, KEY_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The same online softmax as `_attention_fwd_kernel`; only the data movement differs. One descriptor per head and
@@ -605,19 +356,25 @@ def _attention_fwd_sm90_kernel(
     V += (off_b * stride_vb + off_h * stride_vh) * UNIT
     OUT += (off_b * stride_ob + off_h * stride_oh) * UNIT
     MASK += off_b * stride_mb
+    n_keys = _key_count(MASK, TK, KEY_LENS)
+    # With key lengths the K/V descriptors end at the row's length: TMA zero-fills the keys past it (a NaN there is
+    # never read), so V needs no masking. At least one row: a descriptor of none is never loaded from (no iteration).
+    k_rows = TK
+    if KEY_LENS:
+        k_rows = tl.maximum(n_keys, 1)
     start_m = pid_m * BLOCK_M
     # Part 0 holds lanes [0, min(D, D0)), part 1 lanes [D0, D).
     W0: tl.constexpr = HEAD_DIM if D1 == 0 else D0
     q_d0 = _tile_desc(Q, TQ, stride_qt, UNIT, W0, BLOCK_M, D0)
-    k_d0 = _tile_desc(K, TK, stride_kt, UNIT, W0, BLOCK_N, D0)
-    v_d0 = _tile_desc(V, TK, stride_vt, UNIT, W0, BLOCK_N, D0)
+    k_d0 = _tile_desc(K, k_rows, stride_kt, UNIT, W0, BLOCK_N, D0)
+    v_d0 = _tile_desc(V, k_rows, stride_vt, UNIT, W0, BLOCK_N, D0)
     o_d0 = _tile_desc(OUT, TQ, stride_ot, UNIT, W0, BLOCK_M, D0)
     q0 = q_d0.load([start_m, 0])
     q1 = q0
     if D1 > 0:
         q_d1 = _tile_desc(Q + D0, TQ, stride_qt, UNIT, HEAD_DIM - D0, BLOCK_M, D1)
-        k_d1 = _tile_desc(K + D0, TK, stride_kt, UNIT, HEAD_DIM - D0, BLOCK_N, D1)
-        v_d1 = _tile_desc(V + D0, TK, stride_vt, UNIT, HEAD_DIM - D0, BLOCK_N, D1)
+        k_d1 = _tile_desc(K + D0, k_rows, stride_kt, UNIT, HEAD_DIM - D0, BLOCK_N, D1)
+        v_d1 = _tile_desc(V + D0, k_rows, stride_vt, UNIT, HEAD_DIM - D0, BLOCK_N, D1)
         o_d1 = _tile_desc(OUT + D0, TQ, stride_ot, UNIT, HEAD_DIM - D0, BLOCK_M, D1)
         q1 = q_d1.load([start_m, 0])
     offs_n = tl.arange(0, BLOCK_N)
@@ -625,9 +382,9 @@ def _attention_fwd_sm90_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
     acc1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
-    for start_n in tl.range(0, TK, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start_n in tl.range(0, n_keys, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = start_n + offs_n
-        ok = _keys_ok(MASK, cols, TK, stride_mt, HAS_MASK)
+        ok = _keys_ok(MASK, cols, n_keys, stride_mt, HAS_MASK)
         # TMA cannot skip rows: a masked key arrives with whatever it holds. Its score is replaced by -inf (a NaN
         # score included) and, with a mask, its V row by zeros (0 · NaN would still be NaN).
         k0 = k_d0.load([start_n, 0])
@@ -704,8 +461,8 @@ def _bwd_key_block(
     stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dqb, stride_dqh, stride_dqt,
     stride_mb, stride_mt, H, TQ, TK, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr,
-    GRID_FOLD: tl.constexpr,
+    KEY_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WITH_DQ: tl.constexpr, GRID_FOLD: tl.constexpr,
 ):
     # One program owns a block of keys and sweeps every query block: dV = Pᵀ dO, dK = scale · dSᵀ Q. WITH_DQ (the
     # fused backward) also adds each query block's dQ share scale · dS K into the fp32 accumulator DQ_ACC with
@@ -729,14 +486,20 @@ def _bwd_key_block(
 
     # Masked keys load as zeros and get P = dS = 0: their dK, dV are exactly 0 and they add exactly 0 to dQ; rows
     # past Tk are never stored.
-    ok = _keys_ok(MASK + off_b * stride_mb, cols, TK, stride_mt, HAS_MASK)
+    MASK += off_b * stride_mb
+    n_keys = _key_count(MASK, TK, KEY_LENS)
+    ok = _keys_ok(MASK, cols, n_keys, stride_mt, HAS_MASK)
     k0, k1 = _load_rows(K, cols, ok, stride_kt, UNIT, HEAD_DIM, D0, D1)
     v0, v1 = _load_rows(V, cols, ok, stride_vt, UNIT, HEAD_DIM, D0, D1)
     dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
     dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
     dv1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
-    for start_m in range(0, TQ, BLOCK_M):
+    # With key lengths a block wholly past the row's length sweeps no query: its dK, dV are the zeros stored below.
+    q_end = TQ
+    if KEY_LENS:
+        q_end = tl.where(pid_n * BLOCK_N < n_keys, TQ, 0)
+    for start_m in range(0, q_end, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < TQ
         q0, q1 = _load_rows(Q, rows, row_ok, stride_qt, UNIT, HEAD_DIM, D0, D1)
@@ -770,7 +533,7 @@ def _bwd_key_block(
 @triton.jit(do_not_specialize=_BUCKETS)
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DO,  # (B, H, T, D), unit head-dim stride
-    MASK,  # uint8 (B, Tk); unused unless HAS_MASK
+    MASK,  # uint8 (B, Tk) with HAS_MASK; int32 key lengths (B,) with KEY_LENS
     LSE, DELTA,  # fp32 (B, H, Tq) from the forward and the delta kernel
     DK, DV,  # (B, H, Tk, D) views of (B, Tk, H, D) memory, one layout for both
     stride_qb, stride_qh, stride_qt,  # in units of UNIT elements
@@ -783,7 +546,7 @@ def _attention_bwd_dkdv_kernel(
     sm_scale, qk_scale,
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
+    HAS_MASK: tl.constexpr, KEY_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The split backward's key-block half: dK and dV (DK stands in for the unused dQ accumulator).
@@ -791,14 +554,14 @@ def _attention_bwd_dkdv_kernel(
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                    stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dkb, stride_dkh,
                    stride_dkt, stride_mb, stride_mt, H, TQ, TK, sm_scale, qk_scale,
-                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, DOT_PRECISION, BLOCK_M, BLOCK_N, False, GRID_FOLD)
+                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, KEY_LENS, DOT_PRECISION, BLOCK_M, BLOCK_N, False, GRID_FOLD)
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit(do_not_specialize=_BUCKETS)
 def _attention_bwd_dq_kernel(
     Q, K, V, DO,  # (B, H, T, D), unit head-dim stride
-    MASK,  # uint8 (B, Tk); unused unless HAS_MASK
+    MASK,  # uint8 (B, Tk) with HAS_MASK; int32 key lengths (B,) with KEY_LENS
     LSE, DELTA,  # fp32 (B, H, Tq)
     DQ,  # (B, H, Tq, D) view of (B, Tq, H, D) memory
     stride_qb, stride_qh, stride_qt,  # in units of UNIT elements
@@ -811,7 +574,7 @@ def _attention_bwd_dq_kernel(
     sm_scale, qk_scale,
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
+    HAS_MASK: tl.constexpr, KEY_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program owns a block of queries and sweeps every key block: dQ = scale · dS K, dS = P ∘ (dO Vᵀ − delta).
@@ -823,6 +586,7 @@ def _attention_bwd_dq_kernel(
     DO += (off_b * stride_dob + off_h * stride_doh) * UNIT
     DQ += (off_b * stride_dqb + off_h * stride_dqh) * UNIT
     MASK += off_b * stride_mb
+    n_keys = _key_count(MASK, TK, KEY_LENS)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < TQ
     offs_n = tl.arange(0, BLOCK_N)
@@ -833,9 +597,9 @@ def _attention_bwd_dq_kernel(
     delta = tl.load(DELTA + pid_bh * TQ + rows, mask=row_ok, other=0.0)
     dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
     dq1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
-    for start_n in range(0, TK, BLOCK_N):
+    for start_n in range(0, n_keys, BLOCK_N):
         cols = start_n + offs_n
-        ok = _keys_ok(MASK, cols, TK, stride_mt, HAS_MASK)
+        ok = _keys_ok(MASK, cols, n_keys, stride_mt, HAS_MASK)
         k0, k1 = _load_rows(K, cols, ok, stride_kt, UNIT, HEAD_DIM, D0, D1)
         v0, v1 = _load_rows(V, cols, ok, stride_vt, UNIT, HEAD_DIM, D0, D1)
         _, ds = _recompute_p_ds(q0, q1, k0, k1, do0, do1, v0, v1, lse, delta, ok, qk_scale,
@@ -854,7 +618,7 @@ def _attention_bwd_dq_kernel(
 @triton.jit(do_not_specialize=_BUCKETS)
 def _attention_bwd_fused_kernel(
     Q, K, V, DO,  # (B, H, T, D), unit head-dim stride
-    MASK,  # uint8 (B, Tk); unused unless HAS_MASK
+    MASK,  # uint8 (B, Tk) with HAS_MASK; int32 key lengths (B,) with KEY_LENS
     LSE, DELTA,  # fp32 (B, H, Tq) from the forward and the preprocess
     DK, DV,  # (B, H, Tk, D) views of (B, Tk, H, D) memory, one layout for both
     DQ_ACC,  # fp32 (B, H, Tq, D) view of (B, Tq, H, D) memory, zeroed by the preprocess; receives scale · dS K
@@ -869,7 +633,7 @@ def _attention_bwd_fused_kernel(
     sm_scale, qk_scale,
     TQ_BUCKET, TK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, UNIT: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
+    HAS_MASK: tl.constexpr, KEY_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr, GRID_FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The fused backward: dK, dV and dQ's share from one sweep (`_bwd_key_block` with WITH_DQ).
@@ -877,7 +641,7 @@ def _attention_bwd_fused_kernel(
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                    stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dqb, stride_dqh,
                    stride_dqt, stride_mb, stride_mt, H, TQ, TK, sm_scale, qk_scale,
-                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, DOT_PRECISION, BLOCK_M, BLOCK_N, True, GRID_FOLD)
+                   HEAD_DIM, D0, D1, UNIT, HAS_MASK, KEY_LENS, DOT_PRECISION, BLOCK_M, BLOCK_N, True, GRID_FOLD)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -911,16 +675,19 @@ def _units(t: torch.Tensor, unit: int) -> tuple[int, int, int]:
     return tuple(s // unit for s in _strides(t))
 
 
-def _meta(q: torch.Tensor, mask: torch.Tensor | None, unit: int):
-    """Kernel arguments shared by every launch: mask pointer/strides and the compile-time switches."""
+def _meta(q: torch.Tensor, mask: torch.Tensor | None, unit: int, lengths: torch.Tensor | None = None, tk: int = 0):
+    """Kernel arguments shared by every launch: mask (or key lengths) pointer/strides and the compile-time switches."""
     d = q.shape[3]
     fp32 = q.dtype == torch.float32
     d0, d1 = _split_head_dim(d)
-    # A bool tensor is one byte per element; the uint8 view is read as 0/1 without a copy.
-    m = mask.view(torch.uint8) if mask is not None else q
-    mask_strides = tuple(mask.stride()) if mask is not None else (0, 0)
+    if lengths is not None:  # int32 (B,) in [0, Tk]: out-of-range lengths are clamped (documented), no sync to check
+        m, mask_strides = lengths.clamp(0, tk).to(torch.int32), (1, 0)
+    else:
+        # A bool tensor is one byte per element; the uint8 view is read as 0/1 without a copy.
+        m = mask.view(torch.uint8) if mask is not None else q
+        mask_strides = tuple(mask.stride()) if mask is not None else (0, 0)
     constexprs = dict(
-        HEAD_DIM=d, D0=d0, D1=d1, UNIT=unit, HAS_MASK=mask is not None,
+        HEAD_DIM=d, D0=d0, D1=d1, UNIT=unit, HAS_MASK=mask is not None, KEY_LENS=lengths is not None,
         GRID_FOLD=q.shape[0] * q.shape[1] > MAX_GRID_Y,  # B·H past CUDA's grid y limit: a 1-D grid (`_grid`)
         DOT_PRECISION="ieee" if fp32 else "tf32",  # tf32 is ignored for fp16/bf16 operands
     )
@@ -973,13 +740,6 @@ def _fwd_kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
     return "sm90" if ok else "portable"
 
 
-def _sm90_kernel_arch(capability: tuple[int, int]) -> bool:
-    """Does `auto` take the sm_90 forward on a GPU of this capability? Major 9 (H100/H200) and 10 (B200/GB200, where
-    it lowers to tcgen05 + TMEM + TMA), not 12 (RTX 50xx: mma.sync, 99 KB of shared memory per block, where its tiles
-    spill and its 128-row tiles do not fit) nor anything older."""
-    return capability[0] in (9, 10)
-
-
 @functools.cache
 def _can_warp_specialize() -> bool:
     # `tl.range(..., warp_specialize=)` exists from triton 3.4 on (3.6 and 3.9 checked); older ones keep the portable
@@ -1010,7 +770,8 @@ def _row_units(t: torch.Tensor, unit: int) -> tuple[int, int, int]:
 
 @deferred_triton_op("crossflow_kernels::attention_fwd", mutates_args=())
 def _attention_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, lengths: torch.Tensor | None,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, tq, d = q.shape
     tk = k.shape[2]
@@ -1020,7 +781,7 @@ def _attention_fwd_op(
     lse = q.new_empty(b, h, tq, dtype=torch.float32)
     o = out.transpose(1, 2)
     unit = _stride_unit(q, k, v, o)
-    m, mask_strides, constexprs = _meta(q, mask, unit)
+    m, mask_strides, constexprs = _meta(q, mask, unit, lengths, tk)
     grid = lambda meta: _grid(tq, meta["BLOCK_M"], b * h)  # noqa: E731
     which = _fwd_kernel_for(q, k, v, o, mask is not None)
     fwd_kernel_launches[which] += 1
@@ -1066,26 +827,10 @@ def _bwd_kernel_for(q: torch.Tensor) -> str:
     return "fused"
 
 
-def _delta_block_m(lanes: int) -> int:
-    """Query rows per program of the delta kernel (not autotuned) at `lanes` padded head-dim lanes. 16 from 128 lanes
-    on: 64 and 32 rows x 128 lanes spilled 36 / 20 B on sm_100 (triton 3.9; T = 257); 32 from 64 lanes on: 64 rows x
-    64 lanes spilled 8 / 20 B on sm_100 (3.9; the Text VE at T = 77), 32 rows none on sm_80/90/100/120."""
-    return 16 if lanes >= 128 else 32 if lanes >= 64 else 64
-
-
-def _fused_starved(d: int, arch: int) -> bool:
-    """Would the fused backward run on tiles far smaller than the split pair's? On sm_80 (any arch below 90) at the
-    split head dims of 64+16 and 64+32 lanes only its 16-query tiles compile spill-free (`_spills`, measured), where
-    the pair keeps 32- and 64-row tiles; sm_90 keeps 64x64 wgmma tiles there. Until a GPU run compares the two, `auto`
-    keeps the pair in that corner."""
-    d0, d1 = _split_head_dim(d)
-    return arch < 90 and d1 > 0 and d0 + d1 >= 80
-
-
 @deferred_triton_op("crossflow_kernels::attention_bwd", mutates_args=())
 def _attention_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    mask: torch.Tensor | None, scale: float,
+    mask: torch.Tensor | None, lengths: torch.Tensor | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, tq, d = q.shape
     tk = k.shape[2]
@@ -1100,7 +845,7 @@ def _attention_bwd_op(
     dq_, dk_, dv_ = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
     delta = torch.empty_like(lse)
     unit = _stride_unit(q, k, v, do, out, dq_, dk_)
-    m, mask_strides, constexprs = _meta(q, mask, unit)
+    m, mask_strides, constexprs = _meta(q, mask, unit, lengths, tk)
     common = (*_units(q, unit), *_units(k, unit), *_units(v, unit), *_units(do, unit))
     tail = (h, tq, tk, scale, scale * _LOG2E, _bucket(tq), _bucket(tk), _bucket(b * h))
     block_m = _delta_block_m(constexprs["D0"] + constexprs["D1"])
@@ -1147,16 +892,16 @@ def _prepare(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def attention_fwd(q, k, v, scale: float, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_fwd(q, k, v, scale: float, mask=None, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out (B, H, Tq, D) as a view of (B, Tq, H, D) memory, lse fp32 (B, H, Tq) in base 2."""
-    out, lse = torch.ops.crossflow_kernels.attention_fwd(_prepare(q), _prepare(k), _prepare(v), mask, scale)
+    out, lse = torch.ops.crossflow_kernels.attention_fwd(_prepare(q), _prepare(k), _prepare(v), mask, lengths, scale)
     return out.transpose(1, 2), lse
 
 
-def attention_bwd(do, q, k, v, out, lse, scale: float, mask=None):
+def attention_bwd(do, q, k, v, out, lse, scale: float, mask=None, lengths=None):
     """-> dq, dk, dv, each (B, H, T, D) as a view of (B, T, H, D) memory."""
-    dq, dk, dv = torch.ops.crossflow_kernels.attention_bwd(_prepare(do.to(q.dtype)), _prepare(q), _prepare(k), _prepare(v), out,
-                                                 lse, mask, scale)
+    dq, dk, dv = torch.ops.crossflow_kernels.attention_bwd(_prepare(do.to(q.dtype)), _prepare(q), _prepare(k),
+                                                           _prepare(v), out, lse, mask, lengths, scale)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
@@ -1167,30 +912,31 @@ def attention_bwd(do, q, k, v, out, lse, scale: float, mask=None):
 
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, mask):
+    def forward(ctx, q, k, v, scale, mask, lengths):
         q, k, v = _prepare(q), _prepare(k), _prepare(v)  # once here, so the backward reuses the same tensors
-        out, lse = attention_fwd(q, k, v, scale, mask)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
+        out, lse = attention_fwd(q, k, v, scale, mask, lengths)
+        ctx.save_for_backward(q, k, v, out, lse, mask, lengths)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(do, q, k, v, out, lse, ctx.scale, mask)
-        return dq, dk, dv, None, None
+        q, k, v, out, lse, mask, lengths = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, out, lse, ctx.scale, mask, lengths)
+        return dq, dk, dv, None, None, None
 
 
 def attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-    key_padding_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None, *, key_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v with the Triton kernels. q (B, H, Tq, D), k/v (B, H, Tk, D) -> (B, H, Tq, D)."""
-    _check(q, k, v, scale, key_padding_mask)
+    """softmax(q kᵀ · scale) v with the Triton kernels. q (B, H, Tq, D), k/v (B, H, Tk, D) -> (B, H, Tq, D).
+    key_lengths: int32/int64 (B,), key j of batch b attends iff j < key_lengths[b] (instead of a prefix mask)."""
+    _check(q, k, v, scale, key_padding_mask, key_lengths)
     check_kernel_dtype("attention", q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     register_triton_ops()
     # Empty B/H/Tq give empty results and Tk = 0 gives zeros: the launchers return those without a launch.
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return AttentionFunction.apply(q, k, v, scale, key_padding_mask)
-    return attention_fwd(q, k, v, scale, key_padding_mask)[0]
+        return AttentionFunction.apply(q, k, v, scale, key_padding_mask, key_lengths)
+    return attention_fwd(q, k, v, scale, key_padding_mask, key_lengths)[0]

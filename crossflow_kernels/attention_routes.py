@@ -317,10 +317,14 @@ def _explicit_file() -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def route(q, k, v, scale=None, key_padding_mask=None) -> tuple[str, Callable[..., torch.Tensor]] | None:
-    """(backend name, callable) when the table routes this call to SDPA, else None (ours runs)."""
+def route(q, k, v, scale=None, key_padding_mask=None, *,
+          key_lengths=None) -> tuple[str, Callable[..., torch.Tensor]] | None:
+    """(backend name, callable) when the table routes this call to SDPA, else None (ours runs). Calls with
+    `key_lengths` are never routed: the tables measure ours with a byte mask, slower than ours with lengths."""
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4):
         return None  # bad input: ours raises the op's own ValueError (a routed call checks everything too)
+    if key_lengths is not None:
+        return None
     device = str(q.device)
     if not _has_table(device):
         return None  # the default: asked before reading any size, so a compile with dynamic shapes stays dynamic

@@ -29,7 +29,8 @@ when it moves less than 16 bytes.
 Cases named `attention/*-sm90` run the attention forward with `CROSSFLOW_KERNELS_ATTENTION_FWD=sm90` (the kernel an sm_90 GPU
 picks: tensor descriptors, warp specialization) and are compiled for sm_90 and sm_100 only, the archs `auto` takes it on
 (`--filter sm90`). Cases named `*-t257` run T = 257 (not a multiple of 16: other integer specializations), `*-t77` the
-Text VE's attention (T = 77, 8 heads, masked, (B, T, H, D) views). sm_120 rows
+Text VE's attention (T = 77, 8 heads, masked, (B, T, H, D) views). Cases with `-lens` pass per-batch key lengths
+(`key_lengths=`: the kernels' KEY_LENS variant, no byte mask) instead of a mask. sm_120 rows
 are report-only (`REPORT_ONLY_ARCHS`). A warp-specialized kernel whose partitions store the same tile rows (the same
 work done twice) fails (`ws_shared_rows`).
 
@@ -91,8 +92,9 @@ class Case:
 
 
 def _sm90_archs(d: int, mask: bool) -> tuple[int, ...]:
-    """The archs `auto` takes the sm_90 forward on at head dim d (crossflow_kernels.attention._SM90_MAX_LANES): sm_90,
-    and sm_100 up to 96 lanes (32 with a mask). Padded lanes: 24 -> 32, 48 -> 48, 72 -> 80, others d."""
+    """The archs `auto` takes the sm_90 forward on at head dim d (crossflow_kernels.attention_tuning._SM90_MAX_LANES):
+    sm_90, and sm_100 up to 96 lanes (32 with a byte mask; key lengths count as no mask). Padded lanes: 24 -> 32,
+    48 -> 48, 72 -> 80, others d."""
     lanes = {24: 32, 72: 80}.get(d, d)
     return (90, 100) if lanes <= (32 if mask else 96) else (90,)
 
@@ -141,6 +143,17 @@ def matrix(quick: bool, include_256: bool = False) -> list[Case]:
             name = f"attention/d{d}-{dt}-bthd-mask-t77-sm90"
             cases.append(Case("attention", name, dict(d=d, dtype=dt, layout="bthd", mask=True, fwd="sm90", t=77,
                                                       h=TEXT_VE_HEADS, only_archs=_sm90_archs(d, True))))
+    # Key lengths (`key_lengths=`, the KEY_LENS kernels: no byte mask) as the Text VE would pass them, T = 77, and
+    # the ragged T = 257 on the fused-qkv layout at the DiT head dims; forward and backward, then the sm_90 forward.
+    lens = [(d, "bthd", 77, TEXT_VE_HEADS) for d in t77] + [(d, "qkv", 257, None) for d in (72, 128) if d in dims
+                                                            and not quick]
+    for d, lay, t, h in lens:
+        for dt in ("fp16", "bf16"):
+            for fwd in (None, "sm90"):
+                name = f"attention/d{d}-{dt}-{lay}-lens-t{t}" + ("-sm90" if fwd else "")
+                extra = dict(fwd=fwd, only_archs=_sm90_archs(d, False)) if fwd else {}
+                cases.append(Case("attention", name, dict(d=d, dtype=dt, layout=lay, mask=False, lens=True, t=t, h=h,
+                                                          **extra)))
     widths = (1152,) if quick else ADALN_WIDTHS
     for op in ("adaln_modulate", "gated_residual_adaln"):
         for c in widths:
@@ -248,7 +261,8 @@ def _drive(case: Case) -> None:
         for x in (q, k, v):
             x.requires_grad_(True)
         mask = torch.ones(B, t, dtype=torch.bool) if p["mask"] else None
-        out = impl(q, k, v, key_padding_mask=mask)
+        lens = dict(key_lengths=torch.full((B,), t)) if p.get("lens") else {}
+        out = impl(q, k, v, key_padding_mask=mask, **lens)
         if p.get("fwd"):  # a forward-kernel case: its backward launches are those of the case without the suffix
             return
         # The model merges heads with out.transpose(1, 2).reshape(B, T, H*D): its gradient arrives in that layout.

@@ -14,9 +14,11 @@ import triton
 
 import crossflow_kernels
 from crossflow_kernels.attention import (
-    _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_fwd_kernel, _prepare, _split_head_dim,
-    _stride_unit, attention_ref, attention_triton,
+    _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_fwd_kernel, _prepare, _stride_unit, attention_ref,
+    attention_triton, lengths_mask,
 )
+from crossflow_kernels import attention_tuning as tuning
+from crossflow_kernels.attention_tuning import _split_head_dim
 from crossflow_kernels.testing import assert_close_to_ref
 
 attn_mod = sys.modules["crossflow_kernels.attention"]  # `crossflow_kernels.attention` itself is the op, not this module
@@ -73,18 +75,19 @@ def _mask(b, tk, device):
     return mask
 
 
-def _grads(fn, tensors, dtype, do, scale, mask):
+def _grads(fn, tensors, dtype, do, scale, mask, lengths=None):
     leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
-    out = fn(*leaves, scale=scale, key_padding_mask=mask)
+    extra = {} if lengths is None else dict(key_lengths=lengths)
+    out = fn(*leaves, scale=scale, key_padding_mask=mask, **extra)
     return (out, *torch.autograd.grad(out, leaves, do.to(dtype)))
 
 
-def _check_against_ref(q, k, v, do, scale=None, mask=None):
+def _check_against_ref(q, k, v, do, scale=None, mask=None, lengths=None):
     """Forward and dq, dk, dv of the Triton op vs the fp32 reference (and the same-dtype reference for fp16/bf16)."""
     dtype = q.dtype
-    got = _grads(attention_triton, (q, k, v), dtype, do, scale, mask)
-    ref32 = _grads(lambda *a, **kw: attention_ref(*a, **kw, upcast=True), (q, k, v), F32, do, scale, mask)
-    lowp = _grads(attention_ref, (q, k, v), dtype, do, scale, mask) if dtype != F32 else (None,) * 4
+    got = _grads(attention_triton, (q, k, v), dtype, do, scale, mask, lengths)
+    ref32 = _grads(lambda *a, **kw: attention_ref(*a, **kw, upcast=True), (q, k, v), F32, do, scale, mask, lengths)
+    lowp = _grads(attention_ref, (q, k, v), dtype, do, scale, mask, lengths) if dtype != F32 else (None,) * 4
     tol = TOL32 if dtype == F32 else {}
     for name, g, r, rl in zip(("out", "dq", "dk", "dv"), got, ref32, lowp):
         assert g.dtype == dtype and g.shape == r.shape
@@ -113,7 +116,7 @@ def fwd_kernel(request, monkeypatch):
 
 
 def _force_fwd(which, monkeypatch):
-    if which == "sm90" and torch.cuda.is_available() and not attn_mod._sm90_kernel_arch(
+    if which == "sm90" and torch.cuda.is_available() and not tuning._sm90_kernel_arch(
             torch.cuda.get_device_capability()):
         pytest.skip("the sm_90 forward runs on GPUs of capability 9.x and 10.x")
     monkeypatch.setenv(attn_mod.FWD_KERNEL_ENV, which)
@@ -190,7 +193,7 @@ def test_attention_bwd_kernel_choice(monkeypatch):
 def test_attention_fused_starved_corner():
     # auto keeps the split pair on pre-sm_90 GPUs at 64+16 / 64+32 lanes, where the fused kernel's prune leaves only
     # 16-query tiles; everywhere else (and on sm_90 always) the fused kernel runs.
-    starved = attn_mod._fused_starved
+    starved = tuning._fused_starved
     assert starved(72, 80) and starved(80, 86) and starved(96, 80)
     assert not any(starved(d, 90) for d in (24, 48, 64, 72, 80, 96, 128))
     assert not any(starved(d, 80) for d in (24, 48, 64, 128))
@@ -198,9 +201,9 @@ def test_attention_fused_starved_corner():
         d0, d1 = _split_head_dim(d)
         args = dict(D0=d0, D1=d1, HAS_MASK=True, DOT_PRECISION="tf32")
         configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
-                   for bm, bn, w, s in attn_mod._FUSED_TILES]
-        assert {c.kwargs["BLOCK_M"] for c in attn_mod._prune_for("fused", configs, args, 80)} == {16}
-        assert {c.kwargs["BLOCK_M"] for c in attn_mod._prune_for("fused", configs, args, 90)} == {64}
+                   for bm, bn, w, s in tuning._FUSED_TILES]
+        assert {c.kwargs["BLOCK_M"] for c in tuning._prune_for("fused", configs, args, 80)} == {16}
+        assert {c.kwargs["BLOCK_M"] for c in tuning._prune_for("fused", configs, args, 90)} == {64}
 
 
 def test_attention_deterministic_selects_split(device, monkeypatch):
@@ -235,10 +238,10 @@ def test_attention_sm90_prune(masked):
     # Tiles that fit sm_90's shared memory at every head dim the sm_90 forward takes; with a mask none with 128 keys
     # (Triton's warp specialization fails to compile it). Compiled spill-free: the compile report's check.
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
-               for bm, bn, w, s in attn_mod._FWD_SM90_TILES]
+               for bm, bn, w, s in tuning._FWD_SM90_TILES]
     for d in (24, 48, 64, 72, 80, 96, 128):
         d0, d1 = _split_head_dim(d)
-        kept = attn_mod._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=masked), 90)
+        kept = tuning._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=masked), 90)
         assert kept and all(c.kwargs["BLOCK_M"] >= 64 for c in kept)
         assert any(c.kwargs["BLOCK_N"] == 128 for c in kept) != masked
 
@@ -389,10 +392,10 @@ def test_attention_prune(kind, monkeypatch):
         args = dict(D0=d0, D1=d1)
         kept = _kept_tiles(kind, dict(args, DOT_PRECISION="tf32"), 90, monkeypatch)
         assert kept and all(_mma_m(kind, bm, bn) >= 64 for bm, bn, _, _ in kept)
-        assert not kept & set(attn_mod._FP32_TILES[kind])
+        assert not kept & set(tuning._FP32_TILES[kind])
         for arch in (90, 80, None):
             kept32 = _kept_tiles(kind, dict(args, DOT_PRECISION="ieee"), arch, monkeypatch)
-            assert kept32 and kept32 <= set(attn_mod._FP32_TILES[kind])
+            assert kept32 and kept32 <= set(tuning._FP32_TILES[kind])
 
 
 def _mma_m(kind, bm, bn):
@@ -413,16 +416,16 @@ class _FakeTarget:
 
 def _kept_tiles(kind, args, arch, monkeypatch):
     """Tiles the autotune prune keeps with `arch` as Triton's active target (None: no driver, as in the interpreter)."""
-    tiles = {"fwd": attn_mod._FWD_TILES, "dkdv": attn_mod._DKDV_TILES, "dq": attn_mod._DQ_TILES,
-             "fused": attn_mod._FUSED_TILES}[kind]
+    tiles = {"fwd": tuning._FWD_TILES, "dkdv": tuning._DKDV_TILES, "dq": tuning._DQ_TILES,
+             "fused": tuning._FUSED_TILES}[kind]
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
-               for bm, bn, w, s in [*tiles, *attn_mod._FP32_TILES[kind]]]
+               for bm, bn, w, s in [*tiles, *tuning._FP32_TILES[kind]]]
     with monkeypatch.context() as mp:
         mp.setattr(triton.runtime.driver, "_active", _FakeTarget(arch) if arch else None)
         if arch is None:  # the interpreter's state: no active driver at all
             mp.setattr(type(triton.runtime.driver), "default", property(lambda self: (_ for _ in ()).throw(
                 RuntimeError("0 active drivers"))))
-        kept = attn_mod._prune(kind)(configs, args)
+        kept = tuning._prune(kind)(configs, args)
     return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
 
 
@@ -442,7 +445,11 @@ _SPILL_REPORTS = ("2026-12-01_compile-report_triton-3.9.0.json",
                   "2026-12-06_compile-report_triton-3.6.0_attention-sm100-sm120-t257_pre-fix.json",
                   # the Text VE's attention at T = 77 (masked (B, T, H, D) views, 16-bit), before its exclusions:
                   "2026-12-06_compile-report_triton-3.9.0_attention-t77_pre-fix.json",
-                  "2026-12-06_compile-report_triton-3.6.0_attention-t77_pre-fix.json")
+                  "2026-12-06_compile-report_triton-3.6.0_attention-t77_pre-fix.json",
+                  # key lengths (the KEY_LENS kernels), T = 77 and 257, before their exclusions:
+                  "2026-12-06_compile-report_triton-3.9.0_attention-lens_pre-fix.json",
+                  "2026-12-06_compile-report_triton-3.6.0_attention-lens_pre-fix.json",
+                  "2026-12-06_compile-report_triton-3.6.0_attention-lens_pre-fix-2.json")
 
 
 def _spill_rows():
@@ -460,7 +467,7 @@ def test_attention_delta_rows_avoid_measured_spills():
                if r["kernel"].startswith("_attention_bwd_delta_kernel")}
     assert (64, 64) in spilled
     for lanes, block_m in spilled:
-        assert attn_mod._delta_block_m(lanes) != block_m, (lanes, block_m)
+        assert tuning._delta_block_m(lanes) != block_m, (lanes, block_m)
 
 
 def _measured_spills():
@@ -475,6 +482,7 @@ def _measured_spills():
             continue
         ce, c = r["constexprs"], r["config"]
         args = {k: ce[k] for k in ("D0", "D1", "HAS_MASK", "DOT_PRECISION")}
+        args["KEY_LENS"] = ce.get("KEY_LENS", False)
         out.append((r["arch"], _KERNEL_KIND[r["kernel"]], args, (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"],
                                                                    c["num_stages"])))
     return out
@@ -759,7 +767,7 @@ def test_attention_many_heads_gpu(device):
 def test_attention_sm90_kernel_only_on_sm90_and_sm100():
     # auto takes the TMA / warp-specialized forward on Hopper and Blackwell datacenter parts only: compiled for sm_120
     # (RTX 50xx) it is an mma.sync kernel that spills and whose 128-row tiles need more than its 99 KB per block.
-    takes = attn_mod._sm90_kernel_arch
+    takes = tuning._sm90_kernel_arch
     assert takes((9, 0)) and takes((10, 0)) and takes((10, 3))
     assert not any(takes(c) for c in ((8, 0), (8, 6), (8, 9), (12, 0), (12, 1), (11, 0)))
 
@@ -768,15 +776,15 @@ def test_attention_sm90_kernel_only_on_sm90_and_sm100():
 def test_attention_prune_fits_each_archs_shared_memory(kind):
     # Each arch gets its own shared-memory budget: the 99 KB parts (sm_86, sm_89, sm_120) keep only tiles whose
     # estimate fits under 96 KB, sm_80/90/100 under 160 KB; an unknown arch the smallest.
-    assert attn_mod._smem_budget(120) == attn_mod._smem_budget(86) == attn_mod._smem_budget(None) == 96 * 1024
-    assert attn_mod._smem_budget(80) == attn_mod._smem_budget(90) == attn_mod._smem_budget(100) == 160 * 1024
-    tiles = {"fwd": attn_mod._FWD_TILES, "dkdv": attn_mod._DKDV_TILES, "dq": attn_mod._DQ_TILES,
-             "fused": attn_mod._FUSED_TILES}[kind]
+    assert tuning._smem_budget(120) == tuning._smem_budget(86) == tuning._smem_budget(None) == 96 * 1024
+    assert tuning._smem_budget(80) == tuning._smem_budget(90) == tuning._smem_budget(100) == 160 * 1024
+    tiles = {"fwd": tuning._FWD_TILES, "dkdv": tuning._DKDV_TILES, "dq": tuning._DQ_TILES,
+             "fused": tuning._FUSED_TILES}[kind]
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
     d0, d1 = _split_head_dim(128)
     args = dict(D0=d0, D1=d1, HAS_MASK=False, DOT_PRECISION="tf32")
-    kept120 = attn_mod._prune_for(kind, configs, args, 120)
-    kept90 = attn_mod._prune_for(kind, configs, args, 90)
+    kept120 = tuning._prune_for(kind, configs, args, 120)
+    kept90 = tuning._prune_for(kind, configs, args, 90)
     assert kept120 and kept90
     big = [c for c in kept90 if c not in kept120]
     if kind == "fwd":  # (128 + 3 * 2 * 128) * 128 * 2 B = 224 KB > 160 KB; (128 + 3 * 2 * 64) * 256 = 128 KB
@@ -786,14 +794,14 @@ def test_attention_prune_fits_each_archs_shared_memory(kind):
 def test_attention_sm90_prune_per_arch():
     # The sm_90 forward's prune knows each arch it runs on; its spill table is applied per arch (sm_100 at d128).
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
-               for bm, bn, w, s in attn_mod._FWD_SM90_TILES]
+               for bm, bn, w, s in tuning._FWD_SM90_TILES]
     assert all(c.kwargs["BLOCK_M"] >= 128 for c in configs)  # no 64-row tile: its two consumer groups did it twice
     for arch in (90, 100, None):
         for d in (24, 64, 72, 128):
             d0, d1 = _split_head_dim(d)
-            kept = attn_mod._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), arch)
+            kept = tuning._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), arch)
             dp = d0 + d1
-            spills = {(dp_, t) for a in ((arch,) if arch else (90, 100)) for dp_, m, t in attn_mod._SM90_SPILLS[a]
+            spills = {(dp_, t) for a in ((arch,) if arch else (90, 100)) for dp_, m, t in tuning._SM90_SPILLS[a]
                       if m is not True}
             tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
             assert not any((dp, t) in spills for t in tiles) or len(kept) == 1  # (1: the never-empty fallback)
@@ -802,12 +810,177 @@ def test_attention_sm90_prune_per_arch():
 def test_attention_sm90_kernel_lanes_per_arch():
     # sm_100 spills in every sm_90-kernel tile at 128 lanes (compile report): auto keeps the portable kernel there,
     # and the prune drops the measured spillers at 80/96 lanes.
-    assert attn_mod._SM90_MAX_LANES == {9: (128, 128), 10: (96, 32)}
+    assert tuning._SM90_MAX_LANES == {9: (128, 128), 10: (96, 32)}
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
-               for bm, bn, w, s in attn_mod._FWD_SM90_TILES]
+               for bm, bn, w, s in tuning._FWD_SM90_TILES]
     for d in (72, 80, 96):
         d0, d1 = _split_head_dim(d)
-        kept = attn_mod._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), 100)
+        kept = tuning._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), 100)
         assert (128, 64, 4, 3) not in [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                                        for c in kept]
-        assert len(attn_mod._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), 90)) == 3
+        assert len(tuning._prune_sm90_for(configs, dict(D0=d0, D1=d1, HAS_MASK=False), 90)) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# key_lengths: a per-batch key prefix, the Text VE's padding, with no byte mask in the kernels
+# ---------------------------------------------------------------------------------------------------------------------
+
+# (B, H, Tq, Tk, D, dtype): lengths 0, 1, Tk and one in between, one per batch row (B = 4); fp32 runs fp16 on sm90.
+LENGTH_CASES = [
+    (4, 2, 13, 77, 24, F32),
+    (4, 2, 77, 13, 48, F16),  # 32 + 16 lanes
+    (4, 1, 13, 77, 72, F16),  # 64 + 16 lanes
+    (4, 1, 7, 257, 16, F16),  # several key blocks past the length
+]
+
+
+def _lengths(b, tk, device):
+    return torch.tensor([0, 1, tk, tk // 2 + 1][:b], device=device)
+
+
+def _poison_past(k, v, lengths):
+    """k, v with NaN in every key past its batch row's length: such keys must take no part."""
+    drop = ~lengths_mask(lengths, k.shape[2])[:, None, :, None]
+    return k.masked_fill(drop, float("nan")), v.masked_fill(drop, float("nan"))
+
+
+@pytest.mark.parametrize("case", LENGTH_CASES, ids=lambda c: f"{c[0]}x{c[1]}-q{c[2]}-k{c[3]}-d{c[4]}-{str(c[5])[6:]}")
+def test_attention_key_lengths(case, device, kernel_paths):
+    b, h, tq, tk, d, dtype = case
+    if kernel_paths[0] == "sm90":
+        dtype = F16
+    q, k, v, do = (torch.randn(b, h, n, d, device=device, dtype=dtype) for n in (tq, tk, tk, tq))
+    lengths = _lengths(b, tk, device)
+    k, v = _poison_past(k, v, lengths)
+    before = _launch_counts()
+    out, dq, dk, dv = _check_against_ref(q, k, v, do, lengths=lengths)
+    _assert_ran(before, _expect_kernel(kernel_paths[0], dtype, d), kernel_paths[1])
+    for t in (out[0], dq[0], dk[0], dv[0]):  # length 0: zeros, no NaN, no gradient
+        assert torch.equal(t, torch.zeros_like(t))
+    keep = lengths_mask(lengths, tk)[:, None, :, None]
+    for t in (dk, dv):  # no gradient past the length
+        assert torch.equal(t.masked_fill(keep, 0), torch.zeros_like(t))
+    # The same numbers as the equivalent prefix mask (a NaN-free copy: the byte-mask kernels read the keys it drops).
+    clean_k, clean_v = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    masked = _grads(attention_triton, (q, clean_k, clean_v), dtype, do, None, lengths_mask(lengths, tk))
+    for name, g, m in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), masked):
+        torch.testing.assert_close(g, m, atol=1e-6 if dtype == F32 else 2e-3, rtol=1e-5 if dtype == F32 else 2e-3,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("layout", ["bthd", "qkv"])
+def test_attention_key_lengths_strided_layouts(layout, device, kernel_paths):
+    # The model's views (the Text VE's (B, T, H, D), DiT's fused qkv), read in place, int32 lengths.
+    b, t, h, d, dtype = 3, 77, 2, 24, F16
+    if layout == "bthd":
+        q, k, v = (torch.randn(b, t, h, d, device=device, dtype=dtype).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = torch.randn(b, t, 3, h, d, device=device, dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous() and all(_prepare(x) is x for x in (q, k, v))
+    lengths = torch.tensor([77, 5, 40], device=device, dtype=torch.int32)
+    do = torch.randn(b, t, h, d, device=device, dtype=dtype).transpose(1, 2)
+    before = _launch_counts()
+    _check_against_ref(q, k, v, do, lengths=lengths)
+    _assert_ran(before, _expect_kernel(kernel_paths[0], dtype, d), kernel_paths[1])
+
+
+def test_attention_key_lengths_are_clamped(device):
+    # Documented: a length below 0 acts as 0, one above Tk as Tk (checking would cost a device sync per call).
+    q, k, v = (torch.randn(3, 2, n, 16, device=device) for n in (5, 9, 9))
+    for dtype in (torch.int64, torch.int32):
+        wild, tame = (torch.tensor(x, device=device, dtype=dtype) for x in ([-3, 100, 2**31 - 1], [0, 9, 9]))
+        for fn in (attention_triton, attention_ref):
+            torch.testing.assert_close(fn(q, k, v, key_lengths=wild), fn(q, k, v, key_lengths=tame), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(key_padding_mask=torch.ones(2, 9, dtype=torch.bool)), "key_padding_mask or key_lengths, not both"),
+    (dict(key_lengths=torch.tensor([1.0, 2.0])), "key_lengths must be an int32 or int64 tensor"),
+    (dict(key_lengths=[3, 4]), "key_lengths must be an int32 or int64 tensor"),
+    (dict(key_lengths=torch.tensor([1, 2, 3])), r"key_lengths must be \(B,\) = \(2,\)"),
+    (dict(key_lengths=torch.tensor([[1], [2]])), r"key_lengths must be \(B,\)"),
+    (dict(key_lengths=torch.tensor([1, 2], device="meta")), "key_lengths is on meta"),
+], ids=["with-mask", "float", "list", "length", "rank", "device"])
+def test_attention_key_lengths_bad_inputs(over, match):
+    args = _bad(**over)
+    if "key_padding_mask" in over:
+        args["key_lengths"] = torch.tensor([3, 4])
+    for fn in (attention_triton, attention_ref, crossflow_kernels.attention):
+        with pytest.raises(ValueError, match=match):
+            fn(**args)
+
+
+def test_attention_key_lengths_compile_torch_backend_fullgraph():
+    q, k, v = (torch.randn(2, 2, n, 24) for n in (7, 9, 9))
+    lengths = torch.tensor([9, 3])
+
+    def fn(q, k, v, lengths):
+        return crossflow_kernels.attention(q, k, v, key_lengths=lengths)
+
+    with crossflow_kernels.use_backend("torch"):
+        out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, lengths)
+    torch.testing.assert_close(out, attention_ref(q, k, v, key_lengths=lengths))
+
+
+def test_attention_key_lengths_dispatch_counts(device):
+    q, k, v = (torch.randn(2, 2, n, 16, device=device) for n in (5, 9, 9))
+    lengths = torch.tensor([9, 2], device=device)
+    crossflow_kernels.reset_dispatch_counts()
+    with crossflow_kernels.use_routing(False):
+        crossflow_kernels.attention(q, k, v, key_lengths=lengths)
+    with crossflow_kernels.use_backend("torch"):
+        crossflow_kernels.attention(q, k, v, key_lengths=lengths)
+    assert crossflow_kernels.dispatch_counts() == {("attention", "triton"): 1, ("attention", "torch"): 1}
+
+
+@pytest.mark.gpu
+def test_attention_key_lengths_compile_triton_fullgraph(device, fwd_kernel):
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(2, 4, 77, 24, device=device, dtype=F16, requires_grad=True) for _ in range(3))
+    lengths = torch.tensor([77, 12], device=device)
+
+    def fn(q, k, v):
+        return crossflow_kernels.attention(q, k, v, key_lengths=lengths).float().square().sum()
+
+    with crossflow_kernels.use_backend("triton"):
+        eager = fn(q, k, v)
+        g_eager = torch.autograd.grad(eager, (q, k, v))
+        compiled = torch.compile(fn, fullgraph=True)(q, k, v)
+        g_compiled = torch.autograd.grad(compiled, (q, k, v))
+    torch.testing.assert_close(compiled, eager, atol=1e-2, rtol=1e-2)
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
+_LENS_REPORTS = ("2026-12-06_compile-report_triton-3.9.0_attention-lens.json",
+                 "2026-12-06_compile-report_triton-3.6.0_attention-lens.json")
+
+
+@pytest.mark.parametrize("name", _LENS_REPORTS)
+def test_attention_key_lengths_compiled_kernels_read_no_byte_mask(name):
+    # The committed compile reports of the `-lens` cases (the KEY_LENS kernels, every kept config, sm_80/90/100/120):
+    # MASK (the int32 lengths) is read with 4-byte loads only, never a byte, and no kept config spills; the sm_90
+    # forward is compiled warp-specialized with TMA on sm_90 and sm_100, its 128-key tile included (the byte mask
+    # closed it). The masked cases of the same day do read the mask byte by byte.
+    import json
+    from pathlib import Path
+    results = Path(__file__).resolve().parents[2] / "benchmarks/results"
+    rows = [r for r in json.loads((results / name).read_text())["rows"] if "-lens" in r["case"]]
+    assert rows and not any(r.get("error") for r in rows)
+    for r in rows:
+        reads = [a for a in r["accesses"] if "MASK" in a["args"]]
+        if r["kernel"].startswith("_attention_bwd_delta_kernel"):
+            assert not reads
+            continue
+        assert r["constexprs"]["KEY_LENS"] and not r["constexprs"]["HAS_MASK"], r["case"]
+        assert all(a["bytes"] == 4 and a["kind"] == "ld" for a in reads), (r["case"], r["kernel"], reads)
+        assert reads or r["kernel"] == "_attention_fwd_sm90_kernel"  # (3.6: its partitions' loads go unattributed)
+        assert not r["ptx"]["ld_global"].get("1"), (r["case"], r["kernel"], r["ptx"])  # no byte load at all
+        assert r["spill_store_bytes"] == 0 or r["arch"] == 120, (r["case"], r["kernel"], r["arch"], r["config"])
+    sm90 = [r for r in rows if r["kernel"] == "_attention_fwd_sm90_kernel"]
+    assert {r["arch"] for r in sm90} == {90, 100}
+    assert all(r["warp_specialized"] and r["ptx"]["tma_load"] for r in sm90)
+    assert any(r["config"]["BLOCK_N"] == 128 for r in sm90 if r["arch"] == 90)
+    masked = json.loads((results / "2026-12-06_compile-report_triton-3.9.0_attention-t77.json").read_text())["rows"]
+    assert any(a["bytes"] == 1 for r in masked if r["kernel"] == "_attention_fwd_sm90_kernel"
+               for a in r["accesses"] if "MASK" in a["args"])

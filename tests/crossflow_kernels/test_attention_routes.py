@@ -14,7 +14,7 @@ import torch
 import crossflow_kernels
 from benchmarks import report
 from crossflow_kernels import attention_routes as ar
-from crossflow_kernels.attention import attention_ref
+from crossflow_kernels.attention import attention_ref, lengths_mask
 from crossflow_kernels.testing import check_against_ref
 
 ON_GPU = torch.cuda.is_available()
@@ -402,3 +402,16 @@ def test_routing_table_decides_on_the_models_layout():
     assert (entry["layout"], entry["backend"], entry["ours_ms"]) == ("qkv", "sdpa_flash", 2.0)
     (entry,) = report.routing_table(_gpu_check(cases[:2]), "r.json")["entries"]
     assert (entry["layout"], entry["backend"]) == ("bhtd", "triton")
+
+
+def test_key_lengths_calls_are_never_routed(table_dir):
+    # The table measures ours with a byte mask; with key lengths ours runs (and counts as "triton") even where the
+    # table routes the masked and unmasked buckets of the same shape to SDPA.
+    _table(table_dir, [_entry(24, 7, 9, 4, F32, m, "fwd", "sdpa_math") for m in (False, True)])
+    q, k, v = _qkv()
+    lengths = torch.tensor([9, 0], device=DEV)
+    out = crossflow_kernels.attention(q, k, v, key_lengths=lengths)
+    assert crossflow_kernels.dispatch_counts() == {("attention", "triton"): 1}
+    torch.testing.assert_close(out, attention_ref(q, k, v, key_lengths=lengths), atol=1e-5, rtol=1e-5)
+    crossflow_kernels.attention(q, k, v, key_padding_mask=lengths_mask(lengths, 9))  # the same mask is routed
+    assert crossflow_kernels.dispatch_counts()[("attention", "sdpa_math")] == 1
