@@ -82,17 +82,18 @@ class SchedulerSampler(EulerSampler):
     ) -> torch.Tensor:
         """Integrate from z0 (B, C, H, W) at sigma_max to sigma = 0; returns a new tensor of z0's shape and dtype.
 
-        callback(n): 1 after each network evaluation."""
+        callback(n): steps completed, `steps` in all (Heun's corrector evaluations share their step's count)."""
         steps, s = self._resolve(z0, steps, guidance_scale)
         fn = velocity_fn(model)
         sched = self._schedule(steps, z0.device)
         sigmas = sched.sigmas.to(device=z0.device, dtype=torch.float32)
-        x = z0.clone()
+        x, nfe = z0.clone(), len(sched.timesteps)
         for i, timestep in enumerate(sched.timesteps):
             t = (1.0 - sigmas[i]).reshape(())
             v_cond, v_uncond = self._velocity(fn, x, t, s)
             v = v_cond if s is None else v_uncond + s * (v_cond - v_uncond)
             x = sched.step(-v, timestep, x, return_dict=False)[0].to(z0.dtype)
-            if callback is not None:
-                callback(1)
+            done = (i + 1) * steps // nfe - i * steps // nfe
+            if callback is not None and done:
+                callback(done)
         return x
