@@ -178,7 +178,7 @@ def crossflow_api() -> SimpleNamespace:
 
     import crossflow
 
-    where = {"CrossFlowConfig": "crossflow.config", "FlowTransformer": "crossflow.model",
+    where = {"CrossFlowConfig": "crossflow.config", "FlowTransformer": "crossflow.models.model",
              "EulerSampler": "crossflow.sampling", "FastSampler": "crossflow.fast_sampler"}
     api = {}
     for name, module in where.items():
@@ -197,10 +197,10 @@ def crossflow_api() -> SimpleNamespace:
 
 def build_flow(preset: str, dtype: torch.dtype, seed: int = 0) -> tuple[Any, torch.nn.Module]:
     """(cfg, flow network) with random weights, built directly on the device, eval mode, no grads: the DiT
-    `FlowTransformer` or, for a DiMR preset, `DiMRFlow` (`crossflow.model.build_flow`).
+    `FlowTransformer` or, for a DiMR preset, `DiMRFlow` (`crossflow.models.model.build_flow`).
 
     Every parameter is redrawn from N(0, 0.02): adaLN-Zero's init zeroes the output, which is a degenerate field."""
-    from crossflow.model import build_flow as build
+    from crossflow.models.model import build_flow as build
 
     cfg = crossflow_api().CrossFlowConfig.from_name(preset)
     torch.manual_seed(seed)
@@ -238,7 +238,7 @@ def counted_flops_per_sample(cfg: Any) -> int:
     """FLOPs of one flow forward on one latent as `torch.utils.flop_counter` counts them, on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from crossflow.model import build_flow as build
+    from crossflow.models.model import build_flow as build
 
     with torch.device("meta"):
         flow = build(cfg)

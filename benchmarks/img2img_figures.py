@@ -12,17 +12,19 @@ from pathlib import Path
 import torch
 
 import crossflow_kernels
-from crossflow import img2img
 from crossflow.cli import GRID_GAP, save_grid
-from crossflow.pipeline import to_pil
-from crossflow.tasks import default_checkpoint
+from crossflow.pipelines.image_io import to_pil
+from crossflow.pipelines.base import default_checkpoint
+from crossflow.digits import data
+from crossflow.pipelines import image as img2img
+from crossflow.digits import eval as judge
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def held_out_examples() -> torch.Tensor:
     """The first held-out image of each digit 0..9: (10, 1, 8, 8) in [-1, 1]."""
-    real, y = img2img.load_native("test")
+    real, y = data.load_native("test")
     return torch.stack([real[int(torch.nonzero(y == k)[0])] for k in range(10)])
 
 
@@ -32,8 +34,8 @@ def main(task: str) -> None:
     with crossflow_kernels.use_backend("torch"):
         if task == "sr":
             pipe = img2img.ImagePipeline.from_pretrained(default_checkpoint("digits-sr"))
-            low = img2img.downsample(real)
-            rows = [torch.nn.functional.interpolate(low, size=8, mode="nearest"), img2img.bicubic(low),
+            low = data.downsample(real)
+            rows = [torch.nn.functional.interpolate(low, size=8, mode="nearest"), judge.bicubic(low),
                     pipe.upscale(low), real]
             out, n_rows = DOCS / "digits_sr.png", 4
         elif task == "vary":

@@ -4,7 +4,7 @@
   python -m benchmarks.report <gpu_check.json> --readme     # print the README's results table from a GPU check
   python -m benchmarks.report <gpu_check.json> --routing-table [PATH]   # crossflow_kernels.attention's SDPA routing table
 
-A GPU-check result (`benchmarks/gpu_check.py`, schema `crossflow-gpu-check/1`) may be given among the files: it gets
+A GPU-check result (`benchmarks/gpu_session/gpu_check.py`, schema `crossflow-gpu-check/1`) may be given among the files: it gets
 its own section (`gpu_check_section`); `readme_table` renders the README's results table from it alone;
 `routing_table` derives from its attention stage the per-device table `crossflow_kernels.attention` routes by (written
 to crossflow_kernels/routes/attention-routes_<device>.json, package data, unless PATH, a file or a directory, says
@@ -147,7 +147,7 @@ GPU_CHECK_SCHEMA = "crossflow-gpu-check/1"
 
 
 def read_gpu_check(path: Path) -> dict[str, Any]:
-    """A GPU-check result (`benchmarks/gpu_check.py` writes it); ValueError for any other JSON."""
+    """A GPU-check result (`benchmarks/gpu_session/gpu_check.py` writes it); ValueError for any other JSON."""
     data = json.loads(Path(path).read_text())
     if data.get("schema") != GPU_CHECK_SCHEMA:
         raise ValueError(f"{path}: not a GPU-check result (schema {data.get('schema')!r}, "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: one prepared command of at most 9 minutes on a bare GPU machine (torch + triton, no network).
-# Stages in priority order, each killed at its own budget, each case saved as it ends; see benchmarks/gpu_check.py.
+# Stages in priority order, each killed at its own budget, each case saved as it ends; see benchmarks/gpu_session/gpu_check.py.
 #
 #   bash benchmarks/run_gpu.sh            # everything; results under $OUT (else --out DIR, else a new temp dir):
 #                                         #   gpu_check.json, gpu_check.log, pytest_gpu.xml, ncu_attention.{ncu-rep,txt}
@@ -10,4 +10,4 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-exec "${PYTHON:-python3}" -m benchmarks.gpu_check "$@"
+exec "${PYTHON:-python3}" -m benchmarks.gpu_session.gpu_check "$@"

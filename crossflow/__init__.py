@@ -12,24 +12,25 @@ from typing import Any
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "IdentityAutoencoder": "autoencoder", "VAEAutoencoder": "autoencoder", "build_autoencoder": "autoencoder",
+    "IdentityAutoencoder": "encoders.autoencoder", "VAEAutoencoder": "encoders.autoencoder",
+    "build_autoencoder": "encoders.autoencoder",
     "atomic_write": "checkpoint", "save_pretrained": "checkpoint",
     "CONFIGS": "config", "CrossFlowConfig": "config",
-    "convert_official_state_dict": "convert", "detect_preset": "convert", "load_official_checkpoint": "convert",
-    "save_converted": "convert",
-    "DiMRFlow": "dimr",
+    "convert_official_state_dict": "convert.dit", "detect_preset": "convert.dit",
+    "load_official_checkpoint": "convert.dit", "save_converted": "convert.dit",
+    "DiMRFlow": "models.dimr",
     "DiMRConfig": "dimr_config", "DiMRStage": "dimr_config",
     "SyntheticPairs": "data",
     "FastSampler": "fast_sampler",
-    "ImagePipeline": "img2img",
-    "CrossFlow": "model", "FlowTransformer": "model", "load_pretrained": "model",
-    "CrossFlowPipeline": "pipeline", "sample": "pipeline",
+    "ImagePipeline": "pipelines.image",
+    "CrossFlow": "models.model", "FlowTransformer": "models.model", "load_pretrained": "models.model",
+    "CrossFlowPipeline": "pipelines.text_to_image", "sample": "pipelines.text_to_image",
     "EulerSampler": "sampling", "interpolate_latents": "sampling", "latent_arithmetic": "sampling",
-    "TextEncoder": "text_encoder",
-    "ImageVE": "image_ve", "TextDecoder": "text_decoder",
-    "CaptionPipeline": "tasks",
-    "TextVE": "text_ve",
-    "TrainConfig": "train_config", "Trainer": "train",
+    "TextEncoder": "encoders.text_encoder",
+    "ImageVE": "models.image_ve", "TextDecoder": "models.text_decoder",
+    "CaptionPipeline": "pipelines.caption",
+    "TextVE": "models.text_ve",
+    "TrainConfig": "training.train_config", "Trainer": "training.train",
 }
 
 __all__ = sorted(_EXPORTS)

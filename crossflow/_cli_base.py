@@ -1,5 +1,5 @@
 """The argparse classes every `crossflow` verb's parser uses (standard library only, so that `crossflow --help` stays
-instant, and importable by `crossflow.train` without importing the CLI)."""
+instant, and importable by `crossflow.training.train` without importing the CLI)."""
 
 from __future__ import annotations
 

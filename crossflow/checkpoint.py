@@ -18,13 +18,14 @@ tensors, everything else as JSON metadata, and a sha256 over all of it (metadata
 Every file is written atomically: to a temporary file in the same directory, flushed and fsync'ed, then `os.replace`d
 over the target (atomic on POSIX and Windows), and the directory is fsync'ed. A crash or an exception leaves either the
 old file or the new one, never a torn one; the temporary file is removed on an exception, and by `clean_stale_tmp`
-after a kill. This module knows the model only through `state_dict()` and `.config` (no import of `crossflow.model`).
+after a kill. This module knows the model only through `state_dict()` and `.config` (no import of `crossflow.models.model`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -44,6 +45,8 @@ CONFIG_NAME = "config.json"
 CHECKSUMS_NAME = "checksums.sha256"
 SAMPLING_NAME = "sampling.json"
 REQUIRED = (WEIGHTS_NAME, CONFIG_NAME)  # what a manifest must list
+SAMPLER_KEYS = ("steps", "guidance_scale", "official_grid", "method")  # sampling.json keys that go to the sampler
+SCALE_KEYS = ("source_noise_scale", "text_variation_strength")  # sampling.json keys of image -> text (CaptionPipeline)
 FORMAT = "crossflow-v1"
 TRAIN_FORMAT = "crossflow-train-checkpoint/1"
 _STEP_RE = re.compile(r"^step_(\d{8})\.safetensors$")
@@ -248,6 +251,59 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, sampling: di
     else:
         (directory / SAMPLING_NAME).unlink(missing_ok=True)
     write_checksums(directory, names)
+
+
+def read_sampling(directory: str | os.PathLike) -> dict[str, Any]:
+    """The recommended settings saved beside a checkpoint (`sampling.json`, as `config.SAMPLING` writes them: the
+    sampler's `SAMPLER_KEYS`, and `SCALE_KEYS`; other keys are ignored). Without the file (a run trained before the
+    trainer wrote it): the `config.SAMPLING` entry of the preset its config.json records or its config equals, else {}.
+    A file that is not a JSON object or holds an invalid value raises ValueError naming it."""
+    from crossflow.sampling import EulerSampler
+
+    f = Path(directory) / SAMPLING_NAME
+    if not f.is_file():
+        return _preset_sampling(directory)
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+        kw = {k: d[k] for k in SAMPLER_KEYS if k in d}
+        EulerSampler(**kw)  # the same checks a sampler built from them makes
+        for k in SCALE_KEYS:
+            v = d.get(k, 1.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+                raise ValueError(f"{k} must be a finite number >= 0, got {v!r}")
+            if k in d:
+                kw[k] = float(v)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{f}: invalid sampling settings ({e})") from None
+    return kw
+
+
+def _preset_sampling(directory: str | os.PathLike) -> dict[str, Any]:
+    from crossflow.config import SAMPLING
+
+    try:
+        cfg, about = read_checkpoint_info(directory)
+    except (OSError, ValueError):  # reported where the model loads
+        return {}
+    preset = about["preset"] or next((n for n in SAMPLING if CrossFlowConfig.from_name(n) == cfg), None)
+    return dict(SAMPLING.get(preset, {}))
+
+
+def sampler_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The sampler's part (`SAMPLER_KEYS`) of `read_sampling`'s settings."""
+    return {k: v for k, v in settings.items() if k in SAMPLER_KEYS}
+
+
+def is_checkpoint(directory: str | os.PathLike) -> None:
+    """FileNotFoundError unless `directory` holds a checkpoint's required files (checked before anything loads)."""
+    p = Path(directory)
+    if not p.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {directory}")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (p / name).is_file():
+            raise FileNotFoundError(f"{directory} is not a checkpoint: it has no {name}")
 
 
 def check_output_directory(path: str | os.PathLike, option: str = "") -> None:

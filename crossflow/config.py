@@ -7,7 +7,7 @@ it: that is a runtime choice (`crossflow_kernels.use_backend`).
 Presets (`CrossFlowConfig.from_name`):
   * ``tiny``        -- unit tests; small enough for the Triton CPU interpreter.
   * ``digits``      -- the embedded default: 16x16 pixel-space digits, MiniLM text, trains on a laptop CPU.
-  * ``digits-sr``   -- super-resolution: a 4x4 digit (image VE source) -> the real 8x8 digit (`crossflow.img2img`).
+  * ``digits-sr``   -- super-resolution: a 4x4 digit (image VE source) -> the real 8x8 digit (`crossflow.pipelines.image`).
   * ``digits-vary`` -- image variation: an 8x8 digit through a narrow image VE -> the same digit in another hand.
   * ``dit-{s,b,l,xl}-2`` -- DiT paper sizes on the 256 px SD-VAE latent (4x32x32), CLIP-L/14 text (77x768), the
     official CLIP@256 Text VE (Linear head).
@@ -40,11 +40,12 @@ TARGETS = ("image", "text")  # where it ends (t = 1): an image latent, or a text
 class CrossFlowConfig:
     """Hyper-parameters of a CrossFlow model. Defaults are the ``digits`` preset's, except its KL weight."""
 
-    # ---- the pairing (DESIGN.md section 9): source encoder -> shared flow transformer -> target side.
-    # source "text": the Text VE over text-encoder tokens (text_* / ve_* fields); "image": the image VE over a
-    # (source_channels, source_size, source_size) image in [-1, 1] (source_* / image_ve_width).
-    # target "image": the autoencoder's latent, latent_shape; "text": a text latent of latent_shape (the Text VE's mu of
-    # the caption, the flow's grid holding the flat vector) decoded to words by `text_decoder.TextDecoder`.
+    # ---- the pairing (section 9 of the project's design notes, DESIGN.md, kept outside this repository): source
+    # encoder -> shared flow transformer -> target side. source "text": the Text VE over text-encoder tokens (text_* /
+    # ve_* fields); "image": the image VE over a (source_channels, source_size, source_size) image in [-1, 1] (source_*
+    # / image_ve_width). target "image": the autoencoder's latent, latent_shape; "text": a text latent of latent_shape
+    # (the Text VE's mu of the caption, the flow's grid holding the flat vector) decoded to words by
+    # `text_decoder.TextDecoder`.
     source: str = "text"
     target: str = "image"
     # ---- image latent (the flow's state): (latent_channels, latent_size, latent_size)
@@ -57,7 +58,7 @@ class CrossFlowConfig:
     num_heads: int = 6
     mlp_ratio: float = 4.0
     norm: str = "layer"  # LayerNorm without affine, eps 1e-6 (DiT); "rms" is ours, not convertible
-    # ---- or the DiMR flow network (`crossflow.dimr`): backbone "dimr" with its `DiMRConfig` (the DiT fields above are
+    # ---- or the DiMR flow network (`crossflow.models.dimr`): backbone "dimr" with its `DiMRConfig` (the DiT fields above are
     # then unused); its latent shape must be the one above
     backbone: str = "dit"
     dimr: DiMRConfig | None = None
@@ -92,7 +93,7 @@ class CrossFlowConfig:
     source_channels: int = 1
     source_size: int = 16
     image_ve_width: int = 32
-    # ---- text target: the text autoencoder's decoder over a word vocabulary (`text_decoder.VOCABS`)
+    # ---- text target: the text autoencoder's decoder over a word vocabulary (`vocab.VOCABS`)
     vocab: str = "digits"
     max_words: int = 8  # the longest caption the decoder writes (END-padded in training)
     decoder_width: int = 128
@@ -318,7 +319,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         source="image", target="text", latent_channels=1, latent_size=8, patch_size=2, hidden_size=128, depth=3,
         num_heads=4, text_len=10, ve_layers=0, image_encoder_width=16, image_feature_dim=128, image_ve_width=32,
     ),
-    # Image -> image on the real 8x8 digits (`crossflow.img2img`): the flow on the 1x8x8 pixels (16 tokens of 2x2).
+    # Image -> image on the real 8x8 digits (`crossflow.pipelines.image`): the flow on the 1x8x8 pixels (16 tokens of 2x2).
     # Super-resolution: the image VE reads the 4x4; a tiny KL weight lets it keep its posterior narrow, so z0 is nearly
     # a function of the input and the flow lands near the best estimate of the 8x8 (PSNR), not a random redraw.
     "digits-sr": dict(

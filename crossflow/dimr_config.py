@@ -1,6 +1,6 @@
 """The DiMR network's configuration (`DiMRStage`, `DiMRConfig`), its presets and the facts about the released
 checkpoints. Torch-free, so that `crossflow.config` (and with it the CLI's argument handling) can name DiMR presets
-without importing torch; the network itself is `crossflow.dimr`."""
+without importing torch; the network itself is `crossflow.models.dimr`."""
 
 from __future__ import annotations
 

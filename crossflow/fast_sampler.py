@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from crossflow.sampling import EulerSampler, timesteps, velocity_fn
+from crossflow.sampling import EulerSampler, _check_flow, timesteps
 
 
 @dataclass
@@ -79,7 +79,7 @@ class FastSampler(EulerSampler):
 
     @torch.no_grad()
     def __call__(
-        self, model: Any, z0: torch.Tensor, *, steps: int | None = None, guidance_scale: float | None = None,
+        self, flow: Callable, z0: torch.Tensor, *, steps: int | None = None, guidance_scale: float | None = None,
         callback: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Integrate from z0 (B, C, H, W) at t = 0 to t = 1; returns a new tensor of z0's shape and dtype.
@@ -87,9 +87,10 @@ class FastSampler(EulerSampler):
         callback(n): the number of steps just completed; one call per step eagerly, one call with all the steps after
         a graph replay (a replay has no steps to report between)."""
         if not (self.use_cuda_graph and isinstance(z0, torch.Tensor) and z0.is_cuda):
-            return super().__call__(model, z0, steps=steps, guidance_scale=guidance_scale, callback=callback)
+            return super().__call__(flow, z0, steps=steps, guidance_scale=guidance_scale, callback=callback)
         steps, s = self._resolve(z0, steps, guidance_scale)  # s None = guidance off (sampling.guidance decides)
-        fn = velocity_fn(model)
+        _check_flow(flow)
+        model = fn = flow
         key = (id(model), tuple(z0.shape), z0.dtype, z0.device, steps, self.official_grid, self.method, s is not None)
         entry = self._graphs.get(key)
         if entry is not None and (entry.model_ref() is not model or entry.storage != _storage_of(model)):

@@ -1,6 +1,7 @@
 """The pure math of CrossFlow's objective: flow matching from a text latent to an image latent.
 
-Convention (reference/crossflow.md §1.7): t = 0 is the text latent z0 (the Text VE's sample), t = 1 the image latent z1.
+Convention (the project's design notes outside this repository, reference/crossflow.md §1.7): t = 0 is the text latent
+z0 (the Text VE's sample), t = 1 the image latent z1.
 
     z_t = t * z1 + (1 - (1 - sigma_min) * t) * z0        v = dz_t/dt = z1 - (1 - sigma_min) * z0
 

@@ -1,9 +1,10 @@
 """The reference sampler: Euler integration of dz/dt = v(z, t, indicator) from the text latent z0 (t = 0) to the
 image latent (t = 1), with indicator classifier-free guidance, plus the paper's latent interpolation and arithmetic.
 
-Guidance (reference/crossflow.md §1.8): v = v_u + s * (v_c - v_u), both branches at the same x. Unlike the official
-code (two unbatched passes), cond and uncond go through ONE forward of 2B (indicator 0 for the first half, 1 for the
-second), and the update is the fused `crossflow_kernels.cfg_euler_step`, in place.
+Guidance (the project's design notes, reference/crossflow.md §1.8, kept outside this repository): v = v_u + s * (v_c -
+v_u), both branches at the same x. Unlike the official code (two unbatched passes), cond and uncond go through ONE
+forward of 2B (indicator 0 for the first half, 1 for the second), and the update is the fused
+`crossflow_kernels.cfg_euler_step`, in place.
 
 Methods (`method=`): "euler" (first order, one velocity evaluation per step) and "midpoint" (second order, two:
 x_mid = x + dt/2 * v(x, t), then x + dt * v(x_mid, t + dt/2); each evaluation is the same batched cond/uncond forward
@@ -81,21 +82,17 @@ def _check_z0(z0: Any) -> None:
         raise ValueError(f"z0 must be a 4-D floating tensor (B, C, H, W), got shape {tuple(z0.shape)} {z0.dtype}")
 
 
-def velocity_fn(model: Any) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The callable v(x, t, indicator): `model.velocity` for a full CrossFlow, else the model itself."""
-    fn = getattr(model, "velocity", None)
-    if callable(fn):
-        return fn
-    if not callable(model):
-        raise ValueError(f"model must be callable as model(x, t, indicator), got {type(model).__name__}")
-    return model
+def _check_flow(flow: Any) -> None:
+    if not callable(flow) or hasattr(flow, "velocity"):  # a whole CrossFlow: the sampler integrates its `.flow`
+        raise ValueError(f"the sampler takes the flow network (`model.flow`), callable as flow(x, t, indicator); got "
+                         f"{type(flow).__name__}")
 
 
 class EulerSampler:
     """Reference Euler sampler with batched indicator CFG.
 
-    `sampler(model, z0)` returns z1 (B, C, H, W). `model` is any module/callable `model(x (B,C,H,W), t (B,) float,
-    indicator (B,) long: 0 cond / 1 uncond) -> v`, or a `CrossFlow` (its `.velocity` is used). guidance_scale == 1
+    `sampler(flow, z0)` returns z1 (B, C, H, W). `flow` is the flow network (`CrossFlow.flow`), or any callable
+    `flow(x (B,C,H,W), t (B,) float, indicator (B,) long: 0 cond / 1 uncond) -> v`. guidance_scale == 1
     runs the cond branch only (one pass per step). Runs under `torch.no_grad()`; the caller's z0 is never modified.
     Subclasses (FastSampler) reuse `_step` and the checks and replace the loop.
     """
@@ -121,12 +118,18 @@ class EulerSampler:
         """Velocity-field evaluations (batched cond/uncond forwards) of a call with `steps` (default: the sampler's)."""
         return (self.steps if steps is None else steps) * METHODS[self.method]
 
-    def _resolve(self, z0: Any, steps: int | None, guidance_scale: float | None) -> tuple[int, float | None]:
-        """(steps, s): the call's values, else the sampler's; s None = no guidance (see `guidance`)."""
-        _check_z0(z0)
+    def resolve(self, steps: int | None = None, guidance_scale: float | None = None) -> tuple[int, float]:
+        """(steps, guidance_scale) a call with these arguments runs with: the call's values, else the sampler's;
+        validated here (the sampler's entry), once. The pipelines, their progress bars and `crossflow eval` ask it."""
         steps = self.steps if steps is None else steps
         _check_steps(steps)
-        return steps, guidance(self.guidance_scale if guidance_scale is None else guidance_scale)
+        return steps, _check_scale(self.guidance_scale if guidance_scale is None else guidance_scale)
+
+    def _resolve(self, z0: Any, steps: int | None, guidance_scale: float | None) -> tuple[int, float | None]:
+        """(steps, s) of `resolve`, z0 checked; s None = no guidance (see `guidance`)."""
+        _check_z0(z0)
+        steps, scale = self.resolve(steps, guidance_scale)
+        return steps, guidance(scale)
 
     @staticmethod
     def _velocity(model: Callable, x: torch.Tensor, t: torch.Tensor, s) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -163,7 +166,7 @@ class EulerSampler:
 
     @torch.no_grad()
     def __call__(
-        self, model: Any, z0: torch.Tensor, *, steps: int | None = None, guidance_scale: float | None = None,
+        self, flow: Callable, z0: torch.Tensor, *, steps: int | None = None, guidance_scale: float | None = None,
         callback: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Integrate from z0 (B, C, H, W) at t = 0 to t = 1; returns a new tensor of z0's shape and dtype.
@@ -171,9 +174,9 @@ class EulerSampler:
         callback(n): called with the number of steps just completed (1 after each step here), e.g. a progress bar's
         `update`."""
         steps, s = self._resolve(z0, steps, guidance_scale)
-        fn = velocity_fn(model)
+        _check_flow(flow)
         ts, dts = timesteps(steps, self.official_grid, device=z0.device)
-        return self._loop(fn, z0.clone(), ts, dts, s, callback)  # never write into z0
+        return self._loop(flow, z0.clone(), ts, dts, s, callback)  # never write into z0
 
     def _loop(
         self, fn: Callable, x: torch.Tensor, ts: torch.Tensor, dts: torch.Tensor, s,
@@ -193,7 +196,7 @@ class EulerSampler:
 
 
 @torch.no_grad()
-def invert(model: Any, z1: torch.Tensor, steps: int = 50) -> torch.Tensor:
+def invert(flow: Callable, z1: torch.Tensor, steps: int = 50) -> torch.Tensor:
     """The flow run backwards: Euler from z1 at t = 1 to t = 0 with the conditional branch (no guidance, whose
     uncond half would not invert), evaluated at t = 1, 1 - 1/N, ..., 1/N. Returns a new tensor; z1 is not modified.
 
@@ -201,7 +204,8 @@ def invert(model: Any, z1: torch.Tensor, steps: int = 50) -> torch.Tensor:
     """
     _check_z0(z1)
     _check_steps(steps)
-    fn = velocity_fn(model)
+    _check_flow(flow)
+    fn = flow
     x, b = z1.clone(), z1.shape[0]
     cond = torch.zeros(b, dtype=torch.long, device=z1.device)
     for i in range(steps):

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from crossflow.sampling import EulerSampler, velocity_fn
+from crossflow.sampling import EulerSampler, _check_flow
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
@@ -77,20 +77,20 @@ class SchedulerSampler(EulerSampler):
 
     @torch.no_grad()
     def __call__(
-        self, model: Any, z0: torch.Tensor, *, steps: int | None = None, guidance_scale: float | None = None,
+        self, flow: Callable, z0: torch.Tensor, *, steps: int | None = None, guidance_scale: float | None = None,
         callback: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Integrate from z0 (B, C, H, W) at sigma_max to sigma = 0; returns a new tensor of z0's shape and dtype.
 
         callback(n): steps completed, `steps` in all (Heun's corrector evaluations share their step's count)."""
         steps, s = self._resolve(z0, steps, guidance_scale)
-        fn = velocity_fn(model)
+        _check_flow(flow)
         sched = self._schedule(steps, z0.device)
         sigmas = sched.sigmas.to(device=z0.device, dtype=torch.float32)
         x, nfe = z0.clone(), len(sched.timesteps)
         for i, timestep in enumerate(sched.timesteps):
             t = (1.0 - sigmas[i]).reshape(())
-            v_cond, v_uncond = self._velocity(fn, x, t, s)
+            v_cond, v_uncond = self._velocity(flow, x, t, s)
             v = v_cond if s is None else v_uncond + s * (v_cond - v_uncond)
             x = sched.step(-v, timestep, x, return_dict=False)[0].to(z0.dtype)
             done = (i + 1) * steps // nfe - i * steps // nfe

@@ -1,5 +1,5 @@
-"""Words of a caption grammar: tokenizing, and a fixed word vocabulary (a leaf: the data sets and the text decoder
-both use it)."""
+"""Words of a caption grammar: tokenizing, a fixed word vocabulary, and the word lists of the trained caption decoders
+(a leaf: the data sets and the text decoder both use it, and the model needs no data set to know its words)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,16 @@ from typing import Sequence
 import torch
 
 END = "<end>"
+
+# vocab name (`CrossFlowConfig.vocab`) -> its words. A trained decoder has one output row per word (in `WordVocab`'s
+# order), so a list never changes once weights use it. digits: every word of the digits caption grammar
+# (`crossflow.digits.data.caption_words()`, which a test keeps equal to this list).
+VOCABS: dict[str, tuple[str, ...]] = {
+    "digits": (",", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "a", "an", "by", "digit", "drawing", "eight",
+               "five", "four", "hand", "handwritten", "image", "nine", "number", "numeral", "of", "one", "pen",
+               "picture", "scanned", "seven", "six", "someone", "the", "three", "two", "with", "written", "wrote",
+               "zero"),
+}
 
 
 def tokenize(text: str) -> list[str]:
@@ -51,3 +61,10 @@ class WordVocab:
                 break
             words.append(self.words[int(i)])
         return detokenize(words)
+
+
+def get_vocab(name: str) -> WordVocab:
+    """The `WordVocab` of `VOCABS[name]`; ValueError for an unknown name."""
+    if name not in VOCABS:
+        raise ValueError(f"unknown vocab {name!r}; choose one of {sorted(VOCABS)}")
+    return WordVocab(VOCABS[name])

@@ -2,7 +2,8 @@
 wheel, and fails nothing (the lent GPU machines have no diffusers). Its body with diffusers runs in
 `bash benchmarks/smoke.sh` (`run_gpu.sh --smoke`)."""
 
-from benchmarks import bench_diffusers, gpu_check
+from benchmarks import bench_diffusers
+from benchmarks.gpu_session import gpu_check
 
 
 def test_stage_without_diffusers_records_a_skip(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import _compile_parse as P
+from benchmarks.compile_report import parse as P
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def quick_report(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("kernel,case", _pairs())
 def test_kernel_case_compiles_clean_on_sm90(quick_report, kernel, case):
     """Every config the prune keeps: compiles, 0 spill bytes, no hot (Q/K/V/dO, x/y rows) load of one element."""
-    from benchmarks.compile_report import problems
+    from benchmarks.compile_report.report import problems
 
     rows = [r for r in quick_report["rows"] if r["kernel"] == kernel and r["case"] == case]
     assert rows, f"no compiled config for {kernel} in {case}"
@@ -183,7 +183,7 @@ def test_occupancy():
 
 
 def test_hot_load_verdict():
-    from benchmarks.compile_report import problems
+    from benchmarks.compile_report.report import problems
 
     row = dict(case="attention/d72-fp16-qkv", spill_store_bytes=0, spill_load_bytes=0, hot_scalar=["Q"])
     assert problems(row) == ["scalar load Q"]
@@ -194,7 +194,7 @@ def test_hot_load_verdict():
 
 @pytest.mark.parametrize("argv", [["--arch", "70"], ["--arch", "x"], ["--jobs", "0"], ["--filter", "("]])
 def test_cli_usage_errors_exit_2(argv, capsys):
-    from benchmarks.compile_report import main
+    from benchmarks.compile_report.report import main
 
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -203,7 +203,7 @@ def test_cli_usage_errors_exit_2(argv, capsys):
 
 
 def test_refuses_the_interpreter(monkeypatch):
-    from benchmarks.compile_report import check_backend
+    from benchmarks.compile_report.report import check_backend
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "TRITON_INTERPRET" in check_backend()
@@ -211,7 +211,7 @@ def test_refuses_the_interpreter(monkeypatch):
 
 PLAN_PER_ARCH = """
 import json
-from benchmarks import compile_report as C
+from benchmarks.compile_report import report as C
 case = next(c for c in C.matrix(False) if c.name == "attention/d64-fp16-qkv-mask")
 stubs, _, _ = C.plan([case], (90, 80))
 kept = {}
@@ -254,7 +254,7 @@ WS_TTGIR = """\
 def test_ws_partitions_that_store_the_same_rows_fail():
     # The sm_90 forward's 64-row tile under Triton's warp specialization: both consumer partitions store the tile at
     # start_m (all work twice); a 128-row tile's second partition stores at start_m + 64 (%54 in the TTGIR).
-    from benchmarks.compile_report import problems
+    from benchmarks.compile_report.report import problems
 
     assert P.ws_shared_rows(WS_TTGIR.replace("{row}", "%start_m")) == ["%o_d0[%start_m] x2"]
     assert P.ws_shared_rows(WS_TTGIR.replace("{row}", "%54")) == []
@@ -268,7 +268,7 @@ def test_ws_partitions_that_store_the_same_rows_fail():
 def test_matrix_runs_the_text_ve_at_t77():
     # T = 77 as the model runs it: the Text VE's attention of every 77-token preset (CLIP and T5 widths), masked,
     # 16-bit, its (B, T, H, D) views, and its sm_90 forward on the archs `auto` takes it on; not in the CI subset.
-    from benchmarks import compile_report as C
+    from benchmarks.compile_report import report as C
     from crossflow.config import CONFIGS, CrossFlowConfig
 
     dims, heads = set(), set()

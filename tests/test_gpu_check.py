@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu_check, report
+from benchmarks import report
+from benchmarks.gpu_session import gpu_check
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,7 +109,7 @@ def test_per_test_timeout_plugin(tmp_path):
     """))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-p", "benchmarks.gpu_pytest", "-q",
+    out = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-p", "benchmarks.gpu_session.gpu_pytest", "-q",
                           "--test-timeout=1", "-p", "no:cacheprovider", "-rs", "--rootdir", str(tmp_path),
                           f"--junitxml={tmp_path / 'junit.xml'}"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
@@ -212,7 +213,7 @@ def test_killed_tests_stage_keeps_every_finished_test(tmp_path, monkeypatch):
 
 def test_stop_at_skips_what_would_start_too_late(tmp_path):
     (tmp_path / "test_two.py").write_text("def test_a():\n    pass\n\ndef test_b():\n    pass\n")
-    out = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-p", "benchmarks.gpu_pytest", "-q", "-rs",
+    out = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-p", "benchmarks.gpu_session.gpu_pytest", "-q", "-rs",
                           "-p", "no:cacheprovider", "--rootdir", str(tmp_path), "--stop-at=1",
                           f"--results-file={tmp_path / 'r.jsonl'}"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
@@ -222,7 +223,7 @@ def test_stop_at_skips_what_would_start_too_late(tmp_path):
 
 
 def test_priority_order():
-    from benchmarks.gpu_pytest import priority
+    from benchmarks.gpu_session.gpu_pytest import priority
     ids = ["tests/test_sampler.py::test_fast_graph",
            "tests/crossflow_kernels/test_attention.py::test_attention_compile_x",
            "tests/crossflow_kernels/test_euler.py::test_e", "tests/x/test_other.py::test_o",

@@ -20,7 +20,7 @@ from crossflow.checkpoint import (
     verify_checksums,
 )
 from crossflow.config import CrossFlowConfig
-from crossflow.model import CrossFlow, load_pretrained
+from crossflow.models.model import CrossFlow, load_pretrained
 
 TINY = CrossFlowConfig.from_name("tiny")
 pytestmark = pytest.mark.usefixtures("torch_backend")
@@ -208,7 +208,7 @@ def test_resave_rewrites_the_checksums(make_model, tmp_path):
                                           ("digits-sr", "super-resolution"), ("digits-vary", "image-variation")])
 def test_shipped_weights_carry_checksums_their_task_and_their_presets_sampling(preset, task):
     from crossflow.config import SAMPLING
-    from crossflow.tasks import default_checkpoint
+    from crossflow.pipelines.base import default_checkpoint
 
     d = Path(default_checkpoint(preset))
     assert verify_checksums(d) == [CONFIG_NAME, WEIGHTS_NAME, ckpt.SAMPLING_NAME]

@@ -19,7 +19,7 @@ import crossflow_kernels
 from crossflow import cli
 
 REPO = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "transformers", "diffusers", "triton", "crossflow_kernels", "crossflow.pipeline")
+HEAVY = ("torch", "transformers", "diffusers", "triton", "crossflow_kernels", "crossflow.pipelines.text_to_image")
 
 
 def _env(**extra) -> dict:
@@ -94,7 +94,7 @@ def test_cli_interpolate_uses_the_pipeline(tiny_digits_run, tmp_path):
 def test_cli_arithmetic_samples_the_combined_text_latents(tiny_digits_run, tmp_path, torch_backend):
     """`arithmetic A - B + C` draws exactly the pipeline's images from latent_arithmetic(VE(A), VE(C), VE(B)), every
     term with the seed's noise, and they differ from plain `sample A`."""
-    from crossflow.pipeline import CrossFlowPipeline
+    from crossflow.pipelines.text_to_image import CrossFlowPipeline
     from crossflow.sampling import latent_arithmetic
 
     out, one = tmp_path / "arith.png", tmp_path / "one.png"
@@ -130,14 +130,14 @@ def test_cli_eval_reports_and_exits_1_on_fail(tiny_digits_run, tmp_path, capsys)
 
 
 def test_cli_eval_exits_0_on_pass(tiny_digits_run, monkeypatch, capsys):
-    from crossflow import digits
+    from crossflow.digits import eval as judge
 
     res = {"accuracy": 0.99, "diversity": 0.85, "speckle": 1.5}  # exactly at the bars
-    monkeypatch.setattr(digits, "evaluate", lambda *a, **k: dict(res))
+    monkeypatch.setattr(judge, "evaluate", lambda *a, **k: dict(res))
     assert cli.main(["eval", "--checkpoint", str(tiny_digits_run), "--backend", "torch", "-q"]) == 0
     assert capsys.readouterr().out.rstrip().endswith(": PASS")
     for key, worse in (("accuracy", 0.985), ("diversity", 0.84), ("speckle", 1.51)):  # each bar alone fails the eval
-        monkeypatch.setattr(digits, "evaluate", lambda *a, worse=worse, key=key, **k: {**res, key: worse})
+        monkeypatch.setattr(judge, "evaluate", lambda *a, worse=worse, key=key, **k: {**res, key: worse})
         with pytest.raises(SystemExit) as e:
             cli.main(["eval", "--checkpoint", str(tiny_digits_run), "--backend", "torch", "-q"])
         assert e.value.code == 1
@@ -315,10 +315,10 @@ def test_debug_env_shows_the_traceback(monkeypatch):
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Every way a verb loads a model raises AssertionError (not a user error: it escapes `cli.main` as itself)."""
-    from crossflow.img2img import ImagePipeline
-    from crossflow.model import CrossFlow
-    from crossflow.pipeline import CrossFlowPipeline
-    from crossflow.tasks import CaptionPipeline
+    from crossflow.pipelines.image import ImagePipeline
+    from crossflow.models.model import CrossFlow
+    from crossflow.pipelines.text_to_image import CrossFlowPipeline
+    from crossflow.pipelines.caption import CaptionPipeline
 
     def loaded(*args, **kwargs):
         raise AssertionError("the model was loaded before the check")
@@ -371,24 +371,24 @@ def test_inputs_outputs_and_options_are_checked_before_the_model_loads(argv, cod
 def test_train_checks_its_preset_before_loading_the_trainer():
     code = ("import sys\nfrom crossflow import cli\n"
             "try:\n    cli.main(['train', '--preset', 'bogus'])\nexcept SystemExit as e:\n    print(e.code)\n"
-            f"print(sorted(m for m in {HEAVY + ('crossflow.train',)!r} if m in sys.modules))\n")
+            f"print(sorted(m for m in {HEAVY + ('crossflow.training.train',)!r} if m in sys.modules))\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
     assert r.stderr.startswith("crossflow train: error: unknown CrossFlow config 'bogus'"), r.stderr
     assert r.stdout.split("\n")[:2] == ["2", "[]"], r.stdout
 
 
 def test_train_help_does_not_import_the_trainer():
-    """`crossflow train --help` answers from the light parser (crossflow.train_config): no trainer, torch, kernels."""
+    """`crossflow train --help` answers from the light parser (crossflow.training.train_config): no trainer, torch, kernels."""
     code = ("import sys\nfrom crossflow import cli\n"
             "try:\n    cli.main(['train', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
-            f"print(sorted(m for m in {HEAVY + ('crossflow.train',)!r} if m in sys.modules))\n")
+            f"print(sorted(m for m in {HEAVY + ('crossflow.training.train',)!r} if m in sys.modules))\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "--lr-schedule" in r.stdout and r.stdout.strip().splitlines()[-1] == "[]", r.stdout
 
 
 def test_help_texts_agree_with_the_code():
-    from crossflow.tasks import default_checkpoint
+    from crossflow.pipelines.base import default_checkpoint
 
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
@@ -401,7 +401,7 @@ def test_help_texts_agree_with_the_code():
     assert "(default: the shipped weights of --preset)" in text and "shipped digits model" not in text
     for verb in ("sample", "interpolate"):  # every positional argument explains itself
         assert all(a.help for a in sub[verb]._actions if not a.option_strings), verb
-    from crossflow.train_config import build_parser
+    from crossflow.training.train_config import build_parser
 
     warmup = next(a.help for a in build_parser()._actions if "--warmup-steps" in a.option_strings)
     assert "then --lr-schedule" in warmup and "constant" not in warmup  # the digits recipe warms up into a cosine
@@ -501,7 +501,7 @@ _MIXUPS = [
 
 @pytest.mark.parametrize("argv, preset, match", _MIXUPS, ids=[f"{a[0]}-{p}" for a, p, _ in _MIXUPS])
 def test_a_checkpoint_for_another_verb_is_refused_at_once(argv, preset, match, cli_fails, tmp_path):
-    from crossflow.tasks import default_checkpoint
+    from crossflow.pipelines.base import default_checkpoint
 
     Image.new("L", (8, 8)).save(tmp_path / "d.png")
     argv = [str(tmp_path / "d.png") if a == "IMG" else a for a in argv]
@@ -512,7 +512,7 @@ def test_the_task_check_reads_config_json_only_and_infers_an_unrecorded_task(tmp
     """Before anything heavy is imported (in well under a second); a checkpoint written before config.json recorded
     its task gets the one its pairing implies."""
     from crossflow.checkpoint import write_checksums
-    from crossflow.tasks import default_checkpoint
+    from crossflow.pipelines.base import default_checkpoint
 
     old = Path(shutil.copytree(default_checkpoint("digits-sr"), tmp_path / "old-sr"))
     cfg = json.loads((old / "config.json").read_text())
@@ -531,7 +531,7 @@ def test_the_task_check_reads_config_json_only_and_infers_an_unrecorded_task(tmp
 
 def test_a_trained_checkpoint_samples_with_its_presets_settings(tiny_digits_run):
     from crossflow.config import SAMPLING
-    from crossflow.pipeline import CrossFlowPipeline
+    from crossflow.pipelines.text_to_image import CrossFlowPipeline
 
     assert json.loads((tiny_digits_run / "sampling.json").read_text()) == SAMPLING["digits"]  # main: no sampling.json
     assert CrossFlowPipeline.from_pretrained(tiny_digits_run).sampling["guidance_scale"] == 1.5
@@ -571,7 +571,7 @@ def test_a_checkpoint_older_than_manifests_samples_with_a_one_line_warning(ckpt_
 
 def test_a_run_trained_before_sampling_json_gets_its_presets_settings(ckpt_copy):
     from crossflow.checkpoint import write_checksums
-    from crossflow.pipeline import CrossFlowPipeline
+    from crossflow.pipelines.text_to_image import CrossFlowPipeline
 
     (ckpt_copy / "sampling.json").unlink()  # a digits run trained on main: no sampling.json, no preset recorded
     cfg = json.loads((ckpt_copy / "config.json").read_text())
@@ -580,4 +580,4 @@ def test_a_run_trained_before_sampling_json_gets_its_presets_settings(ckpt_copy)
     write_checksums(ckpt_copy, ["config.json", "model.safetensors"])
     # its config is the digits preset's: its settings, not the sampler's 50 steps at guidance 7
     assert CrossFlowPipeline.from_pretrained(ckpt_copy).sampling == {"steps": 50, "guidance_scale": 1.5,
-                                                                     "official_grid": False}
+                                                                     "official_grid": False, "method": "euler"}

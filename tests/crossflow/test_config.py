@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crossflow.config import CONFIGS, CrossFlowConfig
-from crossflow.model import CrossFlow
+from crossflow.models.model import CrossFlow
 
 # DiT paper (Peebles & Xie, Table 1) sizes; ours has a 2-row indicator table and 4 output channels instead of
 # 1000 classes and learn_sigma, which shifts S/2 by ~1.5% and the others by < 0.5%.

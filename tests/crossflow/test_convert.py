@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from crossflow.config import CrossFlowConfig
-from crossflow.convert import (
+from crossflow.convert.dit import (
     convert_official_state_dict,
     load_official_checkpoint,
     official_flow_shapes,
     official_ve_shapes,
 )
-from crossflow.model import CrossFlow
+from crossflow.models.model import CrossFlow
 
 TINY = CrossFlowConfig.from_name("tiny")
 T5_LIKE = TINY.replace(text_dim=48, ve_compress_dim=32, ve_adaptor=True, ve_adaptor_grid=8, text_scale=10.0)
@@ -319,7 +319,7 @@ def test_pickles_with_objects_are_refused(tmp_path):
 
 def test_cli_convert_writes_a_loadable_checkpoint(tmp_path, capsys):
     from crossflow import cli
-    from crossflow.model import CrossFlow
+    from crossflow.models.model import CrossFlow
 
     sd = official_state_dict(TINY, seed=5)
     torch.save(sd, tmp_path / "official.pth")
@@ -342,15 +342,15 @@ def test_cli_convert_detects_the_preset_and_refuses_a_mismatch(tmp_path, capsys)
     """Without --preset the layout is detected (every name and shape matches `tiny`) and the official sampler is
     recorded; a DiMR --preset for a DiT file is refused in one line naming what the file holds."""
     from crossflow import cli
-    from crossflow.model import CrossFlow
-    from crossflow.pipeline import sampling_defaults
+    from crossflow.models.model import CrossFlow
+    from crossflow.checkpoint import read_sampling, sampler_settings
 
     sd = official_state_dict(TINY, seed=6)
     torch.save(sd, tmp_path / "official.pth")
     cli.main(["convert", str(tmp_path / "official.pth"), "-o", str(tmp_path / "ours")])
     assert "(tiny, from" in capsys.readouterr().out
     _check_against_reference(CrossFlow.from_pretrained(tmp_path / "ours"), sd, TINY)
-    assert sampling_defaults(tmp_path / "ours") == {"steps": 50, "guidance_scale": 7.0, "official_grid": True}
+    assert sampler_settings(read_sampling(tmp_path / "ours")) == {"steps": 50, "guidance_scale": 7.0, "official_grid": True}
     with pytest.raises(SystemExit) as e:
         cli.main(["convert", str(tmp_path / "official.pth"), "--preset", "dimr-tiny", "-o", str(tmp_path / "x")])
     err = capsys.readouterr().err
@@ -383,7 +383,7 @@ def test_cli_convert_refuses_a_pth_whose_crc_fails(tmp_path, cli_fails):
 def test_cli_convert_says_what_a_file_is_instead(tmp_path, cli_fails):
     from PIL import Image
 
-    from crossflow.model import CrossFlow
+    from crossflow.models.model import CrossFlow
 
     Image.new("L", (4, 4)).save(tmp_path / "digit.png")
     (tmp_path / "empty.pth").write_bytes(b"")

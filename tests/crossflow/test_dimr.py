@@ -1,4 +1,4 @@
-"""DiMR flow network (`crossflow.dimr`) and its converter (`crossflow.convert_dimr`) against an independent oracle.
+"""DiMR flow network (`crossflow.models.dimr`) and its converter (`crossflow.convert.dimr`) against an independent oracle.
 
 The oracle below (`OMRModel`) restates the official `libs/model/dimr_t2i.py` MRModel flow path and the
 `libs/model/sigmoid/module.py` norms from their math, with the OFFICIAL module tree and parameter names (Sequential
@@ -24,13 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import crossflow_kernels
-from crossflow.convert_dimr import (
+from crossflow.convert.dimr import (
     convert_dimr_flow_state_dict,
     detect_official_architecture,
     load_dimr_flow,
     official_dimr_shapes,
 )
-from crossflow.dimr import DIMR_CONFIGS, DiMRConfig, DiMRFlow, DiMRStage, multiscale_flow_loss, multiscale_targets
+from crossflow.models.dimr import DIMR_CONFIGS, DiMRConfig, DiMRFlow, DiMRStage, multiscale_flow_loss, multiscale_targets
 from crossflow.sampling import EulerSampler
 from crossflow_kernels.testing import assert_close_to_ref
 
@@ -672,8 +672,8 @@ def test_official_text_side_fields_build_the_official_ve(name, millions):
     """`OFFICIAL_CHECKPOINTS[...]["crossflow_fields"]` give a CrossFlowConfig whose Text VE has the official
     `context_encoder` size (97.5-165.2 M across the four files: issue 13; 110 / 98 / 142 M in crossflow.md §1.2)."""
     from crossflow.config import CrossFlowConfig
-    from crossflow.dimr import OFFICIAL_CHECKPOINTS
-    from crossflow.text_ve import TextVE
+    from crossflow.models.dimr import OFFICIAL_CHECKPOINTS
+    from crossflow.models.text_ve import TextVE
 
     fields = OFFICIAL_CHECKPOINTS[name]["crossflow_fields"]
     cfg = CrossFlowConfig(**fields, patch_size=2)
@@ -688,9 +688,9 @@ def test_whole_official_dimr_checkpoint_converts(name):
     """Flow + Text VE + logit scale of a released layout (meta tensors), SigLIP tower keys dropped; a VE of the wrong
     text encoder is refused."""
     from crossflow.config import CrossFlowConfig
-    from crossflow.convert_dimr import convert_official_dimr_state_dict
-    from crossflow.dimr import OFFICIAL_CHECKPOINTS
-    from crossflow.text_ve import TextVE
+    from crossflow.convert.dimr import convert_official_dimr_state_dict
+    from crossflow.models.dimr import OFFICIAL_CHECKPOINTS
+    from crossflow.models.text_ve import TextVE
 
     text_cfg = CrossFlowConfig(**OFFICIAL_CHECKPOINTS[name]["crossflow_fields"], patch_size=2)
     with torch.device("meta"):
@@ -729,7 +729,7 @@ def test_qk_norm_option():
     s = torch.tensor([0.5, 2.0, 4.0], dtype=torch.float64)
     gain = torch.exp(0.5 * s - 0.25 * math.log(8))[:, None, None]
     want = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
-    from crossflow.dimr import qk_norm_ref
+    from crossflow.models.dimr import qk_norm_ref
 
     torch.testing.assert_close(qk_norm_ref(q, s), want)
     with pytest.raises(ValueError, match="qk_norm"):
@@ -772,7 +772,7 @@ def fake_official_checkpoint(preset: str, seed: int = 0):
     """A whole official-layout DiMR CrossFlow state dict for `preset`: the oracle's flow network (`stages.*`), a Text
     VE (`context_encoder.*`), the SigLIP logit scale and a projection weight (dropped by the converter)."""
     from crossflow.config import CrossFlowConfig
-    from crossflow.text_ve import TextVE
+    from crossflow.models.text_ve import TextVE
 
     cfg = CrossFlowConfig.from_name(preset)
     gen = torch.Generator().manual_seed(seed)
@@ -790,8 +790,8 @@ def fake_official_checkpoint(preset: str, seed: int = 0):
 
 def test_crossflow_presets_and_config_round_trip():
     from crossflow.config import CrossFlowConfig
-    from crossflow.dimr import OFFICIAL_CHECKPOINTS
-    from crossflow.model import CrossFlow
+    from crossflow.models.dimr import OFFICIAL_CHECKPOINTS
+    from crossflow.models.model import CrossFlow
 
     for name, info in OFFICIAL_CHECKPOINTS.items():
         cfg = CrossFlowConfig.from_name(name)
@@ -812,8 +812,8 @@ def test_crossflow_presets_and_config_round_trip():
 
 def test_crossflow_dimr_save_load_round_trip_and_weight_decay_groups(tmp_path):
     from crossflow.config import CrossFlowConfig
-    from crossflow.model import CrossFlow
-    from crossflow.train import param_groups
+    from crossflow.models.model import CrossFlow
+    from crossflow.training.train import param_groups
 
     cfg = CrossFlowConfig.from_name("dimr-tiny")
     model = CrossFlow(cfg)
@@ -837,14 +837,14 @@ def test_fast_sampler_on_cpu_equals_euler_on_a_dimr_crossflow():
     test is `test_fast_sampler_captures_dimr`)."""
     from crossflow.config import CrossFlowConfig
     from crossflow.fast_sampler import FastSampler
-    from crossflow.model import CrossFlow
+    from crossflow.models.model import CrossFlow
 
     model = CrossFlow(CrossFlowConfig.from_name("dimr-tiny")).eval()
     randomize(model.flow, torch.Generator().manual_seed(4))
     z0 = torch.randn(3, *model.config.latent_shape)
     with crossflow_kernels.use_backend("torch"), torch.no_grad():
-        got = FastSampler(steps=5, guidance_scale=4.0, official_grid=True)(model, z0)
-        want = EulerSampler(steps=5, guidance_scale=4.0, official_grid=True)(model, z0)
+        got = FastSampler(steps=5, guidance_scale=4.0, official_grid=True)(model.flow, z0)
+        want = EulerSampler(steps=5, guidance_scale=4.0, official_grid=True)(model.flow, z0)
     assert not torch.equal(got, z0)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
@@ -860,7 +860,7 @@ def one_thread():
 
 
 def _train_cfg(out, **kw):
-    from crossflow.train import TrainConfig
+    from crossflow.training.train import TrainConfig
 
     base = dict(out=str(out), preset="dimr-tiny", batch_size=8, lr=3e-3, warmup_steps=3, ema_decay=0.9, log_every=1,
                 backend="torch", quiet=True, seed=11)
@@ -870,7 +870,7 @@ def _train_cfg(out, **kw):
 @pytest.mark.slow
 def test_dimr_digits_training_lowers_the_loss(tmp_path, one_thread):
     """The digits data with the DiMR flow (`dimr-digits`): 30 AdamW steps lower the multi-scale flow-matching term."""
-    from crossflow.train import train
+    from crossflow.training.train import train
 
     hist = train(_train_cfg(tmp_path, preset="dimr-digits", data="digits", data_size=256, steps=30, batch_size=8,
                             lr=1e-3, warmup_steps=5, ckpt_every=1000))
@@ -883,7 +883,7 @@ def test_dimr_resume_replays_the_uninterrupted_run_exactly(tmp_path, one_thread)
     from safetensors.torch import load_file
 
     from crossflow.checkpoint import list_checkpoints
-    from crossflow.train import train
+    from crossflow.training.train import train
 
     full, split = tmp_path / "full", tmp_path / "split"
     a = train(_train_cfg(full, steps=6, ckpt_every=3))
@@ -905,9 +905,9 @@ def test_convert_verb_detects_converts_and_samples_a_fake_official_dimr_checkpoi
     from PIL import Image
 
     from crossflow import cli
-    from crossflow.dimr import OFFICIAL_SAMPLING
-    from crossflow.model import CrossFlow
-    from crossflow.pipeline import CrossFlowPipeline
+    from crossflow.models.dimr import OFFICIAL_SAMPLING
+    from crossflow.models.model import CrossFlow
+    from crossflow.pipelines.text_to_image import CrossFlowPipeline
 
     cfg, oracle, sd = fake_official_checkpoint("dimr-digits")
     pth, out = tmp_path / "t2i_digits_dimr.pth", tmp_path / "ours"
@@ -942,7 +942,7 @@ def test_convert_verb_detects_converts_and_samples_a_fake_official_dimr_checkpoi
 
 
 def test_load_official_checkpoint_refuses_a_dimr_layout_no_preset_has(tmp_path):
-    from crossflow.convert import load_official_checkpoint
+    from crossflow.convert.dit import load_official_checkpoint
 
     _, _, sd = fake_official_checkpoint("dimr-tiny")
     sd = {k: v for k, v in sd.items() if not k.startswith("stages.2.")}  # a two-stage network

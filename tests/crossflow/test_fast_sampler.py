@@ -6,7 +6,7 @@ import torch
 import crossflow_kernels
 from crossflow.config import CrossFlowConfig
 from crossflow.fast_sampler import FastSampler
-from crossflow.model import FlowTransformer
+from crossflow.models.model import FlowTransformer
 from crossflow.sampling import EulerSampler
 
 ON_GPU = torch.cuda.is_available()

@@ -1,4 +1,5 @@
-"""Flow-matching math of crossflow.flow on analytic cases (reference/crossflow.md §1.3, §1.7, §8)."""
+"""Flow-matching math of crossflow.flow on analytic cases (the design notes outside this repository,
+reference/crossflow.md §1.3, §1.7, §8)."""
 
 import math
 
@@ -136,7 +137,7 @@ def test_indicator_dropout_all_null_rolls_the_whole_batch():
 @pytest.fixture
 def tiny():
     from crossflow.config import CrossFlowConfig
-    from crossflow.model import CrossFlow
+    from crossflow.models.model import CrossFlow
 
     cfg = CrossFlowConfig.from_name("tiny")
     return cfg, CrossFlow(cfg)
@@ -164,7 +165,7 @@ def test_crossflow_loss_components_and_determinism(tiny):
 
 def test_flow_loss_trains_the_text_ve_through_z0(tiny):
     # Switch the CLIP and KL terms off (scale 0 -> constant CE; weight 0): any VE gradient then comes through z0.
-    from crossflow.model import CrossFlow
+    from crossflow.models.model import CrossFlow
 
     cfg = tiny[0].replace(kl_weight=0.0)
     model = CrossFlow(cfg)

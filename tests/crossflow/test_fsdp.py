@@ -1,4 +1,4 @@
-"""`crossflow.train --fsdp` (FSDP2, `crossflow.distributed`): two gloo processes under torchrun train as one process
+"""`crossflow.train --fsdp` (FSDP2, `crossflow.training.distributed`): two gloo processes under torchrun train as one process
 does on the same two per-rank batches, and checkpoints load in either mode. DiMR's blocks are FSDP units.
 
 The one-process reference runs both ranks' batches of every step in one process (`Trainer.batch_loss(step, rank)`;
@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from crossflow import checkpoint as ckpt
-from crossflow import distributed as fsdp
-from crossflow.model import CrossFlow
-from crossflow.train import Trainer, TrainConfig, main
+from crossflow.training import distributed as fsdp
+from crossflow.models.model import CrossFlow
+from crossflow.training.train import Trainer, TrainConfig, main
 
 REPO = Path(__file__).resolve().parents[2]
 ARGS = dict(preset="tiny", batch_size=4, lr=3e-3, warmup_steps=5, ema_decay=0.9, log_every=1, backend="torch",
@@ -136,7 +136,7 @@ def test_dimr_blocks_are_fsdp_units_and_train_sharded(tmp_path, torch_backend, p
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
-    from crossflow.dimr import ConvNeXtBlock, DiMRConfig, DiMRFlow, TransformerBlock
+    from crossflow.models.dimr import ConvNeXtBlock, DiMRConfig, DiMRFlow, TransformerBlock
 
     torch.manual_seed(0)
     net = perturb(DiMRFlow(DiMRConfig.from_name("dimr-tiny")), std=0.05, everywhere=True)  # TD params off their init

@@ -5,8 +5,8 @@ import torch
 
 import crossflow_kernels
 from crossflow.config import CrossFlowConfig
-from crossflow.image_encoder import PretrainedImageEncoder
-from crossflow.model import CrossFlow
+from crossflow.models.image_encoder import PretrainedImageEncoder
+from crossflow.models.model import CrossFlow
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,15 @@
 import pytest
 import torch
 
-from crossflow import digits, img2img
+from crossflow.digits import data
+from crossflow.digits import eval as judge
+from crossflow.pipelines import image as img2img
+from crossflow.pipelines import image_io
 
 
 def test_native_digits_are_the_originals_on_the_same_split():
-    x8, y8 = img2img.load_native("test")
-    x16, y16 = digits.load_images("test")
+    x8, y8 = data.load_native("test")
+    x16, y16 = data.load_digits("test")
     assert x8.shape[1:] == (1, 8, 8) and torch.equal(y8, y16)
     # the 16x16 text-to-image data are the bilinear upsampling of exactly these images
     up = torch.nn.functional.interpolate((x8 + 1) / 2, size=16, mode="bilinear", align_corners=False) * 2 - 1
@@ -20,68 +23,68 @@ def test_native_digits_are_the_originals_on_the_same_split():
 def test_downsample_is_the_2x2_block_mean():
     x = torch.rand(3, 1, 8, 8) * 2 - 1
     want = x.view(3, 1, 4, 2, 4, 2).mean((3, 5))
-    torch.testing.assert_close(img2img.downsample(x), want)
+    torch.testing.assert_close(data.downsample(x), want)
     with pytest.raises(ValueError, match="grey images"):
-        img2img.downsample(torch.rand(3, 8, 8))
+        data.downsample(torch.rand(3, 8, 8))
 
 
 def test_psnr_on_the_unit_grey_scale():
     real = torch.zeros(2, 1, 8, 8)
     off = real + 0.2  # 0.1 on the [0, 1] scale: MSE 0.01 -> 20 dB
-    torch.testing.assert_close(img2img.psnr(off, real), torch.full((2,), 20.0, dtype=torch.float64))
-    assert (img2img.psnr(real, real) > 90).all()
+    torch.testing.assert_close(judge.psnr(off, real), torch.full((2,), 20.0, dtype=torch.float64))
+    assert (judge.psnr(real, real) > 90).all()
     with pytest.raises(ValueError, match="differ"):
-        img2img.psnr(real, real[:1])
+        judge.psnr(real, real[:1])
 
 
 def test_upscale_judge_scores_bicubic_as_the_baseline_and_passes_an_oracle():
-    res = img2img.evaluate_upscale(img2img.bicubic)
+    res = judge.evaluate_upscale(judge.bicubic)
     assert res["psnr_gain_db"] == 0 and not res["passed"]
     assert 13.0 < res["psnr_bicubic_db"] < 14.0  # the issue's "about 13.5 dB"
     assert 0.7 < res["accuracy_bicubic"] < 0.82 and res["accuracy_4x4_classifier"] > 0.9
     assert res["classifier_accuracy_on_real"] > 0.99
-    real, _ = img2img.load_native("test")
-    lows = img2img.downsample(real)
+    real, _ = data.load_native("test")
+    lows = data.downsample(real)
 
     def oracle(low):  # looks the real image up: the best any model could do
         d = torch.cdist(low.flatten(1), lows.flatten(1))
         return real[d.argmin(1)]
 
-    best = img2img.evaluate_upscale(oracle)
+    best = judge.evaluate_upscale(oracle)
     assert best["passed"] and best["accuracy"] > 0.99 and best["psnr_gain_db"] > 20
     with pytest.raises(ValueError, match="expected"):
-        img2img.evaluate_upscale(lambda low: low)  # 4x4 back: wrong shape
+        judge.evaluate_upscale(lambda low: low)  # 4x4 back: wrong shape
 
 
 def test_variation_judge_refuses_copies_and_strangers():
-    real, y = img2img.load_native("train")
+    real, y = data.load_native("train")
 
     def copies(x, n, seed):
         return x.repeat_interleave(n, 0)
 
-    res = img2img.evaluate_variation(copies, n=2, limit=60)
+    res = judge.evaluate_variation(copies, n=2, limit=60)
     assert res["label_kept"] > 0.95 and res["distance_to_input"] == 0 and not res["passed"]
 
     def other_digit(x, n, seed):  # far from the input, and the wrong digit
-        k = (img2img.predict(x) + 1) % 10
+        k = (judge.predict(x) + 1) % 10
         return torch.cat([real[y == c][:n] for c in k.tolist()])
 
-    res = img2img.evaluate_variation(other_digit, n=2, limit=60)
+    res = judge.evaluate_variation(other_digit, n=2, limit=60)
     assert res["label_kept"] < 0.05 and not res["passed"]
 
     def same_class_neighbour(x, n, seed):  # real training digits of the input's class, nearest first
         out = []
-        for img, c in zip(x, img2img.predict(x).tolist()):
+        for img, c in zip(x, judge.predict(x).tolist()):
             pool = real[y == c]
             d = (pool - img).flatten(1).norm(dim=1)
             out.append(pool[d.argsort()[3 : 3 + n]])
         return torch.cat(out)
 
-    res = img2img.evaluate_variation(same_class_neighbour, n=2, limit=60)
+    res = judge.evaluate_variation(same_class_neighbour, n=2, limit=60)
     assert res["passed"], res
     assert 0.4 < res["distance_to_input"] < 1.0 and res["distance_between_variations"] > 0
     with pytest.raises(ValueError, match="n must be"):
-        img2img.evaluate_variation(copies, n=1)
+        judge.evaluate_variation(copies, n=1)
 
 
 # ---- data sets, pipeline, CLI: the shared model with an image source (tiny widths: shapes and API, not quality)
@@ -95,20 +98,20 @@ def _tiny(preset: str):
 
 
 def test_upscale_pairs_are_the_training_digits_and_their_4x4():
-    ds = img2img.UpscalePairs(_tiny("digits-sr"))
-    real, y = img2img.load_native("train")
+    ds = data.UpscalePairs(_tiny("digits-sr"))
+    real, y = data.load_native("train")
     assert len(ds) == len(real)
     item = ds[7]
     assert item["source"].shape == (1, 4, 4) and item["latent"].shape == (1, 8, 8)
     torch.testing.assert_close(item["latent"], real[7])
     torch.testing.assert_close(item["source"], real[7].view(1, 4, 2, 4, 2).mean((2, 4)))
     with pytest.raises(ValueError, match="digits-sr data set"):
-        img2img.UpscalePairs(_tiny("digits-vary"))  # an 8x8 source
+        data.UpscalePairs(_tiny("digits-vary"))  # an 8x8 source
 
 
 def test_variation_pairs_are_another_hand_of_the_same_digit():
-    ds = img2img.VariationPairs(_tiny("digits-vary"), seed=3, size=50)
-    real, y = img2img.load_native("train")
+    ds = data.VariationPairs(_tiny("digits-vary"), seed=3, size=50)
+    real, y = data.load_native("train")
     flat = real.flatten(1)
     seen = set()
     for i in range(50):
@@ -120,10 +123,10 @@ def test_variation_pairs_are_another_hand_of_the_same_digit():
         assert k != j and y[k] == y[j]
         same = torch.nonzero(y == y[j]).flatten()
         d = (flat[same] - flat[j]).norm(dim=1)
-        assert (d < (flat[k] - flat[j]).norm()).sum() <= img2img.VARY_NEIGHBOURS  # among the nearest 20 (+ itself)
+        assert (d < (flat[k] - flat[j]).norm()).sum() <= data.VARY_NEIGHBOURS  # among the nearest 20 (+ itself)
         seen.add(k)
     assert len(seen) > 40
-    other = img2img.VariationPairs(_tiny("digits-vary"), seed=4, size=50)
+    other = data.VariationPairs(_tiny("digits-vary"), seed=4, size=50)
     assert any(not torch.equal(ds[i]["latent"], other[i]["latent"]) for i in range(10))
 
 
@@ -138,22 +141,25 @@ def torch_backend():
 def test_image_pipeline_shapes_seed_and_inputs(torch_backend):
     from PIL import Image
 
-    from crossflow.model import CrossFlow
+    from crossflow.encoders.autoencoder import IdentityAutoencoder
+    from crossflow.models.model import CrossFlow
     from crossflow.sampling import EulerSampler
 
     torch.manual_seed(0)
     model = CrossFlow(_tiny("digits-sr")).eval()
-    pipe = img2img.ImagePipeline(model, __import__("crossflow.autoencoder").autoencoder.IdentityAutoencoder(),
+    pipe = img2img.ImagePipeline(model, IdentityAutoencoder(),
                                  EulerSampler(steps=2, guidance_scale=1.0))
     low = torch.rand(3, 1, 4, 4) * 2 - 1
-    out = pipe(low, num_images_per_image=2, seed=1)
+    out = pipe.images(low, num_images_per_image=2, seed=1)
     assert out.shape == (6, 1, 8, 8) and out.abs().max() <= 1
-    torch.testing.assert_close(out, pipe(low, num_images_per_image=2, seed=1))
+    torch.testing.assert_close(out, pipe.images(low, num_images_per_image=2, seed=1))
+    # output_type "pt" means what it means for every pipeline: [0, 1]
+    torch.testing.assert_close(pipe(low, num_images_per_image=2, seed=1, output_type="pt"), (out + 1) / 2)
     assert not torch.equal(out[0], out[1])  # the image VE's noise differs between an input's outputs
     # PIL images of any size are read as grey and area-averaged to the source size
     pil = [Image.fromarray(((low[i, 0].repeat_interleave(4, 0).repeat_interleave(4, 1) + 1) * 127.5).round()
                            .to(torch.uint8).numpy()) for i in range(3)]
-    torch.testing.assert_close(pipe(pil, seed=1), pipe(low, seed=1), atol=2e-2, rtol=0)
+    torch.testing.assert_close(pipe.images(pil, seed=1), pipe.images(low, seed=1), atol=2e-2, rtol=0)
     imgs = pipe(low[:1], output_type="pil", seed=0)
     assert len(imgs) == 1 and imgs[0].size == (8, 8) and imgs[0].mode == "L"
     with pytest.raises(ValueError, match="output_type"):
@@ -169,7 +175,7 @@ def test_image_pipeline_shapes_seed_and_inputs(torch_backend):
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
     """Untrained tiny digits-sr / digits-vary models, saved as the shipped ones are."""
-    from crossflow.model import CrossFlow
+    from crossflow.models.model import CrossFlow
 
     out = {}
     for preset in ("digits-sr", "digits-vary"):
@@ -233,15 +239,15 @@ def test_cli_eval_fails_an_untrained_model(tiny_checkpoints, tmp_path, capsys):
 def test_shipped_models_beat_their_bars_on_a_small_eval(torch_backend):
     """The committed weights on the first 100 held-out images with their sampling.json settings (the README's
     numbers come from the full `crossflow eval --preset digits-sr | digits-vary`)."""
-    from crossflow.pipeline import sampling_defaults
-    from crossflow.tasks import default_checkpoint
+    from crossflow.checkpoint import read_sampling, sampler_settings
+    from crossflow.pipelines.base import default_checkpoint
 
-    assert sampling_defaults(default_checkpoint("digits-sr")) == {"steps": 50, "guidance_scale": 1.5}
+    assert sampler_settings(read_sampling(default_checkpoint("digits-sr"))) == {"steps": 50, "guidance_scale": 1.5}
     pipe = img2img.ImagePipeline.from_pretrained(default_checkpoint("digits-sr"))
-    res = img2img.evaluate_upscale(pipe.upscale, limit=100)
+    res = judge.evaluate_upscale(pipe.upscale, limit=100)
     assert res["psnr_gain_db"] >= 1.5 and res["accuracy"] >= 0.8, res
     pipe = img2img.ImagePipeline.from_pretrained(default_checkpoint("digits-vary"))
-    res = img2img.evaluate_variation(pipe.vary, n=2, limit=100)
+    res = judge.evaluate_variation(pipe.vary, n=2, limit=100)
     assert res["label_kept"] >= 0.9 and 0.4 <= res["distance_to_input"] <= 1.0, res
 
 
@@ -252,9 +258,8 @@ def _digit8() -> "np.ndarray":
     """A real held-out digit, 16x16, 8-bit grey with bright ink on black."""
     import numpy as np
 
-    from crossflow import digits
 
-    x, _ = digits.load_images("test")
+    x, _ = data.load_digits("test")
     return ((x[0, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
 
 
@@ -262,7 +267,7 @@ def test_an_ordinary_grey_image_is_read_unchanged():
     from PIL import Image
 
     im = Image.fromarray(_digit8())
-    out, notes = img2img.to_grey(im)
+    out, notes = image_io.to_grey(im)
     assert out is im and notes == []  # 8-bit grey, dark ground: the same pixels as before, no note
 
 
@@ -273,7 +278,7 @@ def test_16_bit_grey_is_scaled_not_binarised(tmp_path):
     g8 = _digit8()
     Image.fromarray(g8.astype(np.uint16) * 257).save(tmp_path / "d16.png")  # 16-bit PNG of the same digit
     assert Image.open(tmp_path / "d16.png").mode.startswith("I")
-    ims, notes = img2img.read_grey([tmp_path / "d16.png"], 16)
+    ims, notes = image_io.read_grey([tmp_path / "d16.png"], 16)
     np.testing.assert_array_equal(np.asarray(ims[0]), g8)  # convert("L") made every inked pixel 255
     assert notes == [f"{tmp_path / 'd16.png'}: 16-bit grey scaled to 8 bits"]
 
@@ -287,7 +292,7 @@ def test_ink_drawn_in_the_alpha_channel_is_read(tmp_path, rgb, note):
     rgba = np.zeros((16, 16, 4), np.uint8)
     rgba[..., :3], rgba[..., 3] = rgb, g8  # black (or white) ink, its strength in the alpha channel
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
-    ims, notes = img2img.read_grey([tmp_path / "a.png"], 16)
+    ims, notes = image_io.read_grey([tmp_path / "a.png"], 16)
     np.testing.assert_array_equal(np.asarray(ims[0]), g8)  # convert("L") dropped the alpha: blank (or all white)
     assert len(notes) == 1 and note in notes[0]
 
@@ -300,7 +305,7 @@ def test_a_light_ground_is_inverted_and_colour_and_size_are_said(tmp_path):
     Image.fromarray(255 - g8).save(tmp_path / "paper.png")
     rgb = np.stack([g8 // 2, g8, g8], -1)
     Image.fromarray(rgb).save(tmp_path / "colour.png")
-    ims, notes = img2img.read_grey([tmp_path / "paper.png", tmp_path / "colour.png"], 8)
+    ims, notes = image_io.read_grey([tmp_path / "paper.png", tmp_path / "colour.png"], 8)
     np.testing.assert_array_equal(np.asarray(ims[0]), g8)
     np.testing.assert_array_equal(np.asarray(ims[1]), np.asarray(Image.fromarray(rgb).convert("L")))
     assert notes == [f"{tmp_path / 'paper.png'}: inverted (dark ink on a light ground; the model reads bright ink on "
@@ -315,13 +320,13 @@ def test_unreadable_inputs_name_the_file(tmp_path):
     Image.fromarray(_digit8()).save(png)
     png.write_bytes(png.read_bytes()[:-60])
     with pytest.raises(ValueError, match=f"{png}: cannot read the image .image file is truncated"):
-        img2img.read_grey([png], 16)
+        image_io.read_grey([png], 16)
     with pytest.raises(ValueError, match=f"{tmp_path} is a directory"):
-        img2img.read_images([tmp_path])
+        image_io.open_image(tmp_path)
     big = tmp_path / "big.png"
     Image.fromarray(_digit8()).save(big)
     with pytest.raises(ValueError, match="is 16x16 already: this model makes 8x8 images out of 4x4"):
-        img2img.read_grey([big], 4, max_size=8)
+        image_io.read_grey([big], 4, max_size=8)
 
 
 def test_cli_upscale_refuses_an_image_at_its_output_size(tiny_checkpoints, tmp_path, cli_fails):

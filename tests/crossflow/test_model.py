@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from crossflow.autoencoder import IdentityAutoencoder, VAEAutoencoder, build_autoencoder
+from crossflow.encoders.autoencoder import IdentityAutoencoder, VAEAutoencoder, build_autoencoder
 from crossflow.config import CrossFlowConfig
-from crossflow.model import CrossFlow, FlowTransformer
-from crossflow.text_ve import TextVE
+from crossflow.models.model import CrossFlow, FlowTransformer
+from crossflow.models.text_ve import TextVE
 
 TINY = CrossFlowConfig.from_name("tiny")
 

@@ -15,8 +15,8 @@ import torch
 
 import crossflow_kernels
 from crossflow.config import CrossFlowConfig
-from crossflow.model import FlowTransformer
-from crossflow.text_ve import TextVE
+from crossflow.models.model import FlowTransformer
+from crossflow.models.text_ve import TextVE
 from crossflow_kernels.testing import assert_close_to_ref
 
 TINY = CrossFlowConfig.from_name("tiny")

@@ -11,12 +11,14 @@ import sys
 import pytest
 import torch
 
-from crossflow.autoencoder import build_autoencoder
+from crossflow.encoders.autoencoder import build_autoencoder
 from crossflow.config import CrossFlowConfig
-from crossflow.model import CrossFlow
-from crossflow.pipeline import CrossFlowPipeline, sampling_defaults, to_pil
+from crossflow.models.model import CrossFlow
+from crossflow.pipelines.text_to_image import CrossFlowPipeline
+from crossflow.checkpoint import read_sampling, sampler_settings
+from crossflow.pipelines.image_io import to_pil
 from crossflow.sampling import EulerSampler
-from crossflow.text_encoder import TextEncoder
+from crossflow.encoders.text_encoder import TextEncoder
 
 pytestmark = pytest.mark.usefixtures("torch_backend")
 
@@ -48,7 +50,7 @@ def test_output_types_and_seeding(pipe):
     assert pt.shape == (3, 1, 8, 8) and pt.min() >= 0 and pt.max() <= 1
     torch.testing.assert_close(pt, (z.clamp(-1, 1) + 1) / 2)
     z0 = pipe.encode_prompts("one", 3, torch.Generator().manual_seed(1))
-    torch.testing.assert_close(z, EulerSampler(steps=2)(pipe.model, z0))
+    torch.testing.assert_close(z, EulerSampler(steps=2)(pipe.model.flow, z0))
 
 
 def test_from_pretrained_round_trip(pipe, tmp_path):
@@ -117,43 +119,45 @@ def test_progress_bar_counts_the_steps_on_a_terminal(pipe, monkeypatch):
 
 
 def test_sampling_defaults_names_a_bad_file(tmp_path):
-    assert sampling_defaults(tmp_path) == {}
+    assert sampler_settings(read_sampling(tmp_path)) == {}
     (tmp_path / "sampling.json").write_text('{"steps": 20, "guidance_scale": 3.0, "other": 1}')
-    assert sampling_defaults(tmp_path) == {"steps": 20, "guidance_scale": 3.0}
+    assert sampler_settings(read_sampling(tmp_path)) == {"steps": 20, "guidance_scale": 3.0}
     for text in ("{oops", "[1, 2]", '{"guidance_scale": "high"}', '{"steps": 0}', '{"source_noise_scale": -1}'):
         (tmp_path / "sampling.json").write_text(text)
         with pytest.raises(ValueError, match=f"{tmp_path / 'sampling.json'}: invalid sampling settings"):
-            sampling_defaults(tmp_path)
+            sampler_settings(read_sampling(tmp_path))
 
 
 def test_from_pretrained_applies_and_exposes_the_checkpoints_sampling_settings(pipe, tmp_path):
     pipe.model.save_pretrained(tmp_path, sampling={"steps": 3, "guidance_scale": 1.5})
     loaded = CrossFlowPipeline.from_pretrained(tmp_path)  # on main: 50 steps at guidance 7, sampling.json ignored
-    assert loaded.sampling == {"steps": 3, "guidance_scale": 1.5, "official_grid": False}
+    assert loaded.sampling == {"steps": 3, "guidance_scale": 1.5, "official_grid": False, "method": "euler"}
     want = pipe("seven", seed=3, steps=3, guidance_scale=1.5, output_type="latent")
     torch.testing.assert_close(loaded("seven", seed=3, output_type="latent"), want)
     given = CrossFlowPipeline.from_pretrained(tmp_path, sampler=EulerSampler(steps=2))  # an explicit sampler wins
-    assert given.sampling == {"steps": 2, "guidance_scale": 7.0, "official_grid": False}
+    assert given.sampling == {"steps": 2, "guidance_scale": 7.0, "official_grid": False, "method": "euler"}
 
 
 def test_every_pipeline_loads_the_shipped_settings():
     from crossflow.config import SAMPLING
-    from crossflow.img2img import ImagePipeline
-    from crossflow.pipeline import default_checkpoint as digits
-    from crossflow.tasks import CaptionPipeline, default_checkpoint
+    from crossflow.pipelines.image import ImagePipeline
+    from crossflow.pipelines.base import default_checkpoint as digits
+    from crossflow.pipelines.caption import CaptionPipeline
+    from crossflow.pipelines.base import default_checkpoint
 
-    assert CrossFlowPipeline.from_pretrained(digits()).sampling == {**SAMPLING["digits"], "official_grid": False}
+    assert CrossFlowPipeline.from_pretrained(digits()).sampling == {**SAMPLING["digits"], "official_grid": False, "method": "euler"}
     assert CaptionPipeline.from_pretrained(default_checkpoint("digits-caption")).sampling == {
-        **SAMPLING["digits-caption"], "official_grid": False}
+        **SAMPLING["digits-caption"], "official_grid": False, "method": "euler"}
     for preset in ("digits-sr", "digits-vary"):
         assert ImagePipeline.from_pretrained(default_checkpoint(preset)).sampling == {**SAMPLING[preset],
-                                                                                      "official_grid": False}
+                                                                                      "official_grid": False, "method": "euler"}
 
 
 def test_a_checkpoint_of_another_task_is_refused_before_it_loads(monkeypatch):
-    from crossflow.img2img import ImagePipeline
-    from crossflow.model import CrossFlow
-    from crossflow.tasks import CaptionPipeline, default_checkpoint
+    from crossflow.pipelines.image import ImagePipeline
+    from crossflow.models.model import CrossFlow
+    from crossflow.pipelines.caption import CaptionPipeline
+    from crossflow.pipelines.base import default_checkpoint
 
     def no_load(*a, **k):
         raise AssertionError("the weights were loaded")

@@ -1,4 +1,5 @@
-"""EulerSampler and the latent helpers on analytic velocity fields (reference/crossflow.md §1.8, §2).
+"""EulerSampler and the latent helpers on analytic velocity fields (the design notes outside this repository,
+reference/crossflow.md §1.8, §2).
 
 These run on the default backend (the Triton interpreter on CPU) and on the torch one: the models are closed-form,
 so only the fused Euler/CFG updates cost anything."""
@@ -120,20 +121,31 @@ def test_guidance_one_is_a_single_cond_pass_and_z0_is_untouched():
     assert torch.equal(z0, keep)
 
 
-def test_call_overrides_and_crossflow_velocity():
-    class Wrapper:  # a CrossFlow-like object: the sampler must use .velocity
+def test_call_overrides_and_the_sampler_takes_the_flow_network():
+    class Counting:  # a flow network: called as flow(x, t, indicator)
         def __init__(self, f):
             self.f, self.n = f, 0
 
-        def velocity(self, x, t, indicator):
+        def __call__(self, x, t, indicator):
             self.n += 1
             return self.f(x, t, indicator)
 
     z0, v = _pair(b=1)
-    w = Wrapper(ConstField(v))
-    out = EulerSampler(steps=50, guidance_scale=7.0)(w, z0, steps=2, guidance_scale=1.0)
-    assert w.n == 2
+    flow = Counting(ConstField(v))
+    sampler = EulerSampler(steps=50, guidance_scale=7.0)
+    out = sampler(flow, z0, steps=2, guidance_scale=1.0)
+    assert flow.n == 2
     torch.testing.assert_close(out, z0 + v)
+    assert sampler.resolve() == (50, 7.0) and sampler.resolve(2, 1) == (2, 1.0)  # the call's values, else its own
+
+    class Whole:  # a whole model (CrossFlow): refused, naming `model.flow`
+        velocity = flow
+
+        def __call__(self, *a):
+            raise AssertionError
+
+    with pytest.raises(ValueError, match=r"model\.flow"):
+        sampler(Whole(), z0)
 
 
 @pytest.mark.parametrize("kwargs,match", [

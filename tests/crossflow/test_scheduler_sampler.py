@@ -52,7 +52,7 @@ def test_flow_match_euler_on_our_grid_is_our_euler(guidance, torch_backend):
 
 def test_flow_match_euler_on_a_tiny_flow_transformer(perturb, torch_backend):
     from crossflow.config import CrossFlowConfig
-    from crossflow.model import FlowTransformer
+    from crossflow.models.model import FlowTransformer
 
     cfg = CrossFlowConfig.from_name("tiny")
     model = perturb(FlowTransformer(cfg), std=0.02, everywhere=True).eval()

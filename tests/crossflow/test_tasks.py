@@ -7,13 +7,14 @@ import torch
 
 import crossflow_kernels
 from crossflow import config as config_mod
-from crossflow import digits, train
+from crossflow.training import train
 from crossflow.config import CrossFlowConfig
 from crossflow.fast_sampler import FastSampler
-from crossflow.model import CrossFlow
+from crossflow.models.model import CrossFlow
 from crossflow.sampling import EulerSampler, invert
-from crossflow.tasks import CaptionPipeline
-from crossflow.text_decoder import WordVocab, get_vocab, tokenize
+from crossflow.pipelines.caption import CaptionPipeline
+from crossflow.vocab import VOCABS, WordVocab, get_vocab, tokenize
+from crossflow.digits import data
 
 # image (1, 8, 8) -> text latent (4, 8, 8) on the `tiny` sizes; the Text VE reads (7, 32) token embeddings
 TINY_CAPTION = dict(source="image", target="text", source_size=8, image_ve_width=8, decoder_width=32, decoder_heads=2,
@@ -27,7 +28,7 @@ def tiny_caption() -> CrossFlowConfig:
 def caption_batch(cfg: CrossFlowConfig, b: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     vocab = get_vocab(cfg.vocab)
-    caps = [digits.caption(digits.TRAIN_TEMPLATES[i % 12], i % 10) for i in range(b)]
+    caps = [data.caption(data.TRAIN_TEMPLATES[i % 12], i % 10) for i in range(b)]
     return {"source": torch.rand(b, *cfg.source_shape, generator=g) * 2 - 1,
             "text_emb": torch.randn(b, cfg.text_len, cfg.text_dim, generator=g),
             "text_mask": torch.arange(cfg.text_len).expand(b, -1) < 5,
@@ -131,16 +132,18 @@ def test_image_to_text_loss_is_the_same_on_both_kernel_backends(perturb):
 
 def test_every_caption_of_the_grammar_round_trips_and_parses_to_its_digit():
     vocab = get_vocab("digits")
-    assert len(vocab) == len(digits.caption_words()) + 1 and vocab.words[0] == "<end>"
-    for t in digits.ALL_TEMPLATES:
+    assert len(vocab) == len(data.caption_words()) + 1 and vocab.words[0] == "<end>"
+    # the model's word list (vocab.VOCABS, no data set imported) is the grammar's, word for word
+    assert list(VOCABS["digits"]) == data.caption_words()
+    for t in data.ALL_TEMPLATES:
         for k in range(10):
-            text = digits.caption(t, k)
+            text = data.caption(t, k)
             ids = vocab.encode(text, 8)
-            assert vocab.decode(ids.tolist()) == text and digits.parse_caption(text) == k
-            assert digits.caption_template(text) == t
-    assert digits.parse_caption("Number Seven , written by hand") == 7  # case and spacing are not wording
+            assert vocab.decode(ids.tolist()) == text and data.parse_caption(text) == k
+            assert data.caption_template(text) == t
+    assert data.parse_caption("Number Seven , written by hand") == 7  # case and spacing are not wording
     for soup in ("seven seven", "a handwritten", "the digit 7 7", "a handwritten eleven", ""):
-        assert digits.parse_caption(soup) is None
+        assert data.parse_caption(soup) is None
     assert tokenize("number seven, written") == ["number", "seven", ",", "written"]
 
 
@@ -157,16 +160,16 @@ def test_vocab_refuses_unknown_and_too_long_texts():
 
 def test_digit_captions_pair_an_image_with_a_caption_of_its_digit():
     cfg = CrossFlowConfig.from_name("digits-caption")
-    ds = digits.DigitCaptions(cfg, seed=3, size=20)
+    ds = data.DigitCaptions(cfg, seed=3, size=20)
     vocab = get_vocab(cfg.vocab)
     for i in (0, 7):
         item = ds[i]
         assert item["source"].shape == (1, 16, 16) and item["text_emb"].shape == (cfg.text_len, cfg.text_dim)
         assert item["tokens"].shape == (cfg.max_words,)
-        assert digits.parse_caption(vocab.decode(item["tokens"].tolist())) == int(item["label"])
+        assert data.parse_caption(vocab.decode(item["tokens"].tolist())) == int(item["label"])
     assert torch.equal(ds[5]["tokens"], ds[5]["tokens"])
     with pytest.raises(ValueError, match="needs an image source"):
-        digits.DigitCaptions(CrossFlowConfig.from_name("digits"))
+        data.DigitCaptions(CrossFlowConfig.from_name("digits"))
 
 
 # ---- sampling: captions and text variation through the shared samplers
@@ -255,44 +258,44 @@ def test_trainer_trains_an_image_to_text_preset(tmp_path, monkeypatch):
 def test_shipped_caption_model_names_held_out_digits():
     """A small eval of the committed weights (the README's numbers come from `crossflow eval --preset
     digits-caption`)."""
-    from crossflow.tasks import default_checkpoint
+    from crossflow.pipelines.base import default_checkpoint
 
     pipe = CaptionPipeline.from_pretrained(default_checkpoint("digits-caption"))
-    xte, yte = digits.load_images("test")
+    xte, yte = data.load_digits("test")
     idx = torch.arange(0, len(yte), 6)  # 60 held-out images, every digit
     with crossflow_kernels.use_backend("torch"):  # speed on CPU; the kernels are tested on their own
         caps = pipe(xte[idx], 1, steps=20, seed=0)
-        varied = pipe.vary_text([digits.caption(t, 7) for t in digits.ALL_TEMPLATES[:4]], 2, steps=20, seed=0)
-    parsed = [digits.parse_caption(c) for c in caps]
+        varied = pipe.vary_text([data.caption(t, 7) for t in data.ALL_TEMPLATES[:4]], 2, steps=20, seed=0)
+    parsed = [data.parse_caption(c) for c in caps]
     assert sum(p == int(y) for p, y in zip(parsed, yte[idx])) >= 0.9 * len(idx), caps
     assert sum(p is not None for p in parsed) >= 0.95 * len(idx), caps
-    assert sum(digits.parse_caption(v) == 7 for v in varied) >= 7, varied
+    assert sum(data.parse_caption(v) == 7 for v in varied) >= 7, varied
 
 
 def test_caption_and_vary_text_verbs(tmp_path, capsys):
     from crossflow import cli
-    from crossflow.pipeline import to_pil
+    from crossflow.pipelines.image_io import to_pil
 
-    xte, yte = digits.load_images("test")
+    xte, yte = data.load_digits("test")
     png = tmp_path / "digit.png"
     to_pil(xte[:1])[0].save(png)
     cli.main(["caption", str(png), "--n", "2", "--steps", "10", "--backend", "torch", "-q"])
     lines = capsys.readouterr().out.splitlines()  # one image: the captions alone
-    assert len(lines) == 2 and all(digits.parse_caption(c) == int(yte[0]) for c in lines), lines
+    assert len(lines) == 2 and all(data.parse_caption(c) == int(yte[0]) for c in lines), lines
     j = int(torch.nonzero(yte != yte[0])[0])  # another digit
     other = tmp_path / "other.png"
     to_pil(xte[j : j + 1])[0].save(other)
     cli.main(["caption", str(png), str(other), "--n", "2", "--steps", "10", "--backend", "torch", "-q"])
     lines = capsys.readouterr().out.splitlines()  # several: each caption labelled with its image
     assert [line.split(": ", 1)[0] for line in lines] == [str(png)] * 2 + [str(other)] * 2, lines
-    assert [digits.parse_caption(line.split(": ", 1)[1]) for line in lines] == [int(yte[0])] * 2 + [int(yte[j])] * 2
+    assert [data.parse_caption(line.split(": ", 1)[1]) for line in lines] == [int(yte[0])] * 2 + [int(yte[j])] * 2
     cli.main(["vary", "--text", "a handwritten seven", "--n", "3", "--steps", "10", "--backend", "torch", "-q"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 3 and all(digits.parse_caption(c) == 7 for c in lines), lines
+    assert len(lines) == 3 and all(data.parse_caption(c) == 7 for c in lines), lines
 
 
 def test_caption_and_vary_errors(tmp_path, cli_fails):
-    from crossflow.pipeline import default_checkpoint
+    from crossflow.pipelines.base import default_checkpoint
 
     assert "not both" in cli_fails(["vary"], 2)
     assert "not both" in cli_fails(["vary", "x.png", "--text", "a seven"], 2)
@@ -330,10 +333,10 @@ def test_caption_reads_a_16_bit_or_transparent_file_as_its_8_bit_twin(tmp_path, 
     from PIL import Image
 
     from crossflow import cli
-    from crossflow.pipeline import to_pil
-    from crossflow.tasks import load_images
+    from crossflow.pipelines.image_io import to_pil
+    from crossflow.pipelines.image_io import load_images
 
-    xte, _ = digits.load_images("test")
+    xte, _ = data.load_digits("test")
     g8 = np.asarray(to_pil(xte[3:4])[0])
     rgba = np.zeros((*g8.shape, 4), np.uint8)
     rgba[..., 3] = g8

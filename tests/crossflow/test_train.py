@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from crossflow.checkpoint import list_checkpoints, lock_directory, read_training_checkpoint
-from crossflow.model import CrossFlow
-from crossflow.train import RECIPES, Trainer, TrainConfig, main, param_groups, parse_config, train
+from crossflow.models.model import CrossFlow
+from crossflow.training.train import RECIPES, Trainer, TrainConfig, main, param_groups, parse_config, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -135,11 +135,11 @@ def test_one_parser_recipes_are_defaults_and_flags_win(tmp_path, capsys):
 
 
 def test_the_light_parser_names_what_the_trainer_has():
-    """crossflow.train_config spells out the backends, data sets and schedules so that parsing imports no torch."""
+    """crossflow.training.train_config spells out the backends, data sets and schedules so that parsing imports no torch."""
     import crossflow_kernels
-    from crossflow import train_config
-    from crossflow.datasets import DATASETS
-    from crossflow.optim import LR_SCHEDULES
+    from crossflow.training import train_config
+    from crossflow.training.datasets import DATASETS
+    from crossflow.training.optim import LR_SCHEDULES
 
     assert train_config.BACKENDS == crossflow_kernels.BACKENDS
     assert sorted(train_config.DATA_NAMES) == sorted(DATASETS)
@@ -184,7 +184,7 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path):
 def test_synthetic_pairs_format_and_determinism():
     from crossflow.config import CrossFlowConfig
     from crossflow.data import SyntheticPairs
-    from crossflow.train import DATASETS
+    from crossflow.training.train import DATASETS
 
     cfg = CrossFlowConfig.from_name("tiny")
     ds = DATASETS["synthetic"](cfg, 3, 50)
@@ -391,12 +391,12 @@ def test_out_naming_a_file_is_a_usage_error(tmp_path, capsys):
 
 def test_the_final_checkpoint_carries_the_presets_sampling_settings_and_task(tmp_path):
     from crossflow.config import SAMPLING, read_checkpoint_info
-    from crossflow.img2img import ImagePipeline
+    from crossflow.pipelines.image import ImagePipeline
 
     train(_cfg(tmp_path / "sr", preset="digits-sr", data="digits-sr", steps=1, batch_size=4))
     final = tmp_path / "sr" / "final"
     assert json.loads((final / "sampling.json").read_text()) == SAMPLING["digits-sr"]  # main: no sampling.json
     assert read_checkpoint_info(final)[1] == {"task": "super-resolution", "preset": "digits-sr"}
-    assert ImagePipeline.from_pretrained(final).sampling == {**SAMPLING["digits-sr"], "official_grid": False}
+    assert ImagePipeline.from_pretrained(final).sampling == {**SAMPLING["digits-sr"], "official_grid": False, "method": "euler"}
     train(_cfg(tmp_path / "tiny", steps=1, batch_size=4))  # a preset without recommended settings: the sampler's own
     assert not (tmp_path / "tiny" / "final" / "sampling.json").exists()

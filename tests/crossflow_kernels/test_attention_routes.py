@@ -349,7 +349,7 @@ def test_routing_table_from_a_gpu_check_result(table_dir, monkeypatch):
 
 
 def test_saving_a_gpu_check_result_writes_its_routing_table(tmp_path):
-    from benchmarks import gpu_check
+    from benchmarks.gpu_session import gpu_check
 
     src = tmp_path / "gpu_check.json"
     src.write_text(json.dumps(_gpu_check([_case((2, 2, 32, 72), "fwd", "triton", 1.0),

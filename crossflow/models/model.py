@@ -1,8 +1,9 @@
 """The CrossFlow model: a source encoder (z0), the flow transformer (velocity), the target side, a contrastive encoder.
 
-The pairing is configured (`CrossFlowConfig.source` / `.target`, DESIGN.md section 9), not copied:
+The pairing is configured (`CrossFlowConfig.source` / `.target`; DESIGN.md section 9, in the project's design notes
+outside this repository), not copied:
   * source "text": the Text VE over text-encoder tokens; "image": the image VE (`image_ve.ImageVE`) over an image.
-  * the flow network: the DiT (`FlowTransformer`) or DiMR (`crossflow.dimr.DiMRFlow`), by `CrossFlowConfig.backbone`.
+  * the flow network: the DiT (`FlowTransformer`) or DiMR (`models.dimr.DiMRFlow`), by `CrossFlowConfig.backbone`.
   * target "image": the image latent (the autoencoder's; the digits use pixels); "text": the text autoencoder, i.e. the
     Text VE's mu of the caption is the flow's target and `text_decoder.TextDecoder` reads it back as words. The text
     latent (latent_numel values, no order of its own) is held in the flow's (C, H, W) grid, so the DiT, its patches,
@@ -11,14 +12,14 @@ The pairing is configured (`CrossFlowConfig.source` / `.target`, DESIGN.md secti
 `FlowTransformer` is the official DiT variant (`libs/model/dit_t2i.py`): patch embedding, fixed 2-D sin-cos positions,
 raw-t sinusoidal timestep embedding plus a 2-class cond/uncond indicator embedding, adaLN-Zero blocks, final adaLN
 layer. It sees no text: conditioning enters only through the source z0 and the indicator. Two structural changes make
-it fast without changing the math (an official checkpoint converts exactly, `crossflow.convert`):
+it fast without changing the math (an official checkpoint converts exactly, `crossflow.convert.dit`):
 
   * the adaLN modulation of every block and of the final layer comes from ONE Linear on SiLU(c), computed up front
     (its weight is the official per-block weights stacked along the output dim);
   * each residual add is fused with the following LayerNorm + modulate (`crossflow_kernels.gated_residual_adaln`), so the MLP
     residual of block i lands in block i+1's first norm, and the last one in the final layer's norm.
 
-With `backbone="dimr"` the flow network is `crossflow.dimr.DiMRFlow` (the official multi-resolution network, same
+With `backbone="dimr"` the flow network is `crossflow.models.dimr.DiMRFlow` (the official multi-resolution network, same
 call) and the flow-matching term is its multi-scale loss (`dimr.multiscale_flow_loss`, weights `loss_coeffs`).
 """
 
@@ -37,12 +38,13 @@ import crossflow_kernels
 from crossflow import flow as fm
 from crossflow.checkpoint import load_state_dict_strict, read_pretrained, save_pretrained, skip_random_init
 from crossflow.config import CrossFlowConfig
-from crossflow.dimr import DiMRFlow, multiscale_flow_loss
-from crossflow.image_encoder import build_image_encoder
-from crossflow.image_ve import ImageVE
-from crossflow.layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
-from crossflow.text_decoder import TextDecoder
-from crossflow.text_ve import TextVE
+from crossflow.models.dimr import DiMRFlow, multiscale_flow_loss
+from crossflow.models.image_encoder import build_image_encoder
+from crossflow.models.image_ve import ImageVE
+from crossflow.models.layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, check_flow_inputs,
+                                     sincos_pos_embed_2d)
+from crossflow.models.text_decoder import TextDecoder
+from crossflow.models.text_ve import TextVE
 
 NUM_INDICATOR_CLASSES = 2  # 0 = conditional, 1 = unconditional (official `LabelEmbedder(num_classes=2)`)
 NORM_EPS = 1e-6  # DiT's LayerNorm(elementwise_affine=False, eps=1e-6)
@@ -99,20 +101,7 @@ class FlowTransformer(nn.Module):
             nn.init.zeros_(t)
 
     def _check(self, x: torch.Tensor, t: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
-        shape = self.config.latent_shape
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != shape:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"FlowTransformer: expected latent (B, C, H, W) = (B, {', '.join(map(str, shape))}), "
-                             f"got {got}")
-        B = x.shape[0]
-        if not isinstance(t, torch.Tensor) or not (t.dim() == 0 or tuple(t.shape) == (B,)):
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"FlowTransformer: expected t of shape ({B},) or a 0-d tensor, got {got}")
-        if (not isinstance(indicator, torch.Tensor) or tuple(indicator.shape) != (B,)
-                or indicator.is_floating_point() or indicator.is_complex()):
-            got = (tuple(indicator.shape), indicator.dtype) if isinstance(indicator, torch.Tensor) else type(indicator)
-            raise ValueError(f"FlowTransformer: expected indicator ({B},) long/bool (0 = cond, 1 = uncond), got {got}")
-        return t.expand(B) if t.dim() == 0 else t
+        return check_flow_inputs("FlowTransformer", self.config.latent_shape, x, t, indicator)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, p*p*C) -> (B, C, H, W)."""
@@ -143,7 +132,7 @@ class FlowTransformer(nn.Module):
 
 
 def build_flow(cfg: CrossFlowConfig) -> nn.Module:
-    """The velocity network `cfg.backbone` names: our DiT (`FlowTransformer`) or DiMR (`crossflow.dimr.DiMRFlow`)."""
+    """The velocity network `cfg.backbone` names: our DiT (`FlowTransformer`) or DiMR (`crossflow.models.dimr.DiMRFlow`)."""
     if cfg.backbone == "dimr":
         return DiMRFlow(cfg.dimr)
     return FlowTransformer(cfg)
@@ -252,9 +241,10 @@ class CrossFlow(nn.Module):
         generator: torch.Generator | None = None, images: torch.Tensor | None = None, *,
         source: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training loss of one batch (reference/crossflow.md §8): FM-MSE + CLIP(z0, image features) + kl_weight *
-        KL, all trained jointly (the FM gradient reaches the Text VE through z0). `forward` so that DDP, which wraps
-        the model itself, sees one call that touches every parameter; sampling uses `encode_text` and `velocity`.
+        """The training loss of one batch (the design notes outside this repository, reference/crossflow.md §8): FM-MSE
+        + CLIP(z0, image features) + kl_weight * KL, all trained jointly (the FM gradient reaches the Text VE through
+        z0). `forward` so that DDP, which wraps the model itself, sees one call that touches every parameter; sampling
+        uses `encode_text` and `velocity`.
 
         emb (B, L, D) text embeddings, mask (B, L) bool; z1 (B, C, H, W) image latents; images: the pixel images of
         the targets, (B, C', H', W') in [-1, 1], needed by a pretrained (pixel) image encoder; by default the image

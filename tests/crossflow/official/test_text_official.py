@@ -12,7 +12,8 @@ import json
 import pytest
 import torch
 
-from crossflow.text_encoder import TextEncoder, clean_caption, preprocess_t5, resolve_dtype
+from crossflow.encoders.caption_clean import clean_caption, preprocess_t5
+from crossflow.encoders.text_encoder import TextEncoder, resolve_dtype
 
 transformers = pytest.importorskip("transformers")
 L = 12
@@ -107,8 +108,8 @@ def test_t5_cleans_captions_runs_in_bf16_with_the_mask_and_does_not_scale(t5_dir
 def test_text_scale_is_applied_once_by_the_text_ve():
     # The official multiplies T5 features by 10 before the VE (`extract_train_feature.py`, `demo_t2i.py`); CLIP's not.
     from crossflow.config import CrossFlowConfig
-    from crossflow.dimr import OFFICIAL_CHECKPOINTS
-    from crossflow.text_ve import TextVE
+    from crossflow.models.dimr import OFFICIAL_CHECKPOINTS
+    from crossflow.models.text_ve import TextVE
 
     assert {n: c["crossflow_fields"]["text_scale"] for n, c in OFFICIAL_CHECKPOINTS.items()} == {
         "dimr-256-clip": 1.0, "dimr-256-t5": 10.0, "dimr-512-clip": 1.0, "dimr-512-t5": 10.0}

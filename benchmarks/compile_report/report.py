@@ -54,9 +54,9 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import _compile_parse as P
+from benchmarks.compile_report import parse as P
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 ARCHS = (90, 80, 100, 120)
 # Reported, never failing: sm_120 (RTX 50xx) runs the portable kernels, whose prunes carry no sm_120 measurements yet.
 REPORT_ONLY_ARCHS = frozenset({120})

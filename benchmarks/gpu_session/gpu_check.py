@@ -51,7 +51,7 @@ from benchmarks.report import GPU_CHECK_SCHEMA as SCHEMA  # the schema's reader 
 from benchmarks.report import attention_summary, write_routing_table
 from benchmarks.report import read_gpu_check as read_results
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOTAL_BUDGET_S = 540  # one device command is at most 10 minutes; 60 s stay for the machine's start-up of python
 RESULTS_NAME, LOG_NAME = "gpu_check.json", "gpu_check.log"
 JUNIT_NAME, NCU_NAME, TESTS_JSONL = "pytest_gpu.xml", "ncu_attention", "pytest_gpu.jsonl"
@@ -221,8 +221,9 @@ SMOKE_TEST_TARGETS = ["tests/crossflow_kernels/test_euler.py"]
 
 def stage_tests(ctx: StageContext) -> None:
     """`pytest -m gpu`, most informative tests first, each one's result written as it finishes, with pytest-xdist
-    workers when installed (the test extra has it) and a per-test timeout (benchmarks/gpu_pytest.py). Serially, tests
-    that would start in the stage's last 20 s are skipped, so pytest still ends and writes its JUnit file."""
+    workers when installed (the test extra has it) and a per-test timeout (benchmarks/gpu_session/gpu_pytest.py).
+    Serially, tests that would start in the stage's last 20 s are skipped, so pytest still ends and writes its JUnit
+    file."""
     import importlib.util
 
     _need_cuda(ctx)
@@ -232,7 +233,8 @@ def stage_tests(ctx: StageContext) -> None:
     targets = SMOKE_TEST_TARGETS if ctx.smoke else ["tests"]
     stop_at = time.time() + ctx.remaining() - 20
     cmd = [sys.executable, "-m", "pytest", *targets, "-m", "gpu", "-q", "-p", "no:cacheprovider",
-           "-p", "benchmarks.gpu_pytest", f"--test-timeout={per_test}", f"--junitxml={junit}", "-o", "addopts=-ra",
+           "-p", "benchmarks.gpu_session.gpu_pytest", f"--test-timeout={per_test}", f"--junitxml={junit}",
+           "-o", "addopts=-ra",
            f"--results-file={per_test_file}", f"--stop-at={stop_at:.0f}", "--priority-order",
            "--continue-on-collection-errors"]  # one module that fails to import must not cancel every GPU test
     if workers:
@@ -358,8 +360,8 @@ def attention_inputs(shape, layout: str, dtype, device) -> list:
 def _prewarm(ctx: StageContext, head_dims, limit_s: float) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     t0 = time.monotonic()
-    procs = {d: subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_check", "--prewarm-attention", str(d)],
-                                 cwd=ROOT, env=env) for d in head_dims}
+    cmd = [sys.executable, "-m", "benchmarks.gpu_session.gpu_check", "--prewarm-attention"]
+    procs = {d: subprocess.Popen([*cmd, str(d)], cwd=ROOT, env=env) for d in head_dims}
     codes = {}
     for d, proc in procs.items():
         try:
@@ -653,7 +655,7 @@ def stage_ncu(ctx: StageContext) -> None:
     rep = ctx.out / NCU_NAME
     cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--target-processes", "all",
            "--kernel-name", "regex:attn|attention", "--launch-count", "1", "--set", "full", "-f", "-o", str(rep),
-           sys.executable, "-m", "benchmarks.gpu_check", "--ncu-workload"]
+           sys.executable, "-m", "benchmarks.gpu_session.gpu_check", "--ncu-workload"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     _log("ncu: " + " ".join(cmd))
     rc, no_permission = run_watching(cmd, env, NCU_NO_PERMISSION)
@@ -907,7 +909,8 @@ def _preload(smoke: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="run_gpu.sh", description="The GPU check (see benchmarks/gpu_check.py).")
+    p = argparse.ArgumentParser(prog="run_gpu.sh",
+                                description="The GPU check (see benchmarks/gpu_session/gpu_check.py).")
     p.add_argument("--plan", action="store_true", help="print the stages and their budgets, then exit")
     p.add_argument("--smoke", action="store_true", help="every stage body on tiny shapes on the CPU (CI)")
     p.add_argument("--out", default=None, help="results directory (default: $OUT, else a new temp dir)")

@@ -2,7 +2,7 @@
 
 The four DiMR releases (`t2i_{256,512}px_{clip,t5}_dimr.pth`) are the flat `state_dict()` of `libs/model/dimr_t2i.
 MRModel`: the flow network under `stages.*`, the Text VE under `context_encoder.*` (same names as the DiT release, so
-`crossflow.convert` maps it), the SigLIP tower and its projection under `open_clip.*` / `open_clip_output.*`.
+`crossflow.convert.dit` maps it), the SigLIP tower and its projection under `open_clip.*` / `open_clip_output.*`.
 Flow keys, official -> ours (per stage `stages.S.`; TD = `{param0, param1, nodecay_weight, nodecay_bias}`):
 
     input_layer.1.{weight,bias}                    -> embed.*                 Conv2d(C, dim, patch, stride=patch)
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from crossflow.dimr import DIMR_CONFIGS, OFFICIAL_CHECKPOINTS, DiMRConfig, DiMRFlow
+from crossflow.models.dimr import DIMR_CONFIGS, OFFICIAL_CHECKPOINTS, DiMRConfig, DiMRFlow
 
 if TYPE_CHECKING:
     from crossflow.config import CrossFlowConfig
@@ -61,6 +61,18 @@ _RENAMES: tuple[tuple[str, str], ...] = (
     (r"^blocks\.(\d+)\.mlp\.fc_out\.", r"blocks.\1.block2.w2."),
 )
 _STAGE = re.compile(r"^stages\.(\d+)\.(.*)$")
+
+
+def _check_keys(got: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str) -> None:
+    """ValueError `what: ...` naming the missing and unexpected keys and the shape mismatches, if any."""
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    shapes = sorted(f"{k}: got {tuple(v.shape)}, expected {expected[k]}"
+                    for k, v in got.items() if k in expected and tuple(v.shape) != expected[k])
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing keys {_few(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected keys {_few(unexpected)}" if unexpected else "",
+                 f"{len(shapes)} shape mismatches {_few(shapes)}" if shapes else ""]
+        raise ValueError(f"{what}: " + "; ".join(p for p in parts if p))
 
 
 def strip_wrappers(key: str) -> str:
@@ -127,21 +139,13 @@ def convert_dimr_flow_state_dict(
     "flow." for a CrossFlow). Keys under `context_encoder.` / `open_clip*` are left to the caller; anything else that
     is not an expected `stages.*` key, a missing key or a shape mismatch raises ValueError listing them.
 
-    `crossflow.convert.load_official_checkpoint` uses it through `convert_official_dimr_state_dict`."""
+    `crossflow.convert.dit.load_official_checkpoint` uses it through `convert_official_dimr_state_dict`."""
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"expected a flat dict of tensors, got {type(sd).__name__}")
     sd = {strip_wrappers(k): v for k, v in sd.items()}
     flow = {k: v for k, v in sd.items() if not k.startswith(OTHER_PREFIXES)}
     expected = official_dimr_shapes(cfg)
-    missing = sorted(set(expected) - set(flow))
-    unexpected = sorted(set(flow) - set(expected))
-    shapes = sorted(f"{k}: got {tuple(v.shape)}, expected {expected[k]}"
-                    for k, v in flow.items() if k in expected and tuple(v.shape) != expected[k])
-    if missing or unexpected or shapes:
-        parts = [f"{len(missing)} missing keys {_few(missing)}" if missing else "",
-                 f"{len(unexpected)} unexpected keys {_few(unexpected)}" if unexpected else "",
-                 f"{len(shapes)} shape mismatches {_few(shapes)}" if shapes else ""]
-        raise ValueError("official DiMR state dict does not match the config: " + "; ".join(p for p in parts if p))
+    _check_keys(flow, expected, "official DiMR state dict does not match the config")
     out = {}
     for ours, srcs, _ in _plan(cfg):
         _, combine = _sources(ours)
@@ -157,22 +161,14 @@ def convert_official_dimr_state_dict(
     ["crossflow_fields"]`) and `logit_scale` (`open_clip.logit_scale`, used raw) when present. The SigLIP tower and its
     projection (`open_clip.*`, `open_clip_output.*`) are training-only and dropped. Raises ValueError on any
     mismatch."""
-    from crossflow.text_ve import TextVE
+    from crossflow.models.text_ve import TextVE
 
     sd = {strip_wrappers(k): v for k, v in sd.items()}
     out = convert_dimr_flow_state_dict(sd, cfg, prefix="flow.")
     with torch.device("meta"):
         expected = {f"context_encoder.{k}": tuple(v.shape) for k, v in TextVE(text_cfg).state_dict().items()}
     ve = {k: v for k, v in sd.items() if k.startswith("context_encoder.")}
-    missing, unexpected = sorted(set(expected) - set(ve)), sorted(set(ve) - set(expected))
-    shapes = sorted(f"{k}: got {tuple(v.shape)}, expected {expected[k]}"
-                    for k, v in ve.items() if k in expected and tuple(v.shape) != expected[k])
-    if missing or unexpected or shapes:
-        parts = [f"{len(missing)} missing keys {_few(missing)}" if missing else "",
-                 f"{len(unexpected)} unexpected keys {_few(unexpected)}" if unexpected else "",
-                 f"{len(shapes)} shape mismatches {_few(shapes)}" if shapes else ""]
-        raise ValueError("official Text VE (context_encoder.*) does not match the text config: "
-                         + "; ".join(p for p in parts if p))
+    _check_keys(ve, expected, "official Text VE (context_encoder.*) does not match the text config")
     out.update({"text_ve." + k[len("context_encoder."):]: v for k, v in ve.items()})
     if "open_clip.logit_scale" in sd:
         out["logit_scale"] = sd["open_clip.logit_scale"].reshape(())

@@ -16,25 +16,25 @@ from crossflow.data import SyntheticPairs
 
 
 def _digits(cfg: Any, seed: int, size: int) -> Dataset:
-    from crossflow.digits import DigitPairs  # scikit-learn and the text encoder load only when asked for
+    from crossflow.digits.data import DigitPairs  # scikit-learn and the text encoder load only when asked for
 
     return DigitPairs(cfg, seed=seed, size=size)
 
 
 def _digits_caption(cfg: Any, seed: int, size: int) -> Dataset:
-    from crossflow.digits import DigitCaptions
+    from crossflow.digits.data import DigitCaptions
 
     return DigitCaptions(cfg, seed=seed, size=size)
 
 
 def _digits_sr(cfg: Any, seed: int, size: int) -> Dataset:
-    from crossflow.img2img import UpscalePairs
+    from crossflow.digits.data import UpscalePairs
 
     return UpscalePairs(cfg, seed=seed, size=size)
 
 
 def _digits_vary(cfg: Any, seed: int, size: int) -> Dataset:
-    from crossflow.img2img import VariationPairs
+    from crossflow.digits.data import VariationPairs
 
     return VariationPairs(cfg, seed=seed, size=size)
 

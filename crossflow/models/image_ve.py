@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from crossflow.config import CrossFlowConfig
-from crossflow.image_encoder import ImageEncoder
+from crossflow.models.image_encoder import ImageEncoder
 
 
 class ImageVE(nn.Module):

@@ -1,5 +1,6 @@
-"""pytest plugin for the GPU check's test stage (`-p benchmarks.gpu_pytest`): a per-test timeout, a per-test results
-file, a stage deadline, a priority order, and skips, with the reason, of what the lent GPU machine cannot do.
+"""pytest plugin for the GPU check's test stage (`-p benchmarks.gpu_session.gpu_pytest`): a per-test timeout, a
+per-test results file, a stage deadline, a priority order, and skips, with the reason, of what the lent GPU machine
+cannot do.
 
   --test-timeout S   fail a test whose setup, call or teardown runs longer than S seconds (0: off). SIGALRM raises in
                      the test's own thread (each pytest-xdist worker runs its tests in its main thread); a test stuck

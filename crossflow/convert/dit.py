@@ -18,7 +18,7 @@ flat `state_dict()` of `libs/model/dit_t2i.DiT` (`utils.TrainState.save`, loaded
     open_clip.* / open_clip_output.*          -> dropped: the SigLIP image tower + its projection, used only by the
                                                  training loss; our `image_encoder` differs and keeps its init.
 
-The four DiMR releases (`t2i_{256,512}px_{clip,t5}_dimr.pth`) map through `crossflow.convert_dimr` (flow network) and
+The four DiMR releases (`t2i_{256,512}px_{clip,t5}_dimr.pth`) map through `crossflow.convert.dimr` (flow network) and
 the same `context_encoder.*` / `open_clip.logit_scale` rules. `load_official_checkpoint` finds which preset a file
 holds (`detect_preset`: every tensor shape must match), refuses a `cfg` that does not match it in a few lines naming
 the architecture found, and `save_converted` writes the official sampler settings (`sampling.json`) beside the model.
@@ -41,13 +41,13 @@ import torch
 
 from crossflow.checkpoint import CONFIG_NAME, WEIGHTS_NAME, describe_state_dict, load_state_dict_strict, short_list
 from crossflow.config import CONFIGS, SAMPLING, CrossFlowConfig
-from crossflow.convert_dimr import convert_official_dimr_state_dict, describe_dimr_keys, official_dimr_shapes
+from crossflow.convert.dimr import (convert_official_dimr_state_dict, describe_dimr_keys, official_dimr_shapes,
+                                    strip_wrappers)
 from crossflow.dimr_config import OFFICIAL_SAMPLING
-from crossflow.image_encoder import build_image_encoder
-from crossflow.layers import sincos_pos_embed_2d
-from crossflow.model import CrossFlow
+from crossflow.models.image_encoder import build_image_encoder
+from crossflow.models.layers import sincos_pos_embed_2d
+from crossflow.models.model import CrossFlow
 
-STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP / accelerate wrappers, torch.compile
 DROPPED_PREFIXES = ("open_clip.", "open_clip_output.")
 NESTED_KEYS = ("state_dict", "model", "nnet_ema", "nnet", "ema")
 
@@ -74,21 +74,11 @@ def official_flow_shapes(cfg: CrossFlowConfig) -> dict[str, tuple[int, ...]]:
 
 def official_ve_shapes(cfg: CrossFlowConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the official `context_encoder.*` (our TextVE mirrors its module tree name for name)."""
-    from crossflow.text_ve import TextVE
+    from crossflow.models.text_ve import TextVE
 
     with torch.device("meta"):
         ve = TextVE(cfg)
     return {f"context_encoder.{k}": tuple(v.shape) for k, v in ve.state_dict().items()}
-
-
-def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in STRIP_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-    return key
 
 
 def convert_official_state_dict(sd: dict[str, torch.Tensor], cfg: CrossFlowConfig) -> dict[str, torch.Tensor]:
@@ -103,7 +93,7 @@ def convert_official_state_dict(sd: dict[str, torch.Tensor], cfg: CrossFlowConfi
         bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)][:10] if isinstance(sd, dict) else []
         raise ValueError(f"expected a flat dict of tensors, got {type(sd).__name__}"
                          + (f" with non-tensor entries {bad}" if bad else ""))
-    sd = {_strip(k): v for k, v in sd.items()}
+    sd = {strip_wrappers(k): v for k, v in sd.items()}
     expected = {**official_flow_shapes(cfg), **official_ve_shapes(cfg), "open_clip.logit_scale": ()}
     kept = {k: v for k, v in sd.items() if k == "open_clip.logit_scale" or not k.startswith(DROPPED_PREFIXES)}
     missing = sorted(set(expected) - set(kept) - {"open_clip.logit_scale"})
@@ -175,7 +165,7 @@ def official_shapes(cfg: CrossFlowConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _kept_shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {_strip(k): tuple(v.shape) for k, v in sd.items() if not _strip(k).startswith(DROPPED_PREFIXES)}
+    return {strip_wrappers(k): tuple(v.shape) for k, v in sd.items() if not strip_wrappers(k).startswith(DROPPED_PREFIXES)}
 
 
 def detect_preset(sd: dict[str, torch.Tensor]) -> str | None:
@@ -202,7 +192,7 @@ def describe_config(cfg: CrossFlowConfig) -> str:
 def _what_it_holds(sd: dict[str, torch.Tensor], found: str | None) -> str:
     if found is not None:
         return f"the {found!r} layout: {describe_config(CrossFlowConfig.from_name(found))}"
-    keys = {_strip(k): v for k, v in sd.items()}
+    keys = {strip_wrappers(k): v for k, v in sd.items()}
     if any(k.startswith("stages.") for k in keys):
         return f"a DiMR checkpoint ({describe_dimr_keys(keys)}) that matches no preset"
     return describe_state_dict(sorted(keys))
@@ -248,7 +238,7 @@ def resolve_config(sd: dict[str, torch.Tensor], cfg: CrossFlowConfig | str | Non
         if found is None:
             raise ValueError(f"{source}: not a checkpoint of any preset: it holds {_what_it_holds(sd, None)}")
         return CrossFlowConfig.from_name(found)
-    dimr_sd = any(_strip(k).startswith("stages.") for k in sd)
+    dimr_sd = any(strip_wrappers(k).startswith("stages.") for k in sd)
     if found is None and not dimr_sd and cfg.backbone == "dit":
         return cfg  # a DiT-like file off by a few keys: the converter lists them
     hint = f"; use --preset {found} (or leave --preset out: the layout is detected)" if found else ""

@@ -3,7 +3,7 @@
 Text autoencoder = the Text VE (encoder: frozen-LM token embeddings -> mu, logvar) + `TextDecoder` (here). The flow of
 an image -> text pairing ends at the Text VE's mu of a caption; the decoder turns a latent back into words.
 
-Vocabulary: a word-level vocabulary of the task's caption grammar (`VOCABS`; digits: 40 words), not the MiniLM
+Vocabulary: a word-level vocabulary of the task's caption grammar (`vocab.VOCABS`; digits: 40 words), not the MiniLM
 tokenizer's 30,522 word pieces. The encoder still reads MiniLM embeddings, so any prompt can be encoded; the decoder
 only ever says words of the grammar, and its output layer is 41 x 128 instead of 30,522 x 128 (4 M parameters, more
 than the whole flow). Id 0 is the end/padding token.
@@ -17,29 +17,12 @@ only a key-padding mask; a causal flag there would bring these 2 layers (tokens 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from crossflow.config import CrossFlowConfig
-from crossflow.vocab import END, WordVocab, detokenize, tokenize  # noqa: F401 (re-exported)
-
-def _digits_words() -> list[str]:
-    from crossflow.digits import caption_words  # the grammar lives with its data
-
-    return caption_words()
-
-
-# vocab name (CrossFlowConfig.vocab) -> its word list
-VOCABS: dict[str, Callable[[], list[str]]] = {"digits": _digits_words}
-
-
-def get_vocab(name: str) -> WordVocab:
-    if name not in VOCABS:
-        raise ValueError(f"unknown vocab {name!r}; choose one of {sorted(VOCABS)}")
-    return WordVocab(VOCABS[name]())
+from crossflow.vocab import get_vocab
 
 
 class CausalBlock(nn.Module):

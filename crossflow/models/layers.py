@@ -1,7 +1,7 @@
 """Building blocks of the CrossFlow flow transformer (a DiT with adaLN-Zero).
 
 Module and parameter names follow the official `libs/model/dit_t2i.py` (itself DiT's `models.py` on timm layers), so
-its checkpoints convert by renaming only (`crossflow.convert`). Every hot op goes through the `crossflow_kernels` seam:
+its checkpoints convert by renaming only (`crossflow.convert.dit`). Every hot op goes through the `crossflow_kernels` seam:
 `crossflow_kernels.attention`, `crossflow_kernels.adaln_modulate`, `crossflow_kernels.gated_residual_adaln`.
 
 Shapes: B batch, T image tokens, D hidden width, H heads, Dh head dim, C/Hl/Wl latent channels/height/width.
@@ -161,3 +161,21 @@ class FinalLayer(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.linear(h)  # (B, T, p*p*C)
+
+
+def check_flow_inputs(name: str, shape: tuple[int, ...], x: torch.Tensor, t: torch.Tensor,
+                      indicator: torch.Tensor) -> torch.Tensor:
+    """The flow networks' (FlowTransformer, DiMRFlow) input checks: x (B, *shape), t (B,) or 0-d, indicator (B,)
+    long/bool; returns t as (B,). ValueError naming `name` otherwise."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != shape:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected latent (B, C, H, W) = (B, {', '.join(map(str, shape))}), got {got}")
+    B = x.shape[0]
+    if not isinstance(t, torch.Tensor) or not (t.dim() == 0 or tuple(t.shape) == (B,)):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name}: expected t of shape ({B},) or a 0-d tensor, got {got}")
+    if (not isinstance(indicator, torch.Tensor) or tuple(indicator.shape) != (B,)
+            or indicator.is_floating_point() or indicator.is_complex()):
+        got = (tuple(indicator.shape), indicator.dtype) if isinstance(indicator, torch.Tensor) else type(indicator)
+        raise ValueError(f"{name}: expected indicator ({B},) long/bool (0 = cond, 1 = uncond), got {got}")
+    return t.expand(B) if t.dim() == 0 else t

@@ -28,8 +28,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The blocks sharded as their own FSDP units, in module order: DiT blocks, DiMR Transformer/ConvNeXt blocks."""
-    from crossflow.dimr import ConvNeXtBlock, TransformerBlock  # imported here: no import circle through train
-    from crossflow.layers import DiTBlock
+    from crossflow.models.dimr import ConvNeXtBlock, TransformerBlock  # imported here: no import circle through train
+    from crossflow.models.layers import DiTBlock
 
     return [m for m in model.modules() if isinstance(m, (DiTBlock, TransformerBlock, ConvNeXtBlock))]
 

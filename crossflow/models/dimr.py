@@ -46,7 +46,7 @@ Deviations from the official module, none changing the math in fp32:
   * attention runs in the activations' dtype through `crossflow_kernels.attention` (fp32 softmax statistics); the official casts
     q, k, v to fp32 first, so under bf16 autocast ours rounds q, k, v to bf16;
   * the coarse stages' output heads are skipped unless `return_all=True` (the sampler needs only the finest).
-Converting an official state dict: `crossflow.convert_dimr`.
+Converting an official state dict: `crossflow.convert.dimr`.
 
 The MLP (transformer and ConvNeXt blocks): fc_in and fc_out stay cuBLAS GEMMs; the GELU(a) * b between them, the
 memory-bound step, is `crossflow_kernels.geglu` (one pass instead of eager's two and an intermediate).
@@ -82,6 +82,7 @@ from crossflow.dimr_config import (  # noqa: F401 (re-exported: the config lives
     DiMRConfig,
     DiMRStage,
 )
+from crossflow.models.layers import check_flow_inputs
 
 RMS_EPS = 1e-16  # the official TDRMSNorm/RMSNorm add 1e-8 to the rms; ours adds its square under the root
 LN_EPS = 1e-5  # the official time-dependent LayerNorm
@@ -418,19 +419,7 @@ class DiMRFlow(nn.Module):
         return [n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1].startswith("nodecay_")]
 
     def _check(self, x: torch.Tensor, t: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
-        shape = self.config.latent_shape
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != shape:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"DiMRFlow: expected latent (B, C, H, W) = (B, {', '.join(map(str, shape))}), got {got}")
-        B = x.shape[0]
-        if not isinstance(t, torch.Tensor) or not (t.dim() == 0 or tuple(t.shape) == (B,)):
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"DiMRFlow: expected t of shape ({B},) or a 0-d tensor, got {got}")
-        if (not isinstance(indicator, torch.Tensor) or tuple(indicator.shape) != (B,)
-                or indicator.is_floating_point() or indicator.is_complex()):
-            got = (tuple(indicator.shape), indicator.dtype) if isinstance(indicator, torch.Tensor) else type(indicator)
-            raise ValueError(f"DiMRFlow: expected indicator ({B},) long/bool (0 = cond, 1 = uncond), got {got}")
-        return t.expand(B) if t.dim() == 0 else t
+        return check_flow_inputs("DiMRFlow", self.config.latent_shape, x, t, indicator)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, indicator: torch.Tensor, return_all: bool = False

@@ -1,6 +1,6 @@
 """What a training run is (`TrainConfig`, the presets' recipes) and the command line that makes one (`build_parser`,
 `parse_config`). Standard library and `crossflow.config` only at import time, so that `crossflow train --help` and
-argument errors answer before torch and the trainer (`crossflow.train`) load."""
+argument errors answer before torch and the trainer (`crossflow.training.train`) load."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 from crossflow._cli_base import Parser
 from crossflow.config import CrossFlowConfig
 
-# The command line's names of crossflow_kernels.BACKENDS and crossflow.datasets.DATASETS, spelled out so that parsing
+# The command line's names of crossflow_kernels.BACKENDS and crossflow.training.datasets.DATASETS, spelled out so that parsing
 # imports no torch (tests/crossflow/test_train.py checks that they agree).
 BACKENDS = ("auto", "torch", "triton")
 DATA_NAMES = ("synthetic", "digits", "digits-caption", "digits-sr", "digits-vary")
@@ -41,7 +41,7 @@ class TrainConfig:
 
     out: str
     preset: str = "tiny"
-    data: str = "synthetic"  # a key of crossflow.datasets.DATASETS
+    data: str = "synthetic"  # a key of crossflow.training.datasets.DATASETS
     data_size: int = 4096  # samples, for generated data sets
     steps: int = 1000
     batch_size: int = 32  # per process
@@ -71,8 +71,8 @@ class TrainConfig:
         import torch
 
         import crossflow_kernels
-        from crossflow.datasets import DATASETS
-        from crossflow.optim import LR_SCHEDULES
+        from crossflow.training.datasets import DATASETS
+        from crossflow.training.optim import LR_SCHEDULES
 
         ok = {k: getattr(self, k) >= 1 for k in ("steps", "batch_size", "log_every", "ckpt_every", "data_size")}
         ok.update({k: getattr(self, k) >= 0 for k in ("warmup_steps", "keep_checkpoints", "skip_nonfinite")})
