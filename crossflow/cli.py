@@ -187,7 +187,7 @@ def _pipeline(args, device, preset: str = "digits", images: int = 1):
     from crossflow.pipelines.text_to_image import CrossFlowPipeline
 
     cls = {"digits": CrossFlowPipeline, "digits-caption": CaptionPipeline}.get(preset, ImagePipeline)
-    pipe = cls.from_pretrained(_checkpoint(args.checkpoint, preset), device=device)
+    pipe = cls.from_pretrained(_checkpoint(args.checkpoint, preset), device=device, sampler=args.sampler)
     _cap_threads(pipe.model, device, args.threads, images)
     return pipe
 
@@ -470,7 +470,7 @@ def _common(p: argparse.ArgumentParser, default_model: str = "the shipped digits
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="kernels backend; auto: Triton where it can run, else torch")
-    from crossflow.config import SAMPLING  # torch-free; the shipped weights' sampling.json carries the same
+    from crossflow.config import SAMPLERS, SAMPLING  # torch-free; the shipped weights' sampling.json carries the same
 
     shipped = SAMPLING.get(preset, {}) if preset else {}
 
@@ -478,7 +478,10 @@ def _common(p: argparse.ArgumentParser, default_model: str = "the shipped digits
         own = f"; the shipped model's: {shipped[key]:g}" if key in shipped else ""
         return f"default: the checkpoint's sampling.json{own}; without one, its preset's, else {fallback}"
 
-    p.add_argument("--steps", type=_int_at_least(1), default=None, help=f"Euler steps ({default('steps', '50')})")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="the ODE solver: euler; midpoint (second order, 2 network evaluations a step); diffusers' "
+                   "flow-euler, flow-heun, dpm++, unipc (default: the checkpoint's sampling.json, else euler)")
+    p.add_argument("--steps", type=_int_at_least(1), default=None, help=f"solver steps ({default('steps', '50')})")
     p.add_argument("--guidance", type=_guidance, default=None,
                    help=f"guidance scale >= 0, 1 = off ({default('guidance_scale', '7')})")
     p.add_argument("--seed", type=int, default=0, help="fixed by default: the same command draws the same images")

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from crossflow.fast_sampler import FastSampler
 from crossflow.sampling import EulerSampler, _check_flow
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
@@ -97,3 +98,27 @@ class SchedulerSampler(EulerSampler):
             if callback is not None and done:
                 callback(done)
         return x
+
+
+def _scheduler(name: str) -> Any:
+    import diffusers
+
+    flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction")
+    return {"flow-euler": lambda: diffusers.FlowMatchEulerDiscreteScheduler(),
+            "flow-heun": lambda: diffusers.FlowMatchHeunDiscreteScheduler(),
+            "dpm++": lambda: diffusers.DPMSolverMultistepScheduler(**flow),
+            "unipc": lambda: diffusers.UniPCMultistepScheduler(**flow)}[name]()
+
+
+def make_sampler(method: str = "euler", steps: int = 50, guidance_scale: float = 7.0, official_grid: bool = False,
+                 **graph: Any) -> EulerSampler:
+    """The sampler named `method` (one of `config.SAMPLERS`): "euler" / "midpoint" are `FastSampler`s (`graph`: its
+    CUDA-graph options); the others drive a diffusers scheduler with its own spacing. `official_grid` applies to
+    Euler only (the official solver's grid) and is dropped for the other methods."""
+    from crossflow.config import SAMPLERS
+
+    if method not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {method!r}")
+    if method in ("euler", "midpoint"):
+        return FastSampler(steps, guidance_scale, official_grid and method == "euler", method, **graph)
+    return SchedulerSampler(_scheduler(method), steps, guidance_scale)

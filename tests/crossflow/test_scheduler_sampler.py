@@ -98,3 +98,22 @@ def test_bad_schedulers_raise():
         SchedulerSampler(_dpm(), uniform_grid=True)
     with pytest.raises(ValueError, match="steps"):
         SchedulerSampler(_dpm(), steps=0)
+
+
+def test_make_sampler_builds_every_name():
+    from crossflow.config import SAMPLERS
+    from crossflow.fast_sampler import FastSampler
+    from crossflow.scheduler_sampler import make_sampler
+
+    z0, built = _z0(), {}
+    for name in SAMPLERS:
+        sampler = make_sampler(name, steps=4, guidance_scale=2.0, official_grid=True)
+        built[name] = sampler(TimeField(), z0)
+        assert sampler.steps == 4 and sampler.guidance_scale == 2.0 and sampler.method != ""
+    assert isinstance(make_sampler("midpoint"), FastSampler) and make_sampler("midpoint", official_grid=True).nfe(4) == 8
+    assert make_sampler("euler", official_grid=True).official_grid  # the official grid stays with Euler only
+    # every name is a different solver
+    outs = list(built.values())
+    assert all(not torch.equal(outs[i], outs[j]) for i in range(len(outs)) for j in range(i))
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        make_sampler("ddim")
