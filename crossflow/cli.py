@@ -327,12 +327,36 @@ def cmd_train(argv: list[str]) -> None:
     run(tc, prog="crossflow train")
 
 
+def _sweep(args, device) -> int:
+    """`crossflow eval --sweep-steps`: the sweep's JSON on stdout (and --json), its recommendation on the last line."""
+    from crossflow.checkpoint import atomic_write
+    from crossflow.digits.sweep import sweep
+
+    with _backend(args.backend, device):
+        pipe = _pipeline(args, device, args.preset, images=10 * args.per_prompt if args.preset == "digits" else 1)
+        res = sweep(args.preset, pipe, _checkpoint(args.checkpoint, args.preset), steps=args.sweep_steps,
+                    samplers=args.sweep_samplers, guidance_scale=args.guidance, seed=args.seed,
+                    per_prompt=args.per_prompt, per_image=args.per_image,
+                    log=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True))
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.json:
+        atomic_write(args.json, lambda p: Path(p).write_text(text + "\n"))
+    r, b = res["recommended"], res["recommended"]["baseline"]
+    print(f"recommended: {r['sampler']} x {r['steps']} steps = {r['nfe']} NFE (rmse to converged "
+          f"{r['rmse_to_converged']:.4f}) against the checkpoint's {b['sampler']} x {b['steps']} = {b['nfe']} NFE ({b['rmse_to_converged']:.4f}): "
+          f"{r['saving']:.1f}x fewer network evaluations")
+    return 0
+
+
 def cmd_eval(args) -> int:
     """Prints the result and a PASS/FAIL line; exits 1 on FAIL."""
     from crossflow.checkpoint import atomic_write
     from crossflow.digits import eval as judge
 
     device = _device(args.device)
+    if args.sweep_steps:
+        return _sweep(args, device)
     with _backend(args.backend, device):
         # digits: one call draws ten digits x --per-prompt images
         pipe = _pipeline(args, device, args.preset, images=10 * args.per_prompt if args.preset == "digits" else 1)
@@ -399,6 +423,28 @@ def _int_at_least(low: int, high: int | None = None):
 
     parse.__name__ = "int"  # argparse names the type in its messages
     return parse
+
+
+def _list_of(parse, name: str, choices: tuple[str, ...] | None = None):
+    """A comma-separated list, each item parsed by `parse` (or one of `choices`), no repeats."""
+
+    def parse_list(text: str) -> tuple:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {name}, got {text!r}")
+        if choices is not None:
+            bad = [t for t in items if t not in choices]
+            if bad:
+                raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {', '.join(choices)}")
+            out = tuple(items)
+        else:
+            out = tuple(parse(t) for t in items)
+        if len(set(out)) != len(out):
+            raise argparse.ArgumentTypeError(f"{text!r} names an item twice")
+        return out
+
+    parse_list.__name__ = "list"
+    return parse_list
 
 
 def _guidance(text: str) -> float:
@@ -500,6 +546,7 @@ def _image_out(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from crossflow.config import SAMPLERS  # torch-free
     p = _Parser(prog="crossflow", description=__doc__.split("\n\n")[0],
                 epilog="CROSSFLOW_DEBUG=1 shows a traceback for errors.", formatter_class=_HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True,
@@ -568,6 +615,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--per-prompt", type=_int_at_least(2), default=10, help="samples per (digit, held-out template)")
     e.add_argument("--per-image", type=_int_at_least(2), default=4, help="digits-vary: variations per held-out image")
     e.add_argument("--json", type=_output_file, default=None, help="also write the result to this JSON file")
+    e.add_argument("--sweep-steps", type=_list_of(_int_at_least(1), "step counts"), default=None, metavar="N,N,...",
+                   help="quality against NFE: the eval at each step count (e.g. 1,2,4,8,16,25,50) for each of "
+                   "--sweep-samplers, each point's distance to a converged solution, and the cheapest setting as good "
+                   "as the checkpoint's own (one JSON; plot it with benchmarks/report.py --sweep)")
+    e.add_argument("--sweep-samplers", type=_list_of(None, "samplers", SAMPLERS), default=("euler", "midpoint"),
+                   metavar="NAME,...", help=f"with --sweep-steps: the samplers ({', '.join(SAMPLERS)})")
     _common(e, "the shipped weights of --preset", None)
     e.set_defaults(func=cmd_eval)
     c = sub.add_parser("convert", help="an official CrossFlow checkpoint (.pth: DiT or DiMR) -> a save_pretrained "
