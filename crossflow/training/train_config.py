@@ -16,7 +16,7 @@ from crossflow._cli_base import Parser
 from crossflow.config import CrossFlowConfig
 
 # The command line's names of crossflow_kernels.BACKENDS and crossflow.training.datasets.DATASETS, spelled out so that parsing
-# imports no torch (tests/crossflow/test_train.py checks that they agree).
+# imports no torch (tests/crossflow/training/test_train.py checks that they agree).
 BACKENDS = ("auto", "torch", "triton")
 DATA_NAMES = ("synthetic", "digits", "digits-caption", "digits-sr", "digits-vary")
 DESCRIPTION = "Train a CrossFlow model: one process, or many through `torchrun`."

@@ -3,7 +3,7 @@
 `tiny` has text_dim 32; here it is re-sized to MiniLM's 384-d tokens and a 1-channel pixel-space latent, so the
 identity autoencoder's output is a grayscale image. Every test runs on the torch kernel backend: these test the
 pipeline's plumbing (prompts, seeds, output types, loading); the kernels are tested on their own
-(tests/crossflow_kernels) and the model's Triton path against torch in test_parity.py."""
+(tests/crossflow_kernels) and the model's Triton path against torch in models/test_parity.py."""
 
 import io
 import sys

@@ -21,7 +21,7 @@ from crossflow.training import distributed as fsdp
 from crossflow.models.model import CrossFlow
 from crossflow.training.train import Trainer, TrainConfig, main
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 ARGS = dict(preset="tiny", batch_size=4, lr=3e-3, warmup_steps=5, ema_decay=0.9, log_every=1, backend="torch",
             quiet=True, seed=7, keep_checkpoints=0)
 TOL = dict(rtol=1e-4, atol=1e-6)  # a few fp32 roundings of different reduction orders, through 4 Adam steps

@@ -368,7 +368,7 @@ def test_readme_shell_blocks_paste_as_they_are_and_the_caption_example_prints_wh
 
     from crossflow import cli
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     programs = ("crossflow ", "python ", "pip ", "OMP_NUM_THREADS=1 crossflow ", "bash ", "torchrun ")
     blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
     for line in (ln for b in blocks for ln in b.splitlines() if ln.strip()):

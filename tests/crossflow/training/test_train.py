@@ -19,7 +19,7 @@ from crossflow.checkpoint import list_checkpoints, lock_directory, read_training
 from crossflow.models.model import CrossFlow
 from crossflow.training.train import RECIPES, Trainer, TrainConfig, main, param_groups, parse_config, train
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _cfg(out, **kw) -> TrainConfig:
