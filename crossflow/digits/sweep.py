@@ -81,14 +81,15 @@ def recommend(points: list[dict[str, Any]], baseline: dict[str, Any]) -> dict[st
 
 def sweep(preset: str, pipe: Any, checkpoint: str, steps: tuple[int, ...] = DEFAULT_STEPS,
           samplers: tuple[str, ...] = DEFAULT_SAMPLERS, guidance_scale: float | None = None,
-          log: Callable[[str], None] | None = None, **eval_kw: Any) -> dict[str, Any]:
-    """The sweep's result (one JSON): every point, the reference, the checkpoint's own setting and the
-    recommendation. `eval_kw`: `digits.eval.run`'s seed / per_prompt / per_image."""
+          reference: tuple[str, int] = REFERENCE, log: Callable[[str], None] | None = None,
+          **eval_kw: Any) -> dict[str, Any]:
+    """The sweep's result (one JSON): every point, the reference, the checkpoint's own setting (`pipe.sampler`'s) and
+    the recommendation. `eval_kw`: `digits.eval.run`'s seed / per_prompt / per_image."""
     shipped = dict(pipe.sampling)
     base_name, base_steps = shipped.get("method", "euler"), shipped["steps"]
     scale = shipped["guidance_scale"] if guidance_scale is None else guidance_scale
     say = log or (lambda line: None)
-    _, ref = _point(preset, pipe, checkpoint, *REFERENCE, scale, **eval_kw)
+    ref_point, ref = _point(preset, pipe, checkpoint, *reference, scale, **eval_kw)
     grid = [(n, s) for n in samplers for s in steps]
     if (base_name, base_steps) not in grid:
         grid.append((base_name, base_steps))
@@ -101,6 +102,6 @@ def sweep(preset: str, pipe: Any, checkpoint: str, steps: tuple[int, ...] = DEFA
             f"{point['seconds']:.1f} s")
     baseline = next(p for p in points if (p["sampler"], p["steps"]) == (base_name, base_steps))
     return {"preset": preset, "checkpoint": checkpoint, "guidance_scale": scale,
-            "reference": {"sampler": REFERENCE[0], "steps": REFERENCE[1], "nfe": 2 * REFERENCE[1]},
+            "reference": {k: ref_point[k] for k in ("sampler", "steps", "nfe")},
             "shipped": {"sampler": base_name, "steps": base_steps}, "points": points,
             "recommended": recommend(points, baseline), **{k: v for k, v in eval_kw.items()}}
