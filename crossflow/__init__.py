@@ -26,6 +26,7 @@ _EXPORTS = {
     "CrossFlow": "models.model", "FlowTransformer": "models.model", "load_pretrained": "models.model",
     "CrossFlowPipeline": "pipelines.text_to_image", "sample": "pipelines.text_to_image",
     "EulerSampler": "sampling", "interpolate_latents": "sampling", "latent_arithmetic": "sampling",
+    "SchedulerSampler": "scheduler_sampler", "make_sampler": "scheduler_sampler",
     "TextEncoder": "encoders.text_encoder",
     "ImageVE": "models.image_ve", "TextDecoder": "models.text_decoder",
     "CaptionPipeline": "pipelines.caption",

@@ -45,7 +45,7 @@ CONFIG_NAME = "config.json"
 CHECKSUMS_NAME = "checksums.sha256"
 SAMPLING_NAME = "sampling.json"
 REQUIRED = (WEIGHTS_NAME, CONFIG_NAME)  # what a manifest must list
-SAMPLER_KEYS = ("steps", "guidance_scale", "official_grid")  # sampling.json keys that go to the sampler
+SAMPLER_KEYS = ("steps", "guidance_scale", "official_grid", "method")  # sampling.json keys that go to the sampler
 SCALE_KEYS = ("source_noise_scale", "text_variation_strength")  # sampling.json keys of image -> text (CaptionPipeline)
 FORMAT = "crossflow-v1"
 TRAIN_FORMAT = "crossflow-train-checkpoint/1"
@@ -268,7 +268,11 @@ def read_sampling(directory: str | os.PathLike) -> dict[str, Any]:
         if not isinstance(d, dict):
             raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         kw = {k: d[k] for k in SAMPLER_KEYS if k in d}
-        EulerSampler(**kw)  # the same checks a sampler built from them makes
+        from crossflow.config import SAMPLERS
+
+        if kw.get("method", "euler") not in SAMPLERS:
+            raise ValueError(f"method must be one of {SAMPLERS}, got {kw['method']!r}")
+        EulerSampler(**{k: v for k, v in kw.items() if k != "method"})  # the checks a sampler built from them makes
         for k in SCALE_KEYS:
             v = d.get(k, 1.0)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:

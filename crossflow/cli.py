@@ -187,7 +187,7 @@ def _pipeline(args, device, preset: str = "digits", images: int = 1):
     from crossflow.pipelines.text_to_image import CrossFlowPipeline
 
     cls = {"digits": CrossFlowPipeline, "digits-caption": CaptionPipeline}.get(preset, ImagePipeline)
-    pipe = cls.from_pretrained(_checkpoint(args.checkpoint, preset), device=device)
+    pipe = cls.from_pretrained(_checkpoint(args.checkpoint, preset), device=device, sampler=args.sampler)
     _cap_threads(pipe.model, device, args.threads, images)
     return pipe
 
@@ -327,12 +327,36 @@ def cmd_train(argv: list[str]) -> None:
     run(tc, prog="crossflow train")
 
 
+def _sweep(args, device) -> int:
+    """`crossflow eval --sweep-steps`: the sweep's JSON on stdout (and --json), its recommendation on the last line."""
+    from crossflow.checkpoint import atomic_write
+    from crossflow.digits.sweep import sweep
+
+    with _backend(args.backend, device):
+        pipe = _pipeline(args, device, args.preset, images=10 * args.per_prompt if args.preset == "digits" else 1)
+        res = sweep(args.preset, pipe, _checkpoint(args.checkpoint, args.preset), steps=args.sweep_steps,
+                    samplers=args.sweep_samplers, guidance_scale=args.guidance, seed=args.seed,
+                    per_prompt=args.per_prompt, per_image=args.per_image,
+                    log=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True))
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.json:
+        atomic_write(args.json, lambda p: Path(p).write_text(text + "\n"))
+    r, b = res["recommended"], res["recommended"]["baseline"]
+    print(f"recommended: {r['sampler']} x {r['steps']} steps = {r['nfe']} NFE (rmse to converged "
+          f"{r['rmse_to_converged']:.4f}) against the checkpoint's {b['sampler']} x {b['steps']} = {b['nfe']} NFE ({b['rmse_to_converged']:.4f}): "
+          f"{r['saving']:.1f}x fewer network evaluations")
+    return 0
+
+
 def cmd_eval(args) -> int:
     """Prints the result and a PASS/FAIL line; exits 1 on FAIL."""
     from crossflow.checkpoint import atomic_write
     from crossflow.digits import eval as judge
 
     device = _device(args.device)
+    if args.sweep_steps:
+        return _sweep(args, device)
     with _backend(args.backend, device):
         # digits: one call draws ten digits x --per-prompt images
         pipe = _pipeline(args, device, args.preset, images=10 * args.per_prompt if args.preset == "digits" else 1)
@@ -399,6 +423,28 @@ def _int_at_least(low: int, high: int | None = None):
 
     parse.__name__ = "int"  # argparse names the type in its messages
     return parse
+
+
+def _list_of(parse, name: str, choices: tuple[str, ...] | None = None):
+    """A comma-separated list, each item parsed by `parse` (or one of `choices`), no repeats."""
+
+    def parse_list(text: str) -> tuple:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {name}, got {text!r}")
+        if choices is not None:
+            bad = [t for t in items if t not in choices]
+            if bad:
+                raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {', '.join(choices)}")
+            out = tuple(items)
+        else:
+            out = tuple(parse(t) for t in items)
+        if len(set(out)) != len(out):
+            raise argparse.ArgumentTypeError(f"{text!r} names an item twice")
+        return out
+
+    parse_list.__name__ = "list"
+    return parse_list
 
 
 def _guidance(text: str) -> float:
@@ -470,7 +516,7 @@ def _common(p: argparse.ArgumentParser, default_model: str = "the shipped digits
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="kernels backend; auto: Triton where it can run, else torch")
-    from crossflow.config import SAMPLING  # torch-free; the shipped weights' sampling.json carries the same
+    from crossflow.config import SAMPLERS, SAMPLING  # torch-free; the shipped weights' sampling.json carries the same
 
     shipped = SAMPLING.get(preset, {}) if preset else {}
 
@@ -478,7 +524,10 @@ def _common(p: argparse.ArgumentParser, default_model: str = "the shipped digits
         own = f"; the shipped model's: {shipped[key]:g}" if key in shipped else ""
         return f"default: the checkpoint's sampling.json{own}; without one, its preset's, else {fallback}"
 
-    p.add_argument("--steps", type=_int_at_least(1), default=None, help=f"Euler steps ({default('steps', '50')})")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="the ODE solver: euler; midpoint (second order, 2 network evaluations a step); diffusers' "
+                   "flow-euler, flow-heun, dpm++, unipc (default: the checkpoint's sampling.json, else euler)")
+    p.add_argument("--steps", type=_int_at_least(1), default=None, help=f"solver steps ({default('steps', '50')})")
     p.add_argument("--guidance", type=_guidance, default=None,
                    help=f"guidance scale >= 0, 1 = off ({default('guidance_scale', '7')})")
     p.add_argument("--seed", type=int, default=0, help="fixed by default: the same command draws the same images")
@@ -497,6 +546,7 @@ def _image_out(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from crossflow.config import SAMPLERS  # torch-free
     p = _Parser(prog="crossflow", description=__doc__.split("\n\n")[0],
                 epilog="CROSSFLOW_DEBUG=1 shows a traceback for errors.", formatter_class=_HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True,
@@ -565,6 +615,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--per-prompt", type=_int_at_least(2), default=10, help="samples per (digit, held-out template)")
     e.add_argument("--per-image", type=_int_at_least(2), default=4, help="digits-vary: variations per held-out image")
     e.add_argument("--json", type=_output_file, default=None, help="also write the result to this JSON file")
+    e.add_argument("--sweep-steps", type=_list_of(_int_at_least(1), "step counts"), default=None, metavar="N,N,...",
+                   help="quality against NFE: the eval at each step count (e.g. 1,2,4,8,16,25,50) for each of "
+                   "--sweep-samplers, each point's distance to a converged solution, and the cheapest setting as good "
+                   "as the checkpoint's own (one JSON; plot it with benchmarks/report.py --sweep)")
+    e.add_argument("--sweep-samplers", type=_list_of(None, "samplers", SAMPLERS), default=("euler", "midpoint"),
+                   metavar="NAME,...", help=f"with --sweep-steps: the samplers ({', '.join(SAMPLERS)})")
     _common(e, "the shipped weights of --preset", None)
     e.set_defaults(func=cmd_eval)
     c = sub.add_parser("convert", help="an official CrossFlow checkpoint (.pth: DiT or DiMR) -> a save_pretrained "

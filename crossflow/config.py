@@ -362,9 +362,13 @@ TASKS: dict[str, str] = {
 
 # The sampler settings a trained preset is sampled with (the one source: the trainer writes them into every
 # `save_pretrained` directory as `sampling.json`; the shipped weights carry the same). `steps`, `guidance_scale`,
-# `official_grid` go to the sampler; image-to-text adds `source_noise_scale` (a temperature on the image VE's
+# `official_grid` and `method` (one of SAMPLERS, default "euler") go to the sampler; image-to-text adds `source_noise_scale` (a temperature on the image VE's
 # posterior) and `text_variation_strength` (`tasks.CaptionPipeline`). A preset without an entry samples with the
 # sampler's defaults (50 steps, guidance 7). Measured in README.md's tables (`crossflow eval --preset NAME`).
+# The samplers by name (`crossflow.scheduler_sampler.make_sampler`, `--sampler`, sampling.json's "method"): our Euler
+# and midpoint methods (FastSampler), and diffusers' flow-matching schedulers driven by `SchedulerSampler`.
+SAMPLERS = ("euler", "midpoint", "flow-euler", "flow-heun", "dpm++", "unipc")
+
 SAMPLING: dict[str, dict[str, Any]] = {
     "digits": dict(steps=50, guidance_scale=1.5),
     "digits-caption": dict(steps=25, guidance_scale=1.0, source_noise_scale=0.3, text_variation_strength=0.4),

@@ -4,7 +4,8 @@ At small batch the Euler loop is launch-bound: a DiT-XL step issues hundreds of 
 uncond batched into one forward of 2B, the fused `crossflow_kernels.cfg_euler_step` in place) is captured once per key
 and replayed, so a 50-step sample costs one graph launch.
 
-What is cached: one graph per key = (model, batch, latent shape, dtype, device, steps, time grid, guidance on/off), in
+What is cached: one graph per key = (model, batch, latent shape, dtype, device, steps, time grid, method, guidance
+on/off), in
 an LRU cache of at most `max_graphs` entries that share one private memory pool. What a replay reads from device
 memory, so changing it needs no re-capture: the start latent z0 (hence the prompts and seeds), the guidance scale, the
 model's weights (updated in place, e.g. `load_state_dict`). What invalidates a graph: a new key, or a parameter or
@@ -51,17 +52,17 @@ class FastSampler(EulerSampler):
     """Euler sampler with CUDA-graph capture; same constructor and call as `EulerSampler` plus graph options.
 
     Args:
-        steps, guidance_scale, official_grid: as `EulerSampler`.
+        steps, guidance_scale, official_grid, method: as `EulerSampler` ("midpoint" is captured the same way).
         use_cuda_graph: capture on CUDA (default). False runs eagerly everywhere (for profiling per-block ranges).
         max_graphs: how many captured graphs to keep (LRU).
         check_replay: compare the first replay of each new graph with the eager warm-up run (recommended).
     """
 
     def __init__(
-        self, steps: int = 50, guidance_scale: float = 7.0, official_grid: bool = False, *,
+        self, steps: int = 50, guidance_scale: float = 7.0, official_grid: bool = False, method: str = "euler", *,
         use_cuda_graph: bool = True, max_graphs: int = 8, check_replay: bool = True,
     ) -> None:
-        super().__init__(steps, guidance_scale, official_grid)
+        super().__init__(steps, guidance_scale, official_grid, method)
         if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
         self.use_cuda_graph = bool(use_cuda_graph)
@@ -90,7 +91,7 @@ class FastSampler(EulerSampler):
         steps, s = self._resolve(z0, steps, guidance_scale)  # s None = guidance off (sampling.guidance decides)
         _check_flow(flow)
         model = fn = flow
-        key = (id(model), tuple(z0.shape), z0.dtype, z0.device, steps, self.official_grid, s is not None)
+        key = (id(model), tuple(z0.shape), z0.dtype, z0.device, steps, self.official_grid, self.method, s is not None)
         entry = self._graphs.get(key)
         if entry is not None and (entry.model_ref() is not model or entry.storage != _storage_of(model)):
             del self._graphs[key]  # the model was replaced or its tensors re-allocated: the graph reads stale memory

@@ -6,6 +6,10 @@ v_u), both branches at the same x. Unlike the official code (two unbatched passe
 forward of 2B (indicator 0 for the first half, 1 for the second), and the update is the fused
 `crossflow_kernels.cfg_euler_step`, in place.
 
+Methods (`method=`): "euler" (first order, one velocity evaluation per step) and "midpoint" (second order, two:
+x_mid = x + dt/2 * v(x, t), then x + dt * v(x_mid, t + dt/2); each evaluation is the same batched cond/uncond forward
+and the same fused update, so the midpoint needs no kernel of its own). NFE = steps * order.
+
 Time grids:
   * default:  the model sees t_i = i / N, step dt = 1 / N  (i = 0 .. N-1), so the steps sum to exactly 1.
   * official: `official_grid=True` replays `ODEEulerFlowMatchingSolver` (step_in_dsigma) to the float32 bit: the model
@@ -25,6 +29,7 @@ import torch
 import crossflow_kernels
 
 OFFICIAL_TIMESCALE = 1.0 - 1e-5
+METHODS = {"euler": 1, "midpoint": 2}  # name -> velocity evaluations per step
 
 
 def timesteps(
@@ -92,15 +97,26 @@ class EulerSampler:
     Subclasses (FastSampler) reuse `_step` and the checks and replace the loop.
     """
 
-    def __init__(self, steps: int = 50, guidance_scale: float = 7.0, official_grid: bool = False) -> None:
+    def __init__(
+        self, steps: int = 50, guidance_scale: float = 7.0, official_grid: bool = False, method: str = "euler"
+    ) -> None:
         _check_steps(steps)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+        if official_grid and method != "euler":
+            raise ValueError(f"official_grid replays the official Euler solver; it has no {method!r} step")
         self.steps = steps
         self.guidance_scale = _check_scale(guidance_scale)
         self.official_grid = bool(official_grid)
+        self.method = method
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(steps={self.steps}, guidance_scale={self.guidance_scale}, "
-                f"official_grid={self.official_grid})")
+                f"official_grid={self.official_grid}, method={self.method!r})")
+
+    def nfe(self, steps: int | None = None) -> int:
+        """Velocity-field evaluations (batched cond/uncond forwards) of a call with `steps` (default: the sampler's)."""
+        return (self.steps if steps is None else steps) * METHODS[self.method]
 
     def resolve(self, steps: int | None = None, guidance_scale: float | None = None) -> tuple[int, float]:
         """(steps, guidance_scale) a call with these arguments runs with: the call's values, else the sampler's;
@@ -116,18 +132,37 @@ class EulerSampler:
         return steps, guidance(scale)
 
     @staticmethod
-    def _step(
-        model: Callable, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor | float, s: torch.Tensor | float | None
-    ) -> torch.Tensor:
-        """One Euler step in place on x (B, C, H, W); t a 0-d time; s None = no guidance (decided by `guidance`)."""
+    def _velocity(model: Callable, x: torch.Tensor, t: torch.Tensor, s) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(v_cond, v_uncond) at (x, t) from ONE forward of 2B; (v_cond, None) from a forward of B when s is None."""
         b = x.shape[0]
         if s is None:
-            v = model(x, t.expand(b), torch.zeros(b, dtype=torch.long, device=x.device))
-            return crossflow_kernels.euler_step(x, v.to(x.dtype), dt, out=x)
+            return model(x, t.expand(b), torch.zeros(b, dtype=torch.long, device=x.device)).to(x.dtype), None
         indicator = torch.arange(2 * b, device=x.device).ge(b).long()  # (2B,) 0 = cond, then 1 = uncond
-        v = model(torch.cat([x, x]), t.expand(2 * b), indicator).to(x.dtype)  # (2B, C, H, W)
-        v_cond, v_uncond = v.chunk(2)
-        return crossflow_kernels.cfg_euler_step(x, v_cond, v_uncond, dt, s, out=x)
+        v_cond, v_uncond = model(torch.cat([x, x]), t.expand(2 * b), indicator).to(x.dtype).chunk(2)
+        return v_cond, v_uncond
+
+    @staticmethod
+    def _update(x: torch.Tensor, v: tuple[torch.Tensor, torch.Tensor | None], dt, s, out: torch.Tensor) -> torch.Tensor:
+        """out = x + dt * (guided v): one fused kernel either way."""
+        if s is None:
+            return crossflow_kernels.euler_step(x, v[0], dt, out=out)
+        return crossflow_kernels.cfg_euler_step(x, v[0], v[1], dt, s, out=out)
+
+    @classmethod
+    def _step(
+        cls, model: Callable, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor | float, s: torch.Tensor | float | None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x + dt * v(x, t) into `out` (default: x, in place); t a 0-d time; s None = no guidance (see `guidance`)."""
+        return cls._update(x, cls._velocity(model, x, t, s), dt, s, x if out is None else out)
+
+    @classmethod
+    def _midpoint_step(cls, model: Callable, x: torch.Tensor, mid: torch.Tensor, t: torch.Tensor, dt, s) -> torch.Tensor:
+        """One midpoint step in place on x: the half Euler step into the scratch `mid`, then the full step from x with
+        the velocity at (mid, t + dt/2)."""
+        half = dt / 2
+        cls._step(model, x, t, half, s, out=mid)
+        return cls._update(x, cls._velocity(model, mid, t + half, s), dt, s, out=x)
 
     @torch.no_grad()
     def __call__(
@@ -148,9 +183,13 @@ class EulerSampler:
         callback: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """All steps in place on x; one profiler range per step (a shared no-op unless CROSSFLOW_KERNELS_NVTX is set)."""
+        mid = torch.empty_like(x) if self.method == "midpoint" else None
         for i in range(ts.shape[0]):
             with crossflow_kernels.nvtx_range(f"crossflow/step{i}"):
-                x = self._step(fn, x, ts[i], dts[i], s)
+                if mid is None:
+                    x = self._step(fn, x, ts[i], dts[i], s)
+                else:
+                    x = self._midpoint_step(fn, x, mid, ts[i], dts[i], s)
             if callback is not None:
                 callback(1)
         return x

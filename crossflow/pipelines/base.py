@@ -74,7 +74,8 @@ class Pipeline:
     def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str | None = None,
                         sampler: Any | None = None, **kw: Any) -> "Pipeline":
         """Load a `save_pretrained` directory with its recommended settings (`sampling.json`: the sampler's unless
-        `sampler` is given, and the task's own); a checkpoint of another task is refused before anything loads."""
+        `sampler` is given, and the task's own); a checkpoint of another task is refused before anything loads.
+        `sampler`: a sampler object, or a name of `config.SAMPLERS` built with the checkpoint's steps and guidance."""
         from crossflow.checkpoint import read_sampling, sampler_settings
         from crossflow.config import check_task
         from crossflow.models.model import CrossFlow
@@ -82,8 +83,13 @@ class Pipeline:
         tasks = kw.pop("tasks", cls.tasks)
         check_task(directory, tasks, cls.__name__ + (f" for {tasks[0]}" if tasks != cls.tasks else ""))
         settings = read_sampling(directory)
-        if sampler is None:
-            sampler = FastSampler(**sampler_settings(settings))
+        if sampler is None or isinstance(sampler, str):
+            from crossflow.scheduler_sampler import make_sampler
+
+            chosen = sampler_settings(settings)
+            if sampler is not None:
+                chosen["method"] = sampler
+            sampler = make_sampler(**chosen)
         pipe = cls._from_model(CrossFlow.from_pretrained(directory).eval(), sampler, settings, **kw)
         return pipe.to(device) if device is not None else pipe
 

@@ -79,6 +79,18 @@ def test_cli_output_format_follows_the_extension(tiny_digits_run, tmp_path, ext,
     assert Image.open(out).format == fmt
 
 
+def test_cli_sampler_picks_the_solver(tmp_path):
+    # the shipped model (a barely trained one's field is nearly constant, where every solver agrees)
+    common = ["--steps", "2", "--backend", "torch", "--upscale", "1", "-q"]
+    outs = {}
+    for name in (None, "euler", "midpoint", "dpm++"):
+        out = tmp_path / f"{name}.png"
+        cli.main(["sample", "a handwritten one", "-o", str(out), *common, *(["--sampler", name] if name else [])])
+        outs[name] = Image.open(out).tobytes()
+    assert outs[None] == outs["euler"]  # the shipped sampling.json names no method: Euler
+    assert outs["midpoint"] != outs["euler"] and outs["dpm++"] not in (outs["euler"], outs["midpoint"])
+
+
 def test_cli_interpolate_uses_the_pipeline(tiny_digits_run, tmp_path):
     """The strip's first frame is exactly `sample PROMPT_A` at the same seed: one code path from latents to pixels."""
     strip, one = tmp_path / "strip.png", tmp_path / "one.png"
@@ -191,6 +203,7 @@ def test_cli_entry_point_subprocess(tiny_digits_run, tmp_path):
     (["sample", "x", "-o", "noext"], "the extension names the image format"),
     (["sample", "x", "-o", "."], "is a directory"),
     (["eval", "--preset", "tiny"], "invalid choice"),
+    (["sample", "x", "--sampler", "ddim"], "invalid choice"),
     (["eval", "--per-prompt", "1"], "--per-prompt: must be >= 2"),
     (["bogus"], "invalid choice"),
     ([], "required"),
@@ -580,4 +593,4 @@ def test_a_run_trained_before_sampling_json_gets_its_presets_settings(ckpt_copy)
     write_checksums(ckpt_copy, ["config.json", "model.safetensors"])
     # its config is the digits preset's: its settings, not the sampler's 50 steps at guidance 7
     assert CrossFlowPipeline.from_pretrained(ckpt_copy).sampling == {"steps": 50, "guidance_scale": 1.5,
-                                                                     "official_grid": False}
+                                                                     "official_grid": False, "method": "euler"}

@@ -36,15 +36,18 @@ def tiny_flow(perturb):
 
 
 @pytest.mark.parametrize("guidance", [1.0, 7.0])
-@pytest.mark.parametrize("official_grid", [False, True])
-def test_fast_matches_euler_on_cpu_tiny(tiny_flow, guidance, official_grid, torch_backend):
+@pytest.mark.parametrize("official_grid,method", [(False, "euler"), (True, "euler"), (False, "midpoint")])
+def test_fast_matches_euler_on_cpu_tiny(tiny_flow, guidance, official_grid, method, torch_backend):
     # The samplers' step grids, guidance and updates compared on one backend: torch, as on a GPU machine's CPU tensors
     # (the model's Triton path is test_parity.py's; the GPU tests below run FastSampler on Triton).
     cfg, model = tiny_flow()
     z0 = torch.randn(2, *cfg.latent_shape)
-    ref = EulerSampler(steps=4, guidance_scale=guidance, official_grid=official_grid)(model, z0)
-    got = FastSampler(steps=4, guidance_scale=guidance, official_grid=official_grid)(model, z0)
+    kw = dict(steps=4, guidance_scale=guidance, official_grid=official_grid, method=method)
+    ref = EulerSampler(**kw)(model, z0)
+    got = FastSampler(**kw)(model, z0)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    if method == "midpoint":  # a different method, not a relabelled Euler
+        assert not torch.allclose(got, EulerSampler(steps=4, guidance_scale=guidance)(model, z0), atol=1e-4)
 
 
 def test_fast_sampler_call_overrides_and_no_mutation():
@@ -112,6 +115,18 @@ def test_graph_replay_equals_eager_and_caches(tiny_flow, dtype):
     # Guidance off is its own graph (one pass per step).
     torch.testing.assert_close(fs(model, z0, guidance_scale=1.0), es(model, z0, guidance_scale=1.0), **tol)
     assert fs.captures == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_graph_replay_of_the_midpoint_method(tiny_flow, guidance):
+    cfg, model = tiny_flow("cuda")
+    fs = FastSampler(steps=4, guidance_scale=guidance, method="midpoint")
+    es = EulerSampler(steps=4, guidance_scale=guidance, method="midpoint")
+    for seed in (0, 1):  # capture, then replay with new latents
+        z0 = torch.randn(2, *cfg.latent_shape, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        torch.testing.assert_close(fs(model, z0), es(model, z0), atol=1e-4, rtol=1e-4)
+    assert fs.captures == 1
 
 
 @pytest.mark.gpu

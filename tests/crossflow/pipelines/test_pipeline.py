@@ -131,11 +131,28 @@ def test_sampling_defaults_names_a_bad_file(tmp_path):
 def test_from_pretrained_applies_and_exposes_the_checkpoints_sampling_settings(pipe, tmp_path):
     pipe.model.save_pretrained(tmp_path, sampling={"steps": 3, "guidance_scale": 1.5})
     loaded = CrossFlowPipeline.from_pretrained(tmp_path)  # on main: 50 steps at guidance 7, sampling.json ignored
-    assert loaded.sampling == {"steps": 3, "guidance_scale": 1.5, "official_grid": False}
+    assert loaded.sampling == {"steps": 3, "guidance_scale": 1.5, "official_grid": False, "method": "euler"}
     want = pipe("seven", seed=3, steps=3, guidance_scale=1.5, output_type="latent")
     torch.testing.assert_close(loaded("seven", seed=3, output_type="latent"), want)
     given = CrossFlowPipeline.from_pretrained(tmp_path, sampler=EulerSampler(steps=2))  # an explicit sampler wins
-    assert given.sampling == {"steps": 2, "guidance_scale": 7.0, "official_grid": False}
+    assert given.sampling == {"steps": 2, "guidance_scale": 7.0, "official_grid": False, "method": "euler"}
+
+
+def test_a_checkpoint_may_recommend_a_method_and_a_caller_may_name_another(pipe, tmp_path):
+    from crossflow.scheduler_sampler import SchedulerSampler
+
+    pipe.model.save_pretrained(tmp_path, sampling={"steps": 3, "guidance_scale": 1.5, "method": "midpoint"})
+    loaded = CrossFlowPipeline.from_pretrained(tmp_path)
+    assert loaded.sampling["method"] == "midpoint" and loaded.sampler.nfe() == 6
+    want = CrossFlowPipeline(pipe.text_encoder, pipe.model, pipe.autoencoder,
+                             EulerSampler(steps=3, guidance_scale=1.5, method="midpoint"))
+    torch.testing.assert_close(loaded("seven", seed=3, output_type="latent"),
+                               want("seven", seed=3, output_type="latent"))
+    named = CrossFlowPipeline.from_pretrained(tmp_path, sampler="dpm++")  # the checkpoint's steps and guidance
+    assert isinstance(named.sampler, SchedulerSampler) and named.sampler.resolve() == (3, 1.5)
+    pipe.model.save_pretrained(tmp_path, sampling={"steps": 3, "method": "rk4"})
+    with pytest.raises(ValueError, match="method must be one of"):
+        CrossFlowPipeline.from_pretrained(tmp_path)
 
 
 def test_every_pipeline_loads_the_shipped_settings():
@@ -145,12 +162,12 @@ def test_every_pipeline_loads_the_shipped_settings():
     from crossflow.pipelines.caption import CaptionPipeline
     from crossflow.pipelines.base import default_checkpoint
 
-    assert CrossFlowPipeline.from_pretrained(digits()).sampling == {**SAMPLING["digits"], "official_grid": False}
+    plain = {"official_grid": False, "method": "euler"}
+    assert CrossFlowPipeline.from_pretrained(digits()).sampling == {**SAMPLING["digits"], **plain}
     assert CaptionPipeline.from_pretrained(default_checkpoint("digits-caption")).sampling == {
-        **SAMPLING["digits-caption"], "official_grid": False}
+        **SAMPLING["digits-caption"], **plain}
     for preset in ("digits-sr", "digits-vary"):
-        assert ImagePipeline.from_pretrained(default_checkpoint(preset)).sampling == {**SAMPLING[preset],
-                                                                                      "official_grid": False}
+        assert ImagePipeline.from_pretrained(default_checkpoint(preset)).sampling == {**SAMPLING[preset], **plain}
 
 
 def test_a_checkpoint_of_another_task_is_refused_before_it_loads(monkeypatch):
