@@ -42,6 +42,19 @@ class LayerNorm(nn.Module):
         return self.g * y.to(x.dtype) + self.b
 
 
+def key_arguments(mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The attention keyword for a (B, L) bool key-padding mask: `key_lengths` (int32 (B,)) when every row is a prefix
+    of real tokens (the tokenizers pad on the right), so the kernel stops at each row's length and reads no byte mask;
+    else the mask itself. One host sync per Text VE forward decides; under torch.compile the mask is kept."""
+    if mask is None:
+        return {}
+    if torch.compiler.is_compiling():
+        return {"key_padding_mask": mask}
+    lengths = mask.sum(-1, dtype=torch.int32)
+    prefix = torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]
+    return {"key_lengths": lengths} if bool(torch.equal(prefix, mask)) else {"key_padding_mask": mask}
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention with separate biased q/k/v/o projections; scale 1/sqrt(d_k)."""
 
@@ -54,12 +67,13 @@ class MultiHeadAttention(nn.Module):
         self.W_O = nn.Linear(d_model, d_model)
         self.dropout = nn.Dropout(dropout)  # on the attention output: our kernel has no probability dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keys: dict[str, torch.Tensor]) -> torch.Tensor:
+        """keys: `attention`'s key_padding_mask or key_lengths keyword (see `key_arguments`), or {}."""
         B, L, D = x.shape
         q = self.W_Q(x).view(B, L, self.head_num, self.d_k).transpose(1, 2)  # (B, H, L, Dk)
         k = self.W_K(x).view(B, L, self.head_num, self.d_k).transpose(1, 2)
         v = self.W_V(x).view(B, L, self.head_num, self.d_k).transpose(1, 2)
-        o = crossflow_kernels.attention(q, k, v, key_padding_mask=mask)  # (B, H, L, Dk)
+        o = crossflow_kernels.attention(q, k, v, **keys)  # (B, H, L, Dk)
         return self.W_O(self.dropout(o.transpose(1, 2).reshape(B, L, D)))  # (B, L, D)
 
 
@@ -87,8 +101,8 @@ class EncoderLayer(nn.Module):
         self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
         self.reduction = nn.Linear(d_model, d_model // 2) if reduce else None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        t = self.norm1(x + self.dropout1(self.attn(x, mask)))  # (B, L, d)
+    def forward(self, x: torch.Tensor, keys: dict[str, torch.Tensor]) -> torch.Tensor:
+        t = self.norm1(x + self.dropout1(self.attn(x, keys)))  # (B, L, d)
         y = self.norm2(t + self.dropout2(self.feed_forward(t)))  # (B, L, d)
         return self.reduction(y) if self.reduction is not None else y  # (B, L, d or d/2)
 
@@ -176,16 +190,16 @@ class TextVE(nn.Module):
         return (mask if mask.dtype == torch.bool else mask != 0).to(emb.device)  # tokenizers give int masks
 
     def forward(self, emb: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = self._check(emb, mask)
+        keys = key_arguments(self._check(emb, mask))
         x = emb.to(next(self.parameters()).dtype)  # fp32 features into a half-precision VE
         if self.config.text_scale != 1.0:
             x = x * self.config.text_scale
         if self.compressor is not None:
             x = self.compressor(x)  # (B, L, ve_width)
         for layer in self.layers:
-            x = layer(x, mask)  # (B, L, ve_width)
+            x = layer(x, keys)  # (B, L, ve_width)
         for layer in self.reduction_layers:
-            x = layer(x, mask)  # (B, L, d/2)
+            x = layer(x, keys)  # (B, L, d/2)
         x = x.reshape(x.shape[0], -1)  # (B, L * ve_out_width), padding tokens included
         out = self.adaptor(x) if self.config.ve_adaptor else self.linear(x)  # (B, 2 * latent_numel)
         mu, logvar = out.chunk(2, dim=-1)

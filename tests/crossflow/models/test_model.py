@@ -123,6 +123,36 @@ def test_text_ve_shapes_scale_and_mask():
         ve(emb, mask[:, :5])
 
 
+def test_text_ve_passes_key_lengths_for_prefix_masks_and_the_mask_otherwise(monkeypatch):
+    import crossflow_kernels
+
+    from crossflow.models import text_ve
+
+    ve = TextVE(TINY).eval()
+    B, L = 3, TINY.text_len
+    emb = torch.randn(B, L, TINY.text_dim)
+    prefix = torch.arange(L) < torch.tensor([[4], [L], [0]])  # ragged, full, empty
+    holes = prefix.clone()
+    holes[1, 2] = False  # not a prefix: a pad inside the text
+    seen, attention = [], crossflow_kernels.attention
+
+    def spy(q, k, v, **kw):
+        seen.append(sorted(kw))
+        return attention(q, k, v, **kw)
+
+    monkeypatch.setattr(text_ve.crossflow_kernels, "attention", spy)
+    with_lengths = ve(emb, prefix)
+    assert seen and all(s == ["key_lengths"] for s in seen)
+    seen.clear()
+    ve(emb, holes)
+    assert seen and all(s == ["key_padding_mask"] for s in seen)
+    assert text_ve.key_arguments(None) == {}
+    # the lengths give the mask's answer (the kernels' own equality is tests/crossflow_kernels' business)
+    monkeypatch.setattr(text_ve, "key_arguments", lambda m: {"key_padding_mask": m})
+    for a, b in zip(with_lengths, ve(emb, prefix)):
+        torch.testing.assert_close(a, b)
+
+
 def test_text_ve_compressor_and_adaptor_variant():
     cfg = TINY.replace(text_dim=48, ve_compress_dim=32, ve_adaptor=True, ve_adaptor_grid=8)
     ve = TextVE(cfg)
