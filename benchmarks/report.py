@@ -3,6 +3,7 @@
   python -m benchmarks.report benchmarks/results/<file>.json [more.json ...] [--out DIR]
   python -m benchmarks.report <gpu_check.json> --readme     # print the README's results table from a GPU check
   python -m benchmarks.report <gpu_check.json> --routing-table [PATH]   # crossflow_kernels.attention's SDPA routing table
+  python -m benchmarks.report sweep_digits-sr.json ...   # `crossflow eval --sweep-steps` results: tables and curves
 
 A GPU-check result (`benchmarks/gpu_session/gpu_check.py`, schema `crossflow-gpu-check/1`) may be given among the files: it gets
 its own section (`gpu_check_section`); `readme_table` renders the README's results table from it alone;
@@ -352,10 +353,67 @@ def gpu_check_section(path: Path, data: dict) -> list[str]:
     return lines + [""]
 
 
+# The number each preset's sweep plots beside the distance to the converged solution (`crossflow eval --sweep-steps`)
+SWEEP_METRIC = {"digits": "diversity", "digits-sr": "psnr_db", "digits-caption": "accuracy", "digits-vary": "label_kept"}
+
+
+def _plot_sweep(path: Path, data: dict[str, Any]) -> str:
+    """Distance to the converged solution and the preset's metric against NFE, one line per sampler."""
+    try:
+        import matplotlib
+    except ImportError:
+        return ""
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = SWEEP_METRIC.get(data["preset"])
+    fig, axes = plt.subplots(1, 2 if metric else 1, figsize=(10 if metric else 5, 3.6), squeeze=False)
+    by: dict[str, list[dict]] = defaultdict(list)
+    for pt in data["points"]:
+        by[pt["sampler"]].append(pt)
+    for name, pts in by.items():
+        pts = sorted(pts, key=lambda q: q["nfe"])
+        nfe = [q["nfe"] for q in pts]
+        axes[0][0].loglog(nfe, [max(q["rmse_to_converged"], 1e-6) for q in pts], "o-", label=name)
+        if metric:
+            axes[0][1].semilogx(nfe, [q.get(metric) for q in pts], "o-", label=name)
+    r = data["recommended"]
+    axes[0][0].axhline(r["baseline"]["rmse_to_converged"], color="grey", ls=":", label="shipped setting")
+    axes[0][0].set(xlabel="network evaluations (NFE)", ylabel="RMSE to the converged solution",
+                   title=f"{data['preset']}: solver error")
+    axes[0][0].legend(fontsize=8)
+    if metric:
+        axes[0][1].set(xlabel="network evaluations (NFE)", ylabel=metric, title=f"{data['preset']}: {metric}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"![{data['preset']} sweep]({path.name})"
+
+
+def sweep_section(path: Path, data: dict[str, Any], out: Path) -> list[str]:
+    """A quality-against-NFE sweep: its recommendation, a table of every point and the plot."""
+    r, b = data["recommended"], data["recommended"]["baseline"]
+    metric = SWEEP_METRIC.get(data["preset"])
+    lines = [f"## {path.name}: {data['preset']}, quality against network evaluations", "",
+             f"Source: `{path.name}` (`crossflow eval --preset {data['preset']} --sweep-steps ...`). Reference: "
+             f"{data['reference']['sampler']} x {data['reference']['steps']} steps. Recommended: **{r['sampler']} x "
+             f"{r['steps']} steps = {r['nfe']} NFE** (RMSE {r['rmse_to_converged']:.4f}) against the shipped "
+             f"{b['sampler']} x {b['steps']} = {b['nfe']} NFE ({b['rmse_to_converged']:.4f}): "
+             f"{r['saving']:.1f}x fewer evaluations.", ""]
+    rows = [[p["sampler"], p["steps"], p["nfe"], p["rmse_to_converged"], p.get(metric) if metric else None,
+             "yes" if p["passed"] else "no"] for p in sorted(data["points"], key=lambda q: (q["sampler"], q["nfe"]))]
+    lines += _table(["sampler", "steps", "NFE", "RMSE to converged", metric or "-", "passes the bars"], rows)
+    img = _plot_sweep(out / f"{path.stem}.png", data)
+    return lines + (["", img] if img else []) + [""]
+
+
 def _file_section(path: Path, out: Path) -> list[str]:
     data = json.loads(path.read_text())
     if str(data.get("schema", "")).startswith("crossflow-gpu-check/"):
         return gpu_check_section(path, data)
+    if {"points", "recommended", "reference"} <= set(data):
+        return sweep_section(path, data, out)
     meta = data.get("crossflow_bench", {})
     src, stem = path.name, path.stem
     infos = [b["extra_info"] for b in data.get("benchmarks", []) if b.get("extra_info")]

@@ -62,3 +62,18 @@ def test_the_eval_verb_sweeps(tmp_path, capsys):
     assert [(p["sampler"], p["steps"]) for p in res["points"]] == [("midpoint", 1), ("euler", 50)]
     last = capsys.readouterr().out.rstrip().splitlines()[-1]  # midpoint x 1 is worse than the shipped Euler x 50
     assert last.startswith("recommended: euler x 50 steps = 50 NFE") and last.endswith("1.0x fewer network evaluations")
+
+
+def test_the_report_renders_a_sweep(tmp_path):
+    from benchmarks.report import write_report
+
+    base = _p("euler", 4, 4, 0.02)
+    data = {"preset": "digits-sr", "reference": {"sampler": "midpoint", "steps": 8, "nfe": 16},
+            "points": [{**base, "psnr_db": 15.0}, {**_p("midpoint", 1, 2, 0.01), "psnr_db": 15.5}],
+            "recommended": recommend([base, _p("midpoint", 1, 2, 0.01)], base)}
+    src = tmp_path / "sweep_digits-sr.json"
+    src.write_text(json.dumps(data))
+    md = write_report([src], tmp_path / "out").read_text()
+    assert "Recommended: **midpoint x 1 steps = 2 NFE**" in md and "2.0x fewer evaluations" in md
+    assert "| midpoint | 1 | 2 | 0.01 | 15.5 | yes |" in md
+    assert (tmp_path / "out" / "sweep_digits-sr.png").stat().st_size > 1000
