@@ -137,18 +137,21 @@ class DigitPairs(IndexedPairs):
 
     STREAM = "digits-caption"  # the shipped weights were trained on this stream
 
-    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, bank: CaptionBank | None = None) -> None:
+    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, bank: CaptionBank | None = None,
+                 augment_shift: int = 0) -> None:
         if tuple(cfg.latent_shape) != (1, SIZE, SIZE):
             raise ValueError(f"the digits data set needs latent shape (1, {SIZE}, {SIZE}), got {cfg.latent_shape}")
         self.images, self.labels = load_images("train")
         self.bank = bank if bank is not None else CaptionBank(cfg)
+        self.augment_shift = _shift_option(augment_shift)  # > 0: the target moved by up to this many 8x8 pixels
         super().__init__(len(self.labels), seed, size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         j, g = self.item(i), self.generator(i)
         k = int(self.labels[j])
         emb, mask = self.bank.pick(k, int(torch.randint(len(self.bank.templates), (1,), generator=g)))
-        return {"text_emb": emb, "text_mask": mask, "latent": self.images[j], "label": self.labels[j]}
+        image = _shifted16(self, i, j) if self.augment_shift else self.images[j]
+        return {"text_emb": emb, "text_mask": mask, "latent": image, "label": self.labels[j]}
 
 
 class DigitCaptions(IndexedPairs):
@@ -161,7 +164,8 @@ class DigitCaptions(IndexedPairs):
 
     STREAM = "digits-caption"
 
-    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, bank: CaptionBank | None = None) -> None:
+    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, bank: CaptionBank | None = None,
+                 augment_shift: int = 0) -> None:
         from crossflow.vocab import WordVocab
 
         if tuple(cfg.source_shape) != (1, SIZE, SIZE) or cfg.target != "text" or cfg.vocab != "digits":
@@ -172,6 +176,7 @@ class DigitCaptions(IndexedPairs):
         self.bank = bank if bank is not None else CaptionBank(cfg)
         vocab = WordVocab(caption_words())  # = text_decoder.get_vocab("digits"), without importing the model side
         self.tokens = torch.stack([vocab.encode(c, cfg.max_words) for c in self.bank.captions])  # bank order
+        self.augment_shift = _shift_option(augment_shift)  # > 0: the source moved by up to this many 8x8 pixels
         super().__init__(len(self.labels), seed, size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -179,8 +184,27 @@ class DigitCaptions(IndexedPairs):
         k = int(self.labels[j])
         t = int(torch.randint(len(self.bank.templates), (1,), generator=g))
         emb, mask = self.bank.pick(k, t)
-        return {"source": self.images[j], "text_emb": emb, "text_mask": mask,
+        image = _shifted16(self, i, j) if self.augment_shift else self.images[j]
+        return {"source": image, "text_emb": emb, "text_mask": mask,
                 "tokens": self.tokens[k * len(self.bank.templates) + t], "label": self.labels[j]}
+
+
+def _shift_option(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < 8:
+        raise ValueError(f"augment_shift must be an int in [0, 8) (pixels at 8x8), got {k!r}")
+    return k
+
+
+def _shifted16(ds: IndexedPairs, i: int, j: int) -> torch.Tensor:
+    """Sample i's 16x16 image j moved by a shift uniform in [-k, k]^2 at 8x8 (`crossflow.digits_shift`), drawn from
+    its own generator (STREAM + "-shift", seed, i): the default stream's draws stay as without augmentation."""
+    from crossflow.digits_shift import random_shifts, shift16
+
+    if not hasattr(ds, "images8"):
+        ds.images8 = load_images("train", size=8)[0]
+    g = torch.Generator().manual_seed(stable_seed(ds.STREAM + "-shift", ds.seed, i))
+    dy, dx = random_shifts(1, ds.augment_shift, g)[0].tolist()
+    return shift16(ds.images8[j : j + 1], dy, dx, SIZE)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

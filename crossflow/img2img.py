@@ -211,15 +211,39 @@ def _check_pairing(cfg: Any, what: str, source_size: int) -> None:
 class UpscalePairs(IndexedPairs):
     """(4x4 source, real 8x8 target) pairs from the training split. Sample i is image i mod N: no randomness."""
 
-    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None) -> None:
+    STREAM = "digits-sr"  # only the shift augmentation draws from it
+
+    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, augment_shift: int = 0) -> None:
         _check_pairing(cfg, "digits-sr", LOW)
         self.images, self.labels = load_native("train")
         self.low = downsample(self.images)
+        self.augment_shift = _shift_option(augment_shift)  # > 0: the 8x8 moved first, its 4x4 made from it
         super().__init__(len(self.labels), seed, size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         j = self.item(i)
+        if self.augment_shift:
+            image = _shift_one(self, i, self.images[j])
+            return {"source": downsample(image[None])[0], "latent": image, "label": self.labels[j]}
         return {"source": self.low[j], "latent": self.images[j], "label": self.labels[j]}
+
+
+def _shift_option(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < NATIVE:
+        raise ValueError(f"augment_shift must be an int in [0, {NATIVE}) (pixels at 8x8), got {k!r}")
+    return k
+
+
+def _shift_one(ds: IndexedPairs, i: int, *images: torch.Tensor) -> torch.Tensor:
+    """8x8 images (1, 8, 8) of sample i, all moved by one shift uniform in [-k, k]^2 drawn from the sample's own
+    generator (STREAM + "-shift", seed, i), separate from the data set's stream: (len(images), 1, 8, 8)."""
+    from crossflow.data import stable_seed
+    from crossflow.digits_shift import random_shifts, shift
+
+    g = torch.Generator().manual_seed(stable_seed(ds.STREAM + "-shift", ds.seed, i))
+    dy, dx = random_shifts(1, ds.augment_shift, g)[0].tolist()
+    out = shift(torch.stack(images), dy, dx)
+    return out[0] if len(images) == 1 else out
 
 
 def neighbours(x: torch.Tensor, y: torch.Tensor, k: int = VARY_NEIGHBOURS) -> torch.Tensor:
@@ -238,15 +262,19 @@ class VariationPairs(IndexedPairs):
 
     STREAM = "digits-vary"
 
-    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None) -> None:
+    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, augment_shift: int = 0) -> None:
         _check_pairing(cfg, "digits-vary", NATIVE)
         self.images, self.labels = load_native("train")
         self.near = neighbours(self.images, self.labels)
+        self.augment_shift = _shift_option(augment_shift)  # > 0: source and target moved by the same shift
         super().__init__(len(self.labels), seed, size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         j, g = self.item(i), self.generator(i)
         other = int(self.near[j, int(torch.randint(self.near.shape[1], (1,), generator=g))])
+        if self.augment_shift:
+            src, tgt = _shift_one(self, i, self.images[j], self.images[other])
+            return {"source": src, "latent": tgt, "label": self.labels[j]}
         return {"source": self.images[j], "latent": self.images[other], "label": self.labels[j]}
 
 
