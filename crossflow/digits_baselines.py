@@ -11,7 +11,8 @@ training split the models train on and judged on the same held-out 20 % by the s
   * captioning (`digits-caption`): an RBF SVC (C = 10, gamma "scale") on the 16x16 pixels, naming its digit in a fixed
     sentence ("a handwritten {word}"); the same SVC trained on the training images plus SHIFT_COPIES copies of each
     shifted uniformly in [-2, 2]^2 at 8x8. Judged by `parse_caption` on the clean held-out images and on every
-    held-out image at every shift with max(|dy|, |dx|) = 1 and = 2 (`caption_accuracy`, shared with the models).
+    held-out image at every shift with max(|dy|, |dx|) = 1 and = 2 (`caption_accuracy`, shared with the models; the
+    rings hold the diagonal shifts too: (2, 2) moves a digit 2.8 px, a third of the 8x8 frame).
   * variation (`digits-vary`): the nearest training images (L2 on the 8x8 pixels) of the input, overall (what a
     retrieval system can do) and within the input's true class (an oracle: the label is not an input). Judged by
     `img2img.evaluate_variation` (label kept, distance to the input) and by the realism score.
@@ -29,7 +30,7 @@ import torch
 
 from crossflow.digits import TRAIN_TEMPLATES, caption, evaluate, load_images, parse_caption, train_classifier
 from crossflow.digits_realism import realism
-from crossflow.digits_shift import augment, shifted_set, upsample16
+from crossflow.digits_shift import augment, ring, shifted_set, upsample16
 from crossflow.img2img import (bicubic, downsample, evaluate_upscale, evaluate_variation, load_native, predict,
                                psnr)
 
@@ -106,9 +107,12 @@ def caption_accuracy(caption_fn: Callable[[torch.Tensor], list[str]], shifts=SHI
         caps = [c for i in range(0, len(x16), batch_size) for c in caption_fn(x16[i : i + batch_size])]
         if len(caps) != len(ys):
             raise ValueError(f"caption_accuracy: {len(caps)} captions for {len(ys)} images")
-        hits = [parse_caption(c) == int(t) for c, t in zip(caps, ys)]
-        out["clean" if k == 0 else f"shift{k}"] = sum(hits) / len(hits)
+        hits = torch.tensor([parse_caption(c) == int(t) for c, t in zip(caps, ys)])
+        out["clean" if k == 0 else f"shift{k}"] = float(hits.double().mean())
         out["images_clean" if k == 0 else f"images_shift{k}"] = len(hits)
+        if k:  # by shift "dy,dx", in `ring` order
+            out[f"per_shift{k}"] = {f"{dy},{dx}": float(hits[i * len(x8) : (i + 1) * len(x8)].double().mean())
+                                    for i, (dy, dx) in enumerate(ring(k, subset))}
     return out
 
 
