@@ -1,0 +1,146 @@
+"""Issue 22's numbers in one JSON: the simple baselines of every digits preset, the realism of the shipped models'
+outputs, and captioning on shifted digits (the shipped captioner against one trained with --augment-shift 2).
+
+    OMP_NUM_THREADS=1 python -m benchmarks.digits_baselines                       # every part
+    OMP_NUM_THREADS=1 python -m benchmarks.digits_baselines --parts baselines sr   # some parts; the others are kept
+    ... --caption-new /work/runs/caption-shift2/final   # the shift-trained captioner (trained by
+        `python -m crossflow.train --preset digits-caption --augment-shift 2 --out /work/runs/caption-shift2`)
+
+Parts: baselines (`crossflow.digits_baselines.run_all` for the four presets), t2i / sr / vary (the shipped models:
+their judges and the realism of their outputs), caption (`digits_baselines.caption_accuracy` of the shipped captioner
+and of --caption-new: clean, every held-out image at every shift with max(|dy|, |dx|) = 1 and = 2). Each part writes
+its numbers, the command and its wall time into --out (default benchmarks/results/digits_baselines_2026-12-06.json),
+merged with what the file already holds. Models run on the torch kernels backend, on the CPU, one thread unless
+OMP_NUM_THREADS says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "digits_baselines_2026-12-06.json"
+PARTS = ("baselines", "t2i", "sr", "vary", "caption")
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, float):
+        return round(x, 6)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def part_baselines() -> dict[str, Any]:
+    from crossflow.digits_baselines import PRESETS, run_all
+
+    return {p: run_all(p) for p in PRESETS}
+
+
+def part_t2i() -> dict[str, Any]:
+    from crossflow.digits import evaluate
+    from crossflow.digits_realism import realism
+    from crossflow.pipeline import CrossFlowPipeline, default_checkpoint
+
+    pipe = CrossFlowPipeline.from_pretrained(default_checkpoint())
+    kept: list[torch.Tensor] = []
+
+    def recording(*a, **kw):
+        out = pipe(*a, **kw)
+        kept.append(out.float().cpu() * 2 - 1)
+        return out
+
+    res = evaluate(recording, per_prompt=10)  # the shipped sampling settings, `crossflow eval --preset digits`
+    res["realism"] = realism(torch.cat(kept))
+    res["checkpoint"] = "crossflow/weights/digits"
+    return res
+
+
+def part_sr() -> dict[str, Any]:
+    from crossflow.digits_baselines import judge_upscaler
+    from crossflow.img2img import ImagePipeline
+    from crossflow.tasks import default_checkpoint
+
+    pipe = ImagePipeline.from_pretrained(default_checkpoint("digits-sr"))
+    res = judge_upscaler(lambda low: pipe.upscale(low, seed=0))
+    res["checkpoint"] = "crossflow/weights/digits-sr"
+    res["sampling"] = pipe.sampling
+    return res
+
+
+def part_vary() -> dict[str, Any]:
+    from crossflow.digits_realism import realism
+    from crossflow.img2img import ImagePipeline, evaluate_variation, load_native
+    from crossflow.tasks import default_checkpoint
+
+    pipe = ImagePipeline.from_pretrained(default_checkpoint("digits-vary"))
+    res = evaluate_variation(lambda x, n, seed: pipe.vary(x, n, seed), n=4)
+    real, _ = load_native("test")
+    res["realism"] = realism(pipe.vary(real, 1, seed=0))  # one variation per held-out input, in their order
+    res["checkpoint"] = "crossflow/weights/digits-vary"
+    res["sampling"] = pipe.sampling
+    return res
+
+
+def caption_model(ckpt: str) -> dict[str, Any]:
+    from crossflow.digits_baselines import caption_accuracy
+    from crossflow.fast_sampler import FastSampler
+    from crossflow.pipeline import sampling_defaults
+    from crossflow.tasks import CaptionPipeline
+
+    pipe = CaptionPipeline.from_pretrained(ckpt, sampler=FastSampler(**sampling_defaults(ckpt)))
+    res = caption_accuracy(lambda images: pipe(images, 1, seed=0))
+    res["checkpoint"] = ckpt
+    res["sampling"] = pipe.sampling
+    return res
+
+
+def part_caption(new: str | None) -> dict[str, Any]:
+    from crossflow.tasks import default_checkpoint
+
+    out = {"shipped": caption_model(default_checkpoint("digits-caption"))}
+    out["shipped"]["checkpoint"] = "crossflow/weights/digits-caption"
+    if new is not None:
+        out["augment_shift2"] = caption_model(new)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import crossflow_kernels
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--caption-new", default=None, help="the shift-trained captioner's final/ directory")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    data = json.loads(args.out.read_text()) if args.out.exists() else {}
+    import sklearn
+
+    for part in args.parts:
+        t0 = time.perf_counter()
+        with crossflow_kernels.use_backend("torch"):
+            res = part_caption(args.caption_new) if part == "caption" else globals()[f"part_{part}"]()
+        data[part] = _clean({**res, "_run": {
+            "command": "python -m benchmarks.digits_baselines " + " ".join(sys.argv[1:] if argv is None else argv),
+            "wall_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
+            "sklearn": sklearn.__version__, "machine": platform.machine()}})
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        print(f"[digits_baselines] {part}: {data[part]['_run']['wall_s']} s -> {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
