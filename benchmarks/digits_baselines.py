@@ -107,11 +107,13 @@ def caption_model(ckpt: str) -> dict[str, Any]:
     return res
 
 
-def part_caption(new: str | None) -> dict[str, Any]:
+def part_caption(new: str | None, shipped: bool = True) -> dict[str, Any]:
     from crossflow.tasks import default_checkpoint
 
-    out = {"shipped": caption_model(default_checkpoint("digits-caption"))}
-    out["shipped"]["checkpoint"] = "crossflow/weights/digits-caption"
+    out = {}
+    if shipped:
+        out["shipped"] = caption_model(default_checkpoint("digits-caption"))
+        out["shipped"]["checkpoint"] = "crossflow/weights/digits-caption"
     if new is not None:
         out["augment_shift2"] = caption_model(new)
     return out
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--caption-new", default=None, help="the shift-trained captioner's final/ directory")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--no-shipped-captioner", dest="shipped", action="store_false",
+                   help="caption part: keep the shipped captioner's numbers already in --out (only --caption-new runs)")
     args = p.parse_args(argv)
     data = json.loads(args.out.read_text()) if args.out.exists() else {}
     import sklearn
@@ -131,9 +135,13 @@ def main(argv: list[str] | None = None) -> None:
     for part in args.parts:
         t0 = time.perf_counter()
         with crossflow_kernels.use_backend("torch"):
-            res = part_caption(args.caption_new) if part == "caption" else globals()[f"part_{part}"]()
+            res = part_caption(args.caption_new, args.shipped) if part == "caption" else globals()[f"part_{part}"]()
+        command = "python -m benchmarks.digits_baselines " + " ".join(sys.argv[1:] if argv is None else argv)
+        if part == "caption":  # the models' entries merge: each carries its own command and wall time
+            res = {**data.get(part, {}), **{k: {**v, "_run_wall_s": round(time.perf_counter() - t0, 1),
+                                                "_command": command} for k, v in res.items()}}
         data[part] = _clean({**res, "_run": {
-            "command": "python -m benchmarks.digits_baselines " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": command,
             "wall_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
             "sklearn": sklearn.__version__, "machine": platform.machine()}})
