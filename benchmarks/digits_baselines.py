@@ -129,7 +129,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-shipped-captioner", dest="shipped", action="store_false",
                    help="caption part: keep the shipped captioner's numbers already in --out (only --caption-new runs)")
     args = p.parse_args(argv)
-    data = json.loads(args.out.read_text()) if args.out.exists() else {}
     import sklearn
 
     for part in args.parts:
@@ -138,8 +137,11 @@ def main(argv: list[str] | None = None) -> None:
             res = part_caption(args.caption_new, args.shipped) if part == "caption" else globals()[f"part_{part}"]()
         command = "python -m benchmarks.digits_baselines " + " ".join(sys.argv[1:] if argv is None else argv)
         if part == "caption":  # the models' entries merge: each carries its own command and wall time
-            res = {**data.get(part, {}), **{k: {**v, "_run_wall_s": round(time.perf_counter() - t0, 1),
-                                                "_command": command} for k, v in res.items()}}
+            res = {k: {**v, "_run_wall_s": round(time.perf_counter() - t0, 1),
+                          "_command": command} for k, v in res.items()}
+        data = json.loads(args.out.read_text()) if args.out.exists() else {}  # what other runs wrote meanwhile
+        if part == "caption":
+            res = {**data.get(part, {}), **res}
         data[part] = _clean({**res, "_run": {
             "command": command,
             "wall_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
