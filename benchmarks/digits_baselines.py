@@ -119,6 +119,32 @@ def part_caption(new: str | None, shipped: bool = True) -> dict[str, Any]:
     return out
 
 
+def summary(data: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of whatever parts `data` holds, model beside baselines (derived; nothing recomputed)."""
+    out: dict[str, Any] = {}
+    base = data.get("baselines", {})
+
+    def pick(res: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+        row = {k: res[k] for k in keys if k in res}
+        if "realism" in res:
+            row["realism"] = res["realism"]["accuracy"]
+        for k in ("shift1", "shift2"):
+            if isinstance(res.get(k), dict):
+                row.update({f"{k}_{m}": v for m, v in res[k].items() if m in ("psnr_db", "accuracy")})
+        return row
+
+    sr = {**({"flow (shipped)": data["sr"]} if "sr" in data else {}), **base.get("digits-sr", {})}
+    out["digits-sr"] = {n: pick(r, ("psnr_db", "accuracy", "psnr_bicubic_db")) for n, r in sr.items() if n[0] != "_"}
+    vary = {**({"flow (shipped)": data["vary"]} if "vary" in data else {}), **base.get("digits-vary", {})}
+    out["digits-vary"] = {n: pick(r, ("label_kept", "distance_to_input")) for n, r in vary.items() if n[0] != "_"}
+    t2i = {**({"flow (shipped)": data["t2i"]} if "t2i" in data else {}), **base.get("digits", {})}
+    out["digits"] = {n: pick(r, ("accuracy", "diversity", "speckle")) for n, r in t2i.items() if n[0] != "_"}
+    cap = {**{f"captioner ({n})": r for n, r in data.get("caption", {}).items() if n[0] != "_"},
+           **base.get("digits-caption", {})}
+    out["digits-caption"] = {n: pick(r, ("clean", "shift1", "shift2")) for n, r in cap.items() if n[0] != "_"}
+    return {k: v for k, v in out.items() if v}
+
+
 def main(argv: list[str] | None = None) -> None:
     import crossflow_kernels
 
@@ -147,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             "wall_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
             "sklearn": sklearn.__version__, "machine": platform.machine()}})
+        data["summary"] = _clean(summary(data))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         print(f"[digits_baselines] {part}: {data[part]['_run']['wall_s']} s -> {args.out}", file=sys.stderr)
