@@ -116,6 +116,11 @@ def part_caption(new: str | None, shipped: bool = True) -> dict[str, Any]:
         out["shipped"]["checkpoint"] = "crossflow/weights/digits-caption"
     if new is not None:
         out["augment_shift2"] = caption_model(new)
+        log = Path(new).parent / "log.jsonl"  # the run's training log, when --caption-new is a run's final/
+        if log.exists():
+            recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            out["augment_shift2"]["training"] = {"log": str(log), "steps": recs[-1]["step"],
+                                                 "final_loss": recs[-1]["loss"], "final_rec": recs[-1].get("rec")}
     return out
 
 

@@ -99,3 +99,20 @@ def test_text_to_image_retrieval_baseline():
     torch.testing.assert_close(mean[0], xtr[ytr == 3].mean(0))
     with pytest.raises(ValueError, match="unknown preset"):
         bl.run_all("digits-xl")
+
+
+def test_the_committed_results_json_is_consistent():
+    """benchmarks/results/digits_baselines_2026-12-06.json: every part says how it was made, and its summary is the
+    one `benchmarks.digits_baselines.summary` derives from the parts."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.digits_baselines import _clean, summary
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "digits_baselines_2026-12-06.json"
+    data = json.loads(path.read_text())
+    assert {"baselines", "sr", "vary", "t2i", "caption"} <= set(data)
+    assert all(data[p]["_run"]["command"].startswith("python -m benchmarks.digits_baselines") for p in data
+               if p != "summary")
+    assert data["summary"] == _clean(summary(data))
+    assert set(data["baselines"]) == set(bl.PRESETS)
