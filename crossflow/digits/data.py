@@ -135,18 +135,21 @@ class DigitPairs(IndexedPairs):
 
     STREAM = "digits-caption"  # the shipped weights were trained on this stream
 
-    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, bank: CaptionBank | None = None) -> None:
+    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, bank: CaptionBank | None = None,
+                 augment_shift: int = 0) -> None:
         if tuple(cfg.latent_shape) != (1, SIZE, SIZE):
             raise ValueError(f"the digits data set needs latent shape (1, {SIZE}, {SIZE}), got {cfg.latent_shape}")
         self.images, self.labels = load_digits("train")
         self.bank = bank if bank is not None else CaptionBank(cfg)
+        self.augment_shift = _shift_option(augment_shift)  # > 0: the target moved by up to this many 8x8 pixels
         super().__init__(len(self.labels), seed, size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         j, g = self.item(i), self.generator(i)
         k = int(self.labels[j])
         emb, mask = self.bank.pick(k, int(torch.randint(len(self.bank.templates), (1,), generator=g)))
-        return {"text_emb": emb, "text_mask": mask, "latent": self.images[j], "label": self.labels[j]}
+        image = _shifted16(self, i, j) if self.augment_shift else self.images[j]
+        return {"text_emb": emb, "text_mask": mask, "latent": image, "label": self.labels[j]}
 
 
 class DigitCaptions(IndexedPairs):
@@ -159,7 +162,8 @@ class DigitCaptions(IndexedPairs):
 
     STREAM = "digits-caption"
 
-    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, bank: CaptionBank | None = None) -> None:
+    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, bank: CaptionBank | None = None,
+                 augment_shift: int = 0) -> None:
         from crossflow.vocab import get_vocab
 
         if tuple(cfg.source_shape) != (1, SIZE, SIZE) or cfg.target != "text" or cfg.vocab != "digits":
@@ -170,6 +174,7 @@ class DigitCaptions(IndexedPairs):
         self.bank = bank if bank is not None else CaptionBank(cfg)
         vocab = get_vocab(cfg.vocab)
         self.tokens = torch.stack([vocab.encode(c, cfg.max_words) for c in self.bank.captions])  # bank order
+        self.augment_shift = _shift_option(augment_shift)  # > 0: the source moved by up to this many 8x8 pixels
         super().__init__(len(self.labels), seed, size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -177,7 +182,8 @@ class DigitCaptions(IndexedPairs):
         k = int(self.labels[j])
         t = int(torch.randint(len(self.bank.templates), (1,), generator=g))
         emb, mask = self.bank.pick(k, t)
-        return {"source": self.images[j], "text_emb": emb, "text_mask": mask,
+        image = _shifted16(self, i, j) if self.augment_shift else self.images[j]
+        return {"source": image, "text_emb": emb, "text_mask": mask,
                 "tokens": self.tokens[k * len(self.bank.templates) + t], "label": self.labels[j]}
 
 
@@ -212,14 +218,20 @@ def _check_pairing(cfg: Any, what: str, source_size: int) -> None:
 class UpscalePairs(IndexedPairs):
     """(4x4 source, real 8x8 target) pairs from the training split. Sample i is image i mod N: no randomness."""
 
-    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None) -> None:
+    STREAM = "digits-sr"  # only the shift augmentation draws from it
+
+    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, augment_shift: int = 0) -> None:
         _check_pairing(cfg, "digits-sr", LOW)
         self.images, self.labels = load_native("train")
         self.low = downsample(self.images)
+        self.augment_shift = _shift_option(augment_shift)  # > 0: the 8x8 moved first, its 4x4 made from it
         super().__init__(len(self.labels), seed, size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         j = self.item(i)
+        if self.augment_shift:
+            image = _shift8(self, i, self.images[j])[0]
+            return {"source": downsample(image[None])[0], "latent": image, "label": self.labels[j]}
         return {"source": self.low[j], "latent": self.images[j], "label": self.labels[j]}
 
 
@@ -239,13 +251,54 @@ class VariationPairs(IndexedPairs):
 
     STREAM = "digits-vary"
 
-    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None) -> None:
+    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, augment_shift: int = 0) -> None:
         _check_pairing(cfg, "digits-vary", NATIVE)
         self.images, self.labels = load_native("train")
         self.near = neighbours(self.images, self.labels)
+        self.augment_shift = _shift_option(augment_shift)  # > 0: source and target moved by the same shift
         super().__init__(len(self.labels), seed, size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         j, g = self.item(i), self.generator(i)
         other = int(self.near[j, int(torch.randint(self.near.shape[1], (1,), generator=g))])
+        if self.augment_shift:
+            src, tgt = _shift8(self, i, self.images[j], self.images[other])
+            return {"source": src, "latent": tgt, "label": self.labels[j]}
         return {"source": self.images[j], "latent": self.images[other], "label": self.labels[j]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shift augmentation (`crossflow train --augment-shift K`): every data set above moves its images by a shift uniform in
+# [-K, K]^2 at 8x8, drawn from the sample's own generator (STREAM + "-shift", seed, i), so the data set's own stream
+# draws exactly what it draws without augmentation.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _shift_option(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < NATIVE:
+        raise ValueError(f"augment_shift must be an int in [0, {NATIVE}) (pixels at 8x8), got {k!r}")
+    return k
+
+
+def _draw_shift(ds: IndexedPairs, i: int) -> tuple[int, int]:
+    from crossflow.digits.shift import random_shifts
+
+    g = torch.Generator().manual_seed(stable_seed(ds.STREAM + "-shift", ds.seed, i))
+    dy, dx = random_shifts(1, ds.augment_shift, g)[0].tolist()
+    return dy, dx
+
+
+def _shift8(ds: IndexedPairs, i: int, *images: torch.Tensor) -> torch.Tensor:
+    """8x8 images (1, 8, 8) of sample i, all moved by the sample's one shift: (len(images), 1, 8, 8)."""
+    from crossflow.digits.shift import shift
+
+    return shift(torch.stack(images), *_draw_shift(ds, i))
+
+
+def _shifted16(ds: IndexedPairs, i: int, j: int) -> torch.Tensor:
+    """Sample i's 16x16 image j, shifted at 8x8 and resampled as `load_digits` makes the 16x16 data."""
+    from crossflow.digits.shift import shift16
+
+    if not hasattr(ds, "images8"):
+        ds.images8 = load_digits("train", size=NATIVE)[0]
+    return shift16(ds.images8[j : j + 1], *_draw_shift(ds, i), SIZE)[0]

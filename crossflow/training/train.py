@@ -84,7 +84,8 @@ class Trainer:
         self.acc: dict[str, torch.Tensor] = {}  # sums of the loss terms over the n_acc steps since the last log line
         if resume_from is not None:
             self._load(resume_from)
-        self.data = DATASETS[tc.data](self.cfg, tc.seed, tc.data_size)
+        shift = {"augment_shift": tc.augment_shift} if tc.augment_shift else {}  # 0: the call as before
+        self.data = DATASETS[tc.data](self.cfg, tc.seed, tc.data_size, **shift)
         self.net: nn.Module = self.model  # what the step calls: the model, or DDP around it
         if tc.fsdp:  # after the load: a checkpoint loads whole, then model, EMA and AdamW state are sharded
             fsdp.shard_training(self.model, self.ema, self.opt, self.device, self.world)

@@ -65,13 +65,14 @@ class TrainConfig:
     resume: bool = False
     quiet: bool = False
     dump_weights_hash: str | None = None  # debugging: each rank writes a hash of its weights to FILE.rank<r>
+    augment_shift: int = 0  # digit data: random shifts up to this many pixels at 8x8 (issue 22); 0 = none
 
     def __post_init__(self) -> None:  # ValueError naming the bad values, before anything is created or written
         CrossFlowConfig.from_name(self.preset)  # raises ValueError for an unknown preset (before torch is imported)
         import torch
 
         import crossflow_kernels
-        from crossflow.training.datasets import DATASETS
+        from crossflow.training.datasets import AUGMENTABLE, DATASETS
         from crossflow.training.optim import LR_SCHEDULES
 
         ok = {k: getattr(self, k) >= 1 for k in ("steps", "batch_size", "log_every", "ckpt_every", "data_size")}
@@ -81,6 +82,9 @@ class TrainConfig:
                   betas=len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas))
         if bad := {k: getattr(self, k) for k, good in ok.items() if not good}:
             raise ValueError(f"TrainConfig: invalid values {bad}")
+        if self.augment_shift and (self.data not in AUGMENTABLE or not 0 < self.augment_shift < 8):
+            raise ValueError(f"TrainConfig: augment_shift {self.augment_shift!r} needs an int in [0, 8) and digit data "
+                             f"{AUGMENTABLE}, got data {self.data!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"TrainConfig: unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         if self.data not in DATASETS:
@@ -138,6 +142,8 @@ def build_parser(prog: str = "crossflow.train") -> argparse.ArgumentParser:
                    "(FSDP2, one unit per flow block; implies --grad-checkpointing); checkpoints stay whole")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--augment-shift", type=int, default=d["augment_shift"], metavar="K",
+                   help="digit data: shift each training image by up to K pixels at 8x8 (default: %(default)s)")
     p.add_argument("--dump-weights-hash", default=None, metavar="FILE",
                    help="debugging: each rank writes a hash of its final weights to FILE.rank<r>")
     return p
