@@ -34,6 +34,7 @@ def test_sweep_on_the_shipped_super_resolution_model():
     pts = {(p["sampler"], p["steps"]): p for p in res["points"]}
     assert set(pts) == {(m, n) for m in ("euler", "midpoint") for n in (1, 2, 8)}  # the baseline (euler, 2) included
     assert pts["midpoint", 8]["rmse_to_converged"] == 0.0  # the reference's own setting: same ODEs, same solver
+    assert all(p["rmse_calls"] >= 1 for p in res["points"])
     for m in ("euler", "midpoint"):
         assert pts[m, 1]["rmse_to_converged"] > pts[m, 2]["rmse_to_converged"] > pts[m, 8]["rmse_to_converged"]
     assert pts["midpoint", 2]["rmse_to_converged"] < pts["euler", 2]["rmse_to_converged"]
@@ -62,6 +63,19 @@ def test_the_eval_verb_sweeps(tmp_path, capsys):
     assert [(p["sampler"], p["steps"]) for p in res["points"]] == [("midpoint", 1), ("euler", 50)]
     last = capsys.readouterr().out.rstrip().splitlines()[-1]  # midpoint x 1 is worse than the shipped Euler x 50
     assert last.startswith("recommended: euler x 50 steps = 50 NFE") and last.endswith("1.0x fewer network evaluations")
+
+
+def test_distances_stop_at_the_first_call_that_starts_elsewhere():
+    from crossflow.digits.sweep import _Recorder, _rmse
+
+    ref, rec = _Recorder(None), _Recorder(None)
+    a, b = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    ref.z0, ref.z1 = [a, a], [a, a]
+    rec.z0, rec.z1 = [a, b], [a + 0.5, b]  # the second call starts from the point's own output
+    assert _rmse(rec, ref, "x") == (0.5, 1)
+    rec.z0 = [b, b]
+    with pytest.raises(RuntimeError, match="start latents differ"):
+        _rmse(rec, ref, "x")
 
 
 def test_the_report_renders_a_sweep(tmp_path):
