@@ -57,3 +57,20 @@ def test_protocol_is_deterministic_and_takes_16x16_images(real):
     assert realism(more)["per_class"] == len(real)  # equal counts
     with pytest.raises(ValueError, match="at least"):
         two_sample_accuracy(real[:5], real[5:10])
+
+
+def test_the_judges_report_realism_that_can_fail():
+    from crossflow.digits.data import downsample, load_native
+    from crossflow.digits.eval import bicubic, evaluate_upscale, verdict
+
+    real, _ = load_native("test")
+    low = downsample(real)
+
+    def oracle(batch):  # the real 8x8 of each 4x4 input: indistinguishable by construction
+        return real[[int((low.flatten(1) == b.flatten()).all(1).nonzero()[0]) for b in batch]]
+
+    exact = evaluate_upscale(oracle)
+    assert abs(exact["realism"] - 0.5) < 0.1 and exact["psnr_db"] > 90
+    blurry = evaluate_upscale(bicubic)
+    assert blurry["realism"] > 0.9 and "told from real digits" in verdict("digits-sr", blurry)[1]
+    assert "realism" not in evaluate_upscale(bicubic, limit=5)  # too few images for the folds: not reported
