@@ -363,6 +363,10 @@ def cmd_eval(args) -> int:
         res = judge.run(args.preset, pipe, _checkpoint(args.checkpoint, args.preset), steps=args.steps,
                         guidance_scale=args.guidance, seed=args.seed, per_prompt=args.per_prompt,
                         per_image=args.per_image, progress=not args.quiet)
+    if args.baselines:
+        from crossflow.digits.baselines import run_all
+
+        res["baselines"] = run_all(args.preset)
     text = json.dumps(res, indent=2)
     print(text)
     if args.json:
@@ -615,6 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--per-prompt", type=_int_at_least(2), default=10, help="samples per (digit, held-out template)")
     e.add_argument("--per-image", type=_int_at_least(2), default=4, help="digits-vary: variations per held-out image")
     e.add_argument("--json", type=_output_file, default=None, help="also write the result to this JSON file")
+    e.add_argument("--baselines", action="store_true",
+                   help="also train and judge the simple baselines on the same split (super-resolution: ridge, kNN, "
+                   "MLP; captioning: an SVC + a fixed sentence; variation: the nearest training digit; text to image: "
+                   "retrieval) and report them beside the model under \"baselines\"")
     e.add_argument("--sweep-steps", type=_list_of(_int_at_least(1), "step counts"), default=None, metavar="N,N,...",
                    help="quality against NFE: the eval at each step count (e.g. 1,2,4,8,16,25,50) for each of "
                    "--sweep-samplers, each point's distance to a converged solution, and the cheapest setting as good "

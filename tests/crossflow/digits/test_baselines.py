@@ -118,3 +118,21 @@ def test_the_committed_results_json_is_consistent():
                if p != "summary")
     assert data["summary"] == _clean(summary(data))
     assert set(data["baselines"]) - {"_run"} == set(bl.PRESETS)
+
+
+def test_eval_reports_the_baselines_beside_the_model(monkeypatch, tmp_path, capsys):
+    import json
+
+    from crossflow import cli
+    from crossflow.digits import eval as judge_module
+
+    asked = []
+    monkeypatch.setattr(judge_module, "run", lambda preset, *a, **kw: {"label_kept": 0.97, "distance_to_input": 0.7})
+    monkeypatch.setattr(bl, "run_all", lambda preset: asked.append(preset) or {"nearest_training": {"label_kept": 1}})
+    out = tmp_path / "e.json"
+    assert cli.main(["eval", "--preset", "digits-vary", "--baselines", "--json", str(out), "-q",
+                     "--backend", "torch"]) in (0, None)
+    assert asked == ["digits-vary"]
+    assert json.loads(out.read_text())["baselines"] == {"nearest_training": {"label_kept": 1}}
+    cli.main(["eval", "--preset", "digits-vary", "--json", str(out), "-q", "--backend", "torch"])
+    assert "baselines" not in json.loads(out.read_text()) and asked == ["digits-vary"]  # opt-in
