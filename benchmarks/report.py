@@ -354,7 +354,8 @@ def gpu_check_section(path: Path, data: dict) -> list[str]:
 
 
 # The number each preset's sweep plots beside the distance to the converged solution (`crossflow eval --sweep-steps`)
-SWEEP_METRIC = {"digits": "diversity", "digits-sr": "psnr_db", "digits-caption": "accuracy", "digits-vary": "label_kept"}
+SWEEP_METRIC = {"digits": "diversity", "digits-sr": "psnr_db", "digits-caption": "accuracy",
+                "digits-vary": "label_kept"}
 
 
 def _plot_sweep(path: Path, data: dict[str, Any]) -> str:

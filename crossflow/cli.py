@@ -319,7 +319,8 @@ def cmd_vary(args) -> int:
 
 
 def cmd_train(argv: list[str]) -> None:
-    from crossflow.training.train_config import parse_config  # the one training parser, without torch: --help answers at once
+    # the one training parser, without torch: --help answers at once
+    from crossflow.training.train_config import parse_config
 
     tc = parse_config(argv, prog="crossflow train")
     from crossflow.training.train import run
@@ -344,8 +345,8 @@ def _sweep(args, device) -> int:
         atomic_write(args.json, lambda p: Path(p).write_text(text + "\n"))
     r, b = res["recommended"], res["recommended"]["baseline"]
     print(f"recommended: {r['sampler']} x {r['steps']} steps = {r['nfe']} NFE (rmse to converged "
-          f"{r['rmse_to_converged']:.4f}) against the checkpoint's {b['sampler']} x {b['steps']} = {b['nfe']} NFE ({b['rmse_to_converged']:.4f}): "
-          f"{r['saving']:.1f}x fewer network evaluations")
+          f"{r['rmse_to_converged']:.4f}) against the checkpoint's {b['sampler']} x {b['steps']} = {b['nfe']} NFE "
+          f"({b['rmse_to_converged']:.4f}): {r['saving']:.1f}x fewer network evaluations")
     return 0
 
 

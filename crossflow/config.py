@@ -7,7 +7,8 @@ it: that is a runtime choice (`crossflow_kernels.use_backend`).
 Presets (`CrossFlowConfig.from_name`):
   * ``tiny``        -- unit tests; small enough for the Triton CPU interpreter.
   * ``digits``      -- the embedded default: 16x16 pixel-space digits, MiniLM text, trains on a laptop CPU.
-  * ``digits-sr``   -- super-resolution: a 4x4 digit (image VE source) -> the real 8x8 digit (`crossflow.pipelines.image`).
+  * ``digits-sr``   -- super-resolution: a 4x4 digit (image VE source) -> the real 8x8 digit
+    (`crossflow.pipelines.image`).
   * ``digits-vary`` -- image variation: an 8x8 digit through a narrow image VE -> the same digit in another hand.
   * ``dit-{s,b,l,xl}-2`` -- DiT paper sizes on the 256 px SD-VAE latent (4x32x32), CLIP-L/14 text (77x768), the
     official CLIP@256 Text VE (Linear head).
@@ -58,8 +59,8 @@ class CrossFlowConfig:
     num_heads: int = 6
     mlp_ratio: float = 4.0
     norm: str = "layer"  # LayerNorm without affine, eps 1e-6 (DiT); "rms" is ours, not convertible
-    # ---- or the DiMR flow network (`crossflow.models.dimr`): backbone "dimr" with its `DiMRConfig` (the DiT fields above are
-    # then unused); its latent shape must be the one above
+    # ---- or the DiMR flow network (`crossflow.models.dimr`): backbone "dimr" with its `DiMRConfig` (the DiT fields
+    # above are then unused); its latent shape must be the one above
     backbone: str = "dit"
     dimr: DiMRConfig | None = None
     # ---- frozen text encoder: name/path, token-embedding width, tokens, scale applied before the VE
@@ -319,7 +320,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
         source="image", target="text", latent_channels=1, latent_size=8, patch_size=2, hidden_size=128, depth=3,
         num_heads=4, text_len=10, ve_layers=0, image_encoder_width=16, image_feature_dim=128, image_ve_width=32,
     ),
-    # Image -> image on the real 8x8 digits (`crossflow.pipelines.image`): the flow on the 1x8x8 pixels (16 tokens of 2x2).
+    # Image -> image on the real 8x8 digits (`crossflow.pipelines.image`): the flow on the 1x8x8 pixels (16 tokens
+    # of 2x2).
     # Super-resolution: the image VE reads the 4x4; a tiny KL weight lets it keep its posterior narrow, so z0 is nearly
     # a function of the input and the flow lands near the best estimate of the 8x8 (PSNR), not a random redraw.
     "digits-sr": dict(
@@ -362,9 +364,11 @@ TASKS: dict[str, str] = {
 
 # The sampler settings a trained preset is sampled with (the one source: the trainer writes them into every
 # `save_pretrained` directory as `sampling.json`; the shipped weights carry the same). `steps`, `guidance_scale`,
-# `official_grid` and `method` (one of SAMPLERS, default "euler") go to the sampler; image-to-text adds `source_noise_scale` (a temperature on the image VE's
-# posterior) and `text_variation_strength` (`tasks.CaptionPipeline`). A preset without an entry samples with the
-# sampler's defaults (50 steps, guidance 7). Measured in README.md's tables (`crossflow eval --preset NAME`).
+# `official_grid` and `method` (one of SAMPLERS, default "euler") go to the sampler; image-to-text adds
+# `source_noise_scale` (a temperature on the image VE's posterior) and `text_variation_strength`
+# (`pipelines.caption.CaptionPipeline`). A preset without an entry samples with the sampler's defaults (50 steps,
+# guidance 7). Measured in README.md's tables (`crossflow eval --preset NAME`).
+
 # The samplers by name (`crossflow.scheduler_sampler.make_sampler`, `--sampler`, sampling.json's "method"): our Euler
 # and midpoint methods (FastSampler), and diffusers' flow-matching schedulers driven by `SchedulerSampler`.
 SAMPLERS = ("euler", "midpoint", "flow-euler", "flow-heun", "dpm++", "unipc")

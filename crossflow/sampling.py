@@ -150,14 +150,16 @@ class EulerSampler:
 
     @classmethod
     def _step(
-        cls, model: Callable, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor | float, s: torch.Tensor | float | None,
-        out: torch.Tensor | None = None,
+        cls, model: Callable, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor | float,
+        s: torch.Tensor | float | None, out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x + dt * v(x, t) into `out` (default: x, in place); t a 0-d time; s None = no guidance (see `guidance`)."""
         return cls._update(x, cls._velocity(model, x, t, s), dt, s, x if out is None else out)
 
     @classmethod
-    def _midpoint_step(cls, model: Callable, x: torch.Tensor, mid: torch.Tensor, t: torch.Tensor, dt, s) -> torch.Tensor:
+    def _midpoint_step(
+        cls, model: Callable, x: torch.Tensor, mid: torch.Tensor, t: torch.Tensor, dt, s
+    ) -> torch.Tensor:
         """One midpoint step in place on x: the half Euler step into the scratch `mid`, then the full step from x with
         the velocity at (mid, t + dt/2)."""
         half = dt / 2
@@ -200,7 +202,8 @@ def invert(flow: Callable, z1: torch.Tensor, steps: int = 50) -> torch.Tensor:
     """The flow run backwards: Euler from z1 at t = 1 to t = 0 with the conditional branch (no guidance, whose
     uncond half would not invert), evaluated at t = 1, 1 - 1/N, ..., 1/N. Returns a new tensor; z1 is not modified.
 
-    Text variation uses it to find the source-side point a text latent came from (`tasks.CaptionPipeline.vary_text`).
+    Text variation uses it to find the source-side point a text latent came from
+    (`pipelines.caption.CaptionPipeline.vary_text`).
     """
     _check_z0(z1)
     _check_steps(steps)

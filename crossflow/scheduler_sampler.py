@@ -28,7 +28,8 @@ FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteSche
 
 def _check_scheduler(scheduler: Any) -> None:
     if not (callable(getattr(scheduler, "set_timesteps", None)) and callable(getattr(scheduler, "step", None))):
-        raise ValueError(f"scheduler must be a diffusers scheduler (set_timesteps, step), got {type(scheduler).__name__}")
+        raise ValueError(f"scheduler must be a diffusers scheduler (set_timesteps, step), got "
+                         f"{type(scheduler).__name__}")
     if type(scheduler).__name__ in FLOW_SCHEDULERS:
         return
     cfg = getattr(scheduler, "config", {})
@@ -50,7 +51,9 @@ class SchedulerSampler(EulerSampler):
             our Euler exactly.
     """
 
-    def __init__(self, scheduler: Any, steps: int = 50, guidance_scale: float = 7.0, uniform_grid: bool = False) -> None:
+    def __init__(
+        self, scheduler: Any, steps: int = 50, guidance_scale: float = 7.0, uniform_grid: bool = False
+    ) -> None:
         super().__init__(steps, guidance_scale)
         _check_scheduler(scheduler)
         if uniform_grid and "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:

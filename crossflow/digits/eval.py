@@ -185,7 +185,7 @@ def evaluate(pipe: Any, per_prompt: int = 10, guidance_scale: float | None = Non
 @torch.no_grad()
 def evaluate_captions(pipe: Any, steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
                       seeds: int = 10, variations: int = 3, progress: bool = False) -> dict[str, Any]:
-    """The numbers of an image -> text `pipe` (`tasks.CaptionPipeline`) on the held-out 20 % of the images.
+    """The numbers of an image -> text `pipe` (`pipelines.caption.CaptionPipeline`) on the held-out 20 % of the images.
 
     accuracy: share of held-out images (one caption each) whose caption names their digit (`parse_caption`);
     well_formed: share that parse as a caption of the grammar (any template, word or numeral); wordings_one_image:
