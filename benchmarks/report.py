@@ -5,8 +5,8 @@
   python -m benchmarks.report <gpu_check.json> --routing-table [PATH]   # crossflow_kernels.attention's SDPA routing table
   python -m benchmarks.report sweep_digits-sr.json ...   # `crossflow eval --sweep-steps` results: tables and curves
 
-A GPU-check result (`benchmarks/gpu_session/gpu_check.py`, schema `crossflow-gpu-check/1`) may be given among the files: it gets
-its own section (`gpu_check_section`); `readme_table` renders the README's results table from it alone;
+A GPU-check result (`benchmarks/gpu_session/gpu_check.py`, schema `crossflow-gpu-check/1`) may be given among the files:
+it gets its own section (`gpu_check_section`); `readme_table` renders the README's results table from it alone;
 `routing_table` derives from its attention stage the per-device table `crossflow_kernels.attention` routes by (written
 to crossflow_kernels/routes/attention-routes_<device>.json, package data, unless PATH, a file or a directory, says
 otherwise).

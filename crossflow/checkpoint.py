@@ -18,7 +18,8 @@ tensors, everything else as JSON metadata, and a sha256 over all of it (metadata
 Every file is written atomically: to a temporary file in the same directory, flushed and fsync'ed, then `os.replace`d
 over the target (atomic on POSIX and Windows), and the directory is fsync'ed. A crash or an exception leaves either the
 old file or the new one, never a torn one; the temporary file is removed on an exception, and by `clean_stale_tmp`
-after a kill. This module knows the model only through `state_dict()` and `.config` (no import of `crossflow.models.model`).
+after a kill. This module knows the model only through `state_dict()` and `.config` (no import of
+`crossflow.models.model`).
 """
 
 from __future__ import annotations

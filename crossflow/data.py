@@ -3,8 +3,9 @@
     {"text_emb": (L, D) float32 token embeddings, "text_mask": (L,) bool (True = real token),
      "latent": (C, H, W) float32 image latent (already scaled, i.e. what the flow ends at)}
 
-The trainer's `--data` names a dataset of `crossflow.training.datasets.DATASETS`: `SyntheticPairs` from here, or the digits of
-the embedded default (`crossflow.digits.data.DigitPairs`, same format). This module imports no other part of `crossflow`.
+The trainer's `--data` names a dataset of `crossflow.training.datasets.DATASETS`: `SyntheticPairs` from here, or the
+digits of the embedded default (`crossflow.digits.data.DigitPairs`, same format). This module imports no other part of
+`crossflow`.
 """
 
 from __future__ import annotations

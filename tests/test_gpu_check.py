@@ -109,8 +109,8 @@ def test_per_test_timeout_plugin(tmp_path):
     """))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-p", "benchmarks.gpu_session.gpu_pytest", "-q",
-                          "--test-timeout=1", "-p", "no:cacheprovider", "-rs", "--rootdir", str(tmp_path),
+    out = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-p", "benchmarks.gpu_session.gpu_pytest",
+                          "-q", "--test-timeout=1", "-p", "no:cacheprovider", "-rs", "--rootdir", str(tmp_path),
                           f"--junitxml={tmp_path / 'junit.xml'}"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert time.monotonic() - t0 < 25, out.stdout
@@ -213,8 +213,8 @@ def test_killed_tests_stage_keeps_every_finished_test(tmp_path, monkeypatch):
 
 def test_stop_at_skips_what_would_start_too_late(tmp_path):
     (tmp_path / "test_two.py").write_text("def test_a():\n    pass\n\ndef test_b():\n    pass\n")
-    out = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-p", "benchmarks.gpu_session.gpu_pytest", "-q", "-rs",
-                          "-p", "no:cacheprovider", "--rootdir", str(tmp_path), "--stop-at=1",
+    out = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-p", "benchmarks.gpu_session.gpu_pytest",
+                          "-q", "-rs", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), "--stop-at=1",
                           f"--results-file={tmp_path / 'r.jsonl'}"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
                          timeout=120)

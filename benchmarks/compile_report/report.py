@@ -2,13 +2,13 @@
 
     python -m benchmarks.compile_report [--quick] [--arch 90,80,100,120] [--filter attention] [--json PATH] [--jobs N]
 
-How it works. The public ops (`crossflow_kernels.OPS[name].triton`) are driven with CPU tensors of the model's real shapes,
-dtypes and strides (fused-qkv views, transposed (B, T, H, D) views, (B, 1, C) modulation views), forward and autograd
-backward, while every Triton launch is intercepted (`JITFunction.run` / `Autotuner.run`): nothing runs, the kernel, its
-bound arguments and constexprs are recorded. The kernels are found that way, never by module or function name. Each
-autotuned launch is passed through the kernel's own `prune_configs_by` (`early_config_prune` / `perf_model`), exactly
-as the autotuner would on a GPU, once per arch with that arch as Triton's active target (a prune may read it), and
-every surviving config is compiled with Triton's own launcher path (`run(...,
+How it works. The public ops (`crossflow_kernels.OPS[name].triton`) are driven with CPU tensors of the model's real
+shapes, dtypes and strides (fused-qkv views, transposed (B, T, H, D) views, (B, 1, C) modulation views), forward and
+autograd backward, while every Triton launch is intercepted (`JITFunction.run` / `Autotuner.run`): nothing runs, the
+kernel, its bound arguments and constexprs are recorded. The kernels are found that way, never by module or function
+name. Each autotuned launch is passed through the kernel's own `prune_configs_by` (`early_config_prune` / `perf_model`),
+exactly as the autotuner would on a GPU, once per arch with that arch as Triton's active target (a prune may read it),
+and every surviving config is compiled with Triton's own launcher path (`run(...,
 warmup=True)`, so argument specialization -- 16-byte divisibility of pointers and ints -- is Triton's) against a stub
 driver that reports `GPUTarget("cuda", arch, 32)`. From the artefacts:
 
@@ -26,11 +26,11 @@ of the elements of the launch's largest floating tensor (attention Q/K/V/dO/O, a
 not LSE, statistics or modulation vectors). A hot load is *scalar* when one instruction moves one element, *narrow*
 when it moves less than 16 bytes.
 
-Cases named `attention/*-sm90` run the attention forward with `CROSSFLOW_KERNELS_ATTENTION_FWD=sm90` (the kernel an sm_90 GPU
-picks: tensor descriptors, warp specialization) and are compiled for sm_90 and sm_100 only, the archs `auto` takes it on
-(`--filter sm90`). Cases named `*-t257` run T = 257 (not a multiple of 16: other integer specializations), `*-t77` the
-Text VE's attention (T = 77, 8 heads, masked, (B, T, H, D) views). Cases with `-lens` pass per-batch key lengths
-(`key_lengths=`: the kernels' KEY_LENS variant, no byte mask) instead of a mask. sm_120 rows
+Cases named `attention/*-sm90` run the attention forward with `CROSSFLOW_KERNELS_ATTENTION_FWD=sm90` (the kernel an
+sm_90 GPU picks: tensor descriptors, warp specialization) and are compiled for sm_90 and sm_100 only, the archs `auto`
+takes it on (`--filter sm90`). Cases named `*-t257` run T = 257 (not a multiple of 16: other integer specializations),
+`*-t77` the Text VE's attention (T = 77, 8 heads, masked, (B, T, H, D) views). Cases with `-lens` pass per-batch key
+lengths (`key_lengths=`: the kernels' KEY_LENS variant, no byte mask) instead of a mask. sm_120 rows
 are report-only (`REPORT_ONLY_ARCHS`). A warp-specialized kernel whose partitions store the same tile rows (the same
 work done twice) fails (`ws_shared_rows`).
 
@@ -325,7 +325,8 @@ def capture(case: Case) -> list[Launch]:
     return launches
 
 
-FWD_KERNEL_ENV = "CROSSFLOW_KERNELS_ATTENTION_FWD"  # crossflow_kernels.attention.FWD_KERNEL_ENV, named here without importing kernels
+# crossflow_kernels.attention.FWD_KERNEL_ENV, named here without importing kernels
+FWD_KERNEL_ENV = "CROSSFLOW_KERNELS_ATTENTION_FWD"
 BWD_KERNEL_ENV = "CROSSFLOW_KERNELS_ATTENTION_BWD"  # crossflow_kernels.attention.BWD_KERNEL_ENV
 BWD_PATHS = ("fused", "split")
 
@@ -786,8 +787,9 @@ def _versions() -> dict:
 
 
 def _import_kernels():
-    """`crossflow_kernels` with the real triton. On a CPU-only build of torch without the interpreter, `crossflow_kernels` leaves triton
-    unloaded unless the process already imported it (`crossflow_kernels._triton`); the report compiles for GPU targets there."""
+    """`crossflow_kernels` with the real triton. On a CPU-only build of torch without the interpreter,
+    `crossflow_kernels` leaves triton unloaded unless the process already imported it (`crossflow_kernels._triton`); the
+    report compiles for GPU targets there."""
     import triton  # noqa: F401  (first, so that crossflow_kernels._triton takes the real one)
 
     import crossflow_kernels

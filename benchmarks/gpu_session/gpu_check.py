@@ -374,7 +374,8 @@ def _prewarm(ctx: StageContext, head_dims, limit_s: float) -> dict[str, Any]:
 
 
 def stage_attention(ctx: StageContext) -> None:
-    """Ours (`crossflow_kernels.attention`'s Triton implementation) vs every SDPA backend, fwd then fwd+bwd, bf16 (fp32 smoke)."""
+    """Ours (`crossflow_kernels.attention`'s Triton implementation) vs every SDPA backend, fwd then fwd+bwd, bf16 (fp32
+    smoke)."""
     import torch
 
     from benchmarks import _common, bench_kernels
@@ -466,7 +467,8 @@ def stage_adaln(ctx: StageContext) -> None:
                 dims = spec.shape(s)
                 torch.manual_seed(0)
                 args, kw = spec.inputs(dims, dict(device=dev, dtype=dtype))
-                fns = {"triton": crossflow_kernels.OPS[op].triton, "torch": crossflow_kernels.OPS[op].ref, "torch_compile": compiled[op]}
+                fns = {"triton": crossflow_kernels.OPS[op].triton, "torch": crossflow_kernels.OPS[op].ref,
+                       "torch_compile": compiled[op]}
                 _, nbytes = spec.cost(dims, mode, args[0].element_size())
                 for name, f in fns.items():
                     case = dict(op=op, shape=list(dims), shape_id=s.id, mode=mode, provider=name,
@@ -587,7 +589,8 @@ NCU_SHAPE = (16, 16, 1024, 72)  # DiT-XL/2 at 512 px, batch 8 with CFG: (2B, H, 
 
 
 def ncu_workload(smoke: bool) -> None:
-    """One forward of `crossflow_kernels.attention` (Triton) between cudaProfilerStart/Stop, after a warm-up that autotunes."""
+    """One forward of `crossflow_kernels.attention` (Triton) between cudaProfilerStart/Stop, after a warm-up that
+    autotunes."""
     import torch
 
     import crossflow_kernels
@@ -894,7 +897,8 @@ def _tee_to(log: Path):
 def _preload(smoke: bool) -> None:
     """Import the heavy modules once in the driver, so forked children start warm. Imports only: nothing here makes a
     CUDA call (a driver that had initialised CUDA could not fork usable children)."""
-    if smoke:  # the interpreter switch is read when each @triton.jit runs: set it before `crossflow_kernels` is imported
+    # the interpreter switch is read when each @triton.jit runs: set it before `crossflow_kernels` is imported
+    if smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the smoke is the CPU path, even on a GPU machine
     import torch

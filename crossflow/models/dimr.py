@@ -22,20 +22,20 @@ is passed down the forward and every parameter is evaluated per sample: same val
 `torch.compile(fullgraph=True)` and CUDA-graph capture work.
 
 Norms (`DiMRConfig.norm_type`, the official `norm_type`; the released checkpoints all use "tdrms"):
-  * "tdrms"  TDRMSNorm x / (rms(x) + 1e-8) * s(t)          -> `crossflow_kernels.rms_norm(x, s(t) (B, 1, D))` with eps 1e-16
-             under the root: 1/sqrt(ms + 1e-16) vs 1/(rms + 1e-8) differ by 1e-8/rms relative, below fp32
+  * "tdrms"  TDRMSNorm x / (rms(x) + 1e-8) * s(t)          -> `crossflow_kernels.rms_norm(x, s(t) (B, 1, D))` with eps
+             1e-16 under the root: 1/sqrt(ms + 1e-16) vs 1/(rms + 1e-8) differ by 1e-8/rms relative, below fp32
              resolution for any activation with rms >~ 0.1 (the tests bound it). Where a residual add precedes it
-             (every block's MLP norm) the add is fused in: `crossflow_kernels.gated_residual_adaln(norm="rms")`, gate 1, shift 0,
-             scale s(t) - 1 (exact up to the rounding of s - 1; rms_norm has no residual input).
+             (every block's MLP norm) the add is fused in: `crossflow_kernels.gated_residual_adaln(norm="rms")`, gate 1,
+             shift 0, scale s(t) - 1 (exact up to the rounding of s - 1; rms_norm has no residual input).
   * "rms"    plain RMSNorm with a learned scale              -> the same kernels, weight (D,).
   * "layer"  TD-LayerNorm F.layer_norm(x, eps 1e-5) * w(t) + b(t) -> `crossflow_kernels.adaln_modulate(norm="layer")`
              (shift b(t), scale w(t) - 1); also the stages' upsample and output norms.
-  * "adarms" AdaRMSNorm rms_norm(x, 1 + Linear(x[:, 0]), 1e-6) -> `crossflow_kernels.rms_norm`: conditioned on the first token
-             (the indicator token in a transformer stage; weight (B, 1, D)); in a ConvNeXt stage (B, H, W, D) the
+  * "adarms" AdaRMSNorm rms_norm(x, 1 + Linear(x[:, 0]), 1e-6) -> `crossflow_kernels.rms_norm`: conditioned on the first
+             token (the indicator token in a transformer stage; weight (B, 1, D)); in a ConvNeXt stage (B, H, W, D) the
              official conditions on the first *row*: weight (B, 1, W, D), broadcast over rows in the kernel.
   * `qk_norm=True` adds QKNorm (per-head learned log-scale clamped at log 100, rms-normalised q and k, `qk_norm_ref`)
-    -> one `crossflow_kernels.rms_norm` call on the q/k slice of the fused qkv projection with a (2, H, 1) per-head weight (q
-    and k in one launch, no copy). The official
+    -> one `crossflow_kernels.rms_norm` call on the q/k slice of the fused qkv projection with a (2, H, 1) per-head
+    weight (q and k in one launch, no copy). The official
     enables it only together with Axial RoPE (`pe_type='Axial_RoPE'`), which no released config uses and which cannot
     run with the indicator token (its position table has one row fewer than the sequence), so RoPE is not implemented
     and QKNorm is our opt-in, not convertible from any release.
@@ -43,15 +43,16 @@ Norms (`DiMRConfig.norm_type`, the official `norm_type`; the released checkpoint
 Deviations from the official module, none changing the math in fp32:
   * the GEGLU MLP's two input Linears (w0, w1) are one Linear of twice the width (`fc_in`, rows [w0; w1]): one GEMM;
   * the two indicator scalars are one (2,) parameter `indicator_values` = [cond (tensor_false), uncond (tensor_true)];
-  * attention runs in the activations' dtype through `crossflow_kernels.attention` (fp32 softmax statistics); the official casts
-    q, k, v to fp32 first, so under bf16 autocast ours rounds q, k, v to bf16;
+  * attention runs in the activations' dtype through `crossflow_kernels.attention` (fp32 softmax statistics); the
+    official casts q, k, v to fp32 first, so under bf16 autocast ours rounds q, k, v to bf16;
   * the coarse stages' output heads are skipped unless `return_all=True` (the sampler needs only the finest).
 Converting an official state dict: `crossflow.convert.dimr`.
 
 The MLP (transformer and ConvNeXt blocks): fc_in and fc_out stay cuBLAS GEMMs; the GELU(a) * b between them, the
 memory-bound step, is `crossflow_kernels.geglu` (one pass instead of eager's two and an intermediate).
 
-Future kernels (torch references here, to move into `crossflow_kernels/` with their Triton twins when a benchmark says they pay):
+Future kernels (torch references here, to move into `crossflow_kernels/` with their Triton twins when a benchmark says
+they pay):
   * the time-dependent parameter blend (`time_dependent_ref`, (B, D) work in ~5 tiny launches per TD parameter, ~170
     per forward at 256 px; gone under CUDA-graph capture / torch.compile). Folding it into the norm kernel would
     recompute the sigmoid per row and read 4 parameter vectors per row tile; one launch per parameter is the better
@@ -170,7 +171,8 @@ class Norm(nn.Module):
             raise ValueError(f"unknown norm_type {kind!r}; choose one of {NORM_TYPES}")
 
     def modulation(self, x: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, str]:
-        """(shift, scale - 1, eps, norm) for `crossflow_kernels.adaln_modulate` / `gated_residual_adaln`, (B, D) each."""
+        """(shift, scale - 1, eps, norm) for `crossflow_kernels.adaln_modulate` / `gated_residual_adaln`, (B, D)
+        each."""
         B, D = x.shape[0], x.shape[-1]
         if self.kind == "layer":
             w, b = self.weight(tau), self.bias(tau)
@@ -200,7 +202,8 @@ class Norm(nn.Module):
             r = x + y
             return r, self(r, tau)
         shift, scale, eps, norm = self.modulation(x, tau)
-        r, h = crossflow_kernels.gated_residual_adaln(_rows(x), _rows(y), torch.ones_like(scale), shift, scale, eps, norm)
+        r, h = crossflow_kernels.gated_residual_adaln(_rows(x), _rows(y), torch.ones_like(scale), shift, scale, eps,
+                                                      norm)
         return r.view(x.shape), h.view(x.shape)
 
 
@@ -216,7 +219,8 @@ class TDLayerNorm(nn.Module):
         w, b = self.weight(tau), self.bias(tau)  # (B, D)
         if x.shape[-1] > WIDE_ROW:
             return layer_norm_td_ref(x, w, b)
-        return crossflow_kernels.adaln_modulate(_rows(x), b.to(x.dtype), (w - 1).to(x.dtype), LN_EPS, "layer").view(x.shape)
+        return crossflow_kernels.adaln_modulate(_rows(x), b.to(x.dtype), (w - 1).to(x.dtype), LN_EPS,
+                                                "layer").view(x.shape)
 
 
 #################################################################################
@@ -255,7 +259,8 @@ class SelfAttention(nn.Module):
                 self.qk_log_scale.clamp_(max=QK_MAX_LOG_SCALE)
             # q and k normalised in one call on the fused projection's view, one gain per head (qk_norm_ref's math)
             gain = torch.exp(0.5 * self.qk_log_scale - 0.25 * math.log(Dh)).to(qkv.dtype)
-            qk = crossflow_kernels.rms_norm(qkv[:, :, :2], gain.view(1, H, 1).expand(2, H, 1), QK_EPS)  # (B, N, 2, H, Dh)
+            qk = crossflow_kernels.rms_norm(qkv[:, :, :2], gain.view(1, H, 1).expand(2, H, 1),
+                                            QK_EPS)  # (B, N, 2, H, Dh)
             q, k = qk.transpose(1, 3).unbind(2)  # (B, H, N, Dh) each
             v = qkv[:, :, 2].transpose(1, 2)
         else:

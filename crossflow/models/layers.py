@@ -1,8 +1,8 @@
 """Building blocks of the CrossFlow flow transformer (a DiT with adaLN-Zero).
 
 Module and parameter names follow the official `libs/model/dit_t2i.py` (itself DiT's `models.py` on timm layers), so
-its checkpoints convert by renaming only (`crossflow.convert.dit`). Every hot op goes through the `crossflow_kernels` seam:
-`crossflow_kernels.attention`, `crossflow_kernels.adaln_modulate`, `crossflow_kernels.gated_residual_adaln`.
+its checkpoints convert by renaming only (`crossflow.convert.dit`). Every hot op goes through the `crossflow_kernels`
+seam: `crossflow_kernels.attention`, `crossflow_kernels.adaln_modulate`, `crossflow_kernels.gated_residual_adaln`.
 
 Shapes: B batch, T image tokens, D hidden width, H heads, Dh head dim, C/Hl/Wl latent channels/height/width.
 """

@@ -16,8 +16,8 @@ it fast without changing the math (an official checkpoint converts exactly, `cro
 
   * the adaLN modulation of every block and of the final layer comes from ONE Linear on SiLU(c), computed up front
     (its weight is the official per-block weights stacked along the output dim);
-  * each residual add is fused with the following LayerNorm + modulate (`crossflow_kernels.gated_residual_adaln`), so the MLP
-    residual of block i lands in block i+1's first norm, and the last one in the final layer's norm.
+  * each residual add is fused with the following LayerNorm + modulate (`crossflow_kernels.gated_residual_adaln`), so
+    the MLP residual of block i lands in block i+1's first norm, and the last one in the final layer's norm.
 
 With `backbone="dimr"` the flow network is `crossflow.models.dimr.DiMRFlow` (the official multi-resolution network, same
 call) and the flow-matching term is its multi-scale loss (`dimr.multiscale_flow_loss`, weights `loss_coeffs`).
@@ -41,8 +41,8 @@ from crossflow.config import CrossFlowConfig
 from crossflow.models.dimr import DiMRFlow, multiscale_flow_loss
 from crossflow.models.image_encoder import build_image_encoder
 from crossflow.models.image_ve import ImageVE
-from crossflow.models.layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, check_flow_inputs,
-                                     sincos_pos_embed_2d)
+from crossflow.models.layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
+                                     check_flow_inputs, sincos_pos_embed_2d)
 from crossflow.models.text_decoder import TextDecoder
 from crossflow.models.text_ve import TextVE
 
@@ -126,13 +126,15 @@ class FlowTransformer(nn.Module):
         h = crossflow_kernels.adaln_modulate(x, blk[:, 0, 0], blk[:, 0, 1], NORM_EPS, cfg.norm)  # (B, T, D)
         for i in range(depth):
             nxt = blk[:, i + 1] if i + 1 < depth else fin  # whose norm this block's MLP residual is fused into
-            with crossflow_kernels.nvtx_range(f"crossflow/block{i}"):  # a shared no-op unless CROSSFLOW_KERNELS_NVTX is set
+            # a shared no-op unless CROSSFLOW_KERNELS_NVTX is set
+            with crossflow_kernels.nvtx_range(f"crossflow/block{i}"):
                 x, h = self._block(i, x, h, blk[:, i], nxt[:, 0], nxt[:, 1])  # (B, T, D) each
         return self.unpatchify(self.final_layer(h))  # (B, C, H, W)
 
 
 def build_flow(cfg: CrossFlowConfig) -> nn.Module:
-    """The velocity network `cfg.backbone` names: our DiT (`FlowTransformer`) or DiMR (`crossflow.models.dimr.DiMRFlow`)."""
+    """The velocity network `cfg.backbone` names: our DiT (`FlowTransformer`) or DiMR
+    (`crossflow.models.dimr.DiMRFlow`)."""
     if cfg.backbone == "dimr":
         return DiMRFlow(cfg.dimr)
     return FlowTransformer(cfg)

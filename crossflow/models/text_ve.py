@@ -11,8 +11,8 @@ layer for layer and name for name, so an official `context_encoder.*` state dict
     -> Linear to 2 * latent_numel, or the Adaptor   (mu | logvar)
 
 Deviations, both numerically negligible or training-only:
-  * Attention goes through `crossflow_kernels.attention`, which has no attention-probability dropout. We apply the same dropout
-    rate to the attention output (the concatenated heads, before W_O) instead. Identical in eval mode.
+  * Attention goes through `crossflow_kernels.attention`, which has no attention-probability dropout. We apply the same
+    dropout rate to the attention output (the concatenated heads, before W_O) instead. Identical in eval mode.
   * Masked keys get probability exactly 0 (the official fills scores with -1e9, i.e. exp underflows to 0 as well). A row
     with *no* valid key returns zeros here and a uniform average there; tokenizers always emit >= 1 valid token.
 """

@@ -5,8 +5,8 @@ shared samplers and kernels:
     vary_text("a handwritten seven", n=4)        text -> text through the captioning model's text autoencoder
     vary_image(images, n=4)    image -> image    (preset digits-vary: image VE -> flow -> image; `image.ImagePipeline`)
 
-Images are tensors (B, C, H, W) in [-1, 1] (`image_io.load_images` reads files: grey, resized to the model's source size, ink
-bright on a dark ground as the digits model draws them).
+Images are tensors (B, C, H, W) in [-1, 1] (`image_io.load_images` reads files: grey, resized to the model's source
+size, ink bright on a dark ground as the digits model draws them).
 """
 
 from __future__ import annotations

@@ -23,10 +23,10 @@ class CrossFlowPipeline(Pipeline):
 
     text_encoder: callable `prompts -> (emb (B, L, Dt), mask (B, L) bool)` (`encoders.text_encoder.TextEncoder`);
     model: a `CrossFlow`; autoencoder: `decode(latents (B, C, H, W)) -> images (B, C', H', W') in [-1, 1]`;
-    sampler: `sampler(model.flow, z0, steps=..., guidance_scale=...) -> z1` (and `callback=` for a progress bar), default
-    `FastSampler()` (50 steps, s = 7): CUDA-graph captured on a GPU, the same ops eagerly (exactly `EulerSampler`)
-    elsewhere; `from_pretrained` builds it with the checkpoint's `sampling.json`. `pipe.sampling`: the settings in
-    effect.
+    sampler: `sampler(model.flow, z0, steps=..., guidance_scale=...) -> z1` (and `callback=` for a progress bar),
+    default `FastSampler()` (50 steps, s = 7): CUDA-graph captured on a GPU, the same ops eagerly (exactly
+    `EulerSampler`) elsewhere; `from_pretrained` builds it with the checkpoint's `sampling.json`. `pipe.sampling`: the
+    settings in effect.
     """
 
     tasks, pairing = ("text-to-image",), "a text -> image"

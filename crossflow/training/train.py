@@ -2,7 +2,8 @@
 
     python -m crossflow.train --preset tiny --steps 50 --out runs/tiny
     torchrun --nproc_per_node 2 -m crossflow.train --preset tiny --steps 50 --out runs/tiny   # DDP (gloo on CPU)
-    torchrun --nproc_per_node 8 -m crossflow.train --preset dimr-256-clip --fsdp ...   # FSDP2, crossflow.training.distributed
+    torchrun --nproc_per_node 8 -m crossflow.train --preset dimr-256-clip --fsdp ...   # FSDP2,
+                                                                                       # crossflow.training.distributed
     crossflow train --preset digits                     # the same parser; a preset's recipe supplies the defaults
 
 What a run writes under --out (rank 0 only; default runs/<preset>):
@@ -43,7 +44,8 @@ from crossflow.data import collate, stable_seed
 from crossflow.training.datasets import DATASETS, batch_inputs
 from crossflow.models.model import CrossFlow
 from crossflow.training.optim import ema_update, lr_factor, param_groups
-from crossflow.training.train_config import RECIPES, TrainConfig, build_parser, parse_config  # noqa: F401 (the API, as before)
+from crossflow.training.train_config import (RECIPES, TrainConfig, build_parser,  # noqa: F401 (the API, as before)
+                                             parse_config)  # noqa: F401
 
 
 # ---- The trainer

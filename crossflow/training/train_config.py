@@ -15,8 +15,8 @@ from typing import Any
 from crossflow._cli_base import Parser
 from crossflow.config import CrossFlowConfig
 
-# The command line's names of crossflow_kernels.BACKENDS and crossflow.training.datasets.DATASETS, spelled out so that parsing
-# imports no torch (tests/crossflow/training/test_train.py checks that they agree).
+# The command line's names of crossflow_kernels.BACKENDS and crossflow.training.datasets.DATASETS, spelled out so that
+# parsing imports no torch (tests/crossflow/training/test_train.py checks that they agree).
 BACKENDS = ("auto", "torch", "triton")
 DATA_NAMES = ("synthetic", "digits", "digits-caption", "digits-sr", "digits-vary")
 DESCRIPTION = "Train a CrossFlow model: one process, or many through `torchrun`."
@@ -90,7 +90,8 @@ class TrainConfig:
         if self.data not in DATASETS:
             raise ValueError(f"TrainConfig: unknown data {self.data!r}; choose one of {sorted(DATASETS)}")
         if self.backend not in crossflow_kernels.BACKENDS:
-            raise ValueError(f"TrainConfig: unknown backend {self.backend!r}; choose one of {crossflow_kernels.BACKENDS}")
+            raise ValueError(f"TrainConfig: unknown backend {self.backend!r}; "
+                             f"choose one of {crossflow_kernels.BACKENDS}")
         try:
             dev = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError as e:
@@ -117,13 +118,15 @@ def build_parser(prog: str = "crossflow.train") -> argparse.ArgumentParser:
                epilog=f"recipes (defaults of --preset NAME; explicit flags win): {recipes}")
     p.error_prefix = prog
     p.add_argument("--out", default=None, help="run directory (checkpoints, log.jsonl, final/); default runs/<preset>")
-    p.add_argument("--preset", default=d["preset"], help="model preset (default: %(default)s)")  # checked by TrainConfig
+    p.add_argument("--preset", default=d["preset"],
+                   help="model preset (default: %(default)s)")  # checked by TrainConfig
     p.add_argument("--data", default=d["data"], help=f"training data: {sorted(DATA_NAMES)} (default: %(default)s)")
     for name, typ, text in (
         ("data_size", int, "samples in a generated data set"), ("steps", int, "total optimizer steps"),
         ("batch_size", int, "per process"), ("lr", float, "peak learning rate (AdamW)"),
         ("weight_decay", float, "not on biases, norms, embeddings, logit_scale"),
-        ("warmup_steps", int, "linear warm-up over this many steps, then --lr-schedule"), ("grad_clip", float, "max grad norm; 0 disables"),
+        ("warmup_steps", int, "linear warm-up over this many steps, then --lr-schedule"),
+        ("grad_clip", float, "max grad norm; 0 disables"),
         ("ema_decay", float, "EMA of the weights (saved to <out>/final)"), ("seed", int, "model init, data, noise"),
         ("log_every", int, "steps per log.jsonl line"), ("ckpt_every", int, "steps per training checkpoint"),
         ("keep_checkpoints", int, "newest checkpoints kept; 0 keeps all"),

@@ -391,7 +391,8 @@ def test_train_checks_its_preset_before_loading_the_trainer():
 
 
 def test_train_help_does_not_import_the_trainer():
-    """`crossflow train --help` answers from the light parser (crossflow.training.train_config): no trainer, torch, kernels."""
+    """`crossflow train --help` answers from the light parser (crossflow.training.train_config): no trainer, torch,
+    kernels."""
     code = ("import sys\nfrom crossflow import cli\n"
             "try:\n    cli.main(['train', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
             f"print(sorted(m for m in {HEAVY + ('crossflow.training.train',)!r} if m in sys.modules))\n")

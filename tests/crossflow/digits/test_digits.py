@@ -114,7 +114,8 @@ def test_background_parts_split_a_repeated_pattern_from_per_sample_noise():
     noise = 0.2 * torch.randn(x.shape, generator=g)  # different on every image
     with_pattern = judge.background_parts(x + pattern, y, mask)
     with_noise = judge.background_parts(x + noise, y, mask)
-    assert with_pattern["pattern_std"] > 0.15 and with_pattern["noise_std"] == pytest.approx(real["noise_std"], rel=1e-6)
+    assert (with_pattern["pattern_std"] > 0.15
+            and with_pattern["noise_std"] == pytest.approx(real["noise_std"], rel=1e-6))
     assert with_noise["noise_std"] > 0.15 and with_noise["pattern_std"] < 0.05
     total = judge.background_std(x + pattern, y, mask)
     assert total == pytest.approx((with_pattern["pattern_std"] ** 2 + with_pattern["noise_std"] ** 2) ** 0.5, rel=0.1)

@@ -82,8 +82,9 @@ PROMPTS = ["a handwritten seven", "Café au lait, naïve résumé: ＡＢＣ 東
 
 
 def test_lean_bert_matches_transformers(encoder):
-    """The default MiniLM path (crossflow.encoders.bert_lite, no transformers import) gives transformers' token ids and mask
-    exactly and its hidden states within fp32 roundoff, on accents, full-width forms, CJK, whitespace, truncation."""
+    """The default MiniLM path (crossflow.encoders.bert_lite, no transformers import) gives transformers' token ids and
+    mask exactly and its hidden states within fp32 roundoff, on accents, full-width forms, CJK, whitespace,
+    truncation."""
     assert encoder.lean
     hf = TextEncoder("minilm", max_length=L, lean=False)
     assert not hf.lean and type(hf.model).__name__ == "BertModel"

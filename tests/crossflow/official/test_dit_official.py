@@ -350,7 +350,8 @@ def test_cli_convert_detects_the_preset_and_refuses_a_mismatch(tmp_path, capsys)
     cli.main(["convert", str(tmp_path / "official.pth"), "-o", str(tmp_path / "ours")])
     assert "(tiny, from" in capsys.readouterr().out
     _check_against_reference(CrossFlow.from_pretrained(tmp_path / "ours"), sd, TINY)
-    assert sampler_settings(read_sampling(tmp_path / "ours")) == {"steps": 50, "guidance_scale": 7.0, "official_grid": True}
+    assert sampler_settings(read_sampling(tmp_path / "ours")) == {"steps": 50, "guidance_scale": 7.0,
+                                                                  "official_grid": True}
     with pytest.raises(SystemExit) as e:
         cli.main(["convert", str(tmp_path / "official.pth"), "--preset", "dimr-tiny", "-o", str(tmp_path / "x")])
     err = capsys.readouterr().err

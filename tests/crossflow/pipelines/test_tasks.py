@@ -359,7 +359,8 @@ def test_caption_reads_a_16_bit_or_transparent_file_as_its_8_bit_twin(tmp_path, 
 def test_readme_shell_blocks_paste_as_they_are_and_the_caption_example_prints_what_it_shows(tmp_path, capsys,
                                                                                           monkeypatch):
     """Every ```bash block of the README is commands only (no `$ ` prompts, no output lines), and the captioning
-    example (make digit7.png from scikit-learn's digits, caption it, reword a text) prints the ```text block after it."""
+    example (make digit7.png from scikit-learn's digits, caption it, reword a text) prints the ```text block after
+    it."""
     import re
     import shlex
     import subprocess

@@ -1,5 +1,5 @@
-"""`crossflow.train --fsdp` (FSDP2, `crossflow.training.distributed`): two gloo processes under torchrun train as one process
-does on the same two per-rank batches, and checkpoints load in either mode. DiMR's blocks are FSDP units.
+"""`crossflow.train --fsdp` (FSDP2, `crossflow.training.distributed`): two gloo processes under torchrun train as one
+process does on the same two per-rank batches, and checkpoints load in either mode. DiMR's blocks are FSDP units.
 
 The one-process reference runs both ranks' batches of every step in one process (`Trainer.batch_loss(step, rank)`;
 each rank's batch, noise and t are seeded by (seed, step, rank)) and averages the losses: the global batch of the

@@ -104,7 +104,8 @@ def test_existing_run_needs_resume(tmp_path):
 ])
 def test_bad_arguments_are_one_line_usage_errors(tmp_path, capsys, monkeypatch, argv, match):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("crossflow_kernels.interpreting", lambda: False)  # as on a plain CPU machine (tests interpret Triton)
+    # as on a plain CPU machine (tests interpret Triton)
+    monkeypatch.setattr("crossflow_kernels.interpreting", lambda: False)
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path), *argv])
     err = capsys.readouterr().err
@@ -135,7 +136,8 @@ def test_one_parser_recipes_are_defaults_and_flags_win(tmp_path, capsys):
 
 
 def test_the_light_parser_names_what_the_trainer_has():
-    """crossflow.training.train_config spells out the backends, data sets and schedules so that parsing imports no torch."""
+    """crossflow.training.train_config spells out the backends, data sets and schedules so that parsing imports no
+    torch."""
     import crossflow_kernels
     from crossflow.training import train_config
     from crossflow.training.datasets import DATASETS
