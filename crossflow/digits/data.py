@@ -137,12 +137,13 @@ class DigitPairs(IndexedPairs):
     STREAM = "digits-caption"  # the shipped weights were trained on this stream
 
     def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, bank: CaptionBank | None = None,
-                 augment_shift: int = 0) -> None:
+                 augment_shift: int = 0, augment_prob: float = 1.0) -> None:
         if tuple(cfg.latent_shape) != (1, SIZE, SIZE):
             raise ValueError(f"the digits data set needs latent shape (1, {SIZE}, {SIZE}), got {cfg.latent_shape}")
         self.images, self.labels = load_digits("train")
         self.bank = bank if bank is not None else CaptionBank(cfg)
         self.augment_shift = _shift_option(augment_shift)  # > 0: the target moved by up to this many 8x8 pixels
+        self.augment_prob = _prob_option(augment_prob)
         super().__init__(len(self.labels), seed, size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -164,7 +165,7 @@ class DigitCaptions(IndexedPairs):
     STREAM = "digits-caption"
 
     def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, bank: CaptionBank | None = None,
-                 augment_shift: int = 0) -> None:
+                 augment_shift: int = 0, augment_prob: float = 1.0) -> None:
         from crossflow.vocab import get_vocab
 
         if tuple(cfg.source_shape) != (1, SIZE, SIZE) or cfg.target != "text" or cfg.vocab != "digits":
@@ -176,6 +177,7 @@ class DigitCaptions(IndexedPairs):
         vocab = get_vocab(cfg.vocab)
         self.tokens = torch.stack([vocab.encode(c, cfg.max_words) for c in self.bank.captions])  # bank order
         self.augment_shift = _shift_option(augment_shift)  # > 0: the source moved by up to this many 8x8 pixels
+        self.augment_prob = _prob_option(augment_prob)
         super().__init__(len(self.labels), seed, size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -221,11 +223,13 @@ class UpscalePairs(IndexedPairs):
 
     STREAM = "digits-sr"  # only the shift augmentation draws from it
 
-    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, augment_shift: int = 0) -> None:
+    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, augment_shift: int = 0,
+                 augment_prob: float = 1.0) -> None:
         _check_pairing(cfg, "digits-sr", LOW)
         self.images, self.labels = load_native("train")
         self.low = downsample(self.images)
         self.augment_shift = _shift_option(augment_shift)  # > 0: the 8x8 moved first, its 4x4 made from it
+        self.augment_prob = _prob_option(augment_prob)
         super().__init__(len(self.labels), seed, size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -252,11 +256,13 @@ class VariationPairs(IndexedPairs):
 
     STREAM = "digits-vary"
 
-    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, augment_shift: int = 0) -> None:
+    def __init__(self, cfg: Any, seed: int = 0, size: int | None = None, augment_shift: int = 0,
+                 augment_prob: float = 1.0) -> None:
         _check_pairing(cfg, "digits-vary", NATIVE)
         self.images, self.labels = load_native("train")
         self.near = neighbours(self.images, self.labels)
         self.augment_shift = _shift_option(augment_shift)  # > 0: source and target moved by the same shift
+        self.augment_prob = _prob_option(augment_prob)
         super().__init__(len(self.labels), seed, size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -281,10 +287,19 @@ def _shift_option(k: Any) -> int:
     return k
 
 
+def _prob_option(p: Any) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+        raise ValueError(f"augment_prob must be a number in (0, 1], got {p!r}")
+    return float(p)
+
+
 def _draw_shift(ds: IndexedPairs, i: int) -> tuple[int, int]:
+    """Sample i's shift; with augment_prob < 1 a coin drawn first keeps the sample centred with 1 - augment_prob."""
     from crossflow.digits.shift import random_shifts
 
     g = torch.Generator().manual_seed(stable_seed(ds.STREAM + "-shift", ds.seed, i))
+    if ds.augment_prob < 1.0 and float(torch.rand((), generator=g)) >= ds.augment_prob:
+        return 0, 0
     dy, dx = random_shifts(1, ds.augment_shift, g)[0].tolist()
     return dy, dx
 

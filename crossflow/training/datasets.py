@@ -15,34 +15,34 @@ from torch.utils.data import Dataset
 from crossflow.data import SyntheticPairs
 
 
-def _digits(cfg: Any, seed: int, size: int, augment_shift: int = 0) -> Dataset:
+def _digits(cfg: Any, seed: int, size: int, **augment: Any) -> Dataset:
     from crossflow.digits.data import DigitPairs  # scikit-learn and the text encoder load only when asked for
 
-    return DigitPairs(cfg, seed=seed, size=size, augment_shift=augment_shift)
+    return DigitPairs(cfg, seed=seed, size=size, **augment)
 
 
-def _digits_caption(cfg: Any, seed: int, size: int, augment_shift: int = 0) -> Dataset:
+def _digits_caption(cfg: Any, seed: int, size: int, **augment: Any) -> Dataset:
     from crossflow.digits.data import DigitCaptions
 
-    return DigitCaptions(cfg, seed=seed, size=size, augment_shift=augment_shift)
+    return DigitCaptions(cfg, seed=seed, size=size, **augment)
 
 
-def _digits_sr(cfg: Any, seed: int, size: int, augment_shift: int = 0) -> Dataset:
+def _digits_sr(cfg: Any, seed: int, size: int, **augment: Any) -> Dataset:
     from crossflow.digits.data import UpscalePairs
 
-    return UpscalePairs(cfg, seed=seed, size=size, augment_shift=augment_shift)
+    return UpscalePairs(cfg, seed=seed, size=size, **augment)
 
 
-def _digits_vary(cfg: Any, seed: int, size: int, augment_shift: int = 0) -> Dataset:
+def _digits_vary(cfg: Any, seed: int, size: int, **augment: Any) -> Dataset:
     from crossflow.digits.data import VariationPairs
 
-    return VariationPairs(cfg, seed=seed, size=size, augment_shift=augment_shift)
+    return VariationPairs(cfg, seed=seed, size=size, **augment)
 
 
 DATASETS: dict[str, Callable[[Any, int, int], Dataset]] = {
     "synthetic": lambda cfg, seed, size: SyntheticPairs(cfg, n=size, seed=seed), "digits": _digits,
     "digits-caption": _digits_caption, "digits-sr": _digits_sr, "digits-vary": _digits_vary}
-AUGMENTABLE = ("digits", "digits-caption", "digits-sr", "digits-vary")  # builders taking augment_shift (issue 22)
+AUGMENTABLE = ("digits", "digits-caption", "digits-sr", "digits-vary")  # builders taking augment_shift/_prob
 
 
 def batch_inputs(batch: dict[str, torch.Tensor]) -> tuple[tuple, dict[str, torch.Tensor]]:

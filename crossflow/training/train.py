@@ -87,6 +87,8 @@ class Trainer:
         if resume_from is not None:
             self._load(resume_from)
         shift = {"augment_shift": tc.augment_shift} if tc.augment_shift else {}  # 0: the call as before
+        if tc.augment_shift and tc.augment_shift_prob < 1.0:
+            shift["augment_prob"] = tc.augment_shift_prob
         self.data = DATASETS[tc.data](self.cfg, tc.seed, tc.data_size, **shift)
         self.net: nn.Module = self.model  # what the step calls: the model, or DDP around it
         if tc.fsdp:  # after the load: a checkpoint loads whole, then model, EMA and AdamW state are sharded

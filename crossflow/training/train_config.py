@@ -66,6 +66,7 @@ class TrainConfig:
     quiet: bool = False
     dump_weights_hash: str | None = None  # debugging: each rank writes a hash of its weights to FILE.rank<r>
     augment_shift: int = 0  # digit data: random shifts up to this many pixels at 8x8 (issue 22); 0 = none
+    augment_shift_prob: float = 1.0  # the share of samples shifted (the rest stay centred)
 
     def __post_init__(self) -> None:  # ValueError naming the bad values, before anything is created or written
         CrossFlowConfig.from_name(self.preset)  # raises ValueError for an unknown preset (before torch is imported)
@@ -82,6 +83,8 @@ class TrainConfig:
                   betas=len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas))
         if bad := {k: getattr(self, k) for k, good in ok.items() if not good}:
             raise ValueError(f"TrainConfig: invalid values {bad}")
+        if not 0.0 < self.augment_shift_prob <= 1.0:
+            raise ValueError(f"TrainConfig: augment_shift_prob must be in (0, 1], got {self.augment_shift_prob!r}")
         if self.augment_shift and (self.data not in AUGMENTABLE or not 0 < self.augment_shift < 8):
             raise ValueError(f"TrainConfig: augment_shift {self.augment_shift!r} needs an int in [0, 8) and digit data "
                              f"{AUGMENTABLE}, got data {self.data!r}")
@@ -147,6 +150,9 @@ def build_parser(prog: str = "crossflow.train") -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--augment-shift", type=int, default=d["augment_shift"], metavar="K",
                    help="digit data: shift each training image by up to K pixels at 8x8 (default: %(default)s)")
+    p.add_argument("--augment-shift-prob", type=float, default=d["augment_shift_prob"], metavar="P",
+                   help="with --augment-shift: the share of training images shifted; the rest stay centred "
+                   "(default: %(default)s)")
     p.add_argument("--dump-weights-hash", default=None, metavar="FILE",
                    help="debugging: each rank writes a hash of its final weights to FILE.rank<r>")
     return p

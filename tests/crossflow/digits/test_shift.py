@@ -159,3 +159,20 @@ def test_train_config_takes_augment_shift_for_digit_data_only():
         TrainConfig("x", augment_shift=2)  # synthetic data
     with pytest.raises(ValueError, match="augment_shift"):
         TrainConfig("x", preset="digits-caption", data="digits-caption", augment_shift=9)
+    tc = parse_config(["--preset", "digits-caption", "--augment-shift", "2", "--augment-shift-prob", "0.5", "--out",
+                       "/tmp/none"])
+    assert tc.augment_shift_prob == 0.5
+    with pytest.raises(ValueError, match="augment_shift_prob"):
+        TrainConfig("x", preset="digits-caption", data="digits-caption", augment_shift=2, augment_shift_prob=0.0)
+
+
+def test_a_shift_probability_keeps_that_share_centred_and_the_rest_as_before(img2img_config):
+    plain = data.UpscalePairs(img2img_config("digits-sr"), seed=5)
+    every = data.UpscalePairs(img2img_config("digits-sr"), seed=5, augment_shift=2)
+    half = data.UpscalePairs(img2img_config("digits-sr"), seed=5, augment_shift=2, augment_prob=0.5)
+    centred = [torch.equal(half[i]["latent"], plain[i]["latent"]) for i in range(400)]
+    moved_always = [torch.equal(every[i]["latent"], plain[i]["latent"]) for i in range(400)]
+    # (0, 0) is 1 of 25 shifts: about 4 % centred when every sample is shifted, about 52 % at probability 0.5
+    assert sum(moved_always) < 40 and 160 < sum(centred) < 260
+    with pytest.raises(ValueError, match="augment_prob"):
+        data.UpscalePairs(img2img_config("digits-sr"), augment_shift=2, augment_prob=1.5)
