@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from crossflow.data import IndexedPairs, stable_seed
+from crossflow.digits.shift import random_shifts, shift, shift16, upsample16
 from crossflow.pipelines.image_io import check_images
 
 
@@ -89,10 +90,9 @@ def load_digits(split: str = "train", size: int = SIZE) -> tuple[torch.Tensor, t
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be an int >= 1, got {size!r}")
     d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1  # (N, 1, 8, 8) in [-1, 1], exact (k / 16)
     if size != x.shape[-1]:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    x = x * 2 - 1
+        x = upsample16(x, size)  # the one resampling of the digits (shifted data goes through it too)
     y = torch.tensor(d.target, dtype=torch.long)
     if split == "all":
         return x, y
@@ -295,8 +295,6 @@ def _prob_option(p: Any) -> float:
 
 def _draw_shift(ds: IndexedPairs, i: int) -> tuple[int, int]:
     """Sample i's shift; with augment_prob < 1 a coin drawn first keeps the sample centred with 1 - augment_prob."""
-    from crossflow.digits.shift import random_shifts
-
     g = torch.Generator().manual_seed(stable_seed(ds.STREAM + "-shift", ds.seed, i))
     if ds.augment_prob < 1.0 and float(torch.rand((), generator=g)) >= ds.augment_prob:
         return 0, 0
@@ -306,15 +304,11 @@ def _draw_shift(ds: IndexedPairs, i: int) -> tuple[int, int]:
 
 def _shift8(ds: IndexedPairs, i: int, *images: torch.Tensor) -> torch.Tensor:
     """8x8 images (1, 8, 8) of sample i, all moved by the sample's one shift: (len(images), 1, 8, 8)."""
-    from crossflow.digits.shift import shift
-
     return shift(torch.stack(images), *_draw_shift(ds, i))
 
 
 def _shifted16(ds: IndexedPairs, i: int, j: int) -> torch.Tensor:
     """Sample i's 16x16 image j, shifted at 8x8 and resampled as `load_digits` makes the 16x16 data."""
-    from crossflow.digits.shift import shift16
-
     if not hasattr(ds, "images8"):
         ds.images8 = load_digits("train", size=NATIVE)[0]
     return shift16(ds.images8[j : j + 1], *_draw_shift(ds, i), SIZE)[0]

@@ -55,7 +55,8 @@ def shift_each(images: torch.Tensor, shifts: torch.Tensor, fill: float = BACKGRO
 
 
 def upsample16(images8: torch.Tensor, size: int = 16) -> torch.Tensor:
-    """8x8 digits in [-1, 1] -> size x size exactly as `crossflow.digits.data.load_digits(size=size)` resamples them."""
+    """8x8 digits in [-1, 1] -> size x size, bilinear in [0, 1] ink (`crossflow.digits.data.load_digits(size=size)` makes
+    its data with it)."""
     x = _check8(images8, "upsample16")
     return F.interpolate((x + 1) / 2, size=(size, size), mode="bilinear", align_corners=False) * 2 - 1
 

@@ -54,9 +54,12 @@ def _point(preset: str, pipe: Any, checkpoint: str, name: str, steps: int, guida
     from crossflow.scheduler_sampler import make_sampler
 
     rec = _Recorder(make_sampler(name, steps=steps, guidance_scale=guidance_scale))
-    pipe.sampler = rec
+    own, pipe.sampler = pipe.sampler, rec
     start = time.perf_counter()
-    res = judge.run(preset, pipe, checkpoint, **eval_kw)
+    try:
+        res = judge.run(preset, pipe, checkpoint, **eval_kw)
+    finally:
+        pipe.sampler = own  # the caller's pipeline keeps its sampler
     ok, _ = judge.verdict(preset, res)
     point = {"sampler": name, "steps": steps, "nfe": rec.nfe(steps), **_numbers(res), "passed": ok,
              "seconds": round(time.perf_counter() - start, 2)}

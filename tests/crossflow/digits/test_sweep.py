@@ -30,7 +30,9 @@ def test_sweep_on_the_shipped_super_resolution_model():
 
     ckpt = default_checkpoint("digits-sr")
     pipe = ImagePipeline.from_pretrained(ckpt, sampler=make_sampler("euler", steps=2, guidance_scale=1.5))
+    own = pipe.sampler
     res = sweep("digits-sr", pipe, ckpt, steps=(1, 2, 8), samplers=("euler", "midpoint"), reference=("midpoint", 8))
+    assert pipe.sampler is own  # the caller's pipeline keeps its sampler
     pts = {(p["sampler"], p["steps"]): p for p in res["points"]}
     assert set(pts) == {(m, n) for m in ("euler", "midpoint") for n in (1, 2, 8)}  # the baseline (euler, 2) included
     assert pts["midpoint", 8]["rmse_to_converged"] == 0.0  # the reference's own setting: same ODEs, same solver
