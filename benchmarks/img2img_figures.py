@@ -1,6 +1,7 @@
 """The README's pictures of the image -> image tasks, from the shipped weights, on held-out digits (one per class):
 
-    python benchmarks/img2img_figures.py sr     # docs/digits_sr.png: rows 4x4 input, bicubic, CrossFlow, real 8x8
+    python benchmarks/img2img_figures.py sr     # docs/digits_sr.png: rows 4x4 input, bicubic, two CrossFlow samples,
+                                                # the mean of 32 (`crossflow eval`'s posterior mean), real 8x8
     python benchmarks/img2img_figures.py vary   # docs/digits_vary.png: per row the input, then 6 variations
 """
 
@@ -35,9 +36,10 @@ def main(task: str) -> None:
         if task == "sr":
             pipe = img2img.ImagePipeline.from_pretrained(default_checkpoint("digits-sr"))
             low = data.downsample(real)
-            rows = [torch.nn.functional.interpolate(low, size=8, mode="nearest"), judge.bicubic(low),
-                    pipe.upscale(low), real]
-            out, n_rows = DOCS / "digits_sr.png", 4
+            two = pipe.images(low, num_images_per_image=2, seed=0).view(10, 2, 1, 8, 8)
+            rows = [torch.nn.functional.interpolate(low, size=8, mode="nearest"), judge.bicubic(low), two[:, 0],
+                    two[:, 1], pipe.posterior_mean(low, judge.POSTERIOR_SAMPLES, seed=0), real]
+            out, n_rows = DOCS / "digits_sr.png", 6
         elif task == "vary":
             pipe = img2img.ImagePipeline.from_pretrained(default_checkpoint("digits-vary"))
             var = pipe.vary(real, n=6).view(10, 6, 1, 8, 8)

@@ -363,7 +363,8 @@ def cmd_eval(args) -> int:
         pipe = _pipeline(args, device, args.preset, images=10 * args.per_prompt if args.preset == "digits" else 1)
         res = judge.run(args.preset, pipe, _checkpoint(args.checkpoint, args.preset), steps=args.steps,
                         guidance_scale=args.guidance, seed=args.seed, per_prompt=args.per_prompt,
-                        per_image=args.per_image, progress=not args.quiet)
+                        per_image=args.per_image, progress=not args.quiet,
+                        **({} if args.posterior_samples is None else {"posterior_samples": args.posterior_samples}))
     if args.baselines:
         from crossflow.digits.baselines import run_all
 
@@ -619,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the evaluation to run (and, without --checkpoint, the shipped weights it judges)")
     e.add_argument("--per-prompt", type=_int_at_least(2), default=10, help="samples per (digit, held-out template)")
     e.add_argument("--per-image", type=_int_at_least(2), default=4, help="digits-vary: variations per held-out image")
+    e.add_argument("--posterior-samples", type=_int_at_least(1), default=None, metavar="N",
+                   help="digits-sr: also judge the mean of N samples per input, the least-squares estimate set "
+                   "against the regression baselines (default 32)")
     e.add_argument("--json", type=_output_file, default=None, help="also write the result to this JSON file")
     e.add_argument("--baselines", action="store_true",
                    help="also train and judge the simple baselines on the same split (super-resolution: ridge, kNN, "

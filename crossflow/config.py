@@ -322,12 +322,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     ),
     # Image -> image on the real 8x8 digits (`crossflow.pipelines.image`): the flow on the 1x8x8 pixels (16 tokens
     # of 2x2).
-    # Super-resolution: the image VE reads the 4x4; a tiny KL weight lets it keep its posterior narrow, so z0 is nearly
-    # a function of the input and the flow lands near the best estimate of the 8x8 (PSNR), not a random redraw.
+    # Super-resolution: the image VE reads the 4x4. Its KL weight (1e-2, the official one) keeps the posterior wide
+    # enough that the flow samples the 8x8s a 4x4 allows: single samples are realistic, and their mean is the
+    # least-squares estimate (issue 22). The earlier 1e-4 made z0 nearly a function of the input: one sharp guess,
+    # 4 dB below a small MLP (benchmarks/results/2026-12-07_cpu_digits-sr-retrain.json).
     "digits-sr": dict(
         source="image", target="image", latent_channels=1, latent_size=8, patch_size=2, hidden_size=128, depth=3,
         num_heads=4, image_encoder_width=16, image_feature_dim=128, source_size=4, image_ve_width=32,
-        kl_weight=1e-4,
     ),
     # Image variation: a narrow image VE (a 16-d feature between the convs and mu/logvar) keeps the digit and its
     # rough shape, the posterior noise (official KL weight) redraws the hand.

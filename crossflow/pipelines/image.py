@@ -79,6 +79,14 @@ class ImagePipeline(Pipeline):
         """`evaluate_upscale`'s callable: (B, 1, 4, 4) -> (B, 1, 8, 8) in [-1, 1], seed 0 unless given."""
         return self.images(low, seed=kw.pop("seed", 0), **kw)
 
+    def posterior_mean(self, images: Any, n: int, seed: int | None = 0, **kw: Any) -> torch.Tensor:
+        """The mean of `n` samples per input, (B, 1, H, W) in [-1, 1] on the CPU: an estimate of the posterior mean
+        E[target | input] (super-resolution's best guess under squared error; one sample is a plausible image, their
+        mean the least-squares one). Same arguments as `images`."""
+        check_count(n, "n")
+        out = self.images(images, num_images_per_image=n, seed=seed, **kw)
+        return out.view(len(out) // n, n, *out.shape[1:]).mean(1)
+
     def vary(self, images: torch.Tensor, n: int, seed: int = 0, **kw) -> torch.Tensor:
         """`evaluate_variation`'s callable: (B, 1, 8, 8) -> (B * n, 1, 8, 8) in [-1, 1]."""
         return self.images(images, num_images_per_image=n, seed=seed, **kw)

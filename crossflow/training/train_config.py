@@ -27,8 +27,8 @@ RECIPES: dict[str, dict[str, Any]] = {
                    lr_schedule="cosine", log_every=50, ckpt_every=600),
     "digits-caption": dict(data="digits-caption", steps=1200, batch_size=64, lr=1e-3, warmup_steps=100,
                            ema_decay=0.995, log_every=50, ckpt_every=400),
-    "digits-sr": dict(data="digits-sr", steps=1500, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.995,
-                      log_every=100, ckpt_every=500),
+    "digits-sr": dict(data="digits-sr", steps=6000, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.995,
+                      lr_schedule="cosine", log_every=100, ckpt_every=1000, augment_shift=2, augment_shift_prob=0.5),
     "digits-vary": dict(data="digits-vary", steps=1500, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.995,
                         log_every=100, ckpt_every=500),
 }

@@ -57,6 +57,41 @@ def test_upscale_judge_scores_bicubic_as_the_baseline_and_passes_an_oracle():
         judge.evaluate_upscale(lambda low: low)  # 4x4 back: wrong shape
 
 
+def test_upscale_judge_scores_a_posterior_mean_against_the_baselines_bar():
+    """The posterior mean is judged beside the single samples: the oracle's own mean passes, bicubic as the mean
+    misses the bar set by the best simple baseline, and a run without one is judged on the other bars only."""
+    real, _ = data.load_native("test")
+    lows = data.downsample(real)
+
+    def oracle(low):
+        return real[torch.cdist(low.flatten(1), lows.flatten(1)).argmin(1)]
+
+    base = judge.evaluate_upscale(oracle)
+    assert "posterior_mean" not in base and base["passed"]
+    good = judge.evaluate_upscale(oracle, posterior_mean=oracle, posterior_samples=3)
+    assert good["posterior_mean"]["samples"] == 3 and good["psnr_posterior_mean_db"] > 90 and good["passed"]
+    bad = judge.evaluate_upscale(oracle, posterior_mean=judge.bicubic, posterior_samples=3)
+    assert abs(bad["psnr_posterior_mean_db"] - bad["psnr_bicubic_db"]) < 1e-9 and not bad["passed"]
+    assert judge.passes("digits-sr", bad) == {"psnr_gain_db": True, "accuracy": True,
+                                             "psnr_posterior_mean_db": False, "realism": True}
+    ok, line = judge.verdict("digits-sr", bad)
+    assert not ok and "mean of 3 samples" in line and line.count("MISSED") == 1
+    with pytest.raises(KeyError):  # every bar but the optional one must be measured
+        judge.passes("digits-sr", {k: v for k, v in good.items() if k != "realism"})
+
+
+def test_posterior_mean_is_the_mean_of_the_pipelines_samples(img2img_checkpoints, torch_backend):
+    pipe = img2img.ImagePipeline.from_pretrained(img2img_checkpoints["digits-sr"])
+    low = data.downsample(data.load_native("test")[0][:3])
+    samples = pipe.images(low, num_images_per_image=4, seed=5, steps=2)
+    mean = pipe.posterior_mean(low, 4, seed=5, steps=2)
+    assert mean.shape == (3, 1, 8, 8)
+    torch.testing.assert_close(mean, samples.view(3, 4, 1, 8, 8).mean(1))
+    assert (samples.view(3, 4, -1).std(1) > 0).any()  # the samples differ: the mean is not one sample
+    with pytest.raises(ValueError, match="n"):
+        pipe.posterior_mean(low, 0)
+
+
 def test_variation_judge_refuses_copies_and_strangers():
     real, y = data.load_native("train")
 
@@ -133,12 +168,15 @@ def test_cli_eval_fails_an_untrained_model(img2img_checkpoints, tmp_path, capsys
         res_file = tmp_path / f"{preset}.json"
         with pytest.raises(SystemExit) as e:
             cli.main(["eval", "--preset", preset, "--checkpoint", str(img2img_checkpoints[preset]), "--steps", "2",
-                      "--per-image", "2", "--json", str(res_file), "--backend", "torch", "-q"])
+                      "--per-image", "2", "--posterior-samples", "2", "--json", str(res_file), "--backend", "torch",
+                      "-q"])
         assert e.value.code == 1
         out = capsys.readouterr().out
         assert out.rstrip().endswith("FAIL")
         res = json.loads(res_file.read_text())
         assert res["passed"] is False and res["images"] == 359 and res["steps"] == 2
+        if preset == "digits-sr":  # judged on its posterior mean too, of --posterior-samples samples
+            assert res["posterior_mean"]["samples"] == 2 and "mean of 2 samples" in out
 
 
 @pytest.mark.slow
