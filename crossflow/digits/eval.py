@@ -442,6 +442,7 @@ def run(preset: str, pipe: Any, checkpoint: str, steps: int | None = None, guida
         raise ValueError(f"unknown eval preset {preset!r}; choose one of {sorted(BARS)}")
     res["checkpoint"] = checkpoint
     res.update(pipe.resolve(steps, guidance_scale))  # guidance_scale, steps: the values the sampler used
+    res["method"] = pipe.sampling.get("method", "euler")  # the sampler's method (a scheduler's name, or ours)
     if preset in ("digits-sr", "digits-vary"):
         res["seed"] = seed
     if preset == "digits-caption":

@@ -186,10 +186,13 @@ def test_shipped_models_beat_their_bars_on_a_small_eval(torch_backend):
     from crossflow.checkpoint import read_sampling, sampler_settings
     from crossflow.pipelines.base import default_checkpoint
 
-    assert sampler_settings(read_sampling(default_checkpoint("digits-sr"))) == {"steps": 50, "guidance_scale": 1.5}
+    assert sampler_settings(read_sampling(default_checkpoint("digits-sr"))) == {"steps": 16, "guidance_scale": 1.5,
+                                                                                "method": "midpoint"}
     pipe = img2img.ImagePipeline.from_pretrained(default_checkpoint("digits-sr"))
-    res = judge.evaluate_upscale(pipe.upscale, limit=100)
-    assert res["psnr_gain_db"] >= 1.5 and res["accuracy"] >= 0.8, res
+    res = judge.evaluate_upscale(pipe.upscale, limit=100, posterior_samples=8,
+                                 posterior_mean=lambda low: pipe.posterior_mean(low, 8, seed=0))
+    # the mean of 8 (not 32) samples, on 100 images: a looser bar than the full eval's 19.53 dB
+    assert res["psnr_gain_db"] >= 1.5 and res["accuracy"] >= 0.8 and res["psnr_posterior_mean_db"] >= 18.5, res
     pipe = img2img.ImagePipeline.from_pretrained(default_checkpoint("digits-vary"))
     res = judge.evaluate_variation(pipe.vary, n=2, limit=100)
     assert res["label_kept"] >= 0.9 and 0.4 <= res["distance_to_input"] <= 1.0, res
