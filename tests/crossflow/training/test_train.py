@@ -399,7 +399,7 @@ def test_the_final_checkpoint_carries_the_presets_sampling_settings_and_task(tmp
     final = tmp_path / "sr" / "final"
     assert json.loads((final / "sampling.json").read_text()) == SAMPLING["digits-sr"]  # main: no sampling.json
     assert read_checkpoint_info(final)[1] == {"task": "super-resolution", "preset": "digits-sr"}
-    assert ImagePipeline.from_pretrained(final).sampling == {**SAMPLING["digits-sr"], "official_grid": False,
-                                                             "method": "euler"}
+    assert ImagePipeline.from_pretrained(final).sampling == {"method": "euler", **SAMPLING["digits-sr"],
+                                                             "official_grid": False}
     train(_cfg(tmp_path / "tiny", steps=1, batch_size=4))  # a preset without recommended settings: the sampler's own
     assert not (tmp_path / "tiny" / "final" / "sampling.json").exists()
