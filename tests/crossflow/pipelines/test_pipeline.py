@@ -163,11 +163,11 @@ def test_every_pipeline_loads_the_shipped_settings():
     from crossflow.pipelines.base import default_checkpoint
 
     plain = {"official_grid": False, "method": "euler"}
-    assert CrossFlowPipeline.from_pretrained(digits()).sampling == {**SAMPLING["digits"], **plain}
+    assert CrossFlowPipeline.from_pretrained(digits()).sampling == {**plain, **SAMPLING["digits"]}
     assert CaptionPipeline.from_pretrained(default_checkpoint("digits-caption")).sampling == {
-        **SAMPLING["digits-caption"], **plain}
+        **plain, **SAMPLING["digits-caption"]}
     for preset in ("digits-sr", "digits-vary"):
-        assert ImagePipeline.from_pretrained(default_checkpoint(preset)).sampling == {**SAMPLING[preset], **plain}
+        assert ImagePipeline.from_pretrained(default_checkpoint(preset)).sampling == {**plain, **SAMPLING[preset]}
 
 
 def test_a_checkpoint_of_another_task_is_refused_before_it_loads(monkeypatch):
