@@ -126,6 +126,11 @@ def test_one_parser_recipes_are_defaults_and_flags_win(tmp_path, capsys):
     tc = parse_config(["--preset", "digits", "--steps", "5", "--data", "synthetic", "--out", str(tmp_path)])
     assert (tc.steps, tc.data, tc.lr, tc.out) == (5, "synthetic", RECIPES["digits"]["lr"], str(tmp_path))
     assert parse_config(["--preset", "tiny"]).steps == TrainConfig("x").steps
+    for name in RECIPES:  # every recipe, its augmentation included, is what a bare `--preset NAME` trains with
+        tc = parse_config(["--preset", name])
+        assert {k: getattr(tc, k) for k in RECIPES[name]} == RECIPES[name]
+    sr = parse_config(["--preset", "digits-sr", "--augment-shift", "0"])  # flags win over a recipe's augmentation
+    assert (sr.augment_shift, sr.augment_shift_prob, RECIPES["digits-sr"]["augment_shift"]) == (0, 0.5, 2)
     with pytest.raises(SystemExit) as e:  # `crossflow train` is the same parser under its own name
         cli.main(["train", "--preset", "digits", "--help"])
     out = capsys.readouterr().out
