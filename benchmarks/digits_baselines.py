@@ -98,7 +98,7 @@ def part_vary() -> dict[str, Any]:
 
 
 def caption_model(ckpt: str) -> dict[str, Any]:
-    from crossflow.digits.baselines import caption_accuracy
+    from crossflow.digits.eval import caption_accuracy
     from crossflow.pipelines.caption import CaptionPipeline
 
     pipe = CaptionPipeline.from_pretrained(ckpt)  # with its sampling.json

@@ -315,10 +315,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "digits": dict(kl_weight=3e-3),
     # Image -> text (captioning) on the digits: the image VE on the 16x16 digit, the flow on a 64-d text latent held
     # as a 1x8x8 grid (16 tokens of 2x2), a 2-layer autoregressive decoder over the grammar's words. The caption
-    # Text VE reads 10 MiniLM tokens (the grammar's longest caption is 8) through the 3 reduction layers only.
+    # Text VE reads 10 MiniLM tokens (the grammar's longest caption is 8) through the 3 reduction layers only. The
+    # image VE is 3x wider than the other image pairings' (96 channels, a 384-d feature): trained on digits moved by up
+    # to 2 px, the narrower one lost clean accuracy (benchmarks/results/2026-12-07_cpu_digits-caption-retrain.json).
     "digits-caption": dict(
         source="image", target="text", latent_channels=1, latent_size=8, patch_size=2, hidden_size=128, depth=3,
-        num_heads=4, text_len=10, ve_layers=0, image_encoder_width=16, image_feature_dim=128, image_ve_width=32,
+        num_heads=4, text_len=10, ve_layers=0, image_encoder_width=16, image_feature_dim=384, image_ve_width=96,
     ),
     # Image -> image on the real 8x8 digits (`crossflow.pipelines.image`): the flow on the 1x8x8 pixels (16 tokens
     # of 2x2).

@@ -28,15 +28,14 @@ from typing import Any, Callable
 import torch
 
 from crossflow.digits.data import TRAIN_TEMPLATES, caption, downsample, load_digits, load_native, parse_caption
-from crossflow.digits.eval import (bicubic, evaluate, evaluate_upscale, evaluate_variation, predict, psnr,
-                                  train_classifier)
+from crossflow.digits.eval import (bicubic, caption_accuracy, evaluate, evaluate_upscale, evaluate_variation, predict,
+                                  psnr, train_classifier)
 from crossflow.digits.realism import realism
-from crossflow.digits.shift import augment, ring, shifted_set, upsample16
+from crossflow.digits.shift import augment, shifted_set, upsample16
 
 PRESETS = ("digits", "digits-caption", "digits-sr", "digits-vary")
 TEMPLATE = TRAIN_TEMPLATES[0]  # "a handwritten {w}": the captioning baseline's fixed sentence
 SHIFT_COPIES = 4  # the shift-augmented SVC: each training image plus 4 shifted copies
-SHIFTS = (1, 2)  # captioning judged at these shift rings (every shift with max(|dy|, |dx|) = k)
 SEED = 0
 
 
@@ -91,28 +90,6 @@ def sr_baselines() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------------
 # captioning
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def caption_accuracy(caption_fn: Callable[[torch.Tensor], list[str]], shifts=SHIFTS, subset: str = "all",
-                     batch_size: int = 512) -> dict[str, Any]:
-    """The share of held-out images whose caption (`caption_fn(images (B, 1, 16, 16)) -> B strings`) names their digit
-    (`parse_caption`): clean ("clean"), and for each k in `shifts` every held-out image at every shift of ring k
-    (`shifted_set`, made at 8x8 and resampled as the data; "shift<k>")."""
-    x8, y = load_native("test")
-    out: dict[str, Any] = {}
-    for k in (0, *shifts):
-        xs, ys, _ = shifted_set(x8, y, k, subset)
-        x16 = upsample16(xs)
-        caps = [c for i in range(0, len(x16), batch_size) for c in caption_fn(x16[i : i + batch_size])]
-        if len(caps) != len(ys):
-            raise ValueError(f"caption_accuracy: {len(caps)} captions for {len(ys)} images")
-        hits = torch.tensor([parse_caption(c) == int(t) for c, t in zip(caps, ys)])
-        out["clean" if k == 0 else f"shift{k}"] = float(hits.double().mean())
-        out["images_clean" if k == 0 else f"images_shift{k}"] = len(hits)
-        if k:  # by shift "dy,dx", in `ring` order
-            out[f"per_shift{k}"] = {f"{dy},{dx}": float(hits[i * len(x8) : (i + 1) * len(x8)].double().mean())
-                                    for i, (dy, dx) in enumerate(ring(k, subset))}
-    return out
 
 
 def svc_captioner(shift_copies: int = 0, k: int = 2, seed: int = SEED) -> Callable[[torch.Tensor], list[str]]:

@@ -95,9 +95,9 @@ def sweep(preset: str, pipe: Any, checkpoint: str, steps: tuple[int, ...] = DEFA
           reference: tuple[str, int] = REFERENCE, log: Callable[[str], None] | None = None,
           **eval_kw: Any) -> dict[str, Any]:
     """The sweep's result (one JSON): every point, the reference, the checkpoint's own setting (`pipe.sampler`'s) and
-    the recommendation. `eval_kw`: `digits.eval.run`'s seed / per_prompt / per_image / posterior_samples (default 0:
-    the points judge single samples; `crossflow eval` judges super-resolution's posterior mean at one setting)."""
-    eval_kw.setdefault("posterior_samples", 0)
+    the recommendation. `eval_kw`: `digits.eval.run`'s seed / per_prompt / per_image / extras (default False: the
+    points leave out the slow extras, which `crossflow eval` judges at the shipped setting)."""
+    eval_kw.setdefault("extras", False)
     shipped = dict(pipe.sampling)
     base_name, base_steps = shipped.get("method", "euler"), shipped["steps"]
     scale = shipped["guidance_scale"] if guidance_scale is None else guidance_scale

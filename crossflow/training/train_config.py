@@ -23,10 +23,11 @@ DESCRIPTION = "Train a CrossFlow model: one process, or many through `torchrun`.
 
 # Training recipes: the defaults `--preset NAME` brings along (explicit flags win).
 RECIPES: dict[str, dict[str, Any]] = {
-    "digits": dict(data="digits", steps=3600, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999,
+    "digits": dict(data="digits", steps=7200, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999,
                    lr_schedule="cosine", log_every=50, ckpt_every=600),
-    "digits-caption": dict(data="digits-caption", steps=1200, batch_size=64, lr=1e-3, warmup_steps=100,
-                           ema_decay=0.995, log_every=50, ckpt_every=400),
+    "digits-caption": dict(data="digits-caption", steps=2400, batch_size=64, lr=1e-3, warmup_steps=100,
+                           ema_decay=0.995, lr_schedule="cosine", log_every=50, ckpt_every=400, augment_shift=2,
+                           augment_shift_prob=0.8),
     "digits-sr": dict(data="digits-sr", steps=6000, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.995,
                       lr_schedule="cosine", log_every=100, ckpt_every=1000, augment_shift=2, augment_shift_prob=0.5),
     "digits-vary": dict(data="digits-vary", steps=1500, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.995,

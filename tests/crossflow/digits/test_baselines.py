@@ -69,11 +69,11 @@ def test_caption_accuracy_judges_clean_and_shifted_images():
     def labels_of(images):
         return [table[tuple(r)] for r in images.flatten(1).tolist()]
 
-    res = bl.caption_accuracy(oracle, shifts=(1,))
+    res = judge.caption_accuracy(oracle, shifts=(1,))
     assert res["clean"] == 1.0 and res["images_clean"] == len(y) and res["images_shift1"] == 8 * len(y)
     assert res["shift1"] > 0.97  # 1.0 but for the few digits two shifts make identical
     assert set(res["per_shift1"]) == {f"{a},{b}" for a, b in ring(1)}
-    wrong = bl.caption_accuracy(lambda im: ["the digit 0"] * len(im), shifts=(1,))
+    wrong = judge.caption_accuracy(lambda im: ["the digit 0"] * len(im), shifts=(1,))
     assert wrong["clean"] == pytest.approx(float((y == 0).double().mean()))
 
 
@@ -136,3 +136,28 @@ def test_eval_reports_the_baselines_beside_the_model(monkeypatch, tmp_path, caps
     assert json.loads(out.read_text())["baselines"] == {"nearest_training": {"label_kept": 1}}
     cli.main(["eval", "--preset", "digits-vary", "--json", str(out), "-q", "--backend", "torch"])
     assert "baselines" not in json.loads(out.read_text()) and asked == ["digits-vary"]  # opt-in
+
+
+def test_the_caption_eval_judges_shifted_digits_against_issue_22s_bars():
+    """`evaluate_captions` reads every held-out digit moved by 1 and 2 px too: a captioner right on the clean images
+    only (it looks them up) meets the clean bar and misses the shifted one."""
+    x16, y = data.load_digits("test")
+
+    class LookupPipe:
+        def __call__(self, images, n, seed=0, steps=None, guidance_scale=None):
+            d = torch.cdist(images.flatten(1), x16.flatten(1))
+            best = d.min(1)
+            return [data.caption(data.TRAIN_TEMPLATES[0], int(y[i]) if v < 1e-4 else 0)
+                    for v, i in zip(best.values, best.indices)]
+
+        def vary_text(self, texts, n, steps=None, seed=0):  # another wording of the same digit
+            return [data.caption(data.TRAIN_TEMPLATES[1 + j], data.parse_caption(t)) for t in texts for j in range(n)]
+
+    res = judge.evaluate_captions(LookupPipe())
+    assert res["accuracy"] == 1.0 and res["shifted"]["clean"] == 1.0
+    assert 0.05 < res["shift1_accuracy"] < 0.2 and 0.05 < res["shift2_accuracy"] < 0.2  # the zeros it names
+    met = judge.passes("digits-caption", res)
+    assert met["accuracy"] and not met["shift2_accuracy"]
+    ok, line = judge.verdict("digits-caption", res)
+    assert not ok and "2 px" in line
+    assert "shift2_accuracy" not in judge.evaluate_captions(LookupPipe(), shifts=())  # the sweep's points: left out
