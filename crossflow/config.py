@@ -377,8 +377,9 @@ TASKS: dict[str, str] = {
 SAMPLERS = ("euler", "midpoint", "flow-euler", "flow-heun", "dpm++", "unipc")
 
 SAMPLING: dict[str, dict[str, Any]] = {
-    "digits": dict(steps=50, guidance_scale=1.5),
-    "digits-caption": dict(steps=25, guidance_scale=1.0, source_noise_scale=0.3, text_variation_strength=0.4),
+    "digits": dict(steps=16, guidance_scale=1.5, method="midpoint"),
+    "digits-caption": dict(steps=16, guidance_scale=1.0, method="unipc", source_noise_scale=0.3,
+                           text_variation_strength=0.4),
     "digits-sr": dict(steps=16, guidance_scale=1.5, method="midpoint"),
     "digits-vary": dict(steps=8, guidance_scale=2.0, method="midpoint"),
     "dit-h-2-512": dict(OFFICIAL_SAMPLING),  # the official releases: their own sampler
