@@ -593,5 +593,5 @@ def test_a_run_trained_before_sampling_json_gets_its_presets_settings(ckpt_copy)
     (ckpt_copy / "config.json").write_text(json.dumps(cfg))
     write_checksums(ckpt_copy, ["config.json", "model.safetensors"])
     # its config is the digits preset's: its settings, not the sampler's 50 steps at guidance 7
-    assert CrossFlowPipeline.from_pretrained(ckpt_copy).sampling == {"steps": 50, "guidance_scale": 1.5,
-                                                                     "official_grid": False, "method": "euler"}
+    assert CrossFlowPipeline.from_pretrained(ckpt_copy).sampling == {"steps": 16, "guidance_scale": 1.5,
+                                                                     "official_grid": False, "method": "midpoint"}
