@@ -49,10 +49,13 @@ class SchedulerSampler(EulerSampler):
         uniform_grid: give the scheduler our grid (sigma_i = 1 - i / steps, then 0) instead of its own spacing;
             needs a scheduler whose `set_timesteps` takes `sigmas` (FlowMatchEuler/Heun). With FlowMatchEuler it is
             our Euler exactly.
+        name: its name among `config.SAMPLERS` (`make_sampler` passes it), so that `method`, and with it a
+            pipeline's `sampling`, reads as sampling.json does; default the scheduler's class name.
     """
 
     def __init__(
-        self, scheduler: Any, steps: int = 50, guidance_scale: float = 7.0, uniform_grid: bool = False
+        self, scheduler: Any, steps: int = 50, guidance_scale: float = 7.0, uniform_grid: bool = False,
+        name: str | None = None,
     ) -> None:
         super().__init__(steps, guidance_scale)
         _check_scheduler(scheduler)
@@ -61,7 +64,7 @@ class SchedulerSampler(EulerSampler):
                              f"{type(scheduler).__name__} does not")
         self.scheduler = scheduler
         self.uniform_grid = bool(uniform_grid)
-        self.method = type(scheduler).__name__
+        self.method = name or type(scheduler).__name__
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.method}, steps={self.steps}, guidance_scale={self.guidance_scale}, "
@@ -124,4 +127,4 @@ def make_sampler(method: str = "euler", steps: int = 50, guidance_scale: float =
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {method!r}")
     if method in ("euler", "midpoint"):
         return FastSampler(steps, guidance_scale, official_grid and method == "euler", method, **graph)
-    return SchedulerSampler(_scheduler(method), steps, guidance_scale)
+    return SchedulerSampler(_scheduler(method), steps, guidance_scale, name=method)

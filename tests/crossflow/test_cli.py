@@ -87,7 +87,7 @@ def test_cli_sampler_picks_the_solver(tmp_path):
         out = tmp_path / f"{name}.png"
         cli.main(["sample", "a handwritten one", "-o", str(out), *common, *(["--sampler", name] if name else [])])
         outs[name] = Image.open(out).tobytes()
-    assert outs[None] == outs["euler"]  # the shipped sampling.json names no method: Euler
+    assert outs[None] == outs["midpoint"]  # the shipped sampling.json names midpoint
     assert outs["midpoint"] != outs["euler"] and outs["dpm++"] not in (outs["euler"], outs["midpoint"])
 
 

@@ -109,7 +109,7 @@ def test_make_sampler_builds_every_name():
     for name in SAMPLERS:
         sampler = make_sampler(name, steps=4, guidance_scale=2.0, official_grid=True)
         built[name] = sampler(TimeField(), z0)
-        assert sampler.steps == 4 and sampler.guidance_scale == 2.0 and sampler.method != ""
+        assert sampler.steps == 4 and sampler.guidance_scale == 2.0 and sampler.method == name  # as sampling.json
     assert isinstance(make_sampler("midpoint"), FastSampler)
     assert make_sampler("midpoint", official_grid=True).nfe(4) == 8
     assert make_sampler("euler", official_grid=True).official_grid  # the official grid stays with Euler only

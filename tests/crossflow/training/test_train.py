@@ -134,7 +134,7 @@ def test_one_parser_recipes_are_defaults_and_flags_win(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # `crossflow train` is the same parser under its own name
         cli.main(["train", "--preset", "digits", "--help"])
     out = capsys.readouterr().out
-    assert e.value.code == 0 and out.startswith("usage: crossflow train") and "(default: 3600)" in out
+    assert e.value.code == 0 and out.startswith("usage: crossflow train") and "(default: 7200)" in out
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--out", str(tmp_path), "--steps", "-1"])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("crossflow train: error: TrainConfig")
