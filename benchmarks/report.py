@@ -379,8 +379,11 @@ def _plot_sweep(path: Path, data: dict[str, Any]) -> str:
         axes[0][0].loglog(nfe, [max(q["rmse_to_converged"], 1e-6) for q in pts], "o-", label=name)
         if metric:
             axes[0][1].semilogx(nfe, [q.get(metric) for q in pts], "o-", label=name)
-    r = data["recommended"]
-    axes[0][0].axhline(r["baseline"]["rmse_to_converged"], color="grey", ls=":", label="shipped setting")
+    b = data.get("baseline") or (data.get("recommended") or {}).get("baseline") or {}
+    base = next((q for q in data["points"] if (q["sampler"], q["steps"]) == (b.get("sampler"), b.get("steps"))), None)
+    if base is not None:
+        axes[0][0].axhline(base["rmse_to_converged"], color="grey", ls=":",
+                           label=f"baseline {base['sampler']} x {base['steps']}")
     axes[0][0].set(xlabel="network evaluations (NFE)", ylabel="RMSE to the converged solution",
                    title=f"{data['preset']}: solver error")
     axes[0][0].legend(fontsize=8)
@@ -393,18 +396,28 @@ def _plot_sweep(path: Path, data: dict[str, Any]) -> str:
 
 
 def sweep_section(path: Path, data: dict[str, Any], out: Path) -> list[str]:
-    """A quality-against-NFE sweep: its recommendation, a table of every point and the plot."""
-    r, b = data["recommended"], data["recommended"]["baseline"]
+    """A quality-against-NFE sweep: its recommendation, the reference's noise, a table of every point and the plot."""
+    r, ref = data["recommended"], data["reference"]
     metric = SWEEP_METRIC.get(data["preset"])
+    if r is None:
+        rec = "Recommended: none (no point passes the bars within noise of the reference)."
+    else:
+        b = r["baseline"]
+        rec = (f"Recommended: **{r['sampler']} x {r['steps']} steps = {r['nfe']} NFE** against the baseline "
+               f"{b['sampler']} x {b['steps']} = {b['nfe']} NFE ({'' if b['within_noise'] else 'not '}within noise): "
+               f"{r['saving']:.1f}x fewer evaluations.")
+    judged = ref.get("judged", {})
     lines = [f"## {path.name}: {data['preset']}, quality against network evaluations", "",
              f"Source: `{path.name}` (`crossflow eval --preset {data['preset']} --sweep-steps ...`). Reference: "
-             f"{data['reference']['sampler']} x {data['reference']['steps']} steps. Recommended: **{r['sampler']} x "
-             f"{r['steps']} steps = {r['nfe']} NFE** (RMSE {r['rmse_to_converged']:.4f}) against the shipped "
-             f"{b['sampler']} x {b['steps']} = {b['nfe']} NFE ({b['rmse_to_converged']:.4f}): "
-             f"{r['saving']:.1f}x fewer evaluations.", ""]
+             f"{ref['sampler']} x {ref['steps']} steps" + (f" at {ref['seeds']} seeds; within noise = no judged number "
+             f"worse than the reference's by more than {ref['noise_k']:g} standard deviations over those seeds ("
+             + ", ".join(f"{k} {j['value']:.4g} +- {j['std']:.2g}, {j['better']} is better" for k, j in judged.items())
+             + ")" if judged else "") + f". {rec}", ""]
     rows = [[p["sampler"], p["steps"], p["nfe"], p["rmse_to_converged"], p.get(metric) if metric else None,
-             "yes" if p["passed"] else "no"] for p in sorted(data["points"], key=lambda q: (q["sampler"], q["nfe"]))]
-    lines += _table(["sampler", "steps", "NFE", "RMSE to converged", metric or "-", "passes the bars"], rows)
+             "yes" if p["passed"] else "no", ", ".join(p.get("worse", [])) or "-"]
+            for p in sorted(data["points"], key=lambda q: (q["sampler"], q["nfe"]))]
+    lines += _table(["sampler", "steps", "NFE", "RMSE to converged", metric or "-", "passes the bars",
+                     "worse than the reference"], rows)
     img = _plot_sweep(out / f"{path.stem}.png", data)
     return lines + (["", img] if img else []) + [""]
 

@@ -336,17 +336,23 @@ def _sweep(args, device) -> int:
     with _backend(args.backend, device):
         pipe = _pipeline(args, device, args.preset, images=10 * args.per_prompt if args.preset == "digits" else 1)
         res = sweep(args.preset, pipe, _checkpoint(args.checkpoint, args.preset), steps=args.sweep_steps,
-                    samplers=args.sweep_samplers, guidance_scale=args.guidance, seed=args.seed,
+                    samplers=args.sweep_samplers, baseline=args.sweep_baseline, reference=args.sweep_reference,
+                    noise_seeds=args.sweep_noise_seeds,
+                    guidance_scale=args.guidance, seed=args.seed,
                     per_prompt=args.per_prompt, per_image=args.per_image,
                     log=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True))
     text = json.dumps(res, indent=2)
     print(text)
     if args.json:
         atomic_write(args.json, lambda p: Path(p).write_text(text + "\n"))
-    r, b = res["recommended"], res["recommended"]["baseline"]
-    print(f"recommended: {r['sampler']} x {r['steps']} steps = {r['nfe']} NFE (rmse to converged "
-          f"{r['rmse_to_converged']:.4f}) against the checkpoint's {b['sampler']} x {b['steps']} = {b['nfe']} NFE "
-          f"({b['rmse_to_converged']:.4f}): {r['saving']:.1f}x fewer network evaluations")
+    r = res["recommended"]
+    if r is None:
+        print("recommended: none: no setting of the grid passes the bars within noise of the converged solution")
+        return 1
+    b = r["baseline"]
+    print(f"recommended: {r['sampler']} x {r['steps']} steps = {r['nfe']} NFE, within noise of the converged solution "
+          f"on every judged number, against {b['sampler']} x {b['steps']} = {b['nfe']} NFE"
+          f"{'' if b['within_noise'] else ' (which is not)'}: {r['saving']:.1f}x fewer network evaluations")
     return 0
 
 
@@ -451,6 +457,19 @@ def _list_of(parse, name: str, choices: tuple[str, ...] | None = None):
 
     parse_list.__name__ = "list"
     return parse_list
+
+
+def _setting(choices: tuple[str, ...]):
+    """SAMPLER:STEPS, e.g. euler:50."""
+
+    def parse_setting(text: str) -> tuple[str, int]:
+        name, _, steps = text.partition(":")
+        if name not in choices:
+            raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(choices)} (expected SAMPLER:STEPS)")
+        return name, _int_at_least(1)(steps)
+
+    parse_setting.__name__ = "setting"
+    return parse_setting
 
 
 def _guidance(text: str) -> float:
@@ -630,10 +649,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "retrieval) and report them beside the model under \"baselines\"")
     e.add_argument("--sweep-steps", type=_list_of(_int_at_least(1), "step counts"), default=None, metavar="N,N,...",
                    help="quality against NFE: the eval at each step count (e.g. 1,2,4,8,16,25,50) for each of "
-                   "--sweep-samplers, each point's distance to a converged solution, and the cheapest setting as good "
-                   "as the checkpoint's own (one JSON; plot it with benchmarks/report.py --sweep)")
+                   "--sweep-samplers, each point's distance to a converged solution, and the cheapest setting whose "
+                   "judged numbers are within noise of the converged solution's (one JSON; plot it with "
+                   "python -m benchmarks.report)")
     e.add_argument("--sweep-samplers", type=_list_of(None, "samplers", SAMPLERS), default=("euler", "midpoint"),
                    metavar="NAME,...", help=f"with --sweep-steps: the samplers ({', '.join(SAMPLERS)})")
+    e.add_argument("--sweep-baseline", type=_setting(SAMPLERS), default=("euler", 50), metavar="SAMPLER:STEPS",
+                   help="with --sweep-steps: the setting the saving is counted against")
+    e.add_argument("--sweep-reference", type=_setting(SAMPLERS), default=("midpoint", 128), metavar="SAMPLER:STEPS",
+                   help="with --sweep-steps: the fine solve that stands for the converged solution")
+    e.add_argument("--sweep-noise-seeds", type=_int_at_least(2), default=3, metavar="N",
+                   help="with --sweep-steps: the reference runs at N seeds; a number's noise is its spread over them")
     _common(e, "the shipped weights of --preset", None)
     e.set_defaults(func=cmd_eval)
     c = sub.add_parser("convert", help="an official CrossFlow checkpoint (.pth: DiT or DiMR) -> a save_pretrained "

@@ -1,5 +1,5 @@
-"""Quality against network evaluations (NFE): a preset's eval at every (sampler, steps) of a grid, plus each point's
-distance to the converged ODE solution, and the cheapest setting that is as good as the shipped one.
+"""Quality against network evaluations (NFE): a preset's eval at every (sampler, steps) of a grid, each point's
+distance to the converged ODE solution, and the cheapest setting whose quality is within noise of the converged one.
 
     crossflow eval --preset digits-sr --sweep-steps 1,2,4,8,16,25,50 --sweep-samplers euler,midpoint,dpm++
 
@@ -10,8 +10,14 @@ call, so point and reference integrate the same ODEs: rmse = sqrt(mean((z1 - z1_
 call up to the first that starts elsewhere (`rmse_calls` of them: captioning's text variation rewords the captions
 the sampler just made, so its calls start from the point's own outputs).
 
-Recommendation (`recommend`): the point with the fewest NFE whose rmse is at most that of the checkpoint's own setting
-(its sampling.json: what ships today), and which passes the preset's bars; its saving is baseline NFE / its NFE.
+Noise: the reference eval is repeated at `noise_seeds` seeds (seed, seed + 1, ...); a judged number's noise is its
+standard deviation over them, the change a user sees from rerunning with another seed. Judged numbers: the preset's
+bars (`digits.eval.BARS`: ">=" higher is better, "<=" lower is better, "in" nearer the reference) and realism (lower
+is better; 50 % = indistinguishable from real digits).
+
+Recommendation (`recommend`): the point with the fewest NFE that passes the preset's bars and whose every judged number
+is no worse than the reference's (same seed) by more than `NOISE_K` standard deviations; its saving is the baseline's
+NFE / its NFE. The baseline (`BASELINE`, Euler x 50) is the setting every preset shipped before the sweep existed.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from typing import Any, Callable
 import torch
 
 REFERENCE = ("midpoint", 128)
+BASELINE = ("euler", 50)
+NOISE_SEEDS = 3
+NOISE_K = 2.0
 DEFAULT_STEPS = (1, 2, 4, 8, 16, 25, 50)
 DEFAULT_SAMPLERS = ("euler", "midpoint")
 
@@ -80,41 +89,87 @@ def _rmse(rec: _Recorder, ref: _Recorder, where: str) -> tuple[float, int]:
     return math.sqrt(float(((z1.double() - z1_ref.double()) ** 2).mean())), n
 
 
-def recommend(points: list[dict[str, Any]], baseline: dict[str, Any]) -> dict[str, Any]:
-    """The fewest-NFE point at least as close to the converged solution as `baseline` (ties: the smaller rmse) that
-    passes the preset's bars; `saving` = baseline NFE / its NFE."""
-    good = [p for p in points if p["rmse_to_converged"] <= baseline["rmse_to_converged"] and p["passed"]]
-    best = min(good, key=lambda p: (p["nfe"], p["rmse_to_converged"]))  # the baseline itself is always good
-    return {"sampler": best["sampler"], "steps": best["steps"], "nfe": best["nfe"],
-            "rmse_to_converged": best["rmse_to_converged"], "baseline": {k: baseline[k] for k in (
-                "sampler", "steps", "nfe", "rmse_to_converged")}, "saving": baseline["nfe"] / best["nfe"]}
+def judged(preset: str, res: dict[str, Any]) -> list[tuple[str, str]]:
+    """(result key, direction) of each judged number `res` has: the preset's bars, then realism."""
+    from crossflow.digits.eval import BARS
+
+    keys = [(k, op) for k, op, _ in BARS[preset]]
+    keys += [("realism", "<=")] if "realism" not in dict(keys) else []
+    return [(k, op) for k, op in keys if k in res]
+
+
+def noise(runs: list[dict[str, Any]], keys: list[tuple[str, str]]) -> dict[str, float]:
+    """Each judged number's standard deviation over `runs` (one eval per seed; at least two)."""
+    if len(runs) < 2:
+        raise ValueError(f"noise needs the reference at >= 2 seeds, got {len(runs)}")
+    return {k: float(torch.tensor([float(r[k]) for r in runs], dtype=torch.float64).std()) for k, _ in keys}
+
+
+def worse_than(point: dict[str, Any], reference: dict[str, Any], keys: list[tuple[str, str]],
+               sigma: dict[str, float], k: float = NOISE_K) -> list[str]:
+    """The judged numbers on which `point` is worse than `reference` by more than k standard deviations."""
+    out = []
+    for key, op in keys:
+        d = float(point[key]) - float(reference[key])
+        if (-d if op == ">=" else d if op == "<=" else abs(d)) > k * sigma[key]:
+            out.append(key)
+    return out
+
+
+def recommend(points: list[dict[str, Any]], baseline: dict[str, Any]) -> dict[str, Any] | None:
+    """The fewest-NFE point that passes the preset's bars with every judged number within noise of the reference
+    (`within_noise`; ties: the smaller rmse), None if there is none; `saving` = baseline NFE / its NFE."""
+    good = [p for p in points if p["within_noise"] and p["passed"]]
+    if not good:
+        return None
+    best = min(good, key=lambda p: (p["nfe"], p["rmse_to_converged"]))
+    return {**{k: best[k] for k in ("sampler", "steps", "nfe", "rmse_to_converged")},
+            "baseline": {k: baseline[k] for k in ("sampler", "steps", "nfe", "rmse_to_converged", "within_noise")},
+            "saving": baseline["nfe"] / best["nfe"]}
 
 
 def sweep(preset: str, pipe: Any, checkpoint: str, steps: tuple[int, ...] = DEFAULT_STEPS,
           samplers: tuple[str, ...] = DEFAULT_SAMPLERS, guidance_scale: float | None = None,
-          reference: tuple[str, int] = REFERENCE, log: Callable[[str], None] | None = None,
+          reference: tuple[str, int] = REFERENCE, baseline: tuple[str, int] = BASELINE,
+          noise_seeds: int = NOISE_SEEDS, log: Callable[[str], None] | None = None,
           **eval_kw: Any) -> dict[str, Any]:
-    """The sweep's result (one JSON): every point, the reference, the checkpoint's own setting (`pipe.sampler`'s) and
-    the recommendation. `eval_kw`: `digits.eval.run`'s seed / per_prompt / per_image / extras (default False: the
+    """The sweep's result (one JSON): every point (the grid, the baseline's setting and the checkpoint's own, each
+    with its rmse, `within_noise` and the judged numbers `worse` than the reference's), the reference with its noise,
+    and the recommendation. `eval_kw`: `digits.eval.run`'s seed / per_prompt / per_image / extras (default False: the
     points leave out the slow extras, which `crossflow eval` judges at the shipped setting)."""
+    if noise_seeds < 2:
+        raise ValueError(f"noise_seeds must be >= 2 (the reference's seed-to-seed spread), got {noise_seeds}")
     eval_kw.setdefault("extras", False)
     shipped = dict(pipe.sampling)
-    base_name, base_steps = shipped.get("method", "euler"), shipped["steps"]
+    own = (shipped.get("method", "euler"), shipped["steps"])
     scale = shipped["guidance_scale"] if guidance_scale is None else guidance_scale
     say = log or (lambda line: None)
-    ref_point, ref = _point(preset, pipe, checkpoint, *reference, scale, **eval_kw)
+    seed = eval_kw.pop("seed", 0)
+    ref_point, ref = _point(preset, pipe, checkpoint, *reference, scale, seed=seed, **eval_kw)
+    keys = judged(preset, ref_point)
+    runs = [ref_point] + [_point(preset, pipe, checkpoint, *reference, scale, seed=seed + i, **eval_kw)[0]
+                          for i in range(1, noise_seeds)]
+    sigma = noise(runs, keys)
+    say(f"reference {reference[0]} x {reference[1]} at {noise_seeds} seeds: "
+        + ", ".join(f"{k} {ref_point[k]:.4g} +- {sigma[k]:.2g}" for k, _ in keys))
     grid = [(n, s) for n in samplers for s in steps]
-    if (base_name, base_steps) not in grid:
-        grid.append((base_name, base_steps))
+    grid += [g for g in dict.fromkeys([tuple(baseline), own]) if g not in grid]
     points = []
     for name, n in grid:
-        point, rec = _point(preset, pipe, checkpoint, name, n, scale, **eval_kw)
+        point, rec = _point(preset, pipe, checkpoint, name, n, scale, seed=seed, **eval_kw)
         point["rmse_to_converged"], point["rmse_calls"] = _rmse(rec, ref, f"{name} x {n}")
+        point["worse"] = worse_than(point, ref_point, keys, sigma)
+        point["within_noise"] = not point["worse"]
         points.append(point)
         say(f"{name:>10} {n:>3} steps, {point['nfe']:>3} NFE: rmse {point['rmse_to_converged']:.4f}, "
-            f"{point['seconds']:.1f} s")
-    baseline = next(p for p in points if (p["sampler"], p["steps"]) == (base_name, base_steps))
+            + (f"worse on {', '.join(point['worse'])}" if point["worse"] else "within noise")
+            + f", {point['seconds']:.1f} s")
+    base = next(p for p in points if (p["sampler"], p["steps"]) == tuple(baseline))
     return {"preset": preset, "checkpoint": checkpoint, "guidance_scale": scale,
-            "reference": {k: ref_point[k] for k in ("sampler", "steps", "nfe")},
-            "shipped": {"sampler": base_name, "steps": base_steps}, "points": points,
-            "recommended": recommend(points, baseline), **{k: v for k, v in eval_kw.items()}}
+            "reference": {**{k: ref_point[k] for k in ("sampler", "steps", "nfe")}, "seeds": noise_seeds,
+                          "judged": {k: {"better": {">=": "higher", "<=": "lower", "in": "nearer"}[op],
+                                         "value": ref_point[k], "std": sigma[k]} for k, op in keys},
+                          "noise_k": NOISE_K},
+            "baseline": {"sampler": base["sampler"], "steps": base["steps"]},
+            "shipped": {"sampler": own[0], "steps": own[1]}, "points": points,
+            "recommended": recommend(points, base), "seed": seed, **eval_kw}

@@ -1,26 +1,53 @@
-"""The quality-against-NFE sweep: distances to the converged solution, the recommendation rule, the CLI verb."""
+"""The quality-against-NFE sweep: distances to the converged solution, the noise rule, the recommendation, the CLI
+verb."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from crossflow.digits.sweep import recommend, sweep
+from crossflow.digits.sweep import judged, noise, recommend, sweep, worse_than
 
 pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
-def _p(sampler, steps, nfe, rmse, passed=True):
-    return dict(sampler=sampler, steps=steps, nfe=nfe, rmse_to_converged=rmse, passed=passed)
+def _p(sampler, steps, nfe, rmse, passed=True, within_noise=True):
+    return dict(sampler=sampler, steps=steps, nfe=nfe, rmse_to_converged=rmse, passed=passed,
+                within_noise=within_noise)
 
 
-def test_recommend_takes_the_fewest_nfe_as_close_as_the_baseline_that_passes():
-    base = _p("euler", 50, 50, 0.010)
-    points = [base, _p("euler", 8, 8, 0.05), _p("midpoint", 4, 8, 0.012), _p("midpoint", 8, 16, 0.009),
-              _p("midpoint", 5, 10, 0.008, passed=False), _p("midpoint", 16, 32, 0.002)]
+def test_recommend_takes_the_fewest_nfe_within_noise_that_passes():
+    base = _p("euler", 50, 50, 0.010, within_noise=False)  # the baseline need not be within noise itself
+    points = [base, _p("euler", 8, 8, 0.05, within_noise=False), _p("midpoint", 4, 8, 0.012, passed=False),
+              _p("unipc", 16, 16, 0.011), _p("midpoint", 8, 16, 0.009), _p("midpoint", 16, 32, 0.002)]
     r = recommend(points, base)
-    assert (r["sampler"], r["steps"], r["nfe"]) == ("midpoint", 8, 16) and r["saving"] == 50 / 16
-    assert recommend([base], base)["saving"] == 1.0  # nothing better: the baseline itself
+    assert (r["sampler"], r["steps"], r["nfe"]) == ("midpoint", 8, 16)  # ties on NFE: the smaller rmse
+    assert r["saving"] == 50 / 16 and r["baseline"]["within_noise"] is False
+    assert recommend([base], base) is None  # nothing within noise that passes
+
+
+def test_judged_numbers_and_their_directions():
+    res = {"psnr_gain_db": 3.0, "accuracy": 0.9, "realism": 0.6, "psnr_db": 17.0}  # no posterior mean: not judged
+    assert judged("digits-sr", res) == [("psnr_gain_db", ">="), ("accuracy", ">="), ("realism", "<=")]
+    assert judged("digits", {"accuracy": 1, "diversity": 0.9, "speckle": 0.8, "realism": 0.6})[-1] == ("realism", "<=")
+    assert ("distance_to_input", "in") in judged("digits-vary", {"label_kept": 1.0, "distance_to_input": 0.7})
+
+
+def test_within_noise_counts_only_the_worse_direction():
+    keys = [("accuracy", ">="), ("realism", "<="), ("distance_to_input", "in")]
+    runs = [dict(accuracy=0.90, realism=0.60, distance_to_input=0.70),
+            dict(accuracy=0.92, realism=0.62, distance_to_input=0.72)]
+    sigma = noise(runs, keys)
+    assert sigma["accuracy"] == pytest.approx(0.02 / 2 ** 0.5)  # the sample standard deviation over the seeds
+    ref = runs[0]
+    assert worse_than(dict(accuracy=0.99, realism=0.50, distance_to_input=0.71), ref, keys, sigma) == []  # better
+    assert worse_than(dict(accuracy=0.87, realism=0.70, distance_to_input=0.60), ref, keys, sigma) == [
+        "accuracy", "realism", "distance_to_input"]  # 2.1, 7.1 and 7.1 standard deviations worse
+    assert worse_than(dict(accuracy=0.875, realism=0.62, distance_to_input=0.80), ref, keys, sigma, k=2.0) == [
+        "distance_to_input"]  # within 2 standard deviations on accuracy and realism; "in" counts both directions
+    with pytest.raises(ValueError, match=">= 2 seeds"):
+        noise(runs[:1], keys)
 
 
 def test_sweep_on_the_shipped_super_resolution_model():
@@ -31,20 +58,35 @@ def test_sweep_on_the_shipped_super_resolution_model():
     ckpt = default_checkpoint("digits-sr")
     pipe = ImagePipeline.from_pretrained(ckpt, sampler=make_sampler("euler", steps=2, guidance_scale=1.5))
     own = pipe.sampler
-    res = sweep("digits-sr", pipe, ckpt, steps=(1, 2, 8), samplers=("euler", "midpoint"), reference=("midpoint", 8))
+    res = sweep("digits-sr", pipe, ckpt, steps=(1, 2, 8), samplers=("euler", "midpoint"), reference=("midpoint", 8),
+                baseline=("euler", 4), noise_seeds=2)
     assert pipe.sampler is own  # the caller's pipeline keeps its sampler
     pts = {(p["sampler"], p["steps"]): p for p in res["points"]}
-    assert set(pts) == {(m, n) for m in ("euler", "midpoint") for n in (1, 2, 8)}  # the baseline (euler, 2) included
+    # the grid, then the baseline's setting; the checkpoint's own (euler, 2) is on the grid
+    assert set(pts) == {(m, n) for m in ("euler", "midpoint") for n in (1, 2, 8)} | {("euler", 4)}
     assert pts["midpoint", 8]["rmse_to_converged"] == 0.0  # the reference's own setting: same ODEs, same solver
     assert all(p["rmse_calls"] >= 1 for p in res["points"])
     for m in ("euler", "midpoint"):
         assert pts[m, 1]["rmse_to_converged"] > pts[m, 2]["rmse_to_converged"] > pts[m, 8]["rmse_to_converged"]
     assert pts["midpoint", 2]["rmse_to_converged"] < pts["euler", 2]["rmse_to_converged"]
     assert pts["midpoint", 2]["nfe"] == 4 and pts["euler", 8]["psnr_db"] > 10
+    ref = res["reference"]
+    assert (ref["sampler"], ref["steps"], ref["nfe"], ref["seeds"]) == ("midpoint", 8, 16, 2)
+    assert set(ref["judged"]) == {"psnr_gain_db", "accuracy", "realism"}
+    assert all(j["std"] > 0 for j in ref["judged"].values())  # two seeds, two different sets of samples
+    assert pts["midpoint", 8]["within_noise"] and pts["midpoint", 8]["worse"] == []  # the reference's own setting
+    assert not pts["midpoint", 1]["within_noise"]  # one midpoint step: far less realistic (issue 22's sweep)
+    for p in res["points"]:
+        assert p["within_noise"] == (worse_than(p, {k: j["value"] for k, j in ref["judged"].items()},
+                                                judged("digits-sr", p), {k: j["std"] for k, j in ref["judged"].items()})
+                                     == [])
     r = res["recommended"]
-    assert r["baseline"]["nfe"] == 2 and r["rmse_to_converged"] <= r["baseline"]["rmse_to_converged"]
-    assert res["reference"] == {"sampler": "midpoint", "steps": 8, "nfe": 16}
+    assert r["baseline"]["nfe"] == 4 and res["baseline"] == {"sampler": "euler", "steps": 4}
+    assert pts[r["sampler"], r["steps"]]["within_noise"] and pts[r["sampler"], r["steps"]]["passed"]
+    assert not any(p["within_noise"] and p["passed"] and p["nfe"] < r["nfe"] for p in res["points"])
     json.dumps(res)  # one JSON
+    with pytest.raises(ValueError, match="noise_seeds"):
+        sweep("digits-sr", pipe, ckpt, noise_seeds=1)
 
 
 def test_the_eval_verb_checks_its_lists_first(cli_fails):
@@ -52,6 +94,9 @@ def test_the_eval_verb_checks_its_lists_first(cli_fails):
     assert "not one of" in cli_fails(["eval", "--sweep-steps", "2", "--sweep-samplers", "euler,ddim"], 2)
     assert "must be >= 1" in cli_fails(["eval", "--sweep-steps", "0,2"], 2)
     assert "comma-separated" in cli_fails(["eval", "--sweep-steps", ","], 2)
+    assert "expected SAMPLER:STEPS" in cli_fails(["eval", "--sweep-steps", "2", "--sweep-baseline", "euler50"], 2)
+    assert "expected an integer" in cli_fails(["eval", "--sweep-steps", "2", "--sweep-baseline", "euler:x"], 2)
+    assert "must be >= 2" in cli_fails(["eval", "--sweep-steps", "2", "--sweep-noise-seeds", "1"], 2)
 
 
 @pytest.mark.slow
@@ -59,13 +104,21 @@ def test_the_eval_verb_sweeps(tmp_path, capsys):
     from crossflow import cli
 
     out = tmp_path / "sweep.json"
-    cli.main(["eval", "--preset", "digits-sr", "--sweep-steps", "1", "--sweep-samplers", "midpoint", "--steps", "1",
-              "--backend", "torch", "-q", "--json", str(out)])
+    cli.main(["eval", "--preset", "digits-sr", "--sweep-steps", "1", "--sweep-samplers", "midpoint",
+              "--sweep-baseline", "euler:2", "--sweep-reference", "midpoint:8", "--sweep-noise-seeds", "2",
+               "--backend", "torch", "-q", "--json", str(out)])
     res = json.loads(out.read_text())
-    # the grid, then the checkpoint's own setting (digits-sr ships midpoint x 16)
-    assert [(p["sampler"], p["steps"]) for p in res["points"]] == [("midpoint", 1), ("midpoint", 16)]
-    last = capsys.readouterr().out.rstrip().splitlines()[-1]  # midpoint x 1 is worse than the shipped setting
-    assert last.startswith("recommended: midpoint x 16 steps = 32 NFE") and last.endswith("1.0x fewer network evaluations")
+    from crossflow.pipelines.base import default_checkpoint
+
+    own = json.loads((Path(default_checkpoint("digits-sr")) / "sampling.json").read_text())
+    # the grid, the baseline's setting, then the checkpoint's own
+    assert [(p["sampler"], p["steps"]) for p in res["points"]] == [("midpoint", 1), ("euler", 2),
+                                                                    (own["method"], own["steps"])]
+    assert res["reference"]["nfe"] == 16 and res["reference"]["seeds"] == 2
+    r = res["recommended"]
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last.startswith(f"recommended: {r['sampler']} x {r['steps']} steps = {r['nfe']} NFE") and last.endswith(
+        f"{2 / r['nfe']:.1f}x fewer network evaluations")
 
 
 def test_distances_stop_at_the_first_call_that_starts_elsewhere():
@@ -84,13 +137,28 @@ def test_distances_stop_at_the_first_call_that_starts_elsewhere():
 def test_the_report_renders_a_sweep(tmp_path):
     from benchmarks.report import write_report
 
-    base = _p("euler", 4, 4, 0.02)
-    data = {"preset": "digits-sr", "reference": {"sampler": "midpoint", "steps": 8, "nfe": 16},
-            "points": [{**base, "psnr_db": 15.0}, {**_p("midpoint", 1, 2, 0.01), "psnr_db": 15.5}],
-            "recommended": recommend([base, _p("midpoint", 1, 2, 0.01)], base)}
+    base = {**_p("euler", 4, 4, 0.02, within_noise=False), "worse": ["realism"]}
+    fast = {**_p("midpoint", 1, 2, 0.01), "worse": []}
+    data = {"preset": "digits-sr", "baseline": {"sampler": "euler", "steps": 4},
+            "reference": {"sampler": "midpoint", "steps": 8, "nfe": 16, "seeds": 3, "noise_k": 2.0,
+                          "judged": {"realism": {"better": "lower", "value": 0.65, "std": 0.01}}},
+            "points": [{**base, "psnr_db": 15.0}, {**fast, "psnr_db": 15.5}], "recommended": recommend([base, fast], base)}
     src = tmp_path / "sweep_digits-sr.json"
     src.write_text(json.dumps(data))
     md = write_report([src], tmp_path / "out").read_text()
-    assert "Recommended: **midpoint x 1 steps = 2 NFE**" in md and "2.0x fewer evaluations" in md
-    assert "| midpoint | 1 | 2 | 0.01 | 15.5 | yes |" in md
+    assert "Recommended: **midpoint x 1 steps = 2 NFE** against the baseline euler x 4 = 4 NFE (not within noise)" in md
+    assert "2.0x fewer evaluations" in md and "at 3 seeds" in md and "realism 0.65 +- 0.01, lower is better" in md
+    assert "| midpoint | 1 | 2 | 0.01 | 15.5 | yes | - |" in md and "| euler | 4 | 4 | 0.02 | 15 | yes | realism |" in md
     assert (tmp_path / "out" / "sweep_digits-sr.png").stat().st_size > 1000
+    data["recommended"] = None
+    src.write_text(json.dumps(data))
+    assert "Recommended: none" in write_report([src], tmp_path / "out").read_text()
+
+
+def test_the_eval_verb_defaults_are_the_sweeps():
+    from crossflow.cli import build_parser
+    from crossflow.digits import sweep as sw
+
+    args = build_parser().parse_args(["eval", "--sweep-steps", "4"])
+    assert args.sweep_baseline == sw.BASELINE and args.sweep_reference == sw.REFERENCE
+    assert args.sweep_noise_seeds == sw.NOISE_SEEDS
