@@ -585,6 +585,7 @@ def test_a_checkpoint_older_than_manifests_samples_with_a_one_line_warning(ckpt_
 
 def test_a_run_trained_before_sampling_json_gets_its_presets_settings(ckpt_copy):
     from crossflow.checkpoint import write_checksums
+    from crossflow.config import SAMPLING
     from crossflow.pipelines.text_to_image import CrossFlowPipeline
 
     (ckpt_copy / "sampling.json").unlink()  # a digits run trained on main: no sampling.json, no preset recorded
@@ -593,5 +594,4 @@ def test_a_run_trained_before_sampling_json_gets_its_presets_settings(ckpt_copy)
     (ckpt_copy / "config.json").write_text(json.dumps(cfg))
     write_checksums(ckpt_copy, ["config.json", "model.safetensors"])
     # its config is the digits preset's: its settings, not the sampler's 50 steps at guidance 7
-    assert CrossFlowPipeline.from_pretrained(ckpt_copy).sampling == {"steps": 16, "guidance_scale": 1.5,
-                                                                     "official_grid": False, "method": "midpoint"}
+    assert CrossFlowPipeline.from_pretrained(ckpt_copy).sampling == {"official_grid": False, **SAMPLING["digits"]}
