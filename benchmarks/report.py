@@ -354,7 +354,7 @@ def gpu_check_section(path: Path, data: dict) -> list[str]:
 
 
 # The number each preset's sweep plots beside the distance to the converged solution (`crossflow eval --sweep-steps`)
-SWEEP_METRIC = {"digits": "diversity", "digits-sr": "psnr_db", "digits-caption": "accuracy",
+SWEEP_METRIC = {"digits": "diversity", "digits-sr": "realism", "digits-caption": "accuracy",
                 "digits-vary": "label_kept"}
 
 
@@ -388,6 +388,17 @@ def _plot_sweep(path: Path, data: dict[str, Any]) -> str:
                    title=f"{data['preset']}: solver error")
     axes[0][0].legend(fontsize=8)
     if metric:
+        ref = data["reference"]
+        j = ref.get("judged", {}).get(metric)
+        if j is not None:  # the edge of "within noise" of the converged solution
+            sign = {"higher": -1, "lower": 1}.get(j["better"], 0)
+            axes[0][1].axhline(j["value"] + sign * ref["noise_k"] * j["std"], color="grey", ls=":",
+                               label=f"converged {'-' if sign < 0 else '+'} {ref['noise_k']:g} std (seed noise)")
+        r = data.get("recommended")
+        if r is not None:
+            pt = next(q for q in data["points"] if (q["sampler"], q["steps"]) == (r["sampler"], r["steps"]))
+            axes[0][1].plot([pt["nfe"]], [pt[metric]], "k*", ms=14, label=f"recommended: {r['sampler']} x {r['steps']}")
+        axes[0][1].legend(fontsize=8)
         axes[0][1].set(xlabel="network evaluations (NFE)", ylabel=metric, title=f"{data['preset']}: {metric}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

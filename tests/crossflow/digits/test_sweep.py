@@ -142,13 +142,13 @@ def test_the_report_renders_a_sweep(tmp_path):
     data = {"preset": "digits-sr", "baseline": {"sampler": "euler", "steps": 4},
             "reference": {"sampler": "midpoint", "steps": 8, "nfe": 16, "seeds": 3, "noise_k": 2.0,
                           "judged": {"realism": {"better": "lower", "value": 0.65, "std": 0.01}}},
-            "points": [{**base, "psnr_db": 15.0}, {**fast, "psnr_db": 15.5}], "recommended": recommend([base, fast], base)}
+            "points": [{**base, "realism": 0.7}, {**fast, "realism": 0.66}], "recommended": recommend([base, fast], base)}
     src = tmp_path / "sweep_digits-sr.json"
     src.write_text(json.dumps(data))
     md = write_report([src], tmp_path / "out").read_text()
     assert "Recommended: **midpoint x 1 steps = 2 NFE** against the baseline euler x 4 = 4 NFE (not within noise)" in md
     assert "2.0x fewer evaluations" in md and "at 3 seeds" in md and "realism 0.65 +- 0.01, lower is better" in md
-    assert "| midpoint | 1 | 2 | 0.01 | 15.5 | yes | - |" in md and "| euler | 4 | 4 | 0.02 | 15 | yes | realism |" in md
+    assert "| midpoint | 1 | 2 | 0.01 | 0.66 | yes | - |" in md and "| euler | 4 | 4 | 0.02 | 0.7 | yes | realism |" in md
     assert (tmp_path / "out" / "sweep_digits-sr.png").stat().st_size > 1000
     data["recommended"] = None
     src.write_text(json.dumps(data))
