@@ -333,13 +333,13 @@ def _sweep(args, device) -> int:
     from crossflow.checkpoint import atomic_write
     from crossflow.digits.sweep import sweep
 
+    extra = {} if args.posterior_samples is None else {"posterior_samples": args.posterior_samples}
     with _backend(args.backend, device):
         pipe = _pipeline(args, device, args.preset, images=10 * args.per_prompt if args.preset == "digits" else 1)
         res = sweep(args.preset, pipe, _checkpoint(args.checkpoint, args.preset), steps=args.sweep_steps,
                     samplers=args.sweep_samplers, baseline=args.sweep_baseline, reference=args.sweep_reference,
-                    noise_seeds=args.sweep_noise_seeds,
-                    guidance_scale=args.guidance, seed=args.seed,
-                    per_prompt=args.per_prompt, per_image=args.per_image,
+                    noise_seeds=args.sweep_noise_seeds, guidance_scale=args.guidance, seed=args.seed,
+                    per_prompt=args.per_prompt, per_image=args.per_image, **extra,
                     log=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True))
     text = json.dumps(res, indent=2)
     print(text)
@@ -347,7 +347,8 @@ def _sweep(args, device) -> int:
         atomic_write(args.json, lambda p: Path(p).write_text(text + "\n"))
     r = res["recommended"]
     if r is None:
-        print("recommended: none: no setting of the grid passes the bars within noise of the converged solution")
+        print("recommended: none: no setting of the grid passes every bar (the full eval's too) within noise of the "
+              "converged solution")
         return 1
     b = r["baseline"]
     print(f"recommended: {r['sampler']} x {r['steps']} steps = {r['nfe']} NFE, within noise of the converged solution "

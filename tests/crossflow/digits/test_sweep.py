@@ -25,6 +25,11 @@ def test_recommend_takes_the_fewest_nfe_within_noise_that_passes():
     assert (r["sampler"], r["steps"], r["nfe"]) == ("midpoint", 8, 16)  # ties on NFE: the smaller rmse
     assert r["saving"] == 50 / 16 and r["baseline"]["within_noise"] is False
     assert recommend([base], base) is None  # nothing within noise that passes
+    asked = []
+    r = recommend(points, base, confirm=lambda p: asked.append((p["sampler"], p["steps"])) or len(asked) == 3)
+    assert asked == [("midpoint", 8), ("unipc", 16), ("midpoint", 16)]  # in order, until one passes the full eval
+    assert (r["sampler"], r["steps"], r["saving"]) == ("midpoint", 16, 50 / 32)
+    assert recommend(points, base, confirm=lambda p: False) is None
 
 
 def test_judged_numbers_and_their_directions():
@@ -50,7 +55,8 @@ def test_within_noise_counts_only_the_worse_direction():
         noise(runs[:1], keys)
 
 
-def test_sweep_on_the_shipped_super_resolution_model():
+def test_sweep_on_the_shipped_super_resolution_model(monkeypatch):
+    from crossflow.digits import eval as judge
     from crossflow.pipelines.base import default_checkpoint
     from crossflow.pipelines.image import ImagePipeline
     from crossflow.scheduler_sampler import make_sampler
@@ -58,8 +64,11 @@ def test_sweep_on_the_shipped_super_resolution_model():
     ckpt = default_checkpoint("digits-sr")
     pipe = ImagePipeline.from_pretrained(ckpt, sampler=make_sampler("euler", steps=2, guidance_scale=1.5))
     own = pipe.sampler
+    # the candidates' full eval judges the mean of 2 samples (fast), against a bar 2 samples can meet
+    sr = tuple((k, op, 15.0) if k == "psnr_posterior_mean_db" else (k, op, b) for k, op, b in judge.BARS["digits-sr"])
+    monkeypatch.setitem(judge.BARS, "digits-sr", sr)
     res = sweep("digits-sr", pipe, ckpt, steps=(1, 2, 8), samplers=("euler", "midpoint"), reference=("midpoint", 8),
-                baseline=("euler", 4), noise_seeds=2)
+                baseline=("euler", 4), noise_seeds=2, posterior_samples=2)
     assert pipe.sampler is own  # the caller's pipeline keeps its sampler
     pts = {(p["sampler"], p["steps"]): p for p in res["points"]}
     # the grid, then the baseline's setting; the checkpoint's own (euler, 2) is on the grid
@@ -83,7 +92,10 @@ def test_sweep_on_the_shipped_super_resolution_model():
     r = res["recommended"]
     assert r["baseline"]["nfe"] == 4 and res["baseline"] == {"sampler": "euler", "steps": 4}
     assert pts[r["sampler"], r["steps"]]["within_noise"] and pts[r["sampler"], r["steps"]]["passed"]
-    assert not any(p["within_noise"] and p["passed"] and p["nfe"] < r["nfe"] for p in res["points"])
+    assert not any(p["within_noise"] and p["passed"] and p["nfe"] < r["nfe"] and p.get("full_eval", {}).get("passed")
+                   for p in res["points"])
+    full = pts[r["sampler"], r["steps"]]["full_eval"]  # confirmed by the full eval: the posterior mean judged
+    assert full["passed"] and full["psnr_posterior_mean_db"] > full["psnr_db"]
     json.dumps(res)  # one JSON
     with pytest.raises(ValueError, match="noise_seeds"):
         sweep("digits-sr", pipe, ckpt, noise_seeds=1)
@@ -102,23 +114,25 @@ def test_the_eval_verb_checks_its_lists_first(cli_fails):
 @pytest.mark.slow
 def test_the_eval_verb_sweeps(tmp_path, capsys):
     from crossflow import cli
-
-    out = tmp_path / "sweep.json"
-    cli.main(["eval", "--preset", "digits-sr", "--sweep-steps", "1", "--sweep-samplers", "midpoint",
-              "--sweep-baseline", "euler:2", "--sweep-reference", "midpoint:8", "--sweep-noise-seeds", "2",
-               "--backend", "torch", "-q", "--json", str(out)])
-    res = json.loads(out.read_text())
     from crossflow.pipelines.base import default_checkpoint
 
+    out = tmp_path / "sweep.json"
+    # the mean of 2 samples cannot meet the posterior-mean bar of 32 (19.53 dB): every candidate fails the full eval
+    with pytest.raises(SystemExit) as exit:  # exit 1: nothing to recommend
+        cli.main(["eval", "--preset", "digits-sr", "--sweep-steps", "1", "--sweep-samplers", "midpoint",
+                  "--sweep-baseline", "euler:2", "--sweep-reference", "midpoint:8", "--sweep-noise-seeds", "2",
+                  "--posterior-samples", "2", "--backend", "torch", "-q", "--json", str(out)])
+    res = json.loads(out.read_text())
     own = json.loads((Path(default_checkpoint("digits-sr")) / "sampling.json").read_text())
     # the grid, the baseline's setting, then the checkpoint's own
     assert [(p["sampler"], p["steps"]) for p in res["points"]] == [("midpoint", 1), ("euler", 2),
                                                                     (own["method"], own["steps"])]
-    assert res["reference"]["nfe"] == 16 and res["reference"]["seeds"] == 2
-    r = res["recommended"]
-    last = capsys.readouterr().out.rstrip().splitlines()[-1]
-    assert last.startswith(f"recommended: {r['sampler']} x {r['steps']} steps = {r['nfe']} NFE") and last.endswith(
-        f"{2 / r['nfe']:.1f}x fewer network evaluations")
+    assert res["reference"]["nfe"] == 16 and res["reference"]["seeds"] == 2 and res["posterior_samples"] == 2
+    candidates = [p for p in res["points"] if p["within_noise"] and p["passed"]]
+    assert candidates and all(not p["full_eval"]["passed"] and p["full_eval"]["psnr_posterior_mean_db"] < 19.53
+                              for p in candidates)
+    assert res["recommended"] is None and exit.value.code == 1
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("recommended: none: no setting")
 
 
 def test_distances_stop_at_the_first_call_that_starts_elsewhere():
