@@ -96,6 +96,9 @@ def test_sweep_on_the_shipped_super_resolution_model(monkeypatch):
                    for p in res["points"])
     full = pts[r["sampler"], r["steps"]]["full_eval"]  # confirmed by the full eval: the posterior mean judged
     assert full["passed"] and full["psnr_posterior_mean_db"] > full["psnr_db"]
+    per = res["per_sampler"]  # the same rule within each sampler
+    assert set(per) == {"euler", "midpoint"} and all(q is None or q["sampler"] == name for name, q in per.items())
+    assert r["nfe"] == min(q["nfe"] for q in per.values() if q is not None)
     json.dumps(res)  # one JSON
     with pytest.raises(ValueError, match="noise_seeds"):
         sweep("digits-sr", pipe, ckpt, noise_seeds=1)
