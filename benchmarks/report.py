@@ -424,6 +424,10 @@ def sweep_section(path: Path, data: dict[str, Any], out: Path) -> list[str]:
              f"worse than the reference's by more than {ref['noise_k']:g} standard deviations over those seeds ("
              + ", ".join(f"{k} {j['value']:.4g} +- {j['std']:.2g}, {j['better']} is better" for k, j in judged.items())
              + ")" if judged else "") + f". {rec}", ""]
+    if data.get("per_sampler"):
+        lines += ["Per sampler: " + "; ".join(
+            f"{name}: " + ("none within noise" if q is None else f"{q['steps']} steps = {q['nfe']} NFE, "
+                           f"{q['saving']:.1f}x") for name, q in data["per_sampler"].items()) + ".", ""]
     rows = [[p["sampler"], p["steps"], p["nfe"], p["rmse_to_converged"], p.get(metric) if metric else None,
              "yes" if p["passed"] else "no", ", ".join(p.get("worse", [])) or "-"]
             for p in sorted(data["points"], key=lambda q: (q["sampler"], q["nfe"]))]

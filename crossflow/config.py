@@ -370,7 +370,10 @@ TASKS: dict[str, str] = {
 # `official_grid` and `method` (one of SAMPLERS, default "euler") go to the sampler; image-to-text adds
 # `source_noise_scale` (a temperature on the image VE's posterior) and `text_variation_strength`
 # (`pipelines.caption.CaptionPipeline`). A preset without an entry samples with the sampler's defaults (50 steps,
-# guidance 7). Measured in README.md's tables (`crossflow eval --preset NAME`).
+# guidance 7). Measured in README.md's tables (`crossflow eval --preset NAME`). The digits presets ship the NFE sweep's
+# recommendation among our own solvers (`per_sampler` of `crossflow eval --sweep-steps`: the cheapest setting within
+# noise of the converged solution): FastSampler captures them in a CUDA graph, and they need no diffusers import, which
+# would double a cold `crossflow sample` on the CPU.
 
 # The samplers by name (`crossflow.scheduler_sampler.make_sampler`, `--sampler`, sampling.json's "method"): our Euler
 # and midpoint methods (FastSampler), and diffusers' flow-matching schedulers driven by `SchedulerSampler`.

@@ -167,6 +167,10 @@ def test_the_report_renders_a_sweep(tmp_path):
     assert "2.0x fewer evaluations" in md and "at 3 seeds" in md and "realism 0.65 +- 0.01, lower is better" in md
     assert "| midpoint | 1 | 2 | 0.01 | 0.66 | yes | - |" in md and "| euler | 4 | 4 | 0.02 | 0.7 | yes | realism |" in md
     assert (tmp_path / "out" / "sweep_digits-sr.png").stat().st_size > 1000
+    data["per_sampler"] = {"euler": None, "midpoint": data["recommended"]}
+    src.write_text(json.dumps(data))
+    md = write_report([src], tmp_path / "out").read_text()
+    assert "Per sampler: euler: none within noise; midpoint: 1 steps = 2 NFE, 2.0x." in md
     data["recommended"] = None
     src.write_text(json.dumps(data))
     assert "Recommended: none" in write_report([src], tmp_path / "out").read_text()
