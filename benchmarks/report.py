@@ -394,10 +394,12 @@ def _plot_sweep(path: Path, data: dict[str, Any]) -> str:
             sign = {"higher": -1, "lower": 1}.get(j["better"], 0)
             axes[0][1].axhline(j["value"] + sign * ref["noise_k"] * j["std"], color="grey", ls=":",
                                label=f"converged {'-' if sign < 0 else '+'} {ref['noise_k']:g} std (seed noise)")
-        r = data.get("recommended")
-        if r is not None:
+        recs = [q for q in (data.get("per_sampler") or {"": data.get("recommended")}).values() if q is not None]
+        for i, r in enumerate(recs):  # the cheapest point within noise, of each sampler
             pt = next(q for q in data["points"] if (q["sampler"], q["steps"]) == (r["sampler"], r["steps"]))
-            axes[0][1].plot([pt["nfe"]], [pt[metric]], "k*", ms=14, label=f"recommended: {r['sampler']} x {r['steps']}")
+            axes[0][1].plot([pt["nfe"]], [pt[metric]], "k*", ms=12, mfc="none",
+                            label="cheapest within noise" + (", per sampler" if data.get("per_sampler") else "")
+                            if i == 0 else None)
         axes[0][1].legend(fontsize=8)
         axes[0][1].set(xlabel="network evaluations (NFE)", ylabel=metric, title=f"{data['preset']}: {metric}")
     fig.tight_layout()

@@ -380,10 +380,10 @@ TASKS: dict[str, str] = {
 SAMPLERS = ("euler", "midpoint", "flow-euler", "flow-heun", "dpm++", "unipc")
 
 SAMPLING: dict[str, dict[str, Any]] = {
-    "digits": dict(steps=8, guidance_scale=1.5, method="unipc"),
+    "digits": dict(steps=8, guidance_scale=1.5, method="midpoint"),
     "digits-caption": dict(steps=16, guidance_scale=1.0, method="unipc", source_noise_scale=0.3,
                            text_variation_strength=0.4),
-    "digits-sr": dict(steps=4, guidance_scale=1.5, method="unipc"),
+    "digits-sr": dict(steps=4, guidance_scale=1.5, method="euler"),
     "digits-vary": dict(steps=8, guidance_scale=2.0, method="midpoint"),
     "dit-h-2-512": dict(OFFICIAL_SAMPLING),  # the official releases: their own sampler
     **{name: dict(OFFICIAL_SAMPLING) for name in OFFICIAL_CHECKPOINTS},
