@@ -381,7 +381,7 @@ SAMPLERS = ("euler", "midpoint", "flow-euler", "flow-heun", "dpm++", "unipc")
 
 SAMPLING: dict[str, dict[str, Any]] = {
     "digits": dict(steps=8, guidance_scale=1.5, method="midpoint"),
-    "digits-caption": dict(steps=16, guidance_scale=1.0, method="unipc", source_noise_scale=0.3,
+    "digits-caption": dict(steps=4, guidance_scale=1.0, method="euler", source_noise_scale=0.3,
                            text_variation_strength=0.4),
     "digits-sr": dict(steps=4, guidance_scale=1.5, method="euler"),
     "digits-vary": dict(steps=8, guidance_scale=2.0, method="midpoint"),
