@@ -384,7 +384,7 @@ SAMPLING: dict[str, dict[str, Any]] = {
     "digits-caption": dict(steps=4, guidance_scale=1.0, method="euler", source_noise_scale=0.3,
                            text_variation_strength=0.4),
     "digits-sr": dict(steps=4, guidance_scale=1.5, method="euler"),
-    "digits-vary": dict(steps=8, guidance_scale=2.0, method="midpoint"),
+    "digits-vary": dict(steps=4, guidance_scale=2.0, method="midpoint"),
     "dit-h-2-512": dict(OFFICIAL_SAMPLING),  # the official releases: their own sampler
     **{name: dict(OFFICIAL_SAMPLING) for name in OFFICIAL_CHECKPOINTS},
 }
