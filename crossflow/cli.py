@@ -653,11 +653,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "--sweep-samplers, each point's distance to a converged solution, and the cheapest setting whose "
                    "judged numbers are within noise of the converged solution's (one JSON; plot it with "
                    "python -m benchmarks.report)")
-    e.add_argument("--sweep-samplers", type=_list_of(None, "samplers", SAMPLERS), default=("euler", "midpoint"),
+    e.add_argument("--sweep-samplers", type=_list_of(None, "samplers", SAMPLERS), default="euler,midpoint",
                    metavar="NAME,...", help=f"with --sweep-steps: the samplers ({', '.join(SAMPLERS)})")
-    e.add_argument("--sweep-baseline", type=_setting(SAMPLERS), default=("euler", 50), metavar="SAMPLER:STEPS",
+    e.add_argument("--sweep-baseline", type=_setting(SAMPLERS), default="euler:50", metavar="SAMPLER:STEPS",
                    help="with --sweep-steps: the setting the saving is counted against")
-    e.add_argument("--sweep-reference", type=_setting(SAMPLERS), default=("midpoint", 128), metavar="SAMPLER:STEPS",
+    e.add_argument("--sweep-reference", type=_setting(SAMPLERS), default="midpoint:128", metavar="SAMPLER:STEPS",
                    help="with --sweep-steps: the fine solve that stands for the converged solution")
     e.add_argument("--sweep-noise-seeds", type=_int_at_least(2), default=3, metavar="N",
                    help="with --sweep-steps: the reference runs at N seeds; a number's noise is its spread over them")

@@ -373,7 +373,7 @@ TASKS: dict[str, str] = {
 # guidance 7). Measured in README.md's tables (`crossflow eval --preset NAME`). The digits presets ship the NFE sweep's
 # recommendation among our own solvers (`per_sampler` of `crossflow eval --sweep-steps`: the cheapest setting within
 # noise of the converged solution): FastSampler captures them in a CUDA graph, and they need no diffusers import, which
-# would double a cold `crossflow sample` on the CPU.
+# nearly triples a cold `crossflow sample` on the CPU (README, "Fewer network evaluations").
 
 # The samplers by name (`crossflow.scheduler_sampler.make_sampler`, `--sampler`, sampling.json's "method"): our Euler
 # and midpoint methods (FastSampler), and diffusers' flow-matching schedulers driven by `SchedulerSampler`.

@@ -183,3 +183,4 @@ def test_the_eval_verb_defaults_are_the_sweeps():
     args = build_parser().parse_args(["eval", "--sweep-steps", "4"])
     assert args.sweep_baseline == sw.BASELINE and args.sweep_reference == sw.REFERENCE
     assert args.sweep_noise_seeds == sw.NOISE_SEEDS
+    assert args.sweep_samplers == sw.DEFAULT_SAMPLERS
