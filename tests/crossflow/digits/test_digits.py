@@ -12,7 +12,7 @@ from crossflow.config import SAMPLING, CrossFlowConfig
 from crossflow.fast_sampler import FastSampler
 from crossflow.pipelines.text_to_image import CrossFlowPipeline
 from crossflow.pipelines.base import default_checkpoint
-from crossflow.checkpoint import read_sampling, sampler_settings
+from crossflow.checkpoint import read_sampling
 from crossflow.digits import data
 from crossflow.digits import eval as judge
 
@@ -45,11 +45,16 @@ def test_digit_pairs_are_deterministic_and_shaped():
     assert torch.equal(a["text_emb"], b["text_emb"]) and int(a["label"]) == int(ds.labels[5])
 
 
+@pytest.mark.parametrize("preset", ["digits", "digits-caption", "digits-sr", "digits-vary"])
+def test_shipped_sampling_json_is_the_presets_table(preset):
+    """Each shipped checkpoint's sampling.json holds exactly its preset's `config.SAMPLING` entry (the one source)."""
+    assert read_sampling(default_checkpoint(preset)) == SAMPLING[preset]
+
+
 @pytest.mark.slow
 def test_shipped_model_draws_the_prompted_digits():
     """A small eval of the committed weights (the README's numbers come from the full `crossflow eval`)."""
     ckpt = default_checkpoint()
-    assert sampler_settings(read_sampling(ckpt)) == SAMPLING["digits"]  # the file the preset's table wrote
     pipe = CrossFlowPipeline.from_pretrained(ckpt, sampler=FastSampler(steps=20))
     with crossflow_kernels.use_backend("torch"):  # speed on CPU; the kernels are tested on their own
         res = judge.evaluate(pipe, per_prompt=3, guidance_scale=7.0, steps=20, templates=data.HELDOUT_TEMPLATES[:2])

@@ -183,13 +183,8 @@ def test_cli_eval_fails_an_untrained_model(img2img_checkpoints, tmp_path, capsys
 def test_shipped_models_beat_their_bars_on_a_small_eval(torch_backend):
     """The committed weights on the first 100 held-out images with their sampling.json settings (the README's
     numbers come from the full `crossflow eval --preset digits-sr | digits-vary`)."""
-    from crossflow.checkpoint import read_sampling, sampler_settings
     from crossflow.pipelines.base import default_checkpoint
 
-    from crossflow.config import SAMPLING
-
-    for preset in ("digits-sr", "digits-vary"):  # the files the presets' table wrote
-        assert sampler_settings(read_sampling(default_checkpoint(preset))) == SAMPLING[preset]
     pipe = img2img.ImagePipeline.from_pretrained(default_checkpoint("digits-sr"))
     res = judge.evaluate_upscale(pipe.upscale, limit=100, posterior_samples=8,
                                  posterior_mean=lambda low: pipe.posterior_mean(low, 8, seed=0))
